@@ -1,0 +1,19 @@
+"""deformcp — deformable sampling operators for NumPy, CuPy and any DLPack array.
+
+Spatial Transformer Networks (affine_grid, grid_sample), forward and backward, with the conventions of
+torch.nn.functional. NumPy arrays run on a vectorised NumPy path (the reference), CuPy arrays on CUDA
+kernels compiled at run time by NVRTC, and ``with deformcp.backend("host"):`` runs the same CUDA sources
+on the CPU through the host C++ compiler. DLPack arrays (PyTorch, JAX, ...) come back in their own
+framework. See README.md for the conventions and the backends.
+"""
+from ._dispatch import backend, current_backend
+from .spatial_transformer import (AffineGridGrads, GridSampleGrads, affine_grid, affine_grid_backward,
+                                  grid_sample, grid_sample_backward)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "backend", "current_backend",
+    "affine_grid", "affine_grid_backward", "AffineGridGrads",
+    "grid_sample", "grid_sample_backward", "GridSampleGrads",
+]

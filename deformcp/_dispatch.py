@@ -1,0 +1,140 @@
+"""Which backend runs a call, and the round trip of the caller's arrays.
+
+=====================================================  =========  ============================================
+input arrays                                           backend    what runs
+=====================================================  =========  ============================================
+numpy.ndarray, or DLPack arrays on the CPU             "numpy"    vectorised NumPy (the reference)
+the same, inside ``with deformcp.backend("host")``     "host"     kernels/*.cu compiled for the CPU
+cupy.ndarray, or DLPack arrays on a CUDA device        "cuda"     kernels/*.cu through NVRTC
+=====================================================  =========  ============================================
+
+DLPack arrays (PyTorch tensors, JAX arrays, ...) are imported without a copy and results are handed back
+in the caller's framework, also without a copy. Namespaces are told apart with array-api-compat, which
+never imports CuPy, PyTorch or JAX itself.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Any, Callable, NamedTuple
+
+import array_api_compat as compat
+import numpy as np
+
+BACKENDS = ("numpy", "host")
+_CPU_BACKEND = contextvars.ContextVar("deformcp_cpu_backend", default="numpy")
+
+_DLPACK_CPU, _DLPACK_CUDA, _DLPACK_CUDA_HOST, _DLPACK_CUDA_MANAGED = 1, 2, 3, 13
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """Select the backend that runs CPU arrays inside a ``with`` block.
+
+    ``"numpy"`` (the default) is the vectorised NumPy path; ``"host"`` runs the CUDA sources of
+    kernels/ compiled by the host C++ compiler. CuPy and CUDA DLPack arrays always run on the GPU.
+
+    >>> with deformcp.backend("host"):
+    ...     out = deformcp.grid_sample(x, grid)
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
+    token = _CPU_BACKEND.set(name)
+    try:
+        yield name
+    finally:
+        _CPU_BACKEND.reset(token)
+
+
+def current_backend() -> str:
+    """The backend that CPU arrays run on here: "numpy" or "host"."""
+    return _CPU_BACKEND.get()
+
+
+class Call(NamedTuple):
+    """The arrays of one call, imported: ``arrays`` are numpy.ndarray or cupy.ndarray (None kept)."""
+
+    backend: str                  # "numpy", "host" or "cuda"
+    xp: Any                       # numpy or cupy
+    arrays: tuple
+    export: Callable[[Any], Any]  # result array → the caller's framework
+    device: Any                   # context manager making the arrays' device current
+
+
+def _describe(x) -> str:
+    return f"{type(x).__module__}.{type(x).__qualname__}"
+
+
+def _framework(name: str, x) -> str:
+    if compat.is_numpy_array(x):
+        return "numpy"
+    if compat.is_cupy_array(x):
+        return "cupy"
+    if compat.is_torch_array(x):
+        return "torch"
+    if compat.is_jax_array(x):
+        return "jax"
+    if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
+        return type(x).__module__.split(".")[0]
+    raise TypeError(f"{name}: expected an array (numpy.ndarray, cupy.ndarray or an array supporting "
+                    f"DLPack), got {_describe(x)}")
+
+
+def _device(framework: str, x) -> tuple[str, int]:
+    if framework == "numpy":
+        return ("cpu", 0)
+    if framework == "cupy":
+        return ("cuda", x.device.id)
+    kind, index = x.__dlpack_device__()
+    if kind in (_DLPACK_CPU, _DLPACK_CUDA_HOST):
+        return ("cpu", 0)
+    if kind in (_DLPACK_CUDA, _DLPACK_CUDA_MANAGED):
+        return ("cuda", int(index))
+    raise ValueError(f"unsupported DLPack device type {kind}: deformcp runs on the CPU and on CUDA devices")
+
+
+def _import(name: str, x, framework: str, device: str):
+    if framework in ("numpy", "cupy"):
+        return x
+    if framework == "torch" and x.requires_grad:
+        raise ValueError(f"{name}: the tensor requires grad; pass tensor.detach(), or use the autograd "
+                         "wrappers in deformcp.torch")
+    try:
+        if device == "cpu":
+            return np.from_dlpack(x)
+        import cupy
+        return cupy.from_dlpack(x)
+    except ImportError:
+        raise RuntimeError(f"{name}: a CUDA array needs CuPy (pip install 'deformcp[cuda12]')") from None
+    except (BufferError, TypeError, RuntimeError) as error:
+        raise TypeError(f"{name}: cannot import {_describe(x)} through DLPack: {error}") from error
+
+
+def _exporter(framework: str, template) -> Callable[[Any], Any]:
+    if framework in ("numpy", "cupy"):
+        return lambda result: result
+    namespace = compat.array_namespace(template)
+    return lambda result: namespace.from_dlpack(result)
+
+
+def prepare(**named) -> Call:
+    """Import the named arrays of one call (None values pass through) and choose its backend.
+
+    Raises TypeError for non-arrays and mixed frameworks, ValueError for arrays on different devices.
+    """
+    present = {name: x for name, x in named.items() if x is not None}
+    frameworks = {name: _framework(name, x) for name, x in present.items()}
+    if len(set(frameworks.values())) > 1:
+        listing = ", ".join(f"{name} is {_describe(present[name])}" for name in frameworks)
+        raise TypeError(f"all arrays of one call must come from one framework: {listing}")
+    devices = {name: _device(frameworks[name], x) for name, x in present.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {kind}:{index}" for name, (kind, index) in devices.items())
+        raise ValueError(f"all arrays of one call must be on one device: {listing}")
+    first = next(iter(present))
+    framework, (device, device_id) = frameworks[first], devices[first]
+    arrays = tuple(None if x is None else _import(name, x, framework, device) for name, x in named.items())
+    if device == "cuda":
+        import cupy
+        return Call("cuda", cupy, arrays, _exporter(framework, present[first]), cupy.cuda.Device(device_id))
+    return Call(current_backend(), np, arrays, _exporter(framework, present[first]), contextlib.nullcontext())

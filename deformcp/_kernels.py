@@ -1,0 +1,137 @@
+"""Loading, compiling and launching kernels/*.cu, on the GPU (CuPy + NVRTC) and on the CPU (host backend).
+
+Every kernel family is one file, ``kernels/<family>.cu``, preceded by the shared ``deformcp_common.cuh``
+(concatenated, not ``#include``-d, so that editing the header changes every cache key). Kernels are
+templates ``name<T, I>``: ``T`` the storage type (:data:`C_TYPES`), ``I`` the index type (``int``, or
+``long long`` once an index can pass 2**31 - 1). Shapes are run-time arguments, never baked into the
+source. A module is compiled once per (family, dtype, index type, device) and memoised; CuPy caches the
+CUDA binaries on disk, :mod:`deformcp._host` caches the host shared libraries.
+"""
+from __future__ import annotations
+
+import contextvars
+import functools
+import importlib.resources
+import math
+import pathlib
+import re
+
+import numpy as np
+
+#: NumPy dtype name → C type of the kernel template instantiation.
+C_TYPES = {"float32": "float", "float64": "double", "float16": "__half", "bfloat16": "__nv_bfloat16"}
+COMMON_HEADER = "deformcp_common.cuh"
+THREADS_PER_BLOCK = 256
+MAX_BLOCKS = 65536  # kernels are grid-stride loops, so any n is covered whatever the cap
+INT32_MAX = 2**31 - 1
+#: Pass for a pointer argument the kernel may skip (it tests for nullptr).
+NULL = np.uint64(0)
+#: When set, :func:`empty` fills new kernel outputs with NaN (see deformcp.testing.poisoned_outputs).
+POISON_OUTPUTS = contextvars.ContextVar("deformcp_poison_outputs", default=False)
+
+
+def empty(xp, shape, dtype):
+    """An output array for a kernel to fill completely (NaN-filled while outputs are poisoned)."""
+    out = xp.empty(shape, dtype)
+    if POISON_OUTPUTS.get():
+        out.fill(np.nan)
+    return out
+
+
+def kernel_dir() -> pathlib.Path:
+    """Folder of the CUDA sources: inside the installed package, or ``kernels/`` of a source checkout."""
+    try:
+        return pathlib.Path(str(importlib.resources.files("deformcp.kernels")))
+    except ModuleNotFoundError:
+        return pathlib.Path(__file__).resolve().parent.parent / "kernels"
+
+
+def families() -> list[str]:
+    """Names of every kernel family (the ``kernels/*.cu`` files)."""
+    return sorted(p.stem for p in kernel_dir().glob("*.cu"))
+
+
+@functools.lru_cache(maxsize=None)
+def source(family: str) -> str:
+    """The complete CUDA translation unit of one family: the shared header, then the family."""
+    folder = kernel_dir()
+    return (folder / COMMON_HEADER).read_text() + "\n" + (folder / f"{family}.cu").read_text()
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_names(family: str) -> tuple[str, ...]:
+    """The ``__global__`` kernel templates defined by one family."""
+    return tuple(re.findall(r"__global__\s+void\s+(\w+)\s*\(", source(family)))
+
+
+def c_type(dtype) -> str:
+    return C_TYPES[np.dtype(dtype).name]
+
+
+def index_type(index64: bool) -> str:
+    return "long long" if index64 else "int"
+
+
+def name_expression(name: str, dtype, index64: bool) -> str:
+    return f"{name}<{c_type(dtype)}, {index_type(index64)}>"
+
+
+def needs_index64(*sizes: int) -> bool:
+    """True when an index (an element count or an offset into the largest array) can pass 2**31 - 1."""
+    return max(sizes, default=0) > INT32_MAX
+
+
+def nvrtc_options() -> tuple[str, ...]:
+    """NVRTC options shared by the CUDA backend and the compile check (the -arch flag excluded)."""
+    options = ["--std=c++17"]
+    try:
+        from cuda import pathfinder
+        include = pathfinder.find_nvidia_header_directory("cudart")
+    except Exception:  # no CUDA headers from a wheel: CuPy falls back to the toolkit's own
+        include = None
+    if include:
+        options.append(f"-I{include}")
+    return tuple(options)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_module(family: str, dtype_name: str, index64: bool, device_id: int):
+    import cupy
+
+    names = [name_expression(k, dtype_name, index64) for k in kernel_names(family)]
+    with cupy.cuda.Device(device_id):
+        return cupy.RawModule(code=source(family), options=nvrtc_options(), name_expressions=names)
+
+
+def get_function(backend: str, family: str, name: str, dtype, index64: bool):
+    """A compiled kernel, callable as ``fn(grid, block, args)`` like :class:`cupy.RawKernel`."""
+    dtype_name = np.dtype(dtype).name
+    expression = name_expression(name, dtype_name, index64)
+    if backend == "cuda":
+        import cupy
+
+        device_id = cupy.cuda.Device().id
+        return _cuda_module(family, dtype_name, index64, device_id).get_function(expression)
+    if backend == "host":
+        from . import _host
+
+        return _host.module(family, c_type(dtype_name), index_type(index64)).get_function(expression)
+    raise ValueError(f"backend: expected 'cuda' or 'host', got {backend!r}")
+
+
+def launch(backend: str, family: str, name: str, dtype, n: int, arrays, sizes, options=()) -> None:
+    """Run kernel ``name<dtype, I>`` of ``family`` over ``n`` work items; nothing when ``n == 0``.
+
+    Every kernel takes its parameters in three runs: ``arrays`` (device arrays for "cuda", NumPy
+    arrays for "host", or :data:`NULL`), ``sizes`` (passed as the index type ``I``) and ``options``
+    (passed as ``int``). ``I`` is ``long long`` when ``n``, a size or an array's element count passes
+    2**31 - 1, else ``int``.
+    """
+    if n == 0:
+        return
+    index64 = needs_index64(n, *sizes, *(getattr(a, "size", 0) for a in arrays))
+    index = np.int64 if index64 else np.int32
+    fn = get_function(backend, family, name, dtype, index64)
+    blocks = min(math.ceil(n / THREADS_PER_BLOCK), MAX_BLOCKS)
+    args = (*arrays, *(index(s) for s in sizes), *(np.int32(o) for o in options))
+    fn((blocks,), (THREADS_PER_BLOCK,), args)

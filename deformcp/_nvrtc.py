@@ -1,0 +1,137 @@
+"""Compile-check every kernel instantiation with NVRTC, without a GPU.
+
+Each (family, dtype, index type, architecture) is compiled to a CUBIN with ``ptxas -v``, whose report
+gives the registers, spills and stack frame of every kernel. Only NVRTC itself is needed (CuPy's
+``cupy_backends`` bindings and the NVRTC library), neither a driver nor a device; CuPy is imported
+here lazily, so that importing :mod:`deformcp` never requires it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import re
+
+from . import _kernels
+
+ARCHITECTURES = ("sm_70", "sm_80", "sm_90")
+
+_ENTRY = re.compile(r"Compiling entry function '([^']+)'")
+_PROPERTIES = re.compile(r"Function properties for (\S+)")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGISTERS = re.compile(r"Used (\d+) registers")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelReport:
+    """What ptxas reported for one kernel instantiation on one architecture."""
+
+    family: str
+    expression: str  # e.g. "grid_sample_forward<float, int>"
+    arch: str
+    lowered_name: str  # the mangled entry-function name
+    registers: int
+    spill_stores: int  # bytes
+    spill_loads: int  # bytes
+    stack_frame: int  # bytes
+
+
+def available() -> str | None:
+    """None when NVRTC can be used, else why not."""
+    if importlib.util.find_spec("cupy_backends") is None:
+        return "CuPy is not installed"
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+
+        nvrtc.getVersion()
+    except Exception as e:  # ImportError, OSError or NVRTCError, depending on how loading fails
+        return f"the NVRTC library cannot be loaded: {e}"
+    return None
+
+
+def _parse_ptxas(log: str) -> dict[str, dict[str, int]]:
+    """Mangled entry-function name → registers, spill_stores, spill_loads, stack_frame, from a -v log."""
+    stats: dict[str, dict[str, int]] = {}
+    entry = properties = None
+    for line in log.splitlines():
+        if m := _ENTRY.search(line):
+            entry = m.group(1)
+        elif m := _PROPERTIES.search(line):
+            properties = m.group(1)
+        elif (m := _FRAME.search(line)) and properties is not None:
+            stack, stores, loads = map(int, m.groups())
+            stats.setdefault(properties, {}).update(stack_frame=stack, spill_stores=stores, spill_loads=loads)
+        elif (m := _REGISTERS.search(line)) and entry is not None:
+            stats.setdefault(entry, {})["registers"] = int(m.group(1))
+    return stats
+
+
+def _compile(family: str, source: str, expressions: list[str], arch: str) -> list[KernelReport]:
+    """Compile ``source`` as one program instantiating ``expressions``; one report per expression.
+
+    Raises RuntimeError, with NVRTC's full log, when the compilation fails or ptxas did not report on
+    every kernel.
+    """
+    from cupy_backends.cuda.libs import nvrtc
+
+    options = [f"-arch={arch}", "-Xptxas=-v", *_kernels.nvrtc_options()]
+    program = nvrtc.createProgram(source, f"{family}.cu", [], [])
+    try:
+        for expression in expressions:
+            nvrtc.addNameExpression(program, expression)
+        try:
+            nvrtc.compileProgram(program, options)
+        except nvrtc.NVRTCError as e:
+            raise RuntimeError(
+                f"NVRTC failed to compile {family} for {arch} ({e}), options {options}:\n"
+                f"{nvrtc.getProgramLog(program)}"
+            ) from None
+        log = nvrtc.getProgramLog(program)
+        lowered = {expression: nvrtc.getLoweredName(program, expression) for expression in expressions}
+    finally:
+        nvrtc.destroyProgram(program)
+    stats = _parse_ptxas(log)
+    reports = []
+    for expression, name in lowered.items():
+        kernel = stats.get(name, {})
+        if len(kernel) != 4:
+            raise RuntimeError(f"no complete ptxas report for {expression} ({name}) on {arch}:\n{log}")
+        reports.append(KernelReport(family, expression, arch, name, **kernel))
+    return reports
+
+
+def _expression(kernel: str, dtype_name: str, index64: bool) -> str:
+    # Not _kernels.name_expression: it goes through np.dtype(), which knows no "bfloat16" without ml_dtypes.
+    return f"{kernel}<{_kernels.C_TYPES[dtype_name]}, {_kernels.index_type(index64)}>"
+
+
+def compile_family(family: str, dtype_name: str, index64: bool, arch: str) -> list[KernelReport]:
+    """Compile every kernel of ``family`` for one dtype name (a key of ``C_TYPES``) and index type."""
+    expressions = [_expression(k, dtype_name, index64) for k in _kernels.kernel_names(family)]
+    return _compile(family, _kernels.source(family), expressions, arch)
+
+
+def check_all(architectures=ARCHITECTURES) -> list[KernelReport]:
+    """Compile every family × dtype × index type × architecture; RuntimeError at the first failure."""
+    return [
+        report
+        for arch in architectures
+        for family in _kernels.families()
+        for dtype_name in _kernels.C_TYPES
+        for index64 in (False, True)
+        for report in compile_family(family, dtype_name, index64, arch)
+    ]
+
+
+def format_report(reports) -> str:
+    """A plain text table of reports: family, kernel, arch, registers, spills (stores/loads), stack."""
+    header = ("family", "kernel", "arch", "registers", "spills (B st/ld)", "stack (B)")
+    rows = [header] + [
+        (r.family, r.expression, r.arch, str(r.registers), f"{r.spill_stores}/{r.spill_loads}",
+         str(r.stack_frame))
+        for r in reports
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in rows
+    )
