@@ -64,8 +64,13 @@ def kernel_names(family: str) -> tuple[str, ...]:
     return tuple(re.findall(r"__global__\s+void\s+(\w+)\s*\(", source(family)))
 
 
+def dtype_name(dtype) -> str:
+    """"float32", ... for a dtype or a dtype name ("bfloat16" also without ml_dtypes installed)."""
+    return dtype if isinstance(dtype, str) else np.dtype(dtype).name
+
+
 def c_type(dtype) -> str:
-    return C_TYPES[np.dtype(dtype).name]
+    return C_TYPES[dtype_name(dtype)]
 
 
 def index_type(index64: bool) -> str:
@@ -95,27 +100,26 @@ def nvrtc_options() -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_module(family: str, dtype_name: str, index64: bool, device_id: int):
+def _cuda_module(family: str, dtype: str, index64: bool, device_id: int):
     import cupy
 
-    names = [name_expression(k, dtype_name, index64) for k in kernel_names(family)]
+    names = [name_expression(k, dtype, index64) for k in kernel_names(family)]
     with cupy.cuda.Device(device_id):
         return cupy.RawModule(code=source(family), options=nvrtc_options(), name_expressions=names)
 
 
 def get_function(backend: str, family: str, name: str, dtype, index64: bool):
     """A compiled kernel, callable as ``fn(grid, block, args)`` like :class:`cupy.RawKernel`."""
-    dtype_name = np.dtype(dtype).name
-    expression = name_expression(name, dtype_name, index64)
+    expression = name_expression(name, dtype, index64)
     if backend == "cuda":
         import cupy
 
         device_id = cupy.cuda.Device().id
-        return _cuda_module(family, dtype_name, index64, device_id).get_function(expression)
+        return _cuda_module(family, dtype_name(dtype), index64, device_id).get_function(expression)
     if backend == "host":
         from . import _host
 
-        return _host.module(family, c_type(dtype_name), index_type(index64)).get_function(expression)
+        return _host.module(family, c_type(dtype), index_type(index64)).get_function(expression)
     raise ValueError(f"backend: expected 'cuda' or 'host', got {backend!r}")
 
 

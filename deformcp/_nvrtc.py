@@ -99,14 +99,9 @@ def _compile(family: str, source: str, expressions: list[str], arch: str) -> lis
     return reports
 
 
-def _expression(kernel: str, dtype_name: str, index64: bool) -> str:
-    # Not _kernels.name_expression: it goes through np.dtype(), which knows no "bfloat16" without ml_dtypes.
-    return f"{kernel}<{_kernels.C_TYPES[dtype_name]}, {_kernels.index_type(index64)}>"
-
-
 def compile_family(family: str, dtype_name: str, index64: bool, arch: str) -> list[KernelReport]:
     """Compile every kernel of ``family`` for one dtype name (a key of ``C_TYPES``) and index type."""
-    expressions = [_expression(k, dtype_name, index64) for k in _kernels.kernel_names(family)]
+    expressions = [_kernels.name_expression(k, dtype_name, index64) for k in _kernels.kernel_names(family)]
     return _compile(family, _kernels.source(family), expressions, arch)
 
 

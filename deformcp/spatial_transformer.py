@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from . import _bilinear, _dispatch, _kernels, _validate
+from . import _bilinear, _dispatch, _kernels, _validate, testing
 
 FAMILY = "spatial_transformer"
 MODES = ("bilinear", "nearest")
@@ -314,3 +314,26 @@ def grid_sample_backward(grad_output, input, grid, mode="bilinear", padding_mode
                             (N, C, H, W, Ho, Wo),
                             (MODES.index(mode), PADDING_MODES.index(padding_mode), align_corners))
     return GridSampleGrads(*(None if g is None else call.export(g) for g in (grad_input, grad_grid)))
+
+
+# ------------------------------------------------------------------------ parity checks (deformcp.testing)
+
+def _align_options(**fixed):
+    return tuple(dict(fixed, align_corners=a) for a in (False, True))
+
+
+testing.register(testing.OpCheck(
+    name="affine_grid",
+    make_inputs=lambda rng, options: {"theta": rng.standard_normal((options["size"][0], 2, 3))},
+    forward=affine_grid,
+    backward=affine_grid_backward,
+    options=_align_options(size=(3, 2, 5, 7))))
+
+testing.register(testing.OpCheck(
+    name="grid_sample",
+    make_inputs=lambda rng, options: {"input": rng.standard_normal((2, 3, 7, 9)),
+                                      "grid": rng.uniform(-1.2, 1.2, (2, 5, 6, 2))},
+    forward=grid_sample,
+    backward=grid_sample_backward,
+    options=tuple(o for mode in MODES for padding_mode in PADDING_MODES
+                  for o in _align_options(mode=mode, padding_mode=padding_mode))))

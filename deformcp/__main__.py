@@ -1,0 +1,103 @@
+"""python -m deformcp info [--kernels] | check [--op NAME] [--backend NAME] [--seed N]"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+import numpy as np
+
+
+def _version(module: str) -> str:
+    try:
+        from importlib.metadata import version
+        return version(module)
+    except Exception:
+        return "not installed"
+
+
+def info(kernels: bool) -> int:
+    import deformcp
+    from deformcp import _host, _kernels, _nvrtc, testing
+
+    gpu_problem = testing.gpu_available()
+    nvrtc_problem = _nvrtc.available()
+    lines = [
+        ("deformcp", deformcp.__version__),
+        ("python", platform.python_version()),
+        ("numpy", np.__version__),
+        ("scipy", _version("scipy")),
+        ("array-api-compat", _version("array-api-compat")),
+        ("cupy", _version("cupy-cuda12x") if _version("cupy-cuda12x") != "not installed"
+         else _version("cupy-cuda13x")),
+        ("torch", _version("torch")),
+        ("jax", _version("jax")),
+        ("kernel sources", str(_kernels.kernel_dir())),
+        ("kernel families", ", ".join(_kernels.families())),
+        ("backend numpy", "available (default for CPU arrays)"),
+        ("backend host", f"available, compiler {_host.compiler()}" if _host.compiler()
+         else "unavailable: no C++ compiler (set CXX)"),
+        ("host cache", str(_host.cache_dir())),
+        ("host sanitizers", ", ".join(_host.sanitizers()) or "none (DEFORMCP_HOST_SANITIZE)"),
+        ("backend cuda", "available" if gpu_problem is None else f"unavailable: {gpu_problem}"),
+        ("nvrtc", "unavailable: " + nvrtc_problem if nvrtc_problem else _nvrtc_version()),
+    ]
+    if gpu_problem is None:
+        import cupy
+        device = cupy.cuda.Device()
+        lines.append(("gpu", f"{cupy.cuda.runtime.getDeviceProperties(device.id)['name'].decode()} "
+                             f"(compute capability {device.compute_capability})"))
+    width = max(len(k) for k, _ in lines)
+    print("\n".join(f"{k.ljust(width)}  {v}" for k, v in lines))
+    if kernels:
+        if nvrtc_problem:
+            print(f"\nkernel report unavailable: {nvrtc_problem}")
+            return 1
+        print("\nptxas report (NVRTC, no GPU needed):")
+        print(_nvrtc.format_report(_nvrtc.check_all()))
+    return 0
+
+
+def _nvrtc_version() -> str:
+    from cupy_backends.cuda.libs import nvrtc
+    major, minor = nvrtc.getVersion()
+    return f"{major}.{minor}"
+
+
+def check(ops, backends, seed) -> int:
+    from deformcp import testing
+
+    backends = backends or testing.available_backends()
+    if not backends:
+        print("no backend besides the NumPy reference is available (no C++ compiler, no GPU)")
+        return 1
+    try:
+        results = testing.check(ops=ops, backends=backends, seed=seed)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(testing.format_results(results))
+    failed = [r for r in results if not r.ok]
+    print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deformcp", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    info_parser = commands.add_parser("info", help="versions, backends, compilers, caches")
+    info_parser.add_argument("--kernels", action="store_true",
+                             help="compile every kernel with NVRTC and show ptxas's registers and spills")
+    check_parser = commands.add_parser("check", help="every op through every backend against NumPy float64")
+    check_parser.add_argument("--op", action="append", help="only this op (repeatable)")
+    check_parser.add_argument("--backend", action="append", choices=("host", "cuda"),
+                              help="only this backend (repeatable)")
+    check_parser.add_argument("--seed", type=int, default=None, help="random seed (default: fresh)")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        return info(args.kernels)
+    return check(args.op, args.backend, args.seed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Parity checks that users run on their own machine: every op, forward and backward, through every
+available backend on fresh random inputs, against the float64 NumPy reference.
+
+>>> from deformcp import testing
+>>> results = testing.check()                 # what ``python -m deformcp check`` runs
+>>> print(testing.format_results(results))
+>>> assert all(r.ok for r in results)
+
+Ops register an :class:`OpCheck` with :func:`register` when their module is imported.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import itertools
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+from . import _dispatch, _kernels
+
+#: Largest accepted ‖result − reference‖ / ‖reference‖ per dtype (the reference is float64 NumPy).
+TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}
+
+
+class OpCheck(NamedTuple):
+    """How to check one op: ``make_inputs(rng, options)`` → dict of float64 NumPy arrays, run
+    ``forward(**arrays, **options)`` and ``backward(grad_output, **arrays, **options)`` for each dict of
+    ``options`` (a grid of configurations)."""
+
+    name: str
+    make_inputs: Callable[[np.random.Generator, dict], dict]
+    forward: Callable
+    backward: Callable
+    options: tuple[dict, ...]
+
+
+class CheckResult(NamedTuple):
+    op: str
+    backend: str
+    dtype: str
+    forward_error: float   # worst relative error over the option grid
+    backward_error: float
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.forward_error <= self.tolerance and self.backward_error <= self.tolerance
+
+
+_CHECKS: dict[str, OpCheck] = {}
+
+
+def register(check: OpCheck) -> OpCheck:
+    _CHECKS[check.name] = check
+    return check
+
+
+def registered() -> dict[str, OpCheck]:
+    return dict(_CHECKS)
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Fill every kernel output with NaN before the kernel runs, so an element it fails to write shows."""
+    token = _kernels.POISON_OUTPUTS.set(True)
+    try:
+        yield
+    finally:
+        _kernels.POISON_OUTPUTS.reset(token)
+
+
+def gpu_available() -> str | None:
+    """None when CuPy sees a CUDA device, else why not."""
+    if importlib.util.find_spec("cupy") is None:
+        return "CuPy is not installed"
+    try:
+        import cupy
+
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # no driver, no runtime library, ...
+        return f"no usable CUDA device ({type(e).__name__}: {e})"
+    return None if count > 0 else "no CUDA device"
+
+
+def available_backends() -> list[str]:
+    """Backends besides the NumPy reference that can run here: "host" and/or "cuda"."""
+    from . import _host
+
+    backends = ["host"] if _host.compiler() else []
+    return backends + (["cuda"] if gpu_available() is None else [])
+
+
+def dtypes() -> tuple[str, ...]:
+    """Dtypes checked: float32, float64, float16, and bfloat16 where ml_dtypes makes it a NumPy dtype."""
+    names = ["float32", "float64", "float16"]
+    with contextlib.suppress(TypeError):
+        np.dtype("bfloat16")  # registered by ml_dtypes, when installed
+        names.append("bfloat16")
+    return tuple(names)
+
+
+def relative_error(actual, reference) -> float:
+    """‖actual − reference‖ / ‖reference‖ in float64 (absolute where the reference is 0); inf on NaN."""
+    actual = np.asarray(to_numpy(actual), dtype=np.float64)
+    reference = np.asarray(reference, dtype=np.float64)
+    if actual.shape != reference.shape:
+        return float("inf")
+    difference = np.linalg.norm((actual - reference).ravel())
+    if not np.isfinite(difference):
+        return float("inf")
+    scale = np.linalg.norm(reference.ravel())
+    return float(difference / scale) if scale > 0 else float(difference)
+
+
+def to_numpy(a):
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def to_backend(a: np.ndarray, backend: str, dtype: str):
+    """A float64 NumPy array cast to dtype and moved to where backend runs."""
+    a = a.astype(dtype)
+    if backend == "cuda":
+        import cupy
+        return cupy.asarray(a)
+    return a
+
+
+def run(backend: str, fn: Callable, *args, **kwargs):
+    """Call fn with the CPU backend set to backend ("numpy" or "host"; "cuda" follows the arrays)."""
+    with _dispatch.backend("numpy" if backend == "cuda" else backend):
+        return fn(*args, **kwargs)
+
+
+def _check_one(check: OpCheck, backend: str, dtype: str, rng: np.random.Generator) -> CheckResult:
+    forward_error = backward_error = 0.0
+    for options in check.options:
+        # the reference sees the inputs as rounded to dtype, so only the arithmetic differs
+        arrays = {name: a.astype(dtype).astype(np.float64) for name, a in check.make_inputs(rng, options).items()}
+        reference = check.forward(**arrays, **options)
+        grad_output = rng.standard_normal(reference.shape).astype(dtype).astype(np.float64)
+        reference_grads = check.backward(grad_output, **arrays, **options)
+        moved = {name: to_backend(a, backend, dtype) for name, a in arrays.items()}
+        with poisoned_outputs():
+            out = run(backend, check.forward, **moved, **options)
+            grads = run(backend, check.backward, to_backend(grad_output, backend, dtype), **moved, **options)
+        forward_error = max(forward_error, relative_error(out, reference))
+        for got, want in zip(grads, reference_grads):
+            if want is not None:
+                backward_error = max(backward_error, relative_error(got, want))
+    return CheckResult(check.name, backend, dtype, forward_error, backward_error, TOLERANCE[dtype])
+
+
+def check(ops=None, backends=None, seed=None) -> list[CheckResult]:
+    """Run the registered checks (all, or those named in ops) on backends (default: all available)."""
+    from . import spatial_transformer  # noqa: F401  (registers its checks)
+
+    rng = np.random.default_rng(seed)
+    unknown = set(ops or ()) - set(_CHECKS)
+    if unknown:
+        raise ValueError(f"ops: unknown {sorted(unknown)}; registered: {sorted(_CHECKS)}")
+    selected = [_CHECKS[name] for name in (ops or _CHECKS)]
+    return [_check_one(c, backend, dtype, rng)
+            for c, backend in itertools.product(selected, backends or available_backends())
+            for dtype in dtypes()]
+
+
+def format_results(results) -> str:
+    rows = [("op", "backend", "dtype", "forward err", "backward err", "tolerance", "")]
+    rows += [(r.op, r.backend, r.dtype, f"{r.forward_error:.2e}", f"{r.backward_error:.2e}",
+              f"{r.tolerance:.0e}", "ok" if r.ok else "MISMATCH") for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
