@@ -203,9 +203,10 @@ def _channels_last(a) -> np.ndarray:
     return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).reshape(N * H * W, C)
 
 
-def _channels_first(a, N, H, W) -> np.ndarray:
-    """(N·H·W, C) → contiguous (N, C, H, W)."""
-    return np.ascontiguousarray(a.reshape(N, H, W, -1).transpose(0, 3, 1, 2))
+def _channels_first(a, shape) -> np.ndarray:
+    """(N·H·W, C) → contiguous (N, C, H, W) = shape."""
+    N, C, H, W = shape
+    return np.ascontiguousarray(a.reshape(N, H, W, C).transpose(0, 3, 1, 2))
 
 
 def grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corners=False):
@@ -244,7 +245,7 @@ def grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corner
         if call.backend == "numpy":
             dtype = _compute_dtype(input.dtype)
             S = _grid_sample_plan(input.shape, grid.astype(dtype), mode, padding_mode, align_corners)[0]
-            out = _channels_first(S @ _channels_last(input.astype(dtype)), N, Ho, Wo)
+            out = _channels_first(S @ _channels_last(input.astype(dtype)), (N, C, Ho, Wo))
             out = out.astype(input.dtype, copy=False)
         else:
             xp = call.xp
@@ -291,7 +292,7 @@ def grid_sample_backward(grad_output, input, grid, mode="bilinear", padding_mode
                                                           align_corners)
             G = _channels_last(grad_output.astype(dtype))
             if want_input:
-                grad_input = _channels_first(S.T @ G, N, H, W).astype(input.dtype, copy=False)
+                grad_input = _channels_first(S.T @ G, input.shape).astype(input.dtype, copy=False)
             if want_grid:
                 if mode == "nearest":
                     grad_grid = np.zeros(grid.shape, input.dtype)

@@ -1,0 +1,68 @@
+"""Shared fixtures: the backends under test, a fresh-but-reproducible random generator, comparisons."""
+import os
+
+import numpy as np
+import pytest
+
+from deformcp import _host, testing
+
+#: One seed per test session, fresh each run; set DEFORMCP_TEST_SEED to replay a run.
+SEED = int(os.environ.get("DEFORMCP_TEST_SEED") or np.random.SeedSequence().entropy % 2**32)
+
+
+def pytest_report_header(config):
+    return [f"deformcp: random seed {SEED} (replay with DEFORMCP_TEST_SEED={SEED}); "
+            f"CUDA backend: {testing.gpu_available() or 'available'}"]
+
+
+@pytest.fixture
+def rng(request):
+    """A generator seeded from the session seed and the test's id: fresh per run, replayable."""
+    return np.random.default_rng([SEED, *request.node.nodeid.encode()])
+
+
+def _require(backend):
+    if backend == "host" and _host.compiler() is None:
+        pytest.skip("host backend: no C++ compiler found")
+    if backend == "cuda":
+        reason = testing.gpu_available()
+        if reason:
+            pytest.skip(f"CUDA backend: {reason}")
+
+
+@pytest.fixture(params=["host", "cuda"])
+def backend(request):
+    """A kernel backend: "host" (kernels/*.cu on the CPU) or "cuda" (skipped without a GPU)."""
+    _require(request.param)
+    return request.param
+
+
+def to_backend(a, backend):
+    """Move a NumPy array where backend runs (keeping dtype, shape and strides' contiguity kind)."""
+    if backend == "cuda" and a is not None:
+        import cupy
+        return cupy.asarray(a)
+    return a
+
+
+def assert_close(actual, expected, dtype):
+    """Relative error within deformcp.testing.TOLERANCE[dtype], NaN positions identical."""
+    actual = np.asarray(testing.to_numpy(actual), dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape
+    np.testing.assert_array_equal(np.isnan(actual), np.isnan(expected), err_msg="NaN positions differ")
+    finite = ~np.isnan(expected)
+    error = testing.relative_error(actual[finite], expected[finite])
+    assert error <= testing.TOLERANCE[np.dtype(dtype).name], f"relative error {error:.3e}"
+
+
+def noncontiguous(a):
+    """A view of a copy of a with the same values and no contiguity (every other element of a
+    twice-as-wide buffer along the last axis)."""
+    xp = np if isinstance(a, np.ndarray) else __import__("cupy")
+    wide = xp.empty(a.shape[:-1] + (2 * a.shape[-1],), a.dtype)
+    wide[..., ::2] = a
+    wide[..., 1::2] = np.nan
+    view = wide[..., ::2]
+    assert not view.flags.c_contiguous or a.size <= 1
+    return view

@@ -1,0 +1,138 @@
+"""Backend selection and the round trip of arrays from other frameworks."""
+import numpy as np
+import pytest
+
+import deformcp
+from deformcp import _dispatch
+
+
+class FakeDLPack:
+    """An array from a framework deformcp does not know, reporting a device through DLPack."""
+
+    __module__ = "otherframework"
+
+    def __init__(self, device):
+        self.device = device
+
+    def __dlpack__(self, **kwargs):
+        raise AssertionError("must not be read: the call is rejected before any data is imported")
+
+    def __dlpack_device__(self):
+        return self.device
+
+
+def test_backend_context(rng):
+    assert deformcp.current_backend() == "numpy"
+    with deformcp.backend("host") as name:
+        assert name == "host" and deformcp.current_backend() == "host"
+        with deformcp.backend("numpy"):
+            assert deformcp.current_backend() == "numpy"
+        assert deformcp.current_backend() == "host"
+    assert deformcp.current_backend() == "numpy"
+    with pytest.raises(ValueError, match=r"backend: expected one of \('numpy', 'host'\), got 'cuda'"):
+        with deformcp.backend("cuda"):
+            pass
+
+
+def test_backend_context_routes_cpu_arrays(rng, monkeypatch):
+    launched = []
+    real_launch = deformcp._kernels.launch
+
+    def recording_launch(backend, *args, **kwargs):
+        launched.append(backend)
+        return real_launch(backend, *args, **kwargs)
+
+    monkeypatch.setattr(deformcp._kernels, "launch", recording_launch)
+    theta = rng.standard_normal((1, 2, 3))
+    deformcp.affine_grid(theta, (1, 1, 2, 2))
+    assert launched == []
+    with deformcp.backend("host"):
+        deformcp.affine_grid(theta, (1, 1, 2, 2))
+    assert launched == ["host"]
+
+
+def test_mixed_devices_rejected():
+    with pytest.raises(ValueError, match=r"all arrays of one call must be on one device: "
+                                         r"input on cpu:0, grid on cuda:0"):
+        deformcp.grid_sample(FakeDLPack((1, 0)), FakeDLPack((2, 0)))
+
+
+def test_unknown_dlpack_device_rejected():
+    with pytest.raises(ValueError, match="unsupported DLPack device type 14"):
+        deformcp.affine_grid(FakeDLPack((14, 0)), (1, 1, 2, 2))
+
+
+def test_non_arrays_rejected():
+    with pytest.raises(TypeError, match=r"theta: expected an array .*got builtins.str"):
+        deformcp.affine_grid("theta", (1, 1, 2, 2))
+
+
+def test_dispatch_prepare_passes_none_through(rng):
+    x = rng.standard_normal(3)
+    call = _dispatch.prepare(a=x, b=None)
+    assert call.arrays[0] is x and call.arrays[1] is None and call.backend == "numpy"
+
+
+# ---------------------------------------------------------------------------------------------- PyTorch
+
+def test_torch_tensors_round_trip(rng):
+    torch = pytest.importorskip("torch")
+    x = torch.from_numpy(rng.standard_normal((2, 3, 5, 6)))
+    grid = torch.from_numpy(rng.uniform(-1, 1, (2, 4, 4, 2)))
+    for backend in ("numpy", "host"):
+        with deformcp.backend(backend):
+            out = deformcp.grid_sample(x, grid, align_corners=True)
+            grads = deformcp.grid_sample_backward(torch.ones_like(out), x, grid, align_corners=True)
+        assert isinstance(out, torch.Tensor) and out.dtype == torch.float64 and out.device.type == "cpu"
+        assert all(isinstance(g, torch.Tensor) for g in grads)
+        expected = torch.nn.functional.grid_sample(x, grid, align_corners=True)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-13)
+
+
+def test_torch_result_shares_memory_with_what_deformcp_wrote(rng):
+    torch = pytest.importorskip("torch")
+    theta = torch.from_numpy(rng.standard_normal((1, 2, 3)))
+    grid = deformcp.affine_grid(theta, (1, 1, 3, 3))
+    view = np.from_dlpack(grid)       # the same memory, seen from NumPy
+    view[0, 0, 0, 0] = 123.0
+    assert grid[0, 0, 0, 0].item() == 123.0
+
+
+def test_torch_input_is_read_in_place(rng, monkeypatch):
+    torch = pytest.importorskip("torch")
+    theta = torch.from_numpy(rng.standard_normal((1, 2, 3)))
+    seen = []
+    real_prepare = _dispatch.prepare
+
+    def spy(**named):
+        call = real_prepare(**named)
+        seen.append(call.arrays[0])
+        return call
+
+    monkeypatch.setattr(_dispatch, "prepare", spy)
+    deformcp.affine_grid(theta, (1, 1, 2, 2))
+    assert seen[0].ctypes.data == theta.data_ptr()  # imported without a copy
+
+
+def test_torch_requires_grad_rejected(rng):
+    torch = pytest.importorskip("torch")
+    theta = torch.zeros((1, 2, 3), dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match=r"theta: the tensor requires grad; pass tensor.detach\(\)"):
+        deformcp.affine_grid(theta, (1, 1, 2, 2))
+
+
+def test_mixed_frameworks_rejected(rng):
+    torch = pytest.importorskip("torch")
+    x = rng.standard_normal((1, 1, 2, 2))
+    with pytest.raises(TypeError, match=r"one framework: input is numpy.ndarray, grid is torch.Tensor"):
+        deformcp.grid_sample(x, torch.zeros((1, 1, 1, 2), dtype=torch.float64))
+
+
+# -------------------------------------------------------------------------------------------------- JAX
+
+def test_jax_arrays_round_trip(rng):
+    jnp = pytest.importorskip("jax.numpy")
+    theta = rng.standard_normal((2, 2, 3))
+    grid = deformcp.affine_grid(jnp.asarray(theta, dtype=jnp.float32), (2, 1, 3, 4))
+    assert type(grid).__module__.startswith("jax")
+    np.testing.assert_allclose(np.asarray(grid), deformcp.affine_grid(theta.astype(np.float32), (2, 1, 3, 4)))

@@ -1,0 +1,321 @@
+"""affine_grid and grid_sample: golden values, finite differences, backend parity, special values, bad input."""
+import itertools
+
+import numpy as np
+import pytest
+from conftest import assert_close, noncontiguous, to_backend
+
+import deformcp
+from deformcp import testing
+from deformcp.spatial_transformer import MODES, PADDING_MODES
+
+CONFIGS = list(itertools.product(MODES, PADDING_MODES, (False, True)))
+CONFIG_IDS = [f"{m}-{p}-{'align' if a else 'noalign'}" for m, p, a in CONFIGS]
+DTYPES = ["float32", "float64", "float16"]
+
+
+# ------------------------------------------------------------------------------------------ golden values
+
+U = np.array([[[[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]]])  # (1, 1, 2, 3)
+
+
+def sample_one(x, y, mode, padding_mode, align_corners, input=U):
+    grid = np.array([[[[x, y]]]], dtype=input.dtype)
+    return deformcp.grid_sample(input, grid, mode, padding_mode, align_corners)[0, 0, 0, 0]
+
+
+@pytest.mark.parametrize("point, mode, padding, align, expected", [
+    # align_corners=False: x = ((g + 1)·W − 1) / 2 → g = 0 is x = 1, y = 0.5: mean of U[0,1], U[1,1]
+    ((0.0, 0.0), "bilinear", "zeros", False, 3.5),
+    # g = -1 is x = y = -0.5: only corner (0, 0) is inside, with weight 0.5 · 0.5
+    ((-1.0, -1.0), "bilinear", "zeros", False, 0.25),
+    ((-1.0, -1.0), "bilinear", "border", False, 1.0),
+    ((-1.0, -1.0), "bilinear", "reflection", False, 1.0),
+    # align_corners=True: g = 1 is the last pixel's centre
+    ((1.0, 1.0), "bilinear", "zeros", True, 6.0),
+    # x = 2.5, y = 0.5: zeros keeps half of column 2; border clamps x to 2; reflection folds it to 1.5
+    ((1.5, 0.0), "bilinear", "zeros", True, 0.5 * (0.5 * 3 + 0.5 * 6)),
+    ((1.5, 0.0), "bilinear", "border", True, 0.5 * 3 + 0.5 * 6),
+    ((1.5, 0.0), "bilinear", "reflection", True, (2 + 3 + 5 + 6) / 4),
+    # x = 4 reflects about 2 to 0, then the second fold (about 0) is even: x = 0
+    ((3.0, -1.0), "bilinear", "reflection", True, 1.0),
+    # nearest rounds half to even: (x, y) = (1, 0.5) → (1, 0); (1.5, 0.5) → (2, 0)
+    ((0.0, 0.0), "nearest", "zeros", True, 2.0),
+    ((0.5, 0.0), "nearest", "zeros", True, 3.0),
+    # x = y = -0.5 rounds to -0, inside the image
+    ((-1.0, -1.0), "nearest", "zeros", False, 1.0),
+    ((-2.0, 0.0), "nearest", "zeros", True, 0.0),  # x = -1: outside
+    ((-2.0, 0.0), "nearest", "border", True, 1.0),
+])
+def test_grid_sample_golden(point, mode, padding, align, expected):
+    assert sample_one(*point, mode, padding, align) == pytest.approx(expected, abs=1e-15)
+
+
+def test_grid_sample_gradients_golden():
+    # bilinear, zeros, align_corners=False at g = (0, 0): x = 1 exactly, y = 0.5.
+    # d/dx (from the right): −0.5·U[0,1] + 0.5·U[0,2] − 0.5·U[1,1] + 0.5·U[1,2] = 1, dx/dg = W/2 = 1.5
+    # d/dy: −U[0,1] + U[1,1] = 3, dy/dg = H/2 = 1
+    grads = deformcp.grid_sample_backward(np.ones((1, 1, 1, 1)), U, np.zeros((1, 1, 1, 2)))
+    np.testing.assert_allclose(grads.grid, [[[[1.5, 3.0]]]], atol=1e-15)
+    np.testing.assert_allclose(grads.input, [[[[0, 0.5, 0], [0, 0.5, 0]]]], atol=1e-15)
+
+
+def test_affine_grid_golden():
+    theta = np.array([[[2.0, 0.0, 0.5], [0.0, 1.0, -1.0]]])
+    x_free, y_free = np.array([-2 / 3, 0, 2 / 3]), np.array([-0.5, 0.5])   # pixel edges at ±1
+    x_align, y_align = np.array([-1.0, 0, 1]), np.array([-1.0, 1])          # pixel centres at ±1
+    for align, xs, ys in ((False, x_free, y_free), (True, x_align, y_align)):
+        grid = deformcp.affine_grid(theta, (1, 4, 2, 3), align_corners=align)
+        expected = np.stack(np.broadcast_arrays(2 * xs[None, :] + 0.5, ys[:, None] - 1), axis=-1)
+        np.testing.assert_allclose(grid[0], expected, atol=1e-15)
+    # a 1-pixel axis sits at 0
+    np.testing.assert_allclose(deformcp.affine_grid(theta, (1, 1, 1, 1))[0, 0, 0], [0.5, -1.0], atol=1e-15)
+    # grad_theta[r] = Σ grad[..., r] · [x, y, 1]: with grad = 1 and align_corners the x and y sums vanish
+    grad = deformcp.affine_grid_backward(np.ones((1, 2, 3, 2)), theta, (1, 4, 2, 3), align_corners=True)
+    np.testing.assert_allclose(grad.theta, [[[0, 0, 6], [0, 0, 6]]], atol=1e-15)
+
+
+# ---------------------------------------------------------------------------- reference vs torch, if present
+
+@pytest.mark.parametrize("mode, padding, align", CONFIGS, ids=CONFIG_IDS)
+def test_matches_torch(rng, mode, padding, align):
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    x = rng.standard_normal((2, 3, 5, 6))
+    theta = rng.standard_normal((2, 2, 3))
+    grid = deformcp.affine_grid(theta, (2, 3, 4, 7), align)
+    np.testing.assert_allclose(
+        grid, F.affine_grid(torch.tensor(theta), (2, 3, 4, 7), align_corners=align).numpy(), atol=1e-14)
+    grid = rng.uniform(-2.5, 2.5, (2, 4, 7, 2))
+    tx, tgrid = torch.tensor(x, requires_grad=True), torch.tensor(grid, requires_grad=True)
+    out = F.grid_sample(tx, tgrid, mode, padding, align)
+    grad_output = rng.standard_normal(out.shape)
+    out.backward(torch.tensor(grad_output))
+    np.testing.assert_allclose(deformcp.grid_sample(x, grid, mode, padding, align), out.detach().numpy(),
+                               atol=1e-13)
+    grads = deformcp.grid_sample_backward(grad_output, x, grid, mode, padding, align)
+    np.testing.assert_allclose(grads.input, tx.grad.numpy(), atol=1e-13)
+    np.testing.assert_allclose(grads.grid, tgrid.grad.numpy(), atol=1e-13)
+
+
+# ------------------------------------------------------------------------------- finite differences (float64)
+
+def grid_away_from_kinks(rng, shape, H, W, align):
+    """Normalised grid whose pixel coordinates keep 0.05 away from every half-integer: the bilinear
+    weights, the clamps and the reflections are all smooth there."""
+    def axis(size, count):
+        x = rng.integers(-2 * size, 4 * size, count) / 2 + rng.uniform(0.05, 0.45, count)
+        return 2 * x / (size - 1) - 1 if align else (2 * x + 1) / size - 1
+
+    n = int(np.prod(shape))
+    return np.stack([axis(W, n), axis(H, n)], axis=-1).reshape(*shape, 2)
+
+
+def directional_derivative(f, args, index, direction, step=1e-6):
+    plus, minus = list(args), list(args)
+    plus[index] = args[index] + step * direction
+    minus[index] = args[index] - step * direction
+    return (f(*plus) - f(*minus)) / (2 * step)
+
+
+@pytest.mark.parametrize("padding", PADDING_MODES)
+@pytest.mark.parametrize("align", [False, True])
+@pytest.mark.parametrize("trial", range(3))
+def test_grid_sample_finite_differences(rng, padding, align, trial):
+    x = rng.standard_normal((2, 3, 4, 5))
+    grid = grid_away_from_kinks(rng, (2, 3, 6), 4, 5, align)
+    grad_output = rng.standard_normal((2, 3, 3, 6))
+    grads = deformcp.grid_sample_backward(grad_output, x, grid, "bilinear", padding, align)
+
+    def loss(x, grid):
+        return np.sum(grad_output * deformcp.grid_sample(x, grid, "bilinear", padding, align))
+
+    for index, grad in enumerate(grads):
+        direction = rng.standard_normal(grad.shape)
+        numeric = directional_derivative(loss, (x, grid), index, direction)
+        assert np.sum(grad * direction) == pytest.approx(numeric, rel=1e-6, abs=1e-8)
+
+
+@pytest.mark.parametrize("align", [False, True])
+def test_affine_grid_finite_differences(rng, align):
+    theta = rng.standard_normal((3, 2, 3))
+    grad_output = rng.standard_normal((3, 4, 5, 2))
+    grad = deformcp.affine_grid_backward(grad_output, theta, (3, 1, 4, 5), align).theta
+    direction = rng.standard_normal(theta.shape)
+    numeric = directional_derivative(
+        lambda t: np.sum(grad_output * deformcp.affine_grid(t, (3, 1, 4, 5), align)), (theta,), 0, direction)
+    assert np.sum(grad * direction) == pytest.approx(numeric, rel=1e-8)
+
+
+def test_nearest_has_no_grid_gradient(rng):
+    grads = deformcp.grid_sample_backward(rng.standard_normal((1, 2, 3, 3)), rng.standard_normal((1, 2, 4, 4)),
+                                          rng.uniform(-1, 1, (1, 3, 3, 2)), mode="nearest")
+    assert np.all(grads.grid == 0) and np.any(grads.input != 0)
+
+
+# ------------------------------------------------------------------------------------ backends vs NumPy
+
+def run_both(backend, fn, *args, **kwargs):
+    """fn on the NumPy path and on backend (outputs poisoned); every input checked unmodified on both."""
+    is_array = [isinstance(a, np.ndarray) for a in args]
+    snapshot = [a.copy() if array else None for a, array in zip(args, is_array)]
+    moved = [to_backend(a, backend) if array else a for a, array in zip(args, is_array)]
+    expected = fn(*args, **kwargs)
+    with testing.poisoned_outputs():
+        actual = testing.run(backend, fn, *moved, **kwargs)
+    for before, used, given in zip(snapshot, moved, args):
+        if before is not None:
+            np.testing.assert_array_equal(given, before, err_msg="the NumPy path modified an input")
+            np.testing.assert_array_equal(testing.to_numpy(used), before, err_msg=f"{backend} modified an input")
+    return actual, expected
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode, padding, align", CONFIGS, ids=CONFIG_IDS)
+def test_grid_sample_backend_matches_numpy(backend, rng, dtype, mode, padding, align):
+    x = rng.standard_normal((2, 3, 6, 7)).astype(dtype)
+    grid = rng.uniform(-1.3, 1.3, (2, 4, 5, 2)).astype(dtype)
+    out, expected = run_both(backend, deformcp.grid_sample, x, grid, mode, padding, align)
+    assert_close(out, expected, dtype)
+    grad_output = rng.standard_normal(expected.shape).astype(dtype)
+    grads, expected_grads = run_both(backend, deformcp.grid_sample_backward, grad_output, x, grid, mode,
+                                     padding, align)
+    for got, want in zip(grads, expected_grads):
+        assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("needs", [(True, False), (False, True), (False, False)])
+def test_grid_sample_backward_skips_unwanted(backend, rng, needs):
+    x, grid = rng.standard_normal((1, 2, 5, 5)), rng.uniform(-1, 1, (1, 3, 4, 2))
+    grads, expected = run_both(backend, deformcp.grid_sample_backward, rng.standard_normal((1, 2, 3, 4)), x, grid,
+                               needs_input_grad=needs)
+    for got, want, wanted in zip(grads, expected, needs):
+        assert (got is None) == (want is None) == (not wanted)
+        if wanted:
+            assert_close(got, want, "float64")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("align", [False, True])
+def test_affine_grid_backend_matches_numpy(backend, rng, dtype, align):
+    theta = rng.standard_normal((3, 2, 3)).astype(dtype)
+    grid, expected = run_both(backend, deformcp.affine_grid, theta, (3, 2, 5, 7), align)
+    assert_close(grid, expected, dtype)
+    grad_output = rng.standard_normal((3, 5, 7, 2)).astype(dtype)
+    grad, expected = run_both(backend, deformcp.affine_grid_backward, grad_output, theta, (3, 2, 5, 7), align)
+    assert_close(grad.theta, expected.theta, dtype)
+
+
+def test_noncontiguous_inputs(backend, rng):
+    x = rng.standard_normal((2, 3, 6, 7))
+    grid = rng.uniform(-1.2, 1.2, (2, 4, 5, 2))
+    grad_output = rng.standard_normal((2, 3, 4, 5))
+    theta = rng.standard_normal((2, 2, 3))
+    x_view, grid_view, grad_view, theta_view = (noncontiguous(to_backend(a, backend))
+                                                for a in (x, grid, grad_output, theta))
+    with deformcp.backend("numpy" if backend == "cuda" else backend):
+        out = deformcp.grid_sample(x_view, grid_view, "bilinear", "reflection")
+        grads = deformcp.grid_sample_backward(grad_view, x_view, grid_view, "bilinear", "reflection")
+        affine = deformcp.affine_grid(theta_view, (2, 1, 3, 4))
+    assert_close(out, deformcp.grid_sample(x, grid, "bilinear", "reflection"), "float64")
+    for got, want in zip(grads, deformcp.grid_sample_backward(grad_output, x, grid, "bilinear", "reflection")):
+        assert_close(got, want, "float64")
+    assert_close(affine, deformcp.affine_grid(theta, (2, 1, 3, 4)), "float64")
+
+
+@pytest.mark.parametrize("shape, grid_shape", [
+    ((0, 3, 5, 5), (0, 4, 4, 2)),   # batch 0
+    ((2, 0, 5, 5), (2, 4, 4, 2)),   # no channels
+    ((2, 3, 5, 5), (2, 0, 4, 2)),   # empty output
+])
+def test_empty(backend, rng, shape, grid_shape):
+    x, grid = rng.standard_normal(shape), rng.uniform(-1, 1, grid_shape)
+    out, expected = run_both(backend, deformcp.grid_sample, x, grid)
+    assert out.shape == expected.shape == (shape[0], shape[1], *grid_shape[1:3])
+    grads, expected = run_both(backend, deformcp.grid_sample_backward, rng.standard_normal(expected.shape), x, grid)
+    assert grads.input.shape == x.shape and grads.grid.shape == grid.shape
+    assert_close(grads.input, expected.input, "float64")
+    theta = rng.standard_normal((shape[0], 2, 3))
+    grid, expected = run_both(backend, deformcp.affine_grid, theta, (shape[0], 1, 3, 4))
+    assert grid.shape == expected.shape == (shape[0], 3, 4, 2)
+
+
+# --------------------------------------------------------------------------- non-finite grid values
+
+SPECIAL = np.array([np.nan, np.inf, -np.inf, 1e30, -1e30, 0.3, -0.7])
+
+
+@pytest.mark.parametrize("mode, padding, align", CONFIGS, ids=CONFIG_IDS)
+def test_nonfinite_grid(backend, rng, mode, padding, align):
+    x = rng.standard_normal((1, 2, 4, 5))
+    grid = np.stack(np.meshgrid(SPECIAL, SPECIAL), axis=-1)[None]
+    out, expected = run_both(backend, deformcp.grid_sample, x, grid, mode, padding, align)
+    assert np.all(np.isfinite(expected))
+    assert_close(out, expected, "float64")
+    nan_row = expected[0, :, 0, :]  # y = NaN
+    assert np.all(nan_row == 0) and np.all(expected[0, :, :, 0] == 0)  # NaN samples 0 in every mode
+    if padding != "border":
+        assert np.all(expected[0, :, 1:3, :] == 0)  # y = ±inf
+    else:  # ±inf clamps to the first / last row (x = 0.3, say, is finite)
+        y_inf = deformcp.grid_sample(x, np.array([[[[0.3, 1.0], [0.3, -1.0]]]]), mode, padding, align)
+        np.testing.assert_array_equal(expected[0, :, 1:3, 5], y_inf[0, :, 0, :])
+    grad_output = rng.standard_normal(expected.shape)
+    grads, expected_grads = run_both(backend, deformcp.grid_sample_backward, grad_output, x, grid, mode, padding,
+                                     align)
+    for got, want in zip(grads, expected_grads):
+        assert np.all(np.isfinite(want))
+        assert_close(got, want, "float64")
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+def test_rejects_bad_input(rng):
+    x, grid = rng.standard_normal((2, 3, 4, 4)), rng.uniform(-1, 1, (2, 3, 3, 2))
+    cases = [
+        (ValueError, r"input: expected a 4-D array \(N, C, H, W\), got shape \(3, 4, 4\)",
+         lambda: deformcp.grid_sample(x[0], grid)),
+        (ValueError, r"grid: expected batch size N = 2 \(input's\), got 1",
+         lambda: deformcp.grid_sample(x, grid[:1])),
+        (ValueError, r"grid: expected the last axis to hold \(x, y\), size 2.*got shape \(2, 3, 3, 3\)",
+         lambda: deformcp.grid_sample(x, np.zeros((2, 3, 3, 3)))),
+        (TypeError, r"input: expected a floating-point array .*got dtype int64",
+         lambda: deformcp.grid_sample(x.astype(np.int64), grid)),
+        (TypeError, r"grid: expected a floating-point array .*got dtype complex128",
+         lambda: deformcp.grid_sample(x, grid.astype(complex))),
+        (TypeError, r"expected arrays of one dtype: input is float32, grid is float64",
+         lambda: deformcp.grid_sample(x.astype(np.float32), grid)),
+        (ValueError, r"mode: expected one of \('bilinear', 'nearest'\), got 'bicubic'",
+         lambda: deformcp.grid_sample(x, grid, mode="bicubic")),
+        (ValueError, r"padding_mode: expected one of \('zeros', 'border', 'reflection'\), got 'circular'",
+         lambda: deformcp.grid_sample(x, grid, padding_mode="circular")),
+        (TypeError, r"align_corners: expected a bool, got NoneType None",
+         lambda: deformcp.grid_sample(x, grid, align_corners=None)),
+        (ValueError, r"input: expected non-empty spatial size H, W",
+         lambda: deformcp.grid_sample(np.zeros((2, 3, 0, 4)), grid)),
+        (TypeError, r"input: expected an array .*got builtins.list",
+         lambda: deformcp.grid_sample(x.tolist(), grid)),
+        (ValueError, r"grad_output: expected shape \(2, 3, 3, 3\) for \(N, C, H_out, W_out\), got \(2, 3, 3, 4\)",
+         lambda: deformcp.grid_sample_backward(np.zeros((2, 3, 3, 4)), x, grid)),
+        (ValueError, r"needs_input_grad: expected 2 bools for \('input', 'grid'\)",
+         lambda: deformcp.grid_sample_backward(np.zeros((2, 3, 3, 3)), x, grid, needs_input_grad=(True,))),
+        (ValueError, r"theta: expected shape \(\*, 2, 3\) for \(N, 2, 3\), got \(2, 3, 3\)",
+         lambda: deformcp.affine_grid(np.zeros((2, 3, 3)), (2, 1, 4, 4))),
+        (ValueError, r"size: expected 4 integers, got 5",
+         lambda: deformcp.affine_grid(np.zeros((2, 2, 3)), (2, 1, 4, 4, 4))),
+        (ValueError, r"size: expected non-negative sizes, got \(2, 1, -4, 4\)",
+         lambda: deformcp.affine_grid(np.zeros((2, 2, 3)), (2, 1, -4, 4))),
+        (ValueError, r"size: expected N = 2 \(theta's batch\)",
+         lambda: deformcp.affine_grid(np.zeros((2, 2, 3)), (3, 1, 4, 4))),
+        (TypeError, r"size: expected a sequence of 4 integers, got \(2, 1, 4.5, 4\)",
+         lambda: deformcp.affine_grid(np.zeros((2, 2, 3)), (2, 1, 4.5, 4))),
+        (ValueError, r"grad_output: expected shape \(2, 4, 4, 2\) for \(N, H, W, 2\), got \(2, 4, 4, 3\)",
+         lambda: deformcp.affine_grid_backward(np.zeros((2, 4, 4, 3)), np.zeros((2, 2, 3)), (2, 1, 4, 4))),
+    ]
+    for error, message, call in cases:
+        with pytest.raises(error, match=message):
+            call()
+
+
+def test_host_backend_rejects_bad_input_too(rng):
+    with deformcp.backend("host"), pytest.raises(ValueError, match="mode: expected one of"):
+        deformcp.grid_sample(rng.standard_normal((1, 1, 2, 2)), np.zeros((1, 1, 1, 2)), mode="area")
