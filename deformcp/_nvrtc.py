@@ -14,6 +14,8 @@ import re
 from . import _kernels
 
 ARCHITECTURES = ("sm_70", "sm_80", "sm_90")
+#: Options that CuPy (14) adds to every RawModule compilation.
+CUPY_ADDED_OPTIONS = ("--device-as-default-execution-space", "-ftz=true")
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)'")
 _PROPERTIES = re.compile(r"Function properties for (\S+)")
@@ -73,7 +75,8 @@ def _compile(family: str, source: str, expressions: list[str], arch: str) -> lis
     """
     from cupy_backends.cuda.libs import nvrtc
 
-    options = [f"-arch={arch}", "-Xptxas=-v", *_kernels.nvrtc_options()]
+    # the options cupy.RawModule compiles with, so that the check sees what the CUDA backend runs
+    options = [f"-arch={arch}", "-Xptxas=-v", *_kernels.nvrtc_options(), *CUPY_ADDED_OPTIONS]
     program = nvrtc.createProgram(source, f"{family}.cu", [], [])
     try:
         for expression in expressions:

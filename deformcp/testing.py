@@ -93,11 +93,10 @@ def available_backends() -> list[str]:
 
 def dtypes() -> tuple[str, ...]:
     """Dtypes checked: float32, float64, float16, and bfloat16 where ml_dtypes makes it a NumPy dtype."""
-    names = ["float32", "float64", "float16"]
-    with contextlib.suppress(TypeError):
-        np.dtype("bfloat16")  # registered by ml_dtypes, when installed
-        names.append("bfloat16")
-    return tuple(names)
+    if importlib.util.find_spec("ml_dtypes") is None:
+        return ("float32", "float64", "float16")
+    import ml_dtypes  # noqa: F401  (registers "bfloat16" with NumPy)
+    return ("float32", "float64", "float16", "bfloat16")
 
 
 def relative_error(actual, reference) -> float:

@@ -11,7 +11,7 @@ from deformcp.spatial_transformer import MODES, PADDING_MODES
 
 CONFIGS = list(itertools.product(MODES, PADDING_MODES, (False, True)))
 CONFIG_IDS = [f"{m}-{p}-{'align' if a else 'noalign'}" for m, p, a in CONFIGS]
-DTYPES = ["float32", "float64", "float16"]
+DTYPES = testing.dtypes()
 
 
 # ------------------------------------------------------------------------------------------ golden values
