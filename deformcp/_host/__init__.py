@@ -4,7 +4,8 @@ The translation unit is ``prelude.h`` (CUDA's built-ins for the CPU), the family
 ``extern "C"`` launcher per kernel instantiation taking ``(grid, block, void **args)`` — the argument
 convention of ``cuLaunchKernel`` — so a host kernel is called exactly like a :class:`cupy.RawKernel`.
 Shared libraries are cached on disk under :func:`cache_dir`, named by a hash of the translation unit,
-the compiler and its flags; several modules live in one process side by side.
+the compiler and its flags, each beside the ``.cpp`` it was built from; several modules live in one
+process side by side.
 
 Environment:
     ``CXX``                      the compiler (default: ``c++``).
@@ -134,6 +135,7 @@ def _build(unit: str, stem: str) -> pathlib.Path:
         result = subprocess.run([cxx, *flags(), str(cpp), "-o", str(built)], capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"host compilation of {stem} failed:\n{result.stderr[-4000:]}")
+        os.replace(cpp, target.with_suffix(".cpp"))  # kept beside the library: sanitizer reports cite it
         os.replace(built, target)  # atomic: a concurrent builder sees the whole file or none
     return target
 
