@@ -1,10 +1,12 @@
 """Bilinear sampling on the NumPy path: the vectorised twin of kernels/deformcp_common.cuh.
 
-Sampling is a sparse linear map. For P sample points over planes of H×W pixels, :func:`corners` gives
-each point's four corner indices and weights, and :func:`sampling_matrix` lays them out as a CSR matrix
-S (P × pixels, four entries a row) so that the forward is ``S @ X`` with X laid out (pixels, channels),
-and the input gradient is ``S.T @ G`` — a gather, so the NumPy path is deterministic. The coordinate
-gradients use the same sparsity with the weights' derivatives.
+Sampling is a sparse linear map. Images are laid out channels-last, each followed by one row of zeros
+(:func:`pixels_last`): an (n·(H·W + 1), C) matrix X. :func:`corners` gives each sample point's four
+corner rows and weights (a corner outside the image points at its image's zero row), and
+:func:`sampling_matrix` lays them out as a CSR matrix S, so that the forward is ``S @ X`` and the input
+gradient is ``S.T @ G`` — a gather, so the NumPy path is deterministic. Coordinate gradients use the
+same corners with the weights' derivatives. Work is done a few images at a time
+(:func:`image_chunks`), so that X and its products stay in cache.
 """
 from __future__ import annotations
 
@@ -13,51 +15,89 @@ from typing import NamedTuple
 import numpy as np
 import scipy.sparse
 
-_CORNER_DY = np.array([0, 0, 1, 1])
-_CORNER_DX = np.array([0, 1, 0, 1])
+#: Bytes of one chunk's channels-last images: small enough for the cache, large enough to amortise calls.
+CHUNK_BYTES = 1 << 20
 
 
 class Corners(NamedTuple):
-    """Per sample point (shape (..., 4), corners (y0, x0), (y0, x1), (y1, x0), (y1, x1))."""
+    """Per sample point, shape (..., 4), corners in the order (y0, x0), (y0, x1), (y1, x0), (y1, x1)."""
 
-    index: np.ndarray       # y * W + x of each corner (int64), 0 where the corner is outside
+    index: np.ndarray       # y·W + x of each corner (int64); H·W (the image's zero row) where outside
     weight: np.ndarray      # interpolation weight, 0 where the corner is outside
-    dweight_dy: np.ndarray  # derivative of weight with respect to y
+    dweight_dy: np.ndarray  # derivative of weight with respect to y (from the right at integers)
     dweight_dx: np.ndarray  # derivative of weight with respect to x
 
 
 def corners(y: np.ndarray, x: np.ndarray, H: int, W: int) -> Corners:
-    """Bilinear corners of the samples at (y, x) over an H×W plane.
+    """Bilinear corners of the samples at (y, x) over an H×W image.
 
-    A sample is zero unless -1 < y < H and -1 < x < W (NaN and ±inf included in "unless"); inside
-    that range corners outside the plane read as zero. Same rule as ``bilinear_setup`` in the kernels.
+    A sample is zero unless -1 < y < H and -1 < x < W (NaN and ±inf fall in "unless"); inside that
+    range corners outside the image read zero. Same rule as ``bilinear_setup`` in the kernels.
     """
     valid = (y > -1) & (y < H) & (x > -1) & (x < W)
     y = np.where(valid, y, 0)
     x = np.where(valid, x, 0)
     fy, fx = np.floor(y), np.floor(x)
     ly, lx = y - fy, x - fx
-    hy, hx = 1 - ly, 1 - lx
-    cy = fy.astype(np.int64)[..., None] + _CORNER_DY
-    cx = fx.astype(np.int64)[..., None] + _CORNER_DX
-    inside = valid[..., None] & (cy >= 0) & (cy < H) & (cx >= 0) & (cx < W)
+    y0, x0 = fy.astype(np.int64), fx.astype(np.int64)
+    # per axis: whether the lower/upper row (column) is inside, its weight and the weight's derivative
+    in_y = (valid & (y0 >= 0), valid & (y0 < H - 1))
+    in_x = (x0 >= 0, x0 < W - 1)
+    wy = (np.where(in_y[0], 1 - ly, 0), np.where(in_y[1], ly, 0))
+    wx = (np.where(in_x[0], 1 - lx, 0), np.where(in_x[1], lx, 0))
+    dy = (-in_y[0].astype(ly.dtype), in_y[1].astype(ly.dtype))
+    dx = (-in_x[0].astype(lx.dtype), in_x[1].astype(lx.dtype))
+    rows, columns = (y0 * W, y0 * W + W), (x0, x0 + 1)
+    pairs = ((0, 0), (0, 1), (1, 0), (1, 1))
 
-    def masked(*values):
-        return np.where(inside, np.stack(values, axis=-1), 0)
+    def stack(values):
+        return np.stack(values, axis=-1)
 
-    return Corners(index=np.where(inside, cy * W + cx, 0),
-                   weight=masked(hy * hx, hy * lx, ly * hx, ly * lx),
-                   dweight_dy=masked(-hx, -lx, hx, lx),
-                   dweight_dx=masked(-hy, hy, -ly, ly))
+    return Corners(
+        index=stack([np.where(in_y[a] & in_x[b], rows[a] + columns[b], H * W) for a, b in pairs]),
+        weight=stack([wy[a] * wx[b] for a, b in pairs]),
+        dweight_dy=stack([dy[a] * wx[b] for a, b in pairs]),
+        dweight_dx=stack([wy[a] * dx[b] for a, b in pairs]))
 
 
-def sampling_matrix(columns: np.ndarray, values: np.ndarray, n_columns: int) -> scipy.sparse.csr_matrix:
-    """CSR matrix with row p holding ``values[p, k]`` at column ``columns[p, k]`` (k < columns.shape[-1]).
+def image_chunks(N: int, C: int, H: int, W: int, itemsize: int):
+    """Ranges (start, stop) covering N images, each chunk about CHUNK_BYTES of channels-last pixels."""
+    step = max(1, CHUNK_BYTES // max(1, C * (H * W + 1) * itemsize))
+    return [(a, min(a + step, N)) for a in range(0, N, step)]
 
-    Duplicate or zero entries are fine; rows are the leading axes of ``columns`` flattened.
+
+def chunk_rows(index: np.ndarray, H: int, W: int, images_per_chunk: int) -> np.ndarray:
+    """Rows of :func:`pixels_last` for per-image corner indices (N, ...): image n of a chunk starts at
+    (n mod images_per_chunk)·(H·W + 1)."""
+    N = index.shape[0]
+    start = (np.arange(N) % images_per_chunk) * (H * W + 1)
+    return index + start.reshape((N,) + (1,) * (index.ndim - 1))
+
+
+def pixels_last(images: np.ndarray, dtype) -> np.ndarray:
+    """(n, C, H, W) → (n·(H·W + 1), C) in dtype: each image's pixels as rows, then a row of zeros."""
+    n, C, H, W = images.shape
+    X = np.empty((n, H * W + 1, C), dtype)
+    X[:, -1] = 0
+    np.copyto(X[:, :-1], images.reshape(n, C, H * W).transpose(0, 2, 1))
+    return X.reshape(n * (H * W + 1), C)
+
+
+def to_channels_first(rows: np.ndarray, out: np.ndarray) -> None:
+    """Write (n·P, C) rows, or (n·(P + 1), C) with each image's zero row, into out (n, C, ...)."""
+    n, C = out.shape[:2]
+    P = int(np.prod(out.shape[2:]))
+    np.copyto(out.reshape(n, C, P), rows.reshape(n, rows.shape[0] // n, C)[:, :P].transpose(0, 2, 1))
+
+
+def sampling_matrix(rows: np.ndarray, values: np.ndarray, n_columns: int) -> scipy.sparse.csr_matrix:
+    """CSR matrix whose row p holds ``values[p, k]`` at column ``rows[p, k]``, for every k.
+
+    The leading axes of ``rows`` are flattened into the matrix rows. Duplicate entries add up.
     """
-    per_row = columns.shape[-1]
-    n_rows = columns.size // per_row if per_row else 0
-    indptr = np.arange(0, n_rows * per_row + 1, per_row, dtype=np.int64)
-    return scipy.sparse.csr_matrix((values.reshape(-1), columns.reshape(-1), indptr),
+    per_row = rows.shape[-1]
+    n_rows = rows.size // per_row if per_row else 0
+    index_type = np.int32 if max(n_columns, rows.size) < 2**31 else np.int64
+    indptr = np.arange(0, n_rows * per_row + 1, per_row, dtype=index_type)
+    return scipy.sparse.csr_matrix((values.reshape(-1), rows.reshape(-1).astype(index_type), indptr),
                                    shape=(n_rows, n_columns))

@@ -319,3 +319,16 @@ def test_rejects_bad_input(rng):
 def test_host_backend_rejects_bad_input_too(rng):
     with deformcp.backend("host"), pytest.raises(ValueError, match="mode: expected one of"):
         deformcp.grid_sample(rng.standard_normal((1, 1, 2, 2)), np.zeros((1, 1, 1, 2)), mode="area")
+
+
+@pytest.mark.parametrize("mode, padding, align", CONFIGS, ids=CONFIG_IDS)
+def test_nonfinite_input_read_like_the_kernels(backend, rng, mode, padding, align):
+    """A NaN or inf pixel reaches exactly the samples whose corners inside the image include it."""
+    x = rng.standard_normal((1, 2, 4, 5))
+    x[0, 0, 1, 2], x[0, 1, 3, 4], x[0, 1, 0, 0] = np.nan, np.inf, -np.inf
+    # pixel-aligned points (zero-weight corners), points just outside the image, the NaN pixel's centre
+    grid = np.concatenate([rng.integers(-3, 4, (1, 6, 6, 2)) / 3.0, rng.uniform(-1.6, 1.6, (1, 6, 6, 2))], axis=1)
+    grid[0, 0, 0] = (0.0, -1 / 3) if align else (0.0, -0.25)  # (x, y) = (2, 1)
+    out, expected = run_both(backend, deformcp.grid_sample, x, grid, mode, padding, align)
+    assert np.isnan(expected[0, 0, 0, 0])
+    assert_close(out, expected, "float64")

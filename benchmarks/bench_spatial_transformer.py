@@ -1,0 +1,471 @@
+"""Benchmark: affine_grid + grid_sample (Spatial Transformer Networks), deformcp against PyTorch.
+
+Run with OpenBLAS's CPU overrides unset, in the command only (these machines set OPENBLAS_CORETYPE and
+OPENBLAS_L2_SIZE, which slow NumPy's BLAS; the results header records whether they were set):
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_spatial_transformer.py
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_spatial_transformer.py --device cuda
+    python benchmarks/bench_spatial_transformer.py --quick          # smoke run: 3 repeats, no files
+
+Options: --repeat N (timed calls per row, default 30), --warmup N (default 3 calls, and at least
+0.25 s of calls), --interleave (time the implementations in turns instead of back to back),
+--torch-threads N, --shape N C H W, --dtype float32|float64, --seed, --output NAME.
+
+What is timed (input 8×64×56×56 float32, bilinear, zeros padding, align_corners=False, theta = identity
+plus a small random perturbation, output size = input size):
+
+- forward:          affine_grid + grid_sample (torch: under no_grad)
+- backward:         grid_sample_backward (input and grid gradients) + affine_grid_backward
+                    (torch: torch.autograd.grad of a recorded graph, retain_graph=True)
+- forward+backward: both of the above (torch: autograd with requires_grad on input and theta, then
+                    backward with a random grad_output)
+
+--device cpu (default) times deformcp's NumPy path, deformcp's host backend (the CUDA sources compiled
+for the CPU: ``with deformcp.backend("host")``) and torch on the CPU. --device cuda times deformcp on
+CuPy arrays against torch on CUDA (exits with a message where CuPy sees no GPU). torch is optional:
+without it only deformcp is timed. Before anything is timed, every implementation's output and
+gradients are checked once against torch (or, without torch, against deformcp's float64 NumPy path);
+a mismatch stops the run.
+
+Results: printed, and written to benchmarks/results/spatial_transformer[_cuda].{json,md} (--quick
+writes nothing unless --output is given). Ratios are deformcp time / torch time: below 1 deformcp
+is faster.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import numpy as np
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))          # _harness
+sys.path.insert(0, str(HERE.parent))   # benchmark the checkout's deformcp
+
+import _harness  # noqa: E402
+import deformcp  # noqa: E402
+from deformcp import testing  # noqa: E402
+
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError:  # optional
+    torch = F = None
+
+MODE, PADDING, ALIGN_CORNERS = "bilinear", "zeros", False
+PHASES = ("forward", "backward", "forward+backward")
+DEFAULT_SHAPE = (8, 64, 56, 56)
+#: (impl, phase, the most deformcp time / torch time may be, what the issue asks); default case only
+TARGETS = (("deformcp numpy", "forward", 2.0, "within 2× of torch forward"),
+           ("deformcp numpy", "forward+backward", 1.0, "at least as fast as torch forward+backward"))
+TOLERANCE = {"float32": 1e-4, "float64": 1e-10}
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+def make_inputs(shape, dtype, seed):
+    """input (N, C, H, W), theta (N, 2, 3) near the identity, grad_output (N, C, H, W); NumPy."""
+    rng = np.random.default_rng(seed)
+    N = shape[0]
+    x = rng.standard_normal(shape).astype(dtype)
+    identity = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    theta = (identity + 0.05 * rng.standard_normal((N, 2, 3))).astype(dtype)
+    grad_output = rng.standard_normal(shape).astype(dtype)
+    return x, theta, grad_output
+
+
+# ------------------------------------------------------------------------------------ deformcp callables
+
+class Deformcp:
+    """deformcp's STN forward/backward on one backend ("numpy", "host", or "cuda" for CuPy arrays)."""
+
+    def __init__(self, backend: str, x, theta, grad_output, size):
+        self.backend = backend
+        self.cpu_backend = "numpy" if backend == "cuda" else backend
+        self.x, self.theta, self.grad_output, self.size = x, theta, grad_output, tuple(size)
+        self.grid = None
+
+    def _forward(self):
+        grid = deformcp.affine_grid(self.theta, self.size, align_corners=ALIGN_CORNERS)
+        out = deformcp.grid_sample(self.x, grid, mode=MODE, padding_mode=PADDING, align_corners=ALIGN_CORNERS)
+        return grid, out
+
+    def _backward(self, grid):
+        grad_input, grad_grid = deformcp.grid_sample_backward(
+            self.grad_output, self.x, grid, mode=MODE, padding_mode=PADDING, align_corners=ALIGN_CORNERS,
+            needs_input_grad=(True, True))
+        (grad_theta,) = deformcp.affine_grid_backward(grad_grid, self.theta, self.size,
+                                                      align_corners=ALIGN_CORNERS)
+        return grad_input, grad_theta
+
+    def astype(self, dtype) -> "Deformcp":
+        """The same implementation on inputs cast to dtype."""
+        return Deformcp(self.backend, *(a.astype(dtype) for a in (self.x, self.theta, self.grad_output)),
+                        self.size)
+
+    def affine_grid(self):
+        with deformcp.backend(self.cpu_backend):
+            return deformcp.affine_grid(self.theta, self.size, align_corners=ALIGN_CORNERS)
+
+    def forward(self):
+        with deformcp.backend(self.cpu_backend):
+            return self._forward()[1]
+
+    def backward(self):
+        with deformcp.backend(self.cpu_backend):
+            if self.grid is None:  # the forward's grid, made once (untimed) for the backward-only phase
+                self.grid = deformcp.affine_grid(self.theta, self.size, align_corners=ALIGN_CORNERS)
+            return self._backward(self.grid)
+
+    def forward_backward(self):
+        with deformcp.backend(self.cpu_backend):
+            grid, out = self._forward()
+            return (out, *self._backward(grid))
+
+
+# --------------------------------------------------------------------------------------- torch callables
+
+class Torch:
+    """torch.nn.functional.affine_grid + grid_sample on one device, through autograd."""
+
+    def __init__(self, device, x, theta, grad_output, size):
+        self.x = torch.from_numpy(x).to(device).requires_grad_(True)
+        self.theta = torch.from_numpy(theta).to(device).requires_grad_(True)
+        self.grad_output = torch.from_numpy(grad_output).to(device)
+        self.size = list(size)
+        self.graph = None
+
+    def _forward(self):
+        grid = F.affine_grid(self.theta, self.size, align_corners=ALIGN_CORNERS)
+        return F.grid_sample(self.x, grid, mode=MODE, padding_mode=PADDING, align_corners=ALIGN_CORNERS)
+
+    def affine_grid(self):
+        with torch.no_grad():
+            return F.affine_grid(self.theta, self.size, align_corners=ALIGN_CORNERS)
+
+    def forward(self):
+        with torch.no_grad():
+            return self._forward()
+
+    def backward(self):
+        if self.graph is None:  # one recorded forward (untimed), differentiated again on every call
+            self.graph = self._forward()
+        return torch.autograd.grad(self.graph, (self.x, self.theta), self.grad_output, retain_graph=True)
+
+    def forward_backward(self):
+        self.x.grad = self.theta.grad = None
+        out = self._forward()
+        out.backward(self.grad_output)
+        return out.detach(), self.x.grad, self.theta.grad
+
+
+# ------------------------------------------------------------------------------------------ verification
+#
+# The bilinear weights' derivative jumps where a source coordinate crosses a pixel boundary, so an ulp of
+# difference in a float32 grid (affine_grid rounds differently in every library) can put a sample in
+# the next cell and change grad_theta by O(1 %) between two correct float32 implementations (measured:
+# torch float32 itself is 7e-3 off its float64 result on the default case). So grad_theta is checked
+# against torch evaluated at the implementation's own grid, where both compute the same source
+# coordinates; without torch, it is checked on float64 inputs through the same backend against the
+# float64 NumPy path. The end-to-end grad_theta difference is printed for information only.
+
+class Reference:
+    """Gradients to check against, on the CPU: torch in the timed dtype, or without torch deformcp's
+    NumPy path in float64."""
+
+    def __init__(self, x, theta, grad_output, size):
+        self.size = tuple(size)
+        if torch is not None:
+            self.name = "torch cpu"
+            self.x, self.theta, self.grad_output = (torch.from_numpy(a) for a in (x, theta, grad_output))
+        else:
+            self.name = "deformcp numpy float64"
+            self.x, self.theta, self.grad_output = (a.astype(np.float64) for a in (x, theta, grad_output))
+
+    def forward_backward(self):
+        if torch is not None:
+            return [to_numpy(a) for a in Torch("cpu", *(a.numpy() for a in (self.x, self.theta,
+                                                                             self.grad_output)),
+                                               self.size).forward_backward()]
+        return [to_numpy(a) for a in Deformcp("numpy", self.x, self.theta, self.grad_output,
+                                              self.size).forward_backward()]
+
+    def grid(self):
+        return to_numpy(F.affine_grid(self.theta, list(self.size), align_corners=ALIGN_CORNERS)
+                        if torch is not None else deformcp.affine_grid(self.theta, self.size, ALIGN_CORNERS))
+
+    def grad_theta_at(self, grid: np.ndarray) -> np.ndarray:
+        """torch's grad_theta with grid_sample differentiated at ``grid`` instead of at affine_grid(theta)."""
+        grid = torch.from_numpy(grid.astype(self.x.numpy().dtype)).requires_grad_(True)
+        out = F.grid_sample(self.x, grid, mode=MODE, padding_mode=PADDING, align_corners=ALIGN_CORNERS)
+        (grad_grid,) = torch.autograd.grad(out, grid, self.grad_output)
+        theta = self.theta.clone().requires_grad_(True)
+        grid = F.affine_grid(theta, list(self.size), align_corners=ALIGN_CORNERS)
+        (grad_theta,) = torch.autograd.grad(grid, theta, grad_grid)
+        return grad_theta.numpy()
+
+
+def verify(impls: dict, reference: Reference, dtype: str) -> dict:
+    """Relative errors of every implementation against ``reference``; exits before any timing when one
+    is beyond the dtype's tolerance."""
+    errors, failed = {}, []
+    tolerance = TOLERANCE[dtype]
+    expected = reference.forward_backward()
+    expected_grid = reference.grid()
+    for name, impl in impls.items():
+        out, grad_input, grad_theta = (to_numpy(a) for a in impl.forward_backward())
+        grid = to_numpy(impl.affine_grid())
+        checked = {
+            "grid": _harness.relative_error(grid, expected_grid),
+            "output": _harness.relative_error(out, expected[0]),
+            "output (forward only)": _harness.relative_error(to_numpy(impl.forward()), expected[0]),
+            "grad_input": _harness.relative_error(grad_input, expected[1]),
+        }
+        if torch is not None:
+            checked["grad_theta"] = _harness.relative_error(grad_theta, reference.grad_theta_at(grid))
+        else:  # see above: float64 inputs through the same backend
+            grad_theta64 = to_numpy(impl.astype(np.float64).forward_backward()[2])
+            checked["grad_theta (float64 inputs)"] = _harness.relative_error(grad_theta64, expected[2])
+        errors[name] = {**checked, "grad_theta end-to-end (info)": _harness.relative_error(grad_theta,
+                                                                                          expected[2])}
+        bad = [k for k, v in checked.items()
+               if not v <= (TOLERANCE["float64"] if "float64" in k else tolerance)]
+        print(f"  {name:<16} " + ", ".join(f"{k} {v:.1e}" for k, v in errors[name].items())
+              + (f"  FAILED ({', '.join(bad)})" if bad else ""))
+        if bad:
+            failed.append(name)
+    if failed:
+        sys.exit(f"verification failed for {', '.join(failed)} (tolerance {tolerance:g}): not timing wrong "
+                 "code")
+    return errors
+
+
+def to_numpy(a) -> np.ndarray:
+    if torch is not None and isinstance(a, torch.Tensor):
+        return a.detach().cpu().numpy()
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+# ------------------------------------------------------------------------------------------------- setup
+
+def host_problem() -> str | None:
+    from deformcp import _host
+    return None if _host.compiler() else "no C++ compiler found (set CXX)"
+
+
+def build_cpu(x, theta, grad_output, size):
+    impls, sync, notes = {}, None, []
+    impls["deformcp numpy"] = Deformcp("numpy", x, theta, grad_output, size)
+    problem = host_problem()
+    if problem:
+        notes.append(f"deformcp host skipped: {problem}")
+    else:
+        impls["deformcp host"] = Deformcp("host", x, theta, grad_output, size)
+    if torch is not None:
+        impls["torch cpu"] = Torch("cpu", x, theta, grad_output, size)
+    return impls, sync, notes, {"device": "cpu"}
+
+
+def build_cuda(x, theta, grad_output, size):
+    import cupy
+
+    device = cupy.cuda.Device()
+    name = cupy.cuda.runtime.getDeviceProperties(device.id)["name"]
+    info = {"device": f"cuda:{device.id}", "torch_cuda": torch.version.cuda if torch is not None else None,
+            "gpu": f"{name.decode() if isinstance(name, bytes) else name} (compute capability "
+                   f"{device.compute_capability}), CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}"}
+    impls, notes = {}, []
+    impls["deformcp cuda"] = Deformcp("cuda", *(cupy.asarray(a) for a in (x, theta, grad_output)), size)
+    torch_cuda = torch is not None and torch.cuda.is_available()
+    if torch_cuda:
+        impls["torch cuda"] = Torch(torch.device("cuda", device.id), x, theta, grad_output, size)
+    elif torch is not None:
+        notes.append(f"torch {torch.__version__} has no CUDA device here: deformcp times only")
+
+    def sync():
+        device.synchronize()           # cudaDeviceSynchronize: every stream of the device, CuPy's ...
+        if torch_cuda:
+            torch.cuda.synchronize(device.id)  # ... and torch's (its caching allocator included)
+
+    return impls, sync, notes, info
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+def _load(timing) -> str:
+    return "—" if timing.others_busy is None else f"{timing.others_busy:.0%}"
+
+
+def ratio(records, impl, phase, baseline):
+    mine = [r for r in records if r.impl == impl and r.phase == phase]
+    base = [r for r in records if r.impl == baseline and r.phase == phase]
+    return mine[0].timing.median / base[0].timing.median if mine and base else None
+
+
+def report(records, baseline, case, machine, errors, reference_name, notes, method, default_case
+           ) -> tuple[str, list]:
+    headers = ["phase", "implementation", "median", "p25–p75", "min", "runs", "other load",
+               f"÷ {baseline}" if baseline else "ratio"]
+    rows = []
+    for phase in PHASES:
+        for r in (r for r in records if r.phase == phase):
+            t = r.timing
+            rows.append([phase, r.impl, _harness.format_seconds(t.median),
+                         f"{_harness.format_seconds(t.q25)}–{_harness.format_seconds(t.q75)}",
+                         _harness.format_seconds(t.min), t.repeat, _load(t),
+                         _harness.ratio_text(ratio(records, r.impl, phase, baseline)) if baseline else "—"])
+    targets = []
+    for impl, phase, limit, text in TARGETS:
+        value = ratio(records, impl, phase, baseline) if baseline else None
+        status = ("no torch" if value is None else ("met" if value <= limit else "MISSED") if default_case
+                  else "not applicable: the targets are set for the default case")
+        targets.append({"impl": impl, "phase": phase, "max_ratio": limit, "ratio": value, "status": status,
+                        "target": text})
+    lines = [
+        "# deformcp benchmark: affine_grid + grid_sample",
+        "",
+        f"Case: {case}.",
+        "",
+        f"Command: `{_harness.command_line()}`. Timing: {method}.",
+        "",
+        _harness.machine_markdown(machine),
+        "",
+        ("Ratio = implementation's median / "
+         f"{baseline}'s median for the same phase: **below 1 is faster than {baseline}**."
+         if baseline else "**No torch baseline (" + ("torch is not installed" if torch is None
+                                                      else "torch cannot run on this device")
+         + "): deformcp times only, no ratios.**"),
+        "",
+        _harness.markdown_table(headers, rows),
+        "",
+        "Targets:",
+        "",
+        *(f"- {t['impl']} {t['phase']}: {t['target']} (ratio ≤ {t['max_ratio']:g}): "
+          + (f"{t['ratio']:.2f}× — " if t["ratio"] is not None else "") + t["status"]
+          for t in targets),
+        "",
+        f"Verification before timing (relative errors against {reference_name}; grad_theta is checked "
+        + ("at each implementation's own grid" if torch is not None else "on float64 inputs")
+        + ", see the script):",
+        "",
+        *(f"- {name}: " + ", ".join(f"{k} {v:.1e}" for k, v in e.items()) for name, e in errors.items()),
+    ]
+    if notes:
+        lines += ["", *(f"Note: {n}" for n in notes)]
+    return "\n".join(lines), targets
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Run as: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python "
+                                            "benchmarks/bench_spatial_transformer.py")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--repeat", type=int, default=None, help="timed calls per measurement (default 30)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed calls first, and at least 0.25 s of them (default 3)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 3 repeats, 1 warm-up call; writes no files unless --output is given")
+    parser.add_argument("--interleave", action="store_true",
+                        help="time the implementations in turns, one call each per round (evens out drifting "
+                             "machine load; every call then starts with caches holding the others' data)")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch.set_num_threads(N) first (default: torch's own choice)")
+    parser.add_argument("--shape", type=int, nargs=4, default=DEFAULT_SHAPE, metavar=("N", "C", "H", "W"))
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default=None,
+                        help="results name: benchmarks/results/<name>.{json,md}, or a path without suffix "
+                             "(default spatial_transformer, or spatial_transformer_cuda)")
+    args = parser.parse_args(argv)
+    repeat = args.repeat or (3 if args.quick else 30)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    warmup_time = 0.0 if args.quick else 0.25
+    if repeat < 1 or warmup < 0:
+        parser.error("--repeat must be at least 1 and --warmup at least 0")
+
+    if args.torch_threads is not None:
+        if args.torch_threads < 1:
+            parser.error("--torch-threads must be at least 1")
+        if torch is not None:
+            torch.set_num_threads(args.torch_threads)
+    warning = _harness.blas_warning()
+    if warning:
+        print(warning, file=sys.stderr)
+    if args.device == "cuda":
+        problem = testing.gpu_available()
+        if problem:
+            print(f"--device cuda: {problem}. Nothing timed; run without --device cuda for the CPU "
+                  "benchmark.", file=sys.stderr)
+            return 2
+    if torch is None:
+        print("torch is not installed: timing deformcp only, no ratios (pip install torch to compare)")
+
+    shape = tuple(args.shape)
+    x, theta, grad_output = make_inputs(shape, args.dtype, args.seed)
+    case = (f"input {'×'.join(map(str, shape))} {args.dtype}, {MODE}, padding {PADDING}, "
+            f"align_corners={ALIGN_CORNERS}, theta = identity + N(0, 0.05²), output size = input size")
+    build = build_cuda if args.device == "cuda" else build_cpu
+    impls, sync, notes, device_info = build(x, theta, grad_output, shape)
+    baseline = next((name for name in impls if name.startswith("torch")), None)
+    for note in notes:
+        print(f"note: {note}")
+    print(case)
+
+    reference = Reference(x, theta, grad_output, shape)
+    print(f"verifying against {reference.name} (relative errors) ...")
+    errors = verify(impls, reference, args.dtype)
+
+    busy_before = _harness.cpu_busy()
+    warning = _harness.busy_warning(busy_before)
+    if warning:
+        print(warning, file=sys.stderr)
+    records = []
+    print(f"timing: {warmup} warm-up calls (and ≥ {warmup_time:g} s) + {repeat} timed calls each, "
+          + ("implementations in turns (--interleave)" if args.interleave else "back to back"))
+    for phase in PHASES:
+        fns = {name: {"forward": impl.forward, "backward": impl.backward,
+                      "forward+backward": impl.forward_backward}[phase] for name, impl in impls.items()}
+        if args.interleave:
+            timings = _harness.measure_interleaved(fns, repeat=repeat, warmup=warmup, sync=sync,
+                                                   warmup_time=warmup_time)
+        else:
+            timings = {name: _harness.measure(fn, repeat=repeat, warmup=warmup, sync=sync,
+                                              warmup_time=warmup_time)
+                       for name, fn in fns.items()}
+        records += [_harness.Record(case, name, phase, timing) for name, timing in timings.items()]
+        for name, timing in timings.items():
+            value = ratio(records, name, phase, baseline) if baseline and name != baseline else None
+            print(f"  {phase:<17} {name:<16} median {_harness.format_seconds(timing.median):>10}  "
+                  f"spread {timing.spread * 100:4.1f}%  other load {_load(timing)}"
+                  + ("" if value is None else f"  {value:.2f}× {baseline}"))
+
+    busy_after = _harness.cpu_busy()
+    machine = _harness.machine_info({**device_info, "cpu_busy_before": busy_before,
+                                     "cpu_busy_after": busy_after})
+    method = (f"≥ {warmup} warm-up calls and ≥ {warmup_time:g} s, then {repeat} timed calls per row, "
+              + ("implementations in turns" if args.interleave else "each row's calls back to back"))
+    markdown, targets = report(records, baseline, case, machine, errors, reference.name, notes, method,
+                               shape == DEFAULT_SHAPE and args.dtype == "float32")
+    print()
+    print(markdown)
+    name = args.output or (None if args.quick else
+                           "spatial_transformer" + ("_cuda" if args.device == "cuda" else ""))
+    if name:
+        payload = {"command": _harness.command_line(), "case": case, "shape": shape, "dtype": args.dtype,
+                   "mode": MODE, "padding_mode": PADDING, "align_corners": ALIGN_CORNERS, "seed": args.seed,
+                   "device": args.device, "baseline": baseline, "interleave": args.interleave,
+                   "repeat": repeat, "warmup": warmup,
+                   "ratio_meaning": "implementation median / baseline median, same phase; < 1 is faster",
+                   "machine": machine, "verification": errors, "targets": targets, "notes": notes,
+                   "results": [r.to_dict() for r in records]}
+        json_path, md_path = _harness.write_results(name, payload, markdown)
+        print(f"\nwrote {json_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
