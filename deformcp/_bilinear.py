@@ -6,11 +6,16 @@ corner rows and weights (a corner outside the image points at its image's zero r
 :func:`sampling_matrix` lays them out as a CSR matrix S, so that the forward is ``S @ X`` and the input
 gradient is ``S.T @ G`` — a gather, so the NumPy path is deterministic. Coordinate gradients use the
 same corners with the weights' derivatives. Work is done a few images at a time
-(:func:`image_chunks`), so that X and its products stay in cache.
+(:func:`image_chunks`), so that X and its products stay in cache, and chunks run on a pool of
+``DEFORMCP_NUM_THREADS`` threads (default: the CPU count): NumPy releases the GIL in its copies,
+gathers and products. Chunks write disjoint parts of the outputs, so results do not depend on it.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import concurrent.futures
+import functools
+import os
+from typing import Callable, NamedTuple
 
 import numpy as np
 import scipy.sparse
@@ -66,12 +71,20 @@ def image_chunks(N: int, C: int, H: int, W: int, itemsize: int):
     return [(a, min(a + step, N)) for a in range(0, N, step)]
 
 
-def chunk_rows(index: np.ndarray, H: int, W: int, images_per_chunk: int) -> np.ndarray:
-    """Rows of :func:`pixels_last` for per-image corner indices (N, ...): image n of a chunk starts at
-    (n mod images_per_chunk)·(H·W + 1)."""
-    N = index.shape[0]
-    start = (np.arange(N) % images_per_chunk) * (H * W + 1)
-    return index + start.reshape((N,) + (1,) * (index.ndim - 1))
+@functools.lru_cache(maxsize=None)
+def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="deformcp")
+
+
+def for_each_chunk(work: Callable[[int, int], None], chunks) -> None:
+    """Call work(start, stop) for every chunk, concurrently on the thread pool."""
+    threads = int(os.environ.get("DEFORMCP_NUM_THREADS") or os.cpu_count() or 1)
+    if threads <= 1 or len(chunks) <= 1:
+        for start, stop in chunks:
+            work(start, stop)
+        return
+    for done in _pool(threads).map(lambda chunk: work(*chunk), chunks):
+        del done  # map re-raises a worker's exception here
 
 
 def pixels_last(images: np.ndarray, dtype) -> np.ndarray:

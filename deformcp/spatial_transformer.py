@@ -176,46 +176,49 @@ def _source_coordinate(g, size: int, padding_mode: str, align_corners: bool):
 
 
 class _SamplingPlan(NamedTuple):
-    """Where each grid location reads (NumPy path): per location k = 4 (bilinear) or 1 (nearest)
-    rows of _bilinear.pixels_last for its image chunk, with weights and their derivatives."""
+    """Where each grid location reads (NumPy path): k = 4 (bilinear) or 1 (nearest) rows of
+    _bilinear.pixels_last(chunk of images) per location, weights and their derivatives."""
 
-    rows: np.ndarray              # (N, H_out·W_out, k)
-    weight: np.ndarray
-    dweight_dy: Optional[np.ndarray]  # None for nearest
+    rows: np.ndarray                  # (N, H_out·W_out, k)
+    weight: np.ndarray                # (N, H_out·W_out, k)
+    dweight_dy: Optional[np.ndarray]  # (N, H_out·W_out, k); None for nearest
     dweight_dx: Optional[np.ndarray]
-    dx_dg: np.ndarray             # (N, H_out·W_out): derivative of the source coordinates wrt the grid
+    dx_dg: np.ndarray                 # (N, H_out·W_out): derivatives of the source coordinates wrt grid
     dy_dg: np.ndarray
-    chunks: list                  # (start, stop) image ranges, as in _bilinear.image_chunks
 
 
 @np.errstate(invalid="ignore")  # NaN and ±inf grid values are valid input
-def _sampling_plan(input_shape, grid, mode, padding_mode, align_corners, itemsize) -> _SamplingPlan:
-    N, C, H, W = input_shape
+def _sampling_plan(grid, H, W, mode, padding_mode, align_corners, images_per_chunk) -> _SamplingPlan:
+    """The plan of grid (N, H_out, W_out, 2) over N images of H×W pixels, processed in chunks of
+    images_per_chunk images. Built for the whole batch at once: many small NumPy calls per chunk
+    would cost more than the work."""
+    N = grid.shape[0]
     grid = grid.reshape(N, grid.shape[1] * grid.shape[2], 2)
     x, dx_dg = _source_coordinate(grid[..., 0], W, padding_mode, align_corners)
     y, dy_dg = _source_coordinate(grid[..., 1], H, padding_mode, align_corners)
-    chunks = _bilinear.image_chunks(N, C, H, W, itemsize)
-    per_chunk = chunks[0][1] if chunks else 1
+    image_start = (np.arange(N) % images_per_chunk * (H * W + 1)).reshape(N, 1, 1)
     if mode == "nearest":
         ry, rx = np.rint(y), np.rint(x)
         inside = (ry >= 0) & (ry < H) & (rx >= 0) & (rx < W)
         index = np.where(inside, ry * W + rx, H * W).astype(np.int64)[..., None]
-        rows = _bilinear.chunk_rows(index, H, W, per_chunk)
-        return _SamplingPlan(rows, inside[..., None].astype(grid.dtype), None, None, dx_dg, dy_dg, chunks)
+        return _SamplingPlan(index + image_start, inside[..., None].astype(grid.dtype), None, None, dx_dg, dy_dg)
     c = _bilinear.corners(y, x, H, W)
-    rows = _bilinear.chunk_rows(c.index, H, W, per_chunk)
-    return _SamplingPlan(rows, c.weight, c.dweight_dy, c.dweight_dx, dx_dg, dy_dg, chunks)
+    return _SamplingPlan(c.index + image_start, c.weight, c.dweight_dy, c.dweight_dx, dx_dg, dy_dg)
 
 
 def _grid_sample_numpy(input, grid, mode, padding_mode, align_corners):
     N, C, H, W = input.shape
     dtype = _compute_dtype(input.dtype)
-    plan = _sampling_plan(input.shape, grid.astype(dtype, copy=False), mode, padding_mode, align_corners,
-                          dtype.itemsize)
+    chunks = _bilinear.image_chunks(N, C, H, W, dtype.itemsize)
+    plan = _sampling_plan(grid.astype(dtype, copy=False), H, W, mode, padding_mode, align_corners,
+                          chunks[0][1] if chunks else 1)
     out = np.empty((N, C) + grid.shape[1:3], dtype)
-    for a, b in plan.chunks:
+
+    def work(a, b):
         S = _bilinear.sampling_matrix(plan.rows[a:b], plan.weight[a:b], (b - a) * (H * W + 1))
         _bilinear.to_channels_first(S @ _bilinear.pixels_last(input[a:b], dtype), out[a:b])
+
+    _bilinear.for_each_chunk(work, chunks)
     return out.astype(input.dtype, copy=False)
 
 
@@ -223,12 +226,14 @@ def _grid_sample_backward_numpy(grad_output, input, grid, mode, padding_mode, al
                                 want_grid):
     N, C, H, W = input.shape
     dtype = _compute_dtype(input.dtype)
-    plan = _sampling_plan(input.shape, grid.astype(dtype, copy=False), mode, padding_mode, align_corners,
-                          dtype.itemsize)
+    chunks = _bilinear.image_chunks(N, C, H, W, dtype.itemsize)
+    plan = _sampling_plan(grid.astype(dtype, copy=False), H, W, mode, padding_mode, align_corners,
+                          chunks[0][1] if chunks else 1)
     grad_input = np.empty(input.shape, dtype) if want_input else None
     grad_grid = np.zeros(grid.shape, dtype) if want_grid else None
     want_grid = want_grid and mode == "bilinear"  # nearest: the grid gradient is 0
-    for a, b in plan.chunks if (want_input or want_grid) else ():
+
+    def work(a, b):
         locations = plan.rows.shape[1]
         P = (b - a) * locations
         G = grad_output[a:b].reshape(b - a, C, locations).transpose(0, 2, 1).reshape(P, C).astype(dtype)
@@ -240,9 +245,12 @@ def _grid_sample_backward_numpy(grad_output, input, grid, mode, padding_mode, al
             X = _bilinear.pixels_last(input[a:b], dtype)
             corners = X.take(plan.rows[a:b].reshape(-1), axis=0).reshape(P, 4, C)
             corner_dots = np.matmul(corners, G[:, :, None]).reshape(P, 4)  # matmul: the fastest (P, 4) here
-            gx = np.vecdot(corner_dots, plan.dweight_dx[a:b].reshape(P, 4)) * plan.dx_dg[a:b].reshape(-1)
-            gy = np.vecdot(corner_dots, plan.dweight_dy[a:b].reshape(P, 4)) * plan.dy_dg[a:b].reshape(-1)
+            gx = np.vecdot(corner_dots, plan.dweight_dx[a:b].reshape(P, 4)) * plan.dx_dg[a:b].reshape(P)
+            gy = np.vecdot(corner_dots, plan.dweight_dy[a:b].reshape(P, 4)) * plan.dy_dg[a:b].reshape(P)
             grad_grid[a:b] = np.stack([gx, gy], axis=-1).reshape(grad_grid[a:b].shape)
+
+    if want_input or want_grid:
+        _bilinear.for_each_chunk(work, chunks)
     return (None if g is None else g.astype(input.dtype, copy=False) for g in (grad_input, grad_grid))
 
 

@@ -332,3 +332,15 @@ def test_nonfinite_input_read_like_the_kernels(backend, rng, mode, padding, alig
     out, expected = run_both(backend, deformcp.grid_sample, x, grid, mode, padding, align)
     assert np.isnan(expected[0, 0, 0, 0])
     assert_close(out, expected, "float64")
+
+
+def test_numpy_path_threads_do_not_change_results(rng, monkeypatch):
+    """Chunks of images run on a thread pool; one thread must give bitwise the same results."""
+    x = rng.standard_normal((6, 64, 40, 40))  # about 0.8 MB an image: one image a chunk
+    grid = rng.uniform(-1.1, 1.1, (6, 30, 30, 2))
+    grad_output = rng.standard_normal((6, 64, 30, 30))
+    threaded = deformcp.grid_sample(x, grid), *deformcp.grid_sample_backward(grad_output, x, grid)
+    monkeypatch.setenv("DEFORMCP_NUM_THREADS", "1")
+    serial = deformcp.grid_sample(x, grid), *deformcp.grid_sample_backward(grad_output, x, grid)
+    for a, b in zip(threaded, serial):
+        np.testing.assert_array_equal(a, b)
