@@ -236,7 +236,8 @@ def _grid_sample_backward_numpy(grad_output, input, grid, mode, padding_mode, al
     def work(a, b):
         locations = plan.rows.shape[1]
         P = (b - a) * locations
-        G = grad_output[a:b].reshape(b - a, C, locations).transpose(0, 2, 1).reshape(P, C).astype(dtype)
+        G = grad_output[a:b].reshape(b - a, C, locations).transpose(0, 2, 1).reshape(P, C)
+        G = G.astype(dtype, copy=False)
         if want_input:
             S = _bilinear.sampling_matrix(plan.rows[a:b], plan.weight[a:b], (b - a) * (H * W + 1))
             _bilinear.to_channels_first(S.T @ G, grad_input[a:b])
