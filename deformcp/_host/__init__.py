@@ -140,6 +140,12 @@ def _build(unit: str, stem: str) -> pathlib.Path:
     return target
 
 
-@functools.lru_cache(maxsize=None)
 def module(family: str, ctype: str, itype: str) -> HostModule:
+    """The loaded module of one family for one (C type, index type), built on first use."""
+    return _module(family, ctype, itype, str(cache_dir()), flags())
+
+
+@functools.lru_cache(maxsize=None)
+def _module(family: str, ctype: str, itype: str, folder: str, build_flags: tuple) -> HostModule:
+    del folder, build_flags  # part of the memo key only: a new cache or new flags build anew
     return HostModule(family, ctype, itype)

@@ -1,0 +1,77 @@
+"""The host backend's machinery: launch interface, disk cache, several modules in one process."""
+import numpy as np
+import pytest
+
+from deformcp import _host, _kernels
+
+pytestmark = pytest.mark.skipif(_host.compiler() is None, reason="host backend: no C++ compiler found")
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEFORMCP_CACHE_DIR", str(tmp_path))
+    return tmp_path / "host"
+
+
+def affine_grid_with(fn, theta, H, W, grid, block):
+    N = theta.shape[0]
+    out = np.full((N, H, W, 2), np.nan, theta.dtype)
+    fn(grid, block, (theta, out, np.int32(N), np.int32(H), np.int32(W), np.int32(1)))
+    return out
+
+
+@pytest.mark.parametrize("grid, block", [((1,), (1,)), ((3,), (7,)), ((2, 2), (5, 3)), ((1000,), (256,))])
+def test_any_launch_shape_covers_the_work(rng, grid, block):
+    """Kernels are grid-stride loops: every (grid, block) writes every output, with the same values."""
+    theta = rng.standard_normal((3, 2, 3))
+    fn = _kernels.get_function("host", "spatial_transformer", "affine_grid_forward", np.float64, False)
+    reference = affine_grid_with(fn, theta, 5, 7, (1,), (256,))
+    np.testing.assert_array_equal(affine_grid_with(fn, theta, 5, 7, grid, block), reference)
+    assert not np.isnan(reference).any()
+
+
+def test_modules_are_cached_on_disk_by_content(fresh_cache, rng):
+    first = _host.module("spatial_transformer", "double", "int")
+    built = sorted(p.name for p in fresh_cache.iterdir())
+    assert [p.endswith(".so") or p.endswith(".cpp") for p in built] == [True, True]
+    stamp = first.path.stat().st_mtime_ns
+    _host._module.cache_clear()  # a new process: the library is found on disk, not rebuilt
+    again = _host.module("spatial_transformer", "double", "int")
+    assert again.path == first.path and again.path.stat().st_mtime_ns == stamp
+
+
+def test_flags_change_the_cache_key(fresh_cache, monkeypatch):
+    plain = _host.module("spatial_transformer", "float", "int").path
+    monkeypatch.setattr(_host, "BASE_FLAGS", (*_host.BASE_FLAGS, "-DDEFORMCP_TEST_FLAG=1"))
+    flagged = _host.module("spatial_transformer", "float", "int").path
+    assert flagged != plain and plain.exists() and flagged.exists()
+
+
+def test_several_modules_in_one_process(rng):
+    theta = rng.standard_normal((2, 2, 3))
+    results = {}
+    for dtype in (np.float64, np.float32, np.float16):
+        for index64 in (False, True):
+            fn = _kernels.get_function("host", "spatial_transformer", "affine_grid_forward", dtype, index64)
+            index = np.int64 if index64 else np.int32
+            out = np.full((2, 3, 4, 2), np.nan, dtype)
+            fn((1,), (64,), (theta.astype(dtype), out, index(2), index(3), index(4), np.int32(0)))
+            results[dtype, index64] = out
+    for (dtype, _), out in results.items():
+        tolerance = {np.float64: 1e-15, np.float32: 1e-6, np.float16: 2e-3}[dtype]
+        np.testing.assert_allclose(out.astype(np.float64), results[np.float64, False], rtol=tolerance,
+                                   atol=tolerance * 8)
+
+
+def test_kernel_arguments_are_checked():
+    fn = _kernels.get_function("host", "spatial_transformer", "affine_grid_forward", np.float64, False)
+    theta = np.zeros((4, 2, 3))
+    with pytest.raises(ValueError, match="array arguments must be C-contiguous"):
+        fn((1,), (1,), (theta[::2], np.zeros((2, 1, 1, 2)), np.int32(2), np.int32(1), np.int32(1), np.int32(0)))
+    with pytest.raises(TypeError, match="kernel arguments must be NumPy arrays or NumPy scalars, got int"):
+        fn((1,), (1,), (theta, np.zeros((4, 1, 1, 2)), 4, np.int32(1), np.int32(1), np.int32(0)))
+
+
+def test_compile_errors_are_reported(fresh_cache):
+    with pytest.raises(RuntimeError, match="host compilation of broken failed"):
+        _host._build("this is not C++", "broken")
