@@ -71,7 +71,8 @@ def affine_grid(theta, size, align_corners=False):
     Returns:
         array[N, H, W, 2]: the grid, last axis (x, y) — ready for :func:`grid_sample`.
 
-    Same as torch.nn.functional.affine_grid for 4-D sizes.
+    Same as torch.nn.functional.affine_grid for 4-D sizes. Jaderberg et al., "Spatial Transformer
+    Networks", NeurIPS 2015, https://arxiv.org/abs/1506.02025 (eq. 1).
 
     >>> theta = np.array([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])   # identity
     >>> grid = deformcp.affine_grid(theta, (1, 3, 4, 5))          # (1, 4, 5, 2)
@@ -276,7 +277,8 @@ def grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corner
 
     A grid value that is NaN samples 0 (and gets gradient 0) in every padding mode; ±inf samples 0 with
     zeros and reflection padding and the border pixel with border padding. Same as
-    torch.nn.functional.grid_sample for 4-D input.
+    torch.nn.functional.grid_sample for 4-D input. Jaderberg et al., "Spatial Transformer Networks",
+    NeurIPS 2015, https://arxiv.org/abs/1506.02025 (eq. 5, the bilinear kernel).
 
     >>> x = np.random.rand(1, 3, 8, 8)
     >>> theta = np.array([[[0.5, 0.0, 0.0], [0.0, 0.5, 0.0]]])     # zoom in 2×

@@ -1,0 +1,54 @@
+"""python -m deformcp info | check."""
+import numpy as np
+import pytest
+
+import deformcp
+from deformcp import __main__ as cli
+from deformcp import _host, testing
+
+
+def test_info_lists_backends_and_caches(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    for field in ("deformcp", "numpy", "backend host", "backend cuda", "host cache", "kernel families", "nvrtc"):
+        assert field in out
+    assert "spatial_transformer" in out
+
+
+@pytest.mark.skipif(_host.compiler() is None, reason="host backend: no C++ compiler found")
+def test_check_passes_and_prints_a_table(capsys):
+    assert cli.main(["check", "--backend", "host", "--seed", "7"]) == 0
+    out = capsys.readouterr().out
+    for op in ("affine_grid", "grid_sample"):
+        assert all(f"{op}" in line for line in out.splitlines() if line.startswith(op))
+        assert sum(line.startswith(op) for line in out.splitlines()) == len(testing.dtypes())
+    assert "MISMATCH" not in out and f"{2 * len(testing.dtypes())} passed, 0 failed" in out
+
+
+@pytest.mark.skipif(_host.compiler() is None, reason="host backend: no C++ compiler found")
+def test_check_fails_on_a_mismatch(capsys, monkeypatch):
+    """An op whose host result is off by 1e-3 must be reported and make check exit non-zero."""
+    def off_on_host(theta, size, align_corners):
+        grid = deformcp.affine_grid(theta, size, align_corners)
+        return grid * 1.001 if deformcp.current_backend() == "host" else grid
+
+    monkeypatch.setattr(testing, "_CHECKS", dict(testing._CHECKS))
+    testing.register(testing.OpCheck(
+        name="skewed", make_inputs=lambda rng, options: {"theta": rng.standard_normal((2, 2, 3))},
+        forward=off_on_host, backward=deformcp.affine_grid_backward,
+        options=({"size": (2, 1, 3, 4), "align_corners": False},)))
+    assert cli.main(["check", "--backend", "host", "--op", "skewed"]) == 1
+    rows = {line.split()[2]: line for line in capsys.readouterr().out.splitlines() if line.startswith("skewed")}
+    # 1e-3 is past the float32 and float64 tolerances, within float16's and bfloat16's
+    assert "MISMATCH" in rows["float32"] and "MISMATCH" in rows["float64"]
+    assert "MISMATCH" not in rows["float16"]
+
+
+def test_check_rejects_unknown_ops(capsys):
+    assert cli.main(["check", "--op", "no_such_op", "--backend", "host"]) == 2
+    assert "unknown ['no_such_op']" in capsys.readouterr().err
+
+
+def test_relative_error_flags_nan():
+    assert testing.relative_error(np.array([1.0, np.nan]), np.array([1.0, 2.0])) == float("inf")
+    assert testing.relative_error(np.array([1.0, 2.0]), np.array([1.0, 2.0])) == 0.0
