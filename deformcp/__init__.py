@@ -1,12 +1,13 @@
 """deformcp — deformable sampling operators for NumPy, CuPy and any DLPack array.
 
-Spatial Transformer Networks (affine_grid, grid_sample), forward and backward, with the conventions of
-torch.nn.functional. NumPy arrays run on a vectorised NumPy path (the reference), CuPy arrays on CUDA
+Spatial Transformer Networks (affine_grid, grid_sample) with the conventions of torch.nn.functional, and
+Mask R-CNN's RoIAlign (roi_align, ps_roi_align) with torchvision's and mmcv's; forward and backward. NumPy arrays run on a vectorised NumPy path (the reference), CuPy arrays on CUDA
 kernels compiled at run time by NVRTC, and ``with deformcp.backend("host"):`` runs the same CUDA sources
 on the CPU through the host C++ compiler. DLPack arrays (PyTorch, JAX, ...) come back in their own
 framework. See README.md for the conventions and the backends.
 """
 from ._dispatch import backend, current_backend
+from .roi_align import RoIAlignGrads, ps_roi_align, ps_roi_align_backward, roi_align, roi_align_backward
 from .spatial_transformer import (AffineGridGrads, GridSampleGrads, affine_grid, affine_grid_backward,
                                   grid_sample, grid_sample_backward)
 
@@ -16,4 +17,5 @@ __all__ = [
     "backend", "current_backend",
     "affine_grid", "affine_grid_backward", "AffineGridGrads",
     "grid_sample", "grid_sample_backward", "GridSampleGrads",
+    "roi_align", "roi_align_backward", "ps_roi_align", "ps_roi_align_backward", "RoIAlignGrads",
 ]

@@ -110,7 +110,11 @@ def sampling_matrix(rows: np.ndarray, values: np.ndarray, n_columns: int) -> sci
     """
     per_row = rows.shape[-1]
     n_rows = rows.size // per_row if per_row else 0
-    index_type = np.int32 if max(n_columns, rows.size) < 2**31 else np.int64
-    indptr = np.arange(0, n_rows * per_row + 1, per_row, dtype=index_type)
-    return scipy.sparse.csr_matrix((values.reshape(-1), rows.reshape(-1).astype(index_type), indptr),
-                                   shape=(n_rows, n_columns))
+    return sparse_rows(values.reshape(-1), rows.reshape(-1), np.arange(0, n_rows * per_row + 1, per_row), n_columns)
+
+
+def sparse_rows(values: np.ndarray, columns: np.ndarray, indptr: np.ndarray, n_columns: int):
+    """CSR matrix from its three arrays (int32 indices where they fit), without scipy's copies and checks."""
+    index_type = np.int32 if max(n_columns, len(columns)) < 2**31 else np.int64
+    return scipy.sparse.csr_matrix((values, columns.astype(index_type), indptr.astype(index_type)),
+                                   shape=(len(indptr) - 1, n_columns))

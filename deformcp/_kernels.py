@@ -123,13 +123,13 @@ def get_function(backend: str, family: str, name: str, dtype, index64: bool):
     raise ValueError(f"backend: expected 'cuda' or 'host', got {backend!r}")
 
 
-def launch(backend: str, family: str, name: str, dtype, n: int, arrays, sizes, options=()) -> None:
+def launch(backend: str, family: str, name: str, dtype, n: int, arrays, sizes, options=(), reals=()) -> None:
     """Run kernel ``name<dtype, I>`` of ``family`` over ``n`` work items; nothing when ``n == 0``.
 
-    Every kernel takes its parameters in three runs: ``arrays`` (device arrays for "cuda", NumPy
-    arrays for "host", or :data:`NULL`), ``sizes`` (passed as the index type ``I``) and ``options``
-    (passed as ``int``). ``I`` is ``long long`` when ``n``, a size or an array's element count passes
-    2**31 - 1, else ``int``.
+    Every kernel takes its parameters in four runs: ``arrays`` (device arrays for "cuda", NumPy
+    arrays for "host", or :data:`NULL`), ``sizes`` (passed as the index type ``I``), ``options``
+    (passed as ``int``) and ``reals`` (passed as ``double``). ``I`` is ``long long`` when ``n``, a
+    size or an array's element count passes 2**31 - 1, else ``int``.
     """
     if n == 0:
         return
@@ -137,5 +137,5 @@ def launch(backend: str, family: str, name: str, dtype, n: int, arrays, sizes, o
     index = np.int64 if index64 else np.int32
     fn = get_function(backend, family, name, dtype, index64)
     blocks = min(math.ceil(n / THREADS_PER_BLOCK), MAX_BLOCKS)
-    args = (*arrays, *(index(s) for s in sizes), *(np.int32(o) for o in options))
+    args = (*arrays, *(index(s) for s in sizes), *(np.int32(o) for o in options), *(np.float64(r) for r in reals))
     fn((blocks,), (THREADS_PER_BLOCK,), args)

@@ -42,6 +42,10 @@ __device__ __forceinline__ void atomic_add(__nv_bfloat16* address, float v) {
   atomicAdd(address, __float2bfloat16_rn(v));
 }
 
+// true unless x is NaN or ±inf (no library call, so the same on every compiler)
+template <typename A>
+__device__ __forceinline__ bool is_finite(A x) { return x - x == (A)0; }
+
 // ---- the grid-stride loop: every kernel visits [0, n) with however many threads were launched ----
 #define DEFORMCP_GRID_STRIDE_LOOP(I, index, n)                                        \
   for (I index = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x; index < (n);          \
@@ -90,11 +94,16 @@ __device__ __forceinline__ A bilinear_gather(const T* plane, const bilinear_corn
   return v;
 }
 
-// plane[index[k]] += weight[k] · g (atomically), for the corners inside the plane
+// plane[index[k]] += weight[k] · g for the corners inside the plane: atomically, or with a plain add
+// where the calling thread alone writes this plane (the deterministic backward kernels)
 template <typename A, typename T, typename I>
-__device__ __forceinline__ void bilinear_scatter(T* plane, const bilinear_corners<A, I>& c, A g) {
-  for (int k = 0; k < 4; ++k)
-    if (c.inside[k]) atomic_add(plane + c.index[k], c.weight[k] * g);
+__device__ __forceinline__ void bilinear_scatter(T* plane, const bilinear_corners<A, I>& c, A g,
+                                                 bool atomic = true) {
+  for (int k = 0; k < 4; ++k) {
+    if (!c.inside[k]) continue;
+    if (atomic) atomic_add(plane + c.index[k], c.weight[k] * g);
+    else plane[c.index[k]] = store_as<T>(load_acc(plane[c.index[k]]) + c.weight[k] * g);
+  }
 }
 
 // d/dy and d/dx of Σ_k weight[k] · plane[index[k]], accumulated into *gy and *gx (scaled by g)

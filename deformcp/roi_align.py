@@ -1,0 +1,508 @@
+"""RoIAlign (average and max pooling) and position-sensitive RoIAlign, forward and backward.
+
+He et al., "Mask R-CNN", ICCV 2017, https://arxiv.org/abs/1703.06870. Average pooling and the
+position-sensitive form follow torchvision.ops.roi_align / ps_roi_align; max pooling follows mmcv's
+RoIAlign (pool_mode="max"). Kernels: kernels/roi_align.cu.
+"""
+from __future__ import annotations
+
+import numbers
+import operator
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from . import _bilinear, _dispatch, _kernels, _validate, testing
+
+FAMILY = "roi_align"
+POOL_MODES = ("avg", "max")
+#: Samples (four bilinear corners each) per chunk of RoIs on the NumPy path: bounds its extra memory.
+SAMPLES_PER_CHUNK = 1 << 20
+
+
+class RoIAlignGrads(NamedTuple):
+    """Gradients of :func:`roi_align` / :func:`ps_roi_align` (boxes get none, as in torchvision)."""
+
+    input: Optional[object]
+
+
+# --------------------------------------------------------------------------------------- arguments
+
+def _output_size(value) -> tuple[int, int]:
+    try:
+        size = (operator.index(value),) * 2 if not isinstance(value, (tuple, list)) else tuple(
+            operator.index(v) for v in value)
+    except TypeError:
+        raise TypeError(f"output_size: expected an int or a pair of ints, got {value!r}") from None
+    if len(size) != 2 or min(size) <= 0:
+        raise ValueError(f"output_size: expected a positive int or a pair of positive ints, got {value!r}")
+    return size
+
+
+def _real(name: str, value, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
+    if not np.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name}: expected a finite {'positive ' if positive else ''}number, got {value!r}")
+    return float(value)
+
+
+def _integer(name: str, value) -> int:
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}") from None
+
+
+def _prepare(input, boxes, **others) -> tuple[_dispatch.Call, object, object, dict]:
+    """Import the arrays of a call; boxes as a (K, 5) array or a list of per-image (L, 4) arrays."""
+    if isinstance(boxes, (list, tuple)):
+        named = {f"boxes[{i}]": b for i, b in enumerate(boxes)}
+        call = _dispatch.prepare(input=input, **others, **named)
+        images = call.arrays[1 + len(others):]
+        input = _validate.floating("input", call.arrays[0], 4, "(N, C, H, W)")
+        for i, b in enumerate(images):
+            _validate.floating(f"boxes[{i}]", b, 2, "(L, 4) [x1, y1, x2, y2]")
+            _validate.shape(f"boxes[{i}]", b, (None, 4), "(L, 4) [x1, y1, x2, y2]")
+        _validate.same_dtype(input=input, **dict(zip(named, images)))
+        if len(images) > input.shape[0]:
+            raise ValueError(f"boxes: expected at most N = {input.shape[0]} per-image arrays (input's batch), "
+                             f"got {len(images)}")
+        xp = call.xp
+        with call.device:
+            dtype = images[0].dtype if images else input.dtype
+            rois = xp.concatenate([xp.concatenate([xp.full((len(b), 1), i, dtype), b], axis=1)
+                                   for i, b in enumerate(images)]) if images else xp.zeros((0, 5), dtype)
+        arrays = dict(zip(others, call.arrays[1:1 + len(others)]))
+        return call, input, rois, arrays
+    call = _dispatch.prepare(input=input, boxes=boxes, **others)
+    return call, call.arrays[0], call.arrays[1], dict(zip(others, call.arrays[2:]))
+
+
+def _check(call, input, rois, output_size, spatial_scale, sampling_ratio, pool_mode, position_sensitive):
+    _validate.floating("input", input, 4, "(N, C, H, W)")
+    _validate.floating("boxes", rois, 2, "(K, 5) [batch_index, x1, y1, x2, y2]")
+    _validate.shape("boxes", rois, (None, 5), "(K, 5) [batch_index, x1, y1, x2, y2]")
+    _validate.same_dtype(input=input, boxes=rois)
+    PH, PW = _output_size(output_size)
+    spatial_scale = _real("spatial_scale", spatial_scale, positive=True)
+    sampling_ratio = _integer("sampling_ratio", sampling_ratio)
+    _validate.choice("pool_mode", pool_mode, POOL_MODES)
+    N, C, H, W = input.shape
+    if position_sensitive and C % (PH * PW):
+        raise ValueError(f"input: expected channels C divisible by output_size {PH}×{PW} = {PH * PW} for "
+                         f"position-sensitive pooling, got C = {C}")
+    if len(rois) and (H == 0 or W == 0):
+        raise ValueError(f"input: expected non-empty spatial size H, W in (N, C, H, W), got {tuple(input.shape)}")
+    if len(rois):
+        xp = call.xp
+        with call.device:
+            index = rois[:, 0]
+            bad = (index != xp.floor(index)) | ~(index >= 0) | ~(index < N)
+            if bool(bad.any()):
+                row = int(xp.argmax(bad))
+                raise ValueError(f"boxes: expected batch indices (column 0) that are integers in [0, {N}), "
+                                 f"got {float(index[row])!r} in row {row}")
+    return PH, PW, spatial_scale, sampling_ratio
+
+
+# ------------------------------------------------------------------------------------ NumPy path
+
+class _Samples(NamedTuple):
+    """Every sample of a chunk of RoIs, in kernel order (RoI, ph, pw, iy, ix): its four bilinear corners as
+    rows of _bilinear.pixels_last(input) and weights, the bin it belongs to, and what max pooling needs."""
+
+    rows: np.ndarray            # (S, 4) int64
+    weights: np.ndarray         # (S, 4)
+    per_bin: np.ndarray         # (R,) samples computed per bin, R = K·PH·PW
+    count: np.ndarray           # (R,) divisor of the average
+    order: np.ndarray           # (S,) position iy·samples_x + ix of each sample within its bin
+    zero_order: np.ndarray      # (R,) position of the bin's first skipped (zero) sample; -1 if none
+    finite: np.ndarray          # (R,) False for bins of RoIs with a NaN or ±inf coordinate
+
+
+def _span(start, step, n, size):
+    """The kernels' sample_span, vectorised: [first, end) of the samples that can land in [-1, size]."""
+    hi = np.where(n >= 1, n, 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a, b = (-1 - start) / step - 0.5, (size - start) / step - 0.5
+    a, b = np.where(step < 0, b, a), np.where(step < 0, a, b)
+    lo = np.maximum(np.floor(a) - 1, 0)
+    top = np.minimum(np.floor(b) + 2, hi)
+    moving = (step != 0) & (hi > 0)
+    lo = np.where(moving, lo, 0)
+    hi = np.where(moving, np.maximum(top, lo), hi)
+    return lo.astype(np.int64), hi.astype(np.int64)
+
+
+def _geometry(rois, PH, PW, spatial_scale, sampling_ratio, aligned, dtype):
+    scale = dtype.type(spatial_scale)
+    offset = dtype.type(0.5 if aligned else 0)
+    start_x = rois[:, 1] * scale - offset
+    start_y = rois[:, 2] * scale - offset
+    roi_w = rois[:, 3] * scale - offset - start_x
+    roi_h = rois[:, 4] * scale - offset - start_y
+    finite = np.isfinite(start_x) & np.isfinite(start_y) & np.isfinite(roi_w) & np.isfinite(roi_h)
+    if not aligned:
+        roi_w, roi_h = np.where(roi_w > 1, roi_w, 1), np.where(roi_h > 1, roi_h, 1)
+    samples_y = np.full_like(roi_h, sampling_ratio) if sampling_ratio > 0 else np.ceil(roi_h / dtype.type(PH))
+    samples_x = np.full_like(roi_w, sampling_ratio) if sampling_ratio > 0 else np.ceil(roi_w / dtype.type(PW))
+    count = samples_y * samples_x
+    return (start_y, start_x, roi_h / dtype.type(PH), roi_w / dtype.type(PW), samples_y, samples_x,
+            np.where(count > 1, count, 1), finite)
+
+
+@np.errstate(invalid="ignore", over="ignore")  # non-finite RoIs are masked out
+def _samples(rois, H, W, PH, PW, spatial_scale, sampling_ratio, aligned, dtype) -> _Samples:
+    K = len(rois)
+    start_y, start_x, bin_h, bin_w, samples_y, samples_x, count, finite = _geometry(
+        rois, PH, PW, spatial_scale, sampling_ratio, aligned, dtype)
+    y_start = start_y[:, None] + np.arange(PH, dtype=dtype) * bin_h[:, None]   # (K, PH)
+    x_start = start_x[:, None] + np.arange(PW, dtype=dtype) * bin_w[:, None]   # (K, PW)
+    y_first, y_end = _span(y_start, (bin_h / samples_y)[:, None], samples_y[:, None], H)
+    x_first, x_end = _span(x_start, (bin_w / samples_x)[:, None], samples_x[:, None], W)
+    ny = np.where(finite[:, None], y_end - y_first, 0)
+    nx = np.where(finite[:, None], x_end - x_first, 0)
+    per_bin = (ny[:, :, None] * nx[:, None, :]).reshape(-1)
+    # enumerate the samples of every bin: bin id, and the index j of the sample within its bin
+    bins = np.repeat(np.arange(K * PH * PW), per_bin)
+    j = np.arange(len(bins)) - np.repeat(np.cumsum(per_bin) - per_bin, per_bin)
+    k, ph, pw = bins // (PH * PW), bins // PW % PH, bins % PW
+    iy = y_first[k, ph] + j // nx[k, pw]
+    ix = x_first[k, pw] + j % nx[k, pw]
+    y = y_start[k, ph] + (iy.astype(dtype) + dtype.type(0.5)) * bin_h[k] / samples_y[k]
+    x = x_start[k, pw] + (ix.astype(dtype) + dtype.type(0.5)) * bin_w[k] / samples_x[k]
+    # RoIAlign's read (kernels' roi_sample): zero outside [-1, H] × [-1, W], clamped into the image inside
+    valid = (y >= -1) & (y <= H) & (x >= -1) & (x <= W)
+    y = np.where(y <= 0, 0, np.where(y >= H - 1, H - 1, y)).astype(dtype)
+    x = np.where(x <= 0, 0, np.where(x >= W - 1, W - 1, x)).astype(dtype)
+    corners = _bilinear.corners(np.where(valid, y, -2), np.where(valid, x, -2), H, W)
+    image = rois[k, 0].astype(np.int64)
+    # skipped samples of a bin are zeros; the first of them in (iy, ix) order (kernels' zero_order)
+    sy, sx = np.broadcast_to(samples_y[:, None, None], (K, PH, PW)), np.broadcast_to(samples_x[:, None, None],
+                                                                                     (K, PH, PW))
+    y0, y1 = y_first[:, :, None], y_end[:, :, None]
+    x0, x1 = x_first[:, None, :], x_end[:, None, :]
+    zero_order = np.select(
+        [(y0 > 0) | (x0 > 0) | (y1 == y0) | (x1 == x0), x1 < sx, y1 < sy],
+        [0.0, x1.astype(np.float64), y1 * sx.astype(np.float64)], -1.0)
+    zero_order = np.where((sy >= 1) & (sx >= 1), zero_order, -1.0)
+    return _Samples(rows=corners.index + (image * (H * W + 1))[:, None], weights=corners.weight,
+                    per_bin=per_bin, count=np.repeat(count, PH * PW),
+                    order=iy * samples_x[k].astype(np.float64) + ix, zero_order=zero_order.reshape(-1),
+                    finite=np.repeat(finite, PH * PW))
+
+
+def _roi_chunks(rois, H, W, PH, PW, spatial_scale, sampling_ratio, aligned, dtype):
+    """Ranges of RoIs whose samples number about SAMPLES_PER_CHUNK (a RoI is never split)."""
+    if not len(rois):
+        return []
+    start_y, start_x, bin_h, bin_w, samples_y, samples_x, _, finite = _geometry(
+        rois, PH, PW, spatial_scale, sampling_ratio, aligned, dtype)
+    with np.errstate(invalid="ignore", over="ignore"):
+        span_y = np.minimum(np.where(samples_y >= 1, samples_y, 0), 2 * H + 6)
+        span_x = np.minimum(np.where(samples_x >= 1, samples_x, 0), 2 * W + 6)
+    estimate = np.where(finite, span_y * span_x * PH * PW, 0)
+    chunk_of = np.floor(np.cumsum(estimate) / SAMPLES_PER_CHUNK).astype(np.int64)
+    edges = np.flatnonzero(np.diff(chunk_of)) + 1
+    bounds = [0, *edges.tolist(), len(rois)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _channel_blocks(C: int, rows: int, itemsize: int):
+    """(start, stop) channel ranges whose channels-last images are about 4 MiB."""
+    step = max(1, (4 << 20) // max(1, rows * itemsize))
+    return [(a, min(a + step, C)) for a in range(0, C, step)]
+
+
+def _bin_matrix(s: _Samples, n_columns: int, rows=None):
+    """CSR matrix of the average: row r = Σ over bin r's samples of their corner weights / count."""
+    weights = s.weights / s.count[np.repeat(np.arange(len(s.per_bin)), s.per_bin)][:, None]
+    indptr = np.concatenate([[0], np.cumsum(4 * s.per_bin)])
+    matrix = _bilinear.sparse_rows(weights.reshape(-1), s.rows.reshape(-1), indptr, n_columns)
+    return matrix if rows is None else matrix[rows]
+
+
+def _max_winners(values, s: _Samples):
+    """Max pooling over each bin's samples: (pooled (R, c), winning sample (R, c) or -1 for none)."""
+    R, c = len(s.per_bin), values.shape[1]
+    pooled = np.zeros((R, c), values.dtype)
+    winner = np.full((R, c), -1, np.int64)
+    full = np.flatnonzero(s.per_bin)
+    starts = (np.cumsum(s.per_bin) - s.per_bin)[full]
+    if len(full):
+        best = np.maximum.reduceat(values, starts, axis=0)              # NaN propagates, as in `beats`
+        best_each = np.repeat(best, s.per_bin[full], axis=0)
+        is_best = (values == best_each) | (np.isnan(values) & np.isnan(best_each))
+        first = np.where(is_best, np.arange(len(values))[:, None], len(values))
+        pooled[full], winner[full] = best, np.minimum.reduceat(first, starts, axis=0)
+    # the bin's first skipped sample (value 0) competes: it wins over a smaller or equal later best
+    best_order = np.where(winner >= 0, s.order[np.maximum(winner, 0)], np.inf)
+    zero = s.zero_order[:, None]
+    zero_wins = (zero >= 0) & ((winner < 0) | (0 > pooled) | ((pooled == 0) & (zero < best_order)))
+    zero_wins &= s.finite[:, None]
+    return np.where(zero_wins, 0, pooled), np.where(zero_wins | ~s.finite[:, None], -1, winner)
+
+
+def _forward_numpy(input, rois, PH, PW, spatial_scale, sampling_ratio, aligned, pool_mode, position_sensitive):
+    N, C, H, W = input.shape
+    dtype = np.dtype(np.float64) if input.dtype == np.float64 else np.dtype(np.float32)
+    rois = rois.astype(dtype)
+    K, bins = len(rois), PH * PW
+    C_out = C // bins if position_sensitive else C
+    out = np.zeros((K, C_out, PH, PW), dtype)
+    n_columns = N * (H * W + 1)
+    for k0, k1 in _roi_chunks(rois, H, W, PH, PW, spatial_scale, sampling_ratio, aligned, dtype):
+        s = _samples(rois[k0:k1], H, W, PH, PW, spatial_scale, sampling_ratio, aligned, dtype)
+        if position_sensitive:  # bin b = (ph, pw) reads input channels c·PH·PW + b
+            def work(b0, b1):
+                for b in range(b0, b1):
+                    S = _bin_matrix(s, n_columns, rows=np.arange(b, (k1 - k0) * bins, bins))
+                    out[k0:k1, :, b // PW, b % PW] = S @ _bilinear.pixels_last(input[:, b::bins], dtype)
+
+            _bilinear.for_each_chunk(work, [(b, b + 1) for b in range(bins)])
+            continue
+        S = _bin_matrix(s, n_columns) if pool_mode == "avg" else _bilinear.sparse_rows(
+            s.weights.reshape(-1), s.rows.reshape(-1), np.arange(0, 4 * len(s.rows) + 1, 4), n_columns)
+
+        def work(c0, c1):
+            values = S @ _bilinear.pixels_last(input[:, c0:c1], dtype)
+            if pool_mode == "max":
+                values = _max_winners(values, s)[0]
+            out[k0:k1, c0:c1] = values.reshape(k1 - k0, PH, PW, c1 - c0).transpose(0, 3, 1, 2)
+
+        _bilinear.for_each_chunk(work, _channel_blocks(C, n_columns, dtype.itemsize))
+    return out.astype(input.dtype, copy=False)
+
+
+def _backward_numpy(grad_output, input, rois, PH, PW, spatial_scale, sampling_ratio, aligned, pool_mode,
+                    position_sensitive):
+    N, C, H, W = input.shape
+    dtype = np.dtype(np.float64) if input.dtype == np.float64 else np.dtype(np.float32)
+    rois = rois.astype(dtype)
+    K, bins = len(rois), PH * PW
+    n_columns = N * (H * W + 1)
+    grad = np.zeros((N, C, H, W), dtype)
+    grad_output = grad_output.astype(dtype, copy=False)
+
+    def add_rows(rows, channels):  # rows (N·(H·W + 1), c) of a gradient, into grad[:, channels]
+        c = rows.shape[1]
+        grad[:, channels] += rows.reshape(N, H * W + 1, c)[:, :H * W].transpose(0, 2, 1).reshape(N, c, H, W)
+
+    for k0, k1 in _roi_chunks(rois, H, W, PH, PW, spatial_scale, sampling_ratio, aligned, dtype):
+        s = _samples(rois[k0:k1], H, W, PH, PW, spatial_scale, sampling_ratio, aligned, dtype)
+        g = grad_output[k0:k1]
+        if position_sensitive:
+            def work(b0, b1):
+                for b in range(b0, b1):
+                    S = _bin_matrix(s, n_columns, rows=np.arange(b, (k1 - k0) * bins, bins))
+                    add_rows(S.T @ g[:, :, b // PW, b % PW], slice(b, None, bins))
+
+            _bilinear.for_each_chunk(work, [(b, b + 1) for b in range(bins)])
+            continue
+        G = g.transpose(0, 2, 3, 1).reshape((k1 - k0) * bins, C)
+        if pool_mode == "avg":
+            S = _bin_matrix(s, n_columns)
+
+            def work(c0, c1):
+                add_rows(S.T @ np.ascontiguousarray(G[:, c0:c1]), slice(c0, c1))
+        else:
+            S = _bilinear.sparse_rows(s.weights.reshape(-1), s.rows.reshape(-1),
+                                      np.arange(0, 4 * len(s.rows) + 1, 4), n_columns)
+
+            def work(c0, c1):
+                c = c1 - c0
+                winner = _max_winners(S @ _bilinear.pixels_last(input[:, c0:c1], dtype), s)[1]
+                has = winner >= 0
+                bin_of, channel = np.nonzero(has)
+                sample = winner[has]
+                target = s.rows[sample] * c + channel[:, None]       # (hits, 4) into (N·(H·W + 1), c)
+                contribution = s.weights[sample] * G[bin_of, c0 + channel][:, None]
+                rows = np.bincount(target.reshape(-1), contribution.reshape(-1), minlength=n_columns * c)
+                add_rows(rows.reshape(n_columns, c), slice(c0, c1))
+
+        _bilinear.for_each_chunk(work, _channel_blocks(C, n_columns, dtype.itemsize))
+    return grad.astype(input.dtype, copy=False)
+
+
+# ---------------------------------------------------------------------------------------- kernels
+
+def _launch_forward(call, input, rois, PH, PW, spatial_scale, sampling_ratio, aligned, pool_mode,
+                    position_sensitive):
+    xp = call.xp
+    N, C, H, W = input.shape
+    K = len(rois)
+    C_out = C // (PH * PW) if position_sensitive else C
+    input, rois = xp.ascontiguousarray(input), xp.ascontiguousarray(rois)
+    out = _kernels.empty(xp, (K, C_out, PH, PW), input.dtype)
+    _kernels.launch(call.backend, FAMILY, "roi_align_forward", input.dtype, out.size, (input, rois, out),
+                    (K, C, H, W, C_out, PH, PW),
+                    (sampling_ratio, aligned, POOL_MODES.index(pool_mode), position_sensitive), (spatial_scale,))
+    return out
+
+
+def _launch_backward(call, grad_output, input, rois, PH, PW, spatial_scale, sampling_ratio, aligned, pool_mode,
+                     position_sensitive, deterministic):
+    xp = call.xp
+    N, C, H, W = input.shape
+    K = len(rois)
+    C_out = C // (PH * PW) if position_sensitive else C
+    grad_output, input, rois = (xp.ascontiguousarray(a) for a in (grad_output, input, rois))
+    grad_input = xp.zeros(input.shape, input.dtype)
+    if K:
+        _kernels.launch(call.backend, FAMILY, "roi_align_backward", input.dtype,
+                        N * C if deterministic else grad_output.size, (grad_output, input, rois, grad_input),
+                        (N, K, C, H, W, C_out, PH, PW),
+                        (sampling_ratio, aligned, POOL_MODES.index(pool_mode), position_sensitive, deterministic),
+                        (spatial_scale,))
+    return grad_input
+
+
+# ------------------------------------------------------------------------------------------ public
+
+def _run_forward(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, pool_mode, position_sensitive):
+    call, input, rois, _ = _prepare(input, boxes)
+    PH, PW, spatial_scale, sampling_ratio = _check(call, input, rois, output_size, spatial_scale, sampling_ratio,
+                                                   pool_mode, position_sensitive)
+    with call.device:
+        run = _forward_numpy if call.backend == "numpy" else (
+            lambda *a: _launch_forward(call, *a))
+        out = run(input, rois, PH, PW, spatial_scale, sampling_ratio, aligned, pool_mode, position_sensitive)
+    return call.export(out)
+
+
+def _run_backward(grad_output, input, boxes, output_size, spatial_scale, sampling_ratio, aligned, pool_mode,
+                  position_sensitive, deterministic):
+    call, input, rois, arrays = _prepare(input, boxes, grad_output=grad_output)
+    grad_output = arrays["grad_output"]
+    PH, PW, spatial_scale, sampling_ratio = _check(call, input, rois, output_size, spatial_scale, sampling_ratio,
+                                                   pool_mode, position_sensitive)
+    deterministic = _validate.flag("deterministic", deterministic)
+    C_out = input.shape[1] // (PH * PW) if position_sensitive else input.shape[1]
+    _validate.floating("grad_output", grad_output, 4, "(K, C_out, PH, PW)")
+    _validate.shape("grad_output", grad_output, (len(rois), C_out, PH, PW), "(K, C_out, PH, PW)")
+    _validate.same_dtype(grad_output=grad_output, input=input)
+    with call.device:
+        if call.backend == "numpy":
+            grad = _backward_numpy(grad_output, input, rois, PH, PW, spatial_scale, sampling_ratio, aligned,
+                                   pool_mode, position_sensitive)
+        else:
+            grad = _launch_backward(call, grad_output, input, rois, PH, PW, spatial_scale, sampling_ratio, aligned,
+                                    pool_mode, position_sensitive, deterministic)
+    return RoIAlignGrads(call.export(grad))
+
+
+def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, pool_mode="avg"):
+    """Pool each box of ``input`` to a fixed ``output_size`` grid by bilinear sampling (RoIAlign).
+
+    Args:
+        input (array[N, C, H, W]): feature maps.
+        boxes (array[K, 5] or list of array[L, 4]): [batch_index, x1, y1, x2, y2] in input-image
+            coordinates, or one [x1, y1, x2, y2] array per image. Same dtype as input; batch indices must
+            be integers in [0, N).
+        output_size (int or pair of int): (PH, PW) bins per box.
+        spatial_scale (float): maps box coordinates to feature-map pixels (e.g. 1/16). Default: 1.0.
+        sampling_ratio (int): samples per bin along each axis; ≤ 0 means ceil(bin size) per axis,
+            per box (adaptive). Default: -1.
+        aligned (bool): shift boxes by −0.5 pixel so that pixel centres sit at integers (Detectron2's
+            ROIAlignV2); if False a box is at least 1×1 pixel. Default: False.
+        pool_mode (str): "avg" (torchvision) averages the samples of a bin, dividing by their count;
+            "max" (mmcv) takes the largest sample, and its gradient goes to that sample only.
+            Default: "avg".
+
+    Returns:
+        array[K, C, PH, PW].
+
+    A bin of box k starts at (x1·spatial_scale − offset + pw·bin_w, ...); its samples sit at
+    (i + 0.5)·bin/samples within it. A sample outside [−1, H] × [−1, W] reads 0 but is counted; inside,
+    coordinates in [−1, 0] read row/column 0. A box with a NaN or ±inf coordinate pools to 0 and gets no
+    gradient; a bin without samples pools to 0; max pooling: NaN wins, ties go to the first sample.
+
+    >>> x = np.random.rand(2, 16, 32, 32).astype(np.float32)
+    >>> boxes = np.array([[0, 2.0, 3.0, 20.0, 18.5], [1, 0.0, 0.0, 31.0, 31.0]], np.float32)
+    >>> deformcp.roi_align(x, boxes, 7, sampling_ratio=2, aligned=True).shape
+    (2, 16, 7, 7)
+    """
+    aligned = _validate.flag("aligned", aligned)
+    return _run_forward(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, pool_mode, False)
+
+
+def roi_align_backward(grad_output, input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
+                       aligned=False, pool_mode="avg", deterministic=False):
+    """Gradient of :func:`roi_align` with respect to input.
+
+    Args:
+        grad_output (array[K, C, PH, PW]): gradient of the loss with respect to the output.
+        input, boxes, output_size, spatial_scale, sampling_ratio, aligned, pool_mode: as given to
+            :func:`roi_align`.
+        deterministic (bool): on the host and CUDA backends, False scatter-adds with atomics (fast; float
+            sums may differ in the last bits between runs); True gives each input plane to one thread,
+            which visits its bins in a fixed order: bitwise identical run to run. The NumPy path is always
+            deterministic. Default: False.
+
+    Returns:
+        RoIAlignGrads: ``input`` (array[N, C, H, W]).
+    """
+    aligned = _validate.flag("aligned", aligned)
+    return _run_backward(grad_output, input, boxes, output_size, spatial_scale, sampling_ratio, aligned, pool_mode,
+                         False, deterministic)
+
+
+def ps_roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1):
+    """Position-sensitive RoIAlign (R-FCN's pooling with RoIAlign sampling), as torchvision.ops.ps_roi_align.
+
+    Args:
+        input (array[N, C, H, W]): C must be a multiple of PH·PW.
+        boxes, output_size, spatial_scale, sampling_ratio: as in :func:`roi_align`; boxes are always
+            shifted by −0.5 pixel (aligned) and not enlarged.
+
+    Returns:
+        array[K, C / (PH·PW), PH, PW]: output channel c of bin (ph, pw) averages input channel
+        (c·PH + ph)·PW + pw over the bin. A bin without samples pools to 0 (torchvision divides by zero).
+
+    Dai et al., "R-FCN", NeurIPS 2016, https://arxiv.org/abs/1605.06409.
+
+    >>> x = np.random.rand(1, 2 * 3 * 3, 16, 16)
+    >>> deformcp.ps_roi_align(x, np.array([[0, 1.0, 1.0, 12.0, 9.0]]), 3).shape
+    (1, 2, 3, 3)
+    """
+    return _run_forward(input, boxes, output_size, spatial_scale, sampling_ratio, True, "avg", True)
+
+
+def ps_roi_align_backward(grad_output, input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
+                          deterministic=False):
+    """Gradient of :func:`ps_roi_align` with respect to input; ``deterministic`` as in
+    :func:`roi_align_backward`. Returns RoIAlignGrads(input)."""
+    return _run_backward(grad_output, input, boxes, output_size, spatial_scale, sampling_ratio, True, "avg", True,
+                         deterministic)
+
+
+# ------------------------------------------------------------------------ parity checks (deformcp.testing)
+
+def _random_boxes(rng, N, H, W, K):
+    """Boxes in, across and outside the image, some degenerate; image coordinates for spatial_scale 0.5."""
+    x1, y1 = rng.uniform(-8, 2 * W, K), rng.uniform(-8, 2 * H, K)
+    w, h = rng.uniform(0, W, K), rng.uniform(0, H, K)
+    w[::7] = 0.0  # zero-size boxes
+    return np.stack([rng.integers(0, N, K), x1, y1, x1 + w, y1 + h], axis=1).astype(np.float64)
+
+
+def _roi_inputs(rng, options, channels=6):
+    return {"input": rng.standard_normal((2, channels, 9, 11)), "boxes": _random_boxes(rng, 2, 9, 11, 12)}
+
+
+testing.register(testing.OpCheck(
+    name="roi_align",
+    make_inputs=_roi_inputs,
+    forward=roi_align,
+    backward=roi_align_backward,
+    options=tuple(dict(output_size=(3, 4), spatial_scale=0.5, sampling_ratio=ratio, aligned=aligned,
+                       pool_mode=mode)
+                  for mode in POOL_MODES for aligned in (False, True) for ratio in (-1, 2))))
+
+testing.register(testing.OpCheck(
+    name="ps_roi_align",
+    make_inputs=lambda rng, options: _roi_inputs(rng, options, channels=2 * 3 * 4),
+    forward=ps_roi_align,
+    backward=ps_roi_align_backward,
+    options=tuple(dict(output_size=(3, 4), spatial_scale=0.5, sampling_ratio=ratio) for ratio in (-1, 2))))
