@@ -152,7 +152,7 @@ def _geometry(rois, PH, PW, spatial_scale, sampling_ratio, aligned, dtype):
             np.where(count > 1, count, 1), finite)
 
 
-@np.errstate(invalid="ignore", over="ignore")  # non-finite RoIs are masked out
+@np.errstate(invalid="ignore", over="ignore", divide="ignore")  # non-finite RoIs and empty bins are masked out
 def _samples(rois, H, W, PH, PW, spatial_scale, sampling_ratio, aligned, dtype) -> _Samples:
     K = len(rois)
     start_y, start_x, bin_h, bin_w, samples_y, samples_x, count, finite = _geometry(
@@ -237,7 +237,7 @@ def _max_winners(values, s: _Samples):
         first = np.where(is_best, np.arange(len(values))[:, None], len(values))
         pooled[full], winner[full] = best, np.minimum.reduceat(first, starts, axis=0)
     # the bin's first skipped sample (value 0) competes: it wins over a smaller or equal later best
-    best_order = np.where(winner >= 0, s.order[np.maximum(winner, 0)], np.inf)
+    best_order = np.append(s.order, np.inf)[winner]  # winner -1 (none) reads the appended inf
     zero = s.zero_order[:, None]
     zero_wins = (zero >= 0) & ((winner < 0) | (0 > pooled) | ((pooled == 0) & (zero < best_order)))
     zero_wins &= s.finite[:, None]
