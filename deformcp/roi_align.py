@@ -215,12 +215,17 @@ def _channel_blocks(C: int, rows: int, itemsize: int):
     return [(a, min(a + step, C)) for a in range(0, C, step)]
 
 
-def _bin_matrix(s: _Samples, n_columns: int, rows=None):
+def _bin_groups(bins: int, groups: int = 4):
+    """(start, stop) ranges of bin positions: a few tasks for the thread pool, each several bins long."""
+    step = -(-bins // groups)
+    return [(b, min(b + step, bins)) for b in range(0, bins, step)]
+
+
+def _bin_matrix(s: _Samples, n_columns: int):
     """CSR matrix of the average: row r = Σ over bin r's samples of their corner weights / count."""
     weights = s.weights / s.count[np.repeat(np.arange(len(s.per_bin)), s.per_bin)][:, None]
     indptr = np.concatenate([[0], np.cumsum(4 * s.per_bin)])
-    matrix = _bilinear.sparse_rows(weights.reshape(-1), s.rows.reshape(-1), indptr, n_columns)
-    return matrix if rows is None else matrix[rows]
+    return _bilinear.sparse_rows(weights.reshape(-1), s.rows.reshape(-1), indptr, n_columns)
 
 
 def _max_winners(values, s: _Samples):
@@ -255,12 +260,14 @@ def _forward_numpy(input, rois, PH, PW, spatial_scale, sampling_ratio, aligned, 
     for k0, k1 in _roi_chunks(rois, H, W, PH, PW, spatial_scale, sampling_ratio, aligned, dtype):
         s = _samples(rois[k0:k1], H, W, PH, PW, spatial_scale, sampling_ratio, aligned, dtype)
         if position_sensitive:  # bin b = (ph, pw) reads input channels c·PH·PW + b
+            S_all = _bin_matrix(s, n_columns)
+
             def work(b0, b1):
                 for b in range(b0, b1):
-                    S = _bin_matrix(s, n_columns, rows=np.arange(b, (k1 - k0) * bins, bins))
+                    S = S_all[np.arange(b, (k1 - k0) * bins, bins)]
                     out[k0:k1, :, b // PW, b % PW] = S @ _bilinear.pixels_last(input[:, b::bins], dtype)
 
-            _bilinear.for_each_chunk(work, [(b, b + 1) for b in range(bins)])
+            _bilinear.for_each_chunk(work, _bin_groups(bins))
             continue
         S = _bin_matrix(s, n_columns) if pool_mode == "avg" else _bilinear.sparse_rows(
             s.weights.reshape(-1), s.rows.reshape(-1), np.arange(0, 4 * len(s.rows) + 1, 4), n_columns)
@@ -293,12 +300,14 @@ def _backward_numpy(grad_output, input, rois, PH, PW, spatial_scale, sampling_ra
         s = _samples(rois[k0:k1], H, W, PH, PW, spatial_scale, sampling_ratio, aligned, dtype)
         g = grad_output[k0:k1]
         if position_sensitive:
+            S_all = _bin_matrix(s, n_columns)
+
             def work(b0, b1):
                 for b in range(b0, b1):
-                    S = _bin_matrix(s, n_columns, rows=np.arange(b, (k1 - k0) * bins, bins))
+                    S = S_all[np.arange(b, (k1 - k0) * bins, bins)]
                     add_rows(S.T @ g[:, :, b // PW, b % PW], slice(b, None, bins))
 
-            _bilinear.for_each_chunk(work, [(b, b + 1) for b in range(bins)])
+            _bilinear.for_each_chunk(work, _bin_groups(bins))
             continue
         G = g.transpose(0, 2, 3, 1).reshape((k1 - k0) * bins, C)
         if pool_mode == "avg":

@@ -1,0 +1,560 @@
+"""Benchmark: roi_align and ps_roi_align (Mask R-CNN / R-FCN RoI pooling), deformcp against torchvision.
+
+Run with OpenBLAS's CPU overrides unset, in the command only (these machines set OPENBLAS_CORETYPE and
+OPENBLAS_L2_SIZE, which slow NumPy's BLAS; the results header records whether they were set), with a
+Python that has torchvision (the main environment has torch but no torchvision; /opt/tv is a separate
+virtual environment with torch and torchvision, made by
+``python3 -m venv /opt/tv && /opt/tv/bin/pip install torch torchvision numpy scipy array-api-compat``):
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE /opt/tv/bin/python benchmarks/bench_roi_align.py
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_roi_align.py --device cuda
+    python benchmarks/bench_roi_align.py --quick          # smoke run: 3 repeats, no files
+
+Options: --repeat N (timed calls per row, default 30), --warmup N (default 3 calls, and at least
+0.25 s of calls), --interleave (time the implementations in turns instead of back to back),
+--torch-threads N, --ops roi_align ps_roi_align, --shape N C H W, --boxes K, --dtype float32|float64,
+--deterministic (deformcp's deterministic input gradient), --seed, --output NAME.
+
+What is timed (the case of the issue):
+
+- roi_align:    input 2×256×100×152 float32 (--device cuda: 2×256×200×304), 512 boxes (cuda: 1024),
+                output 7×7, sampling_ratio 2, aligned=True, spatial_scale 1, pool_mode "avg"
+- ps_roi_align: the same with 245 = 5·7·7 input channels (5 output channels), sampling_ratio 2,
+                spatial_scale 1 (ps_roi_align has no ``aligned``: it always shifts by half a pixel)
+
+Boxes (K, 5) rows (batch index, x1, y1, x2, y2), in the input's dtype: batch index uniform in {0 … N−1},
+width and height uniform in [8, 100] pixels (at most the image's size), placed uniformly inside the
+image; fixed seed.
+
+- forward:          roi_align (torchvision: under no_grad)
+- forward+backward: roi_align then roi_align_backward (input gradient) for a random grad_output
+                    (torchvision: autograd with requires_grad on the input, then backward)
+
+--device cpu (default) times deformcp's NumPy path, deformcp's host backend (the CUDA sources compiled
+for the CPU: ``with deformcp.backend("host")``) and torchvision on the CPU. --device cuda times deformcp
+on CuPy arrays against torchvision on CUDA (exits with a message where CuPy sees no GPU). torchvision is
+optional: without it only deformcp is timed. Before anything is timed, every implementation's output
+and input gradient are checked once against torchvision on the CPU in the timed dtype (or, without
+torchvision, against deformcp's NumPy path in float64); a mismatch or an error stops the run.
+
+Results: printed, and written to benchmarks/results/roi_align[_cuda].{json,md} (--quick writes nothing
+unless --output is given). Ratios are deformcp time / torchvision time: below 1 deformcp is faster.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pathlib
+import shutil
+import sys
+import traceback
+
+import numpy as np
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))          # _harness
+sys.path.insert(0, str(HERE.parent))   # benchmark the checkout's deformcp
+
+import _harness  # noqa: E402
+import deformcp  # noqa: E402
+from deformcp import testing  # noqa: E402
+
+try:
+    import torch
+    import torchvision
+    import torchvision.ops
+except ImportError:  # optional
+    torch = torchvision = None
+
+OPS = ("roi_align", "ps_roi_align")
+PHASES = ("forward", "forward+backward")
+OUTPUT_SIZE = (7, 7)
+SAMPLING_RATIO, ALIGNED, SPATIAL_SCALE, POOL_MODE = 2, True, 1.0, "avg"
+PS_GROUPS = 5                                   # ps_roi_align output channels: C = 5 · 7 · 7 = 245
+BOX_SIDE = (8.0, 100.0)                         # box width and height range, pixels
+DEFAULTS = {"cpu": {"shape": (2, 256, 100, 152), "boxes": 512},
+            "cuda": {"shape": (2, 256, 200, 304), "boxes": 1024}}
+#: (op, impl, phase, the most deformcp time / torchvision time may be, what the issue asks); default case
+TARGETS = (("roi_align", "deformcp numpy", "forward", 0.5, "at least 2× faster than torchvision forward"),
+           ("roi_align", "deformcp numpy", "forward+backward", 0.25,
+            "at least 4× faster than torchvision forward+backward"))
+TOLERANCE = {"float32": 1e-4, "float64": 1e-10}
+FUNCTIONS = ("roi_align", "roi_align_backward", "ps_roi_align", "ps_roi_align_backward")
+
+
+def deformcp_functions() -> tuple[dict | None, str | None]:
+    """deformcp's four RoI functions, or None and why not (the module may not be written yet)."""
+    try:
+        module = importlib.import_module("deformcp.roi_align")
+    except Exception as e:
+        return None, f"import deformcp.roi_align failed ({type(e).__name__}: {e})"
+    missing = [name for name in FUNCTIONS if not callable(getattr(module, name, None))]
+    if missing:
+        return None, f"deformcp.roi_align lacks {', '.join(missing)}"
+    return {name: getattr(module, name) for name in FUNCTIONS}, None
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+def make_boxes(rng, K, N, H, W, spatial_scale=SPATIAL_SCALE, dtype="float32") -> np.ndarray:
+    """(K, 5) rows (batch index, x1, y1, x2, y2) in image coordinates (feature map size / spatial_scale):
+    sides uniform in BOX_SIDE (at most the image's side), boxes wholly inside the image."""
+    image_h, image_w = H / spatial_scale, W / spatial_scale
+    w = rng.uniform(*BOX_SIDE, K).clip(max=image_w)
+    h = rng.uniform(*BOX_SIDE, K).clip(max=image_h)
+    x1 = rng.uniform(0.0, 1.0, K) * (image_w - w)
+    y1 = rng.uniform(0.0, 1.0, K) * (image_h - h)
+    batch = rng.integers(0, N, K).astype(np.float64)
+    return np.stack([batch, x1, y1, x1 + w, y1 + h], axis=1).astype(dtype)
+
+
+class Problem:
+    """One op's arrays, NumPy: input (N, C, H, W), boxes (K, 5), grad_output (K, C_out, 7, 7)."""
+
+    def __init__(self, op, shape, K, dtype, seed):
+        rng = np.random.default_rng([seed, OPS.index(op)])
+        N, C, H, W = shape
+        if op == "ps_roi_align":
+            C = PS_GROUPS * OUTPUT_SIZE[0] * OUTPUT_SIZE[1]
+        self.op, self.shape, self.dtype = op, (N, C, H, W), dtype
+        self.x = rng.standard_normal(self.shape).astype(dtype)
+        self.boxes = make_boxes(rng, K, N, H, W, SPATIAL_SCALE, dtype)
+        c_out = C // (OUTPUT_SIZE[0] * OUTPUT_SIZE[1]) if op == "ps_roi_align" else C
+        self.grad_output = rng.standard_normal((K, c_out, *OUTPUT_SIZE)).astype(dtype)
+
+    @property
+    def kwargs(self) -> dict:
+        if self.op == "ps_roi_align":
+            return {"spatial_scale": SPATIAL_SCALE, "sampling_ratio": SAMPLING_RATIO}
+        return {"spatial_scale": SPATIAL_SCALE, "sampling_ratio": SAMPLING_RATIO, "aligned": ALIGNED}
+
+    def describe(self) -> str:
+        K = self.boxes.shape[0]
+        text = (f"{self.op}: input {'×'.join(map(str, self.shape))} {self.dtype}, {K} boxes "
+                f"(sides {BOX_SIDE[0]:g}–{BOX_SIDE[1]:g} px, inside the image), output "
+                f"{OUTPUT_SIZE[0]}×{OUTPUT_SIZE[1]}, sampling_ratio {SAMPLING_RATIO}, "
+                f"spatial_scale {SPATIAL_SCALE:g}")
+        return text + (f", aligned={ALIGNED}, pool_mode {POOL_MODE}" if self.op == "roi_align" else "")
+
+    def astype(self, dtype) -> "Problem":
+        other = object.__new__(Problem)
+        other.op, other.shape, other.dtype = self.op, self.shape, np.dtype(dtype).name
+        other.x, other.boxes, other.grad_output = (a.astype(dtype) for a in (self.x, self.boxes,
+                                                                             self.grad_output))
+        return other
+
+
+# ------------------------------------------------------------------------------------ deformcp callables
+
+class Deformcp:
+    """deformcp's RoI op forward / forward+backward on one backend ("numpy", "host", or "cuda" for CuPy
+    arrays)."""
+
+    def __init__(self, backend: str, problem: Problem, functions: dict, deterministic=False, move=None):
+        move = move or (lambda a: a)
+        self.backend = backend
+        self.cpu_backend = "numpy" if backend == "cuda" else backend
+        self.problem, self.functions, self.deterministic = problem, functions, deterministic
+        self.x, self.boxes, self.grad_output = (move(a) for a in (problem.x, problem.boxes,
+                                                                  problem.grad_output))
+        self.forward_fn = functions[problem.op]
+        self.backward_fn = functions[problem.op + "_backward"]
+        self.kwargs = dict(problem.kwargs)
+        if problem.op == "roi_align":
+            self.kwargs["pool_mode"] = POOL_MODE
+
+    def forward(self):
+        with deformcp.backend(self.cpu_backend):
+            return self.forward_fn(self.x, self.boxes, OUTPUT_SIZE, **self.kwargs)
+
+    def forward_backward(self):
+        with deformcp.backend(self.cpu_backend):
+            out = self.forward_fn(self.x, self.boxes, OUTPUT_SIZE, **self.kwargs)
+            grads = self.backward_fn(self.grad_output, self.x, self.boxes, OUTPUT_SIZE, **self.kwargs,
+                                     deterministic=self.deterministic)
+            return out, grads.input
+
+
+# --------------------------------------------------------------------------------- torchvision callables
+
+class Torchvision:
+    """torchvision.ops.roi_align / ps_roi_align on one device, through autograd."""
+
+    def __init__(self, device, problem: Problem):
+        self.fn = getattr(torchvision.ops, problem.op)
+        self.kwargs = problem.kwargs
+        self.x = torch.from_numpy(problem.x).to(device).requires_grad_(True)
+        self.boxes = torch.from_numpy(problem.boxes).to(device)
+        self.grad_output = torch.from_numpy(problem.grad_output).to(device)
+
+    def forward(self):
+        with torch.no_grad():
+            return self.fn(self.x, self.boxes, OUTPUT_SIZE, **self.kwargs)
+
+    def forward_backward(self):
+        self.x.grad = None
+        out = self.fn(self.x, self.boxes, OUTPUT_SIZE, **self.kwargs)
+        out.backward(self.grad_output)
+        return out.detach(), self.x.grad
+
+
+# ------------------------------------------------------------------------------------------ verification
+
+class Reference:
+    """What every implementation is checked against: torchvision on the CPU in the timed dtype, or without
+    torchvision deformcp's NumPy path in float64."""
+
+    def __init__(self, problem: Problem, functions: dict | None):
+        if torchvision is not None:
+            self.name = "torchvision cpu"
+            self.impl = Torchvision("cpu", problem)
+        elif functions is not None:
+            self.name = "deformcp numpy float64"
+            self.impl = Deformcp("numpy", problem.astype(np.float64), functions)
+        else:
+            self.name, self.impl = None, None
+
+    def forward_backward(self):
+        return [to_numpy(a) for a in self.impl.forward_backward()]
+
+
+def verify(problem: Problem, impls: dict, reference: Reference) -> dict:
+    """Relative errors of every implementation against ``reference``; exits before any timing when one
+    is beyond the dtype's tolerance or raises."""
+    errors, failed = {}, []
+    tolerance = TOLERANCE[problem.dtype]
+    if reference.impl is None:
+        print("  nothing to verify against")
+        return errors
+    expected_out, expected_grad = reference.forward_backward()
+    print(f"  {problem.op}: reference {reference.name}: output {tuple(expected_out.shape)} "
+          f"(|max| {np.abs(expected_out).max():.3g}), grad_input {tuple(expected_grad.shape)} "
+          f"(|max| {np.abs(expected_grad).max():.3g})")
+    for name, impl in impls.items():
+        try:
+            out, grad_input = (to_numpy(a) for a in impl.forward_backward())
+            forward_only = to_numpy(impl.forward())
+        except Exception as e:
+            print(f"  {name:<16} RAISED {type(e).__name__}: {e}")
+            traceback.print_exc()
+            errors[name] = {"error": f"{type(e).__name__}: {e}"}
+            failed.append(f"{name} ({problem.op}: raised {type(e).__name__}: {e})")
+            continue
+        checked = {"output": _harness.relative_error(out, expected_out),
+                   "output (forward only)": _harness.relative_error(forward_only, expected_out),
+                   "grad_input": _harness.relative_error(grad_input, expected_grad)}
+        errors[name] = checked
+        bad = [k for k, v in checked.items() if not v <= tolerance]
+        shapes = "" if not bad else (f"  shapes: output {tuple(np.shape(out))}, grad_input "
+                                     f"{tuple(np.shape(grad_input))}")
+        print(f"  {name:<16} " + ", ".join(f"{k} {v:.1e}" for k, v in checked.items())
+              + (f"  FAILED ({', '.join(bad)}){shapes}" if bad else ""))
+        if bad:
+            failed.append(f"{name} ({problem.op}: {', '.join(bad)})")
+    if failed:
+        sys.exit(f"verification failed for {'; '.join(failed)} (tolerance {tolerance:g}; case: "
+                 f"{problem.describe()}): not timing wrong code")
+    return errors
+
+
+def command_line() -> str:
+    """_harness.command_line() with this interpreter's path where it is not the ``python`` on PATH (the
+    torchvision comparison runs under a separate environment's Python)."""
+    command = _harness.command_line()
+    python = shutil.which("python")
+    if python and os.path.realpath(python) == os.path.realpath(sys.executable):
+        return command
+    return command.replace("python ", f"{sys.executable} ", 1)
+
+
+def to_numpy(a) -> np.ndarray:
+    if torch is not None and isinstance(a, torch.Tensor):
+        return a.detach().cpu().numpy()
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+# ------------------------------------------------------------------------------------------------- setup
+
+def host_problem() -> str | None:
+    from deformcp import _host
+    return None if _host.compiler() else "no C++ compiler found (set CXX)"
+
+
+def build_cpu(problem, functions, deterministic):
+    impls = {}
+    if functions is not None:
+        impls["deformcp numpy"] = Deformcp("numpy", problem, functions, deterministic)
+        if host_problem() is None:
+            impls["deformcp host"] = Deformcp("host", problem, functions, deterministic)
+    if torchvision is not None:
+        impls["torchvision cpu"] = Torchvision("cpu", problem)
+    return impls
+
+
+def cpu_setup():
+    notes = []
+    problem = host_problem()
+    if problem:
+        notes.append(f"deformcp host skipped: {problem}")
+    return None, notes, {"device": "cpu"}
+
+
+def cuda_setup():
+    import cupy
+
+    device = cupy.cuda.Device()
+    name = cupy.cuda.runtime.getDeviceProperties(device.id)["name"]
+    info = {"device": f"cuda:{device.id}", "torch_cuda": torch.version.cuda if torch is not None else None,
+            "gpu": f"{name.decode() if isinstance(name, bytes) else name} (compute capability "
+                   f"{device.compute_capability}), CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}"}
+    notes = []
+    torch_cuda = torchvision is not None and torch.cuda.is_available()
+    if torchvision is not None and not torch_cuda:
+        notes.append(f"torch {torch.__version__} has no CUDA device here: deformcp times only")
+
+    def sync():
+        device.synchronize()           # cudaDeviceSynchronize: every stream of the device, CuPy's ...
+        if torch_cuda:
+            torch.cuda.synchronize(device.id)  # ... and torch's (its caching allocator included)
+
+    return sync, notes, {**info, "torch_cuda_available": torch_cuda}
+
+
+def build_cuda(problem, functions, deterministic):
+    import cupy
+
+    impls = {}
+    if functions is not None:
+        impls["deformcp cuda"] = Deformcp("cuda", problem, functions, deterministic, move=cupy.asarray)
+    if torchvision is not None and torch.cuda.is_available():
+        impls["torchvision cuda"] = Torchvision(torch.device("cuda", cupy.cuda.Device().id), problem)
+    return impls
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+def _load(timing) -> str:
+    return "—" if timing.others_busy is None else f"{timing.others_busy:.0%}"
+
+
+def ratio(records, op, impl, phase, baseline):
+    mine = [r for r in records if r.extra["op"] == op and r.impl == impl and r.phase == phase]
+    base = [r for r in records if r.extra["op"] == op and r.impl == baseline and r.phase == phase]
+    return mine[0].timing.median / base[0].timing.median if mine and base else None
+
+
+def report(records, ops, baseline, cases, machine, errors, reference_name, notes, method, default_case
+           ) -> tuple[str, list]:
+    headers = ["op", "phase", "implementation", "median", "p25–p75", "min", "runs", "other load",
+               f"÷ {baseline}" if baseline else "ratio"]
+    rows = []
+    for op in ops:
+        for phase in PHASES:
+            for r in (r for r in records if r.extra["op"] == op and r.phase == phase):
+                t = r.timing
+                rows.append([op, phase, r.impl, _harness.format_seconds(t.median),
+                             f"{_harness.format_seconds(t.q25)}–{_harness.format_seconds(t.q75)}",
+                             _harness.format_seconds(t.min), t.repeat, _load(t),
+                             _harness.ratio_text(ratio(records, op, r.impl, phase, baseline))
+                             if baseline else "—"])
+    targets = []
+    for op, impl, phase, limit, text in TARGETS:
+        if op not in ops:
+            continue
+        value = ratio(records, op, impl, phase, baseline) if baseline else None
+        status = ("no torchvision or no deformcp" if value is None else ("met" if value <= limit else "MISSED")
+                  if default_case else "not applicable: the targets are set for the default case")
+        targets.append({"op": op, "impl": impl, "phase": phase, "max_ratio": limit, "ratio": value,
+                        "status": status, "target": text})
+    if "ps_roi_align" in ops and baseline:  # the issue's bar, shown for ps_roi_align too (not a target)
+        for _, impl, phase, limit, text in TARGETS:
+            value = ratio(records, "ps_roi_align", impl, phase, baseline)
+            if value is not None:
+                targets.append({"op": "ps_roi_align", "impl": impl, "phase": phase, "max_ratio": limit,
+                                "ratio": value, "status": "information only (" +
+                                ("within" if value <= limit else "beyond") + " roi_align's bar)",
+                                "target": text})
+    lines = [
+        "# deformcp benchmark: roi_align and ps_roi_align",
+        "",
+        "Cases:",
+        "",
+        *(f"- {case}" for case in cases),
+        "",
+        "Boxes: (K, 5) rows (batch index, x1, y1, x2, y2) in the input's dtype, batch index uniform over "
+        "the batch, sides uniform in [8, 100] px, wholly inside the image; fixed seed. forward+backward = "
+        "forward, then the input gradient for a random grad_output (torchvision: autograd).",
+        "",
+        f"Command: `{command_line()}`. Timing: {method}.",
+        "",
+        _harness.machine_markdown(machine),
+        "",
+        ("Ratio = implementation's median / "
+         f"{baseline}'s median for the same op and phase: **below 1 is faster than {baseline}**."
+         if baseline else "**No torchvision baseline (" + ("torchvision is not installed" if torchvision is None
+                                                            else "torchvision cannot run on this device")
+         + "): deformcp times only, no ratios.**"),
+        "",
+        _harness.markdown_table(headers, rows),
+        "",
+        "Targets:",
+        "",
+        *(f"- {t['op']} {t['impl']} {t['phase']}: {t['target']} (ratio ≤ {t['max_ratio']:g}): "
+          + (f"{t['ratio']:.2f}× — " if t["ratio"] is not None else "") + t["status"]
+          for t in targets),
+        "",
+        f"Verification before timing (relative errors against {reference_name}):",
+        "",
+        *(f"- {op} {name}: " + ", ".join(f"{k} {v:.1e}" for k, v in e.items())
+          for op, per_op in errors.items() for name, e in per_op.items()),
+    ]
+    if notes:
+        lines += ["", *(f"Note: {n}" for n in notes)]
+    return "\n".join(lines), targets
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Run as: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE "
+                                            "/opt/tv/bin/python benchmarks/bench_roi_align.py")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
+    parser.add_argument("--repeat", type=int, default=None, help="timed calls per measurement (default 30)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed calls first, and at least 0.25 s of them (default 3)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 3 repeats, 1 warm-up call; writes no files unless --output is given")
+    parser.add_argument("--interleave", action="store_true",
+                        help="time the implementations in turns, one call each per round")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch.set_num_threads(N) first (default: torch's own choice)")
+    parser.add_argument("--shape", type=int, nargs=4, default=None, metavar=("N", "C", "H", "W"),
+                        help="roi_align input shape (default 2 256 100 152; cuda 2 256 200 304); "
+                             "ps_roi_align uses C = 245")
+    parser.add_argument("--boxes", type=int, default=None, help="number of boxes (default 512; cuda 1024)")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="pass deterministic=True to deformcp's backward functions")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default=None,
+                        help="results name: benchmarks/results/<name>.{json,md}, or a path without suffix "
+                             "(default roi_align, or roi_align_cuda)")
+    args = parser.parse_args(argv)
+    repeat = args.repeat or (3 if args.quick else 30)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    warmup_time = 0.0 if args.quick else 0.25
+    if repeat < 1 or warmup < 0:
+        parser.error("--repeat must be at least 1 and --warmup at least 0")
+    ops = [op for op in OPS if op in args.ops]
+
+    if args.torch_threads is not None:
+        if args.torch_threads < 1:
+            parser.error("--torch-threads must be at least 1")
+        if torch is not None:
+            torch.set_num_threads(args.torch_threads)
+    warning = _harness.blas_warning()
+    if warning:
+        print(warning, file=sys.stderr)
+    if args.device == "cuda":
+        problem = testing.gpu_available()
+        if problem:
+            print(f"--device cuda: {problem}. Nothing timed; run without --device cuda for the CPU "
+                  "benchmark.", file=sys.stderr)
+            return 2
+
+    functions, missing = deformcp_functions()
+    notes = []
+    if functions is None:
+        notes.append(f"deformcp not timed: {missing}")
+    if torchvision is None:
+        print("torchvision is not installed: timing deformcp only, no ratios (run with a Python that has "
+              "torchvision, e.g. /opt/tv/bin/python)")
+    if functions is None and torchvision is None:
+        print(f"nothing to time: {missing}, and no torchvision", file=sys.stderr)
+        return 2
+
+    defaults = DEFAULTS[args.device]
+    shape = tuple(args.shape or defaults["shape"])
+    K = args.boxes or defaults["boxes"]
+    default_case = (shape == defaults["shape"] and K == defaults["boxes"] and args.dtype == "float32")
+    sync, setup_notes, device_info = cpu_setup() if args.device == "cpu" else cuda_setup()
+    notes += setup_notes
+    build = build_cpu if args.device == "cpu" else build_cuda
+    for note in notes:
+        print(f"note: {note}")
+
+    problems = {op: Problem(op, shape, K, args.dtype, args.seed) for op in ops}
+    impls = {op: build(problems[op], functions, args.deterministic) for op in ops}
+    baseline = next((name for name in impls[ops[0]] if name.startswith("torchvision")), None)
+    cases = [problems[op].describe() for op in ops]
+    for case in cases:
+        print(case)
+
+    errors, reference_name = {}, None
+    for op in ops:
+        reference = Reference(problems[op], functions)
+        reference_name = reference.name
+        print(f"verifying {op} against {reference.name} (relative errors) ...")
+        errors[op] = verify(problems[op], impls[op], reference)
+
+    busy_before = _harness.cpu_busy()
+    warning = _harness.busy_warning(busy_before)
+    if warning:
+        print(warning, file=sys.stderr)
+    records = []
+    print(f"timing: {warmup} warm-up calls (and ≥ {warmup_time:g} s) + {repeat} timed calls each, "
+          + ("implementations in turns (--interleave)" if args.interleave else "back to back"))
+    for op in ops:
+        for phase in PHASES:
+            fns = {name: {"forward": impl.forward, "forward+backward": impl.forward_backward}[phase]
+                   for name, impl in impls[op].items()}
+            if args.interleave:
+                timings = _harness.measure_interleaved(fns, repeat=repeat, warmup=warmup, sync=sync,
+                                                       warmup_time=warmup_time)
+            else:
+                timings = {name: _harness.measure(fn, repeat=repeat, warmup=warmup, sync=sync,
+                                                  warmup_time=warmup_time)
+                           for name, fn in fns.items()}
+            records += [_harness.Record(problems[op].describe(), name, phase, timing, {"op": op})
+                        for name, timing in timings.items()]
+            for name, timing in timings.items():
+                value = ratio(records, op, name, phase, baseline) if baseline and name != baseline else None
+                print(f"  {op:<13} {phase:<17} {name:<16} median {_harness.format_seconds(timing.median):>10}"
+                      f"  spread {timing.spread * 100:4.1f}%  other load {_load(timing)}"
+                      + ("" if value is None else f"  {value:.2f}× {baseline}"))
+
+    busy_after = _harness.cpu_busy()
+    machine = _harness.machine_info({**device_info, "torchvision": getattr(torchvision, "__version__", None),
+                                     "cpu_busy_before": busy_before, "cpu_busy_after": busy_after})
+    if machine.get("torchvision"):  # machine_markdown lists torch only: name torchvision beside it
+        machine["torch"] = f"{machine['torch']}, torchvision {machine['torchvision']}"
+    method = (f"≥ {warmup} warm-up calls and ≥ {warmup_time:g} s, then {repeat} timed calls per row, "
+              + ("implementations in turns" if args.interleave else "each row's calls back to back")
+              + (", deformcp backward with deterministic=True" if args.deterministic else ""))
+    markdown, targets = report(records, ops, baseline, cases, machine, errors, reference_name, notes, method,
+                               default_case)
+    print()
+    print(markdown)
+    name = args.output or (None if args.quick else "roi_align" + ("_cuda" if args.device == "cuda" else ""))
+    if name:
+        payload = {"command": command_line(), "cases": cases, "ops": ops, "shape": shape,
+                   "boxes": K, "dtype": args.dtype, "output_size": OUTPUT_SIZE,
+                   "sampling_ratio": SAMPLING_RATIO, "aligned": ALIGNED, "spatial_scale": SPATIAL_SCALE,
+                   "pool_mode": POOL_MODE, "ps_channels": PS_GROUPS * OUTPUT_SIZE[0] * OUTPUT_SIZE[1],
+                   "box_side_px": BOX_SIDE, "seed": args.seed, "device": args.device,
+                   "deterministic": args.deterministic, "baseline": baseline,
+                   "interleave": args.interleave, "repeat": repeat, "warmup": warmup,
+                   "ratio_meaning": "implementation median / baseline median, same op and phase; < 1 is faster",
+                   "machine": machine, "verification": errors, "targets": targets, "notes": notes,
+                   "results": [r.to_dict() for r in records]}
+        json_path, md_path = _harness.write_results(name, payload, markdown)
+        print(f"\nwrote {json_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
