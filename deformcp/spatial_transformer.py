@@ -303,13 +303,17 @@ def grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corner
 
 
 def grid_sample_backward(grad_output, input, grid, mode="bilinear", padding_mode="zeros",
-                         align_corners=False, needs_input_grad=(True, True)):
+                         align_corners=False, needs_input_grad=(True, True), deterministic=False):
     """Gradients of :func:`grid_sample` with respect to input and grid.
 
     Args:
         grad_output (array[N, C, H_out, W_out]): gradient of the loss with respect to the output.
         input, grid, mode, padding_mode, align_corners: as given to :func:`grid_sample`.
         needs_input_grad (pair of bool): which of (input, grid) to differentiate. Default: both.
+        deterministic (bool): on the host and CUDA backends, False scatter-adds the input gradient with
+            atomics (float sums may differ in the last bits between runs); True gives each input plane
+            to one thread, which adds the output locations in order: bitwise identical run to run. The
+            NumPy path is always deterministic. Default: False.
 
     Returns:
         GridSampleGrads: ``input`` (array[N, C, H, W]) and ``grid`` (array[N, H_out, W_out, 2]), None
@@ -317,13 +321,12 @@ def grid_sample_backward(grad_output, input, grid, mode="bilinear", padding_mode
         by the padding, and at NaN locations. The bilinear weights' derivative at an integer coordinate
         is taken from the right (the cell whose lower corner it is), as in PyTorch.
 
-    The input gradient scatter-adds with atomics on the host and CUDA backends, so float sums may
-    differ in the last bits from run to run; the NumPy path gathers (``S.T @ G``) and is deterministic.
     """
     call = _dispatch.prepare(grad_output=grad_output, input=input, grid=grid)
     grad_output, input, grid = call.arrays
     align_corners = _check_grid_sample(input, grid, mode, padding_mode, align_corners)
     want_input, want_grid = _validate.needs_grad(needs_input_grad, GridSampleGrads._fields)
+    deterministic = _validate.flag("deterministic", deterministic)
     N, C, H, W = input.shape
     Ho, Wo = grid.shape[1:3]
     _validate.floating("grad_output", grad_output, 4, "(N, C, H_out, W_out)")
@@ -341,12 +344,15 @@ def grid_sample_backward(grad_output, input, grid, mode="bilinear", padding_mode
                 grad_input = xp.zeros(input.shape, input.dtype)
             if want_grid:
                 grad_grid = _kernels.empty(xp, grid.shape, grid.dtype)
-            _kernels.launch(call.backend, FAMILY, "grid_sample_backward", input.dtype, N * Ho * Wo,
-                            (grad_output, input, grid,
-                             _kernels.NULL if grad_input is None else grad_input,
-                             _kernels.NULL if grad_grid is None else grad_grid),
-                            (N, C, H, W, Ho, Wo),
-                            (MODES.index(mode), PADDING_MODES.index(padding_mode), align_corners))
+            options = (MODES.index(mode), PADDING_MODES.index(padding_mode), align_corners)
+            scattered = None if deterministic or grad_input is None else grad_input
+            if scattered is not None or grad_grid is not None:
+                _kernels.launch(call.backend, FAMILY, "grid_sample_backward", input.dtype, N * Ho * Wo,
+                                (grad_output, input, grid, _kernels.NULL if scattered is None else scattered,
+                                 _kernels.NULL if grad_grid is None else grad_grid), (N, C, H, W, Ho, Wo), options)
+            if deterministic and grad_input is not None:
+                _kernels.launch(call.backend, FAMILY, "grid_sample_backward_input_deterministic", input.dtype,
+                                N * C, (grad_output, grid, grad_input), (N, C, H, W, Ho, Wo), options)
     return GridSampleGrads(*(None if g is None else call.export(g) for g in (grad_input, grad_grid)))
 
 

@@ -169,3 +169,32 @@ __global__ void grid_sample_backward(const T* grad_output, const T* input, const
     }
   }
 }
+
+// grad_input of grid_sample_forward, bitwise reproducible: one thread per input plane (n, c) visits every
+// output location of image n in order and adds with plain stores. grad_input is zero-filled by the caller.
+template <typename T, typename I>
+__global__ void grid_sample_backward_input_deterministic(const T* grad_output, const T* grid, T* grad_input, I N,
+                                                         I C, I H, I W, I Ho, I Wo, int mode, int padding,
+                                                         int align_corners) {
+  typedef typename acc_type<T>::type A;
+  const I out_plane = Ho * Wo;
+  DEFORMCP_GRID_STRIDE_LOOP(I, plane, N * C) {
+    const I n = plane / C;
+    const T* gout = grad_output + plane * out_plane;
+    T* gin = grad_input + plane * H * W;
+    for (I hw = 0; hw < out_plane; ++hw) {
+      const I p = n * out_plane + hw;
+      A unused;
+      const A x = grid_source_coordinate(load_acc(grid[2 * p]), (long long)W, padding, align_corners, &unused);
+      const A y = grid_source_coordinate(load_acc(grid[2 * p + 1]), (long long)H, padding, align_corners, &unused);
+      const A g = load_acc(gout[hw]);
+      if (mode == DEFORMCP_MODE_BILINEAR) {
+        bilinear_corners<A, I> corners;
+        if (bilinear_setup(y, x, H, W, corners)) bilinear_scatter(gin, corners, g, false);
+      } else {
+        const I pixel = nearest_pixel(y, x, H, W);
+        if (pixel >= 0) gin[pixel] = store_as<T>(load_acc(gin[pixel]) + g);
+      }
+    }
+  }
+}

@@ -184,6 +184,22 @@ def test_grid_sample_backend_matches_numpy(backend, rng, dtype, mode, padding, a
         assert_close(got, want, dtype)
 
 
+@pytest.mark.parametrize("mode, padding, align", CONFIGS, ids=CONFIG_IDS)
+def test_deterministic_backward(backend, rng, mode, padding, align):
+    """deterministic=True: the same gradients as the NumPy path, bitwise identical from run to run."""
+    x = rng.standard_normal((2, 3, 6, 7)).astype(np.float32)
+    grid = rng.uniform(-1.2, 1.2, (2, 20, 20, 2)).astype(np.float32)  # many locations per pixel
+    grad_output = rng.standard_normal((2, 3, 20, 20)).astype(np.float32)
+    grads, expected = run_both(backend, deformcp.grid_sample_backward, grad_output, x, grid, mode, padding, align,
+                               deterministic=True)
+    for got, want in zip(grads, expected):
+        assert_close(got, want, "float32")
+    again = testing.run(backend, deformcp.grid_sample_backward, *(to_backend(a, backend) for a in (
+        grad_output, x, grid)), mode, padding, align, deterministic=True)
+    for first, second in zip(grads, again):
+        np.testing.assert_array_equal(testing.to_numpy(first), testing.to_numpy(second))
+
+
 @pytest.mark.parametrize("needs", [(True, False), (False, True), (False, False)])
 def test_grid_sample_backward_skips_unwanted(backend, rng, needs):
     x, grid = rng.standard_normal((1, 2, 5, 5)), rng.uniform(-1, 1, (1, 3, 4, 2))
