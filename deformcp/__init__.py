@@ -1,12 +1,15 @@
 """deformcp — deformable sampling operators for NumPy, CuPy and any DLPack array.
 
 Spatial Transformer Networks (affine_grid, grid_sample) with the conventions of torch.nn.functional, and
-Mask R-CNN's RoIAlign (roi_align, ps_roi_align) with torchvision's and mmcv's; forward and backward. NumPy arrays run on a vectorised NumPy path (the reference), CuPy arrays on CUDA
+Mask R-CNN's RoIAlign (roi_align, ps_roi_align) with torchvision's and mmcv's, and Deformable ConvNets'
+deform_conv2d (v1 and v2) with torchvision's; forward and backward. NumPy arrays run on a vectorised NumPy path (the reference), CuPy arrays on CUDA
 kernels compiled at run time by NVRTC, and ``with deformcp.backend("host"):`` runs the same CUDA sources
 on the CPU through the host C++ compiler. DLPack arrays (PyTorch, JAX, ...) come back in their own
 framework. See README.md for the conventions and the backends.
 """
 from ._dispatch import backend, current_backend
+from ._workspace import get_workspace_limit, workspace_limit
+from .deform_conv import DeformConv2dGrads, deform_conv2d, deform_conv2d_backward
 from .roi_align import RoIAlignGrads, ps_roi_align, ps_roi_align_backward, roi_align, roi_align_backward
 from .spatial_transformer import (AffineGridGrads, GridSampleGrads, affine_grid, affine_grid_backward,
                                   grid_sample, grid_sample_backward)
@@ -14,7 +17,8 @@ from .spatial_transformer import (AffineGridGrads, GridSampleGrads, affine_grid,
 __version__ = "0.1.0"
 
 __all__ = [
-    "backend", "current_backend",
+    "backend", "current_backend", "workspace_limit", "get_workspace_limit",
+    "deform_conv2d", "deform_conv2d_backward", "DeformConv2dGrads",
     "affine_grid", "affine_grid_backward", "AffineGridGrads",
     "grid_sample", "grid_sample_backward", "GridSampleGrads",
     "roi_align", "roi_align_backward", "ps_roi_align", "ps_roi_align_backward", "RoIAlignGrads",

@@ -1,0 +1,112 @@
+// deform_conv.cu — deformable convolution v1 and v2 (Dai et al., https://arxiv.org/abs/1703.06211; Zhu et
+// al., https://arxiv.org/abs/1811.11168) as im2col / col2im kernels around a GEMM done by the caller, with
+// torchvision.ops.deform_conv2d's conventions. Preceded by deformcp_common.cuh. Layouts (C-contiguous):
+//   input (N, C, H, W); offset (N, 2·G·K, Ho, Wo), channel g·2K + 2k = Δy and + 1 = Δx of tap k = i·kw + j;
+//   mask (N, G·K, Ho, Wo) or null (v1); input channel c belongs to offset group c / (C / G);
+//   columns (C·K, n·P) for a chunk of n images starting at image n0, row c·K + k, column image·P + p,
+//   P = Ho·Wo. Tap k of output (ho, wo) samples y = ho·s_h − p_h + i·d_h + Δy (x likewise) with the shared
+//   bilinear helper: zero unless −1 < y < H and −1 < x < W, corners outside the image read zero.
+
+// Geometry of a convolution, passed as sizes.
+#define DEFORM_CONV_SIZES I N, I C, I H, I W, I G, I kh, I kw, I Ho, I Wo, I n0, I n_chunk, I stride_h, \
+  I stride_w, I pad_h, I pad_w, I dil_h, I dil_w
+
+// Sample position of tap k at output p of image n, and the mask value (1 without a mask).
+template <typename A, typename T, typename I>
+__device__ __forceinline__ void deform_tap(const T* offset, const T* mask, I n, I g, I k, I p, I G, I kw, I Ho,
+                                          I Wo, I stride_h, I stride_w, I pad_h, I pad_w, I dil_h, I dil_w, I K,
+                                          A* y, A* x, A* m) {
+  const I P = Ho * Wo, ho = p / Wo, wo = p % Wo, i = k / kw, j = k % kw;
+  const T* off = offset + ((n * G + g) * 2 * K + 2 * k) * P + p;
+  *y = (A)(ho * stride_h - pad_h + i * dil_h) + load_acc(off[0]);
+  *x = (A)(wo * stride_w - pad_w + j * dil_w) + load_acc(off[P]);
+  *m = mask != nullptr ? (A)load_acc(mask[((n * G + g) * K + k) * P + p]) : (A)1;
+}
+
+// columns[c·K + k, (n − n0)·P + p] = mask · input[n, c] sampled at tap k of output p.
+template <typename T, typename I>
+__global__ void deform_conv_im2col(const T* input, const T* offset, const T* mask, T* columns, DEFORM_CONV_SIZES) {
+  typedef typename acc_type<T>::type A;
+  const I K = kh * kw, P = Ho * Wo, cols = n_chunk * P;
+  DEFORMCP_GRID_STRIDE_LOOP(I, index, C * n_chunk * P) {
+    const I p = index % P, n = n0 + index / P % n_chunk, c = index / (P * n_chunk);
+    const I g = c / (C / G);
+    const T* plane = input + (n * C + c) * H * W;
+    for (I k = 0; k < K; ++k) {
+      A y, x, m;
+      deform_tap(offset, mask, n, g, k, p, G, kw, Ho, Wo, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, K, &y, &x, &m);
+      bilinear_corners<A, I> corners;
+      const A v = bilinear_setup(y, x, H, W, corners) ? bilinear_gather(plane, corners) * m : (A)0;
+      columns[(c * K + k) * cols + (n - n0) * P + p] = store_as<T>(v);
+    }
+  }
+}
+
+// grad_input[n, c] += mask · grad_columns scattered back along the bilinear weights. grad_input is
+// zero-filled by the caller. deterministic = 0: one thread per (c, image, p), atomics; 1: one thread per
+// input plane (n, c), visiting (k, p) in order with plain adds (bitwise reproducible).
+template <typename T, typename I>
+__global__ void deform_conv_col2im(const T* offset, const T* mask, const T* grad_columns, T* grad_input,
+                                   DEFORM_CONV_SIZES, int deterministic) {
+  typedef typename acc_type<T>::type A;
+  const I K = kh * kw, P = Ho * Wo, cols = n_chunk * P;
+  if (!deterministic) {
+    DEFORMCP_GRID_STRIDE_LOOP(I, index, C * n_chunk * P) {
+      const I p = index % P, n = n0 + index / P % n_chunk, c = index / (P * n_chunk);
+      const I g = c / (C / G);
+      T* plane = grad_input + (n * C + c) * H * W;
+      for (I k = 0; k < K; ++k) {
+        A y, x, m;
+        deform_tap(offset, mask, n, g, k, p, G, kw, Ho, Wo, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, K, &y, &x, &m);
+        bilinear_corners<A, I> corners;
+        if (bilinear_setup(y, x, H, W, corners))
+          bilinear_scatter(plane, corners, (A)load_acc(grad_columns[(c * K + k) * cols + (n - n0) * P + p]) * m, true);
+      }
+    }
+    return;
+  }
+  DEFORMCP_GRID_STRIDE_LOOP(I, index, n_chunk * C) {
+    const I n = n0 + index / C, c = index % C, g = c / (C / G);
+    T* plane = grad_input + (n * C + c) * H * W;
+    for (I k = 0; k < K; ++k)
+      for (I p = 0; p < P; ++p) {
+        A y, x, m;
+        deform_tap(offset, mask, n, g, k, p, G, kw, Ho, Wo, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, K, &y, &x, &m);
+        bilinear_corners<A, I> corners;
+        if (bilinear_setup(y, x, H, W, corners))
+          bilinear_scatter(plane, corners, (A)load_acc(grad_columns[(c * K + k) * cols + (n - n0) * P + p]) * m, false);
+      }
+  }
+}
+
+// Gradients of the offsets and the mask: one thread per (image, offset group, tap, p), summing over the
+// group's channels (deterministic, no atomics). The offset gradient is the derivative of the bilinear
+// sample, taken from the right at integer coordinates, zero where the sample is zero (y ≤ −1, y ≥ H, ...);
+// the mask gradient is the unmasked sample times the column gradient. Either output may be null.
+template <typename T, typename I>
+__global__ void deform_conv_col2im_coord(const T* input, const T* offset, const T* mask, const T* grad_columns,
+                                         T* grad_offset, T* grad_mask, DEFORM_CONV_SIZES) {
+  typedef typename acc_type<T>::type A;
+  const I K = kh * kw, P = Ho * Wo, cols = n_chunk * P, group_channels = C / G;
+  DEFORMCP_GRID_STRIDE_LOOP(I, index, n_chunk * G * K * P) {
+    const I p = index % P, k = index / P % K, g = index / (P * K) % G, n = n0 + index / (P * K * G);
+    A y, x, m;
+    deform_tap(offset, mask, n, g, k, p, G, kw, Ho, Wo, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, K, &y, &x, &m);
+    bilinear_corners<A, I> corners;
+    A gy = 0, gx = 0, gm = 0;
+    if (bilinear_setup(y, x, H, W, corners)) {
+      for (I c = g * group_channels; c < (g + 1) * group_channels; ++c) {
+        const T* plane = input + (n * C + c) * H * W;
+        const A g_col = load_acc(grad_columns[(c * K + k) * cols + (n - n0) * P + p]);
+        bilinear_coordinate_grad(plane, corners, g_col * m, &gy, &gx);
+        gm += g_col * bilinear_gather(plane, corners);
+      }
+    }
+    if (grad_offset != nullptr) {
+      T* off = grad_offset + ((n * G + g) * 2 * K + 2 * k) * P + p;
+      off[0] = store_as<T>(gy);
+      off[P] = store_as<T>(gx);
+    }
+    if (grad_mask != nullptr) grad_mask[((n * G + g) * K + k) * P + p] = store_as<T>(gm);
+  }
+}
