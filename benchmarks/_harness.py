@@ -21,12 +21,25 @@ What is here:
   :func:`command_line`, :func:`blas_warning`.
 - :func:`markdown_table`, :func:`machine_markdown`, :func:`format_seconds`, :func:`ratio_text`: reporting.
 - :func:`write_results`: ``benchmarks/results/<name>.json`` and ``benchmarks/results/<name>.md``.
-- :func:`relative_error`: ‖a − b‖ / ‖b‖ in float64, to check results before timing them.
+- :func:`relative_error`: ‖a − b‖ / ‖b‖ in float64, to check results before timing them;
+  :func:`to_numpy`, :func:`errors_text`.
+
+What a bench_<op>.py script shares (each compares deformcp with a torch-based baseline):
+
+- :func:`add_arguments` (--device, --repeat, --warmup, --quick, --interleave, --torch-threads, --seed,
+  --output) and :func:`start`, which turns them into a :class:`Plan` (how to time) after the checks
+  every run makes first (BLAS overrides, --device cuda without a GPU).
+- :func:`device_setup`: what can run on ``--device`` (deformcp's host backend, torch on CUDA), the
+  synchronisation to time CUDA work with, and the machine entries (:class:`DeviceSetup`).
+- :func:`time_phases`: time each phase of a set of implementations, printing a line per result.
+- :func:`ratio`, :func:`timing_headers`, :func:`timing_cells`, :func:`evaluate_targets`,
+  :func:`report_markdown`, :func:`results_payload`, :func:`save_results`: the results files.
 
 Only the standard library and NumPy are needed; torch and threadpoolctl are reported when installed.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import json
@@ -190,6 +203,19 @@ class Record:
 # ------------------------------------------------------------------------------------------------ checks
 
 from deformcp.testing import relative_error  # noqa: E402  (one definition of the error measure)
+
+
+def to_numpy(a) -> np.ndarray:
+    """A NumPy copy of a NumPy, CuPy or torch array."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(a, torch.Tensor):
+        return a.detach().cpu().numpy()
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def errors_text(errors: dict) -> str:
+    """``name 1.2e-06, name 3.4e-07``: relative errors as printed and reported."""
+    return ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
 
 
 # ----------------------------------------------------------------------------------------------- machine
@@ -389,3 +415,268 @@ def _jsonable(value):
     if isinstance(value, pathlib.Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+# ------------------------------------------------------------------------------------ a bench_<op>.py run
+
+def add_arguments(parser: argparse.ArgumentParser, results_name: str) -> None:
+    """The options every benchmark takes; ``results_name`` is the default results name."""
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--repeat", type=int, default=None, help="timed calls per measurement (default 30)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed calls first, and at least 0.25 s of them (default 3)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 3 repeats, 1 warm-up call; writes no files unless --output is given")
+    parser.add_argument("--interleave", action="store_true",
+                        help="time the implementations in turns, one call each per round (evens out drifting "
+                             "machine load; every call then starts with caches holding the others' data)")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch.set_num_threads(N) first (default: torch's own choice)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default=None,
+                        help="results name: benchmarks/results/<name>.{json,md}, or a path without suffix "
+                             f"(default {results_name}, or {results_name}_cuda)")
+
+
+@dataclasses.dataclass
+class Plan:
+    """How every row is timed: ≥ ``warmup`` warm-up calls and ≥ ``warmup_time`` seconds of them, then
+    ``repeat`` timed calls, the implementations back to back or (``interleave``) in turns."""
+
+    repeat: int
+    warmup: int
+    warmup_time: float
+    interleave: bool
+
+    def describe(self) -> str:
+        """The line printed before timing."""
+        return (f"timing: {self.warmup} warm-up calls (and ≥ {self.warmup_time:g} s) + {self.repeat} timed "
+                "calls each, " + ("implementations in turns (--interleave)" if self.interleave
+                                  else "back to back"))
+
+    def method(self) -> str:
+        """The results' description of the timing."""
+        return (f"≥ {self.warmup} warm-up calls and ≥ {self.warmup_time:g} s, then {self.repeat} timed calls "
+                "per row, " + ("implementations in turns" if self.interleave else "each row's calls back to back"))
+
+    def time(self, fns: dict[str, Callable[[], Any]], sync=None) -> dict[str, Timing]:
+        if self.interleave:
+            return measure_interleaved(fns, repeat=self.repeat, warmup=self.warmup, sync=sync,
+                                       warmup_time=self.warmup_time)
+        return {name: measure(fn, repeat=self.repeat, warmup=self.warmup, sync=sync,
+                              warmup_time=self.warmup_time)
+                for name, fn in fns.items()}
+
+
+def start(parser: argparse.ArgumentParser, args: argparse.Namespace, torch=None) -> Optional[Plan]:
+    """The :class:`Plan` of :func:`add_arguments`' options, after what every run does first: check
+    them, apply --torch-threads (``torch``: the module, or None), warn about BLAS overrides. None, with a
+    message, where --device cuda has no GPU to run on."""
+    repeat = args.repeat or (3 if args.quick else 30)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
+    if repeat < 1 or warmup < 0:
+        parser.error("--repeat must be at least 1 and --warmup at least 0")
+    if args.torch_threads is not None:
+        if args.torch_threads < 1:
+            parser.error("--torch-threads must be at least 1")
+        if torch is not None:
+            torch.set_num_threads(args.torch_threads)
+    warning = blas_warning()
+    if warning:
+        print(warning, file=sys.stderr)
+    if args.device == "cuda":
+        from deformcp.testing import gpu_available
+
+        problem = gpu_available()
+        if problem:
+            print(f"--device cuda: {problem}. Nothing timed; run without --device cuda for the CPU "
+                  "benchmark.", file=sys.stderr)
+            return None
+    return Plan(repeat, warmup, 0.0 if args.quick else 0.25, args.interleave)
+
+
+@dataclasses.dataclass
+class DeviceSetup:
+    """What runs on the benchmark's device (see :func:`device_setup`)."""
+
+    device: str                      # "cpu" or "cuda"
+    info: dict                       # machine_info entries: device, and on CUDA gpu and torch_cuda
+    notes: list[str]                 # what cannot run here
+    sync: Optional[Callable[[], None]] = None  # run around timed calls (CUDA)
+    host: bool = False               # cpu: deformcp's host backend can be compiled
+    torch_device: Any = None         # where the torch baseline runs; None: it cannot run here
+
+
+def device_setup(device: str, torch=None) -> DeviceSetup:
+    """``device`` "cpu": whether deformcp's host backend has a compiler. "cuda": CuPy's current device,
+    and whether ``torch`` (the module, or None) can run there too; ``sync`` then waits for both."""
+    if device == "cpu":
+        from deformcp import _host
+
+        setup = DeviceSetup("cpu", {"device": "cpu"}, [], host=_host.compiler() is not None,
+                            torch_device="cpu" if torch is not None else None)
+        if not setup.host:
+            setup.notes.append("deformcp host skipped: no C++ compiler found (set CXX)")
+        return setup
+    import cupy
+
+    cuda = cupy.cuda.Device()
+    name = cupy.cuda.runtime.getDeviceProperties(cuda.id)["name"]
+    info = {"device": f"cuda:{cuda.id}", "torch_cuda": torch.version.cuda if torch is not None else None,
+            "gpu": f"{name.decode() if isinstance(name, bytes) else name} (compute capability "
+                   f"{cuda.compute_capability}), CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}"}
+    torch_cuda = torch is not None and torch.cuda.is_available()
+    notes = []
+    if torch is not None and not torch_cuda:
+        notes.append(f"torch {torch.__version__} has no CUDA device here: deformcp times only")
+
+    def sync():
+        cuda.synchronize()                   # cudaDeviceSynchronize: every stream of the device, CuPy's ...
+        if torch_cuda:
+            torch.cuda.synchronize(cuda.id)  # ... and torch's (its caching allocator included)
+
+    return DeviceSetup("cuda", info, notes, sync, torch_device=torch.device("cuda", cuda.id) if torch_cuda else None)
+
+
+def check_load() -> Optional[float]:
+    """:func:`cpu_busy`, printing :func:`busy_warning`'s warning where there is one."""
+    busy = cpu_busy()
+    warning = busy_warning(busy)
+    if warning:
+        print(warning, file=sys.stderr)
+    return busy
+
+
+#: The method of an implementation object that each phase times.
+PHASE_METHODS = {"forward": "forward", "backward": "backward", "forward+backward": "forward_backward"}
+
+
+def time_phases(plan: Plan, impls: dict, phases: Sequence[str], sync, case: str, baseline: Optional[str],
+                extra: Optional[dict] = None, label: str = "") -> list[Record]:
+    """Time each implementation's method of every phase (:data:`PHASE_METHODS`), printing a line per
+    result (``label`` first); the Records of ``case`` with ``extra``."""
+    extra, records = extra or {}, []
+    for phase in phases:
+        fns = {name: getattr(impl, PHASE_METHODS[phase]) for name, impl in impls.items()}
+        timings = plan.time(fns, sync)
+        records += [Record(case, name, phase, timing, dict(extra)) for name, timing in timings.items()]
+        for name, timing in timings.items():
+            value = ratio(records, baseline, name, phase, **extra) if name != baseline else None
+            print(f"  {label}{phase:<17} {name:<16} median {format_seconds(timing.median):>10}  "
+                  f"spread {timing.spread * 100:4.1f}%  other load {load_text(timing)}"
+                  + ("" if value is None else f"  {value:.2f}× {baseline}"))
+    return records
+
+
+def load_text(timing: Timing) -> str:
+    return "—" if timing.others_busy is None else f"{timing.others_busy:.0%}"
+
+
+def ratio(records: Sequence[Record], baseline: Optional[str], impl: str, phase: str, **extra) -> Optional[float]:
+    """``impl``'s median / ``baseline``'s median for ``phase`` (and records whose extra has ``extra``'s
+    entries, such as op=...); None where either is missing."""
+    def median(name):
+        found = [r for r in records if r.impl == name and r.phase == phase
+                 and all(r.extra.get(k) == v for k, v in extra.items())]
+        return found[0].timing.median if found else None
+
+    mine, base = median(impl), median(baseline)
+    return mine / base if mine is not None and base is not None else None
+
+
+def timing_headers(baseline: Optional[str]) -> list[str]:
+    """The results table's timing columns (after the columns naming the row)."""
+    return ["median", "p25–p75", "min", "runs", "other load", f"÷ {baseline}" if baseline else "ratio"]
+
+
+def timing_cells(records: Sequence[Record], record: Record, baseline: Optional[str]) -> list:
+    """``record``'s cells under :func:`timing_headers`, its ratio to the baseline's alike record."""
+    t = record.timing
+    return [format_seconds(t.median), f"{format_seconds(t.q25)}–{format_seconds(t.q75)}",
+            format_seconds(t.min), t.repeat, load_text(t),
+            ratio_text(ratio(records, baseline, record.impl, record.phase, **record.extra))]
+
+
+#: A target's own entries; the others (impl, phase, op ...) say which result it is about.
+TARGET_FIELDS = ("max_ratio", "ratio", "status", "target")
+
+
+def evaluate_targets(targets: Sequence[dict], records: Sequence[Record], baseline: Optional[str],
+                     default_case: bool, missing: str) -> list[dict]:
+    """Each target (``impl``, ``phase``, any extra entries such as ``op``, ``max_ratio``: the most
+    implementation / baseline may be, ``target``: what that means) with its ``ratio`` and ``status``:
+    met, MISSED, ``missing`` (no ratio), or not applicable outside the default case."""
+    evaluated = []
+    for target in targets:
+        where = {k: v for k, v in target.items() if k not in TARGET_FIELDS}
+        value = ratio(records, baseline, **where)
+        limit = target["max_ratio"]
+        status = (missing if value is None else ("met" if value <= limit else "MISSED") if default_case
+                  else "not applicable: the targets are set for the default case")
+        evaluated.append({**where, "max_ratio": limit, "ratio": value, "status": status,
+                          "target": target["target"]})
+    return evaluated
+
+
+def report_markdown(*, title: str, case_lines: Sequence[str], command: str, method: str, machine: dict,
+                    baseline: Optional[str], compared: str, no_baseline: str, headers: Sequence[str],
+                    rows: Sequence[Sequence[Any]], targets: Sequence[dict], verification: str,
+                    errors: dict[str, dict], notes: Sequence[str]) -> str:
+    """The results markdown. ``compared``: what a ratio keeps alike ("phase"); ``no_baseline``: why
+    there is no baseline, where ``baseline`` is None ("No torch baseline (torch is not installed)");
+    ``verification``: what the errors are ("relative errors against torch cpu"); ``errors``: per
+    implementation (a line each), the relative errors."""
+    lines = [
+        f"# deformcp benchmark: {title}",
+        "",
+        *case_lines,
+        "",
+        f"Command: `{command}`. Timing: {method}.",
+        "",
+        machine_markdown(machine),
+        "",
+        (f"Ratio = implementation's median / {baseline}'s median for the same {compared}: **below 1 is "
+         f"faster than {baseline}**." if baseline
+         else f"**{no_baseline}: deformcp times only, no ratios.**"),
+        "",
+        markdown_table(headers, rows),
+        "",
+        "Targets:",
+        "",
+        *(" ".join(["-", *(str(v) for k, v in t.items() if k not in TARGET_FIELDS)])
+          + f": {t['target']} (ratio ≤ {t['max_ratio']:g}): "
+          + (f"{t['ratio']:.2f}× — " if t["ratio"] is not None else "") + t["status"]
+          for t in targets),
+        "",
+        f"Verification before timing ({verification}):",
+        "",
+        *(f"- {name}: {errors_text(e)}" for name, e in errors.items()),
+    ]
+    if notes:
+        lines += ["", *(f"Note: {n}" for n in notes)]
+    return "\n".join(lines)
+
+
+def no_baseline(library: str, module) -> str:
+    """Why there is no ``library`` baseline (``module``: the imported module, or None)."""
+    why = f"{library} is not installed" if module is None else f"{library} cannot run on this device"
+    return f"No {library} baseline ({why})"
+
+
+def results_payload(command: str, case: dict, *, plan: Plan, baseline: Optional[str], compared: str,
+                    machine: dict, errors: dict, targets: list, notes: list, records: Sequence[Record]) -> dict:
+    """The results JSON: the command, the ``case``'s entries, then how it was timed and the results."""
+    return {"command": command, **case, "baseline": baseline, "interleave": plan.interleave,
+            "repeat": plan.repeat, "warmup": plan.warmup,
+            "ratio_meaning": f"implementation median / baseline median, same {compared}; < 1 is faster",
+            "machine": machine, "verification": errors, "targets": targets, "notes": notes,
+            "results": [r.to_dict() for r in records]}
+
+
+def save_results(args: argparse.Namespace, results_name: str, payload: dict, markdown: str) -> None:
+    """:func:`write_results` under --output, or else ``results_name`` (``_cuda`` added for --device
+    cuda) except with --quick, which writes nothing."""
+    name = args.output or (None if args.quick else results_name + ("_cuda" if args.device == "cuda" else ""))
+    if name:
+        json_path, md_path = write_results(name, payload, markdown)
+        print(f"\nwrote {json_path} and {md_path}")

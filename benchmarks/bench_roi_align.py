@@ -58,7 +58,7 @@ sys.path.insert(0, str(HERE.parent))   # benchmark the checkout's deformcp
 
 import _harness  # noqa: E402
 import deformcp  # noqa: E402
-from deformcp import testing  # noqa: E402
+from _harness import to_numpy  # noqa: E402
 
 try:
     import torch
@@ -75,10 +75,11 @@ PS_GROUPS = 5                                   # ps_roi_align output channels: 
 BOX_SIDE = (8.0, 100.0)                         # box width and height range, pixels
 DEFAULTS = {"cpu": {"shape": (2, 256, 100, 152), "boxes": 512},
             "cuda": {"shape": (2, 256, 200, 304), "boxes": 1024}}
-#: (op, impl, phase, the most deformcp time / torchvision time may be, what the issue asks); default case
-TARGETS = (("roi_align", "deformcp numpy", "forward", 0.5, "at least 2× faster than torchvision forward"),
-           ("roi_align", "deformcp numpy", "forward+backward", 0.25,
-            "at least 4× faster than torchvision forward+backward"))
+#: max_ratio: the most deformcp time / torchvision time may be; target: what the issue asks. Default case.
+TARGETS = ({"op": "roi_align", "impl": "deformcp numpy", "phase": "forward", "max_ratio": 0.5,
+            "target": "at least 2× faster than torchvision forward"},
+           {"op": "roi_align", "impl": "deformcp numpy", "phase": "forward+backward", "max_ratio": 0.25,
+            "target": "at least 4× faster than torchvision forward+backward"})
 TOLERANCE = {"float32": 1e-4, "float64": 1e-10}
 FUNCTIONS = ("roi_align", "roi_align_backward", "ps_roi_align", "ps_roi_align_backward")
 
@@ -248,7 +249,7 @@ def verify(problem: Problem, impls: dict, reference: Reference) -> dict:
         bad = [k for k, v in checked.items() if not v <= tolerance]
         shapes = "" if not bad else (f"  shapes: output {tuple(np.shape(out))}, grad_input "
                                      f"{tuple(np.shape(grad_input))}")
-        print(f"  {name:<16} " + ", ".join(f"{k} {v:.1e}" for k, v in checked.items())
+        print(f"  {name:<16} {_harness.errors_text(checked)}"
               + (f"  FAILED ({', '.join(bad)}){shapes}" if bad else ""))
         if bad:
             failed.append(f"{name} ({problem.op}: {', '.join(bad)})")
@@ -268,150 +269,53 @@ def command_line() -> str:
     return command.replace("python ", f"{sys.executable} ", 1)
 
 
-def to_numpy(a) -> np.ndarray:
-    if torch is not None and isinstance(a, torch.Tensor):
-        return a.detach().cpu().numpy()
-    return a.get() if hasattr(a, "get") else np.asarray(a)
-
-
 # ------------------------------------------------------------------------------------------------- setup
 
-def host_problem() -> str | None:
-    from deformcp import _host
-    return None if _host.compiler() else "no C++ compiler found (set CXX)"
-
-
-def build_cpu(problem, functions, deterministic):
+def build(setup: _harness.DeviceSetup, problem: Problem, functions: dict | None, deterministic) -> dict:
+    """The implementations to time on the setup's device: deformcp's NumPy path and host backend (cpu) or
+    deformcp on CuPy arrays (cuda), where deformcp has the functions, and torchvision where it can run."""
     impls = {}
-    if functions is not None:
+    if functions is not None and setup.device == "cpu":
         impls["deformcp numpy"] = Deformcp("numpy", problem, functions, deterministic)
-        if host_problem() is None:
+        if setup.host:
             impls["deformcp host"] = Deformcp("host", problem, functions, deterministic)
-    if torchvision is not None:
-        impls["torchvision cpu"] = Torchvision("cpu", problem)
-    return impls
+    elif functions is not None:  # cuda
+        import cupy
 
-
-def cpu_setup():
-    notes = []
-    problem = host_problem()
-    if problem:
-        notes.append(f"deformcp host skipped: {problem}")
-    return None, notes, {"device": "cpu"}
-
-
-def cuda_setup():
-    import cupy
-
-    device = cupy.cuda.Device()
-    name = cupy.cuda.runtime.getDeviceProperties(device.id)["name"]
-    info = {"device": f"cuda:{device.id}", "torch_cuda": torch.version.cuda if torch is not None else None,
-            "gpu": f"{name.decode() if isinstance(name, bytes) else name} (compute capability "
-                   f"{device.compute_capability}), CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}"}
-    notes = []
-    torch_cuda = torchvision is not None and torch.cuda.is_available()
-    if torchvision is not None and not torch_cuda:
-        notes.append(f"torch {torch.__version__} has no CUDA device here: deformcp times only")
-
-    def sync():
-        device.synchronize()           # cudaDeviceSynchronize: every stream of the device, CuPy's ...
-        if torch_cuda:
-            torch.cuda.synchronize(device.id)  # ... and torch's (its caching allocator included)
-
-    return sync, notes, {**info, "torch_cuda_available": torch_cuda}
-
-
-def build_cuda(problem, functions, deterministic):
-    import cupy
-
-    impls = {}
-    if functions is not None:
         impls["deformcp cuda"] = Deformcp("cuda", problem, functions, deterministic, move=cupy.asarray)
-    if torchvision is not None and torch.cuda.is_available():
-        impls["torchvision cuda"] = Torchvision(torch.device("cuda", cupy.cuda.Device().id), problem)
+    if setup.torch_device is not None:
+        impls[f"torchvision {setup.device}"] = Torchvision(setup.torch_device, problem)
     return impls
 
 
 # ----------------------------------------------------------------------------------------------- report
 
-def _load(timing) -> str:
-    return "—" if timing.others_busy is None else f"{timing.others_busy:.0%}"
-
-
-def ratio(records, op, impl, phase, baseline):
-    mine = [r for r in records if r.extra["op"] == op and r.impl == impl and r.phase == phase]
-    base = [r for r in records if r.extra["op"] == op and r.impl == baseline and r.phase == phase]
-    return mine[0].timing.median / base[0].timing.median if mine and base else None
-
-
 def report(records, ops, baseline, cases, machine, errors, reference_name, notes, method, default_case
            ) -> tuple[str, list]:
-    headers = ["op", "phase", "implementation", "median", "p25–p75", "min", "runs", "other load",
-               f"÷ {baseline}" if baseline else "ratio"]
-    rows = []
-    for op in ops:
-        for phase in PHASES:
-            for r in (r for r in records if r.extra["op"] == op and r.phase == phase):
-                t = r.timing
-                rows.append([op, phase, r.impl, _harness.format_seconds(t.median),
-                             f"{_harness.format_seconds(t.q25)}–{_harness.format_seconds(t.q75)}",
-                             _harness.format_seconds(t.min), t.repeat, _load(t),
-                             _harness.ratio_text(ratio(records, op, r.impl, phase, baseline))
-                             if baseline else "—"])
-    targets = []
-    for op, impl, phase, limit, text in TARGETS:
-        if op not in ops:
-            continue
-        value = ratio(records, op, impl, phase, baseline) if baseline else None
-        status = ("no torchvision or no deformcp" if value is None else ("met" if value <= limit else "MISSED")
-                  if default_case else "not applicable: the targets are set for the default case")
-        targets.append({"op": op, "impl": impl, "phase": phase, "max_ratio": limit, "ratio": value,
-                        "status": status, "target": text})
+    headers = ["op", "phase", "implementation", *_harness.timing_headers(baseline)]
+    rows = [[r.extra["op"], r.phase, r.impl, *_harness.timing_cells(records, r, baseline)] for r in records]
+    targets = _harness.evaluate_targets([t for t in TARGETS if t["op"] in ops], records, baseline, default_case,
+                                        missing="no torchvision or no deformcp")
     if "ps_roi_align" in ops and baseline:  # the issue's bar, shown for ps_roi_align too (not a target)
-        for _, impl, phase, limit, text in TARGETS:
-            value = ratio(records, "ps_roi_align", impl, phase, baseline)
+        for t in TARGETS:
+            value = _harness.ratio(records, baseline, t["impl"], t["phase"], op="ps_roi_align")
             if value is not None:
-                targets.append({"op": "ps_roi_align", "impl": impl, "phase": phase, "max_ratio": limit,
-                                "ratio": value, "status": "information only (" +
-                                ("within" if value <= limit else "beyond") + " roi_align's bar)",
-                                "target": text})
-    lines = [
-        "# deformcp benchmark: roi_align and ps_roi_align",
-        "",
-        "Cases:",
-        "",
-        *(f"- {case}" for case in cases),
-        "",
-        "Boxes: (K, 5) rows (batch index, x1, y1, x2, y2) in the input's dtype, batch index uniform over "
-        "the batch, sides uniform in [8, 100] px, wholly inside the image; fixed seed. forward+backward = "
-        "forward, then the input gradient for a random grad_output (torchvision: autograd).",
-        "",
-        f"Command: `{command_line()}`. Timing: {method}.",
-        "",
-        _harness.machine_markdown(machine),
-        "",
-        ("Ratio = implementation's median / "
-         f"{baseline}'s median for the same op and phase: **below 1 is faster than {baseline}**."
-         if baseline else "**No torchvision baseline (" + ("torchvision is not installed" if torchvision is None
-                                                            else "torchvision cannot run on this device")
-         + "): deformcp times only, no ratios.**"),
-        "",
-        _harness.markdown_table(headers, rows),
-        "",
-        "Targets:",
-        "",
-        *(f"- {t['op']} {t['impl']} {t['phase']}: {t['target']} (ratio ≤ {t['max_ratio']:g}): "
-          + (f"{t['ratio']:.2f}× — " if t["ratio"] is not None else "") + t["status"]
-          for t in targets),
-        "",
-        f"Verification before timing (relative errors against {reference_name}):",
-        "",
-        *(f"- {op} {name}: " + ", ".join(f"{k} {v:.1e}" for k, v in e.items())
-          for op, per_op in errors.items() for name, e in per_op.items()),
-    ]
-    if notes:
-        lines += ["", *(f"Note: {n}" for n in notes)]
-    return "\n".join(lines), targets
+                targets.append({"op": "ps_roi_align", "impl": t["impl"], "phase": t["phase"],
+                                "max_ratio": t["max_ratio"], "ratio": value, "status": "information only (" +
+                                ("within" if value <= t["max_ratio"] else "beyond") + " roi_align's bar)",
+                                "target": t["target"]})
+    markdown = _harness.report_markdown(
+        title="roi_align and ps_roi_align",
+        case_lines=["Cases:", "", *(f"- {case}" for case in cases), "",
+                    "Boxes: (K, 5) rows (batch index, x1, y1, x2, y2) in the input's dtype, batch index uniform "
+                    "over the batch, sides uniform in [8, 100] px, wholly inside the image; fixed seed. "
+                    "forward+backward = forward, then the input gradient for a random grad_output "
+                    "(torchvision: autograd)."],
+        command=command_line(), method=method, machine=machine, baseline=baseline, compared="op and phase",
+        no_baseline=_harness.no_baseline("torchvision", torchvision), headers=headers, rows=rows,
+        targets=targets, verification=f"relative errors against {reference_name}",
+        errors={f"{op} {name}": e for op, per_op in errors.items() for name, e in per_op.items()}, notes=notes)
+    return markdown, targets
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -421,17 +325,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Run as: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE "
                                             "/opt/tv/bin/python benchmarks/bench_roi_align.py")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    _harness.add_arguments(parser, "roi_align")
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
-    parser.add_argument("--repeat", type=int, default=None, help="timed calls per measurement (default 30)")
-    parser.add_argument("--warmup", type=int, default=None,
-                        help="untimed calls first, and at least 0.25 s of them (default 3)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 3 repeats, 1 warm-up call; writes no files unless --output is given")
-    parser.add_argument("--interleave", action="store_true",
-                        help="time the implementations in turns, one call each per round")
-    parser.add_argument("--torch-threads", type=int, default=None,
-                        help="torch.set_num_threads(N) first (default: torch's own choice)")
     parser.add_argument("--shape", type=int, nargs=4, default=None, metavar=("N", "C", "H", "W"),
                         help="roi_align input shape (default 2 256 100 152; cuda 2 256 200 304); "
                              "ps_roi_align uses C = 245")
@@ -439,32 +334,11 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--deterministic", action="store_true",
                         help="pass deterministic=True to deformcp's backward functions")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=None,
-                        help="results name: benchmarks/results/<name>.{json,md}, or a path without suffix "
-                             "(default roi_align, or roi_align_cuda)")
     args = parser.parse_args(argv)
-    repeat = args.repeat or (3 if args.quick else 30)
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
-    warmup_time = 0.0 if args.quick else 0.25
-    if repeat < 1 or warmup < 0:
-        parser.error("--repeat must be at least 1 and --warmup at least 0")
     ops = [op for op in OPS if op in args.ops]
-
-    if args.torch_threads is not None:
-        if args.torch_threads < 1:
-            parser.error("--torch-threads must be at least 1")
-        if torch is not None:
-            torch.set_num_threads(args.torch_threads)
-    warning = _harness.blas_warning()
-    if warning:
-        print(warning, file=sys.stderr)
-    if args.device == "cuda":
-        problem = testing.gpu_available()
-        if problem:
-            print(f"--device cuda: {problem}. Nothing timed; run without --device cuda for the CPU "
-                  "benchmark.", file=sys.stderr)
-            return 2
+    plan = _harness.start(parser, args, torch)
+    if plan is None:
+        return 2
 
     functions, missing = deformcp_functions()
     notes = []
@@ -481,14 +355,13 @@ def main(argv=None) -> int:
     shape = tuple(args.shape or defaults["shape"])
     K = args.boxes or defaults["boxes"]
     default_case = (shape == defaults["shape"] and K == defaults["boxes"] and args.dtype == "float32")
-    sync, setup_notes, device_info = cpu_setup() if args.device == "cpu" else cuda_setup()
-    notes += setup_notes
-    build = build_cpu if args.device == "cpu" else build_cuda
+    setup = _harness.device_setup(args.device, torch)
+    notes += setup.notes
     for note in notes:
         print(f"note: {note}")
 
     problems = {op: Problem(op, shape, K, args.dtype, args.seed) for op in ops}
-    impls = {op: build(problems[op], functions, args.deterministic) for op in ops}
+    impls = {op: build(setup, problems[op], functions, args.deterministic) for op in ops}
     baseline = next((name for name in impls[ops[0]] if name.startswith("torchvision")), None)
     cases = [problems[op].describe() for op in ops]
     for case in cases:
@@ -501,58 +374,34 @@ def main(argv=None) -> int:
         print(f"verifying {op} against {reference.name} (relative errors) ...")
         errors[op] = verify(problems[op], impls[op], reference)
 
-    busy_before = _harness.cpu_busy()
-    warning = _harness.busy_warning(busy_before)
-    if warning:
-        print(warning, file=sys.stderr)
+    busy_before = _harness.check_load()
+    print(plan.describe())
     records = []
-    print(f"timing: {warmup} warm-up calls (and ≥ {warmup_time:g} s) + {repeat} timed calls each, "
-          + ("implementations in turns (--interleave)" if args.interleave else "back to back"))
     for op in ops:
-        for phase in PHASES:
-            fns = {name: {"forward": impl.forward, "forward+backward": impl.forward_backward}[phase]
-                   for name, impl in impls[op].items()}
-            if args.interleave:
-                timings = _harness.measure_interleaved(fns, repeat=repeat, warmup=warmup, sync=sync,
-                                                       warmup_time=warmup_time)
-            else:
-                timings = {name: _harness.measure(fn, repeat=repeat, warmup=warmup, sync=sync,
-                                                  warmup_time=warmup_time)
-                           for name, fn in fns.items()}
-            records += [_harness.Record(problems[op].describe(), name, phase, timing, {"op": op})
-                        for name, timing in timings.items()]
-            for name, timing in timings.items():
-                value = ratio(records, op, name, phase, baseline) if baseline and name != baseline else None
-                print(f"  {op:<13} {phase:<17} {name:<16} median {_harness.format_seconds(timing.median):>10}"
-                      f"  spread {timing.spread * 100:4.1f}%  other load {_load(timing)}"
-                      + ("" if value is None else f"  {value:.2f}× {baseline}"))
+        records += _harness.time_phases(plan, impls[op], PHASES, setup.sync, problems[op].describe(), baseline,
+                                        extra={"op": op}, label=f"{op:<13} ")
 
     busy_after = _harness.cpu_busy()
+    device_info = setup.info if args.device == "cpu" else {
+        **setup.info, "torch_cuda_available": setup.torch_device is not None}
     machine = _harness.machine_info({**device_info, "torchvision": getattr(torchvision, "__version__", None),
                                      "cpu_busy_before": busy_before, "cpu_busy_after": busy_after})
     if machine.get("torchvision"):  # machine_markdown lists torch only: name torchvision beside it
         machine["torch"] = f"{machine['torch']}, torchvision {machine['torchvision']}"
-    method = (f"≥ {warmup} warm-up calls and ≥ {warmup_time:g} s, then {repeat} timed calls per row, "
-              + ("implementations in turns" if args.interleave else "each row's calls back to back")
-              + (", deformcp backward with deterministic=True" if args.deterministic else ""))
+    method = plan.method() + (", deformcp backward with deterministic=True" if args.deterministic else "")
     markdown, targets = report(records, ops, baseline, cases, machine, errors, reference_name, notes, method,
                                default_case)
     print()
     print(markdown)
-    name = args.output or (None if args.quick else "roi_align" + ("_cuda" if args.device == "cuda" else ""))
-    if name:
-        payload = {"command": command_line(), "cases": cases, "ops": ops, "shape": shape,
-                   "boxes": K, "dtype": args.dtype, "output_size": OUTPUT_SIZE,
-                   "sampling_ratio": SAMPLING_RATIO, "aligned": ALIGNED, "spatial_scale": SPATIAL_SCALE,
-                   "pool_mode": POOL_MODE, "ps_channels": PS_GROUPS * OUTPUT_SIZE[0] * OUTPUT_SIZE[1],
-                   "box_side_px": BOX_SIDE, "seed": args.seed, "device": args.device,
-                   "deterministic": args.deterministic, "baseline": baseline,
-                   "interleave": args.interleave, "repeat": repeat, "warmup": warmup,
-                   "ratio_meaning": "implementation median / baseline median, same op and phase; < 1 is faster",
-                   "machine": machine, "verification": errors, "targets": targets, "notes": notes,
-                   "results": [r.to_dict() for r in records]}
-        json_path, md_path = _harness.write_results(name, payload, markdown)
-        print(f"\nwrote {json_path} and {md_path}")
+    payload = _harness.results_payload(
+        command_line(), {"cases": cases, "ops": ops, "shape": shape, "boxes": K, "dtype": args.dtype,
+                         "output_size": OUTPUT_SIZE, "sampling_ratio": SAMPLING_RATIO, "aligned": ALIGNED,
+                         "spatial_scale": SPATIAL_SCALE, "pool_mode": POOL_MODE,
+                         "ps_channels": PS_GROUPS * OUTPUT_SIZE[0] * OUTPUT_SIZE[1], "box_side_px": BOX_SIDE,
+                         "seed": args.seed, "device": args.device, "deterministic": args.deterministic},
+        plan=plan, baseline=baseline, compared="op and phase", machine=machine, errors=errors, targets=targets,
+        notes=notes, records=records)
+    _harness.save_results(args, "roi_align", payload, markdown)
     return 0
 
 

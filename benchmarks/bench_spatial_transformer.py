@@ -45,7 +45,7 @@ sys.path.insert(0, str(HERE.parent))   # benchmark the checkout's deformcp
 
 import _harness  # noqa: E402
 import deformcp  # noqa: E402
-from deformcp import testing  # noqa: E402
+from _harness import to_numpy  # noqa: E402
 
 try:
     import torch
@@ -56,9 +56,11 @@ except ImportError:  # optional
 MODE, PADDING, ALIGN_CORNERS = "bilinear", "zeros", False
 PHASES = ("forward", "backward", "forward+backward")
 DEFAULT_SHAPE = (8, 64, 56, 56)
-#: (impl, phase, the most deformcp time / torch time may be, what the issue asks); default case only
-TARGETS = (("deformcp numpy", "forward", 2.0, "within 2× of torch forward"),
-           ("deformcp numpy", "forward+backward", 1.0, "at least as fast as torch forward+backward"))
+#: max_ratio: the most deformcp time / torch time may be; target: what the issue asks. Default case only.
+TARGETS = ({"impl": "deformcp numpy", "phase": "forward", "max_ratio": 2.0,
+            "target": "within 2× of torch forward"},
+           {"impl": "deformcp numpy", "phase": "forward+backward", "max_ratio": 1.0,
+            "target": "at least as fast as torch forward+backward"})
 TOLERANCE = {"float32": 1e-4, "float64": 1e-10}
 
 
@@ -231,7 +233,7 @@ def verify(impls: dict, reference: Reference, dtype: str) -> dict:
                                                                                           expected[2])}
         bad = [k for k, v in checked.items()
                if not v <= (TOLERANCE["float64"] if "float64" in k else tolerance)]
-        print(f"  {name:<16} " + ", ".join(f"{k} {v:.1e}" for k, v in errors[name].items())
+        print(f"  {name:<16} {_harness.errors_text(errors[name])}"
               + (f"  FAILED ({', '.join(bad)})" if bad else ""))
         if bad:
             failed.append(name)
@@ -241,119 +243,41 @@ def verify(impls: dict, reference: Reference, dtype: str) -> dict:
     return errors
 
 
-def to_numpy(a) -> np.ndarray:
-    if torch is not None and isinstance(a, torch.Tensor):
-        return a.detach().cpu().numpy()
-    return a.get() if hasattr(a, "get") else np.asarray(a)
-
-
 # ------------------------------------------------------------------------------------------------- setup
 
-def host_problem() -> str | None:
-    from deformcp import _host
-    return None if _host.compiler() else "no C++ compiler found (set CXX)"
-
-
-def build_cpu(x, theta, grad_output, size):
-    impls, sync, notes = {}, None, []
-    impls["deformcp numpy"] = Deformcp("numpy", x, theta, grad_output, size)
-    problem = host_problem()
-    if problem:
-        notes.append(f"deformcp host skipped: {problem}")
+def build(setup: _harness.DeviceSetup, x, theta, grad_output, size) -> dict:
+    """The implementations to time on the setup's device: deformcp's NumPy path and host backend (cpu) or
+    deformcp on CuPy arrays (cuda), and torch where it can run."""
+    impls = {}
+    if setup.device == "cpu":
+        impls["deformcp numpy"] = Deformcp("numpy", x, theta, grad_output, size)
+        if setup.host:
+            impls["deformcp host"] = Deformcp("host", x, theta, grad_output, size)
     else:
-        impls["deformcp host"] = Deformcp("host", x, theta, grad_output, size)
-    if torch is not None:
-        impls["torch cpu"] = Torch("cpu", x, theta, grad_output, size)
-    return impls, sync, notes, {"device": "cpu"}
+        import cupy
 
-
-def build_cuda(x, theta, grad_output, size):
-    import cupy
-
-    device = cupy.cuda.Device()
-    name = cupy.cuda.runtime.getDeviceProperties(device.id)["name"]
-    info = {"device": f"cuda:{device.id}", "torch_cuda": torch.version.cuda if torch is not None else None,
-            "gpu": f"{name.decode() if isinstance(name, bytes) else name} (compute capability "
-                   f"{device.compute_capability}), CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}"}
-    impls, notes = {}, []
-    impls["deformcp cuda"] = Deformcp("cuda", *(cupy.asarray(a) for a in (x, theta, grad_output)), size)
-    torch_cuda = torch is not None and torch.cuda.is_available()
-    if torch_cuda:
-        impls["torch cuda"] = Torch(torch.device("cuda", device.id), x, theta, grad_output, size)
-    elif torch is not None:
-        notes.append(f"torch {torch.__version__} has no CUDA device here: deformcp times only")
-
-    def sync():
-        device.synchronize()           # cudaDeviceSynchronize: every stream of the device, CuPy's ...
-        if torch_cuda:
-            torch.cuda.synchronize(device.id)  # ... and torch's (its caching allocator included)
-
-    return impls, sync, notes, info
+        impls["deformcp cuda"] = Deformcp("cuda", *(cupy.asarray(a) for a in (x, theta, grad_output)), size)
+    if setup.torch_device is not None:
+        impls[f"torch {setup.device}"] = Torch(setup.torch_device, x, theta, grad_output, size)
+    return impls
 
 
 # ----------------------------------------------------------------------------------------------- report
 
-def _load(timing) -> str:
-    return "—" if timing.others_busy is None else f"{timing.others_busy:.0%}"
-
-
-def ratio(records, impl, phase, baseline):
-    mine = [r for r in records if r.impl == impl and r.phase == phase]
-    base = [r for r in records if r.impl == baseline and r.phase == phase]
-    return mine[0].timing.median / base[0].timing.median if mine and base else None
-
-
 def report(records, baseline, case, machine, errors, reference_name, notes, method, default_case
            ) -> tuple[str, list]:
-    headers = ["phase", "implementation", "median", "p25–p75", "min", "runs", "other load",
-               f"÷ {baseline}" if baseline else "ratio"]
-    rows = []
-    for phase in PHASES:
-        for r in (r for r in records if r.phase == phase):
-            t = r.timing
-            rows.append([phase, r.impl, _harness.format_seconds(t.median),
-                         f"{_harness.format_seconds(t.q25)}–{_harness.format_seconds(t.q75)}",
-                         _harness.format_seconds(t.min), t.repeat, _load(t),
-                         _harness.ratio_text(ratio(records, r.impl, phase, baseline)) if baseline else "—"])
-    targets = []
-    for impl, phase, limit, text in TARGETS:
-        value = ratio(records, impl, phase, baseline) if baseline else None
-        status = ("no torch" if value is None else ("met" if value <= limit else "MISSED") if default_case
-                  else "not applicable: the targets are set for the default case")
-        targets.append({"impl": impl, "phase": phase, "max_ratio": limit, "ratio": value, "status": status,
-                        "target": text})
-    lines = [
-        "# deformcp benchmark: affine_grid + grid_sample",
-        "",
-        f"Case: {case}.",
-        "",
-        f"Command: `{_harness.command_line()}`. Timing: {method}.",
-        "",
-        _harness.machine_markdown(machine),
-        "",
-        ("Ratio = implementation's median / "
-         f"{baseline}'s median for the same phase: **below 1 is faster than {baseline}**."
-         if baseline else "**No torch baseline (" + ("torch is not installed" if torch is None
-                                                      else "torch cannot run on this device")
-         + "): deformcp times only, no ratios.**"),
-        "",
-        _harness.markdown_table(headers, rows),
-        "",
-        "Targets:",
-        "",
-        *(f"- {t['impl']} {t['phase']}: {t['target']} (ratio ≤ {t['max_ratio']:g}): "
-          + (f"{t['ratio']:.2f}× — " if t["ratio"] is not None else "") + t["status"]
-          for t in targets),
-        "",
-        f"Verification before timing (relative errors against {reference_name}; grad_theta is checked "
-        + ("at each implementation's own grid" if torch is not None else "on float64 inputs")
-        + ", see the script):",
-        "",
-        *(f"- {name}: " + ", ".join(f"{k} {v:.1e}" for k, v in e.items()) for name, e in errors.items()),
-    ]
-    if notes:
-        lines += ["", *(f"Note: {n}" for n in notes)]
-    return "\n".join(lines), targets
+    headers = ["phase", "implementation", *_harness.timing_headers(baseline)]
+    rows = [[r.phase, r.impl, *_harness.timing_cells(records, r, baseline)] for r in records]
+    targets = _harness.evaluate_targets(TARGETS, records, baseline, default_case, missing="no torch")
+    markdown = _harness.report_markdown(
+        title="affine_grid + grid_sample", case_lines=[f"Case: {case}."], command=_harness.command_line(),
+        method=method, machine=machine, baseline=baseline, compared="phase",
+        no_baseline=_harness.no_baseline("torch", torch), headers=headers, rows=rows, targets=targets,
+        verification=f"relative errors against {reference_name}; grad_theta is checked "
+                     + ("at each implementation's own grid" if torch is not None else "on float64 inputs")
+                     + ", see the script",
+        errors=errors, notes=notes)
+    return markdown, targets
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -363,44 +287,13 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Run as: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python "
                                             "benchmarks/bench_spatial_transformer.py")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--repeat", type=int, default=None, help="timed calls per measurement (default 30)")
-    parser.add_argument("--warmup", type=int, default=None,
-                        help="untimed calls first, and at least 0.25 s of them (default 3)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 3 repeats, 1 warm-up call; writes no files unless --output is given")
-    parser.add_argument("--interleave", action="store_true",
-                        help="time the implementations in turns, one call each per round (evens out drifting "
-                             "machine load; every call then starts with caches holding the others' data)")
-    parser.add_argument("--torch-threads", type=int, default=None,
-                        help="torch.set_num_threads(N) first (default: torch's own choice)")
+    _harness.add_arguments(parser, "spatial_transformer")
     parser.add_argument("--shape", type=int, nargs=4, default=DEFAULT_SHAPE, metavar=("N", "C", "H", "W"))
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=None,
-                        help="results name: benchmarks/results/<name>.{json,md}, or a path without suffix "
-                             "(default spatial_transformer, or spatial_transformer_cuda)")
     args = parser.parse_args(argv)
-    repeat = args.repeat or (3 if args.quick else 30)
-    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
-    warmup_time = 0.0 if args.quick else 0.25
-    if repeat < 1 or warmup < 0:
-        parser.error("--repeat must be at least 1 and --warmup at least 0")
-
-    if args.torch_threads is not None:
-        if args.torch_threads < 1:
-            parser.error("--torch-threads must be at least 1")
-        if torch is not None:
-            torch.set_num_threads(args.torch_threads)
-    warning = _harness.blas_warning()
-    if warning:
-        print(warning, file=sys.stderr)
-    if args.device == "cuda":
-        problem = testing.gpu_available()
-        if problem:
-            print(f"--device cuda: {problem}. Nothing timed; run without --device cuda for the CPU "
-                  "benchmark.", file=sys.stderr)
-            return 2
+    plan = _harness.start(parser, args, torch)
+    if plan is None:
+        return 2
     if torch is None:
         print("torch is not installed: timing deformcp only, no ratios (pip install torch to compare)")
 
@@ -408,8 +301,9 @@ def main(argv=None) -> int:
     x, theta, grad_output = make_inputs(shape, args.dtype, args.seed)
     case = (f"input {'×'.join(map(str, shape))} {args.dtype}, {MODE}, padding {PADDING}, "
             f"align_corners={ALIGN_CORNERS}, theta = identity + N(0, 0.05²), output size = input size")
-    build = build_cuda if args.device == "cuda" else build_cpu
-    impls, sync, notes, device_info = build(x, theta, grad_output, shape)
+    setup = _harness.device_setup(args.device, torch)
+    impls = build(setup, x, theta, grad_output, shape)
+    notes = setup.notes
     baseline = next((name for name in impls if name.startswith("torch")), None)
     for note in notes:
         print(f"note: {note}")
@@ -419,51 +313,24 @@ def main(argv=None) -> int:
     print(f"verifying against {reference.name} (relative errors) ...")
     errors = verify(impls, reference, args.dtype)
 
-    busy_before = _harness.cpu_busy()
-    warning = _harness.busy_warning(busy_before)
-    if warning:
-        print(warning, file=sys.stderr)
-    records = []
-    print(f"timing: {warmup} warm-up calls (and ≥ {warmup_time:g} s) + {repeat} timed calls each, "
-          + ("implementations in turns (--interleave)" if args.interleave else "back to back"))
-    for phase in PHASES:
-        fns = {name: {"forward": impl.forward, "backward": impl.backward,
-                      "forward+backward": impl.forward_backward}[phase] for name, impl in impls.items()}
-        if args.interleave:
-            timings = _harness.measure_interleaved(fns, repeat=repeat, warmup=warmup, sync=sync,
-                                                   warmup_time=warmup_time)
-        else:
-            timings = {name: _harness.measure(fn, repeat=repeat, warmup=warmup, sync=sync,
-                                              warmup_time=warmup_time)
-                       for name, fn in fns.items()}
-        records += [_harness.Record(case, name, phase, timing) for name, timing in timings.items()]
-        for name, timing in timings.items():
-            value = ratio(records, name, phase, baseline) if baseline and name != baseline else None
-            print(f"  {phase:<17} {name:<16} median {_harness.format_seconds(timing.median):>10}  "
-                  f"spread {timing.spread * 100:4.1f}%  other load {_load(timing)}"
-                  + ("" if value is None else f"  {value:.2f}× {baseline}"))
+    busy_before = _harness.check_load()
+    print(plan.describe())
+    records = _harness.time_phases(plan, impls, PHASES, setup.sync, case, baseline)
 
     busy_after = _harness.cpu_busy()
-    machine = _harness.machine_info({**device_info, "cpu_busy_before": busy_before,
+    machine = _harness.machine_info({**setup.info, "cpu_busy_before": busy_before,
                                      "cpu_busy_after": busy_after})
-    method = (f"≥ {warmup} warm-up calls and ≥ {warmup_time:g} s, then {repeat} timed calls per row, "
-              + ("implementations in turns" if args.interleave else "each row's calls back to back"))
-    markdown, targets = report(records, baseline, case, machine, errors, reference.name, notes, method,
+    markdown, targets = report(records, baseline, case, machine, errors, reference.name, notes, plan.method(),
                                shape == DEFAULT_SHAPE and args.dtype == "float32")
     print()
     print(markdown)
-    name = args.output or (None if args.quick else
-                           "spatial_transformer" + ("_cuda" if args.device == "cuda" else ""))
-    if name:
-        payload = {"command": _harness.command_line(), "case": case, "shape": shape, "dtype": args.dtype,
-                   "mode": MODE, "padding_mode": PADDING, "align_corners": ALIGN_CORNERS, "seed": args.seed,
-                   "device": args.device, "baseline": baseline, "interleave": args.interleave,
-                   "repeat": repeat, "warmup": warmup,
-                   "ratio_meaning": "implementation median / baseline median, same phase; < 1 is faster",
-                   "machine": machine, "verification": errors, "targets": targets, "notes": notes,
-                   "results": [r.to_dict() for r in records]}
-        json_path, md_path = _harness.write_results(name, payload, markdown)
-        print(f"\nwrote {json_path} and {md_path}")
+    payload = _harness.results_payload(
+        _harness.command_line(), {"case": case, "shape": shape, "dtype": args.dtype, "mode": MODE,
+                                  "padding_mode": PADDING, "align_corners": ALIGN_CORNERS, "seed": args.seed,
+                                  "device": args.device},
+        plan=plan, baseline=baseline, compared="phase", machine=machine, errors=errors, targets=targets,
+        notes=notes, records=records)
+    _harness.save_results(args, "spatial_transformer", payload, markdown)
     return 0
 
 

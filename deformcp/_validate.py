@@ -35,7 +35,7 @@ def shape(name: str, x, expected: tuple, layout: str) -> None:
     """Check x.shape == expected (None entries match any size)."""
     actual = tuple(x.shape)
     if len(actual) != len(expected) or any(e is not None and e != a for e, a in zip(expected, actual)):
-        shown = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
+        shown = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ("," if len(expected) == 1 else "") + ")"
         raise ValueError(f"{name}: expected shape {shown} for {layout}, got {actual}")
 
 

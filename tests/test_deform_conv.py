@@ -1,0 +1,278 @@
+"""deform_conv2d v1/v2: regular-convolution equivalence, boundary gradients, finite differences for all five
+inputs, backend parity on the irregular configuration, special offsets, determinism, workspace, bad input."""
+import numpy as np
+import pytest
+from conftest import assert_close, to_backend
+
+import deformcp
+from deformcp import testing
+from test_spatial_transformer import directional_derivative, run_both
+
+DTYPES = testing.dtypes()
+#: The irregular configuration: kernel 3×2, stride 2×1, padding 1×0, dilation 2×1, groups 2, offset groups 3.
+IRREGULAR = dict(C=6, C_out=4, groups=2, G=3, kh=3, kw=2, stride=(2, 1), padding=(1, 0), dilation=(2, 1))
+
+
+def output_size(H, W, kh, kw, stride, padding, dilation):
+    return ((H + 2 * padding[0] - (dilation[0] * (kh - 1) + 1)) // stride[0] + 1,
+            (W + 2 * padding[1] - (dilation[1] * (kw - 1) + 1)) // stride[1] + 1)
+
+
+def make_inputs(rng, N, H=9, W=8, modulated=True, C=6, C_out=4, groups=2, G=3, kh=3, kw=2, stride=(2, 1),
+                padding=(1, 0), dilation=(2, 1), offset_scale=2.0, smooth=False):
+    """Random inputs; with smooth, every sample coordinate keeps 0.05 away from integers (so that finite
+    differences do not straddle a kink of the bilinear weights)."""
+    Ho, Wo = output_size(H, W, kh, kw, stride, padding, dilation)
+    offset = offset_scale * rng.standard_normal((N, 2 * G * kh * kw, Ho, Wo))
+    if smooth:
+        offset = np.floor(offset) + np.clip(offset - np.floor(offset), 0.05, 0.95)
+    arrays = dict(input=rng.standard_normal((N, C, H, W)), offset=offset,
+                  weight=rng.standard_normal((C_out, C // groups, kh, kw)), bias=rng.standard_normal(C_out),
+                  mask=rng.uniform(0, 1, (N, G * kh * kw, Ho, Wo)) if modulated else None)
+    return arrays, dict(stride=stride, padding=padding, dilation=dilation)
+
+
+def regular_conv(x, weight, bias, stride, padding, dilation, groups):
+    """An independent grouped convolution: one strided slice of the padded input per kernel tap."""
+    N, C, H, W = x.shape
+    C_out, Cg, kh, kw = weight.shape
+    Ho, Wo = output_size(H, W, kh, kw, stride, padding, dilation)
+    padded = np.pad(x, ((0, 0), (0, 0), (padding[0],) * 2, (padding[1],) * 2))
+    out = np.zeros((N, C_out, Ho, Wo))
+    per_group = C_out // groups
+    for i in range(kh):
+        for j in range(kw):
+            window = padded[:, :, i * dilation[0]:i * dilation[0] + stride[0] * (Ho - 1) + 1:stride[0],
+                            j * dilation[1]:j * dilation[1] + stride[1] * (Wo - 1) + 1:stride[1]]
+            for q in range(groups):
+                out[:, q * per_group:(q + 1) * per_group] += np.einsum(
+                    "oc,nchw->nohw", weight[q * per_group:(q + 1) * per_group, :, i, j], window[:, q * Cg:(q + 1) * Cg])
+    return out + bias[:, None, None]
+
+
+# --------------------------------------------------------------------------- references and boundaries
+
+@pytest.mark.parametrize("modulated", [False, True])
+def test_zero_offsets_unit_mask_is_a_regular_convolution(rng, modulated):
+    arrays, conv = make_inputs(rng, 2, modulated=modulated, **{k: v for k, v in IRREGULAR.items()
+                                                               if k not in ("stride", "padding", "dilation")},
+                               stride=(2, 1), padding=(1, 0), dilation=(2, 1))
+    arrays["offset"][:] = 0
+    if modulated:
+        arrays["mask"][:] = 1
+    expected = regular_conv(arrays["input"], arrays["weight"], arrays["bias"], groups=2, **conv)
+    np.testing.assert_allclose(deformcp.deform_conv2d(**arrays, **conv), expected, atol=1e-12)
+    torch = pytest.importorskip("torch")
+    reference = torch.nn.functional.conv2d(*(torch.tensor(arrays[k]) for k in ("input", "weight", "bias")),
+                                           groups=2, **conv).numpy()
+    np.testing.assert_allclose(expected, reference, atol=1e-12)
+
+
+def test_offsets_pushing_every_sample_outside_leave_the_bias(rng):
+    arrays, conv = make_inputs(rng, 2)
+    arrays["offset"][:, 0::2] = 1e3  # every Δy far below the image
+    out = deformcp.deform_conv2d(**arrays, **conv)
+    np.testing.assert_array_equal(out, np.broadcast_to(arrays["bias"][:, None, None], out.shape[1:])[None].repeat(2, 0))
+    grads = deformcp.deform_conv2d_backward(rng.standard_normal(out.shape), **arrays, **conv)
+    for name in ("input", "offset", "weight", "mask"):
+        assert not np.any(getattr(grads, name)), name
+
+
+@pytest.mark.parametrize("dy, value, gradient", [
+    (-1.0, 0.0, 0.0),        # y = -1: zero, and zero gradient
+    (-0.5, 0.5, 1.0),        # y in (-1, 0): (1 + y)·x[row 0] — row -1 reads 0
+    (0.0, 1.0, -1.0 + 4.0),  # y = 0 exactly: the derivative is taken from the right, x[row 1] − x[row 0]
+    (2.0, 9.0, -9.0),        # y = H − 1: row H (outside) reads 0, so d/dy = 0 − x[row 2]
+    (2.5, 4.5, -9.0),        # y in (H − 1, H): (H − y)·x[row 2]
+    (3.0, 0.0, 0.0),         # y = H: zero, and zero gradient
+])
+def test_gradient_convention_at_the_borders(dy, value, gradient):
+    """One 1×1 tap at output (0, 0) over a 3×1 image [1, 4, 9]: the sample's value and d/dΔy."""
+    x = np.array([1.0, 4.0, 9.0]).reshape(1, 1, 3, 1)
+    weight = np.ones((1, 1, 1, 1))
+    offset = np.zeros((1, 2, 3, 1))
+    offset[0, 0, 0, 0] = dy
+    for backend in ("numpy", "host"):
+        with deformcp.backend(backend):
+            out = deformcp.deform_conv2d(x, offset, weight)
+            grads = deformcp.deform_conv2d_backward(np.eye(3)[0].reshape(1, 1, 3, 1), x, offset, weight)
+        assert out[0, 0, 0, 0] == pytest.approx(value, abs=1e-15), backend
+        assert grads.offset[0, 0, 0, 0] == pytest.approx(gradient, abs=1e-15), backend
+        # x = 0 exactly in a 1-pixel-wide image: from the right, column 1 (outside) reads 0, so d/dΔx = −value
+        assert grads.offset[0, 1, 0, 0] == pytest.approx(-value, abs=1e-15), backend
+
+
+def test_matches_torchvision_when_installed(rng):
+    torchvision = pytest.importorskip("torchvision")
+    torch = pytest.importorskip("torch")
+    arrays, conv = make_inputs(rng, 3)
+    tensors = {k: torch.tensor(v, requires_grad=True) for k, v in arrays.items()}
+    out = torchvision.ops.deform_conv2d(**tensors, **conv)
+    grad_output = rng.standard_normal(out.shape)
+    out.backward(torch.tensor(grad_output))
+    np.testing.assert_allclose(deformcp.deform_conv2d(**arrays, **conv), out.detach().numpy(), atol=1e-12)
+    grads = deformcp.deform_conv2d_backward(grad_output, **arrays, **conv)
+    for name, tensor in tensors.items():
+        np.testing.assert_allclose(getattr(grads, name), tensor.grad.numpy(), atol=1e-12, err_msg=name)
+
+
+# ------------------------------------------------------------------------------- finite differences (float64)
+
+@pytest.mark.parametrize("modulated", [False, True])
+@pytest.mark.parametrize("trial", range(3))
+def test_finite_differences_all_five_inputs(rng, modulated, trial):
+    arrays, conv = make_inputs(rng, 2, modulated=modulated, smooth=True)
+    out = deformcp.deform_conv2d(**arrays, **conv)
+    grad_output = rng.standard_normal(out.shape)
+    grads = deformcp.deform_conv2d_backward(grad_output, **arrays, **conv)
+    names = [name for name in ("input", "offset", "weight", "bias", "mask") if arrays[name] is not None]
+
+    def loss(*values):
+        return np.sum(grad_output * deformcp.deform_conv2d(**dict(arrays, **dict(zip(names, values))), **conv))
+
+    for index, name in enumerate(names):
+        direction = rng.standard_normal(arrays[name].shape)
+        numeric = directional_derivative(loss, [arrays[n] for n in names], index, direction)
+        assert np.sum(getattr(grads, name) * direction) == pytest.approx(numeric, rel=1e-6, abs=1e-8), name
+    assert grads.mask is None if not modulated else grads.mask.shape == arrays["mask"].shape
+
+
+# ------------------------------------------------------------------------------------ backends vs NumPy
+
+def run_conv_both(backend, arrays, conv, grad_output, **backward_options):
+    order = ("input", "offset", "weight", "bias")
+    args = [arrays[k] for k in order]
+    out, expected = run_both(backend, deformcp.deform_conv2d, *args, **conv, mask=arrays["mask"])
+    grads, expected_grads = run_both(backend, deformcp.deform_conv2d_backward, grad_output, *args, **conv,
+                                     mask=arrays["mask"], **backward_options)
+    return out, expected, grads, expected_grads
+
+
+@pytest.mark.parametrize("N", [0, 1, 33])
+@pytest.mark.parametrize("modulated", [False, True])
+def test_irregular_configuration_matches_numpy(backend, rng, N, modulated):
+    arrays, conv = make_inputs(rng, N, modulated=modulated)
+    grad_output = rng.standard_normal((N, 4, *output_size(9, 8, 3, 2, **conv)))
+    out, expected, grads, expected_grads = run_conv_both(backend, arrays, conv, grad_output)
+    assert out.shape == expected.shape == grad_output.shape
+    assert_close(out, expected, "float64")
+    for name in ("input", "offset", "weight", "bias", "mask"):
+        got, want = getattr(grads, name), getattr(expected_grads, name)
+        assert (got is None) == (want is None) == (arrays[name] is None), name
+        if want is not None:
+            assert_close(got, want, "float64")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dtypes_match_numpy(backend, rng, dtype):
+    arrays, conv = make_inputs(rng, 2)
+    arrays = {k: None if v is None else v.astype(dtype) for k, v in arrays.items()}
+    grad_output = rng.standard_normal((2, 4, *output_size(9, 8, 3, 2, **conv))).astype(dtype)
+    out, expected, grads, expected_grads = run_conv_both(backend, arrays, conv, grad_output)
+    assert_close(out, expected, dtype)
+    for got, want in zip(grads, expected_grads):
+        assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("needs", [(True, False, False, False, False), (False, True, False, False, True),
+                                   (False, False, True, True, False)])
+def test_backward_skips_unwanted(backend, rng, needs):
+    arrays, conv = make_inputs(rng, 2)
+    grad_output = rng.standard_normal((2, 4, *output_size(9, 8, 3, 2, **conv)))
+    _, _, grads, expected = run_conv_both(backend, arrays, conv, grad_output, needs_input_grad=needs)
+    for got, want, wanted in zip(grads, expected, needs):
+        assert (got is None) == (want is None) == (not wanted)
+        if wanted:
+            assert_close(got, want, "float64")
+
+
+def test_nonfinite_offsets(backend, rng):
+    """NaN and ±inf offsets sample 0 and get zero gradient; no read outside the input (ASan run)."""
+    arrays, conv = make_inputs(rng, 2)
+    offset = arrays["offset"]
+    offset.reshape(-1)[::3] = np.nan
+    offset.reshape(-1)[1::7] = np.inf
+    offset.reshape(-1)[2::11] = -np.inf
+    offset.reshape(-1)[4::13] = 1e30
+    grad_output = rng.standard_normal((2, 4, *output_size(9, 8, 3, 2, **conv)))
+    out, expected, grads, expected_grads = run_conv_both(backend, arrays, conv, grad_output)
+    assert np.all(np.isfinite(expected))
+    assert_close(out, expected, "float64")
+    for got, want in zip(grads, expected_grads):
+        assert np.all(np.isfinite(want))
+        assert_close(got, want, "float64")
+
+
+def test_deterministic_backward_is_bitwise_reproducible(backend, rng):
+    arrays, conv = make_inputs(rng, 4, H=16, W=16, offset_scale=0.5)  # many samples land on each pixel
+    arrays = {k: v.astype(np.float32) for k, v in arrays.items()}
+    grad_output = rng.standard_normal((4, 4, *output_size(16, 16, 3, 2, **conv))).astype(np.float32)
+    args = [to_backend(a, backend) for a in (grad_output, arrays["input"], arrays["offset"], arrays["weight"],
+                                             arrays["bias"])]
+    runs = [testing.run(backend, deformcp.deform_conv2d_backward, *args, **conv,
+                        mask=to_backend(arrays["mask"], backend), deterministic=True) for _ in range(3)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            np.testing.assert_array_equal(testing.to_numpy(a), testing.to_numpy(b))
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "host"])
+def test_workspace_limit_chunks_the_batch(rng, backend_name):
+    arrays, conv = make_inputs(rng, 7)
+    grad_output = rng.standard_normal((7, 4, *output_size(9, 8, 3, 2, **conv)))
+    with deformcp.backend(backend_name):
+        whole = deformcp.deform_conv2d(**arrays, **conv), *deformcp.deform_conv2d_backward(grad_output, **arrays, **conv)
+        with deformcp.workspace_limit(65_000):  # one to six images a chunk, depending on backend and pass
+            chunked = (deformcp.deform_conv2d(**arrays, **conv),
+                       *deformcp.deform_conv2d_backward(grad_output, **arrays, **conv))
+        with deformcp.workspace_limit(100), pytest.raises(ValueError, match=r"deform_conv2d: one image needs \d+ "
+                                                                           r"bytes of workspace, more than the limit"):
+            deformcp.deform_conv2d(**arrays, **conv)
+    assert deformcp.get_workspace_limit() == 512 * 2**20
+    for a, b in zip(whole, chunked):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+def test_rejects_bad_input(rng):
+    arrays, conv = make_inputs(rng, 2)
+    x, offset, weight, mask = arrays["input"], arrays["offset"], arrays["weight"], arrays["mask"]
+
+    def call(**changes):
+        merged = dict(arrays, **conv)
+        merged.update(changes)
+        return deformcp.deform_conv2d(**merged)
+
+    cases = [
+        (ValueError, r"offset: expected 2·G·kh·kw = a positive multiple of 12 channels, got shape \(2, 35, 4, 7\)",
+         dict(offset=offset[:, :35])),
+        (ValueError, r"mask: expected shape \(2, 18, 4, 7\) for \(N, G·kh·kw, H_out, W_out\), got \(2, 17, 4, 7\)",
+         dict(mask=mask[:, :17])),
+        (ValueError, r"offset: expected shape \(2, 36, 4, 7\) for \(N, 2·G·kh·kw, H_out, W_out\), got \(2, 36, 3, 7\)",
+         dict(offset=offset[:, :, :3])),
+        (ValueError, r"weight: expected in-channels C / groups dividing C = 6 .* got weight shape \(4, 4, 3, 2\)",
+         dict(weight=np.zeros((4, 4, 3, 2)))),
+        (ValueError, r"input: expected channels C = 6 divisible by the 4 offset groups",
+         dict(offset=np.zeros((2, 48, 4, 7)), mask=None)),
+        (ValueError, r"padding: expected an int or a pair of ints ≥ 0, got \(-1, 0\)", dict(padding=(-1, 0))),
+        (ValueError, r"stride: expected an int or a pair of ints ≥ 1, got 0", dict(stride=0)),
+        (TypeError, r"dilation: expected an int or a pair of ints, got 1.5", dict(dilation=1.5)),
+        (ValueError, r"bias: expected shape \(4,\) for \(C_out,\), got \(3,\)", dict(bias=np.zeros(3))),
+        (TypeError, r"expected arrays of one dtype: input is float64, offset is float32",
+         dict(offset=offset.astype(np.float32))),
+        (ValueError, r"input: expected a 4-D array \(N, C, H, W\), got shape \(6, 9, 8\)", dict(input=x[0])),
+        (ValueError, r"input: spatial size \(2, 2\) with padding \(1, 0\) is smaller than the dilated kernel \(5, 2\)",
+         dict(input=x[:, :, :2, :2])),
+        (TypeError, r"weight: expected a floating-point array", dict(weight=weight.astype(np.int32))),
+    ]
+    for error, message, changes in cases:
+        with pytest.raises(error, match=message):
+            call(**changes)
+    with pytest.raises(ValueError, match=r"grad_output: expected shape \(2, 4, 4, 7\)"):
+        deformcp.deform_conv2d_backward(np.zeros((2, 4, 4, 6)), **arrays, **conv)
+    with pytest.raises(ValueError, match=r"needs_input_grad: expected 5 bools"):
+        deformcp.deform_conv2d_backward(np.zeros((2, 4, 4, 7)), **arrays, **conv, needs_input_grad=(True,))
+    with pytest.raises(ValueError, match=r"workspace_limit: expected a positive number of bytes, got 0"):
+        with deformcp.workspace_limit(0):
+            pass
