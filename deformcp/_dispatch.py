@@ -39,11 +39,18 @@ def backend(name: str):
     """
     if name not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")
-    token = _CPU_BACKEND.set(name)
-    try:
+    with scoped(_CPU_BACKEND, name):
         yield name
+
+
+@contextlib.contextmanager
+def scoped(variable: contextvars.ContextVar, value):
+    """Set a context variable for the duration of a ``with`` block (per thread and per task)."""
+    token = variable.set(value)
+    try:
+        yield value
     finally:
-        _CPU_BACKEND.reset(token)
+        variable.reset(token)
 
 
 def current_backend() -> str:

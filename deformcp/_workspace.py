@@ -12,6 +12,8 @@ import contextlib
 import contextvars
 import operator
 
+from . import _dispatch
+
 DEFAULT = 512 * 2**20
 _LIMIT = contextvars.ContextVar("deformcp_workspace_limit", default=DEFAULT)
 
@@ -25,11 +27,8 @@ def workspace_limit(nbytes: int):
         raise TypeError(f"workspace_limit: expected an int number of bytes, got {nbytes!r}") from None
     if nbytes <= 0:
         raise ValueError(f"workspace_limit: expected a positive number of bytes, got {nbytes}")
-    token = _LIMIT.set(nbytes)
-    try:
+    with _dispatch.scoped(_LIMIT, nbytes):
         yield nbytes
-    finally:
-        _LIMIT.reset(token)
 
 
 def get_workspace_limit() -> int:

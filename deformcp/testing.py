@@ -63,11 +63,8 @@ def registered() -> dict[str, OpCheck]:
 @contextlib.contextmanager
 def poisoned_outputs():
     """Fill every kernel output with NaN before the kernel runs, so an element it fails to write shows."""
-    token = _kernels.POISON_OUTPUTS.set(True)
-    try:
+    with _dispatch.scoped(_kernels.POISON_OUTPUTS, True):
         yield
-    finally:
-        _kernels.POISON_OUTPUTS.reset(token)
 
 
 def gpu_available() -> str | None:

@@ -42,6 +42,20 @@ __global__ void deform_conv_im2col(const T* input, const T* offset, const T* mas
   }
 }
 
+// Scatter the column gradient of channel c, tap k, output p of image n back onto its input plane.
+template <typename A, typename T, typename I>
+__device__ __forceinline__ void deform_scatter_tap(const T* offset, const T* mask, const T* grad_columns,
+                                                   T* plane, I n, I c, I k, I p, I K, I cols, bool atomic,
+                                                   DEFORM_CONV_SIZES) {
+  A y, x, m;
+  deform_tap(offset, mask, n, c / (C / G), k, p, G, kw, Ho, Wo, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, K, &y,
+             &x, &m);
+  bilinear_corners<A, I> corners;
+  if (bilinear_setup(y, x, H, W, corners))
+    bilinear_scatter(plane, corners, (A)load_acc(grad_columns[(c * K + k) * cols + (n - n0) * Ho * Wo + p]) * m,
+                     atomic);
+}
+
 // grad_input[n, c] += mask · grad_columns scattered back along the bilinear weights. grad_input is
 // zero-filled by the caller. deterministic = 0: one thread per (c, image, p), atomics; 1: one thread per
 // input plane (n, c), visiting (k, p) in order with plain adds (bitwise reproducible).
@@ -50,33 +64,24 @@ __global__ void deform_conv_col2im(const T* offset, const T* mask, const T* grad
                                    DEFORM_CONV_SIZES, int deterministic) {
   typedef typename acc_type<T>::type A;
   const I K = kh * kw, P = Ho * Wo, cols = n_chunk * P;
+#define DEFORM_CONV_SIZE_ARGS N, C, H, W, G, kh, kw, Ho, Wo, n0, n_chunk, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w
   if (!deterministic) {
     DEFORMCP_GRID_STRIDE_LOOP(I, index, C * n_chunk * P) {
       const I p = index % P, n = n0 + index / P % n_chunk, c = index / (P * n_chunk);
-      const I g = c / (C / G);
-      T* plane = grad_input + (n * C + c) * H * W;
-      for (I k = 0; k < K; ++k) {
-        A y, x, m;
-        deform_tap(offset, mask, n, g, k, p, G, kw, Ho, Wo, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, K, &y, &x, &m);
-        bilinear_corners<A, I> corners;
-        if (bilinear_setup(y, x, H, W, corners))
-          bilinear_scatter(plane, corners, (A)load_acc(grad_columns[(c * K + k) * cols + (n - n0) * P + p]) * m, true);
-      }
+      for (I k = 0; k < K; ++k)
+        deform_scatter_tap<A>(offset, mask, grad_columns, grad_input + (n * C + c) * H * W, n, c, k, p, K, cols, true,
+                              DEFORM_CONV_SIZE_ARGS);
     }
     return;
   }
   DEFORMCP_GRID_STRIDE_LOOP(I, index, n_chunk * C) {
-    const I n = n0 + index / C, c = index % C, g = c / (C / G);
-    T* plane = grad_input + (n * C + c) * H * W;
+    const I n = n0 + index / C, c = index % C;
     for (I k = 0; k < K; ++k)
-      for (I p = 0; p < P; ++p) {
-        A y, x, m;
-        deform_tap(offset, mask, n, g, k, p, G, kw, Ho, Wo, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, K, &y, &x, &m);
-        bilinear_corners<A, I> corners;
-        if (bilinear_setup(y, x, H, W, corners))
-          bilinear_scatter(plane, corners, (A)load_acc(grad_columns[(c * K + k) * cols + (n - n0) * P + p]) * m, false);
-      }
+      for (I p = 0; p < P; ++p)
+        deform_scatter_tap<A>(offset, mask, grad_columns, grad_input + (n * C + c) * H * W, n, c, k, p, K, cols, false,
+                              DEFORM_CONV_SIZE_ARGS);
   }
+#undef DEFORM_CONV_SIZE_ARGS
 }
 
 // Gradients of the offsets and the mask: one thread per (image, offset group, tap, p), summing over the
