@@ -110,15 +110,18 @@ def _check(call, input, rois, output_size, spatial_scale, sampling_ratio, pool_m
 
 class _Samples(NamedTuple):
     """Every sample of a chunk of RoIs, in kernel order (RoI, ph, pw, iy, ix): its four bilinear corners as
-    rows of _bilinear.pixels_last(input) and weights, the bin it belongs to, and what max pooling needs."""
+    rows of _bilinear.pixels_last(input) and weights, the bin it belongs to, and what max pooling and the
+    coordinate gradients need."""
 
     rows: np.ndarray            # (S, 4) int64
     weights: np.ndarray         # (S, 4)
+    dweight_dy: np.ndarray      # (S, 4): ∂weights/∂y, 0 where roi_sample clamps y (kernels' roi_sample_coordinate_grad)
+    dweight_dx: np.ndarray      # (S, 4)
     per_bin: np.ndarray         # (R,) samples computed per bin, R = K·PH·PW
     count: np.ndarray           # (R,) divisor of the average
     order: np.ndarray           # (S,) position iy·samples_x + ix of each sample within its bin
     zero_order: np.ndarray      # (R,) position of the bin's first skipped (zero) sample; -1 if none
-    finite: np.ndarray          # (R,) False for bins of RoIs with a NaN or ±inf coordinate
+    finite: np.ndarray          # (R,) False for bins with a NaN or ±inf coordinate or shift
 
 
 def _span(start, step, n, size):
@@ -135,7 +138,22 @@ def _span(start, step, n, size):
     return lo.astype(np.int64), hi.astype(np.int64)
 
 
-def _geometry(rois, PH, PW, spatial_scale, sampling_ratio, aligned, dtype):
+class _RoIGrid(NamedTuple):
+    """The kernels' roi_grid for every RoI, (K,) arrays."""
+
+    start_y: np.ndarray
+    start_x: np.ndarray
+    roi_h: np.ndarray
+    roi_w: np.ndarray
+    bin_h: np.ndarray
+    bin_w: np.ndarray
+    samples_y: np.ndarray
+    samples_x: np.ndarray
+    count: np.ndarray
+    finite: np.ndarray
+
+
+def _geometry(rois, PH, PW, spatial_scale, sampling_ratio, aligned, dtype) -> _RoIGrid:
     scale = dtype.type(spatial_scale)
     offset = dtype.type(0.5 if aligned else 0)
     start_x = rois[:, 1] * scale - offset
@@ -148,61 +166,67 @@ def _geometry(rois, PH, PW, spatial_scale, sampling_ratio, aligned, dtype):
     samples_y = np.full_like(roi_h, sampling_ratio) if sampling_ratio > 0 else np.ceil(roi_h / dtype.type(PH))
     samples_x = np.full_like(roi_w, sampling_ratio) if sampling_ratio > 0 else np.ceil(roi_w / dtype.type(PW))
     count = samples_y * samples_x
-    return (start_y, start_x, roi_h / dtype.type(PH), roi_w / dtype.type(PW), samples_y, samples_x,
-            np.where(count > 1, count, 1), finite)
+    return _RoIGrid(start_y, start_x, roi_h, roi_w, roi_h / dtype.type(PH), roi_w / dtype.type(PW), samples_y,
+                    samples_x, np.where(count > 1, count, 1), finite)
 
 
 @np.errstate(invalid="ignore", over="ignore", divide="ignore")  # non-finite RoIs and empty bins are masked out
-def _samples(rois, H, W, PH, PW, spatial_scale, sampling_ratio, aligned, dtype) -> _Samples:
+def _samples(rois, H, W, PH, PW, spatial_scale, sampling_ratio, aligned, dtype, shift=None) -> _Samples:
+    """Samples of every bin; ``shift`` (K, 2, PH, PW) moves bin (ph, pw)'s start by (Δx, Δy) pixels
+    (deformable RoI pooling)."""
     K = len(rois)
-    start_y, start_x, bin_h, bin_w, samples_y, samples_x, count, finite = _geometry(
-        rois, PH, PW, spatial_scale, sampling_ratio, aligned, dtype)
-    y_start = start_y[:, None] + np.arange(PH, dtype=dtype) * bin_h[:, None]   # (K, PH)
-    x_start = start_x[:, None] + np.arange(PW, dtype=dtype) * bin_w[:, None]   # (K, PW)
-    y_first, y_end = _span(y_start, (bin_h / samples_y)[:, None], samples_y[:, None], H)
-    x_first, x_end = _span(x_start, (bin_w / samples_x)[:, None], samples_x[:, None], W)
-    ny = np.where(finite[:, None], y_end - y_first, 0)
-    nx = np.where(finite[:, None], x_end - x_first, 0)
-    per_bin = (ny[:, :, None] * nx[:, None, :]).reshape(-1)
+    g = _geometry(rois, PH, PW, spatial_scale, sampling_ratio, aligned, dtype)
+    shape = (K, PH, PW)
+    start_y, start_x = np.broadcast_to(g.start_y[:, None, None], shape), np.broadcast_to(g.start_x[:, None, None], shape)
+    finite = np.broadcast_to(g.finite[:, None, None], shape)
+    if shift is not None:
+        start_x, start_y = start_x + shift[:, 0], start_y + shift[:, 1]
+        finite = finite & np.isfinite(shift[:, 0]) & np.isfinite(shift[:, 1])
+    y_start = start_y + (np.arange(PH, dtype=dtype) * g.bin_h[:, None])[:, :, None]   # (K, PH, PW)
+    x_start = start_x + (np.arange(PW, dtype=dtype) * g.bin_w[:, None])[:, None, :]
+    per_roi = (slice(None), None, None)
+    y_first, y_end = _span(y_start, (g.bin_h / g.samples_y)[per_roi], g.samples_y[per_roi], H)
+    x_first, x_end = _span(x_start, (g.bin_w / g.samples_x)[per_roi], g.samples_x[per_roi], W)
+    ny = np.where(finite, y_end - y_first, 0).reshape(-1)
+    nx = np.where(finite, x_end - x_first, 0).reshape(-1)
+    per_bin = ny * nx
     # enumerate the samples of every bin: bin id, and the index j of the sample within its bin
     bins = np.repeat(np.arange(K * PH * PW), per_bin)
     j = np.arange(len(bins)) - np.repeat(np.cumsum(per_bin) - per_bin, per_bin)
-    k, ph, pw = bins // (PH * PW), bins // PW % PH, bins % PW
-    iy = y_first[k, ph] + j // nx[k, pw]
-    ix = x_first[k, pw] + j % nx[k, pw]
-    y = y_start[k, ph] + (iy.astype(dtype) + dtype.type(0.5)) * bin_h[k] / samples_y[k]
-    x = x_start[k, pw] + (ix.astype(dtype) + dtype.type(0.5)) * bin_w[k] / samples_x[k]
+    k = bins // (PH * PW)
+    iy = y_first.reshape(-1)[bins] + j // nx[bins]
+    ix = x_first.reshape(-1)[bins] + j % nx[bins]
+    y = y_start.reshape(-1)[bins] + (iy.astype(dtype) + dtype.type(0.5)) * g.bin_h[k] / g.samples_y[k]
+    x = x_start.reshape(-1)[bins] + (ix.astype(dtype) + dtype.type(0.5)) * g.bin_w[k] / g.samples_x[k]
     # RoIAlign's read (kernels' roi_sample): zero outside [-1, H] × [-1, W], clamped into the image inside
     valid = (y >= -1) & (y <= H) & (x >= -1) & (x <= W)
+    free_y, free_x = (y > 0) & (y < H - 1), (x > 0) & (x < W - 1)
     y = np.where(y <= 0, 0, np.where(y >= H - 1, H - 1, y)).astype(dtype)
     x = np.where(x <= 0, 0, np.where(x >= W - 1, W - 1, x)).astype(dtype)
     corners = _bilinear.corners(np.where(valid, y, -2), np.where(valid, x, -2), H, W)
     image = rois[k, 0].astype(np.int64)
     # skipped samples of a bin are zeros; the first of them in (iy, ix) order (kernels' zero_order)
-    sy, sx = np.broadcast_to(samples_y[:, None, None], (K, PH, PW)), np.broadcast_to(samples_x[:, None, None],
-                                                                                     (K, PH, PW))
-    y0, y1 = y_first[:, :, None], y_end[:, :, None]
-    x0, x1 = x_first[:, None, :], x_end[:, None, :]
+    sy, sx = np.broadcast_to(g.samples_y[per_roi], shape), np.broadcast_to(g.samples_x[per_roi], shape)
     zero_order = np.select(
-        [(y0 > 0) | (x0 > 0) | (y1 == y0) | (x1 == x0), x1 < sx, y1 < sy],
-        [0.0, x1.astype(np.float64), y1 * sx.astype(np.float64)], -1.0)
+        [(y_first > 0) | (x_first > 0) | (y_end == y_first) | (x_end == x_first), x_end < sx, y_end < sy],
+        [0.0, x_end.astype(np.float64), y_end * sx.astype(np.float64)], -1.0)
     zero_order = np.where((sy >= 1) & (sx >= 1), zero_order, -1.0)
     return _Samples(rows=corners.index + (image * (H * W + 1))[:, None], weights=corners.weight,
-                    per_bin=per_bin, count=np.repeat(count, PH * PW),
-                    order=iy * samples_x[k].astype(np.float64) + ix, zero_order=zero_order.reshape(-1),
-                    finite=np.repeat(finite, PH * PW))
+                    dweight_dy=corners.dweight_dy * free_y[:, None], dweight_dx=corners.dweight_dx * free_x[:, None],
+                    per_bin=per_bin, count=np.repeat(g.count, PH * PW),
+                    order=iy * g.samples_x[k].astype(np.float64) + ix, zero_order=zero_order.reshape(-1),
+                    finite=finite.reshape(-1))
 
 
 def _roi_chunks(rois, H, W, PH, PW, spatial_scale, sampling_ratio, aligned, dtype):
     """Ranges of RoIs whose samples number about SAMPLES_PER_CHUNK (a RoI is never split)."""
     if not len(rois):
         return []
-    start_y, start_x, bin_h, bin_w, samples_y, samples_x, _, finite = _geometry(
-        rois, PH, PW, spatial_scale, sampling_ratio, aligned, dtype)
+    g = _geometry(rois, PH, PW, spatial_scale, sampling_ratio, aligned, dtype)
     with np.errstate(invalid="ignore", over="ignore"):
-        span_y = np.minimum(np.where(samples_y >= 1, samples_y, 0), 2 * H + 6)
-        span_x = np.minimum(np.where(samples_x >= 1, samples_x, 0), 2 * W + 6)
-    estimate = np.where(finite, span_y * span_x * PH * PW, 0)
+        span_y = np.minimum(np.where(g.samples_y >= 1, g.samples_y, 0), 2 * H + 6)
+        span_x = np.minimum(np.where(g.samples_x >= 1, g.samples_x, 0), 2 * W + 6)
+    estimate = np.where(g.finite, span_y * span_x * PH * PW, 0)
     chunk_of = np.floor(np.cumsum(estimate) / SAMPLES_PER_CHUNK).astype(np.int64)
     edges = np.flatnonzero(np.diff(chunk_of)) + 1
     bounds = [0, *edges.tolist(), len(rois)]

@@ -149,7 +149,7 @@ def _check_one(check: OpCheck, backend: str, dtype: str, rng: np.random.Generato
 
 def check(ops=None, backends=None, seed=None) -> list[CheckResult]:
     """Run the registered checks (all, or those named in ops) on backends (default: all available)."""
-    from . import deform_conv, roi_align, spatial_transformer  # noqa: F401  (register their checks)
+    from . import deform_conv, deform_roi_pool, roi_align, spatial_transformer  # noqa: F401  (register checks)
 
     rng = np.random.default_rng(seed)
     unknown = set(ops or ()) - set(_CHECKS)
