@@ -106,8 +106,10 @@ def _backward_numpy(grad_output, input, rois, offset, mask, PH, PW, spatial_scal
         total = partial.sum(axis=0).reshape(3, k1 - k0, PH, PW)  # blocks summed in a fixed order
         if want_offset and offset is not None:
             g = _geometry(rois[k0:k1], PH, PW, spatial_scale, sampling_ratio, True, dtype)
-            grad_offset[k0:k1, 0] = gamma * g.roi_w[:, None, None] * np.where(s.finite.reshape(-1, PH, PW), total[0], 0)
-            grad_offset[k0:k1, 1] = gamma * g.roi_h[:, None, None] * np.where(s.finite.reshape(-1, PH, PW), total[1], 0)
+            finite = s.finite.reshape(-1, PH, PW)
+            with np.errstate(invalid="ignore"):  # non-finite boxes: masked to 0 below
+                grad_offset[k0:k1, 0] = np.where(finite, gamma * g.roi_w[:, None, None] * total[0], 0)
+                grad_offset[k0:k1, 1] = np.where(finite, gamma * g.roi_h[:, None, None] * total[1], 0)
         if want_mask:
             grad_mask[k0:k1, 0] = total[2]
     return tuple(None if g is None else g.astype(input.dtype, copy=False) for g in (grad_input, grad_offset, grad_mask))

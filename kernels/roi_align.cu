@@ -343,8 +343,9 @@ __global__ void deform_roi_pool_backward_offset(const T* grad_output, const T* i
     }
     if (grad_offset != nullptr) {
       const I base = k * 2 * PH * PW + ph * PW + pw;
-      grad_offset[base] = store_as<T>(offset != nullptr ? (A)gamma * g.roi_w * gx : (A)0);
-      grad_offset[base + PH * PW] = store_as<T>(offset != nullptr ? (A)gamma * g.roi_h * gy : (A)0);
+      const bool moves = offset != nullptr && g.finite;
+      grad_offset[base] = store_as<T>(moves ? (A)gamma * g.roi_w * gx : (A)0);
+      grad_offset[base + PH * PW] = store_as<T>(moves ? (A)gamma * g.roi_h * gy : (A)0);
     }
     if (grad_mask != nullptr) grad_mask[bin] = store_as<T>(gm);
   }
