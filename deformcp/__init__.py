@@ -11,6 +11,7 @@ from ._dispatch import backend, current_backend
 from ._workspace import get_workspace_limit, workspace_limit
 from .deform_conv import DeformConv2dGrads, deform_conv2d, deform_conv2d_backward
 from .deform_roi_pool import DeformRoIPoolGrads, deform_roi_pool, deform_roi_pool_backward
+from .mimic_loss import MimicLossGrads, mimic_loss, mimic_loss_backward
 from .roi_align import RoIAlignGrads, ps_roi_align, ps_roi_align_backward, roi_align, roi_align_backward
 from .spatial_transformer import (AffineGridGrads, GridSampleGrads, affine_grid, affine_grid_backward,
                                   grid_sample, grid_sample_backward)
@@ -21,6 +22,7 @@ __all__ = [
     "backend", "current_backend", "workspace_limit", "get_workspace_limit",
     "deform_conv2d", "deform_conv2d_backward", "DeformConv2dGrads",
     "deform_roi_pool", "deform_roi_pool_backward", "DeformRoIPoolGrads",
+    "mimic_loss", "mimic_loss_backward", "MimicLossGrads",
     "affine_grid", "affine_grid_backward", "AffineGridGrads",
     "grid_sample", "grid_sample_backward", "GridSampleGrads",
     "roi_align", "roi_align_backward", "ps_roi_align", "ps_roi_align_backward", "RoIAlignGrads",

@@ -88,9 +88,10 @@ def available_backends() -> list[str]:
     return backends + (["cuda"] if gpu_available() is None else [])
 
 
-def dtypes() -> tuple[str, ...]:
-    """Dtypes checked: float32, float64, float16, and bfloat16 where ml_dtypes makes it a NumPy dtype."""
-    if importlib.util.find_spec("ml_dtypes") is None:
+def dtypes(backend: str | None = None) -> tuple[str, ...]:
+    """Dtypes checked: float32, float64, float16, and bfloat16 where ml_dtypes makes it a NumPy dtype —
+    except on "cuda": CuPy has no bfloat16 array type (the kernels are compiled for it all the same)."""
+    if backend == "cuda" or importlib.util.find_spec("ml_dtypes") is None:
         return ("float32", "float64", "float16")
     import ml_dtypes  # noqa: F401  (registers "bfloat16" with NumPy)
     return ("float32", "float64", "float16", "bfloat16")
@@ -149,7 +150,8 @@ def _check_one(check: OpCheck, backend: str, dtype: str, rng: np.random.Generato
 
 def check(ops=None, backends=None, seed=None) -> list[CheckResult]:
     """Run the registered checks (all, or those named in ops) on backends (default: all available)."""
-    from . import deform_conv, deform_roi_pool, roi_align, spatial_transformer  # noqa: F401  (register checks)
+    from . import (deform_conv, deform_roi_pool, mimic_loss,  # noqa: F401  (they register their checks)
+                   roi_align, spatial_transformer)
 
     rng = np.random.default_rng(seed)
     unknown = set(ops or ()) - set(_CHECKS)
@@ -158,7 +160,7 @@ def check(ops=None, backends=None, seed=None) -> list[CheckResult]:
     selected = [_CHECKS[name] for name in (ops or _CHECKS)]
     return [_check_one(c, backend, dtype, rng)
             for c, backend in itertools.product(selected, backends or available_backends())
-            for dtype in dtypes()]
+            for dtype in dtypes(backend)]
 
 
 def format_results(results) -> str:
