@@ -10,6 +10,7 @@ framework. See README.md for the conventions and the backends.
 from ._dispatch import backend, current_backend
 from ._workspace import get_workspace_limit, workspace_limit
 from .deform_conv import DeformConv2dGrads, deform_conv2d, deform_conv2d_backward
+from .deform_ps_roi_pool import DeformPSRoIPoolGrads, deform_ps_roi_pool, deform_ps_roi_pool_backward
 from .deform_roi_pool import DeformRoIPoolGrads, deform_roi_pool, deform_roi_pool_backward
 from .mimic_loss import MimicLossGrads, mimic_loss, mimic_loss_backward
 from .roi_align import RoIAlignGrads, ps_roi_align, ps_roi_align_backward, roi_align, roi_align_backward
@@ -22,6 +23,7 @@ __all__ = [
     "backend", "current_backend", "workspace_limit", "get_workspace_limit",
     "deform_conv2d", "deform_conv2d_backward", "DeformConv2dGrads",
     "deform_roi_pool", "deform_roi_pool_backward", "DeformRoIPoolGrads",
+    "deform_ps_roi_pool", "deform_ps_roi_pool_backward", "DeformPSRoIPoolGrads",
     "mimic_loss", "mimic_loss_backward", "MimicLossGrads",
     "affine_grid", "affine_grid_backward", "AffineGridGrads",
     "grid_sample", "grid_sample_backward", "GridSampleGrads",

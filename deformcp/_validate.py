@@ -5,6 +5,7 @@ shape, size, option).
 """
 from __future__ import annotations
 
+import numbers
 import operator
 
 import numpy as np
@@ -69,3 +70,37 @@ def needs_grad(value, fields: tuple[str, ...]) -> tuple[bool, ...]:
     if len(items) != len(fields) or not all(isinstance(v, (bool, np.bool_)) for v in items):
         raise ValueError(f"needs_input_grad: expected {len(fields)} bools for {fields}, got {value!r}")
     return tuple(bool(v) for v in items)
+
+
+def real(name: str, value, positive: bool = False) -> float:
+    """A finite real number (positive if asked)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
+    if not np.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{name}: expected a finite {'positive ' if positive else ''}number, got {value!r}")
+    return float(value)
+
+
+def integer(name: str, value) -> int:
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}") from None
+
+
+def rois(name: str, call, rois, input) -> None:
+    """RoIs (K, 5) over input (N, C, H, W): a non-empty image where there are RoIs, and batch indices
+    (column 0) that are integers in [0, N) — checked on the device, one synchronisation."""
+    N, _, H, W = input.shape
+    if not len(rois):
+        return
+    if H == 0 or W == 0:
+        raise ValueError(f"input: expected non-empty spatial size H, W in (N, C, H, W), got {tuple(input.shape)}")
+    xp = call.xp
+    with call.device:
+        index = rois[:, 0]
+        bad = (index != xp.floor(index)) | ~(index >= 0) | ~(index < N)
+        if bool(bad.any()):
+            row = int(xp.argmax(bad))
+            raise ValueError(f"{name}: expected batch indices (column 0) that are integers in [0, {N}), "
+                             f"got {float(index[row])!r} in row {row}")

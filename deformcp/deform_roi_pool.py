@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from . import _bilinear, _kernels, _validate, testing
-from .roi_align import (_bin_matrix, _channel_blocks, _check, _geometry, _prepare, _random_boxes, _real, _roi_chunks,
+from .roi_align import (_bin_matrix, _channel_blocks, _check, _geometry, _prepare, _random_boxes, _roi_chunks,
                         _samples)
 
 FAMILY = "roi_align"
@@ -34,7 +34,7 @@ def _check_deform(input, rois, offset, mask, PH, PW, gamma):
             _validate.floating(name, array, 4, layout)
             _validate.shape(name, array, (K, channels, PH, PW), layout)
     _validate.same_dtype(input=input, offset=offset, mask=mask)
-    return _real("gamma", gamma)
+    return _validate.real("gamma", gamma)
 
 
 def _shift(rois, offset, PH, PW, spatial_scale, sampling_ratio, gamma, dtype):

@@ -6,7 +6,6 @@ RoIAlign (pool_mode="max"). Kernels: kernels/roi_align.cu.
 """
 from __future__ import annotations
 
-import numbers
 import operator
 from typing import NamedTuple, Optional
 
@@ -37,21 +36,6 @@ def _output_size(value) -> tuple[int, int]:
     if len(size) != 2 or min(size) <= 0:
         raise ValueError(f"output_size: expected a positive int or a pair of positive ints, got {value!r}")
     return size
-
-
-def _real(name: str, value, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
-    if not np.isfinite(value) or (positive and value <= 0):
-        raise ValueError(f"{name}: expected a finite {'positive ' if positive else ''}number, got {value!r}")
-    return float(value)
-
-
-def _integer(name: str, value) -> int:
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}") from None
 
 
 def _prepare(input, boxes, **others) -> tuple[_dispatch.Call, object, object, dict]:
@@ -85,24 +69,14 @@ def _check(call, input, rois, output_size, spatial_scale, sampling_ratio, pool_m
     _validate.shape("boxes", rois, (None, 5), "(K, 5) [batch_index, x1, y1, x2, y2]")
     _validate.same_dtype(input=input, boxes=rois)
     PH, PW = _output_size(output_size)
-    spatial_scale = _real("spatial_scale", spatial_scale, positive=True)
-    sampling_ratio = _integer("sampling_ratio", sampling_ratio)
+    spatial_scale = _validate.real("spatial_scale", spatial_scale, positive=True)
+    sampling_ratio = _validate.integer("sampling_ratio", sampling_ratio)
     _validate.choice("pool_mode", pool_mode, POOL_MODES)
     N, C, H, W = input.shape
     if position_sensitive and C % (PH * PW):
         raise ValueError(f"input: expected channels C divisible by output_size {PH}×{PW} = {PH * PW} for "
                          f"position-sensitive pooling, got C = {C}")
-    if len(rois) and (H == 0 or W == 0):
-        raise ValueError(f"input: expected non-empty spatial size H, W in (N, C, H, W), got {tuple(input.shape)}")
-    if len(rois):
-        xp = call.xp
-        with call.device:
-            index = rois[:, 0]
-            bad = (index != xp.floor(index)) | ~(index >= 0) | ~(index < N)
-            if bool(bad.any()):
-                row = int(xp.argmax(bad))
-                raise ValueError(f"boxes: expected batch indices (column 0) that are integers in [0, {N}), "
-                                 f"got {float(index[row])!r} in row {row}")
+    _validate.rois("boxes", call, rois, input)
     return PH, PW, spatial_scale, sampling_ratio
 
 
@@ -311,7 +285,7 @@ def _backward_numpy(grad_output, input, rois, PH, PW, spatial_scale, sampling_ra
     N, C, H, W = input.shape
     dtype = np.dtype(np.float64) if input.dtype == np.float64 else np.dtype(np.float32)
     rois = rois.astype(dtype)
-    K, bins = len(rois), PH * PW
+    bins = PH * PW
     n_columns = N * (H * W + 1)
     grad = np.zeros((N, C, H, W), dtype)
     grad_output = grad_output.astype(dtype, copy=False)

@@ -150,8 +150,8 @@ def _check_one(check: OpCheck, backend: str, dtype: str, rng: np.random.Generato
 
 def check(ops=None, backends=None, seed=None) -> list[CheckResult]:
     """Run the registered checks (all, or those named in ops) on backends (default: all available)."""
-    from . import (deform_conv, deform_roi_pool, mimic_loss,  # noqa: F401  (they register their checks)
-                   roi_align, spatial_transformer)
+    from . import (deform_conv, deform_ps_roi_pool, deform_roi_pool,  # noqa: F401  (they register checks)
+                   mimic_loss, roi_align, spatial_transformer)
 
     rng = np.random.default_rng(seed)
     unknown = set(ops or ()) - set(_CHECKS)
