@@ -70,3 +70,25 @@ def noncontiguous(a):
     view = wide[..., ::2]
     assert not view.flags.c_contiguous or a.size <= 1
     return view
+
+
+def directional_derivative(f, args, index, direction, step=1e-6):
+    plus, minus = list(args), list(args)
+    plus[index] = args[index] + step * direction
+    minus[index] = args[index] - step * direction
+    return (f(*plus) - f(*minus)) / (2 * step)
+
+
+def run_both(backend, fn, *args, **kwargs):
+    """fn on the NumPy path and on backend (outputs poisoned); every input checked unmodified on both."""
+    is_array = [isinstance(a, np.ndarray) for a in args]
+    snapshot = [a.copy() if array else None for a, array in zip(args, is_array)]
+    moved = [to_backend(a, backend) if array else a for a, array in zip(args, is_array)]
+    expected = fn(*args, **kwargs)
+    with testing.poisoned_outputs():
+        actual = testing.run(backend, fn, *moved, **kwargs)
+    for before, used, given in zip(snapshot, moved, args):
+        if before is not None:
+            np.testing.assert_array_equal(given, before, err_msg="the NumPy path modified an input")
+            np.testing.assert_array_equal(testing.to_numpy(used), before, err_msg=f"{backend} modified an input")
+    return actual, expected

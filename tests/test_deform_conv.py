@@ -2,11 +2,10 @@
 inputs, backend parity on the irregular configuration, special offsets, determinism, workspace, bad input."""
 import numpy as np
 import pytest
-from conftest import assert_close, to_backend
+from conftest import assert_close, directional_derivative, run_both, to_backend
 
 import deformcp
 from deformcp import testing
-from test_spatial_transformer import directional_derivative, run_both
 
 DTYPES = testing.dtypes()
 #: The irregular configuration: kernel 3×2, stride 2×1, padding 1×0, dilation 2×1, groups 2, offset groups 3.

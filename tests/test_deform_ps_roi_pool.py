@@ -9,11 +9,10 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from conftest import assert_close, noncontiguous, to_backend
+from conftest import assert_close, directional_derivative, noncontiguous, run_both, to_backend
 
 import deformcp
 from deformcp import testing
-from test_spatial_transformer import directional_derivative, run_both
 
 deform_ps_roi_pool, deform_ps_roi_pool_backward = (getattr(importlib.import_module("deformcp.deform_ps_roi_pool"), f) for f in ("deform_ps_roi_pool", "deform_ps_roi_pool_backward"))  # noqa: E501  (until deformcp/__init__.py exports them)
 

@@ -2,9 +2,8 @@
 inputs, determinism, bad input."""
 import numpy as np
 import pytest
-from conftest import assert_close, to_backend
+from conftest import assert_close, directional_derivative, run_both, to_backend
 from test_roi_align import random_boxes
-from test_spatial_transformer import directional_derivative, run_both
 
 import deformcp
 from deformcp import testing

@@ -4,7 +4,7 @@ import importlib
 
 import numpy as np
 import pytest
-from conftest import _require, assert_close, noncontiguous, to_backend
+from conftest import _require, assert_close, noncontiguous, run_both, to_backend
 
 import deformcp
 from deformcp import _kernels, testing
@@ -28,21 +28,6 @@ def call(where, fn, *args, **kwargs):
     """fn on the path `where`, NumPy array arguments moved there."""
     moved = [to_backend(a, where) if isinstance(a, np.ndarray) else a for a in args]
     return testing.run(where, fn, *moved, **kwargs)
-
-
-def run_both(backend, fn, *args, **kwargs):
-    """fn on the NumPy path and on backend (outputs poisoned); every input checked unmodified on both."""
-    is_array = [isinstance(a, np.ndarray) for a in args]
-    snapshot = [a.copy() if array else None for a, array in zip(args, is_array)]
-    moved = [to_backend(a, backend) if array else a for a, array in zip(args, is_array)]
-    expected = fn(*args, **kwargs)
-    with testing.poisoned_outputs():
-        actual = testing.run(backend, fn, *moved, **kwargs)
-    for before, used, given in zip(snapshot, moved, args):
-        if before is not None:
-            np.testing.assert_array_equal(given, before, err_msg="the NumPy path modified an input")
-            np.testing.assert_array_equal(testing.to_numpy(used), before, err_msg=f"{backend} modified an input")
-    return actual, expected
 
 
 def features(rng, K, D, dtype="float64"):

@@ -6,11 +6,10 @@ import pathlib
 
 import numpy as np
 import pytest
-from conftest import assert_close, noncontiguous, to_backend
+from conftest import assert_close, directional_derivative, noncontiguous, run_both, to_backend
 
 import deformcp
 from deformcp import testing
-from test_spatial_transformer import directional_derivative, run_both
 
 DTYPES = testing.dtypes()
 TORCHVISION_DATA = pathlib.Path(__file__).with_name("data") / "torchvision_roi_align.npz"

@@ -3,7 +3,7 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import assert_close, noncontiguous, to_backend
+from conftest import assert_close, directional_derivative, noncontiguous, run_both, to_backend
 
 import deformcp
 from deformcp import testing
@@ -111,13 +111,6 @@ def grid_away_from_kinks(rng, shape, H, W, align):
     return np.stack([axis(W, n), axis(H, n)], axis=-1).reshape(*shape, 2)
 
 
-def directional_derivative(f, args, index, direction, step=1e-6):
-    plus, minus = list(args), list(args)
-    plus[index] = args[index] + step * direction
-    minus[index] = args[index] - step * direction
-    return (f(*plus) - f(*minus)) / (2 * step)
-
-
 @pytest.mark.parametrize("padding", PADDING_MODES)
 @pytest.mark.parametrize("align", [False, True])
 @pytest.mark.parametrize("trial", range(3))
@@ -154,21 +147,6 @@ def test_nearest_has_no_grid_gradient(rng):
 
 
 # ------------------------------------------------------------------------------------ backends vs NumPy
-
-def run_both(backend, fn, *args, **kwargs):
-    """fn on the NumPy path and on backend (outputs poisoned); every input checked unmodified on both."""
-    is_array = [isinstance(a, np.ndarray) for a in args]
-    snapshot = [a.copy() if array else None for a, array in zip(args, is_array)]
-    moved = [to_backend(a, backend) if array else a for a, array in zip(args, is_array)]
-    expected = fn(*args, **kwargs)
-    with testing.poisoned_outputs():
-        actual = testing.run(backend, fn, *moved, **kwargs)
-    for before, used, given in zip(snapshot, moved, args):
-        if before is not None:
-            np.testing.assert_array_equal(given, before, err_msg="the NumPy path modified an input")
-            np.testing.assert_array_equal(testing.to_numpy(used), before, err_msg=f"{backend} modified an input")
-    return actual, expected
-
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode, padding, align", CONFIGS, ids=CONFIG_IDS)
