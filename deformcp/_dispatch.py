@@ -143,5 +143,31 @@ def prepare(**named) -> Call:
     arrays = tuple(None if x is None else _import(name, x, framework, device) for name, x in named.items())
     if device == "cuda":
         import cupy
-        return Call("cuda", cupy, arrays, _exporter(framework, present[first]), cupy.cuda.Device(device_id))
+        return Call("cuda", cupy, arrays, _exporter(framework, present[first]),
+                    _CudaContext(framework, device_id))
     return Call(current_backend(), np, arrays, _exporter(framework, present[first]), contextlib.nullcontext())
+
+
+class _CudaContext:
+    """The arrays' device, and for PyTorch tensors the producer's current stream, so that deformcp's kernels
+    are ordered after the work that made the inputs and before the work that uses the outputs. Re-entrant:
+    an op enters it several times."""
+
+    def __init__(self, framework: str, device_id: int):
+        self.framework, self.device_id = framework, device_id
+        self._stacks = []
+
+    def __enter__(self):
+        import cupy
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(cupy.cuda.Device(self.device_id))
+        if self.framework == "torch":
+            import torch
+            stream = torch.cuda.current_stream(self.device_id)
+            stack.enter_context(cupy.cuda.ExternalStream(stream.cuda_stream, self.device_id))
+        self._stacks.append(stack)
+        return self
+
+    def __exit__(self, *exc):
+        return self._stacks.pop().__exit__(*exc)

@@ -136,3 +136,31 @@ def test_jax_arrays_round_trip(rng):
     grid = deformcp.affine_grid(jnp.asarray(theta, dtype=jnp.float32), (2, 1, 3, 4))
     assert type(grid).__module__.startswith("jax")
     np.testing.assert_allclose(np.asarray(grid), deformcp.affine_grid(theta.astype(np.float32), (2, 1, 3, 4)))
+
+
+def test_noncontiguous_torch_tensors(rng):
+    torch = pytest.importorskip("torch")
+    x = torch.from_numpy(rng.standard_normal((2, 3, 5, 6))).transpose(2, 3)   # strided view, (2, 3, 6, 5)
+    grid = torch.from_numpy(rng.uniform(-1, 1, (2, 4, 4, 2)))
+    assert not x.is_contiguous()
+    out = deformcp.grid_sample(x, grid)
+    expected = deformcp.grid_sample(np.ascontiguousarray(x.numpy()), grid.numpy())
+    assert isinstance(out, torch.Tensor)
+    np.testing.assert_array_equal(out.numpy(), expected)
+
+
+def test_jax_input_is_read_in_place(rng, monkeypatch):
+    jax = pytest.importorskip("jax")
+    theta = jax.numpy.asarray(rng.standard_normal((1, 2, 3)).astype(np.float32))
+    seen = []
+    real_prepare = _dispatch.prepare
+
+    def spy(**named):
+        call = real_prepare(**named)
+        seen.append(call.arrays[0])
+        return call
+
+    monkeypatch.setattr(_dispatch, "prepare", spy)
+    grid = deformcp.affine_grid(theta, (1, 1, 2, 3))
+    assert seen[0].ctypes.data == theta.unsafe_buffer_pointer()  # imported without a copy
+    assert list(grid.devices())[0].platform == "cpu"
