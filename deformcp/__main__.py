@@ -1,4 +1,4 @@
-"""python -m deformcp info [--kernels] | check [--op NAME] [--backend NAME] [--seed N]"""
+"""python -m deformcp info [--kernels] | check [--op NAME] [--backend NAME] [--seed N] | bench [...] | viz [...]"""
 from __future__ import annotations
 
 import argparse
@@ -93,6 +93,12 @@ def main(argv=None) -> int:
     check_parser.add_argument("--backend", action="append", choices=("host", "cuda"),
                               help="only this backend (repeatable)")
     check_parser.add_argument("--seed", type=int, default=None, help="random seed (default: fresh)")
+    commands.add_parser("bench", help="time every op against torch/torchvision (bench --help)")
+    commands.add_parser("viz", help="draw deformable sampling locations to a PNG (viz --help)")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("bench", "viz"):  # their own options, parsed by their own modules
+        from deformcp import _bench, viz
+        return (_bench if argv[0] == "bench" else viz).main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "info":
         return info(args.kernels)

@@ -1,0 +1,726 @@
+"""PyTorch autograd for deformcp: functions with torch.nn.functional's and torchvision's names, and nn.Modules.
+
+Import it explicitly (``import deformcp`` never imports torch)::
+
+    import deformcp.torch as dtorch
+
+    out = dtorch.deform_conv2d(x, offset, weight, bias, padding=1, mask=mask)   # differentiable
+    layer = dtorch.ModulatedDeformConv2dPack(64, 64, 3, padding=1)              # DCNv2 layer
+
+Every op is a ``torch.autograd.Function``: the forward runs the deformcp function on the tensors (imported
+through DLPack without a copy, so CPU tensors run on deformcp's NumPy path or, inside
+``with deformcp.backend("host"):``, on the host backend, and CUDA tensors on deformcp's CUDA kernels through
+CuPy), and the backward runs the matching ``deformcp.*_backward`` for the inputs that need a gradient
+(``ctx.needs_input_grad``). Non-differentiable arguments (boxes, RoIs, sizes, options) get None. The
+backend and ``deformcp.workspace_limit`` in force at the forward are used again by the backward. The
+backward passes ``deterministic=torch.are_deterministic_algorithms_enabled()``, so
+``torch.use_deterministic_algorithms(True)`` makes the gradients bitwise reproducible on every backend.
+
+Double backward is not supported: the gradients that these functions return cannot be differentiated
+again. Under ``create_graph=True`` they are marked, and differentiating them raises a RuntimeError
+that says so (rather than silently dropping the second-order terms).
+
+Shapes and conventions are those of the deformcp functions (see README.md): N batch, C channels, (H, W)
+input size, K boxes, (PH, PW) output bins, G offset groups, (kh, kw) kernel size.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+
+try:
+    import torch
+    from torch import nn
+except ImportError as _error:  # pragma: no cover - exercised in a subprocess by the tests
+    raise ImportError("deformcp.torch needs PyTorch, which could not be imported "
+                      f"({_error}); install it (pip install torch), or use deformcp's array functions "
+                      "(import deformcp), which work without it") from _error
+
+import deformcp as _dc
+
+__all__ = [
+    "affine_grid", "grid_sample", "roi_align", "ps_roi_align", "deform_conv2d", "deform_roi_pool",
+    "deform_ps_roi_pool", "mimic_loss",
+    "DeformConv2d", "DeformConv2dPack", "ModulatedDeformConv2dPack", "RoIAlign", "PSRoIAlign",
+    "DeformRoIPool", "DeformRoIPoolPack", "ModulatedDeformRoIPool", "ModulatedDeformRoIPoolPack",
+    "SpatialTransformer",
+]
+
+
+# --------------------------------------------------------------------------------------------- plumbing
+
+def _plain(t):
+    """t without autograd history (None and non-tensors kept), ready for deformcp's DLPack import."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    return t.detach().resolve_conj().resolve_neg()
+
+
+def _remember(ctx):
+    """Record the deformcp settings of the forward, so that the backward runs under the same ones."""
+    ctx.deformcp_backend = _dc.current_backend()
+    ctx.deformcp_workspace = _dc.get_workspace_limit()
+
+
+@contextlib.contextmanager
+def _as_in_forward(ctx):
+    with _dc.backend(ctx.deformcp_backend), _dc.workspace_limit(ctx.deformcp_workspace):
+        yield
+
+
+def _deterministic() -> bool:
+    return bool(torch.are_deterministic_algorithms_enabled())
+
+
+class _DoubleBackwardError(torch.autograd.Function):
+    """Identity on gradients computed under create_graph=True; differentiating them raises."""
+
+    @staticmethod
+    def forward(ctx, name, *grads):
+        ctx.name = name
+        return tuple(g.view_as(g) for g in grads)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(f"deformcp.torch.{ctx.name}: double backward is not supported (its backward is "
+                           "not differentiable); the gradient computed with create_graph=True cannot be "
+                           "differentiated again")
+
+
+def _first_order(name):
+    """Decorate a Function's backward: run it without building a graph, and, under create_graph=True,
+    mark the gradients so that differentiating them raises a clear error (like
+    torch.autograd.function.once_differentiable, but also where grad_output does not require grad, so
+    that second-order terms through this op are never silently dropped)."""
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grad_outputs):
+            with torch.no_grad():
+                grads = backward(ctx, *grad_outputs)
+            if not torch.is_grad_enabled():
+                return grads
+            present = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor)]
+            if not present:
+                return grads
+            marked = _DoubleBackwardError.apply(name, *(grads[i].detach().requires_grad_() for i in present))
+            grads = list(grads)
+            for i, g in zip(present, marked):
+                grads[i] = g
+            return tuple(grads)
+        return wrapper
+    return decorate
+
+
+def _pair(value, name):
+    if isinstance(value, int):
+        return (value, value)
+    value = tuple(value)
+    if len(value) != 2:
+        raise ValueError(f"{name}: expected an int or a pair of ints, got {value!r}")
+    return value
+
+
+def _rois(boxes):
+    """A (K, 5) [batch_index, x1, y1, x2, y2] tensor from a tensor (kept) or a list of per-image (L, 4)
+    tensors (torchvision's convert_boxes_to_roi_format)."""
+    if isinstance(boxes, torch.Tensor):
+        return boxes
+    boxes = list(boxes)
+    if not boxes or not all(isinstance(b, torch.Tensor) and b.ndim == 2 and b.shape[1] == 4 for b in boxes):
+        raise ValueError("boxes: expected a (K, 5) tensor or a non-empty list of (L, 4) tensors, got "
+                         f"{[tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__ for b in boxes]}")
+    ids = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)])
+    return torch.cat([ids, torch.cat(boxes)], dim=1)
+
+
+# -------------------------------------------------------------------------------------- autograd Functions
+
+class _AffineGrid(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, theta, size, align_corners):
+        _remember(ctx)
+        ctx.size, ctx.align_corners = size, align_corners
+        ctx.save_for_backward(theta)
+        return _dc.affine_grid(_plain(theta), size, align_corners)
+
+    @staticmethod
+    @_first_order("affine_grid")
+    def backward(ctx, grad):
+        theta, = ctx.saved_tensors
+        with _as_in_forward(ctx):
+            grads = _dc.affine_grid_backward(_plain(grad), _plain(theta), ctx.size, ctx.align_corners)
+        return grads.theta, None, None
+
+
+class _GridSample(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, grid, mode, padding_mode, align_corners):
+        _remember(ctx)
+        ctx.options = (mode, padding_mode, align_corners)
+        ctx.save_for_backward(input, grid)
+        return _dc.grid_sample(_plain(input), _plain(grid), mode, padding_mode, align_corners)
+
+    @staticmethod
+    @_first_order("grid_sample")
+    def backward(ctx, grad):
+        input, grid = ctx.saved_tensors
+        with _as_in_forward(ctx):
+            grads = _dc.grid_sample_backward(_plain(grad), _plain(input), _plain(grid), *ctx.options,
+                                             needs_input_grad=tuple(ctx.needs_input_grad[:2]),
+                                             deterministic=_deterministic())
+        return grads.input, grads.grid, None, None, None
+
+
+class _RoIAlign(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, rois, output_size, spatial_scale, sampling_ratio, aligned, pool_mode,
+                position_sensitive):
+        _remember(ctx)
+        ctx.position_sensitive = position_sensitive
+        ctx.options = ((output_size, spatial_scale, sampling_ratio) if position_sensitive
+                       else (output_size, spatial_scale, sampling_ratio, aligned, pool_mode))
+        ctx.save_for_backward(input, rois)
+        op = _dc.ps_roi_align if position_sensitive else _dc.roi_align
+        return op(_plain(input), _plain(rois), *ctx.options)
+
+    @staticmethod
+    @_first_order("roi_align")
+    def backward(ctx, grad):
+        input, rois = ctx.saved_tensors
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            op = _dc.ps_roi_align_backward if ctx.position_sensitive else _dc.roi_align_backward
+            with _as_in_forward(ctx):
+                grad_input = op(_plain(grad), _plain(input), _plain(rois), *ctx.options,
+                                deterministic=_deterministic()).input
+        return grad_input, None, None, None, None, None, None, None
+
+
+class _DeformConv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, offset, weight, bias, stride, padding, dilation, mask):
+        _remember(ctx)
+        ctx.options = (stride, padding, dilation)
+        ctx.save_for_backward(input, offset, weight, bias, mask)
+        return _dc.deform_conv2d(_plain(input), _plain(offset), _plain(weight), _plain(bias), stride, padding,
+                                 dilation, _plain(mask))
+
+    @staticmethod
+    @_first_order("deform_conv2d")
+    def backward(ctx, grad):
+        input, offset, weight, bias, mask = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        with _as_in_forward(ctx):
+            grads = _dc.deform_conv2d_backward(_plain(grad), _plain(input), _plain(offset), _plain(weight),
+                                               _plain(bias), *ctx.options, mask=_plain(mask),
+                                               needs_input_grad=(needs[0], needs[1], needs[2], needs[3], needs[7]),
+                                               deterministic=_deterministic())
+        return grads.input, grads.offset, grads.weight, grads.bias, None, None, None, grads.mask
+
+
+class _DeformRoIPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, mask):
+        _remember(ctx)
+        ctx.options = (output_size, spatial_scale, sampling_ratio, gamma)
+        ctx.save_for_backward(input, rois, offset, mask)
+        return _dc.deform_roi_pool(_plain(input), _plain(rois), _plain(offset), *ctx.options, mask=_plain(mask))
+
+    @staticmethod
+    @_first_order("deform_roi_pool")
+    def backward(ctx, grad):
+        input, rois, offset, mask = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        with _as_in_forward(ctx):
+            grads = _dc.deform_roi_pool_backward(_plain(grad), _plain(input), _plain(rois), _plain(offset),
+                                                 *ctx.options, mask=_plain(mask),
+                                                 needs_input_grad=(needs[0], needs[2], needs[7]),
+                                                 deterministic=_deterministic())
+        return grads.input, None, grads.offset, None, None, None, None, grads.mask
+
+
+class _DeformPSRoIPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, rois, offset, output_dim, group_size, pooled_size, part_size, sample_per_part,
+                spatial_scale, trans_std, no_trans):
+        _remember(ctx)
+        ctx.options = (output_dim, group_size, pooled_size, part_size, sample_per_part, spatial_scale, trans_std,
+                       no_trans)
+        ctx.save_for_backward(input, rois, offset)
+        return _dc.deform_ps_roi_pool(_plain(input), _plain(rois), _plain(offset), *ctx.options)
+
+    @staticmethod
+    @_first_order("deform_ps_roi_pool")
+    def backward(ctx, grad):
+        input, rois, offset = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        with _as_in_forward(ctx):
+            grads = _dc.deform_ps_roi_pool_backward(_plain(grad), _plain(input), _plain(rois), _plain(offset),
+                                                    *ctx.options, needs_input_grad=(needs[0], needs[2]),
+                                                    deterministic=_deterministic())
+        return (grads.input, None, grads.offset) + (None,) * 8
+
+
+class _MimicLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, f_a, f_b):
+        _remember(ctx)
+        ctx.save_for_backward(f_a, f_b)
+        return _dc.mimic_loss(_plain(f_a), _plain(f_b))
+
+    @staticmethod
+    @_first_order("mimic_loss")
+    def backward(ctx, grad):
+        f_a, f_b = ctx.saved_tensors
+        with _as_in_forward(ctx):
+            grads = _dc.mimic_loss_backward(_plain(grad), _plain(f_a), _plain(f_b),
+                                            needs_input_grad=tuple(ctx.needs_input_grad[:2]))
+        return grads.f_a, grads.f_b
+
+
+# ------------------------------------------------------------------------------------------- functions
+
+def affine_grid(theta, size, align_corners=None):
+    """Differentiable :func:`deformcp.affine_grid`, as ``torch.nn.functional.affine_grid`` (2-D only).
+
+    Args:
+        theta (Tensor[N, 2, 3]): affine matrices mapping output to input coordinates.
+        size (sequence of 4 ints): (N, C, H_out, W_out) of the output image.
+        align_corners (bool or None): None means False (torch's default, without its warning).
+
+    Returns:
+        Tensor[N, H_out, W_out, 2]: normalised (x, y) sampling locations. Gradient: theta.
+    """
+    return _AffineGrid.apply(theta, tuple(int(s) for s in size), bool(align_corners))
+
+
+def grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corners=None):
+    """Differentiable :func:`deformcp.grid_sample`, as ``torch.nn.functional.grid_sample`` (4-D input).
+
+    Args:
+        input (Tensor[N, C, H, W]).
+        grid (Tensor[N, H_out, W_out, 2]): normalised (x, y) in [-1, 1].
+        mode (str): "bilinear" or "nearest" (the grid gets a zero gradient).
+        padding_mode (str): "zeros", "border" or "reflection".
+        align_corners (bool or None): None means False.
+
+    Returns:
+        Tensor[N, C, H_out, W_out]. Gradients: input and grid.
+    """
+    return _GridSample.apply(input, grid, mode, padding_mode, bool(align_corners))
+
+
+def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, pool_mode="avg"):
+    """Differentiable :func:`deformcp.roi_align`, as ``torchvision.ops.roi_align`` (plus mmcv's max pooling).
+
+    Args:
+        input (Tensor[N, C, H, W]).
+        boxes (Tensor[K, 5] or list of Tensor[L, 4]): [batch_index, x1, y1, x2, y2], or one [x1, y1, x2, y2]
+            tensor per image; same dtype as input. No gradient.
+        output_size (int or pair of int): (PH, PW).
+        spatial_scale (float), sampling_ratio (int), aligned (bool): as torchvision.
+        pool_mode (str): "avg" (torchvision) or "max" (mmcv).
+
+    Returns:
+        Tensor[K, C, PH, PW]. Gradient: input.
+    """
+    return _RoIAlign.apply(input, _rois(boxes), output_size, spatial_scale, sampling_ratio, bool(aligned),
+                           pool_mode, False)
+
+
+def ps_roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1):
+    """Differentiable :func:`deformcp.ps_roi_align`, as ``torchvision.ops.ps_roi_align``.
+
+    Args:
+        input (Tensor[N, C, H, W]): C a multiple of PH·PW.
+        boxes (Tensor[K, 5] or list of Tensor[L, 4]): as in :func:`roi_align`. No gradient.
+        output_size (int or pair of int): (PH, PW).
+
+    Returns:
+        Tensor[K, C / (PH·PW), PH, PW]. Gradient: input.
+    """
+    return _RoIAlign.apply(input, _rois(boxes), output_size, spatial_scale, sampling_ratio, True, "avg", True)
+
+
+def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None):
+    """Differentiable :func:`deformcp.deform_conv2d`, as ``torchvision.ops.deform_conv2d`` (v2 with mask).
+
+    Args:
+        input (Tensor[N, C_in, H, W]).
+        offset (Tensor[N, 2·G·kh·kw, H_out, W_out]): (Δy, Δx) per tap and offset group G.
+        weight (Tensor[C_out, C_in / groups, kh, kw]).
+        bias (Tensor[C_out] or None).
+        stride, padding, dilation (int or pair of int).
+        mask (Tensor[N, G·kh·kw, H_out, W_out] or None): modulation scalars (DCNv2).
+
+    Returns:
+        Tensor[N, C_out, H_out, W_out]. Gradients: input, offset, weight, bias, mask.
+    """
+    return _DeformConv2d.apply(input, offset, weight, bias, stride, padding, dilation, mask)
+
+
+def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, sampling_ratio=0, gamma=0.1,
+                    mask=None):
+    """Differentiable :func:`deformcp.deform_roi_pool`, as ``mmcv.ops.deform_roi_pool`` (times ``mask``, as
+    mmcv's modulated pooling).
+
+    Args:
+        input (Tensor[N, C, H, W]).
+        rois (Tensor[K, 5] or list of Tensor[L, 4]): [batch_index, x1, y1, x2, y2]. No gradient.
+        offset (Tensor[K, 2, PH, PW] or None): (Δx, Δy) per bin in units of gamma · RoI size.
+        output_size (int or pair of int): (PH, PW).
+        mask (Tensor[K, 1, PH, PW] or None): multiplies each pooled bin.
+
+    Returns:
+        Tensor[K, C, PH, PW]. Gradients: input, offset, mask.
+    """
+    return _DeformRoIPool.apply(input, _rois(rois), offset, output_size, spatial_scale, sampling_ratio, gamma, mask)
+
+
+def deform_ps_roi_pool(input, rois, offset, output_dim, group_size, pooled_size, part_size=None, sample_per_part=4,
+                       spatial_scale=1.0, trans_std=0.0, no_trans=False):
+    """Differentiable :func:`deformcp.deform_ps_roi_pool` (DCNv1's deformable position-sensitive RoI pooling).
+
+    Args:
+        input (Tensor[N, output_dim·group_size², H, W]): score maps.
+        rois (Tensor[K, 5] or list of Tensor[L, 4]): [batch_index, x1, y1, x2, y2]. No gradient.
+        offset (Tensor[K, 2·num_classes, part_size, part_size] or None): (Δx, Δy) per class and part.
+        output_dim, group_size, pooled_size, part_size, sample_per_part, spatial_scale, trans_std, no_trans:
+            as deformcp.deform_ps_roi_pool.
+
+    Returns:
+        Tensor[K, output_dim, pooled_size, pooled_size]. Gradients: input, offset.
+    """
+    return _DeformPSRoIPool.apply(input, _rois(rois), offset, output_dim, group_size, pooled_size, part_size,
+                                  sample_per_part, spatial_scale, trans_std, bool(no_trans))
+
+
+def mimic_loss(f_a, f_b):
+    """Differentiable :func:`deformcp.mimic_loss`: ``Σ_k [1 − cos(f_a[k], f_b[k])]`` (DCNv2 feature mimicking).
+
+    Args:
+        f_a, f_b (Tensor[K, D]): one feature vector per row.
+
+    Returns:
+        Tensor[()]: the summed loss. Gradients: f_a, f_b.
+    """
+    return _MimicLoss.apply(f_a, f_b)
+
+
+# ---------------------------------------------------------------------------------------------- modules
+
+class DeformConv2d(nn.Module):
+    """Deformable convolution with the parameters of ``torchvision.ops.DeformConv2d`` (``weight``
+    [C_out, C_in / groups, kh, kw] and ``bias`` [C_out] or None, same initialisation), so state_dicts load
+    either way.
+
+    Args:
+        in_channels, out_channels (int), kernel_size, stride, padding, dilation (int or pair of int),
+        groups (int), bias (bool): as torch.nn.Conv2d.
+
+    forward(input, offset, mask=None):
+        input (Tensor[N, C_in, H, W]), offset (Tensor[N, 2·G·kh·kw, H_out, W_out]), mask (Tensor[N,
+        G·kh·kw, H_out, W_out] or None) → Tensor[N, C_out, H_out, W_out]. The number of offset groups G
+        is read from offset's shape.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=True):
+        super().__init__()
+        if in_channels % groups != 0:
+            raise ValueError("in_channels must be divisible by groups")
+        if out_channels % groups != 0:
+            raise ValueError("out_channels must be divisible by groups")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.padding = _pair(padding, "padding")
+        self.dilation = _pair(dilation, "dilation")
+        self.groups = groups
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in, _ = nn.init._calculate_fan_in_and_fan_out(self.weight)
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, input, offset, mask=None):
+        return deform_conv2d(input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        s += f", padding={self.padding}" if self.padding != (0, 0) else ""
+        s += f", dilation={self.dilation}" if self.dilation != (1, 1) else ""
+        s += f", groups={self.groups}" if self.groups != 1 else ""
+        s += ", bias=False" if self.bias is None else ""
+        return s
+
+
+class DeformConv2dPack(DeformConv2d):
+    """Deformable convolution v1 that predicts its own offsets (mmcv's DeformConv2dPack).
+
+    ``conv_offset`` is a regular nn.Conv2d (same kernel size, stride, padding and dilation as the deformable
+    one) mapping the input to 2·G·kh·kw offset channels; it is zero-initialised, so the layer starts as the
+    regular convolution ``torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation,
+    groups)``. ``weight`` and ``bias`` are :class:`DeformConv2d`'s (torchvision's names).
+
+    Args:
+        as :class:`DeformConv2d`, and offset_groups (int): G, offset groups (mmcv's deform_groups); divides
+            in_channels. Default: 1.
+
+    forward(input): Tensor[N, C_in, H, W] → Tensor[N, C_out, H_out, W_out].
+    """
+
+    mask_channels_per_tap = 0
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=True, offset_groups=1):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
+        if in_channels % offset_groups != 0:
+            raise ValueError("in_channels must be divisible by offset_groups")
+        self.offset_groups = offset_groups
+        taps = offset_groups * self.kernel_size[0] * self.kernel_size[1]
+        self.conv_offset = nn.Conv2d(in_channels, (2 + self.mask_channels_per_tap) * taps, self.kernel_size,
+                                     self.stride, self.padding, self.dilation, bias=True)
+        self.init_offset()
+
+    def init_offset(self) -> None:
+        """Zero the offset (and mask) branch: offsets 0 (and masks sigmoid(0) = 0.5), as DCNv1/v2."""
+        nn.init.zeros_(self.conv_offset.weight)
+        nn.init.zeros_(self.conv_offset.bias)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if hasattr(self, "conv_offset"):
+            self.init_offset()
+
+    def forward(self, input):
+        return deform_conv2d(input, self.conv_offset(input), self.weight, self.bias, self.stride, self.padding,
+                             self.dilation)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", offset_groups={self.offset_groups}" if self.offset_groups != 1 else "")
+
+
+class ModulatedDeformConv2dPack(DeformConv2dPack):
+    """Modulated deformable convolution (DCNv2) that predicts its own offsets and masks (mmcv's
+    ModulatedDeformConv2dPack; :class:`DeformConv2d` is the variant that takes them as inputs).
+
+    ``conv_offset`` is a regular nn.Conv2d producing 3·G·kh·kw channels: the first 2·G·kh·kw are the offsets
+    (deform_conv2d's layout), the last G·kh·kw the mask logits, passed through a sigmoid. It is
+    zero-initialised as in the DCNv2 paper (offsets 0, masks 0.5), so at initialisation the layer is a
+    regular convolution with halved weights: ``conv2d(input, 0.5 · weight, bias, stride, padding,
+    dilation, groups)``.
+
+    Args:
+        as :class:`DeformConv2dPack`.
+
+    forward(input): Tensor[N, C_in, H, W] → Tensor[N, C_out, H_out, W_out].
+    """
+
+    mask_channels_per_tap = 1
+
+    def forward(self, input):
+        out = self.conv_offset(input)
+        split = 2 * self.offset_groups * self.kernel_size[0] * self.kernel_size[1]
+        offset, mask = out[:, :split], torch.sigmoid(out[:, split:])
+        return deform_conv2d(input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
+
+
+class RoIAlign(nn.Module):
+    """RoIAlign as ``torchvision.ops.RoIAlign`` (and mmcv's max pooling with ``pool_mode="max"``).
+
+    forward(input, rois): input (Tensor[N, C, H, W]), rois (Tensor[K, 5] or list of Tensor[L, 4]) →
+    Tensor[K, C, PH, PW].
+    """
+
+    def __init__(self, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, pool_mode="avg"):
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+        self.pool_mode = pool_mode
+
+    def forward(self, input, rois):
+        return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned,
+                         self.pool_mode)
+
+    def extra_repr(self) -> str:
+        return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}, pool_mode={self.pool_mode!r}")
+
+
+class PSRoIAlign(nn.Module):
+    """Position-sensitive RoIAlign as ``torchvision.ops.PSRoIAlign``.
+
+    forward(input, rois): input (Tensor[N, C, H, W], C a multiple of PH·PW), rois (Tensor[K, 5] or list of
+    Tensor[L, 4]) → Tensor[K, C / (PH·PW), PH, PW].
+    """
+
+    def __init__(self, output_size, spatial_scale=1.0, sampling_ratio=-1):
+        super().__init__()
+        self.output_size = output_size
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+
+    def forward(self, input, rois):
+        return ps_roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio)
+
+    def extra_repr(self) -> str:
+        return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+                f"sampling_ratio={self.sampling_ratio}")
+
+
+def _offset_fc(in_features, hidden, out_features):
+    return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden),
+                         nn.ReLU(inplace=True), nn.Linear(hidden, out_features))
+
+
+class DeformRoIPool(nn.Module):
+    """Deformable RoI pooling with its own offset branch (mmcv's DeformRoIPoolPack, same parameter names).
+
+    The RoIs are first pooled without offsets; ``offset_fc`` (Linear → ReLU → Linear → ReLU → Linear, the
+    last zero-initialised, so the layer starts as plain aligned RoIAlign) maps each RoI's pooled features
+    (C·PH·PW) to 2·PH·PW offsets (Δx, Δy per bin, in units of gamma · RoI size), with which the RoIs are
+    pooled again.
+
+    Args:
+        output_size (int or pair of int): (PH, PW).
+        output_channels (int): C, the channels of the input.
+        deform_fc_channels (int): hidden width of the offset branch. Default: 1024.
+        spatial_scale (float), sampling_ratio (int), gamma (float): as :func:`deform_roi_pool`.
+
+    forward(input, rois): input (Tensor[N, C, H, W]), rois (Tensor[K, 5] or list of Tensor[L, 4]) →
+    Tensor[K, C, PH, PW].
+    """
+
+    def __init__(self, output_size, output_channels, deform_fc_channels=1024, spatial_scale=1.0, sampling_ratio=0,
+                 gamma=0.1):
+        super().__init__()
+        self.output_size = _pair(output_size, "output_size")
+        self.output_channels = output_channels
+        self.deform_fc_channels = deform_fc_channels
+        self.spatial_scale = spatial_scale
+        self.sampling_ratio = sampling_ratio
+        self.gamma = gamma
+        bins = self.output_size[0] * self.output_size[1]
+        self.offset_fc = _offset_fc(bins * output_channels, deform_fc_channels, 2 * bins)
+        nn.init.zeros_(self.offset_fc[-1].weight)
+        nn.init.zeros_(self.offset_fc[-1].bias)
+
+    def _pool(self, input, rois, offset=None, mask=None):
+        return deform_roi_pool(input, rois, offset, self.output_size, self.spatial_scale, self.sampling_ratio,
+                               self.gamma, mask)
+
+    def _offset(self, pooled):
+        return self.offset_fc(pooled.flatten(1)).view(-1, 2, *self.output_size)
+
+    def forward(self, input, rois):
+        rois = _rois(rois)
+        pooled = self._pool(input, rois)
+        return self._pool(input, rois, self._offset(pooled))
+
+    def extra_repr(self) -> str:
+        return (f"output_size={self.output_size}, output_channels={self.output_channels}, "
+                f"deform_fc_channels={self.deform_fc_channels}, spatial_scale={self.spatial_scale}, "
+                f"sampling_ratio={self.sampling_ratio}, gamma={self.gamma}")
+
+
+class ModulatedDeformRoIPool(DeformRoIPool):
+    """Modulated deformable RoI pooling (DCNv2) with offset and mask branches (mmcv's
+    ModulatedDeformRoIPoolPack, same parameter names).
+
+    As :class:`DeformRoIPool`, plus ``mask_fc`` (Linear → ReLU → Linear → Sigmoid, the last Linear
+    zero-initialised, so masks start at 0.5) mapping the pooled features to one mask per bin, which
+    multiplies the pooled value.
+
+    forward(input, rois): input (Tensor[N, C, H, W]), rois (Tensor[K, 5] or list of Tensor[L, 4]) →
+    Tensor[K, C, PH, PW].
+    """
+
+    def __init__(self, output_size, output_channels, deform_fc_channels=1024, spatial_scale=1.0, sampling_ratio=0,
+                 gamma=0.1):
+        super().__init__(output_size, output_channels, deform_fc_channels, spatial_scale, sampling_ratio, gamma)
+        bins = self.output_size[0] * self.output_size[1]
+        self.mask_fc = nn.Sequential(nn.Linear(bins * output_channels, deform_fc_channels), nn.ReLU(inplace=True),
+                                     nn.Linear(deform_fc_channels, bins), nn.Sigmoid())
+        nn.init.zeros_(self.mask_fc[2].weight)
+        nn.init.zeros_(self.mask_fc[2].bias)
+
+    def forward(self, input, rois):
+        rois = _rois(rois)
+        pooled = self._pool(input, rois)
+        mask = self.mask_fc(pooled.flatten(1)).view(-1, 1, *self.output_size)
+        return self._pool(input, rois, self._offset(pooled), mask)
+
+
+#: mmcv's names for the modules above.
+DeformRoIPoolPack = DeformRoIPool
+ModulatedDeformRoIPoolPack = ModulatedDeformRoIPool
+
+
+class SpatialTransformer(nn.Module):
+    """Spatial transformer (Jaderberg et al. 2015): a localisation net predicts θ, then
+    ``grid_sample(input, affine_grid(θ, size))``.
+
+    Args:
+        in_channels (int): C.
+        output_size (pair of int or None): (H_out, W_out); None keeps the input's (H, W). Default: None.
+        localization (nn.Module or None): maps Tensor[N, C, H, W] to features Tensor[N, F]; None uses a
+            small conv net (conv 3×3 → ReLU → conv 3×3 → ReLU → adaptive average pool 4×4 → Linear → ReLU)
+            with F = 32, for any input size. Default: None.
+        localization_features (int or None): F, required with a custom ``localization``.
+        hidden_channels (int): channels of the default localisation net's convolutions. Default: 16.
+        mode, padding_mode, align_corners: as :func:`grid_sample`.
+
+    ``fc_loc`` (Linear(F, 6)) has zero weights and the identity as its bias, so the module starts as the
+    identity transform (output = input when output_size is the input size).
+
+    forward(input): Tensor[N, C, H, W] → Tensor[N, C, H_out, W_out]. ``theta(input)`` gives θ,
+    Tensor[N, 2, 3].
+    """
+
+    def __init__(self, in_channels, output_size=None, localization=None, localization_features=None,
+                 hidden_channels=16, mode="bilinear", padding_mode="zeros", align_corners=False):
+        super().__init__()
+        if localization is None:
+            localization_features = 32
+            localization = nn.Sequential(
+                nn.Conv2d(in_channels, hidden_channels, 3, padding=1), nn.ReLU(inplace=True),
+                nn.Conv2d(hidden_channels, hidden_channels, 3, padding=1), nn.ReLU(inplace=True),
+                nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+                nn.Linear(16 * hidden_channels, localization_features), nn.ReLU(inplace=True))
+        elif localization_features is None:
+            raise ValueError("localization_features: required with a custom localization net (its output size F)")
+        self.in_channels = in_channels
+        self.output_size = None if output_size is None else _pair(output_size, "output_size")
+        self.mode, self.padding_mode, self.align_corners = mode, padding_mode, align_corners
+        self.localization = localization
+        self.fc_loc = nn.Linear(localization_features, 6)
+        nn.init.zeros_(self.fc_loc.weight)
+        with torch.no_grad():
+            self.fc_loc.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]))
+
+    def theta(self, input):
+        """The predicted affine transforms, Tensor[N, 2, 3]."""
+        return self.fc_loc(self.localization(input)).view(-1, 2, 3)
+
+    def forward(self, input):
+        N, C, H, W = input.shape
+        size = (N, C) + (self.output_size or (H, W))
+        grid = affine_grid(self.theta(input), size, self.align_corners)
+        return grid_sample(input, grid, self.mode, self.padding_mode, self.align_corners)
+
+    def extra_repr(self) -> str:
+        return (f"in_channels={self.in_channels}, output_size={self.output_size}, mode={self.mode!r}, "
+                f"padding_mode={self.padding_mode!r}, align_corners={self.align_corners}")

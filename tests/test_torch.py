@@ -1,0 +1,476 @@
+"""deformcp.torch: autograd Functions (gradcheck in float64, equality with the NumPy functions,
+non-contiguous tensors, partial needs_input_grad, no double backward), the nn.Modules (torchvision
+state_dict compatibility, zero-initialised offset branches equal plain convolution / RoIAlign / identity),
+a small training run, and the import rules."""
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import deformcp  # noqa: E402
+import deformcp.torch as dtorch  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------------ cases
+#
+# Every case: (op name, arrays by argument name, the differentiable ones, options). Inputs are float64 and
+# kept away from the kinks of bilinear sampling (sample coordinates never within 0.1 pixel of an integer,
+# nor, where skipping or reflection happens at half pixels, of a half-integer), so that gradcheck's
+# finite differences are valid.
+
+def away_from_kinks(rng, shape, half_too=False):
+    """Fractional parts in [0.2, 0.8] (or [0.15, 0.35] ∪ [0.65, 0.85] with half_too) plus an integer in {-1, 0, 1}."""
+    if half_too:
+        frac = rng.uniform(0.15, 0.35, shape) + 0.5 * rng.integers(0, 2, shape)
+    else:
+        frac = rng.uniform(0.2, 0.8, shape)
+    return rng.integers(-1, 2, shape) + frac
+
+
+def case_affine_grid(rng, align_corners=False):
+    return "affine_grid", {"theta": rng.standard_normal((2, 2, 3))}, ("theta",), \
+        dict(size=(2, 3, 4, 5), align_corners=align_corners)
+
+
+def case_grid_sample(rng, mode="bilinear", padding_mode="zeros", align_corners=False):
+    N, C, H, W, Ho, Wo = 2, 2, 4, 5, 3, 4
+    # pixel coordinates from -1.x to size + 0.x, including outside ones, then normalised
+    px = rng.integers(-1, W + 1, (N, Ho, Wo)) + away_from_kinks(rng, (N, Ho, Wo), half_too=True) % 1
+    py = rng.integers(-1, H + 1, (N, Ho, Wo)) + away_from_kinks(rng, (N, Ho, Wo), half_too=True) % 1
+    if align_corners:
+        gx, gy = 2 * px / (W - 1) - 1, 2 * py / (H - 1) - 1
+    else:
+        gx, gy = (2 * px + 1) / W - 1, (2 * py + 1) / H - 1
+    arrays = {"input": rng.standard_normal((N, C, H, W)), "grid": np.stack([gx, gy], axis=-1)}
+    return "grid_sample", arrays, ("input", "grid"), \
+        dict(mode=mode, padding_mode=padding_mode, align_corners=align_corners)
+
+
+def boxes(rng, N, H, W, K):
+    x1, y1 = rng.uniform(-2, W - 2, K), rng.uniform(-2, H - 2, K)
+    return np.stack([rng.integers(0, N, K), x1, y1, x1 + rng.uniform(0.5, W / 2, K),
+                     y1 + rng.uniform(0.5, H / 2, K)], axis=1)
+
+
+def case_roi_align(rng, aligned=False, sampling_ratio=-1, pool_mode="avg"):
+    arrays = {"input": rng.standard_normal((2, 2, 5, 6)), "boxes": boxes(rng, 2, 5, 6, 4)}
+    return "roi_align", arrays, ("input",), \
+        dict(output_size=(2, 3), spatial_scale=1.0, sampling_ratio=sampling_ratio, aligned=aligned,
+             pool_mode=pool_mode)
+
+
+def case_ps_roi_align(rng, sampling_ratio=-1):
+    arrays = {"input": rng.standard_normal((1, 2 * 3, 4, 5)), "boxes": boxes(rng, 1, 4, 5, 3)}
+    return "ps_roi_align", arrays, ("input",), dict(output_size=(2, 3), sampling_ratio=sampling_ratio)
+
+
+def case_deform_conv2d(rng, mask=True, stride=1, padding=1, dilation=1):
+    """C_in 4 in 2 groups, 2 offset groups, 3×3 kernel. Sample positions are integers (h·stride − pad +
+    i·dilation) plus the offsets, whose fractional parts are in [0.2, 0.8]."""
+    N, C, H, W, C_out, G, kh, kw = 1, 4, 4, 4, 2, 2, 3, 3
+    s, p, d = (torch.nn.modules.utils._pair(v) for v in (stride, padding, dilation))
+    Ho, Wo = ((H + 2 * p[0] - d[0] * (kh - 1) - 1) // s[0] + 1, (W + 2 * p[1] - d[1] * (kw - 1) - 1) // s[1] + 1)
+    arrays = {"input": rng.standard_normal((N, C, H, W)),
+              "offset": away_from_kinks(rng, (N, 2 * G * kh * kw, Ho, Wo)),
+              "weight": rng.standard_normal((C_out, C // 2, kh, kw)),
+              "bias": rng.standard_normal(C_out),
+              "mask": rng.uniform(0.1, 1.0, (N, G * kh * kw, Ho, Wo)) if mask else None}
+    differentiable = ("input", "offset", "weight", "bias") + (("mask",) if mask else ())
+    return "deform_conv2d", arrays, differentiable, dict(stride=stride, padding=padding, dilation=dilation)
+
+
+def case_deform_roi_pool(rng, mask=True, gamma=0.1):
+    """RoIs 4×4 pixels at integer corners, 2×2 bins of 2×2 samples one pixel apart: sample x = x1 + shift +
+    integer, with the bin's shift γ·roi_w·Δx = integer + [0.2, 0.8] (y likewise)."""
+    N, C, H, W, K, P = 2, 2, 9, 10, 3, 2
+    x1, y1 = rng.integers(0, W - 4, K), rng.integers(0, H - 4, K)
+    rois = np.stack([rng.integers(0, N, K), x1, y1, x1 + 4, y1 + 4], axis=1).astype(np.float64)
+    offset = away_from_kinks(rng, (K, 2, P, P)) / (gamma * 4)
+    arrays = {"input": rng.standard_normal((N, C, H, W)), "rois": rois, "offset": offset,
+              "mask": rng.uniform(0.1, 1.0, (K, 1, P, P)) if mask else None}
+    differentiable = ("input", "offset") + (("mask",) if mask else ())
+    return "deform_roi_pool", arrays, differentiable, \
+        dict(output_size=P, spatial_scale=1.0, sampling_ratio=2, gamma=gamma)
+
+
+def case_deform_ps_roi_pool(rng, no_trans=False):
+    """RoIs with round(x2) − round(x1) + 1 = 4, 2×2 bins of 2×2 samples one pixel apart, starting at
+    round(x1) − 0.5 + shift: shift = trans_std·roi_w·Δx = 0.5 + integer + frac, frac in [0.15, 0.35] ∪
+    [0.65, 0.85], keeps samples away from integers (clamping, bilinear) and half-integers (skipping)."""
+    N, output_dim, G, P, K, H, W, trans_std = 1, 2, 2, 2, 3, 6, 7, 0.1
+    x1, y1 = rng.integers(0, W - 4, K), rng.integers(0, H - 4, K)
+    rois = np.stack([np.zeros(K), x1, y1, x1 + 3, y1 + 3], axis=1).astype(np.float64)
+    offset = (0.5 + away_from_kinks(rng, (K, 2 * 2, P, P), half_too=True)) / (trans_std * 4)
+    arrays = {"input": rng.standard_normal((N, output_dim * G * G, H, W)), "rois": rois,
+              "offset": None if no_trans else offset}
+    return "deform_ps_roi_pool", arrays, ("input",) if no_trans else ("input", "offset"), \
+        dict(output_dim=output_dim, group_size=G, pooled_size=P, part_size=P, sample_per_part=2,
+             spatial_scale=1.0, trans_std=trans_std, no_trans=no_trans)
+
+
+def case_mimic_loss(rng):
+    return "mimic_loss", {"f_a": rng.standard_normal((4, 5)), "f_b": rng.standard_normal((4, 5))}, \
+        ("f_a", "f_b"), {}
+
+
+CASES = {
+    "affine_grid": lambda rng: case_affine_grid(rng),
+    "affine_grid-align_corners": lambda rng: case_affine_grid(rng, True),
+    "grid_sample": lambda rng: case_grid_sample(rng),
+    "grid_sample-align_corners": lambda rng: case_grid_sample(rng, align_corners=True),
+    "grid_sample-border": lambda rng: case_grid_sample(rng, padding_mode="border"),
+    "grid_sample-reflection": lambda rng: case_grid_sample(rng, padding_mode="reflection"),
+    "grid_sample-reflection-align_corners": lambda rng: case_grid_sample(rng, padding_mode="reflection",
+                                                                         align_corners=True),
+    "grid_sample-nearest": lambda rng: case_grid_sample(rng, mode="nearest"),
+    "roi_align": lambda rng: case_roi_align(rng),
+    "roi_align-aligned-ratio2": lambda rng: case_roi_align(rng, aligned=True, sampling_ratio=2),
+    "roi_align-max": lambda rng: case_roi_align(rng, pool_mode="max"),
+    "roi_align-max-aligned": lambda rng: case_roi_align(rng, aligned=True, sampling_ratio=2, pool_mode="max"),
+    "ps_roi_align": lambda rng: case_ps_roi_align(rng),
+    "ps_roi_align-ratio2": lambda rng: case_ps_roi_align(rng, sampling_ratio=2),
+    "deform_conv2d-v2": lambda rng: case_deform_conv2d(rng),
+    "deform_conv2d-v1": lambda rng: case_deform_conv2d(rng, mask=False),
+    "deform_conv2d-strided": lambda rng: case_deform_conv2d(rng, stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
+    "deform_roi_pool": lambda rng: case_deform_roi_pool(rng, mask=False),
+    "deform_roi_pool-mask": lambda rng: case_deform_roi_pool(rng),
+    "deform_ps_roi_pool": lambda rng: case_deform_ps_roi_pool(rng),
+    "deform_ps_roi_pool-no_trans": lambda rng: case_deform_ps_roi_pool(rng, no_trans=True),
+    "mimic_loss": lambda rng: case_mimic_loss(rng),
+}
+
+
+def tensors(arrays, differentiable, dtype=torch.float64, layout=lambda t: t):
+    """Leaf tensors (None kept) with requires_grad on the differentiable ones; layout may make views."""
+    out = {}
+    for name, a in arrays.items():
+        if a is None:
+            out[name] = None
+            continue
+        t = layout(torch.from_numpy(np.array(a)).to(dtype))
+        out[name] = t.requires_grad_(name in differentiable)
+    return out
+
+
+def call_torch(op, args, options):
+    return getattr(dtorch, op)(**args, **options)
+
+
+def torch_grads(op, args, options, grad_output):
+    out = call_torch(op, args, options)
+    out.backward(grad_output)
+    return out, {name: t.grad for name, t in args.items() if t is not None and t.requires_grad}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gradcheck(case, rng):
+    op, arrays, differentiable, options = CASES[case](rng)
+    args = tensors(arrays, differentiable)
+    names = [name for name, t in args.items() if t is not None]
+
+    def fn(*ts):
+        return call_torch(op, {**args, **dict(zip(names, ts))}, options)
+
+    assert torch.autograd.gradcheck(fn, [args[name] for name in names], eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", CASES)
+def test_matches_numpy_functions(case, dtype, rng):
+    """Forward and every gradient equal (bitwise) the deformcp functions called on NumPy arrays."""
+    op, arrays, differentiable, options = CASES[case](rng)
+    args = tensors(arrays, differentiable, dtype)
+    numpy_args = {name: None if t is None else t.detach().numpy() for name, t in args.items()}
+    expected = getattr(deformcp, op)(**numpy_args, **options)
+    grad_output = rng.standard_normal(np.shape(expected)).astype(expected.dtype)
+    out, grads = torch_grads(op, args, options, torch.from_numpy(grad_output))
+    np.testing.assert_array_equal(out.detach().numpy(), expected)
+    expected_grads = getattr(deformcp, op + "_backward")(grad_output, **numpy_args, **options)
+    assert set(grads) == set(differentiable)
+    for name, grad in grads.items():
+        assert grad.dtype == dtype and grad.shape == args[name].shape
+        np.testing.assert_array_equal(grad.numpy(), getattr(expected_grads, name), err_msg=name)
+
+
+def noncontiguous(t):
+    """The same values in a view that is not contiguous (every other element of a wider buffer)."""
+    wide = torch.full(t.shape[:-1] + (2 * t.shape[-1],), float("nan"), dtype=t.dtype)
+    wide[..., ::2] = t
+    view = wide[..., ::2]
+    assert not view.is_contiguous() or t.numel() <= 1
+    return view
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_noncontiguous_tensors(case, rng):
+    """Non-contiguous inputs and grad_output give the results of contiguous ones."""
+    op, arrays, differentiable, options = CASES[case](rng)
+    reference_args = tensors(arrays, differentiable)
+    grad_output = torch.from_numpy(rng.standard_normal(call_torch(op, reference_args, options).shape))
+    expected, expected_grads = torch_grads(op, reference_args, options, grad_output)
+    args = tensors(arrays, differentiable, layout=lambda t: noncontiguous(t) if t.ndim else t)
+    out, grads = torch_grads(op, args, options, noncontiguous(grad_output) if grad_output.ndim else grad_output)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    for name in differentiable:
+        torch.testing.assert_close(grads[name], expected_grads[name], rtol=1e-12, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("case", ["grid_sample", "deform_conv2d-v2", "deform_roi_pool-mask", "deform_ps_roi_pool",
+                                  "mimic_loss"])
+def test_only_the_inputs_that_require_grad_get_one(case, rng):
+    op, arrays, differentiable, options = CASES[case](rng)
+    full = tensors(arrays, differentiable)
+    grad_output = torch.from_numpy(rng.standard_normal(call_torch(op, full, options).shape))
+    _, expected = torch_grads(op, full, options, grad_output)
+    for wanted in differentiable:
+        args = tensors(arrays, (wanted,))
+        _, grads = torch_grads(op, args, options, grad_output)
+        assert set(grads) == {wanted}
+        torch.testing.assert_close(grads[wanted], expected[wanted], rtol=1e-12, atol=1e-12)
+        assert all(t is None or t.grad is None for name, t in args.items() if name != wanted)
+
+
+def test_boxes_as_a_list_per_image(rng):
+    x = torch.from_numpy(rng.standard_normal((2, 8, 6, 7)))
+    per_image = [torch.from_numpy(boxes(rng, 1, 6, 7, k)[:, 1:]) for k in (2, 3)]
+    rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i), dtype=b.dtype), b], 1)
+                      for i, b in enumerate(per_image)])
+    for op in (dtorch.roi_align, dtorch.ps_roi_align):
+        torch.testing.assert_close(op(x, per_image, 2, 1.0, 2), op(x, rois, 2, 1.0, 2), rtol=0, atol=0)
+    torch.testing.assert_close(dtorch.RoIAlign(2, 1.0, 2, aligned=True)(x, per_image),
+                               dtorch.roi_align(x, rois, 2, 1.0, 2, True), rtol=0, atol=0)
+    torch.testing.assert_close(dtorch.PSRoIAlign(2, 1.0, 2)(x, per_image), dtorch.ps_roi_align(x, rois, 2, 1.0, 2),
+                               rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------- no double backward
+
+def test_double_backward_raises(rng):
+    op, arrays, differentiable, options = case_grid_sample(rng)
+    args = tensors(arrays, differentiable)
+    x = args["input"]
+    # grad_output that requires grad (a square), and one that does not (a plain sum) while another path to
+    # x does: in both, differentiating the gradient must raise rather than drop this op's second-order terms.
+    for loss in (lambda: (call_torch(op, args, options) ** 2).sum(),
+                 lambda: call_torch(op, args, options).sum() + (x ** 3).sum()):
+        g, = torch.autograd.grad(loss(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="deformcp.torch.grid_sample: double backward is not supported"):
+            g.sum().backward()
+    # First-order use under create_graph=True still works and gives the right value.
+    g, = torch.autograd.grad(call_torch(op, args, options).sum(), x, create_graph=True)
+    expected, = torch.autograd.grad(call_torch(op, args, options).sum(), x)
+    torch.testing.assert_close(g.detach(), expected, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------- settings and plain API
+
+def test_backward_runs_under_the_forward_settings(monkeypatch, rng):
+    """The backend and workspace limit in force at the forward are those of the backward, and
+    torch.use_deterministic_algorithms(True) asks for deterministic gradients."""
+    seen = {}
+
+    def fake_forward(input, grid, *options):
+        return torch.zeros(input.shape[:2] + grid.shape[1:3], dtype=input.dtype)
+
+    def fake_backward(grad_output, input, grid, *options, needs_input_grad, deterministic):
+        seen.update(backend=deformcp.current_backend(), limit=deformcp.get_workspace_limit(),
+                    deterministic=deterministic, needs_input_grad=needs_input_grad)
+        return deformcp.GridSampleGrads(torch.zeros(input.shape, dtype=torch.float64), None)
+
+    monkeypatch.setattr(deformcp, "grid_sample", fake_forward)
+    monkeypatch.setattr(deformcp, "grid_sample_backward", fake_backward)
+    x = torch.zeros(1, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    grid = torch.zeros(1, 2, 2, 2, dtype=torch.float64)
+    with deformcp.backend("host"), deformcp.workspace_limit(12345):
+        out = dtorch.grid_sample(x, grid)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        out.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert seen == dict(backend="host", limit=12345, deterministic=True, needs_input_grad=(True, False))
+
+
+def test_plain_api_refuses_tensors_that_require_grad():
+    x = torch.zeros(1, 2, 3, 3, requires_grad=True)
+    grid = torch.zeros(1, 2, 2, 2)
+    with pytest.raises(ValueError, match=r"input: the tensor requires grad; pass tensor.detach\(\), or use the "
+                                         r"autograd wrappers in deformcp.torch"):
+        deformcp.grid_sample(x, grid)
+    assert isinstance(deformcp.grid_sample(x.detach(), grid), torch.Tensor)
+
+
+def test_import_rules(tmp_path):
+    """import deformcp imports neither torch nor deformcp.torch; without torch, import deformcp.torch
+    raises an ImportError that says what is missing."""
+    code = textwrap.dedent("""
+        import sys
+        import deformcp
+        assert "torch" not in sys.modules and "deformcp.torch" not in sys.modules, sorted(sys.modules)
+        sys.modules["torch"] = None
+        try:
+            import deformcp.torch
+        except ImportError as error:
+            print(error)
+        else:
+            raise AssertionError("import deformcp.torch worked without torch")
+    """)
+    env = {"PYTHONPATH": str(__import__("pathlib").Path(deformcp.__file__).parent.parent), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "deformcp.torch needs PyTorch" in result.stdout and "pip install torch" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------------ modules
+
+def test_deform_conv2d_module(rng):
+    layer = dtorch.DeformConv2d(4, 6, 3, stride=1, padding=1, groups=2).double()
+    assert layer.weight.shape == (6, 2, 3, 3) and layer.bias.shape == (6,)
+    assert dict(layer.named_parameters()).keys() == {"weight", "bias"}
+    assert "DeformConv2d(4, 6, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), groups=2)" in repr(layer)
+    assert dtorch.DeformConv2d(2, 2, 1, bias=False).bias is None
+    x = torch.from_numpy(rng.standard_normal((2, 4, 5, 5)))
+    offset = torch.from_numpy(rng.standard_normal((2, 2 * 2 * 9, 5, 5)))
+    mask = torch.from_numpy(rng.uniform(0, 1, (2, 2 * 9, 5, 5)))
+    torch.testing.assert_close(layer(x, offset, mask),
+                               dtorch.deform_conv2d(x, offset, layer.weight, layer.bias, 1, 1, 1, mask))
+
+
+def test_deform_conv2d_matches_torchvision_and_shares_its_state_dict(rng):
+    torchvision = pytest.importorskip("torchvision")
+    ours = dtorch.DeformConv2d(4, 6, 3, stride=2, padding=1, dilation=1, groups=2).double()
+    theirs = torchvision.ops.DeformConv2d(4, 6, 3, stride=2, padding=1, dilation=1, groups=2).double()
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    theirs.load_state_dict(ours.state_dict())
+    for name, value in ours.state_dict().items():
+        torch.testing.assert_close(theirs.state_dict()[name], value, rtol=0, atol=0)
+    ours.load_state_dict(torchvision.ops.DeformConv2d(4, 6, 3, stride=2, padding=1, groups=2).double().state_dict())
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.from_numpy(rng.standard_normal((2, 4, 7, 7))).requires_grad_()
+    offset = torch.from_numpy(rng.standard_normal((2, 2 * 2 * 9, 4, 4)) * 2).requires_grad_()
+    mask = torch.from_numpy(rng.uniform(0, 1, (2, 2 * 9, 4, 4))).requires_grad_()
+    results = []
+    for layer in (ours, theirs):
+        out = layer(x, offset, mask)
+        grads = torch.autograd.grad(out, (x, offset, mask, layer.weight, layer.bias),
+                                    torch.from_numpy(np.cos(np.arange(out.numel())).reshape(out.shape)))
+        results.append((out, grads))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-9, atol=1e-9)
+    no_bias = dtorch.DeformConv2d(4, 6, 3, bias=False)
+    torchvision.ops.DeformConv2d(4, 6, 3, bias=False).load_state_dict(no_bias.state_dict())
+
+
+def test_roi_align_matches_torchvision(rng):
+    torchvision = pytest.importorskip("torchvision")
+    x = torch.from_numpy(rng.standard_normal((2, 12, 9, 11))).requires_grad_()
+    rois = torch.from_numpy(boxes(rng, 2, 9, 11, 6))
+    tv = torchvision.ops
+    for ours, theirs in ((dtorch.RoIAlign((2, 3), 0.5, 2, aligned=True), tv.RoIAlign((2, 3), 0.5, 2, True)),
+                         (dtorch.RoIAlign(2, 1.0, -1), tv.RoIAlign(2, 1.0, -1)),
+                         (dtorch.PSRoIAlign((2, 3), 1.0, 2), tv.PSRoIAlign((2, 3), 1.0, 2))):
+        results = []
+        for layer in (ours, theirs):
+            out = layer(x, rois)
+            results.append((out, torch.autograd.grad(out, x, torch.ones_like(out))))
+        torch.testing.assert_close(results[0], results[1], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("modulated", [False, True])
+def test_pack_modules_start_as_a_regular_convolution(modulated, rng):
+    """Zero-initialised offset (and mask) branch: DeformConv2dPack is conv2d, ModulatedDeformConv2dPack
+    (masks sigmoid(0) = 0.5, the DCNv2 initialisation) conv2d with halved weights; gradients reach the
+    offset branch."""
+    cls = dtorch.ModulatedDeformConv2dPack if modulated else dtorch.DeformConv2dPack
+    layer = cls(4, 6, 3, stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2, offset_groups=2).double()
+    assert layer.conv_offset.out_channels == (3 if modulated else 2) * 2 * 9
+    assert not layer.conv_offset.weight.any() and not layer.conv_offset.bias.any()
+    assert layer.weight.abs().sum() > 0
+    x = torch.from_numpy(rng.standard_normal((2, 4, 7, 8))).requires_grad_()
+    out = layer(x)
+    scale = 0.5 if modulated else 1.0
+    expected = torch.nn.functional.conv2d(x, scale * layer.weight, layer.bias, layer.stride, layer.padding,
+                                          layer.dilation, layer.groups)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    out.square().sum().backward()
+    assert layer.conv_offset.weight.grad.abs().sum() > 0 and layer.weight.grad.abs().sum() > 0
+    layer.reset_parameters()
+    assert not layer.conv_offset.weight.any()
+
+
+@pytest.mark.parametrize("modulated", [False, True])
+def test_deform_roi_pool_modules_start_as_roi_align(modulated, rng):
+    """The zero-initialised last offset layer gives offsets 0: aligned RoIAlign (times the initial mask 0.5
+    for the modulated module); gradients reach the branches."""
+    cls = dtorch.ModulatedDeformRoIPool if modulated else dtorch.DeformRoIPool
+    layer = cls((2, 3), 3, deform_fc_channels=8, spatial_scale=0.5, sampling_ratio=2).double()
+    assert (dtorch.ModulatedDeformRoIPoolPack if modulated else dtorch.DeformRoIPoolPack) is cls
+    assert layer.offset_fc[-1].out_features == 2 * 6 and not layer.offset_fc[-1].weight.any()
+    x = torch.from_numpy(rng.standard_normal((2, 3, 9, 11))).requires_grad_()
+    rois = torch.from_numpy(boxes(rng, 2, 18, 22, 5))
+    out = layer(x, rois)
+    expected = dtorch.roi_align(x, rois, (2, 3), 0.5, 2, aligned=True) * (0.5 if modulated else 1.0)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    out.square().sum().backward()
+    assert layer.offset_fc[-1].weight.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
+    if modulated:
+        assert layer.mask_fc[2].out_features == 6 and layer.mask_fc[2].weight.grad.abs().sum() > 0
+
+
+def test_spatial_transformer_starts_as_the_identity(rng):
+    layer = dtorch.SpatialTransformer(3).double()
+    x = torch.from_numpy(rng.standard_normal((2, 3, 6, 7))).requires_grad_()
+    torch.testing.assert_close(layer.theta(x), torch.tensor([[1.0, 0, 0], [0, 1, 0]], dtype=x.dtype).expand(2, 2, 3))
+    out = layer(x)
+    torch.testing.assert_close(out, x, rtol=1e-12, atol=1e-12)
+    out.square().sum().backward()
+    assert layer.fc_loc.weight.grad.abs().sum() > 0
+    custom = dtorch.SpatialTransformer(3, output_size=(4, 5), localization=torch.nn.Flatten(),
+                                       localization_features=3 * 6 * 7).double()
+    assert custom(x).shape == (2, 3, 4, 5)
+    with pytest.raises(ValueError, match="localization_features"):
+        dtorch.SpatialTransformer(3, localization=torch.nn.Flatten())
+
+
+def test_a_few_training_steps_lower_the_loss():
+    """conv → ModulatedDeformConv2dPack → pool → linear on fixed random data: Adam lowers the loss, and the
+    offset branch learns."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+            dtorch.ModulatedDeformConv2dPack(8, 8, 3, padding=1, offset_groups=2), torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3))
+        x, labels = torch.randn(16, 3, 8, 8), torch.randint(0, 3, (16,))
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    losses, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add overhead on a busy machine
+    try:
+        for _ in range(15):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(net(x), labels)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    finally:
+        torch.set_num_threads(threads)
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert net[2].conv_offset.weight.abs().sum() > 0
+
+
+def test_mimic_loss_in_a_graph(rng):
+    """mimic_loss returns a 0-d tensor that composes with other losses."""
+    f_a = torch.from_numpy(rng.standard_normal((3, 4))).requires_grad_()
+    f_b = torch.from_numpy(rng.standard_normal((3, 4)))
+    loss = 2 * dtorch.mimic_loss(f_a, f_b) + f_a.sum()
+    assert loss.shape == ()
+    loss.backward()
+    expected = (1 - torch.nn.functional.cosine_similarity(f_a, f_b, dim=1)).sum()
+    torch.testing.assert_close(dtorch.mimic_loss(f_a.detach(), f_b), expected.detach())
+    assert f_b.grad is None and f_a.grad.shape == (3, 4)
+
