@@ -1,0 +1,345 @@
+"""JAX bindings for deformcp: every op as a differentiable function that works under ``jax.grad`` and ``jax.jit``.
+
+Import it explicitly (``import deformcp`` never imports JAX)::
+
+    import jax
+    import deformcp.jax as djax
+
+    grid = djax.affine_grid(theta, x.shape)
+    loss = lambda x, theta: djax.grid_sample(x, djax.affine_grid(theta, x.shape)).sum()
+    g_theta = jax.jit(jax.grad(loss, argnums=1))(x, theta)
+    conv = jax.jit(djax.deform_conv2d, static_argnames=("stride", "padding", "dilation"))
+    y = conv(x, offset, weight, bias, padding=1, mask=mask)
+
+Functions: affine_grid, grid_sample, roi_align, ps_roi_align, deform_conv2d, deform_roi_pool,
+deform_ps_roi_pool and mimic_loss, with the names, argument order and defaults of the deformcp functions
+(see their docstrings and README.md for shapes and conventions). The ops whose backward can scatter with
+atomics also take a keyword-only ``deterministic=False``, handed to the backward (see the deformcp
+``*_backward`` functions).
+
+How it works. Each op is a ``jax.custom_vjp``. Its primal is a ``jax.pure_callback`` whose output
+``ShapeDtypeStruct`` is computed from the input shapes at trace time; the callback converts the operands to
+NumPy and calls the deformcp function. Its VJP calls the matching ``deformcp.*_backward`` through another
+``pure_callback``, with ``needs_input_grad`` set to the inputs JAX differentiates (``symbolic_zeros``), so
+``jax.grad`` with respect to ``grid`` alone never computes the input gradient.
+
+- Arguments. Array arguments are JAX arrays (or anything ``jnp.asarray`` takes; None where deformcp allows
+  None). Everything else (sizes, output sizes, modes, flags, scales, strides, ``deterministic``) is static:
+  pass Python values, and under ``jax.jit`` mark them ``static_argnames`` or close over them; a traced
+  value raises a TypeError. Boxes/RoIs are arrays but not differentiable: their cotangent is zero (None
+  inside the VJP), as are those of inputs JAX does not differentiate.
+- Errors. At trace time the deformcp function runs once on the arguments with an empty batch (no data is
+  read), so bad shapes, dtypes and options raise deformcp's own ValueError/TypeError at the call site.
+  Only value-dependent errors (a box's batch index outside [0, N)) come from inside the callback, where
+  JAX reports them as a ``JaxRuntimeError`` that carries deformcp's message.
+- Dtypes. float32, float64, float16 and bfloat16, as in deformcp; results have the input's dtype.
+  float64 requires ``jax.config.update("jax_enable_x64", True)`` (else JAX turns float64 into float32
+  before deformcp sees it).
+- Transformations. ``jax.grad``/``jax.vjp``/``jax.value_and_grad`` and ``jax.jit`` work, also combined.
+  ``jax.vmap`` works but runs the callbacks sequentially, one batch element at a time (``vmap_method=
+  "sequential"``): correct, no faster than a Python loop. Forward mode (``jax.jvp``, ``jax.jacfwd``)
+  and second derivatives are not supported (a custom_vjp, and deformcp offers no double backward).
+- Backends. A callback runs on the host. CPU computations run deformcp's NumPy path, or its host backend
+  when the op is traced inside ``with deformcp.backend("host"):``; the backend and
+  ``deformcp.workspace_limit`` in force when an op is traced are used by its forward and backward callbacks
+  (``jax.jit`` caches them with the trace: ``jax.clear_caches()`` makes the next call retrace).
+  Where JAX's default backend is a GPU and CuPy sees a CUDA device, the callbacks route through deformcp's
+  CUDA kernels instead: the operands that JAX hands the callback are copied to the GPU with CuPy, the
+  kernels run, and the results are copied back: two host round trips per call, because a
+  ``pure_callback`` runs on the host (zero-copy would need an XLA FFI custom call). bfloat16 stays on the
+  CPU path (CuPy has no bfloat16 arrays). JAX preallocates most of the GPU's memory by default, so give
+  CuPy room (``XLA_PYTHON_CLIENT_PREALLOCATE=false`` or ``XLA_PYTHON_CLIENT_MEM_FRACTION``). The CUDA route
+  is not exercised by the test suite, which runs without a GPU (its plumbing is, with a stand-in for CuPy).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Callable, NamedTuple, Optional
+
+import numpy as np
+
+try:
+    import jax
+    import jax.numpy as jnp
+    from jax.custom_derivatives import SymbolicZero
+except ImportError as _error:  # pragma: no cover - exercised in a subprocess by the tests
+    raise ImportError(f"deformcp.jax needs JAX, which could not be imported ({_error}); install it with "
+                      "pip install 'deformcp[jax]' (or pip install jax), or use deformcp's array functions "
+                      "(import deformcp), which work without it") from _error
+
+import deformcp as _dc
+from deformcp import testing as _testing
+
+__all__ = ["affine_grid", "grid_sample", "roi_align", "ps_roi_align", "deform_conv2d", "deform_roi_pool",
+           "deform_ps_roi_pool", "mimic_loss"]
+
+_TRACER = getattr(jax.core, "Tracer", ())
+
+# jax.pure_callback's vmap behaviour: "sequential" from JAX 0.4.34 on; before, vectorized=False (the default)
+# meant the same.
+_CALLBACK_OPTIONS = ({"vmap_method": "sequential"}
+                     if "vmap_method" in inspect.signature(jax.pure_callback).parameters else {})
+
+
+# --------------------------------------------------------------------------------------------- plumbing
+
+class _Op(NamedTuple):
+    """How one deformcp op is called. ``forward(arrays, static)`` and ``backward(g, arrays, needs, static)``
+    call deformcp with the op's array arguments in ``arrays`` (a tuple, None kept) and the static arguments
+    in the dict ``static``; ``needs`` has one bool per differentiable array. ``diff`` marks the
+    differentiable arrays, in the order of the backward's named tuple; ``batched`` the arrays whose
+    leading axis is the batch (emptied for the trace-time check); ``out_batch`` the array whose leading
+    size is the output's (None: the output is 0-d)."""
+
+    forward: Callable
+    backward: Callable
+    diff: tuple
+    batched: tuple
+    out_batch: Optional[int]
+    empty_static: Callable = lambda static: static
+
+
+class _Static:
+    """A leafless pytree node carrying a hashable Python value (e.g. through custom_vjp residuals)."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+jax.tree_util.register_pytree_node(_Static, lambda s: ((), s.value), lambda value, _: _Static(value))
+
+
+class _Where(NamedTuple):
+    """Where the callbacks of one traced op run: "numpy", "host" or "cuda", and the workspace limit."""
+
+    backend: str
+    workspace: int
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_ready() -> bool:
+    return _testing.gpu_available() is None
+
+
+def _cupy():
+    import cupy
+    return cupy
+
+
+def _where(arrays) -> _Where:
+    backend = _dc.current_backend()
+    if (jax.default_backend() in ("gpu", "cuda") and _cuda_ready()
+            and not any(a is not None and a.dtype.name == "bfloat16" for a in arrays)):
+        backend = "cuda"
+    return _Where(backend, _dc.get_workspace_limit())
+
+
+def _on_host(where: _Where, call: Callable, arrays):
+    """call(arrays) on NumPy arrays (or on CuPy arrays for the CUDA route); results as NumPy arrays."""
+    with _dc.workspace_limit(where.workspace):
+        if where.backend == "cuda":
+            cupy = _cupy()
+            result = call(tuple(None if a is None else cupy.asarray(np.asarray(a)) for a in arrays))
+            to_numpy = cupy.asnumpy
+        else:
+            with _dc.backend(where.backend):
+                result = call(tuple(None if a is None else np.asarray(a) for a in arrays))
+            to_numpy = np.asarray
+    if isinstance(result, tuple):
+        return tuple(to_numpy(r) for r in result)
+    return to_numpy(result)
+
+
+def _static(name: str, value):
+    """A static argument as a hashable Python value (lists become tuples, NumPy scalars Python scalars)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_static(name, v) for v in value)
+    if isinstance(value, _TRACER):
+        raise TypeError(f"{name}: expected a Python value (a static argument), got a traced array; under "
+                        f"jax.jit pass it with static_argnames or close over it")
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+        value = np.asarray(value)
+        return value.item() if value.ndim == 0 else _static(name, value.tolist())
+    try:
+        hash(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected a hashable Python value (a static argument), got "
+                        f"{type(value).__name__} {value!r}") from None
+    return value
+
+
+def _output_struct(op: _Op, arrays, static: dict) -> jax.ShapeDtypeStruct:
+    """The output's shape and dtype: deformcp's forward on the arguments with an empty batch (NumPy path;
+    raises deformcp's errors for bad arguments), with the batch size put back."""
+    empty = tuple(None if a is None else
+                  np.zeros(((0,) + tuple(a.shape[1:])) if i in op.batched and a.ndim else tuple(a.shape),
+                           a.dtype)
+                  for i, a in enumerate(arrays))
+    with _dc.backend("numpy"):
+        out = op.forward(empty, op.empty_static(static))
+    shape = tuple(out.shape)
+    if op.out_batch is not None:
+        shape = (arrays[op.out_batch].shape[0],) + shape[1:]
+    return jax.ShapeDtypeStruct(shape, out.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _differentiable(name: str, static_items: tuple, where: _Where):
+    """The custom_vjp function of op ``name`` for one set of static arguments ((name, value, repr) triples)
+    and one backend."""
+    op, static = _OPS[name], {key: value for key, value, _ in static_items}
+
+    @jax.custom_vjp
+    def function(*arrays):
+        struct = _output_struct(op, arrays, static)
+        return jax.pure_callback(lambda *a: _on_host(where, lambda a: op.forward(a, static), a), struct, *arrays,
+                                 **_CALLBACK_OPTIONS)
+
+    def function_fwd(*primals):
+        arrays = tuple(None if p is None else p.value for p in primals)
+        wanted = tuple(d and p is not None and p.perturbed for d, p in zip(op.diff, primals))
+        return function(*arrays), (arrays, _Static(wanted))
+
+    def function_bwd(residuals, g):
+        arrays, wanted = residuals[0], residuals[1].value
+        if isinstance(g, SymbolicZero) or not any(wanted):
+            return (None,) * len(arrays)
+        needs = tuple(w for w, d in zip(wanted, op.diff) if d)
+        structs = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a, w in zip(arrays, wanted) if w)
+
+        def backward(a):
+            grads = op.backward(a[0], a[1:], needs, static)
+            return tuple(grad for grad, need in zip(grads, needs) if need)
+
+        grads = iter(jax.pure_callback(lambda *a: _on_host(where, backward, a), structs, g, *arrays,
+                                       **_CALLBACK_OPTIONS))
+        return tuple(next(grads) if w else None for w in wanted)
+
+    function.defvjp(function_fwd, function_bwd, symbolic_zeros=True)
+    return function
+
+
+def _apply(name: str, arrays: tuple, **static):
+    arrays = tuple(None if a is None else jnp.asarray(a) for a in arrays)
+    items = tuple((key, _static(key, value)) for key, value in static.items())
+    # The cache key tells True from 1 and 2 from 2.0 (equal and alike in hash), which deformcp tells apart.
+    key = tuple((k, v, repr(v)) for k, v in items)
+    return _differentiable(name, key, _where(arrays))(*arrays)
+
+
+def _boxes(boxes, dtype):
+    """A list of per-image (L, 4) boxes as one (K, 5) array [batch_index, x1, y1, x2, y2]."""
+    if not isinstance(boxes, (list, tuple)):
+        return boxes
+    parts = [jnp.asarray(b) for b in boxes]
+    dtype = parts[0].dtype if parts else dtype
+    return jnp.concatenate([jnp.zeros((0, 5), dtype)] + [
+        jnp.concatenate([jnp.full((b.shape[0], 1), i, b.dtype), b], axis=1) if b.ndim == 2 else b
+        for i, b in enumerate(parts)], axis=0)
+
+
+def _input_dtype(input):
+    return jnp.asarray(input).dtype
+
+
+# ---------------------------------------------------------------------------------------------- the ops
+
+_OPS = {
+    "affine_grid": _Op(
+        forward=lambda a, s: _dc.affine_grid(a[0], **s),
+        backward=lambda g, a, needs, s: _dc.affine_grid_backward(g, a[0], **s),
+        diff=(True,), batched=(0,), out_batch=0,
+        empty_static=lambda s: dict(s, size=(0,) + tuple(s["size"])[1:])),
+    "grid_sample": _Op(
+        forward=lambda a, s: _dc.grid_sample(*a, **{k: v for k, v in s.items() if k != "deterministic"}),
+        backward=lambda g, a, needs, s: _dc.grid_sample_backward(g, *a, **s, needs_input_grad=needs),
+        diff=(True, True), batched=(0, 1), out_batch=0),
+    "roi_align": _Op(
+        forward=lambda a, s: _dc.roi_align(*a, **{k: v for k, v in s.items() if k != "deterministic"}),
+        backward=lambda g, a, needs, s: _dc.roi_align_backward(g, *a, **s),
+        diff=(True, False), batched=(0, 1), out_batch=1),
+    "ps_roi_align": _Op(
+        forward=lambda a, s: _dc.ps_roi_align(*a, **{k: v for k, v in s.items() if k != "deterministic"}),
+        backward=lambda g, a, needs, s: _dc.ps_roi_align_backward(g, *a, **s),
+        diff=(True, False), batched=(0, 1), out_batch=1),
+    "deform_conv2d": _Op(   # arrays: input, offset, weight, bias, mask
+        forward=lambda a, s: _dc.deform_conv2d(*a[:4], mask=a[4],
+                                               **{k: v for k, v in s.items() if k != "deterministic"}),
+        backward=lambda g, a, needs, s: _dc.deform_conv2d_backward(g, *a[:4], mask=a[4], **s,
+                                                                   needs_input_grad=needs),
+        diff=(True, True, True, True, True), batched=(0, 1, 4), out_batch=0),
+    "deform_roi_pool": _Op(  # arrays: input, rois, offset, mask
+        forward=lambda a, s: _dc.deform_roi_pool(*a[:3], mask=a[3],
+                                                 **{k: v for k, v in s.items() if k != "deterministic"}),
+        backward=lambda g, a, needs, s: _dc.deform_roi_pool_backward(g, *a[:3], mask=a[3], **s,
+                                                                     needs_input_grad=needs),
+        diff=(True, False, True, True), batched=(0, 1, 2, 3), out_batch=1),
+    "deform_ps_roi_pool": _Op(  # arrays: input, rois, offset
+        forward=lambda a, s: _dc.deform_ps_roi_pool(*a, **{k: v for k, v in s.items() if k != "deterministic"}),
+        backward=lambda g, a, needs, s: _dc.deform_ps_roi_pool_backward(g, *a, **s, needs_input_grad=needs),
+        diff=(True, False, True), batched=(0, 1, 2), out_batch=1),
+    "mimic_loss": _Op(
+        forward=lambda a, s: _dc.mimic_loss(*a),
+        backward=lambda g, a, needs, s: _dc.mimic_loss_backward(g, *a, needs_input_grad=needs),
+        diff=(True, True), batched=(0, 1), out_batch=None),
+}
+
+
+def affine_grid(theta, size, align_corners=False):
+    """Differentiable :func:`deformcp.affine_grid`: the sampling grid (N, H, W, 2) of theta (N, 2, 3) for
+    the output size (N, C, H, W) (static). Gradient: theta."""
+    return _apply("affine_grid", (theta,), size=size, align_corners=align_corners)
+
+
+def grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corners=False, *, deterministic=False):
+    """Differentiable :func:`deformcp.grid_sample`: input (N, C, H, W) sampled at grid (N, H_out, W_out, 2)
+    → (N, C, H_out, W_out). Gradients: input and grid (0 for the grid with mode "nearest")."""
+    return _apply("grid_sample", (input, grid), mode=mode, padding_mode=padding_mode,
+                  align_corners=align_corners, deterministic=deterministic)
+
+
+def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, pool_mode="avg", *,
+              deterministic=False):
+    """Differentiable :func:`deformcp.roi_align`: input (N, C, H, W), boxes (K, 5) or a list of per-image
+    (L, 4) arrays → (K, C, PH, PW). Gradient: input (boxes get zero)."""
+    return _apply("roi_align", (input, _boxes(boxes, _input_dtype(input))), output_size=output_size,
+                  spatial_scale=spatial_scale, sampling_ratio=sampling_ratio, aligned=aligned, pool_mode=pool_mode,
+                  deterministic=deterministic)
+
+
+def ps_roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, *, deterministic=False):
+    """Differentiable :func:`deformcp.ps_roi_align` → (K, C / (PH·PW), PH, PW). Gradient: input."""
+    return _apply("ps_roi_align", (input, _boxes(boxes, _input_dtype(input))), output_size=output_size,
+                  spatial_scale=spatial_scale, sampling_ratio=sampling_ratio, deterministic=deterministic)
+
+
+def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None, *,
+                  deterministic=False):
+    """Differentiable :func:`deformcp.deform_conv2d` (v1, or v2 with ``mask``) → (N, C_out, H_out, W_out).
+    Gradients: input, offset, weight, bias and mask (those given)."""
+    return _apply("deform_conv2d", (input, offset, weight, bias, mask), stride=stride, padding=padding,
+                  dilation=dilation, deterministic=deterministic)
+
+
+def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, sampling_ratio=0, gamma=0.1,
+                    mask=None, *, deterministic=False):
+    """Differentiable :func:`deformcp.deform_roi_pool` → (K, C, PH, PW). Gradients: input, offset and mask
+    (those given); rois get zero."""
+    return _apply("deform_roi_pool", (input, _boxes(rois, _input_dtype(input)), offset, mask),
+                  output_size=output_size, spatial_scale=spatial_scale, sampling_ratio=sampling_ratio, gamma=gamma,
+                  deterministic=deterministic)
+
+
+def deform_ps_roi_pool(input, rois, offset, output_dim, group_size, pooled_size, part_size=None, sample_per_part=4,
+                       spatial_scale=1.0, trans_std=0.0, no_trans=False, *, deterministic=False):
+    """Differentiable :func:`deformcp.deform_ps_roi_pool` → (K, output_dim, P, P). Gradients: input and
+    offset (zero with ``no_trans``); rois get zero."""
+    return _apply("deform_ps_roi_pool", (input, rois, offset), output_dim=output_dim, group_size=group_size,
+                  pooled_size=pooled_size, part_size=part_size, sample_per_part=sample_per_part,
+                  spatial_scale=spatial_scale, trans_std=trans_std, no_trans=no_trans, deterministic=deterministic)
+
+
+def mimic_loss(f_a, f_b):
+    """Differentiable :func:`deformcp.mimic_loss`: f_a, f_b (K, D) → a 0-d loss. Gradients: f_a and f_b."""
+    return _apply("mimic_loss", (f_a, f_b))
