@@ -26,34 +26,49 @@ What is here:
 
 What a bench_<op>.py script shares (each compares deformcp with a torch-based baseline):
 
-- :func:`add_arguments` (--device, --repeat, --warmup, --quick, --interleave, --torch-threads, --seed,
-  --output) and :func:`start`, which turns them into a :class:`Plan` (how to time) after the checks
-  every run makes first (BLAS overrides, --device cuda without a GPU).
+- :func:`make_parser` / :func:`add_arguments` (--device, --repeat, --warmup, --quick, --interleave,
+  --torch-threads, --seed, --output, optionally --max-row-time) and :func:`start`, which turns them into
+  a :class:`Plan` (how to time) after the checks every run makes first (BLAS overrides, --device cuda
+  without a GPU).
+- :func:`optional_torchvision`, :func:`deformcp_functions`: what there is to time.
 - :func:`device_setup`: what can run on ``--device`` (deformcp's host backend, torch on CUDA), the
-  synchronisation to time CUDA work with, and the machine entries (:class:`DeviceSetup`).
+  synchronisation to time CUDA work with, and the machine entries (:class:`DeviceSetup`);
+  :func:`deformcp_impls`: deformcp's implementations there; :func:`release_device_memory`.
+- :class:`ArrayCase`: a case's NumPy inputs in one dtype; :class:`DeformcpOp`: deformcp's op on them;
+  :func:`random_rois`: RoIs inside an image.
+- :func:`verify`, :func:`check`: outputs and gradients against a reference before timing.
 - :func:`time_phases`: time each phase of a set of implementations, printing a line per result.
 - :func:`ratio`, :func:`timing_headers`, :func:`timing_cells`, :func:`evaluate_targets`,
-  :func:`report_markdown`, :func:`results_payload`, :func:`save_results`: the results files.
+  :func:`report_markdown`, :func:`results_payload`, :func:`save_results`: the results files;
+  :func:`source_state`, :func:`source_lines`: which deformcp was timed.
 
 Only the standard library and NumPy are needed; torch and threadpoolctl are reported when installed.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
+import gc
+import importlib
 import json
 import os
 import pathlib
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import time
-from typing import Any, Callable, Optional, Sequence
+import traceback
+from typing import Any, Callable, Collection, Optional, Sequence
 
 import numpy as np
 
-RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))   # benchmark the checkout's deformcp
+RESULTS_DIR = ROOT / "benchmarks" / "results"
 #: Environment variables that slow NumPy's BLAS on these machines; benchmarks run with them unset.
 BLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 #: Thread-count variables recorded with the results.
@@ -202,6 +217,7 @@ class Record:
 
 # ------------------------------------------------------------------------------------------------ checks
 
+import deformcp  # noqa: E402
 from deformcp.testing import relative_error  # noqa: E402  (one definition of the error measure)
 
 
@@ -216,6 +232,153 @@ def to_numpy(a) -> np.ndarray:
 def errors_text(errors: dict) -> str:
     """``name 1.2e-06, name 3.4e-07``: relative errors as printed and reported."""
     return ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
+
+
+def check(impl, dtype: str, expected_out, expected_grads: dict) -> tuple[dict, list[str]]:
+    """``impl``'s relative errors against the expected output and the gradients in ``expected_grads``
+    (name → NumPy array, or None where there is no such gradient), and what is wrong besides (another
+    dtype, a gradient missing or unexpected). ``impl`` has forward(), forward_backward() → (output,
+    gradients) and gradients(gradients) → {name: array or None}."""
+    out, grads = impl.forward_backward()
+    grads = {k: None if v is None else to_numpy(v) for k, v in impl.gradients(grads).items()}
+    out, forward_only = to_numpy(out), to_numpy(impl.forward())   # CuPy arrays and CUDA tensors too
+    problems = []
+    for what, value in (("output", out), ("output (forward only)", forward_only),
+                        *((f"grad_{k}", v) for k, v in grads.items() if v is not None)):
+        if value.dtype != np.dtype(dtype):
+            problems.append(f"{what} dtype {value.dtype}, expected {dtype}")
+    errors = {"output": relative_error(out, expected_out),
+              "output (forward only)": relative_error(forward_only, expected_out)}
+    for name, expected in expected_grads.items():
+        got = grads.get(name)
+        if expected is None:
+            if got is not None:
+                problems.append(f"grad {name} returned though there is no {name}")
+            continue
+        if got is None:
+            problems.append(f"grad {name} is None")
+            errors[f"grad_{name}"] = float("inf")
+            continue
+        errors[f"grad_{name}"] = relative_error(got, expected)
+    return errors, problems
+
+
+def verify(title: str, reference_name: Optional[str], reference, checks, tolerance: dict, notes: list, *,
+           grads: Optional[Sequence[str]] = None, timed: Collection[str] = ()) -> dict:
+    """Relative errors of each of ``checks`` ((name, implementation, dtype, binding); implementations as
+    in :func:`check`) against ``reference`` (such an implementation, run once; None: nothing to verify
+    against), on its output and its gradients ``grads`` (default: all it returns): {"<title>: <name>":
+    errors}. Exits before any timing when a binding one is beyond ``tolerance[dtype]``, returns another
+    dtype, or raises, or when one of ``timed`` raises (it could not be timed either); what is wrong with
+    the others goes to ``notes``, information only."""
+    errors, failed = {}, []
+    if reference is None:
+        print("  nothing to verify against")
+        return errors
+    start = time.perf_counter()
+    expected_out, expected = reference.forward_backward()
+    expected = {k: None if v is None else to_numpy(v) for k, v in reference.gradients(expected).items()}
+    if grads is not None:
+        expected = {k: expected.get(k) for k in grads}
+    expected_out = to_numpy(expected_out)
+    print(f"  {title}: reference {reference_name} ({time.perf_counter() - start:.1f} s): output "
+          f"{tuple(expected_out.shape)} (|max| {np.abs(expected_out).max():.3g}); "
+          + ", ".join(f"grad_{k} |max| {np.abs(v).max():.3g}" for k, v in expected.items() if v is not None))
+    for name, impl, dtype, binding in checks:
+        limit = tolerance[dtype]
+        key = f"{title}: {name}"
+        try:
+            checked, problems = check(impl, dtype, expected_out, expected)
+        except Exception as e:
+            print(f"    {name:<28} RAISED {type(e).__name__}: {e}")
+            traceback.print_exc()
+            if binding or name in timed:
+                failed.append(f"{name} raised {type(e).__name__}: {e}")
+            else:
+                notes.append(f"{key} raised {type(e).__name__}: {e} (information only)")
+            continue
+        errors[key] = checked
+        wrong = [k for k, v in checked.items() if not v <= limit] + problems
+        verdict = ""
+        if wrong:
+            verdict = (f"  {'FAILED' if binding else 'beyond'} ({', '.join(wrong)}; tolerance {limit:g})"
+                       + ("" if binding else ": information only"))
+        print(f"    {name:<28} {errors_text(checked)}{verdict}")
+        if binding and wrong:
+            failed.append(f"{name}: {', '.join(wrong)} (tolerance {limit:g})")
+        elif wrong:
+            notes.append(f"{key} beyond tolerance {limit:g} ({', '.join(wrong)}); information only (the run "
+                         "stops only for a timed deformcp implementation)")
+    if failed:
+        sys.exit(f"verification failed ({title}; reference {reference_name}) for {'; '.join(failed)}: not timing "
+                 "wrong code")
+    return errors
+
+
+# ------------------------------------------------------------------------------ cases and implementations
+
+class ArrayCase:
+    """Base of a benchmark case whose inputs are NumPy ``arrays`` (name → array, or None where the case
+    has no such input), all of one ``dtype``."""
+
+    dtype: str
+    arrays: dict
+
+    def set_arrays(self, arrays: dict, dtype) -> None:
+        """``arrays`` (drawn in float64) rounded to ``dtype``, C-contiguous."""
+        self.dtype = np.dtype(dtype).name
+        self.arrays = {k: None if v is None else np.ascontiguousarray(v.astype(self.dtype))
+                       for k, v in arrays.items()}
+
+    def astype(self, dtype):
+        """The same case with its arrays rounded to ``dtype``."""
+        other = copy.copy(self)
+        other.set_arrays(self.arrays, dtype)
+        return other
+
+
+class DeformcpOp:
+    """Base of deformcp's forward / forward+backward of one op on an :class:`ArrayCase`'s arrays (``a``),
+    on one backend: "numpy", "host", or "cuda" for CuPy arrays (``move`` takes the arrays there). A
+    subclass names the ``op`` (``functions[op]`` and ``functions[op + "_backward"]`` are timed) and the
+    backward's ``grads`` fields, and defines ``_forward()`` and ``forward_backward()`` → (output, the
+    backward's named tuple), for :func:`time_phases` and :func:`check`."""
+
+    op: str
+    grads: Sequence[str]
+
+    def __init__(self, backend: str, case: ArrayCase, functions: dict, deterministic=False, move=None):
+        move = move or _unmoved
+        self.backend = backend
+        self.cpu_backend = "numpy" if backend == "cuda" else backend
+        self.deterministic = deterministic
+        self.forward_fn, self.backward_fn = functions[self.op], functions[self.op + "_backward"]
+        self.a = {k: None if v is None else move(v) for k, v in case.arrays.items()}
+
+    def forward(self):
+        with deformcp.backend(self.cpu_backend):
+            return self._forward()
+
+    def gradients(self, grads) -> dict:
+        return {name: getattr(grads, name) for name in self.grads}
+
+
+def _unmoved(array):
+    return array
+
+
+def random_rois(rng: np.random.Generator, K: int, N: int, H: int, W: int, sides: tuple[float, float],
+                spatial_scale: float = 1.0) -> np.ndarray:
+    """(K, 5) float64 rows (batch index, x1, y1, x2, y2) in image coordinates (feature map size /
+    spatial_scale): batch index uniform in 0 … N−1, sides uniform in ``sides`` (at most the image's
+    side), RoIs wholly inside the image."""
+    image_h, image_w = H / spatial_scale, W / spatial_scale
+    w = rng.uniform(*sides, K).clip(max=image_w)
+    h = rng.uniform(*sides, K).clip(max=image_h)
+    x1 = rng.uniform(0.0, 1.0, K) * (image_w - w)
+    y1 = rng.uniform(0.0, 1.0, K) * (image_h - h)
+    batch = rng.integers(0, N, K).astype(np.float64)
+    return np.stack([batch, x1, y1, x1 + w, y1 + h], axis=1)
 
 
 # ----------------------------------------------------------------------------------------------- machine
@@ -263,11 +426,18 @@ def busy_warning(busy: Optional[float], threshold: float = 0.1) -> Optional[str]
             "multi-threaded libraries slowed (run on a quiet machine)")
 
 
-def command_line() -> str:
+def command_line(this_python: bool = False) -> str:
     """The command that ran this benchmark, with the ``env -u`` prefix where the BLAS overrides were
-    unset (their presence is visible here, and in :func:`machine_info`)."""
+    unset (their presence is visible here, and in :func:`machine_info`). ``this_python``: this
+    interpreter's path instead of ``python`` where it is not the ``python`` on PATH (the torchvision
+    comparisons run under a separate environment's Python)."""
     script = os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else "<stdin>"
-    command = " ".join(["python", script, *sys.argv[1:]])
+    python = "python"
+    if this_python:
+        on_path = shutil.which("python")
+        if not (on_path and os.path.realpath(on_path) == os.path.realpath(sys.executable)):
+            python = sys.executable
+    command = " ".join([python, script, *sys.argv[1:]])
     if any(v is not None for v in blas_overrides().values()):
         overrides = ", ".join(f"{k}={v}" for k, v in blas_overrides().items() if v is not None)
         return f"{command}  (with {overrides} set)"
@@ -293,7 +463,8 @@ def thread_info() -> dict:
 
 
 def machine_info(extra: Optional[dict] = None) -> dict:
-    """Where the numbers came from. Call after importing the libraries being timed."""
+    """Where the numbers came from. Call after importing the libraries being timed. An ``extra`` entry
+    "torchvision" (its version) is also named beside torch's (:func:`machine_markdown` lists torch)."""
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -314,6 +485,8 @@ def machine_info(extra: Optional[dict] = None) -> dict:
         "threads": thread_info(),
     }
     info.update(extra or {})
+    if info.get("torchvision"):
+        info["torch"] = f"{info['torch']}, torchvision {info['torchvision']}"
     return info
 
 
@@ -405,6 +578,29 @@ def write_results(name: str, payload: dict, markdown: str, directory: pathlib.Pa
     return json_path, md_path
 
 
+def source_state() -> dict:
+    """Which deformcp was timed: the checkout's commit, and its files under deformcp/ and kernels/ that
+    differ from it (git; empty where git is not available)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--", "deformcp", "kernels"], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=10, check=True).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"commit": head, "uncommitted": [line[3:] for line in changed]}
+
+
+def source_lines(sources: dict) -> list[str]:
+    """The results' line saying which deformcp was timed (:func:`source_state`) and a blank line; none
+    where git did not say."""
+    if not sources.get("commit"):
+        return []
+    changes = (f" with uncommitted changes to {', '.join(sources['uncommitted'])}" if sources.get("uncommitted")
+               else " (deformcp/ and kernels/ unmodified)")
+    return [f"deformcp: the checkout at {sources['commit']}{changes}", ""]
+
+
 def _jsonable(value):
     if isinstance(value, (np.generic,)):
         return value.item()
@@ -419,8 +615,30 @@ def _jsonable(value):
 
 # ------------------------------------------------------------------------------------ a bench_<op>.py run
 
-def add_arguments(parser: argparse.ArgumentParser, results_name: str) -> None:
-    """The options every benchmark takes; ``results_name`` is the default results name."""
+#: --max-row-time never cuts a row below this many timed calls
+MIN_REPEAT = 5
+#: What ``python`` scripts timing torchvision run under (see their docstrings)
+TORCHVISION_PYTHON = "/opt/tv/bin/python"
+NO_TORCHVISION = ("torchvision is not installed: timing deformcp only, no ratios (run with a Python that has "
+                  f"torchvision, e.g. {TORCHVISION_PYTHON})")
+
+
+def make_parser(doc: str, results_name: str, python: str = "python",
+                max_row_time: Optional[float] = None) -> argparse.ArgumentParser:
+    """The parser of benchmarks/bench_<results_name>.py: the first paragraph of its docstring ``doc``, a
+    "Run as" line with ``python``, and :func:`add_arguments`' options."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=f"Run as: env -u {' -u '.join(BLAS_OVERRIDES)} {python} "
+                                            f"benchmarks/bench_{results_name}.py")
+    add_arguments(parser, results_name, max_row_time)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser, results_name: str,
+                  max_row_time: Optional[float] = None) -> None:
+    """The options every benchmark takes; ``results_name`` is the default results name. With a
+    ``max_row_time`` (seconds), also --max-row-time with that default (see :func:`time_phases`)."""
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--repeat", type=int, default=None, help="timed calls per measurement (default 30)")
     parser.add_argument("--warmup", type=int, default=None,
@@ -436,28 +654,43 @@ def add_arguments(parser: argparse.ArgumentParser, results_name: str) -> None:
     parser.add_argument("--output", default=None,
                         help="results name: benchmarks/results/<name>.{json,md}, or a path without suffix "
                              f"(default {results_name}, or {results_name}_cuda)")
+    if max_row_time is not None:
+        parser.add_argument("--max-row-time", type=float, default=max_row_time,
+                            help=f"seconds of timed calls a row may take: fewer calls (at least {MIN_REPEAT}) "
+                                 f"where one call is slower (default {max_row_time:g}; 0: no limit)")
 
 
 @dataclasses.dataclass
 class Plan:
     """How every row is timed: ≥ ``warmup`` warm-up calls and ≥ ``warmup_time`` seconds of them, then
-    ``repeat`` timed calls, the implementations back to back or (``interleave``) in turns."""
+    ``repeat`` timed calls, the implementations back to back or (``interleave``) in turns. Where the
+    script has --max-row-time (``max_row_time`` not None), one untimed call first and, with a limit
+    (> 0), fewer timed calls where they would take longer (see :func:`time_phases`)."""
 
     repeat: int
     warmup: int
     warmup_time: float
     interleave: bool
+    max_row_time: Optional[float] = None
+
+    @property
+    def limited(self) -> bool:
+        return self.max_row_time is not None and self.max_row_time > 0
 
     def describe(self) -> str:
         """The line printed before timing."""
         return (f"timing: {self.warmup} warm-up calls (and ≥ {self.warmup_time:g} s) + {self.repeat} timed "
                 "calls each, " + ("implementations in turns (--interleave)" if self.interleave
-                                  else "back to back"))
+                                  else "back to back")
+                + (f"; at most {self.max_row_time:g} s of timed calls a row (≥ {MIN_REPEAT} calls)"
+                   if self.limited else ""))
 
     def method(self) -> str:
         """The results' description of the timing."""
         return (f"≥ {self.warmup} warm-up calls and ≥ {self.warmup_time:g} s, then {self.repeat} timed calls "
-                "per row, " + ("implementations in turns" if self.interleave else "each row's calls back to back"))
+                "per row, " + ("implementations in turns" if self.interleave else "each row's calls back to back")
+                + (f", at most {self.max_row_time:g} s of timed calls a row (≥ {MIN_REPEAT} calls; one extra "
+                   "untimed call first)" if self.limited else ""))
 
     def time(self, fns: dict[str, Callable[[], Any]], sync=None) -> dict[str, Timing]:
         if self.interleave:
@@ -492,7 +725,37 @@ def start(parser: argparse.ArgumentParser, args: argparse.Namespace, torch=None)
             print(f"--device cuda: {problem}. Nothing timed; run without --device cuda for the CPU "
                   "benchmark.", file=sys.stderr)
             return None
-    return Plan(repeat, warmup, 0.0 if args.quick else 0.25, args.interleave)
+    return Plan(repeat, warmup, 0.0 if args.quick else 0.25, args.interleave,
+                getattr(args, "max_row_time", None))
+
+
+def optional_torchvision() -> tuple[Any, Any]:
+    """The modules torch and torchvision (torchvision.ops imported), or None, None where torchvision is
+    not installed."""
+    try:
+        import torch
+        import torchvision
+        import torchvision.ops  # noqa: F401
+    except ImportError:
+        return None, None
+    return torch, torchvision
+
+
+def deformcp_functions(names: Sequence[str], module: str) -> tuple[Optional[dict], Optional[str]]:
+    """deformcp's functions ``names``, from deformcp or else from ``module`` (written but not exported
+    yet?); or None and why not."""
+    found = {name: getattr(deformcp, name, None) for name in names}
+    if all(callable(f) for f in found.values()):
+        return found, None
+    try:
+        imported = importlib.import_module(module)
+    except Exception as e:
+        return None, (f"deformcp has no {', '.join(n for n, f in found.items() if not callable(f))} and "
+                      f"import {module} failed ({type(e).__name__}: {e})")
+    missing = [name for name in names if not callable(getattr(imported, name, None))]
+    if missing:
+        return None, f"{module} lacks {', '.join(missing)}"
+    return {name: getattr(imported, name) for name in names}, None
 
 
 @dataclasses.dataclass
@@ -538,6 +801,32 @@ def device_setup(device: str, torch=None) -> DeviceSetup:
     return DeviceSetup("cuda", info, notes, sync, torch_device=torch.device("cuda", cuda.id) if torch_cuda else None)
 
 
+def deformcp_impls(setup: DeviceSetup, make: Callable[[str, Callable], Any]) -> dict:
+    """deformcp's implementations to time on the setup's device: its NumPy path and host backend (cpu; the
+    host backend where it compiles) or deformcp on CuPy arrays (cuda). ``make(backend, move)`` makes one
+    ("numpy", "host" or "cuda"; ``move`` takes a NumPy input where the backend wants it)."""
+    if setup.device == "cpu":
+        impls = {"deformcp numpy": make("numpy", _unmoved)}
+        if setup.host:
+            impls["deformcp host"] = make("host", _unmoved)
+        return impls
+    import cupy
+
+    return {"deformcp cuda": make("cuda", cupy.asarray)}
+
+
+def release_device_memory(device: str, torch=None) -> None:
+    """Collect garbage, and on CUDA hand CuPy's and ``torch``'s (the module, or None) cached blocks back."""
+    gc.collect()
+    if device != "cuda":
+        return
+    import cupy
+
+    cupy.get_default_memory_pool().free_all_blocks()
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def check_load() -> Optional[float]:
     """:func:`cpu_busy`, printing :func:`busy_warning`'s warning where there is one."""
     busy = cpu_busy()
@@ -552,20 +841,53 @@ PHASE_METHODS = {"forward": "forward", "backward": "backward", "forward+backward
 
 
 def time_phases(plan: Plan, impls: dict, phases: Sequence[str], sync, case: str, baseline: Optional[str],
-                extra: Optional[dict] = None, label: str = "") -> list[Record]:
+                extra: Optional[dict] = None, label: str = "", notes: Optional[list] = None) -> list[Record]:
     """Time each implementation's method of every phase (:data:`PHASE_METHODS`), printing a line per
-    result (``label`` first); the Records of ``case`` with ``extra``."""
+    result (``label`` first); the Records of ``case`` with ``extra``. With ``plan.max_row_time``, see
+    :func:`time_limited`; ``notes`` gets a line for every row it cuts short."""
     extra, records = extra or {}, []
     for phase in phases:
         fns = {name: getattr(impl, PHASE_METHODS[phase]) for name, impl in impls.items()}
-        timings = plan.time(fns, sync)
+        if plan.max_row_time is None:
+            timings = plan.time(fns, sync)
+        else:
+            timings = time_limited(plan, fns, sync, f"{case} {phase}", notes if notes is not None else [])
         records += [Record(case, name, phase, timing, dict(extra)) for name, timing in timings.items()]
         for name, timing in timings.items():
             value = ratio(records, baseline, name, phase, **extra) if name != baseline else None
-            print(f"  {label}{phase:<17} {name:<16} median {format_seconds(timing.median):>10}  "
+            calls = "" if plan.max_row_time is None else f"  ({timing.repeat} calls)"
+            print(f"  {label}{phase:<17} {name:<16} median {format_seconds(timing.median):>10}{calls}  "
                   f"spread {timing.spread * 100:4.1f}%  other load {load_text(timing)}"
                   + ("" if value is None else f"  {value:.2f}× {baseline}"))
     return records
+
+
+def time_limited(plan: Plan, fns: dict[str, Callable[[], Any]], sync, row: str, notes: list) -> dict[str, Timing]:
+    """``plan.time(fns, sync)`` after one untimed probe call of each (counted as a warm-up call), with
+    fewer timed calls (at least :data:`MIN_REPEAT`; interleaved, the fewest any needs) for those whose
+    ``plan.repeat`` calls would take longer than ``plan.max_row_time`` seconds (0: no limit), noted in
+    ``notes`` (``row`` names the row)."""
+    sync = sync or (lambda: None)
+    repeats = {}
+    for name, fn in fns.items():
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        seconds = time.perf_counter() - start
+        repeats[name] = plan.repeat
+        if plan.limited and plan.repeat > MIN_REPEAT and seconds * plan.repeat > plan.max_row_time:
+            repeats[name] = max(MIN_REPEAT, int(plan.max_row_time / seconds))
+            notes.append(f"{row} {name}: {repeats[name]} timed calls instead of {plan.repeat} (one call took "
+                         f"{format_seconds(seconds)}; --max-row-time {plan.max_row_time:g} s)")
+    if plan.interleave:
+        timings = dataclasses.replace(plan, repeat=min(repeats.values())).time(fns, sync)
+    else:
+        timings = {name: dataclasses.replace(plan, repeat=repeats[name]).time({name: fn}, sync)[name]
+                   for name, fn in fns.items()}
+    for timing in timings.values():
+        timing.warmup += 1                                   # the probe call
+    return timings
 
 
 def load_text(timing: Timing) -> str:

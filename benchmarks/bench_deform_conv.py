@@ -54,34 +54,20 @@ unless --output is given). Ratios are deformcp time / torchvision time: below 1 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
-import importlib
-import os
 import pathlib
-import shutil
-import subprocess
 import sys
-import time
 import tracemalloc
-import traceback
 
 import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))          # _harness
-sys.path.insert(0, str(HERE.parent))   # benchmark the checkout's deformcp
+sys.path.insert(0, str(HERE))   # _harness (which puts the checkout's deformcp first on the path)
 
 import _harness  # noqa: E402
 import deformcp  # noqa: E402
-from _harness import to_numpy  # noqa: E402
 
-try:
-    import torch
-    import torchvision
-    import torchvision.ops
-except ImportError:  # optional
-    torch = torchvision = None
+torch, torchvision = _harness.optional_torchvision()
 
 PHASES = ("forward", "forward+backward")
 GRADS = ("input", "offset", "weight", "bias", "mask")      # deform_conv2d_backward's fields, in order
@@ -99,25 +85,7 @@ TARGETS = ({"impl": "deformcp numpy", "phase": "forward", "max_ratio": 0.5,
            {"impl": "deformcp numpy", "phase": "forward+backward", "max_ratio": 1 / 3,
             "target": "at least 3× faster than torchvision forward+backward"})
 TOLERANCE = {"float64": 1e-10, "float32": 1e-4, "float16": 1e-2}
-MIN_REPEAT = 5                                              # --max-row-time never cuts below this
 FUNCTIONS = ("deform_conv2d", "deform_conv2d_backward")
-
-
-def deformcp_functions() -> tuple[dict | None, str | None]:
-    """deformcp.deform_conv2d and deform_conv2d_backward, or None and why not (the module may not be
-    written yet)."""
-    found = {name: getattr(deformcp, name, None) for name in FUNCTIONS}
-    if all(callable(f) for f in found.values()):
-        return found, None
-    try:  # written but not exported yet?
-        module = importlib.import_module("deformcp.deform_conv")
-    except Exception as e:
-        return None, (f"deformcp has no {', '.join(n for n, f in found.items() if not callable(f))} and "
-                      f"import deformcp.deform_conv failed ({type(e).__name__}: {e})")
-    missing = [name for name in FUNCTIONS if not callable(getattr(module, name, None))]
-    if missing:
-        return None, f"deformcp.deform_conv lacks {', '.join(missing)}"
-    return {name: getattr(module, name) for name in FUNCTIONS}, None
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -126,7 +94,7 @@ def output_size(size: int, k: int) -> int:
     return (size + 2 * PADDING - DILATION * (k - 1) - 1) // STRIDE + 1
 
 
-class Problem:
+class Problem(_harness.ArrayCase):
     """One case's arrays, NumPy: input (N, C, H, W), offset (N, 2·kh·kw, H_out, W_out), weight
     (C_out, C, kh, kw), bias (C_out,), mask (N, kh·kw, H_out, W_out) or None, grad_output."""
 
@@ -135,7 +103,7 @@ class Problem:
         N, C, H, W = shape
         kh, kw = KERNEL
         Ho, Wo = output_size(H, kh), output_size(W, kw)
-        self.shape, self.c_out, self.dtype, self.has_mask = tuple(shape), c_out, np.dtype(dtype).name, mask
+        self.shape, self.c_out, self.has_mask = tuple(shape), c_out, mask
         self.out_shape = (N, c_out, Ho, Wo)
         x = rng.standard_normal(shape)
         weight = rng.standard_normal((c_out, C, kh, kw)) / np.sqrt(C * kh * kw)
@@ -143,17 +111,8 @@ class Problem:
         offset = OFFSET_STD * rng.standard_normal((N, 2 * kh * kw, Ho, Wo))
         m = 1.0 / (1.0 + np.exp(-rng.standard_normal((N, kh * kw, Ho, Wo)))) if mask else None
         grad_output = rng.standard_normal(self.out_shape)
-        self.arrays = {"input": x, "offset": offset, "weight": weight, "bias": bias, "mask": m,
-                       "grad_output": grad_output}
-        self.arrays = {k: None if v is None else np.ascontiguousarray(v.astype(self.dtype))
-                       for k, v in self.arrays.items()}
-
-    def astype(self, dtype) -> "Problem":
-        other = object.__new__(Problem)
-        other.__dict__.update(self.__dict__)
-        other.dtype = np.dtype(dtype).name
-        other.arrays = {k: None if v is None else v.astype(dtype) for k, v in self.arrays.items()}
-        return other
+        self.set_arrays({"input": x, "offset": offset, "weight": weight, "bias": bias, "mask": m,
+                         "grad_output": grad_output}, dtype)
 
     @property
     def label(self) -> str:
@@ -179,26 +138,16 @@ class Problem:
 
 # ------------------------------------------------------------------------------------ deformcp callables
 
-class Deformcp:
+class Deformcp(_harness.DeformcpOp):
     """deformcp.deform_conv2d forward / forward+backward on one backend ("numpy", "host", or "cuda" for
     CuPy arrays)."""
 
-    def __init__(self, backend: str, problem: Problem, functions: dict, deterministic=False, move=None):
-        move = move or (lambda a: a)
-        self.backend = backend
-        self.cpu_backend = "numpy" if backend == "cuda" else backend
-        self.deterministic = deterministic
-        self.forward_fn, self.backward_fn = functions["deform_conv2d"], functions["deform_conv2d_backward"]
-        self.a = {k: None if v is None else move(v) for k, v in problem.arrays.items()}
+    op, grads = "deform_conv2d", GRADS
 
     def _forward(self):
         a = self.a
         return self.forward_fn(a["input"], a["offset"], a["weight"], a["bias"], stride=STRIDE,
                                padding=PADDING, dilation=DILATION, mask=a["mask"])
-
-    def forward(self):
-        with deformcp.backend(self.cpu_backend):
-            return self._forward()
 
     def forward_backward(self):
         """The output and the named tuple of the five gradients (all requested: the default)."""
@@ -209,9 +158,6 @@ class Deformcp:
                                      stride=STRIDE, padding=PADDING, dilation=DILATION, mask=a["mask"],
                                      deterministic=self.deterministic)
             return out, grads
-
-    def gradients(self, grads) -> dict:
-        return {name: getattr(grads, name) for name in GRADS}
 
 
 # --------------------------------------------------------------------------------- torchvision callables
@@ -248,101 +194,26 @@ class Torchvision:
 
 # ------------------------------------------------------------------------------------------ verification
 
-class Reference:
-    """What every implementation is checked against: torchvision in float64 on the same (rounded) inputs,
-    on CUDA where torch can run there, else on the CPU; without torchvision, deformcp's NumPy path in
-    float64."""
-
-    def __init__(self, problem: Problem, functions: dict | None, torch_device):
-        problem64 = problem.astype(np.float64)
-        if torchvision is not None:
-            device = torch_device if torch_device is not None else "cpu"
-            self.name = f"torchvision {torch.device(device).type} float64"
-            self.impl = Torchvision(device, problem64)
-        elif functions is not None:
-            self.name = "deformcp numpy float64"
-            self.impl = Deformcp("numpy", problem64, functions)
-        else:
-            self.name, self.impl = None, None
-
-    def forward_backward(self) -> tuple[np.ndarray, dict]:
-        out, grads = self.impl.forward_backward()
-        return to_numpy(out), {k: None if v is None else to_numpy(v)
-                               for k, v in self.impl.gradients(grads).items()}
+def reference(problem: Problem, functions: dict | None, torch_device) -> tuple[str | None, object]:
+    """What every implementation is checked against, and its name: torchvision in float64 on the same
+    (rounded) inputs, on CUDA where torch can run there, else on the CPU; without torchvision, deformcp's
+    NumPy path in float64."""
+    problem64 = problem.astype(np.float64)
+    if torchvision is not None:
+        device = torch_device if torch_device is not None else "cpu"
+        return f"torchvision {torch.device(device).type} float64", Torchvision(device, problem64)
+    if functions is not None:
+        return "deformcp numpy float64", Deformcp("numpy", problem64, functions)
+    return None, None
 
 
-def check(impl, dtype: str, expected_out, expected_grads) -> tuple[dict, list[str]]:
-    """``impl``'s relative errors against the expected output and gradients, and what is wrong besides
-    (an output or gradient not of ``dtype``, a gradient missing or unexpected)."""
-    out, grads = impl.forward_backward()
-    grads = {k: None if v is None else to_numpy(v) for k, v in impl.gradients(grads).items()}
-    out, forward_only = to_numpy(out), to_numpy(impl.forward())   # torch CUDA tensors too
-    problems = []
-    for what, value in (("output", out), ("output (forward only)", forward_only),
-                        *((f"grad_{k}", v) for k, v in grads.items() if v is not None)):
-        if value.dtype != np.dtype(dtype):
-            problems.append(f"{what} dtype {value.dtype}, expected {dtype}")
-    errors = {"output": _harness.relative_error(out, expected_out),
-              "output (forward only)": _harness.relative_error(forward_only, expected_out)}
-    for name in GRADS:
-        if expected_grads[name] is None:
-            if grads[name] is not None:
-                problems.append(f"grad {name} returned though there is no {name}")
-            continue
-        if grads[name] is None:
-            problems.append(f"grad {name} is None")
-            errors[f"grad_{name}"] = float("inf")
-            continue
-        errors[f"grad_{name}"] = _harness.relative_error(grads[name], expected_grads[name])
-    return errors, problems
-
-
-def verify(problem: Problem, impls: dict, reference: Reference, info_impls=None) -> dict:
+def verify(problem: Problem, impls: dict, reference_name, reference, info_impls) -> dict:
     """Relative errors of every implementation against ``reference``; exits before any timing when a
-    deformcp implementation is beyond the dtype's tolerance, returns another dtype, or raises.
-    ``info_impls``: (name, impl, dtype) checked for information only."""
-    errors, failed = {}, []
-    tolerance = TOLERANCE[problem.dtype]
-    if reference.impl is None:
-        print("  nothing to verify against")
-        return errors
-    start = time.perf_counter()
-    expected_out, expected_grads = reference.forward_backward()
-    print(f"  reference {reference.name} ({time.perf_counter() - start:.1f} s): output "
-          f"{tuple(expected_out.shape)} (|max| {np.abs(expected_out).max():.3g}); "
-          + ", ".join(f"grad_{k} |max| {np.abs(v).max():.3g}" for k, v in expected_grads.items()
-                      if v is not None))
+    deformcp implementation is beyond the dtype's tolerance or returns another dtype, or when a timed
+    implementation raises. ``info_impls``: (name, impl, dtype) checked for information only."""
     checks = [(name, impl, problem.dtype, name.startswith("deformcp")) for name, impl in impls.items()]
-    checks += [(name, impl, dtype, False) for name, impl, dtype in (info_impls or [])]
-    for name, impl, dtype, binding in checks:
-        limit = TOLERANCE[dtype]
-        key = f"{problem.label}: {name}"
-        try:
-            checked, problems = check(impl, dtype, expected_out, expected_grads)
-        except Exception as e:
-            print(f"  {name:<16} RAISED {type(e).__name__}: {e}")
-            traceback.print_exc()
-            if name in impls:  # a timed implementation that raises cannot be timed either
-                failed.append(f"{name} raised {type(e).__name__}: {e}")
-            else:
-                NOTES.append(f"{problem.label}: {name} raised {type(e).__name__}: {e} (information only)")
-            continue
-        errors[key] = checked
-        bad = [k for k, v in checked.items() if not v <= limit]
-        verdict = ""
-        if bad or problems:
-            verdict = (f"  {'FAILED' if binding else 'beyond'} ({', '.join(bad + problems)}; tolerance "
-                       f"{limit:g})" + ("" if binding else ": information only"))
-        print(f"  {name:<16} {_harness.errors_text(checked)}{verdict}")
-        if binding and (bad or problems):
-            failed.append(f"{name}: {', '.join(bad + problems)}")
-        elif bad or problems:
-            NOTES.append(f"{problem.label}: {name} beyond tolerance {limit:g} ({', '.join(bad + problems)}); "
-                         "information only (the run stops only for a timed deformcp implementation)")
-    if failed:
-        sys.exit(f"verification failed for {'; '.join(failed)} (case: {problem.describe()}; tolerance "
-                 f"{tolerance:g}): not timing wrong code")
-    return errors
+    checks += [(name, impl, dtype, False) for name, impl, dtype in info_impls]
+    return _harness.verify(problem.label, reference_name, reference, checks, TOLERANCE, NOTES, timed=impls)
 
 
 NOTES: list[str] = []   # notes gathered on the way (verification beyond tolerance, cut repeats)
@@ -375,106 +246,16 @@ def format_bytes(n) -> str:
     return "—" if n is None else f"{n / 2**20:.1f} MiB"
 
 
-# ------------------------------------------------------------------------------------------------ timing
-
-def capped(plan: _harness.Plan, fn, sync, max_row_time: float) -> tuple[_harness.Plan, float]:
-    """The plan for one row: one untimed probe call, then ``plan.repeat`` timed calls, or fewer (at least
-    MIN_REPEAT) where they would take longer than ``max_row_time`` seconds."""
-    sync = sync or (lambda: None)
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    seconds = time.perf_counter() - start
-    repeat = plan.repeat
-    if max_row_time > 0 and repeat > MIN_REPEAT and seconds * repeat > max_row_time:
-        repeat = max(MIN_REPEAT, int(max_row_time / seconds))
-    return dataclasses.replace(plan, repeat=repeat), seconds
-
-
-def time_case(plan, impls: dict, sync, problem: Problem, baseline, max_row_time) -> list:
-    """Each phase of each implementation (the harness's time_phases, with --max-row-time): Records with
-    extra {"case_id": problem.label}."""
-    records = []
-    extra = {"case_id": problem.label}
-    for phase in PHASES:
-        fns = {name: getattr(impl, _harness.PHASE_METHODS[phase]) for name, impl in impls.items()}
-        plans = {}
-        for name, fn in fns.items():
-            plans[name], seconds = capped(plan, fn, sync, max_row_time)
-            if plans[name].repeat < plan.repeat:
-                NOTES.append(f"{problem.label} {phase} {name}: {plans[name].repeat} timed calls instead of "
-                             f"{plan.repeat} (one call took {_harness.format_seconds(seconds)}; "
-                             f"--max-row-time {max_row_time:g} s)")
-        if plan.interleave:
-            timings = dataclasses.replace(plan, repeat=min(p.repeat for p in plans.values())).time(fns, sync)
-        else:
-            timings = {name: plans[name].time({name: fn}, sync)[name] for name, fn in fns.items()}
-        for timing in timings.values():
-            timing.warmup += 1                                   # the probe call
-        records += [_harness.Record(problem.label, name, phase, timing, dict(extra))
-                    for name, timing in timings.items()]
-        for name, timing in timings.items():
-            value = _harness.ratio(records, baseline, name, phase, **extra) if name != baseline else None
-            print(f"  {phase:<17} {name:<16} median {_harness.format_seconds(timing.median):>10}  "
-                  f"({timing.repeat} calls)  spread {timing.spread * 100:4.1f}%  other load "
-                  f"{_harness.load_text(timing)}" + ("" if value is None else f"  {value:.2f}× {baseline}"))
-    return records
-
-
 # ------------------------------------------------------------------------------------------------- setup
 
 def build(setup: _harness.DeviceSetup, problem: Problem, functions, deterministic) -> dict:
-    """The implementations to time on the setup's device: deformcp's NumPy path and host backend (cpu) or
-    deformcp on CuPy arrays (cuda), and torchvision where it can run."""
-    impls = {}
-    if functions is not None:
-        if setup.device == "cpu":
-            impls["deformcp numpy"] = Deformcp("numpy", problem, functions, deterministic)
-            if setup.host:
-                impls["deformcp host"] = Deformcp("host", problem, functions, deterministic)
-        else:
-            import cupy
-
-            impls["deformcp cuda"] = Deformcp("cuda", problem, functions, deterministic, move=cupy.asarray)
+    """The implementations to time on the setup's device: deformcp's (see _harness.deformcp_impls), and
+    torchvision where it can run."""
+    impls = {} if functions is None else _harness.deformcp_impls(
+        setup, lambda backend, move: Deformcp(backend, problem, functions, deterministic, move))
     if torchvision is not None and setup.torch_device is not None:
         impls[f"torchvision {setup.device}"] = Torchvision(setup.torch_device, problem)
     return impls
-
-
-def release_device_memory(device: str) -> None:
-    gc.collect()
-    if device != "cuda":
-        return
-    import cupy
-
-    cupy.get_default_memory_pool().free_all_blocks()
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def source_state() -> dict:
-    """Which deformcp was timed: the checkout's commit, and its files under deformcp/ and kernels/ that
-    differ from it (git; empty where git is not available)."""
-    root = HERE.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
-        changed = subprocess.run(["git", "status", "--porcelain", "--", "deformcp", "kernels"], cwd=root,
-                                 capture_output=True, text=True, timeout=10, check=True).stdout.splitlines()
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"commit": head, "uncommitted": [line[3:] for line in changed]}
-
-
-def command_line() -> str:
-    """_harness.command_line() with this interpreter's path where it is not the ``python`` on PATH (the
-    torchvision comparison runs under a separate environment's Python)."""
-    command = _harness.command_line()
-    python = shutil.which("python")
-    if python and os.path.realpath(python) == os.path.realpath(sys.executable):
-        return command
-    return command.replace("python ", f"{sys.executable} ", 1)
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -495,12 +276,8 @@ def report(records, baseline, problems, machine, errors, reference_name, notes, 
     targets = [{**t, "case_id": problems[0].label} for t in TARGETS] if device == "cpu" else []
     targets = _harness.evaluate_targets(targets, records, baseline, default_case,
                                         missing="no torchvision or no deformcp")
-    sources = machine.get("deformcp_sources") or {}
     case_lines = ["Cases:", "", *(f"- {p.label}: {p.describe()}" for p in problems), "",
-                  *([f"deformcp: the checkout at {sources['commit']}"
-                     + (f" with uncommitted changes to {', '.join(sources['uncommitted'])}"
-                        if sources.get("uncommitted") else " (deformcp/ and kernels/ unmodified)"), ""]
-                    if sources.get("commit") else []),
+                  *_harness.source_lines(machine.get("deformcp_sources") or {}),
                   "Inputs: input N(0, 1), weight N(0, 1)/sqrt(C·3·3), bias N(0, 1), offsets N(0, "
                   f"{OFFSET_STD:g}²) px, mask sigmoid(N(0, 1)), grad_output N(0, 1); drawn in float64, rounded "
                   "to the dtype; fixed seed. forward+backward = deform_conv2d, then deform_conv2d_backward "
@@ -523,8 +300,8 @@ def report(records, baseline, problems, machine, errors, reference_name, notes, 
         notes = [*notes, "Targets: the issue sets them for the CPU case (1×256×50×76 float32 with a mask) "
                          "only"]
     markdown = _harness.report_markdown(
-        title="deform_conv2d", case_lines=case_lines, command=command_line(), method=method,
-        machine=machine, baseline=baseline, compared="case and phase",
+        title="deform_conv2d", case_lines=case_lines, command=_harness.command_line(this_python=True),
+        method=method, machine=machine, baseline=baseline, compared="case and phase",
         no_baseline=_harness.no_baseline("torchvision", torchvision), headers=headers, rows=rows,
         targets=targets, verification=f"relative errors ‖a − b‖ / ‖b‖ against {reference_name}",
         errors=errors, notes=notes)
@@ -534,11 +311,7 @@ def report(records, baseline, problems, machine, errors, reference_name, notes, 
 # ------------------------------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Run as: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE "
-                                            "/opt/tv/bin/python benchmarks/bench_deform_conv.py")
-    _harness.add_arguments(parser, "deform_conv")
+    parser = _harness.make_parser(__doc__, "deform_conv", _harness.TORCHVISION_PYTHON, max_row_time=40.0)
     parser.add_argument("--shape", type=int, nargs=4, default=None, metavar=("N", "C", "H", "W"),
                         help="one case instead of the device's defaults (cpu: 1 256 50 76; cuda: four)")
     parser.add_argument("--out-channels", type=int, default=None, help="with --shape: C_out (default C)")
@@ -548,9 +321,6 @@ def main(argv=None) -> int:
                         help="with a mask (DCN v2) or without (v1) (default cpu: with; cuda: without)")
     parser.add_argument("--deterministic", action="store_true",
                         help="pass deterministic=True to deformcp.deform_conv2d_backward")
-    parser.add_argument("--max-row-time", type=float, default=40.0,
-                        help="seconds of timed calls a row may take: fewer calls (at least 5) where one "
-                             "call is slower (default 40; 0: no limit)")
     args = parser.parse_args(argv)
     NOTES.clear()
     if args.out_channels is not None and args.shape is None:
@@ -559,12 +329,11 @@ def main(argv=None) -> int:
     if plan is None:
         return 2
 
-    functions, missing = deformcp_functions()
+    functions, missing = _harness.deformcp_functions(FUNCTIONS, "deformcp.deform_conv")
     if functions is None:
         NOTES.append(f"deformcp not timed: {missing}")
     if torchvision is None:
-        print("torchvision is not installed: timing deformcp only, no ratios (run with a Python that has "
-              "torchvision, e.g. /opt/tv/bin/python)")
+        print(_harness.NO_TORCHVISION)
     if functions is None and torchvision is None:
         print(f"nothing to time: {missing}, and no torchvision", file=sys.stderr)
         return 2
@@ -589,16 +358,15 @@ def main(argv=None) -> int:
             print("  nothing to time here")
             continue
         baseline = next((name for name in impls if name.startswith("torchvision")), None)
-        reference = Reference(problem, functions, setup.torch_device)
-        reference_name = reference.name
+        reference_name, reference_impl = reference(problem, functions, setup.torch_device)
         info = []
         if args.device == "cpu" and functions is not None and problem.dtype != "float64" and torchvision:
             info.append(("deformcp numpy on float64 inputs", Deformcp("numpy", problem.astype(np.float64),
                                                                       functions), "float64"))
-        print(f"verifying against {reference.name} (relative errors) ...")
-        errors.update(verify(problem, impls, reference, info))
-        del reference, info
-        release_device_memory(args.device)
+        print(f"verifying against {reference_name} (relative errors) ...")
+        errors.update(verify(problem, impls, reference_name, reference_impl, info))
+        del reference_impl, info
+        _harness.release_device_memory(args.device, torch)
 
         if "deformcp numpy" in impls:
             numpy_impl = impls["deformcp numpy"]
@@ -609,32 +377,27 @@ def main(argv=None) -> int:
 
         if busy_before is None:
             busy_before = _harness.check_load()
-            print(plan.describe() + (f"; at most {args.max_row_time:g} s of timed calls a row (≥ {MIN_REPEAT} "
-                                     "calls)" if args.max_row_time > 0 else ""))
-        records += time_case(plan, impls, setup.sync, problem, baseline, args.max_row_time)
+            print(plan.describe())
+        records += _harness.time_phases(plan, impls, PHASES, setup.sync, problem.label, baseline,
+                                        extra={"case_id": problem.label}, notes=NOTES)
         del impls
-        release_device_memory(args.device)
+        _harness.release_device_memory(args.device, torch)
 
     if not records:
         print("nothing was timed", file=sys.stderr)
         return 2
     busy_after = _harness.cpu_busy()
-    sources = source_state()
     machine = _harness.machine_info({**setup.info, "torchvision": getattr(torchvision, "__version__", None),
-                                     "deformcp_sources": sources,
+                                     "deformcp_sources": _harness.source_state(),
                                      "cpu_busy_before": busy_before, "cpu_busy_after": busy_after})
-    if machine.get("torchvision"):  # machine_markdown lists torch only: name torchvision beside it
-        machine["torch"] = f"{machine['torch']}, torchvision {machine['torchvision']}"
     baseline = next((r.impl for r in records if r.impl.startswith("torchvision")), None)
-    method = (plan.method() + (f", at most {args.max_row_time:g} s of timed calls a row (≥ {MIN_REPEAT} calls;"
-                               " one extra untimed call first)" if args.max_row_time > 0 else "")
-              + (", deformcp backward with deterministic=True" if args.deterministic else ""))
+    method = plan.method() + (", deformcp backward with deterministic=True" if args.deterministic else "")
     markdown, targets = report(records, baseline, problems, machine, errors, reference_name, NOTES, method,
                                default_case, memory, args.device)
     print()
     print(markdown)
     payload = _harness.results_payload(
-        command_line(),
+        _harness.command_line(this_python=True),
         {"cases": [{"label": p.label, "description": p.describe(), "shape": p.shape, "out_channels": p.c_out,
                     "dtype": p.dtype, "mask": p.has_mask} for p in problems],
          "kernel": KERNEL, "stride": STRIDE, "padding": PADDING, "dilation": DILATION, "offset_groups": 1,

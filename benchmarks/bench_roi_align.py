@@ -42,30 +42,20 @@ unless --output is given). Ratios are deformcp time / torchvision time: below 1 
 """
 from __future__ import annotations
 
-import argparse
-import importlib
-import os
 import pathlib
-import shutil
 import sys
 import traceback
 
 import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))          # _harness
-sys.path.insert(0, str(HERE.parent))   # benchmark the checkout's deformcp
+sys.path.insert(0, str(HERE))   # _harness (which puts the checkout's deformcp first on the path)
 
 import _harness  # noqa: E402
 import deformcp  # noqa: E402
 from _harness import to_numpy  # noqa: E402
 
-try:
-    import torch
-    import torchvision
-    import torchvision.ops
-except ImportError:  # optional
-    torch = torchvision = None
+torch, torchvision = _harness.optional_torchvision()
 
 OPS = ("roi_align", "ps_roi_align")
 PHASES = ("forward", "forward+backward")
@@ -84,31 +74,7 @@ TOLERANCE = {"float32": 1e-4, "float64": 1e-10}
 FUNCTIONS = ("roi_align", "roi_align_backward", "ps_roi_align", "ps_roi_align_backward")
 
 
-def deformcp_functions() -> tuple[dict | None, str | None]:
-    """deformcp's four RoI functions, or None and why not (the module may not be written yet)."""
-    try:
-        module = importlib.import_module("deformcp.roi_align")
-    except Exception as e:
-        return None, f"import deformcp.roi_align failed ({type(e).__name__}: {e})"
-    missing = [name for name in FUNCTIONS if not callable(getattr(module, name, None))]
-    if missing:
-        return None, f"deformcp.roi_align lacks {', '.join(missing)}"
-    return {name: getattr(module, name) for name in FUNCTIONS}, None
-
-
 # ---------------------------------------------------------------------------------------------- inputs
-
-def make_boxes(rng, K, N, H, W, spatial_scale=SPATIAL_SCALE, dtype="float32") -> np.ndarray:
-    """(K, 5) rows (batch index, x1, y1, x2, y2) in image coordinates (feature map size / spatial_scale):
-    sides uniform in BOX_SIDE (at most the image's side), boxes wholly inside the image."""
-    image_h, image_w = H / spatial_scale, W / spatial_scale
-    w = rng.uniform(*BOX_SIDE, K).clip(max=image_w)
-    h = rng.uniform(*BOX_SIDE, K).clip(max=image_h)
-    x1 = rng.uniform(0.0, 1.0, K) * (image_w - w)
-    y1 = rng.uniform(0.0, 1.0, K) * (image_h - h)
-    batch = rng.integers(0, N, K).astype(np.float64)
-    return np.stack([batch, x1, y1, x1 + w, y1 + h], axis=1).astype(dtype)
-
 
 class Problem:
     """One op's arrays, NumPy: input (N, C, H, W), boxes (K, 5), grad_output (K, C_out, 7, 7)."""
@@ -120,7 +86,7 @@ class Problem:
             C = PS_GROUPS * OUTPUT_SIZE[0] * OUTPUT_SIZE[1]
         self.op, self.shape, self.dtype = op, (N, C, H, W), dtype
         self.x = rng.standard_normal(self.shape).astype(dtype)
-        self.boxes = make_boxes(rng, K, N, H, W, SPATIAL_SCALE, dtype)
+        self.boxes = _harness.random_rois(rng, K, N, H, W, BOX_SIDE, SPATIAL_SCALE).astype(dtype)
         c_out = C // (OUTPUT_SIZE[0] * OUTPUT_SIZE[1]) if op == "ps_roi_align" else C
         self.grad_output = rng.standard_normal((K, c_out, *OUTPUT_SIZE)).astype(dtype)
 
@@ -259,30 +225,13 @@ def verify(problem: Problem, impls: dict, reference: Reference) -> dict:
     return errors
 
 
-def command_line() -> str:
-    """_harness.command_line() with this interpreter's path where it is not the ``python`` on PATH (the
-    torchvision comparison runs under a separate environment's Python)."""
-    command = _harness.command_line()
-    python = shutil.which("python")
-    if python and os.path.realpath(python) == os.path.realpath(sys.executable):
-        return command
-    return command.replace("python ", f"{sys.executable} ", 1)
-
-
 # ------------------------------------------------------------------------------------------------- setup
 
 def build(setup: _harness.DeviceSetup, problem: Problem, functions: dict | None, deterministic) -> dict:
     """The implementations to time on the setup's device: deformcp's NumPy path and host backend (cpu) or
     deformcp on CuPy arrays (cuda), where deformcp has the functions, and torchvision where it can run."""
-    impls = {}
-    if functions is not None and setup.device == "cpu":
-        impls["deformcp numpy"] = Deformcp("numpy", problem, functions, deterministic)
-        if setup.host:
-            impls["deformcp host"] = Deformcp("host", problem, functions, deterministic)
-    elif functions is not None:  # cuda
-        import cupy
-
-        impls["deformcp cuda"] = Deformcp("cuda", problem, functions, deterministic, move=cupy.asarray)
+    impls = {} if functions is None else _harness.deformcp_impls(
+        setup, lambda backend, move: Deformcp(backend, problem, functions, deterministic, move))
     if setup.torch_device is not None:
         impls[f"torchvision {setup.device}"] = Torchvision(setup.torch_device, problem)
     return impls
@@ -311,7 +260,7 @@ def report(records, ops, baseline, cases, machine, errors, reference_name, notes
                     "over the batch, sides uniform in [8, 100] px, wholly inside the image; fixed seed. "
                     "forward+backward = forward, then the input gradient for a random grad_output "
                     "(torchvision: autograd)."],
-        command=command_line(), method=method, machine=machine, baseline=baseline, compared="op and phase",
+        command=_harness.command_line(this_python=True), method=method, machine=machine, baseline=baseline, compared="op and phase",
         no_baseline=_harness.no_baseline("torchvision", torchvision), headers=headers, rows=rows,
         targets=targets, verification=f"relative errors against {reference_name}",
         errors={f"{op} {name}": e for op, per_op in errors.items() for name, e in per_op.items()}, notes=notes)
@@ -321,11 +270,7 @@ def report(records, ops, baseline, cases, machine, errors, reference_name, notes
 # ------------------------------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Run as: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE "
-                                            "/opt/tv/bin/python benchmarks/bench_roi_align.py")
-    _harness.add_arguments(parser, "roi_align")
+    parser = _harness.make_parser(__doc__, "roi_align", _harness.TORCHVISION_PYTHON)
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
     parser.add_argument("--shape", type=int, nargs=4, default=None, metavar=("N", "C", "H", "W"),
                         help="roi_align input shape (default 2 256 100 152; cuda 2 256 200 304); "
@@ -340,13 +285,12 @@ def main(argv=None) -> int:
     if plan is None:
         return 2
 
-    functions, missing = deformcp_functions()
+    functions, missing = _harness.deformcp_functions(FUNCTIONS, "deformcp.roi_align")
     notes = []
     if functions is None:
         notes.append(f"deformcp not timed: {missing}")
     if torchvision is None:
-        print("torchvision is not installed: timing deformcp only, no ratios (run with a Python that has "
-              "torchvision, e.g. /opt/tv/bin/python)")
+        print(_harness.NO_TORCHVISION)
     if functions is None and torchvision is None:
         print(f"nothing to time: {missing}, and no torchvision", file=sys.stderr)
         return 2
@@ -386,15 +330,13 @@ def main(argv=None) -> int:
         **setup.info, "torch_cuda_available": setup.torch_device is not None}
     machine = _harness.machine_info({**device_info, "torchvision": getattr(torchvision, "__version__", None),
                                      "cpu_busy_before": busy_before, "cpu_busy_after": busy_after})
-    if machine.get("torchvision"):  # machine_markdown lists torch only: name torchvision beside it
-        machine["torch"] = f"{machine['torch']}, torchvision {machine['torchvision']}"
     method = plan.method() + (", deformcp backward with deterministic=True" if args.deterministic else "")
     markdown, targets = report(records, ops, baseline, cases, machine, errors, reference_name, notes, method,
                                default_case)
     print()
     print(markdown)
     payload = _harness.results_payload(
-        command_line(), {"cases": cases, "ops": ops, "shape": shape, "boxes": K, "dtype": args.dtype,
+        _harness.command_line(this_python=True), {"cases": cases, "ops": ops, "shape": shape, "boxes": K, "dtype": args.dtype,
                          "output_size": OUTPUT_SIZE, "sampling_ratio": SAMPLING_RATIO, "aligned": ALIGNED,
                          "spatial_scale": SPATIAL_SCALE, "pool_mode": POOL_MODE,
                          "ps_channels": PS_GROUPS * OUTPUT_SIZE[0] * OUTPUT_SIZE[1], "box_side_px": BOX_SIDE,

@@ -33,15 +33,13 @@ is faster.
 """
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 
 import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))          # _harness
-sys.path.insert(0, str(HERE.parent))   # benchmark the checkout's deformcp
+sys.path.insert(0, str(HERE))   # _harness (which puts the checkout's deformcp first on the path)
 
 import _harness  # noqa: E402
 import deformcp  # noqa: E402
@@ -248,15 +246,8 @@ def verify(impls: dict, reference: Reference, dtype: str) -> dict:
 def build(setup: _harness.DeviceSetup, x, theta, grad_output, size) -> dict:
     """The implementations to time on the setup's device: deformcp's NumPy path and host backend (cpu) or
     deformcp on CuPy arrays (cuda), and torch where it can run."""
-    impls = {}
-    if setup.device == "cpu":
-        impls["deformcp numpy"] = Deformcp("numpy", x, theta, grad_output, size)
-        if setup.host:
-            impls["deformcp host"] = Deformcp("host", x, theta, grad_output, size)
-    else:
-        import cupy
-
-        impls["deformcp cuda"] = Deformcp("cuda", *(cupy.asarray(a) for a in (x, theta, grad_output)), size)
+    impls = _harness.deformcp_impls(
+        setup, lambda backend, move: Deformcp(backend, *(move(a) for a in (x, theta, grad_output)), size))
     if setup.torch_device is not None:
         impls[f"torch {setup.device}"] = Torch(setup.torch_device, x, theta, grad_output, size)
     return impls
@@ -283,11 +274,7 @@ def report(records, baseline, case, machine, errors, reference_name, notes, meth
 # ------------------------------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Run as: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python "
-                                            "benchmarks/bench_spatial_transformer.py")
-    _harness.add_arguments(parser, "spatial_transformer")
+    parser = _harness.make_parser(__doc__, "spatial_transformer")
     parser.add_argument("--shape", type=int, nargs=4, default=DEFAULT_SHAPE, metavar=("N", "C", "H", "W"))
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     args = parser.parse_args(argv)
