@@ -81,9 +81,21 @@ def name_expression(name: str, dtype, index64: bool) -> str:
     return f"{name}<{c_type(dtype)}, {index_type(index64)}>"
 
 
+#: When set, every launch uses the 64-bit index instantiation (see :func:`force_index64`).
+FORCE_INDEX64 = contextvars.ContextVar("deformcp_force_index64", default=False)
+
+
 def needs_index64(*sizes: int) -> bool:
-    """True when an index (an element count or an offset into the largest array) can pass 2**31 - 1."""
-    return max(sizes, default=0) > INT32_MAX
+    """The rule for the index type: 64-bit when an element count, a size or an array's length can pass
+    2**31 - 1 (so that every index and offset computed from them fits), or when forced."""
+    return FORCE_INDEX64.get() or max(sizes, default=0) > INT32_MAX
+
+
+def force_index64():
+    """Context manager: run every kernel's 64-bit index instantiation, whatever the sizes (for testing that
+    it computes what the 32-bit one does)."""
+    from ._dispatch import scoped
+    return scoped(FORCE_INDEX64, True)
 
 
 def nvrtc_options() -> tuple[str, ...]:

@@ -106,8 +106,14 @@ class HostModule:
             f"void** args) {{ return deformcp_host::launch(&{e}, grid, block, args); }}\n"
             for i, e in enumerate(self.expressions))
         unit = "\n".join([PRELUDE.read_text(), _kernels.source(family), launchers])
-        self.path = _build(unit, f"{family}-{ctype.replace(' ', '').strip('_')}-{itype.replace(' ', '')}")
-        self._library = ctypes.CDLL(str(self.path))
+        stem = f"{family}-{ctype.replace(' ', '').strip('_')}-{itype.replace(' ', '')}"
+        self.path = _build(unit, stem)
+        try:
+            self._library = ctypes.CDLL(str(self.path))
+        except OSError:  # a damaged cache entry (truncated, overwritten by hand): build it again
+            self.path.unlink(missing_ok=True)
+            self.path = _build(unit, stem)
+            self._library = ctypes.CDLL(str(self.path))
 
     def get_function(self, expression: str) -> HostKernel:
         function = getattr(self._library, f"deformcp_launch_{self.expressions.index(expression)}")
