@@ -292,7 +292,8 @@ def _backward_numpy(grad_output, input, rois, offset, cfg: _Config, want_input, 
         grad_offset = np.empty((K, nc, 2, S, S), dtype)
         for axis, shift, move in ((0, shift_x, move_x), (1, shift_y, move_y)):
             summed = np.bincount(target, shift.reshape(-1), minlength=K * nc * S * S).reshape(K, nc, S, S)
-            grad_offset[:, :, axis] = summed * move[:, None, None, None]
+            with np.errstate(invalid="ignore"):  # an overflowed move times a zero sum: 0, as in the kernels
+                grad_offset[:, :, axis] = np.where(summed == 0, 0, summed * move[:, None, None, None])
         grad_offset = grad_offset.reshape(K, 2 * nc, S, S).astype(input.dtype)
     elif offset is not None:
         grad_offset = np.zeros(offset.shape, input.dtype)

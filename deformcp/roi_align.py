@@ -127,6 +127,7 @@ class _RoIGrid(NamedTuple):
     finite: np.ndarray
 
 
+@np.errstate(invalid="ignore", over="ignore")  # non-finite and overflowing boxes are masked by `finite`
 def _geometry(rois, PH, PW, spatial_scale, sampling_ratio, aligned, dtype) -> _RoIGrid:
     scale = dtype.type(spatial_scale)
     offset = dtype.type(0.5 if aligned else 0)

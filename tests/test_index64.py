@@ -1,0 +1,356 @@
+"""The index type of the kernels (issue 7, item 3).
+
+Every kernel is a template over its index type: ``int``, or ``long long`` once an element count, a size or
+an array's length can pass 2**31 - 1 (:func:`deformcp._kernels.needs_index64`). Here, on the host backend:
+
+- every op, forward and backward, gives bitwise the same results in its 64-bit instantiation (forced with
+  :func:`deformcp._kernels.force_index64`) as in its 32-bit one, for float32 and float64, and the cases
+  together launch every kernel of every family;
+- the documented rule: sizes up to 2**31 - 1 → 32-bit, 2**31 → 64-bit, forced → 64-bit;
+- :func:`deformcp._kernels.launch` picks the ``long long`` instantiation exactly then — by the number of work
+  items and by an array's length (a lazily allocated array of more than 2**31 elements, whose indices do not
+  fit an ``int``). The selection is observed by a spy around ``_kernels.get_function``; the kernels are real.
+
+Kernels that scatter-add with atomics are bitwise reproducible only in a fixed order: their non-deterministic
+launches here have at most 256 work items, i.e. one block, which the host backend runs on one thread.
+"""
+import threading
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+
+import deformcp
+from deformcp import _host, _kernels
+
+pytestmark = pytest.mark.skipif(_host.compiler() is None, reason="host backend: no C++ compiler found")
+
+DTYPES = ("float32", "float64")
+
+
+# ------------------------------------------------------------------------------------------ the spy
+
+class Launch(NamedTuple):
+    family: str
+    name: str
+    dtype: str
+    index64: bool
+    expression: str          # the instantiation's name, e.g. "grid_sample_forward<float, long long>"
+    int64_arguments: bool    # whether the kernel was passed any int64 scalar (the sizes, when 64-bit)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Records every kernel that _kernels.launch selects and then runs (the real kernel)."""
+    recorded = []
+    real = _kernels.get_function
+
+    def spy(backend, family, name, dtype, index64):
+        kernel = real(backend, family, name, dtype, index64)
+
+        def run(grid, block, args):
+            recorded.append(Launch(family, name, _kernels.dtype_name(dtype), index64, kernel.name,
+                                   any(isinstance(a, np.int64) for a in args)))
+            return kernel(grid, block, args)
+
+        return run
+
+    monkeypatch.setattr(_kernels, "get_function", spy)
+    return recorded
+
+
+def check_selection(recorded, index64: bool):
+    assert recorded, "no kernel was launched"
+    for launch in recorded:
+        assert launch.index64 is index64, launch
+        assert launch.expression.endswith(", long long>" if index64 else ", int>"), launch
+        assert launch.int64_arguments is index64, launch
+
+
+def assert_bitwise_equal(actual, expected, what):
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    bits = f"u{actual.itemsize}"
+    np.testing.assert_array_equal(np.ascontiguousarray(actual).view(bits), np.ascontiguousarray(expected).view(bits),
+                                  err_msg=f"{what}: the 64-bit instantiation differs")
+
+
+# ------------------------------------------------------------------------------------------ the cases
+#
+# A case builds its inputs once and returns run(), which calls ops on the current backend and returns
+# {description: array}. Sizes keep each non-deterministic (atomic) launch to one block (≤ 256 work items).
+
+def with_specials(a, rng, fraction=0.1):
+    """A few coordinates far outside (±1e30) and non-finite: the out-of-range branches run too."""
+    flat = a.reshape(-1)
+    where = rng.choice(flat.size, max(4, int(fraction * flat.size)), replace=False)
+    flat[where] = rng.choice([np.nan, np.inf, -np.inf, 1e30, -1e30], len(where))
+    return a
+
+
+def case_affine_grid(rng, dtype):
+    theta = rng.standard_normal((3, 2, 3)).astype(dtype)
+    grad = rng.standard_normal((3, 9, 11, 2)).astype(dtype)
+
+    def run():
+        out = {}
+        for align in (False, True):
+            out[f"affine_grid align={align}"] = deformcp.affine_grid(theta, (3, 2, 9, 11), align)
+            out[f"affine_grid_backward align={align}"] = deformcp.affine_grid_backward(grad, theta, (3, 2, 9, 11),
+                                                                                      align).theta
+        return out
+    return run
+
+
+def case_grid_sample(rng, dtype):
+    x = rng.standard_normal((2, 3, 6, 7)).astype(dtype)
+    small = with_specials(rng.uniform(-1.3, 1.3, (2, 8, 8, 2)), rng).astype(dtype)   # 128 work items
+    large = rng.uniform(-1.3, 1.3, (2, 20, 20, 2)).astype(dtype)                      # 800: several blocks
+    g_small = rng.standard_normal((2, 3, 8, 8)).astype(dtype)
+    g_large = rng.standard_normal((2, 3, 20, 20)).astype(dtype)
+
+    def run():
+        out = {}
+        for mode in ("bilinear", "nearest"):
+            for padding in ("zeros", "border", "reflection"):
+                for align in (False, True):
+                    o = dict(mode=mode, padding_mode=padding, align_corners=align)
+                    tag = f"{mode}-{padding}-align={align}"
+                    out[f"grid_sample {tag}"] = deformcp.grid_sample(x, large, **o)
+                    out[f"grid_sample specials {tag}"] = deformcp.grid_sample(x, small, **o)
+                    g = deformcp.grid_sample_backward(g_small, x, small, **o)
+                    out[f"grid_sample_backward input {tag}"], out[f"grid_sample_backward grid {tag}"] = g
+                    g = deformcp.grid_sample_backward(g_large, x, large, **o, deterministic=True)
+                    out[f"grid_sample_backward det input {tag}"], out[f"grid_sample_backward det grid {tag}"] = g
+        return out
+    return run
+
+
+def random_boxes(rng, N, H, W, K):
+    x1, y1 = rng.uniform(-3, W + 1, K), rng.uniform(-3, H + 1, K)
+    w, h = rng.uniform(0, W, K), rng.uniform(0, H, K)
+    w[::4] = 0
+    return np.stack([rng.integers(0, N, K), x1, y1, x1 + w, y1 + h], axis=1)
+
+
+def case_roi_align(rng, dtype):
+    x = rng.standard_normal((2, 3, 9, 7)).astype(dtype)
+    x_ps = rng.standard_normal((2, 2 * 2 * 3, 9, 7)).astype(dtype)
+    boxes = random_boxes(rng, 2, 9, 7, 6).astype(dtype)
+    g = rng.standard_normal((6, 3, 2, 3)).astype(dtype)          # 108 work items
+    g_ps = rng.standard_normal((6, 2, 2, 3)).astype(dtype)       # 72
+    offset = rng.standard_normal((6, 2, 2, 3)).astype(dtype)
+    mask = rng.uniform(0, 1, (6, 1, 2, 3)).astype(dtype)
+
+    def run():
+        out = {}
+        for mode in ("avg", "max"):
+            for aligned in (False, True):
+                for ratio in (-1, 2):
+                    o = dict(output_size=(2, 3), spatial_scale=0.7, sampling_ratio=ratio, aligned=aligned,
+                             pool_mode=mode)
+                    tag = f"{mode}-aligned={aligned}-ratio={ratio}"
+                    out[f"roi_align {tag}"] = deformcp.roi_align(x, boxes, **o)
+                    for det in (False, True):
+                        out[f"roi_align_backward det={det} {tag}"] = deformcp.roi_align_backward(
+                            g, x, boxes, **o, deterministic=det).input
+        for ratio in (-1, 2):
+            out[f"ps_roi_align ratio={ratio}"] = deformcp.ps_roi_align(x_ps, boxes, (2, 3), 0.7, ratio)
+            for det in (False, True):
+                out[f"ps_roi_align_backward det={det} ratio={ratio}"] = deformcp.ps_roi_align_backward(
+                    g_ps, x_ps, boxes, (2, 3), 0.7, ratio, det).input
+        for m in (None, mask):
+            for off in (None, offset):
+                o = dict(output_size=(2, 3), spatial_scale=0.7, sampling_ratio=2, gamma=0.3, mask=m)
+                tag = f"offset={off is not None}-mask={m is not None}"
+                out[f"deform_roi_pool {tag}"] = deformcp.deform_roi_pool(x, boxes, off, **o)
+                for det in (False, True):
+                    grads = deformcp.deform_roi_pool_backward(g, x, boxes, off, **o, deterministic=det)
+                    for name, grad in zip(grads._fields, grads):
+                        if grad is not None:
+                            out[f"deform_roi_pool_backward {name} det={det} {tag}"] = grad
+        return out
+    return run
+
+
+def case_deform_conv(rng, dtype):
+    N, C, H, W, G, kh, kw = 2, 4, 6, 5, 2, 3, 3
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    offset = with_specials(2 * rng.standard_normal((N, 2 * G * kh * kw, H, W)), rng, 0.02).astype(dtype)
+    mask = rng.uniform(0, 1, (N, G * kh * kw, H, W)).astype(dtype)
+    weight = rng.standard_normal((3, C, kh, kw)).astype(dtype)
+    bias = rng.standard_normal(3).astype(dtype)
+    grad = rng.standard_normal((N, 3, H, W)).astype(dtype)      # col2im: N·C·H·W = 240 work items
+
+    def run():
+        out = {}
+        for m in (None, mask):
+            tag = f"mask={m is not None}"
+            out[f"deform_conv2d {tag}"] = deformcp.deform_conv2d(x, offset, weight, bias, padding=1, mask=m)
+            for det in (False, True):
+                grads = deformcp.deform_conv2d_backward(grad, x, offset, weight, bias, padding=1, mask=m,
+                                                        deterministic=det)
+                for name, g in zip(grads._fields, grads):
+                    if g is not None:
+                        out[f"deform_conv2d_backward {name} det={det} {tag}"] = g
+        return out
+    return run
+
+
+def case_deform_ps_roi_pool(rng, dtype):
+    x = rng.standard_normal((2, 4 * 2 * 2, 7, 8)).astype(dtype)
+    rois = random_boxes(rng, 2, 7 / 0.6, 8 / 0.6, 5).astype(dtype)
+    offset = rng.standard_normal((5, 2 * 2, 3, 3)).astype(dtype)
+    g = rng.standard_normal((5, 4, 3, 3)).astype(dtype)         # 180 work items
+
+    def run():
+        out = {}
+        for no_trans in (False, True):
+            o = dict(output_dim=4, group_size=2, pooled_size=3, part_size=3, sample_per_part=3, spatial_scale=0.6,
+                     trans_std=0.2, no_trans=no_trans)
+            out[f"deform_ps_roi_pool no_trans={no_trans}"] = deformcp.deform_ps_roi_pool(x, rois, offset, **o)
+            for det in (False, True):
+                grads = deformcp.deform_ps_roi_pool_backward(g, x, rois, offset, **o, deterministic=det)
+                out[f"deform_ps_roi_pool_backward input det={det} no_trans={no_trans}"] = grads.input
+                out[f"deform_ps_roi_pool_backward offset det={det} no_trans={no_trans}"] = grads.offset
+        return out
+    return run
+
+
+def case_mimic_loss(rng, dtype):
+    f_a, f_b = rng.standard_normal((2, 300, 17)).astype(dtype)   # 300 rows: two blocks
+    f_a[3] = 0
+    f_b[7, 2] = np.nan
+    g = np.asarray(rng.standard_normal(), dtype)
+
+    def run():
+        grads = deformcp.mimic_loss_backward(g, f_a, f_b)
+        return {"mimic_loss": deformcp.mimic_loss(f_a, f_b), "mimic_loss_backward f_a": grads.f_a,
+                "mimic_loss_backward f_b": grads.f_b}
+    return run
+
+
+#: family → the cases that together must launch every kernel of it.
+CASES = {
+    "spatial_transformer": (case_affine_grid, case_grid_sample),
+    "roi_align": (case_roi_align,),
+    "deform_conv": (case_deform_conv,),
+    "deform_ps_roi_pool": (case_deform_ps_roi_pool,),
+    "mimic_loss": (case_mimic_loss,),
+}
+
+
+def test_cases_cover_every_family():
+    assert sorted(CASES) == _kernels.families()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_forced_index64_is_bitwise_identical(family, dtype, rng, launches):
+    """Every op of the family, forward and backward, in its 32-bit and its forced 64-bit instantiation."""
+    runs = [case(rng, np.dtype(dtype)) for case in CASES[family]]
+    with deformcp.backend("host"):
+        plain = [run() for run in runs]
+        plain_launches = list(launches)
+        launches.clear()
+        with _kernels.force_index64():
+            forced = [run() for run in runs]
+        forced_launches = list(launches)
+    check_selection(plain_launches, False)
+    check_selection(forced_launches, True)
+    assert [(x.family, x.name, x.dtype) for x in forced_launches] == [(x.family, x.name, x.dtype)
+                                                                      for x in plain_launches]
+    exercised = {x.name for x in plain_launches if x.family == family}
+    missing = set(_kernels.kernel_names(family)) - exercised
+    assert not missing, f"kernels of {family} that no case launched: {sorted(missing)}"
+    assert {x.family for x in plain_launches} == {family}
+    for expected, actual in zip(plain, forced):
+        assert expected.keys() == actual.keys()
+        for what in expected:
+            assert_bitwise_equal(actual[what], expected[what], f"{what} ({dtype})")
+
+
+# ----------------------------------------------------------------------------------------- the rule
+
+INT32_MAX = 2**31 - 1
+
+
+@pytest.mark.parametrize("sizes, expected", [
+    ((), False), ((0,), False), ((1, 2, 3), False), ((INT32_MAX,), False), ((INT32_MAX, INT32_MAX, 7), False),
+    ((2**31,), True), ((3, 2**31, 0), True), ((2**40,), True), ((np.int64(2**31),), True),
+    ((np.int64(INT32_MAX),), False),
+])
+def test_needs_index64_rule(sizes, expected):
+    assert _kernels.needs_index64(*sizes) == expected
+    with _kernels.force_index64():
+        assert _kernels.needs_index64(*sizes) == True  # noqa: E712  (NumPy sizes give NumPy bools)
+    assert _kernels.needs_index64(*sizes) == expected
+
+
+def test_force_index64_is_scoped():
+    """Forcing holds inside the with block (nested too), ends on an exception, and does not reach other
+    threads (a context variable)."""
+    assert _kernels.needs_index64(1) is False
+    seen_in_thread = []
+    with _kernels.force_index64():
+        with _kernels.force_index64():
+            assert _kernels.needs_index64(1) is True
+        assert _kernels.needs_index64(1) is True
+        thread = threading.Thread(target=lambda: seen_in_thread.append(_kernels.needs_index64(1)))
+        thread.start()
+        thread.join()
+    assert seen_in_thread == [False]
+    assert _kernels.needs_index64(1) is False
+    with pytest.raises(ZeroDivisionError):
+        with _kernels.force_index64():
+            1 / 0
+    assert _kernels.needs_index64(1) is False
+
+
+@pytest.mark.parametrize("n, index64", [(12, False), (INT32_MAX, False), (2**31, True)])
+def test_launch_picks_long_long_by_the_number_of_work_items(n, index64, rng, launches):
+    """affine_grid's kernel launched directly over n work items (a grid-stride loop: extra threads find no
+    work) selects by n, and computes what the ordinary launch computes."""
+    theta = rng.standard_normal((2, 2, 3)).astype(np.float32)
+    with deformcp.backend("host"):
+        expected = deformcp.affine_grid(theta, (2, 1, 3, 4))
+    launches.clear()
+    out = np.full((2, 3, 4, 2), np.nan, np.float32)
+    _kernels.launch("host", "spatial_transformer", "affine_grid_forward", out.dtype, n, (theta, out), (2, 3, 4), (0,))
+    check_selection(launches, index64)
+    assert_bitwise_equal(out, expected, f"affine_grid over n = {n}")
+
+
+def lazy_zeros(shape, dtype):
+    """Zeros whose pages are mapped only when touched (calloc → mmap): a long array that costs nothing."""
+    try:
+        return np.zeros(shape, dtype)
+    except MemoryError:
+        pytest.skip(f"cannot reserve {np.prod(shape) * np.dtype(dtype).itemsize / 2**30:.1f} GiB of address space")
+
+
+@pytest.mark.parametrize("H, W, y, index64", [
+    (1, INT32_MAX, 0, False),           # 2**31 - 1 elements: int
+    (65536, 33000, 65472, True),        # 2**31 + 15 204 352 elements; the sampled pixel's index 2 160 576 004
+])
+def test_launch_picks_long_long_by_array_length(H, W, y, index64, launches):
+    """roi_align over one float16 plane of about 2**31 pixels (4 GiB of address space, a few pages touched):
+    a box around pixel (y, 4) reads exactly that pixel, and the backward writes exactly there — with the
+    32-bit index where the plane has 2**31 - 1 elements, with the 64-bit one past that, where the pixel's
+    flat index does not fit an int."""
+    x = lazy_zeros((1, 1, H, W), np.float16)
+    x[0, 0, y, 4] = 3
+    box = np.array([[0, 0, y - 32, 8, y + 32] if y else [0, 0, 0, 8, 0]], np.float16)
+    grad_output = np.full((1, 1, 1, 1), 2, np.float16)
+    with deformcp.backend("host"):
+        out = deformcp.roi_align(x, box, 1, sampling_ratio=1)
+        grads = [deformcp.roi_align_backward(grad_output, x, box, 1, sampling_ratio=1, deterministic=det).input
+                 for det in (False, True)]
+    check_selection(launches, index64)
+    assert {x.name for x in launches} == {"roi_align_forward", "roi_align_backward"}
+    assert out.item() == 3
+    for grad in grads:
+        window = grad[0, 0, max(y - 2, 0):y + 3, 0:9].astype(np.float64)
+        assert grad[0, 0, y, 4] == 2 and window.sum() == 2
+        del grad
+    del x, grads
