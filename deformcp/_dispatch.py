@@ -138,6 +138,8 @@ def prepare(**named) -> Call:
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{name} on {kind}:{index}" for name, (kind, index) in devices.items())
         raise ValueError(f"all arrays of one call must be on one device: {listing}")
+    if not present:
+        raise TypeError(f"{next(iter(named))}: expected an array, got None")
     first = next(iter(present))
     framework, (device, device_id) = frameworks[first], devices[first]
     arrays = tuple(None if x is None else _import(name, x, framework, device) for name, x in named.items())

@@ -16,6 +16,8 @@ FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 def floating(name: str, x, ndim: int, layout: str):
     """Check that x is a floating-point array of rank ndim; layout names the axes for messages."""
+    if x is None:
+        raise TypeError(f"{name}: expected an array {layout}, got None")
     if np.dtype(x.dtype).name not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected a floating-point array ({', '.join(FLOAT_DTYPES)}), "
                         f"got dtype {x.dtype}")
@@ -66,7 +68,10 @@ def sizes(name: str, value, count: int) -> tuple[int, ...]:
 
 def needs_grad(value, fields: tuple[str, ...]) -> tuple[bool, ...]:
     """A needs_input_grad argument: one bool per differentiable input, in ``fields`` order."""
-    items = tuple(value)
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise TypeError(f"needs_input_grad: expected {len(fields)} bools for {fields}, got {value!r}") from None
     if len(items) != len(fields) or not all(isinstance(v, (bool, np.bool_)) for v in items):
         raise ValueError(f"needs_input_grad: expected {len(fields)} bools for {fields}, got {value!r}")
     return tuple(bool(v) for v in items)
@@ -76,16 +81,24 @@ def real(name: str, value, positive: bool = False) -> float:
     """A finite real number (positive if asked)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
-    if not np.isfinite(value) or (positive and value <= 0):
-        raise ValueError(f"{name}: expected a finite {'positive ' if positive else ''}number, got {value!r}")
-    return float(value)
-
-
-def integer(name: str, value) -> int:
     try:
-        return operator.index(value)
+        number = float(value)
+    except OverflowError:
+        number = float("inf")
+    if not np.isfinite(number) or (positive and number <= 0):
+        raise ValueError(f"{name}: expected a finite {'positive ' if positive else ''}number, got {value!r:.50}")
+    return number
+
+
+def integer(name: str, value, maximum: int = 2**31 - 1) -> int:
+    """An int of at most ``maximum`` (in magnitude: kernels take it as a C int)."""
+    try:
+        value = operator.index(value)
     except TypeError:
         raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}") from None
+    if abs(value) > maximum:
+        raise ValueError(f"{name}: expected an int of magnitude at most {maximum}, got {value}")
+    return value
 
 
 def rois(name: str, call, rois, input) -> None:

@@ -78,9 +78,11 @@ def _check(input, offset, weight, bias, mask, stride, padding, dilation) -> _Geo
                                  _pair("dilation", dilation, 1))
     N, C, H, W = input.shape
     C_out, C_group, kh, kw = weight.shape
-    if C_group == 0 or C % C_group or C_out % (C // C_group or 1):
-        raise ValueError(f"weight: expected in-channels C / groups dividing C = {C} with C_out divisible by "
-                         f"groups, got weight shape {tuple(weight.shape)}")
+    if C == 0:
+        raise ValueError(f"input: expected at least one channel in (N, C, H, W), got {tuple(input.shape)}")
+    if C_out == 0 or C_group == 0 or C % C_group or C_out % (C // C_group or 1):
+        raise ValueError(f"weight: expected C_out > 0 and in-channels C / groups > 0 dividing C = {C}, with C_out "
+                         f"divisible by groups, got weight shape {tuple(weight.shape)}")
     groups = C // C_group
     if kh == 0 or kw == 0:
         raise ValueError(f"weight: expected a non-empty kernel (kh, kw), got {tuple(weight.shape)}")

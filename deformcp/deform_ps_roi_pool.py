@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from . import _bilinear, _dispatch, _kernels, _validate, testing
+from .roi_align import MAX_SAMPLES_PER_AXIS
 
 FAMILY = "deform_ps_roi_pool"
 #: Samples (four bilinear corners each) per chunk of RoIs on the NumPy path: bounds its extra memory.
@@ -57,8 +58,8 @@ class _Config(NamedTuple):
 
 # --------------------------------------------------------------------------------------- arguments
 
-def _positive(name: str, value) -> int:
-    value = _validate.integer(name, value)
+def _positive(name: str, value, maximum: int = 2**31 - 1) -> int:
+    value = _validate.integer(name, value, maximum)
     if value <= 0:
         raise ValueError(f"{name}: expected a positive int, got {value}")
     return value
@@ -74,7 +75,7 @@ def _check(call, input, rois, offset, output_dim, group_size, pooled_size, part_
     group_size = _positive("group_size", group_size)
     pooled_size = _positive("pooled_size", pooled_size)
     part_size = pooled_size if part_size is None else _positive("part_size", part_size)
-    sample_per_part = _positive("sample_per_part", sample_per_part)
+    sample_per_part = _positive("sample_per_part", sample_per_part, MAX_SAMPLES_PER_AXIS)
     spatial_scale = _validate.real("spatial_scale", spatial_scale, positive=True)
     trans_std = _validate.real("trans_std", trans_std)
     N, C, H, W = input.shape

@@ -186,9 +186,9 @@ def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, 
     >>> deformcp.deform_roi_pool(x, rois, offset, 3, sampling_ratio=2).shape
     (1, 8, 3, 3)
     """
-    call, input, rois, arrays = _prepare(input, rois, offset=offset, mask=mask)
+    call, input, rois, arrays = _prepare(input, rois, "rois", offset=offset, mask=mask)
     PH, PW, spatial_scale, sampling_ratio = _check(call, input, rois, output_size, spatial_scale, sampling_ratio,
-                                                   "avg", False)
+                                                   "avg", False, "rois")
     offset, mask = arrays["offset"], arrays["mask"]
     gamma = _check_deform(input, rois, offset, mask, PH, PW, gamma)
     with call.device:
@@ -220,9 +220,9 @@ def deform_roi_pool_backward(grad_output, input, rois, offset=None, output_size=
     image (y ≤ 0 or y ≥ H − 1) the sample does not move with the offset, so it contributes 0 (mmcv's
     kernel evaluates the bilinear slope at the clamped point instead).
     """
-    call, input, rois, arrays = _prepare(input, rois, grad_output=grad_output, offset=offset, mask=mask)
+    call, input, rois, arrays = _prepare(input, rois, "rois", grad_output=grad_output, offset=offset, mask=mask)
     PH, PW, spatial_scale, sampling_ratio = _check(call, input, rois, output_size, spatial_scale, sampling_ratio,
-                                                   "avg", False)
+                                                   "avg", False, "rois")
     grad_output, offset, mask = arrays["grad_output"], arrays["offset"], arrays["mask"]
     gamma = _check_deform(input, rois, offset, mask, PH, PW, gamma)
     wanted = _validate.needs_grad(needs_input_grad, DeformRoIPoolGrads._fields)

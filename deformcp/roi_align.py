@@ -15,6 +15,8 @@ from . import _bilinear, _dispatch, _kernels, _validate, testing
 
 FAMILY = "roi_align"
 POOL_MODES = ("avg", "max")
+#: Largest sampling_ratio accepted (samples per bin and axis).
+MAX_SAMPLES_PER_AXIS = 1 << 16
 #: Samples (four bilinear corners each) per chunk of RoIs on the NumPy path: bounds its extra memory.
 SAMPLES_PER_CHUNK = 1 << 20
 
@@ -38,19 +40,20 @@ def _output_size(value) -> tuple[int, int]:
     return size
 
 
-def _prepare(input, boxes, **others) -> tuple[_dispatch.Call, object, object, dict]:
-    """Import the arrays of a call; boxes as a (K, 5) array or a list of per-image (L, 4) arrays."""
+def _prepare(input, boxes, boxes_name="boxes", **others) -> tuple[_dispatch.Call, object, object, dict]:
+    """Import the arrays of a call; boxes (called boxes_name in messages) as a (K, 5) array or a list of
+    per-image (L, 4) arrays."""
     if isinstance(boxes, (list, tuple)):
-        named = {f"boxes[{i}]": b for i, b in enumerate(boxes)}
+        named = {f"{boxes_name}[{i}]": b for i, b in enumerate(boxes)}
         call = _dispatch.prepare(input=input, **others, **named)
         images = call.arrays[1 + len(others):]
         input = _validate.floating("input", call.arrays[0], 4, "(N, C, H, W)")
         for i, b in enumerate(images):
-            _validate.floating(f"boxes[{i}]", b, 2, "(L, 4) [x1, y1, x2, y2]")
-            _validate.shape(f"boxes[{i}]", b, (None, 4), "(L, 4) [x1, y1, x2, y2]")
+            _validate.floating(f"{boxes_name}[{i}]", b, 2, "(L, 4) [x1, y1, x2, y2]")
+            _validate.shape(f"{boxes_name}[{i}]", b, (None, 4), "(L, 4) [x1, y1, x2, y2]")
         _validate.same_dtype(input=input, **dict(zip(named, images)))
         if len(images) > input.shape[0]:
-            raise ValueError(f"boxes: expected at most N = {input.shape[0]} per-image arrays (input's batch), "
+            raise ValueError(f"{boxes_name}: expected at most N = {input.shape[0]} per-image arrays (input's batch), "
                              f"got {len(images)}")
         xp = call.xp
         with call.device:
@@ -59,24 +62,26 @@ def _prepare(input, boxes, **others) -> tuple[_dispatch.Call, object, object, di
                                    for i, b in enumerate(images)]) if images else xp.zeros((0, 5), dtype)
         arrays = dict(zip(others, call.arrays[1:1 + len(others)]))
         return call, input, rois, arrays
-    call = _dispatch.prepare(input=input, boxes=boxes, **others)
+    call = _dispatch.prepare(input=input, **{boxes_name: boxes}, **others)
     return call, call.arrays[0], call.arrays[1], dict(zip(others, call.arrays[2:]))
 
 
-def _check(call, input, rois, output_size, spatial_scale, sampling_ratio, pool_mode, position_sensitive):
+def _check(call, input, rois, output_size, spatial_scale, sampling_ratio, pool_mode, position_sensitive,
+           boxes_name="boxes"):
     _validate.floating("input", input, 4, "(N, C, H, W)")
-    _validate.floating("boxes", rois, 2, "(K, 5) [batch_index, x1, y1, x2, y2]")
-    _validate.shape("boxes", rois, (None, 5), "(K, 5) [batch_index, x1, y1, x2, y2]")
-    _validate.same_dtype(input=input, boxes=rois)
+    _validate.floating(boxes_name, rois, 2, "(K, 5) [batch_index, x1, y1, x2, y2]")
+    _validate.shape(boxes_name, rois, (None, 5), "(K, 5) [batch_index, x1, y1, x2, y2]")
+    _validate.same_dtype(input=input, **{boxes_name: rois})
     PH, PW = _output_size(output_size)
     spatial_scale = _validate.real("spatial_scale", spatial_scale, positive=True)
-    sampling_ratio = _validate.integer("sampling_ratio", sampling_ratio)
+    # more samples than this per bin and axis would not fit any image's memory; the kernels take an int
+    sampling_ratio = _validate.integer("sampling_ratio", sampling_ratio, maximum=MAX_SAMPLES_PER_AXIS)
     _validate.choice("pool_mode", pool_mode, POOL_MODES)
     N, C, H, W = input.shape
     if position_sensitive and C % (PH * PW):
         raise ValueError(f"input: expected channels C divisible by output_size {PH}×{PW} = {PH * PW} for "
                          f"position-sensitive pooling, got C = {C}")
-    _validate.rois("boxes", call, rois, input)
+    _validate.rois(boxes_name, call, rois, input)
     return PH, PW, spatial_scale, sampling_ratio
 
 

@@ -149,7 +149,7 @@ def test_rejects_bad_input(rng):
          lambda: deformcp.deform_roi_pool(x, rois, None, 3, gamma=float("nan"))),
         (TypeError, r"expected arrays of one dtype: input is float64, offset is float32",
          lambda: deformcp.deform_roi_pool(x, rois, np.zeros((2, 2, 3, 3), np.float32), 3)),
-        (ValueError, r"boxes: expected batch indices \(column 0\) that are integers in \[0, 2\), got 5.0 in row 1",
+        (ValueError, r"rois: expected batch indices \(column 0\) that are integers in \[0, 2\), got 5.0 in row 1",
          lambda: deformcp.deform_roi_pool(x, np.array([[0, 1.0, 1, 5, 5], [5, 0, 0, 3, 3]]), None, 3)),
         (ValueError, r"grad_output: expected shape \(2, 3, 3, 3\) for \(K, C, PH, PW\), got \(2, 3, 2, 2\)",
          lambda: deformcp.deform_roi_pool_backward(np.zeros((2, 3, 2, 2)), x, rois, None, 3)),

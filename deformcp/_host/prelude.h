@@ -105,7 +105,7 @@ inline void invoke(void (*kernel)(Args...), void** args, std::index_sequence<Is.
 template <typename... Args>
 inline int launch(void (*kernel)(Args...), const unsigned int* grid, const unsigned int* block, void** args) {
   const long long blocks = (long long)grid[0] * grid[1] * grid[2];
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (blocks > 1)
   for (long long b = 0; b < blocks; ++b) {
     gridDim = dim3{grid[0], grid[1], grid[2]};
     blockDim = dim3{block[0], block[1], block[2]};
