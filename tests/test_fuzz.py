@@ -24,10 +24,10 @@ mimic_loss and each ``<op>_backward``:
   The call must succeed — and then the NumPy path and the host backend must agree — or raise ValueError or
   TypeError whose message contains the argument's name (for a changed dimension, the name of any argument
   of the call: a mismatch has two sides). Never another exception, a crash, or different results.
-* Known bugs, each marked ``xfail(strict=True)`` with the reason and kept out of the test above so that it
-  keeps guarding everything else: None for a required array, a non-iterable needs_input_grad, real
-  arguments that are not floats (fractions.Fraction, huge ints), and huge sample counts (run in a
-  subprocess: one of them crashes the interpreter).
+* Edge cases this fuzzing found, fixed, and kept as their own tests: None for a required array, a
+  non-iterable needs_input_grad, real arguments that are not floats (fractions.Fraction, huge ints), huge
+  sample counts (run in a subprocess: one of them used to crash the interpreter), rois named rois. Still
+  open and marked ``xfail(strict=True)``: 16-bit input gradients accumulated in the storage type.
 
 Inputs nearer than float32 rounding to a discontinuity of an op (a sample on a pixel border or an
 integer coordinate, two samples tying for a max) legitimately differ between precisions. Coordinates of
