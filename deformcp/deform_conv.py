@@ -164,7 +164,10 @@ def _group_weight(weight, q, geo: _Geometry, dtype):
 def _image_bytes(geo: _Geometry, dtype, backward: bool) -> int:
     """Scratch bytes per image: column buffers plus the sparse sampling matrices (NumPy path)."""
     P, K = geo.Ho * geo.Wo, geo.taps
-    return P * K * (geo.C * np.dtype(dtype).itemsize * (3 if backward else 2) + 4 * 24)
+    itemsize = np.dtype(dtype).itemsize
+    # columns (and their gradient, or the product being written), corners and weights of the samples
+    # (_group_samples holds about 256 bytes a sample at its peak), and the output block
+    return P * K * (geo.C * itemsize * (3 if backward else 2) + 256) + P * geo.C_out * itemsize
 
 
 def _forward_numpy(input, offset, weight, bias, mask, geo: _Geometry):
@@ -177,6 +180,7 @@ def _forward_numpy(input, offset, weight, bias, mask, geo: _Geometry):
         for q in range(geo.groups):
             part = cols[:, :, q * Cq:(q + 1) * Cq].reshape((n1 - n0) * P, -1) @ weights[q].T
             out[n0:n1, q * Cq_out:(q + 1) * Cq_out] = part.reshape(n1 - n0, P, Cq_out).transpose(0, 2, 1)
+        del cols, part  # before the next chunk allocates its own
     if bias is not None:
         out += bias.astype(dtype)[:, None]
     return out.reshape(N, geo.C_out, geo.Ho, geo.Wo).astype(input.dtype, copy=False)
@@ -259,12 +263,13 @@ def _forward_kernels(call, input, offset, weight, bias, mask, geo: _Geometry):
     rows_q = geo.C // geo.groups * geo.taps
     out = _kernels.empty(xp, (N, geo.C_out, P), input.dtype)
     w = weight.reshape(geo.C_out, -1)
-    per_image = geo.C * geo.taps * P * input.dtype.itemsize
+    per_image = (geo.C * geo.taps + geo.C_out) * P * input.dtype.itemsize  # columns and the product
     for n0, n1 in _workspace.batch_chunks(N, per_image, "deform_conv2d"):
         columns = _kernel_columns(call, input, offset, mask, geo, n0, n1)
         for q in range(geo.groups):
             part = _matmul(xp, w[q * Cq_out:(q + 1) * Cq_out], columns[q * rows_q:(q + 1) * rows_q])
             out[n0:n1, q * Cq_out:(q + 1) * Cq_out] = part.reshape(Cq_out, n1 - n0, P).transpose(1, 0, 2)
+        del columns, part  # before the next chunk allocates its own
     if bias is not None:
         out += bias[:, None]
     return out.reshape(N, geo.C_out, geo.Ho, geo.Wo)

@@ -221,7 +221,7 @@ def test_workspace_limit_chunks_the_batch(rng, backend_name):
     grad_output = rng.standard_normal((7, 4, *output_size(9, 8, 3, 2, **conv)))
     with deformcp.backend(backend_name):
         whole = deformcp.deform_conv2d(**arrays, **conv), *deformcp.deform_conv2d_backward(grad_output, **arrays, **conv)
-        with deformcp.workspace_limit(65_000):  # one to six images a chunk, depending on backend and pass
+        with deformcp.workspace_limit(70_000):  # one to seven images a chunk, depending on backend and pass
             chunked = (deformcp.deform_conv2d(**arrays, **conv),
                        *deformcp.deform_conv2d_backward(grad_output, **arrays, **conv))
         with deformcp.workspace_limit(100), pytest.raises(ValueError, match=r"deform_conv2d: one image needs \d+ "
@@ -250,7 +250,7 @@ def test_rejects_bad_input(rng):
          dict(mask=mask[:, :17])),
         (ValueError, r"offset: expected shape \(2, 36, 4, 7\) for \(N, 2·G·kh·kw, H_out, W_out\), got \(2, 36, 3, 7\)",
          dict(offset=offset[:, :, :3])),
-        (ValueError, r"weight: expected in-channels C / groups dividing C = 6 .* got weight shape \(4, 4, 3, 2\)",
+        (ValueError, r"weight: expected C_out > 0 and in-channels C / groups > 0 dividing C = 6, .* got weight shape \(4, 4, 3, 2\)",
          dict(weight=np.zeros((4, 4, 3, 2)))),
         (ValueError, r"input: expected channels C = 6 divisible by the 4 offset groups",
          dict(offset=np.zeros((2, 48, 4, 7)), mask=None)),

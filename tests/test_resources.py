@@ -85,23 +85,7 @@ def bytes_per_image(backend, backward, rng):
 WORKSPACE_FACTOR = 1.5
 FIXED_ALLOWANCE = 64 * 2**10
 
-OVERLAP = ("the previous chunk's buffer is still referenced by the loop variable while the next chunk's is "
-           "allocated ({}), so two chunks' buffers are alive at once")
-WORKSPACE_CASES = [
-    pytest.param("numpy", False, marks=pytest.mark.xfail(strict=True, reason=(
-        "deformcp bug: deform_conv2d's NumPy forward takes 1.7× workspace_limit here (1.3× in one chunk): "
-        "_image_bytes charges 96 bytes per sample for the sampling arrays, but _group_samples holds about 256 at "
-        "its peak (the corners, rows, weights and both weight derivatives times the mask — the derivatives "
-        "unused by the forward) and "
-        + OVERLAP.format("cols = _columns(...) in _forward_numpy")))),
-    pytest.param("numpy", True, marks=pytest.mark.xfail(strict=True, reason=(
-        "deformcp bug: deform_conv2d_backward's NumPy path takes 1.7× workspace_limit here (1.0× in one chunk): "
-        + OVERLAP.format("grad_cols = np.empty(...) and _group_samples(...) in _backward_numpy")))),
-    pytest.param("host", False, marks=pytest.mark.xfail(strict=True, reason=(
-        "deformcp bug: deform_conv2d's host forward takes 2.1× workspace_limit here (1.1× in one chunk): "
-        + OVERLAP.format("columns = _kernel_columns(...) in _forward_kernels")))),
-    pytest.param("host", True),
-]
+WORKSPACE_CASES = [("numpy", False), ("numpy", True), ("host", False), ("host", True)]
 
 
 @pytest.mark.parametrize("backend, backward", WORKSPACE_CASES)
