@@ -28,7 +28,8 @@ mimic_loss and each ``<op>_backward``:
   needs_input_grad, real arguments that are not floats (fractions.Fraction, huge ints), deform_conv2d with
   C = 0 or C_out = 0, rois called "boxes" in deform_roi_pool's messages, huge sample counts (run in a
   subprocess: sampling_ratio=2**31 used to crash the interpreter). Still open and marked
-  ``xfail(strict=True)``: the host backend adds 16-bit input gradients in the storage type.
+  ``xfail(strict=True)``: the host backend adds 16-bit input gradients in the storage type, keeps
+  deform_conv2d's sampled columns in it, and sums deform_conv2d's bfloat16 bias gradient in bfloat16.
 
 Judging a mismatch:
 
@@ -41,8 +42,9 @@ Judging a mismatch:
   example is rejected as ill-conditioned: an event in the statistics). float64 has no such allowance.
 * The tolerance is TOLERANCE[dtype] plus the error of the reference itself rounded to the dtype (float16
   subnormal results cannot be closer).
-* The open bug above: a 16-bit host input gradient whose error is within TOLERANCE of the magnitude of its
-  contributions is counted as that bug (an event), not a failure.
+* The open bugs above: a 16-bit host result of those sums (input gradients; deform_conv2d's output, weight
+  and bias gradients) that misses TOLERANCE but stays within half the magnitude of its terms is counted
+  as that bug (an event), not a failure; remove that allowance with the fix.
 
 Profiles (environment variable HYPOTHESIS_PROFILE, default "ci"):
 
@@ -181,7 +183,8 @@ class Case(NamedTuple):
     broadcast_axes: dict = {}    # name → axes an array may be a zero-stride view along (default: all)
     perturb: tuple = ()          # coordinates and real options nudged to judge a float32 mismatch (RoI ops)
     values: tuple = ()           # value arrays nudged element by element to judge it (cancellation)
-    accumulated: tuple = ()      # gradient fields the host scatter-adds (a known bug for 16-bit dtypes)
+    accumulated: tuple = ()      # fields (-1: the forward output, else gradients) that the host sums in the
+    #                              storage type: a known bug for 16-bit dtypes
     magnitude: tuple = ()        # arrays taken by absolute value to get the magnitude of those contributions
 
 
@@ -340,7 +343,8 @@ def deform_conv2d_cases(draw, dtype, listing=True):
                "dilation": pair_form(draw, dilation)}
     return Case(arrays, options, {"needs_input_grad": needs, "deterministic": draw(st.booleans())}, present,
                 labels=(f"groups={groups}", f"offset groups={G}", "v2 (mask)" if arrays["mask"] is not None else "v1",
-                        *(["empty"] if N == 0 else [])), accumulated=(0,), magnitude=("weight", "mask"),
+                        *(["empty"] if N == 0 else [])), accumulated=(-1, 0, 2, 3),
+                magnitude=("input", "weight", "bias", "mask"),
                 values=("input", "weight", "bias", "mask"))
 
 
@@ -468,16 +472,20 @@ def allowed_error(reference, dtype) -> float:
 
 
 def storage_accumulation(op: Op, case: Case, exact: dict, grad_output, references, outputs, failing, dtype) -> bool:
-    """Known bug (test_16_bit_gradients_accumulate_in_float32): the host backend scatter-adds 16-bit input
-    gradients in the storage type, so where contributions cancel the error is TOLERANCE of the contributions'
-    magnitudes rather than of the result. True when every failing field is such a gradient and within that."""
+    """Known bugs (test_16_bit_input_gradients_accumulate_in_float32, test_16_bit_deform_conv2d_columns_in_float32,
+    test_bfloat16_bias_gradient_sums_in_float32): the host backend adds 16-bit input gradients, deform_conv2d's
+    sampled columns and its bfloat16 bias gradient in the storage type: each addition rounds to 16 bits, so
+    the error grows with the number of terms and is bounded by the terms' magnitudes, not the result's. True
+    when every failing field is such a sum and within half the magnitude of its terms (a wrong weight, pixel
+    or conversion would not be). Remove this allowance once those sums are done in float32."""
     if not all(i - 1 in case.accumulated for i in failing):
         return False
     magnitude_arrays = {n: None if a is None else (np.abs(a) if n in case.magnitude else a) for n, a in exact.items()}
-    magnitudes = (None, *as_fields(run_numpy(op.backward, np.abs(grad_output), **magnitude_arrays, **case.options,
-                                             **case.backward_options)))
+    magnitudes = (run_numpy(op.forward, **magnitude_arrays, **case.options),
+                  *as_fields(run_numpy(op.backward, np.abs(grad_output), **magnitude_arrays, **case.options,
+                                       **case.backward_options)))
     return all(np.linalg.norm((outputs[i].astype(np.float64) - references[i]).ravel())
-               <= testing.TOLERANCE[dtype.name] * np.linalg.norm(magnitudes[i].ravel()) for i in failing)
+               <= 0.5 * np.linalg.norm(magnitudes[i].ravel()) for i in failing)
 
 
 def run_numpy(fn, *args, **kwargs):
@@ -553,7 +561,7 @@ def check_parity(data, op: Op, case: Case, dtype: str):
         failing = [i for i, e in enumerate(errors) if e is not None and e > allowed_error(references[i], dtype)]
         if failing and backend == "host" and dtype.itemsize == 2 and storage_accumulation(
                 op, case, exact, grad_output.astype(np.float64), references, outputs, failing, dtype):
-            event("not checked: known bug, 16-bit host gradient accumulated in the storage type")
+            event("not checked: known bug, 16-bit host gradient summed in the storage type")
             failing = []
         if failing:
             worst = max(errors[i] for i in failing)
@@ -640,7 +648,8 @@ SCALAR_KINDS = {
 
 def with_dtype(a, dtype):
     try:
-        return a.astype(dtype)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return a.astype(dtype)
     except (TypeError, ValueError):
         return np.zeros(a.shape, dtype)
 
@@ -778,7 +787,8 @@ def assert_results_agree(got, want, where):
         if a is None:
             continue
         a, b = np.asarray(a), np.asarray(b)
-        assert a.shape == b.shape and a.dtype == b.dtype, f"{where}: output {i} {a.shape} {a.dtype} vs {b.shape} {b.dtype}"
+        assert a.shape == b.shape and a.dtype == b.dtype, \
+            f"{where}: output {i} {a.shape} {a.dtype} vs {b.shape} {b.dtype}"
         finite = np.isfinite(b.astype(np.float64))
         assert np.array_equal(np.isfinite(a.astype(np.float64)), finite), f"{where}: output {i} non-finite differ"
         tolerance = testing.TOLERANCE.get(a.dtype.name, 1e-12)
@@ -802,7 +812,8 @@ def test_invalid_input_is_rejected_by_name(function, data):
             assert_results_agree(host_result, result, "host vs numpy")
     if error is None:
         if mutation.expect == "ok":  # the same values: the same result as the unchanged call
-            assert_results_agree(result, run_numpy(call.fn, **(mutation.same_as or call.kwargs)), "mutated vs original")
+            expected = run_numpy(call.fn, **(mutation.same_as or call.kwargs))
+            assert_results_agree(result, expected, "mutated vs original")
         event("accepted")
         return
     assert mutation.expect not in ("ok", "valid"), f"a valid variant was refused: {error!r}"
@@ -813,7 +824,7 @@ def test_invalid_input_is_rejected_by_name(function, data):
     event("rejected by name")
 
 
-# ------------------------------------------------------- bugs this fuzzing found (fixed), and one still open
+# ----------------------------------------------------- bugs this fuzzing found: fixed ones, then open ones
 
 @pytest.mark.parametrize("function", FUNCTIONS)
 @given(data=st.data())
@@ -876,16 +887,54 @@ def test_deform_roi_pool_errors_name_rois(function, data):
 @pytest.mark.skipif(not HOST, reason="host backend: no C++ compiler found")
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("dtype", [d for d in DTYPES if np.dtype(d).itemsize == 2])
-def test_16_bit_gradients_accumulate_in_float32(dtype, deterministic):
-    # three grid locations read the one pixel with weight 1; their gradients 1024, 0.25, -1020 sum to 4.25,
-    # but 1024 + 0.25 rounds to 1024 in 16 bits
+def test_16_bit_input_gradients_accumulate_in_float32(dtype, deterministic):
+    # three grid locations read the one pixel with weight 1; their gradients 1024, 0.5, -1022 (-1024 in
+    # bfloat16) sum to 2.5 (0.5), but 1024 + 0.5 rounds to 1024 in 16 bits
     x, grid = np.zeros((1, 1, 1, 1), dtype), np.zeros((1, 1, 3, 2), dtype)
-    grad_output = np.array([[[[1024, 0.25, -1020]]]], dtype)
-    expected = deformcp.grid_sample_backward(grad_output, x, grid).input  # NumPy path: float32, 4.25
-    assert float(expected.ravel()[0]) == 4.25
+    grad_output = np.array([[[[1024, 0.5, -1022]]]], dtype)
+    expected = deformcp.grid_sample_backward(*(a.astype(np.float64) for a in (grad_output, x, grid))).input
+    numpy_path = deformcp.grid_sample_backward(grad_output, x, grid).input  # computed in float32
+    assert testing.relative_error(numpy_path, expected) == 0
     with deformcp.backend("host"):
         got = deformcp.grid_sample_backward(grad_output, x, grid, deterministic=deterministic).input
-    assert testing.relative_error(got, expected.astype(np.float64)) <= testing.TOLERANCE[dtype], got
+    assert testing.relative_error(got, expected) <= testing.TOLERANCE[dtype], got
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: deform_conv2d on the host backend keeps the sampled columns (im2col) "
+                                       "and their gradient in the 16-bit storage type, not float32: where the "
+                                       "weighted sum over channels cancels, the result is far outside TOLERANCE "
+                                       "(the same holds for the weight gradient)")
+@pytest.mark.skipif(not HOST, reason="host backend: no C++ compiler found")
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if np.dtype(d).itemsize == 2])
+def test_16_bit_deform_conv2d_columns_in_float32(dtype):
+    # two channels sampled half-way between pixels 1 | 1 + ε and 1 + ε | 1 + 2ε (ε = one 16-bit ulp of 1):
+    # 1 + ε/2 and 1 + 3ε/2 round to 1 and 1 + 2ε, so weights (1, -1) give -2ε instead of -ε
+    eps = {"float16": 2.0**-10, "bfloat16": 2.0**-7}[dtype]
+    x = np.array([[1, 1 + eps], [1 + eps, 1 + 2 * eps]]).reshape(1, 2, 1, 2).astype(dtype)
+    weight = np.array([1.0, -1.0]).reshape(1, 2, 1, 1).astype(dtype)
+    offset = np.zeros((1, 2, 1, 2), dtype)
+    offset[0, 1] = 0.5  # Δx
+    expected = deformcp.deform_conv2d(x.astype(np.float64), offset.astype(np.float64), weight.astype(np.float64))
+    assert testing.relative_error(deformcp.deform_conv2d(x, offset, weight), expected) == 0  # NumPy path: float32
+    with deformcp.backend("host"):
+        got = deformcp.deform_conv2d(x, offset, weight)
+    assert testing.relative_error(got, expected) <= testing.TOLERANCE[dtype], got
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: deform_conv2d_backward on the host backend sums the bias gradient "
+                                       "with grad_output.sum(axis=(0, 2, 3)) in the storage type: for bfloat16 "
+                                       "(ml_dtypes adds in bfloat16) the sum loses everything where terms cancel "
+                                       "(NumPy's float16 sum accumulates in float32, so float16 is fine)")
+@pytest.mark.skipif(not HOST or "bfloat16" not in DTYPES, reason="needs the host backend and ml_dtypes")
+def test_bfloat16_bias_gradient_sums_in_float32():
+    dtype = "bfloat16"
+    x, offset, weight = np.zeros((1, 1, 1, 3), dtype), np.zeros((1, 2, 1, 3), dtype), np.ones((1, 1, 1, 1), dtype)
+    bias = np.zeros(1, dtype)
+    grad_output = np.array([[[[256, 1, -256]]]], dtype)  # sums to 1; 256 + 1 rounds to 256 in bfloat16
+    assert float(deformcp.deform_conv2d_backward(grad_output, x, offset, weight, bias).bias[0]) == 1
+    with deformcp.backend("host"):
+        got = deformcp.deform_conv2d_backward(grad_output, x, offset, weight, bias).bias
+    assert float(got[0]) == 1, got
 
 
 # Huge sample counts per bin: each case runs in a subprocess (one of them is a segmentation fault). Passing
