@@ -218,6 +218,7 @@ class Record:
 # ------------------------------------------------------------------------------------------------ checks
 
 import deformcp  # noqa: E402
+from deformcp import _bench  # noqa: E402  (one place for machine details)
 from deformcp.testing import relative_error  # noqa: E402  (one definition of the error measure)
 
 
@@ -472,7 +473,7 @@ def machine_info(extra: Optional[dict] = None) -> dict:
     info = {
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "processor": _cpu_model() or platform.processor(),
+        "processor": _bench._cpu_model() or platform.processor(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": usable,
         "python": platform.python_version(),
@@ -488,17 +489,6 @@ def machine_info(extra: Optional[dict] = None) -> dict:
     if info.get("torchvision"):
         info["torch"] = f"{info['torch']}, torchvision {info['torchvision']}"
     return info
-
-
-def _cpu_model() -> Optional[str]:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 # --------------------------------------------------------------------------------------------- reporting

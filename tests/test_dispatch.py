@@ -75,6 +75,21 @@ def test_dispatch_prepare_passes_none_through(rng):
 
 # ---------------------------------------------------------------------------------------------- PyTorch
 
+@pytest.fixture
+def imported(monkeypatch):
+    """The first array each call imported, as the kernels will read it (recorded by wrapping prepare)."""
+    seen = []
+    real_prepare = _dispatch.prepare
+
+    def recording_prepare(**named):
+        call = real_prepare(**named)
+        seen.append(call.arrays[0])
+        return call
+
+    monkeypatch.setattr(_dispatch, "prepare", recording_prepare)
+    return seen
+
+
 def test_torch_tensors_round_trip(rng):
     torch = pytest.importorskip("torch")
     x = torch.from_numpy(rng.standard_normal((2, 3, 5, 6)))
@@ -98,20 +113,11 @@ def test_torch_result_shares_memory_with_what_deformcp_wrote(rng):
     assert grid[0, 0, 0, 0].item() == 123.0
 
 
-def test_torch_input_is_read_in_place(rng, monkeypatch):
+def test_torch_input_is_read_in_place(rng, imported):
     torch = pytest.importorskip("torch")
     theta = torch.from_numpy(rng.standard_normal((1, 2, 3)))
-    seen = []
-    real_prepare = _dispatch.prepare
-
-    def spy(**named):
-        call = real_prepare(**named)
-        seen.append(call.arrays[0])
-        return call
-
-    monkeypatch.setattr(_dispatch, "prepare", spy)
     deformcp.affine_grid(theta, (1, 1, 2, 2))
-    assert seen[0].ctypes.data == theta.data_ptr()  # imported without a copy
+    assert imported[0].ctypes.data == theta.data_ptr()  # imported without a copy
 
 
 def test_torch_requires_grad_rejected(rng):
@@ -149,18 +155,9 @@ def test_noncontiguous_torch_tensors(rng):
     np.testing.assert_array_equal(out.numpy(), expected)
 
 
-def test_jax_input_is_read_in_place(rng, monkeypatch):
+def test_jax_input_is_read_in_place(rng, imported):
     jax = pytest.importorskip("jax")
     theta = jax.numpy.asarray(rng.standard_normal((1, 2, 3)).astype(np.float32))
-    seen = []
-    real_prepare = _dispatch.prepare
-
-    def spy(**named):
-        call = real_prepare(**named)
-        seen.append(call.arrays[0])
-        return call
-
-    monkeypatch.setattr(_dispatch, "prepare", spy)
     grid = deformcp.affine_grid(theta, (1, 1, 2, 3))
-    assert seen[0].ctypes.data == theta.unsafe_buffer_pointer()  # imported without a copy
+    assert imported[0].ctypes.data == theta.unsafe_buffer_pointer()  # imported without a copy
     assert list(grid.devices())[0].platform == "cpu"
