@@ -69,6 +69,14 @@ def dtype_name(dtype) -> str:
     return dtype if isinstance(dtype, str) else np.dtype(dtype).name
 
 
+def compute_dtype(dtype) -> np.dtype:
+    """The dtype arithmetic runs in for arrays of ``dtype``: float64 for float64, else float32 (float16 and
+    bfloat16 are computed in float32). It is the kernels' ``acc_t<T>``: buffers that many terms are added
+    into (scatter-added gradients, deform_conv2d's columns) are allocated in it and rounded to ``dtype`` once,
+    at the end; the NumPy path computes in it too."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
 def c_type(dtype) -> str:
     return C_TYPES[dtype_name(dtype)]
 

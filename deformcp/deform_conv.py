@@ -107,17 +107,6 @@ def _check(input, offset, weight, bias, mask, stride, padding, dilation) -> _Geo
     return _Geometry(N, C, H, W, C_out, groups, G, kh, kw, Ho, Wo, stride, padding, dilation)
 
 
-def _compute_dtype(dtype) -> np.dtype:
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
-
-
-def _matmul(xp, a, b):
-    """a @ b; NumPy computes half and bfloat16 in float32 (its 16-bit matmul is slow or absent)."""
-    if xp is np and a.dtype.itemsize < 4:
-        return (a.astype(np.float32) @ b.astype(np.float32)).astype(a.dtype)
-    return a @ b
-
-
 # ------------------------------------------------------------------------------------ NumPy path
 
 def _group_samples(offset, mask, g, geo: _Geometry, dtype):
@@ -171,7 +160,7 @@ def _image_bytes(geo: _Geometry, dtype, backward: bool) -> int:
 
 
 def _forward_numpy(input, offset, weight, bias, mask, geo: _Geometry):
-    dtype = _compute_dtype(input.dtype)
+    dtype = _kernels.compute_dtype(input.dtype)
     N, P, Cq, Cq_out = geo.N, geo.Ho * geo.Wo, geo.C // geo.groups, geo.C_out // geo.groups
     out = np.empty((N, geo.C_out, P), dtype)
     weights = [_group_weight(weight, q, geo, dtype) for q in range(geo.groups)]
@@ -188,7 +177,7 @@ def _forward_numpy(input, offset, weight, bias, mask, geo: _Geometry):
 
 def _backward_numpy(grad_output, input, offset, weight, bias, mask, geo: _Geometry, wanted):
     want_input, want_offset, want_weight, want_bias, want_mask = wanted
-    dtype = _compute_dtype(input.dtype)
+    dtype = _kernels.compute_dtype(input.dtype)
     N, K, P = geo.N, geo.taps, geo.Ho * geo.Wo
     G, Cg, Cq, Cq_out = geo.offset_groups, geo.C // geo.offset_groups, geo.C // geo.groups, geo.C_out // geo.groups
     weights = [_group_weight(weight, q, geo, dtype) for q in range(geo.groups)]
@@ -248,62 +237,68 @@ def _chunk_sizes(geo: _Geometry, n0: int, n1: int) -> tuple:
 
 
 def _kernel_columns(call, input, offset, mask, geo: _Geometry, n0: int, n1: int):
+    """The sampled columns (C·kh·kw, n·H_out·W_out) of images [n0, n1), in the compute dtype."""
     xp = call.xp
-    columns = _kernels.empty(xp, (geo.C * geo.taps, (n1 - n0) * geo.Ho * geo.Wo), input.dtype)
+    columns = _kernels.empty(xp, (geo.C * geo.taps, (n1 - n0) * geo.Ho * geo.Wo), _kernels.compute_dtype(input.dtype))
     _kernels.launch(call.backend, FAMILY, "deform_conv_im2col", input.dtype, geo.C * (n1 - n0) * geo.Ho * geo.Wo,
                     (input, offset, _kernels.NULL if mask is None else mask, columns), _chunk_sizes(geo, n0, n1))
     return columns
 
 
 def _forward_kernels(call, input, offset, weight, bias, mask, geo: _Geometry):
+    """Columns, GEMMs and bias in the compute dtype (float32 for 16-bit input), rounded once at the end."""
     xp = call.xp
-    input, offset, weight = (xp.ascontiguousarray(a) for a in (input, offset, weight))
+    input, offset = (xp.ascontiguousarray(a) for a in (input, offset))
     mask = None if mask is None else xp.ascontiguousarray(mask)
+    dtype = _kernels.compute_dtype(input.dtype)
     N, P, Cq_out = geo.N, geo.Ho * geo.Wo, geo.C_out // geo.groups
     rows_q = geo.C // geo.groups * geo.taps
-    out = _kernels.empty(xp, (N, geo.C_out, P), input.dtype)
-    w = weight.reshape(geo.C_out, -1)
-    per_image = (geo.C * geo.taps + geo.C_out) * P * input.dtype.itemsize  # columns and the product
+    out = _kernels.empty(xp, (N, geo.C_out, P), dtype)
+    w = weight.reshape(geo.C_out, -1).astype(dtype, copy=False)
+    per_image = (geo.C * geo.taps + geo.C_out) * P * dtype.itemsize  # columns and the product
     for n0, n1 in _workspace.batch_chunks(N, per_image, "deform_conv2d"):
         columns = _kernel_columns(call, input, offset, mask, geo, n0, n1)
         for q in range(geo.groups):
-            part = _matmul(xp, w[q * Cq_out:(q + 1) * Cq_out], columns[q * rows_q:(q + 1) * rows_q])
+            part = w[q * Cq_out:(q + 1) * Cq_out] @ columns[q * rows_q:(q + 1) * rows_q]
             out[n0:n1, q * Cq_out:(q + 1) * Cq_out] = part.reshape(Cq_out, n1 - n0, P).transpose(1, 0, 2)
         del columns, part  # before the next chunk allocates its own
     if bias is not None:
-        out += bias[:, None]
-    return out.reshape(N, geo.C_out, geo.Ho, geo.Wo)
+        out += bias.astype(dtype)[:, None]
+    return out.reshape(N, geo.C_out, geo.Ho, geo.Wo).astype(input.dtype, copy=False)
 
 
 def _backward_kernels(call, grad_output, input, offset, weight, bias, mask, geo: _Geometry, wanted, deterministic):
+    """Columns, their gradient, the GEMMs and the input, weight and bias gradients' sums in the compute dtype
+    (float32 for 16-bit input), rounded once at the end."""
     xp = call.xp
     want_input, want_offset, want_weight, want_bias, want_mask = wanted
-    grad_output, input, offset, weight = (xp.ascontiguousarray(a) for a in (grad_output, input, offset, weight))
+    grad_output, input, offset = (xp.ascontiguousarray(a) for a in (grad_output, input, offset))
     mask = None if mask is None else xp.ascontiguousarray(mask)
+    dtype = _kernels.compute_dtype(input.dtype)
     N, P, Cq_out = geo.N, geo.Ho * geo.Wo, geo.C_out // geo.groups
     rows_q = geo.C // geo.groups * geo.taps
-    w = weight.reshape(geo.C_out, -1)
-    grad_input = xp.zeros(input.shape, input.dtype) if want_input else None
+    w = weight.reshape(geo.C_out, -1).astype(dtype, copy=False)
+    grad_input = xp.zeros(input.shape, dtype) if want_input else None
     grad_offset = _kernels.empty(xp, offset.shape, offset.dtype) if want_offset else None
     grad_mask = _kernels.empty(xp, mask.shape, mask.dtype) if want_mask else None
-    grad_w = xp.zeros(w.shape, w.dtype) if want_weight else None
-    per_image = 2 * geo.C * geo.taps * P * input.dtype.itemsize
+    grad_w = xp.zeros(w.shape, dtype) if want_weight else None
+    per_image = 2 * geo.C * geo.taps * P * dtype.itemsize
     for n0, n1 in _workspace.batch_chunks(N, per_image, "deform_conv2d_backward"):
         g_out = grad_output[n0:n1].reshape(n1 - n0, geo.C_out, P).transpose(1, 0, 2).reshape(geo.C_out, -1)
-        g_out = xp.ascontiguousarray(g_out)
+        g_out = xp.ascontiguousarray(g_out, dtype)
         sizes = _chunk_sizes(geo, n0, n1)
         if want_weight:
             columns = _kernel_columns(call, input, offset, mask, geo, n0, n1)
             for q in range(geo.groups):
-                grad_w[q * Cq_out:(q + 1) * Cq_out] += _matmul(xp, g_out[q * Cq_out:(q + 1) * Cq_out],
-                                                               columns[q * rows_q:(q + 1) * rows_q].T)
+                grad_w[q * Cq_out:(q + 1) * Cq_out] += (g_out[q * Cq_out:(q + 1) * Cq_out]
+                                                        @ columns[q * rows_q:(q + 1) * rows_q].T)
             del columns
         if not (want_input or want_offset or want_mask):
             continue
-        grad_columns = xp.empty((geo.C * geo.taps, (n1 - n0) * P), input.dtype)
+        grad_columns = xp.empty((geo.C * geo.taps, (n1 - n0) * P), dtype)
         for q in range(geo.groups):
-            grad_columns[q * rows_q:(q + 1) * rows_q] = _matmul(xp, w[q * Cq_out:(q + 1) * Cq_out].T,
-                                                                g_out[q * Cq_out:(q + 1) * Cq_out])
+            grad_columns[q * rows_q:(q + 1) * rows_q] = (w[q * Cq_out:(q + 1) * Cq_out].T
+                                                         @ g_out[q * Cq_out:(q + 1) * Cq_out])
         null_mask = _kernels.NULL if mask is None else mask
         if want_input:
             work = (n1 - n0) * geo.C * (1 if deterministic else P)
@@ -316,8 +311,9 @@ def _backward_kernels(call, grad_output, input, offset, weight, bias, mask, geo:
                              _kernels.NULL if grad_offset is None else grad_offset,
                              _kernels.NULL if grad_mask is None else grad_mask), sizes)
     grad_weight = grad_w.reshape(weight.shape) if want_weight else None
-    grad_bias = grad_output.sum(axis=(0, 2, 3)) if want_bias else None
-    return grad_input, grad_offset, grad_weight, grad_bias, grad_mask
+    grad_bias = grad_output.sum(axis=(0, 2, 3), dtype=dtype) if want_bias else None
+    return tuple(None if g is None else g.astype(input.dtype, copy=False)
+                 for g in (grad_input, grad_offset, grad_weight, grad_bias, grad_mask))
 
 
 # ------------------------------------------------------------------------------------------ public

@@ -113,10 +113,6 @@ def _round_half_away(x):
     return np.copysign(np.where(a - f >= 0.5, f + 1, f), x)
 
 
-def _compute_dtype(dtype) -> np.dtype:
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
-
-
 class _Samples(NamedTuple):
     """The samples of a chunk of RoIs, shape (k, num_classes, P, P, spp, spp) before the corner axis (4)."""
 
@@ -231,7 +227,7 @@ def _channels_last(cache: dict, input, channels: slice, dtype):
 
 
 def _forward_numpy(input, rois, offset, cfg: _Config):
-    dtype = _compute_dtype(input.dtype)
+    dtype = _kernels.compute_dtype(input.dtype)
     P, cec = cfg.pooled_size, cfg.channels_each_class
     out = np.zeros((cfg.K, P, P, cfg.output_dim), dtype)  # channels last, transposed at the end
     n_columns = cfg.N * (cfg.H * cfg.W + 1)
@@ -252,7 +248,7 @@ def _forward_numpy(input, rois, offset, cfg: _Config):
 
 
 def _backward_numpy(grad_output, input, rois, offset, cfg: _Config, want_input, want_offset):
-    dtype = _compute_dtype(input.dtype)
+    dtype = _kernels.compute_dtype(input.dtype)
     K, P, S, nc = cfg.K, cfg.pooled_size, cfg.part_size, cfg.num_classes
     n_columns = cfg.N * (cfg.H * cfg.W + 1)
     grad_output = grad_output.astype(dtype, copy=False)
@@ -318,27 +314,25 @@ def _launch_backward(call, grad_output, input, rois, offset, cfg: _Config, want_
     grad_output, input, rois = (xp.ascontiguousarray(a) for a in (grad_output, input, rois))
     trans = _kernels.NULL if cfg.no_trans else xp.ascontiguousarray(offset)
     offset_kernel = want_offset and not cfg.no_trans and cfg.K > 0  # else the offset gradient is all zeros
-    grad_input = xp.zeros(input.shape, input.dtype) if want_input else None
+    sums = _kernels.compute_dtype(input.dtype)  # scatter-added gradients are summed in float32 for 16-bit input
+    grad_input = xp.zeros(input.shape, sums) if want_input else None
     if deterministic and offset_kernel:  # the kernel writes every element
         grad_offset = _kernels.empty(xp, offset.shape, offset.dtype)
     else:
-        grad_offset = xp.zeros(offset.shape, offset.dtype) if want_offset else None
+        grad_offset = xp.zeros(offset.shape, sums) if want_offset else None
     options, reals = (cfg.no_trans,), (cfg.spatial_scale, cfg.trans_std)
-    if not cfg.K or not (want_input or offset_kernel):
-        return grad_input, grad_offset
-    if not deterministic:
+    if cfg.K and (want_input or offset_kernel) and not deterministic:
         _kernels.launch(call.backend, FAMILY, "deform_ps_roi_pool_backward", input.dtype, grad_output.size,
                         (grad_output, input, rois, trans, _kernels.NULL if grad_input is None else grad_input,
                          grad_offset if offset_kernel else _kernels.NULL), cfg.sizes, options, reals)
-        return grad_input, grad_offset
-    if want_input:
+    if cfg.K and want_input and deterministic:
         _kernels.launch(call.backend, FAMILY, "deform_ps_roi_pool_backward_input", input.dtype, cfg.N * cfg.C,
                         (grad_output, input, rois, trans, grad_input), (cfg.N, *cfg.sizes), options, reals)
-    if offset_kernel:
+    if offset_kernel and deterministic:
         _kernels.launch(call.backend, FAMILY, "deform_ps_roi_pool_backward_offset", input.dtype,
                         grad_offset.size // 2, (grad_output, input, rois, trans, grad_offset), cfg.sizes, options,
                         reals)
-    return grad_input, grad_offset
+    return tuple(None if g is None else g.astype(input.dtype, copy=False) for g in (grad_input, grad_offset))
 
 
 # ------------------------------------------------------------------------------------------ public

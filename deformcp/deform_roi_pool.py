@@ -46,7 +46,7 @@ def _shift(rois, offset, PH, PW, spatial_scale, sampling_ratio, gamma, dtype):
 
 def _forward_numpy(input, rois, offset, mask, PH, PW, spatial_scale, sampling_ratio, gamma):
     N, C, H, W = input.shape
-    dtype = np.dtype(np.float64) if input.dtype == np.float64 else np.dtype(np.float32)
+    dtype = _kernels.compute_dtype(input.dtype)
     rois = rois.astype(dtype)
     out = np.zeros((len(rois), C, PH, PW), dtype)
     n_columns = N * (H * W + 1)
@@ -69,7 +69,7 @@ def _forward_numpy(input, rois, offset, mask, PH, PW, spatial_scale, sampling_ra
 def _backward_numpy(grad_output, input, rois, offset, mask, PH, PW, spatial_scale, sampling_ratio, gamma, wanted):
     want_input, want_offset, want_mask = wanted
     N, C, H, W = input.shape
-    dtype = np.dtype(np.float64) if input.dtype == np.float64 else np.dtype(np.float32)
+    dtype = _kernels.compute_dtype(input.dtype)
     rois = rois.astype(dtype)
     K, bins, n_columns = len(rois), PH * PW, N * (H * W + 1)
     grad_input = np.zeros(input.shape, dtype) if want_input else None
@@ -137,7 +137,7 @@ def _launch_backward(call, grad_output, input, rois, offset, mask, PH, PW, spati
     grad_output, input, rois = (xp.ascontiguousarray(a) for a in (grad_output, input, rois))
     offset_arg = _kernels.NULL if offset is None else xp.ascontiguousarray(offset)
     mask_arg = _kernels.NULL if mask is None else xp.ascontiguousarray(mask)
-    grad_input = xp.zeros(input.shape, input.dtype) if want_input else None
+    grad_input = xp.zeros(input.shape, _kernels.compute_dtype(input.dtype)) if want_input else None  # float32 sums
     grad_offset = _kernels.empty(xp, (K, 2, PH, PW), input.dtype) if want_offset else None
     grad_mask = _kernels.empty(xp, (K, 1, PH, PW), input.dtype) if want_mask else None
     if want_input and K:
@@ -151,7 +151,7 @@ def _launch_backward(call, grad_output, input, rois, offset, mask, PH, PW, spati
                          _kernels.NULL if grad_offset is None else grad_offset,
                          _kernels.NULL if grad_mask is None else grad_mask), (K, C, H, W, PH, PW),
                         (sampling_ratio,), (spatial_scale, gamma))
-    return grad_input, grad_offset, grad_mask
+    return None if grad_input is None else grad_input.astype(input.dtype, copy=False), grad_offset, grad_mask
 
 
 def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, sampling_ratio=0, gamma=0.1,

@@ -24,11 +24,6 @@ class MimicLossGrads(NamedTuple):
     f_b: Optional[object]
 
 
-def _compute_dtype(dtype) -> np.dtype:
-    """float64 is computed in float64, every narrower type in float32 (the kernels' accumulation type)."""
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
-
-
 def _check(f_a, f_b) -> None:
     _validate.floating("f_a", f_a, 2, LAYOUT)
     _validate.floating("f_b", f_b, 2, LAYOUT)
@@ -62,7 +57,7 @@ def _scale(m: np.ndarray) -> np.ndarray:
 
 @np.errstate(all="ignore")  # NaN and ±inf entries are valid input: they give NaN
 def _rows(f_a, f_b) -> _Rows:
-    dtype = _compute_dtype(f_a.dtype)
+    dtype = _kernels.compute_dtype(f_a.dtype)
     a, b = f_a.astype(dtype), f_b.astype(dtype)
     ma = np.max(np.abs(a), axis=1, initial=0)  # keeps NaN, like the kernels' row max
     mb = np.max(np.abs(b), axis=1, initial=0)
@@ -142,7 +137,7 @@ def mimic_loss(f_a, f_b):
         else:
             xp = call.xp
             f_a, f_b = xp.ascontiguousarray(f_a), xp.ascontiguousarray(f_b)
-            losses = _kernels.empty(xp, (K,), _compute_dtype(f_a.dtype))
+            losses = _kernels.empty(xp, (K,), _kernels.compute_dtype(f_a.dtype))
             _kernels.launch(call.backend, FAMILY, "mimic_loss_rows", f_a.dtype, K, (f_a, f_b, losses), (K, D))
             out = xp.asarray(xp.sum(losses)).astype(f_a.dtype)
     return call.export(out)

@@ -255,7 +255,7 @@ def _max_winners(values, s: _Samples):
 
 def _forward_numpy(input, rois, PH, PW, spatial_scale, sampling_ratio, aligned, pool_mode, position_sensitive):
     N, C, H, W = input.shape
-    dtype = np.dtype(np.float64) if input.dtype == np.float64 else np.dtype(np.float32)
+    dtype = _kernels.compute_dtype(input.dtype)
     rois = rois.astype(dtype)
     K, bins = len(rois), PH * PW
     C_out = C // bins if position_sensitive else C
@@ -289,7 +289,7 @@ def _forward_numpy(input, rois, PH, PW, spatial_scale, sampling_ratio, aligned, 
 def _backward_numpy(grad_output, input, rois, PH, PW, spatial_scale, sampling_ratio, aligned, pool_mode,
                     position_sensitive):
     N, C, H, W = input.shape
-    dtype = np.dtype(np.float64) if input.dtype == np.float64 else np.dtype(np.float32)
+    dtype = _kernels.compute_dtype(input.dtype)
     rois = rois.astype(dtype)
     bins = PH * PW
     n_columns = N * (H * W + 1)
@@ -361,14 +361,14 @@ def _launch_backward(call, grad_output, input, rois, PH, PW, spatial_scale, samp
     K = len(rois)
     C_out = C // (PH * PW) if position_sensitive else C
     grad_output, input, rois = (xp.ascontiguousarray(a) for a in (grad_output, input, rois))
-    grad_input = xp.zeros(input.shape, input.dtype)
+    grad_input = xp.zeros(input.shape, _kernels.compute_dtype(input.dtype))  # summed in float32 for 16-bit input
     if K:
         _kernels.launch(call.backend, FAMILY, "roi_align_backward", input.dtype,
                         N * C if deterministic else grad_output.size, (grad_output, input, rois, grad_input),
                         (N, K, C, H, W, C_out, PH, PW),
                         (sampling_ratio, aligned, POOL_MODES.index(pool_mode), position_sensitive, deterministic),
                         (spatial_scale,))
-    return grad_input
+    return grad_input.astype(input.dtype, copy=False)
 
 
 # ------------------------------------------------------------------------------------------ public

@@ -30,11 +30,6 @@ class GridSampleGrads(NamedTuple):
     grid: Optional[object]
 
 
-def _compute_dtype(dtype) -> np.dtype:
-    """The NumPy path computes float64 in float64 and every narrower type in float32."""
-    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
-
-
 # ---------------------------------------------------------------------------------------- affine_grid
 
 def _check_affine_grid(theta, size):
@@ -83,7 +78,7 @@ def affine_grid(theta, size, align_corners=False):
     align_corners = _validate.flag("align_corners", align_corners)
     with call.device:
         if call.backend == "numpy":
-            dtype = _compute_dtype(theta.dtype)
+            dtype = _kernels.compute_dtype(theta.dtype)
             base = _base_grid(H, W, align_corners, dtype)
             grid = base @ theta.astype(dtype).transpose(0, 2, 1)
             out = grid.reshape(N, H, W, 2).astype(theta.dtype, copy=False)
@@ -115,7 +110,7 @@ def affine_grid_backward(grad_output, theta, size, align_corners=False):
     _validate.same_dtype(grad_output=grad_output, theta=theta)
     with call.device:
         if call.backend == "numpy":
-            dtype = _compute_dtype(theta.dtype)
+            dtype = _kernels.compute_dtype(theta.dtype)
             base = _base_grid(H, W, align_corners, dtype)
             g = grad_output.astype(dtype).reshape(N, H * W, 2)
             grad_theta = (g.transpose(0, 2, 1) @ base).astype(theta.dtype, copy=False)
@@ -209,7 +204,7 @@ def _sampling_plan(grid, H, W, mode, padding_mode, align_corners, images_per_chu
 
 def _grid_sample_numpy(input, grid, mode, padding_mode, align_corners):
     N, C, H, W = input.shape
-    dtype = _compute_dtype(input.dtype)
+    dtype = _kernels.compute_dtype(input.dtype)
     chunks = _bilinear.image_chunks(N, C, H, W, dtype.itemsize)
     plan = _sampling_plan(grid.astype(dtype, copy=False), H, W, mode, padding_mode, align_corners,
                           chunks[0][1] if chunks else 1)
@@ -226,7 +221,7 @@ def _grid_sample_numpy(input, grid, mode, padding_mode, align_corners):
 def _grid_sample_backward_numpy(grad_output, input, grid, mode, padding_mode, align_corners, want_input,
                                 want_grid):
     N, C, H, W = input.shape
-    dtype = _compute_dtype(input.dtype)
+    dtype = _kernels.compute_dtype(input.dtype)
     chunks = _bilinear.image_chunks(N, C, H, W, dtype.itemsize)
     plan = _sampling_plan(grid.astype(dtype, copy=False), H, W, mode, padding_mode, align_corners,
                           chunks[0][1] if chunks else 1)
@@ -340,8 +335,8 @@ def grid_sample_backward(grad_output, input, grid, mode="bilinear", padding_mode
         else:
             xp = call.xp
             grad_output, input, grid = (xp.ascontiguousarray(a) for a in (grad_output, input, grid))
-            if want_input:
-                grad_input = xp.zeros(input.shape, input.dtype)
+            if want_input:  # summed in float32 for 16-bit input
+                grad_input = xp.zeros(input.shape, _kernels.compute_dtype(input.dtype))
             if want_grid:
                 grad_grid = _kernels.empty(xp, grid.shape, grid.dtype)
             options = (MODES.index(mode), PADDING_MODES.index(padding_mode), align_corners)
@@ -353,6 +348,8 @@ def grid_sample_backward(grad_output, input, grid, mode="bilinear", padding_mode
             if deterministic and grad_input is not None:
                 _kernels.launch(call.backend, FAMILY, "grid_sample_backward_input_deterministic", input.dtype,
                                 N * C, (grad_output, grid, grad_input), (N, C, H, W, Ho, Wo), options)
+            if grad_input is not None:
+                grad_input = grad_input.astype(input.dtype, copy=False)
     return GridSampleGrads(*(None if g is None else call.export(g) for g in (grad_input, grad_grid)))
 
 

@@ -3,8 +3,8 @@
 // torchvision.ops.deform_conv2d's conventions. Preceded by deformcp_common.cuh. Layouts (C-contiguous):
 //   input (N, C, H, W); offset (N, 2·G·K, Ho, Wo), channel g·2K + 2k = Δy and + 1 = Δx of tap k = i·kw + j;
 //   mask (N, G·K, Ho, Wo) or null (v1); input channel c belongs to offset group c / (C / G);
-//   columns (C·K, n·P) for a chunk of n images starting at image n0, row c·K + k, column image·P + p,
-//   P = Ho·Wo. Tap k of output (ho, wo) samples y = ho·s_h − p_h + i·d_h + Δy (x likewise) with the shared
+//   columns (C·K, n·P) in acc_t<T> (float32 for 16-bit T) for a chunk of n images starting at image n0,
+//   row c·K + k, column image·P + p, P = Ho·Wo. Tap k of output (ho, wo) samples y = ho·s_h − p_h + i·d_h + Δy (x likewise) with the shared
 //   bilinear helper: zero unless −1 < y < H and −1 < x < W, corners outside the image read zero.
 
 // Geometry of a convolution, passed as sizes.
@@ -25,7 +25,8 @@ __device__ __forceinline__ void deform_tap(const T* offset, const T* mask, I n, 
 
 // columns[c·K + k, (n − n0)·P + p] = mask · input[n, c] sampled at tap k of output p.
 template <typename T, typename I>
-__global__ void deform_conv_im2col(const T* input, const T* offset, const T* mask, T* columns, DEFORM_CONV_SIZES) {
+__global__ void deform_conv_im2col(const T* input, const T* offset, const T* mask, acc_t<T>* columns,
+                                   DEFORM_CONV_SIZES) {
   typedef typename acc_type<T>::type A;
   const I K = kh * kw, P = Ho * Wo, cols = n_chunk * P;
   DEFORMCP_GRID_STRIDE_LOOP(I, index, C * n_chunk * P) {
@@ -37,30 +38,30 @@ __global__ void deform_conv_im2col(const T* input, const T* offset, const T* mas
       deform_tap(offset, mask, n, g, k, p, G, kw, Ho, Wo, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, K, &y, &x, &m);
       bilinear_corners<A, I> corners;
       const A v = bilinear_setup(y, x, H, W, corners) ? bilinear_gather(plane, corners) * m : (A)0;
-      columns[(c * K + k) * cols + (n - n0) * P + p] = store_as<T>(v);
+      columns[(c * K + k) * cols + (n - n0) * P + p] = v;
     }
   }
 }
 
 // Scatter the column gradient of channel c, tap k, output p of image n back onto its input plane.
 template <typename A, typename T, typename I>
-__device__ __forceinline__ void deform_scatter_tap(const T* offset, const T* mask, const T* grad_columns,
-                                                   T* plane, I n, I c, I k, I p, I K, I cols, bool atomic,
+__device__ __forceinline__ void deform_scatter_tap(const T* offset, const T* mask, const A* grad_columns,
+                                                   A* plane, I n, I c, I k, I p, I K, I cols, bool atomic,
                                                    DEFORM_CONV_SIZES) {
   A y, x, m;
   deform_tap(offset, mask, n, c / (C / G), k, p, G, kw, Ho, Wo, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, K, &y,
              &x, &m);
   bilinear_corners<A, I> corners;
   if (bilinear_setup(y, x, H, W, corners))
-    bilinear_scatter(plane, corners, (A)load_acc(grad_columns[(c * K + k) * cols + (n - n0) * Ho * Wo + p]) * m,
+    bilinear_scatter(plane, corners, grad_columns[(c * K + k) * cols + (n - n0) * Ho * Wo + p] * m,
                      atomic);
 }
 
-// grad_input[n, c] += mask · grad_columns scattered back along the bilinear weights. grad_input is
-// zero-filled by the caller. deterministic = 0: one thread per (c, image, p), atomics; 1: one thread per
+// grad_input[n, c] += mask · grad_columns scattered back along the bilinear weights. grad_input (in acc_t<T>,
+// like grad_columns) is zero-filled by the caller. deterministic = 0: one thread per (c, image, p), atomics; 1: one thread per
 // input plane (n, c), visiting (k, p) in order with plain adds (bitwise reproducible).
 template <typename T, typename I>
-__global__ void deform_conv_col2im(const T* offset, const T* mask, const T* grad_columns, T* grad_input,
+__global__ void deform_conv_col2im(const T* offset, const T* mask, const acc_t<T>* grad_columns, acc_t<T>* grad_input,
                                    DEFORM_CONV_SIZES, int deterministic) {
   typedef typename acc_type<T>::type A;
   const I K = kh * kw, P = Ho * Wo, cols = n_chunk * P;
@@ -89,7 +90,7 @@ __global__ void deform_conv_col2im(const T* offset, const T* mask, const T* grad
 // sample, taken from the right at integer coordinates, zero where the sample is zero (y ≤ −1, y ≥ H, ...);
 // the mask gradient is the unmasked sample times the column gradient. Either output may be null.
 template <typename T, typename I>
-__global__ void deform_conv_col2im_coord(const T* input, const T* offset, const T* mask, const T* grad_columns,
+__global__ void deform_conv_col2im_coord(const T* input, const T* offset, const T* mask, const acc_t<T>* grad_columns,
                                          T* grad_offset, T* grad_mask, DEFORM_CONV_SIZES) {
   typedef typename acc_type<T>::type A;
   const I K = kh * kw, P = Ho * Wo, cols = n_chunk * P, group_channels = C / G;
@@ -102,7 +103,7 @@ __global__ void deform_conv_col2im_coord(const T* input, const T* offset, const 
     if (bilinear_setup(y, x, H, W, corners)) {
       for (I c = g * group_channels; c < (g + 1) * group_channels; ++c) {
         const T* plane = input + (n * C + c) * H * W;
-        const A g_col = load_acc(grad_columns[(c * K + k) * cols + (n - n0) * P + p]);
+        const A g_col = grad_columns[(c * K + k) * cols + (n - n0) * P + p];
         bilinear_coordinate_grad(plane, corners, g_col * m, &gy, &gx);
         gm += g_col * bilinear_gather(plane, corners);
       }

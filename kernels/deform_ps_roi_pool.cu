@@ -116,7 +116,7 @@ __device__ A dpsroi_pool(const T* input, const dpsroi_bin<A, I>& b, I H, I W, I 
 // not null): trans_std · roi_w · Σ_samples ∂value/∂w · grad / count, ∂value/∂w = 0 where w was clamped.
 // Returns false when the bin has no counted sample (nothing added).
 template <typename A, typename T, typename I>
-__device__ bool dpsroi_bin_backward(const T* input, T* grad_input, const dpsroi_bin<A, I>& b, I H, I W, I spp,
+__device__ bool dpsroi_bin_backward(const T* input, A* grad_input, const dpsroi_bin<A, I>& b, I H, I W, I spp,
                                     A grad, bool atomic, A* gx, A* gy) {
   if (!b.finite) return false;
   I count = 0;
@@ -168,12 +168,12 @@ __global__ void deform_ps_roi_pool_forward(const T* input, const T* rois, const 
 }
 
 // The default backward: one thread per output element, scatter-adding into grad_input (N, C, H, W) and
-// grad_offset (K, 2 · num_classes, S, S) with atomics; both zero-filled by the caller, either may be null
+// grad_offset (K, 2 · num_classes, S, S) with atomics; both in acc_t<T> and zero-filled by the caller, either may be null
 // (not wanted). Float sums may differ in the last bits between runs.
 template <typename T, typename I>
 __global__ void deform_ps_roi_pool_backward(const T* grad_output, const T* input, const T* rois, const T* offset,
-                                            T* grad_input, T* grad_offset, I K, I C, I H, I W, I C_out, I P, I S,
-                                            I G, I num_classes, I spp, int no_trans, double spatial_scale,
+                                            acc_t<T>* grad_input, acc_t<T>* grad_offset, I K, I C, I H, I W, I C_out,
+                                            I P, I S, I G, I num_classes, I spp, int no_trans, double spatial_scale,
                                             double trans_std) {
   typedef typename acc_type<T>::type A;
   const bool want_offset = grad_offset && !no_trans;
@@ -192,11 +192,11 @@ __global__ void deform_ps_roi_pool_backward(const T* grad_output, const T* input
 
 // Deterministic input gradient: one thread per input plane (n, c), visiting the bins that read it (RoIs of
 // image n, in order, bins (ph, pw) with (gh, gw) = c's) with plain adds — bitwise reproducible. grad_input
-// zero-filled by the caller.
+// (in acc_t<T>) zero-filled by the caller.
 template <typename T, typename I>
 __global__ void deform_ps_roi_pool_backward_input(const T* grad_output, const T* input, const T* rois,
-                                                  const T* offset, T* grad_input, I N, I K, I C, I H, I W, I C_out,
-                                                  I P, I S, I G, I num_classes, I spp, int no_trans,
+                                                  const T* offset, acc_t<T>* grad_input, I N, I K, I C, I H, I W,
+                                                  I C_out, I P, I S, I G, I num_classes, I spp, int no_trans,
                                                   double spatial_scale, double trans_std) {
   typedef typename acc_type<T>::type A;
   DEFORMCP_GRID_STRIDE_LOOP(I, plane, N * C) {
@@ -246,7 +246,7 @@ __global__ void deform_ps_roi_pool_backward_offset(const T* grad_output, const T
             const dpsroi_bin<A, I> b = dpsroi_locate<A>(rois, offset, k, ctop, ph, pw, C, C_out, P, S, G,
                                                         num_classes, spp, no_trans, (A)spatial_scale,
                                                         (A)trans_std);
-            dpsroi_bin_backward(input, (T*)0, b, H, W, spp,
+            dpsroi_bin_backward(input, (A*)0, b, H, W, spp,
                                 (A)load_acc(grad_output[((k * C_out + ctop) * P + ph) * P + pw]), false, &gx, &gy);
           }
         }

@@ -17,6 +17,9 @@
 template <typename T> struct acc_type { typedef T type; };
 template <> struct acc_type<__half> { typedef float type; };
 template <> struct acc_type<__nv_bfloat16> { typedef float type; };
+// Sums that many terms feed (scatter-added gradients, deform_conv2d's columns) are kept in acc_t<T>, never
+// in a 16-bit T: the caller allocates those buffers in float32 and rounds once at the end.
+template <typename T> using acc_t = typename acc_type<T>::type;
 
 __device__ __forceinline__ float load_acc(const float v) { return v; }
 __device__ __forceinline__ double load_acc(const double v) { return v; }
@@ -32,15 +35,10 @@ template <> __device__ __forceinline__ __nv_bfloat16 store_as<__nv_bfloat16>(flo
   return __float2bfloat16_rn(v);
 }
 
-// ---- atomics: scatter-adds in backward kernels (nondeterministic order; see README) ----
+// ---- atomics: scatter-adds in backward kernels (nondeterministic order; see README), always into
+// float or double buffers (acc_t) ----
 __device__ __forceinline__ void atomic_add(float* address, float v) { atomicAdd(address, v); }
 __device__ __forceinline__ void atomic_add(double* address, double v) { atomicAdd(address, v); }
-__device__ __forceinline__ void atomic_add(__half* address, float v) {
-  atomicAdd(address, __float2half_rn(v));
-}
-__device__ __forceinline__ void atomic_add(__nv_bfloat16* address, float v) {
-  atomicAdd(address, __float2bfloat16_rn(v));
-}
 
 // true unless x is NaN or ±inf (no library call, so the same on every compiler)
 template <typename A>
@@ -94,15 +92,15 @@ __device__ __forceinline__ A bilinear_gather(const T* plane, const bilinear_corn
   return v;
 }
 
-// plane[index[k]] += weight[k] · g for the corners inside the plane: atomically, or with a plain add
-// where the calling thread alone writes this plane (the deterministic backward kernels)
-template <typename A, typename T, typename I>
-__device__ __forceinline__ void bilinear_scatter(T* plane, const bilinear_corners<A, I>& c, A g,
+// plane[index[k]] += weight[k] · g for the corners inside the plane (a float or double plane): atomically,
+// or with a plain add where the calling thread alone writes this plane (the deterministic backward kernels)
+template <typename A, typename I>
+__device__ __forceinline__ void bilinear_scatter(A* plane, const bilinear_corners<A, I>& c, A g,
                                                  bool atomic = true) {
   for (int k = 0; k < 4; ++k) {
     if (!c.inside[k]) continue;
     if (atomic) atomic_add(plane + c.index[k], c.weight[k] * g);
-    else plane[c.index[k]] = store_as<T>(load_acc(plane[c.index[k]]) + c.weight[k] * g);
+    else plane[c.index[k]] += c.weight[k] * g;
   }
 }
 

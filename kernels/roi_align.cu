@@ -154,7 +154,7 @@ __device__ pooled_bin<A> pool_bin(const T* plane, const roi_grid<A>& g, I ph, I 
 
 // Gradient of one bin: scatter g over its samples (average) or onto its winner (max).
 template <typename A, typename T, typename I>
-__device__ void pool_bin_backward(const T* plane, T* grad_plane, const roi_grid<A>& g, I ph, I pw, I H, I W,
+__device__ void pool_bin_backward(const T* plane, A* grad_plane, const roi_grid<A>& g, I ph, I pw, I H, I W,
                                   int pool_mode, A grad, bool atomic) {
   if (!g.finite) return;
   bilinear_corners<A, I> c;
@@ -194,12 +194,12 @@ __global__ void roi_align_forward(const T* input, const T* boxes, T* output, I K
   }
 }
 
-// grad_input (N, C, H, W), zero-filled by the caller. deterministic = 0: one thread per output element,
+// grad_input (N, C, H, W) in acc_t<T>, zero-filled by the caller. deterministic = 0: one thread per output element,
 // scatter-adding with atomics. deterministic = 1: one thread per input plane (n, c), visiting the bins
 // that read it in a fixed order with plain adds — bitwise reproducible.
 template <typename T, typename I>
-__global__ void roi_align_backward(const T* grad_output, const T* input, const T* boxes, T* grad_input, I N, I K,
-                                   I C, I H, I W, I C_out, I PH, I PW, int sampling_ratio, int aligned,
+__global__ void roi_align_backward(const T* grad_output, const T* input, const T* boxes, acc_t<T>* grad_input,
+                                   I N, I K, I C, I H, I W, I C_out, I PH, I PW, int sampling_ratio, int aligned,
                                    int pool_mode, int position_sensitive, int deterministic, double spatial_scale) {
   typedef typename acc_type<T>::type A;
   const I plane_size = H * W;
@@ -269,11 +269,11 @@ __global__ void deform_roi_pool_forward(const T* input, const T* boxes, const T*
   }
 }
 
-// grad_input (zero-filled by the caller): deterministic = 0, one thread per output element with atomics;
+// grad_input (in acc_t<T>, zero-filled by the caller): deterministic = 0, one thread per output element with atomics;
 // 1, one thread per input plane (n, c) visiting its RoIs' bins in order.
 template <typename T, typename I>
 __global__ void deform_roi_pool_backward(const T* grad_output, const T* boxes, const T* offset, const T* mask,
-                                         T* grad_input, I N, I K, I C, I H, I W, I PH, I PW, int sampling_ratio,
+                                         acc_t<T>* grad_input, I N, I K, I C, I H, I W, I PH, I PW, int sampling_ratio,
                                          int deterministic, double spatial_scale, double gamma) {
   typedef typename acc_type<T>::type A;
   const I plane_size = H * W;

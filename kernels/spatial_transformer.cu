@@ -132,10 +132,10 @@ __global__ void grid_sample_forward(const T* input, const T* grid, T* output, I 
   }
 }
 
-// Gradients of grid_sample_forward: grad_input (zero-filled by the caller; scatter-added with atomics)
-// and grad_grid (written once per location). Either pointer may be null when not wanted.
+// Gradients of grid_sample_forward: grad_input (in acc_t<T>, zero-filled by the caller; scatter-added with
+// atomics) and grad_grid (written once per location). Either pointer may be null when not wanted.
 template <typename T, typename I>
-__global__ void grid_sample_backward(const T* grad_output, const T* input, const T* grid, T* grad_input,
+__global__ void grid_sample_backward(const T* grad_output, const T* input, const T* grid, acc_t<T>* grad_input,
                                      T* grad_grid, I N, I C, I H, I W, I Ho, I Wo, int mode, int padding,
                                      int align_corners) {
   typedef typename acc_type<T>::type A;
@@ -171,9 +171,10 @@ __global__ void grid_sample_backward(const T* grad_output, const T* input, const
 }
 
 // grad_input of grid_sample_forward, bitwise reproducible: one thread per input plane (n, c) visits every
-// output location of image n in order and adds with plain stores. grad_input is zero-filled by the caller.
+// output location of image n in order and adds with plain stores. grad_input (in acc_t<T>) is zero-filled by
+// the caller.
 template <typename T, typename I>
-__global__ void grid_sample_backward_input_deterministic(const T* grad_output, const T* grid, T* grad_input, I N,
+__global__ void grid_sample_backward_input_deterministic(const T* grad_output, const T* grid, acc_t<T>* grad_input, I N,
                                                          I C, I H, I W, I Ho, I Wo, int mode, int padding,
                                                          int align_corners) {
   typedef typename acc_type<T>::type A;
@@ -181,7 +182,7 @@ __global__ void grid_sample_backward_input_deterministic(const T* grad_output, c
   DEFORMCP_GRID_STRIDE_LOOP(I, plane, N * C) {
     const I n = plane / C;
     const T* gout = grad_output + plane * out_plane;
-    T* gin = grad_input + plane * H * W;
+    A* gin = grad_input + plane * H * W;
     for (I hw = 0; hw < out_plane; ++hw) {
       const I p = n * out_plane + hw;
       A unused;
@@ -193,7 +194,7 @@ __global__ void grid_sample_backward_input_deterministic(const T* grad_output, c
         if (bilinear_setup(y, x, H, W, corners)) bilinear_scatter(gin, corners, g, false);
       } else {
         const I pixel = nearest_pixel(y, x, H, W);
-        if (pixel >= 0) gin[pixel] = store_as<T>(load_acc(gin[pixel]) + g);
+        if (pixel >= 0) gin[pixel] += g;
       }
     }
   }

@@ -27,9 +27,9 @@ mimic_loss and each ``<op>_backward``:
 * Bugs this fuzzing found, fixed, and kept as their own tests: None for a required array, a non-iterable
   needs_input_grad, real arguments that are not floats (fractions.Fraction, huge ints), deform_conv2d with
   C = 0 or C_out = 0, rois called "boxes" in deform_roi_pool's messages, huge sample counts (run in a
-  subprocess: sampling_ratio=2**31 used to crash the interpreter). Still open and marked
-  ``xfail(strict=True)``: the host backend adds 16-bit input gradients in the storage type, keeps
-  deform_conv2d's sampled columns in it, and sums deform_conv2d's bfloat16 bias gradient in bfloat16.
+  subprocess: sampling_ratio=2**31 used to crash the interpreter); the host backend adding 16-bit input
+  gradients in the storage type, keeping deform_conv2d's sampled columns in it and summing its bfloat16
+  bias gradient in bfloat16 (now all in float32).
 
 Judging a mismatch:
 
@@ -42,9 +42,6 @@ Judging a mismatch:
   example is rejected as ill-conditioned: an event in the statistics). float64 has no such allowance.
 * The tolerance is TOLERANCE[dtype] plus the error of the reference itself rounded to the dtype (float16
   subnormal results cannot be closer).
-* The open bugs above: a 16-bit host result of those sums (input gradients; deform_conv2d's output, weight
-  and bias gradients) that misses TOLERANCE but stays within half the magnitude of its terms is counted
-  as that bug (an event), not a failure; remove that allowance with the fix.
 
 Profiles (environment variable HYPOTHESIS_PROFILE, default "ci"):
 
@@ -78,6 +75,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import deformcp  # noqa: E402
 from deformcp import _host, testing  # noqa: E402
+from conftest import to_backend  # noqa: E402
 
 _COMMON = dict(deadline=None, derandomize=False, database=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -183,9 +181,6 @@ class Case(NamedTuple):
     broadcast_axes: dict = {}    # name → axes an array may be a zero-stride view along (default: all)
     perturb: tuple = ()          # coordinates and real options nudged to judge a float32 mismatch (RoI ops)
     values: tuple = ()           # value arrays nudged element by element to judge it (cancellation)
-    accumulated: tuple = ()      # fields (-1: the forward output, else gradients) that the host sums in the
-    #                              storage type: a known bug for 16-bit dtypes
-    magnitude: tuple = ()        # arrays taken by absolute value to get the magnitude of those contributions
 
 
 def listed(boxes, images):
@@ -264,7 +259,7 @@ def grid_sample_cases(draw, dtype, listing=True):
     needs = draw(st.tuples(st.booleans(), st.booleans()))
     return Case(arrays, {"mode": mode, "padding_mode": padding, "align_corners": align},
                 {"needs_input_grad": needs, "deterministic": draw(st.booleans())}, needs,
-                labels=(f"{mode}/{padding}", *(["empty"] if N * C * Ho * Wo == 0 else [])), accumulated=(0,),
+                labels=(f"{mode}/{padding}", *(["empty"] if N * C * Ho * Wo == 0 else [])),
                 values=("input",))
 
 
@@ -312,7 +307,7 @@ def roi_align_cases(draw, dtype, listing=True, position_sensitive=False):
         options["images"] = images
     return Case(arrays, options, {"deterministic": draw(st.booleans())}, (True,),
                 labels=roi_labels(K, C, H, W, images, *more), broadcast_axes={"boxes": (0,)},
-                perturb=("boxes", "input", "spatial_scale"), values=("input",), accumulated=(0,))
+                perturb=("boxes", "input", "spatial_scale"), values=("input",))
 
 
 @st.composite
@@ -343,8 +338,7 @@ def deform_conv2d_cases(draw, dtype, listing=True):
                "dilation": pair_form(draw, dilation)}
     return Case(arrays, options, {"needs_input_grad": needs, "deterministic": draw(st.booleans())}, present,
                 labels=(f"groups={groups}", f"offset groups={G}", "v2 (mask)" if arrays["mask"] is not None else "v1",
-                        *(["empty"] if N == 0 else [])), accumulated=(-1, 0, 2, 3),
-                magnitude=("input", "weight", "bias", "mask"),
+                        *(["empty"] if N == 0 else [])),
                 values=("input", "weight", "bias", "mask"))
 
 
@@ -371,7 +365,7 @@ def deform_roi_pool_cases(draw, dtype, listing=True):
                 labels=roi_labels(K, C, H, W, images, "offset" if arrays["offset"] is not None else "no offset",
                                   "mask" if arrays["mask"] is not None else "no mask"),
                 broadcast_axes={"rois": (0,)}, perturb=("rois", "input", "offset", "spatial_scale", "gamma"),
-                values=("input", "mask"), accumulated=(0,), magnitude=("mask",))
+                values=("input", "mask"))
 
 
 @st.composite
@@ -401,7 +395,7 @@ def deform_ps_roi_pool_cases(draw, dtype, listing=True):
                 (needs[0], needs[1] and offset is not None),
                 labels=roi_labels(K, 1, H, W, None, "no_trans" if no_trans else "trans", f"offset {offset_form}"),
                 broadcast_axes={"rois": (0,)}, perturb=("rois", "input", "offset", "spatial_scale", "trans_std"),
-                values=("input",), accumulated=(0,))
+                values=("input",))
 
 
 @st.composite
@@ -469,23 +463,6 @@ def allowed_error(reference, dtype) -> float:
     """TOLERANCE[dtype], plus the error of the reference itself rounded to the dtype: what the dtype cannot
     represent (float16 subnormals, about 1e-7 .. 6e-5) is not the op's error."""
     return testing.TOLERANCE[dtype.name] + testing.relative_error(reference.astype(dtype), reference)
-
-
-def storage_accumulation(op: Op, case: Case, exact: dict, grad_output, references, outputs, failing, dtype) -> bool:
-    """Known bugs (test_16_bit_input_gradients_accumulate_in_float32, test_16_bit_deform_conv2d_columns_in_float32,
-    test_bfloat16_bias_gradient_sums_in_float32): the host backend adds 16-bit input gradients, deform_conv2d's
-    sampled columns and its bfloat16 bias gradient in the storage type: each addition rounds to 16 bits, so
-    the error grows with the number of terms and is bounded by the terms' magnitudes, not the result's. True
-    when every failing field is such a sum and within half the magnitude of its terms (a wrong weight, pixel
-    or conversion would not be). Remove this allowance once those sums are done in float32."""
-    if not all(i - 1 in case.accumulated for i in failing):
-        return False
-    magnitude_arrays = {n: None if a is None else (np.abs(a) if n in case.magnitude else a) for n, a in exact.items()}
-    magnitudes = (run_numpy(op.forward, **magnitude_arrays, **case.options),
-                  *as_fields(run_numpy(op.backward, np.abs(grad_output), **magnitude_arrays, **case.options,
-                                       **case.backward_options)))
-    return all(np.linalg.norm((outputs[i].astype(np.float64) - references[i]).ravel())
-               <= 0.5 * np.linalg.norm(magnitudes[i].ravel()) for i in failing)
 
 
 def run_numpy(fn, *args, **kwargs):
@@ -559,10 +536,6 @@ def check_parity(data, op: Op, case: Case, dtype: str):
         outputs = (out, *grads)
         errors = errors_against(outputs, references, dtype, f"{backend} {dtype.name}")
         failing = [i for i, e in enumerate(errors) if e is not None and e > allowed_error(references[i], dtype)]
-        if failing and backend == "host" and dtype.itemsize == 2 and storage_accumulation(
-                op, case, exact, grad_output.astype(np.float64), references, outputs, failing, dtype):
-            event("not checked: known bug, 16-bit host gradient summed in the storage type")
-            failing = []
         if failing:
             worst = max(errors[i] for i in failing)
             if dtype != np.float64 and explained_by_rounding(
@@ -880,35 +853,55 @@ def test_deform_roi_pool_errors_name_rois(function, data):
         call.fn(**{**call.kwargs, "rois": bad})
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the host backend scatter-adds float16 / bfloat16 input gradients in the "
-                                       "storage type (atomic_add rounds each contribution and the running sum to "
-                                       "16 bits; deterministic=True adds into the 16-bit plane too), not in float32: "
-                                       "where contributions cancel the result is far outside TOLERANCE")
-@pytest.mark.skipif(not HOST, reason="host backend: no C++ compiler found")
+SIXTEEN_BIT = [d for d in DTYPES if np.dtype(d).itemsize == 2]
+
+
+def three_readers_of_one_pixel(name, dtype):
+    """A backward call in which three outputs read the one pixel of a 1×1 image with weight 1, with output
+    gradients 1024, 0.5 and -1022 (-1024 in bfloat16): they sum to 2.5 (0.5), but 1024 + 0.5 rounds to 1024
+    in 16 bits. Returns (backward, args, kwargs)."""
+    x = np.zeros((1, 1, 1, 1), dtype)
+    g = np.array([1024, 0.5, -1022], dtype)
+    rois = np.tile(np.array([0, 0.5, 0.5, 0.5, 0.5]), (3, 1)).astype(dtype)  # one sample, at pixel (0, 0)
+    if name == "grid_sample":
+        return deformcp.grid_sample_backward, (g.reshape(1, 1, 1, 3), x, np.zeros((1, 1, 3, 2), dtype)), {}
+    if name == "roi_align":
+        return deformcp.roi_align_backward, (g.reshape(3, 1, 1, 1), x, rois, 1), {"sampling_ratio": 1}
+    if name == "ps_roi_align":
+        return deformcp.ps_roi_align_backward, (g.reshape(3, 1, 1, 1), x, rois, 1), {"sampling_ratio": 1}
+    if name == "deform_roi_pool":
+        return deformcp.deform_roi_pool_backward, (g.reshape(3, 1, 1, 1), x, rois, None, 1), {"sampling_ratio": 1}
+    if name == "deform_ps_roi_pool":
+        rois[:, 1:] = 0  # rounded, inclusive corners: the bin is [-0.5, 0.5), its one sample at -0.5 reads pixel 0
+        return (deformcp.deform_ps_roi_pool_backward, (g.reshape(3, 1, 1, 1), x, rois, np.zeros((3, 2, 1, 1), dtype)),
+                {"output_dim": 1, "group_size": 1, "pooled_size": 1, "sample_per_part": 1})
+    # deform_conv2d: a 1×1 kernel with padding (0, 1) has three outputs along x; offsets Δx = 1, 0, -1 move
+    # all three onto pixel (0, 0)
+    offset = np.zeros((1, 2, 1, 3), dtype)
+    offset[0, 1] = [1, 0, -1]
+    return (deformcp.deform_conv2d_backward, (g.reshape(1, 1, 1, 3), x, offset, np.ones((1, 1, 1, 1), dtype)),
+            {"padding": (0, 1)})
+
+
 @pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("dtype", [d for d in DTYPES if np.dtype(d).itemsize == 2])
-def test_16_bit_input_gradients_accumulate_in_float32(dtype, deterministic):
-    # three grid locations read the one pixel with weight 1; their gradients 1024, 0.5, -1022 (-1024 in
-    # bfloat16) sum to 2.5 (0.5), but 1024 + 0.5 rounds to 1024 in 16 bits
-    x, grid = np.zeros((1, 1, 1, 1), dtype), np.zeros((1, 1, 3, 2), dtype)
-    grad_output = np.array([[[[1024, 0.5, -1022]]]], dtype)
-    expected = deformcp.grid_sample_backward(*(a.astype(np.float64) for a in (grad_output, x, grid))).input
-    numpy_path = deformcp.grid_sample_backward(grad_output, x, grid).input  # computed in float32
-    assert testing.relative_error(numpy_path, expected) == 0
-    with deformcp.backend("host"):
-        got = deformcp.grid_sample_backward(grad_output, x, grid, deterministic=deterministic).input
-    assert testing.relative_error(got, expected) <= testing.TOLERANCE[dtype], got
+@pytest.mark.parametrize("dtype", SIXTEEN_BIT)
+@pytest.mark.parametrize("name", ["grid_sample", "roi_align", "ps_roi_align", "deform_roi_pool", "deform_ps_roi_pool",
+                                  "deform_conv2d"])
+def test_16_bit_input_gradients_accumulate_in_float32(backend, name, dtype, deterministic):
+    backward, args, kwargs = three_readers_of_one_pixel(name, dtype)
+    exact = [a.astype(np.float64) if isinstance(a, np.ndarray) else a for a in args]
+    expected = backward(*exact, **kwargs).input
+    assert float(expected.ravel()[0]) == (2.5 if dtype == "float16" else 0.5)
+    assert testing.relative_error(backward(*args, **kwargs).input, expected) == 0  # NumPy path: float32
+    moved = [to_backend(a, backend) if isinstance(a, np.ndarray) else a for a in args]
+    got = testing.run(backend, backward, *moved, deterministic=deterministic, **kwargs).input
+    assert testing.relative_error(got, expected) == 0, got
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: deform_conv2d on the host backend keeps the sampled columns (im2col) "
-                                       "and their gradient in the 16-bit storage type, not float32: where the "
-                                       "weighted sum over channels cancels, the result is far outside TOLERANCE "
-                                       "(the same holds for the weight gradient)")
-@pytest.mark.skipif(not HOST, reason="host backend: no C++ compiler found")
-@pytest.mark.parametrize("dtype", [d for d in DTYPES if np.dtype(d).itemsize == 2])
-def test_16_bit_deform_conv2d_columns_in_float32(dtype):
+@pytest.mark.parametrize("dtype", SIXTEEN_BIT)
+def test_16_bit_deform_conv2d_columns_in_float32(backend, dtype):
     # two channels sampled half-way between pixels 1 | 1 + ε and 1 + ε | 1 + 2ε (ε = one 16-bit ulp of 1):
-    # 1 + ε/2 and 1 + 3ε/2 round to 1 and 1 + 2ε, so weights (1, -1) give -2ε instead of -ε
+    # 1 + ε/2 and 1 + 3ε/2 round to 1 and 1 + 2ε, so weights (1, -1) would give -2ε instead of -ε
     eps = {"float16": 2.0**-10, "bfloat16": 2.0**-7}[dtype]
     x = np.array([[1, 1 + eps], [1 + eps, 1 + 2 * eps]]).reshape(1, 2, 1, 2).astype(dtype)
     weight = np.array([1.0, -1.0]).reshape(1, 2, 1, 1).astype(dtype)
@@ -916,25 +909,21 @@ def test_16_bit_deform_conv2d_columns_in_float32(dtype):
     offset[0, 1] = 0.5  # Δx
     expected = deformcp.deform_conv2d(x.astype(np.float64), offset.astype(np.float64), weight.astype(np.float64))
     assert testing.relative_error(deformcp.deform_conv2d(x, offset, weight), expected) == 0  # NumPy path: float32
-    with deformcp.backend("host"):
-        got = deformcp.deform_conv2d(x, offset, weight)
+    got = testing.run(backend, deformcp.deform_conv2d, *(to_backend(a, backend) for a in (x, offset, weight)))
     assert testing.relative_error(got, expected) <= testing.TOLERANCE[dtype], got
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: deform_conv2d_backward on the host backend sums the bias gradient "
-                                       "with grad_output.sum(axis=(0, 2, 3)) in the storage type: for bfloat16 "
-                                       "(ml_dtypes adds in bfloat16) the sum loses everything where terms cancel "
-                                       "(NumPy's float16 sum accumulates in float32, so float16 is fine)")
-@pytest.mark.skipif(not HOST or "bfloat16" not in DTYPES, reason="needs the host backend and ml_dtypes")
-def test_bfloat16_bias_gradient_sums_in_float32():
-    dtype = "bfloat16"
+@pytest.mark.parametrize("dtype", SIXTEEN_BIT)
+def test_16_bit_deform_conv2d_bias_gradient_sums_in_float32(backend, dtype):
     x, offset, weight = np.zeros((1, 1, 1, 3), dtype), np.zeros((1, 2, 1, 3), dtype), np.ones((1, 1, 1, 1), dtype)
     bias = np.zeros(1, dtype)
-    grad_output = np.array([[[[256, 1, -256]]]], dtype)  # sums to 1; 256 + 1 rounds to 256 in bfloat16
+    # sums to 1; 256 + 1 rounds to 256 in bfloat16 (2048 + 1 to 2048 in float16)
+    top = 256 if dtype == "bfloat16" else 2048
+    grad_output = np.array([[[[top, 1, -top]]]], dtype)
     assert float(deformcp.deform_conv2d_backward(grad_output, x, offset, weight, bias).bias[0]) == 1
-    with deformcp.backend("host"):
-        got = deformcp.deform_conv2d_backward(grad_output, x, offset, weight, bias).bias
-    assert float(got[0]) == 1, got
+    got = testing.run(backend, deformcp.deform_conv2d_backward,
+                      *(to_backend(a, backend) for a in (grad_output, x, offset, weight, bias))).bias
+    assert float(testing.to_numpy(got)[0]) == 1, got
 
 
 # Huge sample counts per bin: each case runs in a subprocess (one of them is a segmentation fault). Passing

@@ -86,13 +86,6 @@ static inline void atomicAdd(float* a, float v) {
 static inline void atomicAdd(double* a, double v) {
   deformcp_cas_add<unsigned long long>(a, [v](double c) { return c + v; });
 }
-static inline void atomicAdd(__half* a, __half v) {
-  deformcp_cas_add<unsigned short>(a, [v](__half c) { return __float2half_rn(__half2float(c) + __half2float(v)); });
-}
-static inline void atomicAdd(__nv_bfloat16* a, __nv_bfloat16 v) {
-  deformcp_cas_add<unsigned short>(
-      a, [v](__nv_bfloat16 c) { return __float2bfloat16_rn(__bfloat162float(c) + __bfloat162float(v)); });
-}
 
 // ---- launching: the (grid, block, void** args) interface of cuLaunchKernel ----
 namespace deformcp_host {
