@@ -4,8 +4,9 @@ The translation unit is ``prelude.h`` (CUDA's built-ins for the CPU), the family
 ``extern "C"`` launcher per kernel instantiation taking ``(grid, block, void **args)`` — the argument
 convention of ``cuLaunchKernel`` — so a host kernel is called exactly like a :class:`cupy.RawKernel`.
 Shared libraries are cached on disk under :func:`cache_dir`, named by a hash of the translation unit,
-the compiler and its flags, each beside the ``.cpp`` it was built from; several modules live in one
-process side by side.
+the compiler and its flags, each beside the ``.cpp`` it was built from and the SHA-256 of the library as
+built (``.sha256``): a library whose bytes no longer match (truncated, overwritten) is built again before
+dlopen sees it. Several modules live in one process side by side.
 
 Environment:
     ``CXX``                      the compiler (default: ``c++``).
@@ -108,18 +109,26 @@ class HostModule:
         unit = "\n".join([PRELUDE.read_text(), _kernels.source(family), launchers])
         stem = f"{family}-{ctype.replace(' ', '').strip('_')}-{itype.replace(' ', '')}"
         self.path = _build(unit, stem)
-        try:
-            self._library = ctypes.CDLL(str(self.path))
-        except OSError:  # a damaged cache entry (truncated, overwritten by hand): build it again
-            self.path.unlink(missing_ok=True)
-            self.path = _build(unit, stem)
-            self._library = ctypes.CDLL(str(self.path))
+        self._library = ctypes.CDLL(str(self.path))
 
     def get_function(self, expression: str) -> HostKernel:
         function = getattr(self._library, f"deformcp_launch_{self.expressions.index(expression)}")
         function.restype = ctypes.c_int
         function.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
         return HostKernel(function, expression)
+
+
+def _digest(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _intact(library: pathlib.Path) -> bool:
+    """Whether a cached library holds the bytes its build wrote. dlopen is no check: a library cut after its
+    program headers maps past the end of the file and kills the process with SIGBUS."""
+    try:
+        return _digest(library) == library.with_suffix(".sha256").read_text()
+    except OSError:  # no library or no digest
+        return False
 
 
 def _build(unit: str, stem: str) -> pathlib.Path:
@@ -131,7 +140,7 @@ def _build(unit: str, stem: str) -> pathlib.Path:
     key = hashlib.sha256("\0".join([unit, cxx, version, *flags()]).encode()).hexdigest()[:20]
     folder = cache_dir()
     target = folder / f"{stem}-{key}.so"
-    if target.exists():
+    if _intact(target):
         return target
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as scratch:
@@ -141,7 +150,10 @@ def _build(unit: str, stem: str) -> pathlib.Path:
         result = subprocess.run([cxx, *flags(), str(cpp), "-o", str(built)], capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"host compilation of {stem} failed:\n{result.stderr[-4000:]}")
+        digest = pathlib.Path(scratch) / "module.sha256"
+        digest.write_text(_digest(built))
         os.replace(cpp, target.with_suffix(".cpp"))  # kept beside the library: sanitizer reports cite it
+        os.replace(digest, target.with_suffix(".sha256"))
         os.replace(built, target)  # atomic: a concurrent builder sees the whole file or none
     return target
 
