@@ -4,8 +4,9 @@
 //   input (N, C, H, W); offset (N, 2·G·K, Ho, Wo), channel g·2K + 2k = Δy and + 1 = Δx of tap k = i·kw + j;
 //   mask (N, G·K, Ho, Wo) or null (v1); input channel c belongs to offset group c / (C / G);
 //   columns (C·K, n·P) in acc_t<T> (float32 for 16-bit T) for a chunk of n images starting at image n0,
-//   row c·K + k, column image·P + p, P = Ho·Wo. Tap k of output (ho, wo) samples y = ho·s_h − p_h + i·d_h + Δy (x likewise) with the shared
-//   bilinear helper: zero unless −1 < y < H and −1 < x < W, corners outside the image read zero.
+//   row c·K + k, column image·P + p, P = Ho·Wo. Tap k of output (ho, wo) samples y = ho·s_h − p_h + i·d_h + Δy
+//   (x likewise) with the shared bilinear helper: zero unless −1 < y < H and −1 < x < W, corners outside the
+//   image read zero.
 
 // Geometry of a convolution, passed as sizes.
 #define DEFORM_CONV_SIZES I N, I C, I H, I W, I G, I kh, I kw, I Ho, I Wo, I n0, I n_chunk, I stride_h, \
@@ -58,11 +59,11 @@ __device__ __forceinline__ void deform_scatter_tap(const T* offset, const T* mas
 }
 
 // grad_input[n, c] += mask · grad_columns scattered back along the bilinear weights. grad_input (in acc_t<T>,
-// like grad_columns) is zero-filled by the caller. deterministic = 0: one thread per (c, image, p), atomics; 1: one thread per
-// input plane (n, c), visiting (k, p) in order with plain adds (bitwise reproducible).
+// like grad_columns) is zero-filled by the caller. deterministic = 0: one thread per (c, image, p), atomics;
+// 1: one thread per input plane (n, c), visiting (k, p) in order with plain adds (bitwise reproducible).
 template <typename T, typename I>
-__global__ void deform_conv_col2im(const T* offset, const T* mask, const acc_t<T>* grad_columns, acc_t<T>* grad_input,
-                                   DEFORM_CONV_SIZES, int deterministic) {
+__global__ void deform_conv_col2im(const T* offset, const T* mask, const acc_t<T>* grad_columns,
+                                   acc_t<T>* grad_input, DEFORM_CONV_SIZES, int deterministic) {
   typedef typename acc_type<T>::type A;
   const I K = kh * kw, P = Ho * Wo, cols = n_chunk * P;
 #define DEFORM_CONV_SIZE_ARGS N, C, H, W, G, kh, kw, Ho, Wo, n0, n_chunk, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w
@@ -90,8 +91,9 @@ __global__ void deform_conv_col2im(const T* offset, const T* mask, const acc_t<T
 // sample, taken from the right at integer coordinates, zero where the sample is zero (y ≤ −1, y ≥ H, ...);
 // the mask gradient is the unmasked sample times the column gradient. Either output may be null.
 template <typename T, typename I>
-__global__ void deform_conv_col2im_coord(const T* input, const T* offset, const T* mask, const acc_t<T>* grad_columns,
-                                         T* grad_offset, T* grad_mask, DEFORM_CONV_SIZES) {
+__global__ void deform_conv_col2im_coord(const T* input, const T* offset, const T* mask,
+                                         const acc_t<T>* grad_columns, T* grad_offset, T* grad_mask,
+                                         DEFORM_CONV_SIZES) {
   typedef typename acc_type<T>::type A;
   const I K = kh * kw, P = Ho * Wo, cols = n_chunk * P, group_channels = C / G;
   DEFORMCP_GRID_STRIDE_LOOP(I, index, n_chunk * G * K * P) {

@@ -168,8 +168,8 @@ __global__ void deform_ps_roi_pool_forward(const T* input, const T* rois, const 
 }
 
 // The default backward: one thread per output element, scatter-adding into grad_input (N, C, H, W) and
-// grad_offset (K, 2 · num_classes, S, S) with atomics; both in acc_t<T> and zero-filled by the caller, either may be null
-// (not wanted). Float sums may differ in the last bits between runs.
+// grad_offset (K, 2 · num_classes, S, S) with atomics; both in acc_t<T> and zero-filled by the caller, either
+// may be null (not wanted). Float sums may differ in the last bits between runs.
 template <typename T, typename I>
 __global__ void deform_ps_roi_pool_backward(const T* grad_output, const T* input, const T* rois, const T* offset,
                                             acc_t<T>* grad_input, acc_t<T>* grad_offset, I K, I C, I H, I W, I C_out,
