@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The device check for a session that is lent a GPU machine: one call of the device tool's `run` executes the
+# CUDA backend's tests, every benchmark with --device cuda against torch / torchvision, then the rest of the
+# suite, each under a time budget, and leaves one archive of logs and results, gpu-session.tar.gz, in $OUT
+# (./gpu-results elsewhere); the end of its output is a summary.
+#
+# Prepare on the development machine (the GPU image has CuPy, torch, torchvision, JAX, hypothesis, ml_dtypes
+# and pytest-xdist, but not array-api-compat):
+#   echo /.whl/ >> .git/info/exclude && python -m pip download --no-deps -d .whl array-api-compat
+# then: run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
+# Budgets in seconds (environment): CUDA_TEST_SECONDS (240), BENCH_SECONDS (90 a script), REST_SECONDS (150).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+archive=${OUT:-$PWD/gpu-results}
+results=$(mktemp -d)/gpu-session
+mkdir -p "$results" "$archive"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv || true; python3 -m deformcp info; } \
+  2>&1 | tee "$results/machine.txt"
+
+# The CUDA backend against the NumPy reference: every test that runs a kernel on the device (cuda in its id).
+timeout "${CUDA_TEST_SECONDS:-240}" python3 -m pytest -q -p no:cacheprovider -k cuda -m "not sanitizer" tests \
+  >"$results/tests-cuda.log" 2>&1
+echo "tests -k cuda: exit $?; $(tail -n 1 "$results/tests-cuda.log")"
+
+# The benchmarks: each checks its outputs against the anchor, then times the CUDA shapes (CUDA events).
+for bench in spatial_transformer roi_align deform_conv deform_roi_pool; do
+  timeout "${BENCH_SECONDS:-90}" python3 "benchmarks/bench_$bench.py" --device cuda --output "$results/$bench" \
+    >"$results/bench-$bench.log" 2>&1
+  echo "bench $bench: exit $?"
+done
+
+# The rest of the suite (host backend, NumPy path, interop), spread over the machine's cores.
+workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+timeout "${REST_SECONDS:-150}" python3 -m pytest -q -p no:cacheprovider $workers -k "not cuda" -m "not sanitizer" tests \
+  >"$results/tests-rest.log" 2>&1
+echo "tests -k 'not cuda': exit $?; $(tail -n 1 "$results/tests-rest.log")"
+
+tar -czf "$archive/gpu-session.tar.gz" -C "$(dirname "$results")" gpu-session
+for bench in spatial_transformer roi_align deform_conv deform_roi_pool; do
+  [ -f "$results/$bench.md" ] && grep -E '^\| |MISSED|met' "$results/$bench.md"
+done
+grep -E '^(FAILED|ERROR)' "$results"/tests-*.log | head -n 40
+exit 0
