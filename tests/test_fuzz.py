@@ -860,7 +860,7 @@ def three_readers_of_one_pixel(name, dtype):
     """A backward call in which three outputs read the one pixel of a 1×1 image with weight 1, with output
     gradients 1024, 0.5 and -1022 (-1024 in bfloat16): they sum to 2.5 (0.5), but 1024 + 0.5 rounds to 1024
     in 16 bits. Returns (backward, args, kwargs)."""
-    x = np.zeros((1, 1, 1, 1), dtype)
+    x = np.full((1, 1, 1, 1), 0.75, dtype)  # the input gradients do not depend on it
     g = np.array([1024, 0.5, -1022], dtype)
     rois = np.tile(np.array([0, 0.5, 0.5, 0.5, 0.5]), (3, 1)).astype(dtype)  # one sample, at pixel (0, 0)
     if name == "grid_sample":
