@@ -39,11 +39,13 @@ def empty(xp, shape, dtype):
 
 
 def kernel_dir() -> pathlib.Path:
-    """Folder of the CUDA sources: inside the installed package, or ``kernels/`` of a source checkout."""
-    try:
-        return pathlib.Path(str(importlib.resources.files("deformcp.kernels")))
-    except ModuleNotFoundError:
-        return pathlib.Path(__file__).resolve().parent.parent / "kernels"
+    """Folder of the CUDA sources: ``kernels/`` beside the imported ``deformcp`` package in a source checkout,
+    else the installed ``deformcp.kernels``. The checkout comes first: an editable install of another tree
+    maps ``deformcp.kernels`` onto that tree's sources, which need not match this tree's Python."""
+    checkout = pathlib.Path(__file__).resolve().parent.parent / "kernels"
+    if (checkout / COMMON_HEADER).is_file():
+        return checkout
+    return pathlib.Path(str(importlib.resources.files("deformcp.kernels")))
 
 
 def families() -> list[str]:

@@ -166,6 +166,12 @@ def test_editable_install_maps_kernels(tmp_path):
     code = "import importlib.util; print(importlib.util.find_spec('deformcp.kernels').origin)"
     origin = _run([str(python), "-c", code], cwd=tmp_path, env=env).stdout.strip()
     assert pathlib.Path(origin).resolve() == (src / "kernels" / "__init__.py").resolve()
+    # Another checkout imported from its own folder reads its own kernels, not the editable install's
+    other = _copy_sources(tmp_path / "other")
+    code = "import deformcp, deformcp._kernels as k; print(deformcp.__file__); print(k.kernel_dir())"
+    package, kernels = _run([str(python), "-c", code], cwd=other, env=env).stdout.split()
+    assert pathlib.Path(package).resolve() == (other / "deformcp" / "__init__.py").resolve()
+    assert pathlib.Path(kernels).resolve() == (other / "kernels").resolve()
 
 
 BLOCKED_IMPORT = textwrap.dedent("""
