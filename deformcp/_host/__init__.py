@@ -153,8 +153,11 @@ def _build(unit: str, stem: str) -> pathlib.Path:
         digest = pathlib.Path(scratch) / "module.sha256"
         digest.write_text(_digest(built))
         os.replace(cpp, target.with_suffix(".cpp"))  # kept beside the library: sanitizer reports cite it
+        # Each rename is atomic. Two builders racing may leave one's digest beside the other's library where
+        # their bytes differ (with -g, the scratch folder's name is in the debug information): a later load
+        # then finds the pair mismatched and builds once more, never loads a damaged file.
         os.replace(digest, target.with_suffix(".sha256"))
-        os.replace(built, target)  # atomic: a concurrent builder sees the whole file or none
+        os.replace(built, target)
     return target
 
 
