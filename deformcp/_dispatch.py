@@ -9,7 +9,8 @@ cupy.ndarray, or DLPack arrays on a CUDA device        "cuda"     kernels/*.cu t
 =====================================================  =========  ============================================
 
 DLPack arrays (PyTorch tensors, JAX arrays, ...) are imported without a copy and results are handed back
-in the caller's framework, also without a copy. Namespaces are told apart with array-api-compat, which
+in the caller's framework, also without a copy. NumPy arrays in non-native byte order are copied once into
+native order on entry (:func:`native_byte_order`); results are always in native order. Namespaces are told apart with array-api-compat, which
 never imports CuPy, PyTorch or JAX itself.
 """
 from __future__ import annotations
@@ -101,7 +102,9 @@ def _device(framework: str, x) -> tuple[str, int]:
 
 
 def _import(name: str, x, framework: str, device: str):
-    if framework in ("numpy", "cupy"):
+    if framework == "numpy":
+        return native_byte_order(x)
+    if framework == "cupy":
         return x
     if framework == "torch" and x.requires_grad:
         raise ValueError(f"{name}: the tensor requires grad; pass tensor.detach(), or use the autograd "
@@ -115,6 +118,14 @@ def _import(name: str, x, framework: str, device: str):
         raise RuntimeError(f"{name}: a CUDA array needs CuPy (pip install 'deformcp[cuda12]')") from None
     except (BufferError, TypeError, RuntimeError) as error:
         raise TypeError(f"{name}: cannot import {_describe(x)} through DLPack: {error}") from error
+
+
+def native_byte_order(x: np.ndarray) -> np.ndarray:
+    """x itself, or a copy in the machine's byte order when its dtype is byte-swapped (``'>f8'`` on a
+    little-endian machine): every backend reads arrays in native order, so results come out native too."""
+    if x.dtype.isnative:
+        return x
+    return x.astype(x.dtype.newbyteorder("="))
 
 
 def _exporter(framework: str, template) -> Callable[[Any], Any]:
