@@ -33,13 +33,16 @@ class Corners(NamedTuple):
     dweight_dx: np.ndarray  # derivative of weight with respect to x
 
 
-def corners(y: np.ndarray, x: np.ndarray, H: int, W: int) -> Corners:
+def corners(y: np.ndarray, x: np.ndarray, H: int, W: int, closed_below: bool = False) -> Corners:
     """Bilinear corners of the samples at (y, x) over an H×W image.
 
     A sample is zero unless -1 < y < H and -1 < x < W (NaN and ±inf fall in "unless"); inside that
-    range corners outside the image read zero. Same rule as ``bilinear_setup`` in the kernels.
+    range corners outside the image read zero. With ``closed_below``, samples at exactly -1 are set up
+    too (they read 0 · row 0, with row 0's derivative from the right: torch's grid_sample). Same rule as
+    ``bilinear_setup`` in the kernels.
     """
-    valid = (y > -1) & (y < H) & (x > -1) & (x < W)
+    above = ((y >= -1) & (x >= -1)) if closed_below else ((y > -1) & (x > -1))
+    valid = above & (y < H) & (x < W)
     y = np.where(valid, y, 0)
     x = np.where(valid, x, 0)
     fy, fx = np.floor(y), np.floor(x)

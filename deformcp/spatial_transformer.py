@@ -77,7 +77,9 @@ def affine_grid(theta, size, align_corners=False):
     N, _, H, W = _check_affine_grid(theta, size)
     align_corners = _validate.flag("align_corners", align_corners)
     with call.device:
-        if call.backend == "numpy":
+        if call.backend == "numpy" and N == 0:  # no base grid to build
+            out = np.empty((0, H, W, 2), theta.dtype)
+        elif call.backend == "numpy":
             dtype = _kernels.compute_dtype(theta.dtype)
             base = _base_grid(H, W, align_corners, dtype)
             grid = base @ theta.astype(dtype).transpose(0, 2, 1)
@@ -109,7 +111,9 @@ def affine_grid_backward(grad_output, theta, size, align_corners=False):
     _validate.shape("grad_output", grad_output, (N, H, W, 2), "(N, H, W, 2)")
     _validate.same_dtype(grad_output=grad_output, theta=theta)
     with call.device:
-        if call.backend == "numpy":
+        if call.backend == "numpy" and N == 0:
+            grad_theta = np.empty((0, 2, 3), theta.dtype)
+        elif call.backend == "numpy":
             dtype = _kernels.compute_dtype(theta.dtype)
             base = _base_grid(H, W, align_corners, dtype)
             g = grad_output.astype(dtype).reshape(N, H * W, 2)
@@ -196,9 +200,11 @@ def _sampling_plan(grid, H, W, mode, padding_mode, align_corners, images_per_chu
     if mode == "nearest":
         ry, rx = np.rint(y), np.rint(x)
         inside = (ry >= 0) & (ry < H) & (rx >= 0) & (rx < W)
-        index = np.where(inside, ry * W + rx, H * W).astype(np.int64)[..., None]
+        # the flat index in integers: ry · W + rx in float32 is off by one past 2**24 pixels
+        ry, rx = (np.where(inside, r, 0).astype(np.int64) for r in (ry, rx))
+        index = np.where(inside, ry * W + rx, H * W)[..., None]
         return _SamplingPlan(index + image_start, inside[..., None].astype(grid.dtype), None, None, dx_dg, dy_dg)
-    c = _bilinear.corners(y, x, H, W)
+    c = _bilinear.corners(y, x, H, W, closed_below=True)
     return _SamplingPlan(c.index + image_start, c.weight, c.dweight_dy, c.dweight_dx, dx_dg, dy_dg)
 
 

@@ -53,7 +53,10 @@ __device__ __forceinline__ bool is_finite(A x) { return x - x == (A)0; }
 // The sample at (y, x) is zero unless -1 < y < H and -1 < x < W (the comparison is written so that
 // NaN and ±inf coordinates take the zero path); inside that range corners that fall outside the
 // plane read as zero. This is torchvision's deform_conv2d convention and torch's grid_sample with
-// padding_mode="zeros". The four corners, in order: (y0, x0), (y0, x1), (y1, x0), (y1, x1).
+// padding_mode="zeros". With closed_below, a sample exactly at y = -1 (x = -1) is set up too: it reads
+// 0 · row 0 (column 0), and its derivative from the right is row 0's (column 0's), as in torch's grid_sample;
+// torchvision's deform_conv2d and RoI ops give it derivative 0 (closed_below false). The four corners, in
+// order: (y0, x0), (y0, x1), (y1, x0), (y1, x1).
 template <typename A, typename I>
 struct bilinear_corners {
   bool inside[4];  // whether the corner lies in the plane; the fields below are 0 where it does not
@@ -63,8 +66,10 @@ struct bilinear_corners {
 };
 
 template <typename A, typename I>
-__device__ __forceinline__ bool bilinear_setup(A y, A x, I H, I W, bilinear_corners<A, I>& c) {
-  if (!(y > (A)-1 && y < (A)H && x > (A)-1 && x < (A)W)) return false;
+__device__ __forceinline__ bool bilinear_setup(A y, A x, I H, I W, bilinear_corners<A, I>& c,
+                                               bool closed_below = false) {
+  const bool above = closed_below ? y >= (A)-1 && x >= (A)-1 : y > (A)-1 && x > (A)-1;
+  if (!(above && y < (A)H && x < (A)W)) return false;
   const A fy = floor(y), fx = floor(x);
   const I y0 = (I)fy, x0 = (I)fx;
   const A ly = y - fy, lx = x - fx, hy = (A)1 - ly, hx = (A)1 - lx;

@@ -3,6 +3,7 @@
 // Preceded by deformcp_common.cuh. Layouts (all C-contiguous):
 //   theta (N, 2, 3); grid (N, Ho, Wo, 2) with last axis (x, y); input (N, C, H, W);
 //   output (N, C, Ho, Wo).
+// Bilinear samples are set up on [-1, H) × [-1, W) (closed_below: torch's derivative at exactly -1).
 
 #define DEFORMCP_MODE_BILINEAR 0
 #define DEFORMCP_MODE_NEAREST 1
@@ -121,7 +122,7 @@ __global__ void grid_sample_forward(const T* input, const T* grid, T* output, I 
     T* out = output + n * C * out_plane + hw;
     if (mode == DEFORMCP_MODE_BILINEAR) {
       bilinear_corners<A, I> corners;
-      const bool sampled = bilinear_setup(y, x, H, W, corners);
+      const bool sampled = bilinear_setup(y, x, H, W, corners, true);
       for (I c = 0; c < C; ++c)
         out[c * out_plane] = store_as<T>(sampled ? bilinear_gather(in + c * in_plane, corners) : (A)0);
     } else {
@@ -150,7 +151,7 @@ __global__ void grid_sample_backward(const T* grad_output, const T* input, const
     A gx = 0, gy = 0;
     if (mode == DEFORMCP_MODE_BILINEAR) {
       bilinear_corners<A, I> corners;
-      if (bilinear_setup(y, x, H, W, corners)) {
+      if (bilinear_setup(y, x, H, W, corners, true)) {
         for (I c = 0; c < C; ++c) {
           const A g = load_acc(gout[c * out_plane]);
           if (grad_input != nullptr) bilinear_scatter(grad_input + (n * C + c) * in_plane, corners, g);
@@ -191,7 +192,7 @@ __global__ void grid_sample_backward_input_deterministic(const T* grad_output, c
       const A g = load_acc(gout[hw]);
       if (mode == DEFORMCP_MODE_BILINEAR) {
         bilinear_corners<A, I> corners;
-        if (bilinear_setup(y, x, H, W, corners)) bilinear_scatter(gin, corners, g, false);
+        if (bilinear_setup(y, x, H, W, corners, true)) bilinear_scatter(gin, corners, g, false);
       } else {
         const I pixel = nearest_pixel(y, x, H, W);
         if (pixel >= 0) gin[pixel] += g;

@@ -37,6 +37,13 @@ def backend(request):
     return request.param
 
 
+@pytest.fixture(params=["numpy", "host", "cuda"])
+def any_backend(request):
+    """Every backend: the NumPy path, the host backend and the CUDA backend (skipped where unavailable)."""
+    _require(request.param)
+    return request.param
+
+
 def to_backend(a, backend):
     """Move a NumPy array where backend runs (keeping dtype, shape and strides' contiguity kind)."""
     if backend == "cuda" and a is not None:

@@ -1,5 +1,6 @@
 """affine_grid and grid_sample: golden values, finite differences, backend parity, special values, bad input."""
 import itertools
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -76,6 +77,65 @@ def test_affine_grid_golden():
 
 
 # ---------------------------------------------------------------------------- reference vs torch, if present
+
+@pytest.mark.parametrize("align", [False, True])
+def test_grid_gradient_at_minus_one_is_taken_from_the_right(any_backend, rng, align):
+    """A zeros-padded bilinear sample at exactly x = -1 (or y = -1) reads 0 · column 0, and its derivative is the
+    one from the right, column 0's values: torch's grid_sample. Sizes where the grid values are exact."""
+    H, W = (3, 5) if align else (4, 4)
+    x = rng.standard_normal((1, 2, H, W))
+    to_grid = (lambda p, n: 2 * p / (n - 1) - 1) if align else (lambda p, n: (2 * p + 1) / n - 1)
+    grid = np.array([[[[to_grid(-1, W), to_grid(1, H)], [to_grid(2, W), to_grid(-1, H)]]]])
+    grad_output = rng.standard_normal((1, 2, 1, 2))
+    x_, grid_, grad_output_ = (to_backend(a, any_backend) for a in (x, grid, grad_output))
+    out = testing.to_numpy(testing.run(any_backend, deformcp.grid_sample, x_, grid_, align_corners=align))
+    grads = testing.run(any_backend, deformcp.grid_sample_backward, grad_output_, x_, grid_, align_corners=align)
+    grads = grads._replace(**{k: testing.to_numpy(v) for k, v in grads._asdict().items()})
+    np.testing.assert_array_equal(out, 0)
+    dx_dg, dy_dg = ((W - 1) / 2, (H - 1) / 2) if align else (W / 2, H / 2)
+    # x = -1, y = 1: d/dx = column 0 at row 1; d/dy = 0 (the weight of column 0 is 0)
+    # x = 2, y = -1: d/dy = row 0 at column 2; d/dx = 0
+    expected = [[[[grad_output[0, :, 0, 0] @ x[0, :, 1, 0] * dx_dg, 0.0],
+                  [0.0, grad_output[0, :, 0, 1] @ x[0, :, 0, 2] * dy_dg]]]]
+    np.testing.assert_allclose(grads.grid, expected, rtol=1e-14, atol=1e-15)
+    np.testing.assert_array_equal(grads.input, 0)  # weight 0 everywhere
+
+
+def test_nearest_reads_the_right_pixel_past_2_to_the_24_pixels(any_backend, rng):
+    """4500 × 4500 float32: y · W + x passes 2**24, where float32 cannot hold every integer."""
+    H = W = 4500
+    x = np.zeros((1, 1, H, W), np.float32)
+    pixels = [(4499, 4498), (4498, 4499), (3729, 4497), (4499, 4499)]  # flat indices odd and above 2**24
+    for y, xx in pixels:
+        x[0, 0, y, xx] = rng.uniform(1, 2)
+    x[0, 0, 4499, 4497] = x[0, 0, 4499, 4499] = -5.0  # the float32 neighbours of the odd flat indices
+    grid = np.array([[[[2 * xx / (W - 1) - 1, 2 * y / (H - 1) - 1] for y, xx in pixels]]], np.float32)
+    x_, grid_ = to_backend(x, any_backend), to_backend(grid, any_backend)
+    out = testing.to_numpy(testing.run(any_backend, deformcp.grid_sample, x_, grid_, "nearest", "zeros", True))
+    expected = [x[0, 0, y, xx] for y, xx in pixels]
+    np.testing.assert_array_equal(out[0, 0, 0], expected)
+    grad_output = np.arange(1, len(pixels) + 1, dtype=np.float32).reshape(1, 1, 1, -1)
+    grads = testing.run(any_backend, deformcp.grid_sample_backward, to_backend(grad_output, any_backend), x_, grid_,
+                        "nearest", "zeros", True, needs_input_grad=(True, False))
+    grad_input = testing.to_numpy(grads.input)
+    np.testing.assert_array_equal(np.flatnonzero(grad_input), sorted(y * W + xx for y, xx in pixels))
+    np.testing.assert_array_equal(grad_input.reshape(-1)[[y * W + xx for y, xx in pixels]], grad_output.ravel())
+
+
+def test_affine_grid_of_an_empty_batch_allocates_nothing(any_backend):
+    """N = 0 with a tall H × W: nothing to compute, no base grid (the NumPy path built one: 8 GiB for
+    H = 2**30; here 2**22 rows, 96 MiB, which tracemalloc sees)."""
+    theta, grad_output = to_backend(np.zeros((0, 2, 3)), any_backend), to_backend(np.zeros((0, 2**22, 1, 2)), any_backend)
+    tracemalloc.start()
+    try:
+        grid = testing.run(any_backend, deformcp.affine_grid, theta, (0, 3, 2**22, 1))
+        grads = testing.run(any_backend, deformcp.affine_grid_backward, grad_output, theta, (0, 3, 2**22, 1))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert grid.shape == (0, 2**22, 1, 2) and grads.theta.shape == (0, 2, 3)
+    assert peak < 2**20
+
 
 @pytest.mark.parametrize("mode, padding, align", CONFIGS, ids=CONFIG_IDS)
 def test_matches_torch(rng, mode, padding, align):
