@@ -17,6 +17,8 @@ FAMILY = "roi_align"
 POOL_MODES = ("avg", "max")
 #: Largest sampling_ratio accepted (samples per bin and axis).
 MAX_SAMPLES_PER_AXIS = 1 << 16
+#: A bin's samples along an axis are visited up to this index (the kernels' SAMPLE_INDEX_MAX, 2**62).
+SAMPLE_INDEX_MAX = float(2**62)
 #: Samples (four bilinear corners each) per chunk of RoIs on the NumPy path: bounds its extra memory.
 SAMPLES_PER_CHUNK = 1 << 20
 
@@ -114,7 +116,8 @@ def _span(start, step, n, size):
     moving = (step != 0) & (hi > 0)
     lo = np.where(moving, lo, 0)
     hi = np.where(moving, np.maximum(top, lo), hi)
-    return lo.astype(np.int64), hi.astype(np.int64)
+    # clamped in floating point before the cast, as in the kernels (a span of 10**19 samples overflows int64)
+    return (np.minimum(lo, SAMPLE_INDEX_MAX).astype(np.int64), np.minimum(hi, SAMPLE_INDEX_MAX).astype(np.int64))
 
 
 class _RoIGrid(NamedTuple):

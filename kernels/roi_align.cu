@@ -49,7 +49,10 @@ __device__ __forceinline__ roi_grid<A> roi_geometry(const T* box, A scale, long 
 
 // The samples i in [0, n) of one axis sit at start + (i + 0.5) · step. Only those landing in [-1, size]
 // can be non-zero; [*first, *end) covers all of them (with a margin of one), so that a huge RoI costs
-// no more than the image it overlaps. Samples outside the span are exactly zero.
+// no more than the image it overlaps. Samples outside the span are exactly zero. Both ends are clamped to
+// SAMPLE_INDEX_MAX in floating point before they become integers (a RoI 10^19 samples wide would overflow
+// long long): samples past it along an axis are not visited.
+#define SAMPLE_INDEX_MAX 4611686018427387904.0  // 2^62, exact in float and double
 template <typename A>
 __device__ __forceinline__ void sample_span(A start, A step, A n, long long size, long long* first,
                                             long long* end) {
@@ -63,6 +66,8 @@ __device__ __forceinline__ void sample_span(A start, A step, A n, long long size
     hi = top < hi ? top : hi;
     hi = hi > lo ? hi : lo;
   }
+  lo = lo < (A)SAMPLE_INDEX_MAX ? lo : (A)SAMPLE_INDEX_MAX;
+  hi = hi < (A)SAMPLE_INDEX_MAX ? hi : (A)SAMPLE_INDEX_MAX;
   *first = (long long)lo;
   *end = (long long)hi;
 }

@@ -351,3 +351,27 @@ def test_host_mimic_loss_special_features(rng, dtype):
             rows_ok = np.isfinite(a).all(axis=1) & np.isfinite(b).all(axis=1)
             for grad in (expected_grads.f_a, expected_grads.f_b):
                 np.testing.assert_array_equal(np.isnan(grad).any(axis=1), ~rows_ok)
+
+
+def test_sample_span_of_a_huge_box_is_clamped_before_the_integer_cast():
+    """A box 10**20 samples wide along x: the span's ends (5·10**19) used to be cast to int64 (undefined
+    behaviour in the kernels, INT64_MIN on the NumPy path); both clamp to SAMPLE_INDEX_MAX first."""
+    from deformcp.roi_align import SAMPLE_INDEX_MAX, _span
+
+    with np.errstate(invalid="raise"):
+        first, end = _span(np.array([-5e19, 0.5]), np.array([1.0, 0.5]), np.array([1e20, 4.0]), 6)
+    np.testing.assert_array_equal(first, [SAMPLE_INDEX_MAX, 0])
+    np.testing.assert_array_equal(end, [SAMPLE_INDEX_MAX, 4])
+
+
+@pytest.mark.parametrize("pool_mode", ["avg", "max"])
+def test_host_roi_align_boxes_of_10_to_the_19_samples(rng, pool_mode):
+    """Boxes whose sample spans pass 2**63 (run under UBSan's float-cast-overflow by the sanitizer tests)."""
+    x = rng.standard_normal((1, 2, 5, 6))
+    boxes = np.array([[0, -5e19, 0.5, 5e19, 3.5], [0, 1e19, 0.5, 3e19, 3.5], [0, 0.5, -5e19, 3.5, 5e19]])
+    out, expected = run_both("host", deformcp.roi_align, x, boxes, (1, 2), 1.0, -1, True, pool_mode)
+    check(out, expected, "float64")
+    grad_output = rng.standard_normal(expected.shape)
+    grad, expected_grad = run_both("host", deformcp.roi_align_backward, grad_output, x, boxes, (1, 2), 1.0, -1, True,
+                                   pool_mode)
+    check(grad.input, expected_grad.input, "float64")
