@@ -163,6 +163,15 @@ def view(a, layout: Layout):
     return v
 
 
+#: dtypes that NumPy can hold in either byte order (ml_dtypes' bfloat16 has one)
+SWAPPABLE = ("float16", "float32", "float64")
+
+
+def byte_order(a, swapped: bool):
+    """a, or a copy of it in the opposite byte order ('>f4' on a little-endian machine): the same values."""
+    return a.astype(a.dtype.newbyteorder()) if swapped else a
+
+
 def same_values(a, b) -> bool:
     return np.array_equal(np.asarray(a).astype(np.float64), np.asarray(b).astype(np.float64), equal_nan=True)
 
@@ -523,9 +532,14 @@ def check_parity(data, op: Op, case: Case, dtype: str):
     assert tuple(g is not None for g in reference_grads) == case.present, "gradients None where asked for"
     references = (reference, *reference_grads)
     tolerance = testing.TOLERANCE[dtype.name]
-    for backend in (["numpy"] if dtype != np.float64 else []) + (["host"] if HOST else []):
-        views = {n: None if a is None else view(a, layout[n]) for n, a in cast.items()}
-        g = view(grad_output, grad_layout)
+    swapped = {n: a is not None and dtype.name in SWAPPABLE and data.draw(st.booleans(), label=f"{n} byte-swapped")
+               for n, a in {**cast, "grad_output": grad_output}.items()}
+    if any(swapped.values()):
+        event("byte-swapped arrays")
+    numpy_too = dtype != np.float64 or any(swapped.values())  # float64 native is the reference itself
+    for backend in (["numpy"] if numpy_too else []) + (["host"] if HOST else []):
+        views = {n: None if a is None else view(byte_order(a, swapped[n]), layout[n]) for n, a in cast.items()}
+        g = view(byte_order(grad_output, swapped["grad_output"]), grad_layout)
         with testing.poisoned_outputs():
             out = testing.run(backend, op.forward, **views, **case.options)
             grads = as_fields(testing.run(backend, op.backward, g, **views, **case.options, **case.backward_options))
