@@ -35,8 +35,8 @@ def info(kernels: bool) -> int:
         ("kernel sources", str(_kernels.kernel_dir())),
         ("kernel families", ", ".join(_kernels.families())),
         ("backend numpy", "available (default for CPU arrays)"),
-        ("backend host", f"available, compiler {_host.compiler()}" if _host.compiler()
-         else "unavailable: no C++ compiler (set CXX)"),
+        ("backend host", f"available, compiler {_host.compiler()}" if _host.available() is None
+         else f"unavailable: {_host.available()}"),
         ("host cache", str(_host.cache_dir())),
         ("host sanitizers", ", ".join(_host.sanitizers()) or "none (DEFORMCP_HOST_SANITIZE)"),
         ("backend cuda", "available" if gpu_problem is None else f"unavailable: {gpu_problem}"),

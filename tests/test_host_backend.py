@@ -1,5 +1,7 @@
-"""The host backend's machinery: launch interface, disk cache, several modules in one process."""
+"""The host backend's machinery: launch interface, disk cache, several modules in one process, threads."""
 import pathlib
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -75,5 +77,38 @@ def test_kernel_arguments_are_checked():
 
 
 def test_compile_errors_are_reported(fresh_cache):
-    with pytest.raises(RuntimeError, match="host compilation of broken failed"):
+    """The compiler, its exit status and what it printed."""
+    with pytest.raises(RuntimeError, match=r"^host compilation of broken failed: the C\+\+ compiler "
+                                           rf"{re.escape(_host.compiler())} exited with status 1:\n(.|\n)*error"):
         _host._build("this is not C++", "broken")
+
+
+#: Records, for every block, the address of the thread-local threadIdx: one address per OS thread that ran blocks.
+THREAD_PROBE = """
+template <typename T, typename I>
+__global__ void thread_of_block(T* out, I n) {
+  if (threadIdx.x == 0 && (I)blockIdx.x < n) out[blockIdx.x] = T((long long)&threadIdx);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def thread_probe(tmp_path_factory):
+    """The probe, compiled and launched through deformcp._kernels as kernels/*.cu are (its family in a folder
+    that stands in for kernels/)."""
+    folder = tmp_path_factory.mktemp("probe-kernels")
+    shutil.copy(_kernels.kernel_dir() / _kernels.COMMON_HEADER, folder / _kernels.COMMON_HEADER)
+    (folder / "thread_probe.cu").write_text(THREAD_PROBE)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_kernels, "kernel_dir", lambda: folder)
+        return _kernels.get_function("host", "thread_probe", "thread_of_block", np.float64, False)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_num_threads_sets_the_openmp_threads(thread_probe, monkeypatch, threads):
+    """DEFORMCP_NUM_THREADS is the number of OpenMP threads a launch runs on (64 blocks, a static schedule:
+    every thread gets blocks), whatever the machine's CPU count."""
+    monkeypatch.setenv("DEFORMCP_NUM_THREADS", str(threads))
+    out = np.zeros(64)
+    thread_probe((64,), (32,), (out, np.int32(64)))
+    assert out.all() and len(set(out)) == threads

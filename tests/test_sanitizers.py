@@ -104,6 +104,14 @@ BROKEN_FAMILY = textwrap.dedent("""
         out[i] = T(big + (int)i);  // signed overflow for i > n / 2
       }
     }
+
+    template <typename T, typename I>
+    __global__ void overflow_float_cast(T* out, I n) {
+      for (I i = blockIdx.x * (I)blockDim.x + threadIdx.x; i < n; i += (I)blockDim.x * gridDim.x) {
+        float huge = 1e30f * (float)(i + 1);
+        out[i] = T((long long)huge % 7);  // past long long's range: GCC's "undefined" alone does not check it
+      }
+    }
 """)
 
 LAUNCH_BROKEN = textwrap.dedent("""
@@ -124,6 +132,7 @@ LAUNCH_BROKEN = textwrap.dedent("""
 @pytest.mark.parametrize("kernel, report", [
     ("write_past_end", "ERROR: AddressSanitizer: heap-buffer-overflow"),
     ("overflow_int", "runtime error: signed integer overflow"),
+    ("overflow_float_cast", "is outside the range of representable values of type 'long long"),
 ])
 def test_sanitizers_catch_broken_kernels(asan_env, tmp_path, kernel, report):
     """Negative control: the sanitizers are live in the host backend's build and in the process."""

@@ -2,16 +2,27 @@
 
 The translation unit is ``prelude.h`` (CUDA's built-ins for the CPU), the family's CUDA source, and one
 ``extern "C"`` launcher per kernel instantiation taking ``(grid, block, void **args)`` — the argument
-convention of ``cuLaunchKernel`` — so a host kernel is called exactly like a :class:`cupy.RawKernel`.
+convention of ``cuLaunchKernel`` — and the number of threads, so a host kernel is called exactly like a
+:class:`cupy.RawKernel`.
 Shared libraries are cached on disk under :func:`cache_dir`, named by a hash of the translation unit,
 the compiler and its flags, each beside the ``.cpp`` it was built from and the SHA-256 of the library as
 built (``.sha256``): a library whose bytes no longer match (truncated, overwritten) is built again before
 dlopen sees it. Several modules live in one process side by side.
 
+A launch spreads its blocks over :func:`threads` OpenMP threads. OpenMP's threads do not survive fork: in a
+process forked after it (or its parent) started them, launches run on the calling thread alone, without
+calling OpenMP, where a parallel region would wait forever for threads the child does not have.
+
 Environment:
-    ``CXX``                      the compiler (default: ``c++``).
-    ``DEFORMCP_CACHE_DIR``       cache root (default: ``$XDG_CACHE_HOME/deformcp`` or ``~/.cache/deformcp``).
-    ``DEFORMCP_HOST_SANITIZE``   e.g. ``address`` or ``address,undefined``: build with those sanitizers.
+    ``CXX``                      the compiler: one program, a name on PATH or a path. Unset or empty: the first
+                                 of ``c++``, ``g++``, ``clang++`` on PATH. Set to what is not a program: a
+                                 RuntimeError naming CXX, never a fall-back to another compiler.
+    ``DEFORMCP_CACHE_DIR``       cache root (default: ``$XDG_CACHE_HOME/deformcp`` or ``~/.cache/deformcp``). A
+                                 cache that cannot be written is a RuntimeError naming the folder and this variable.
+    ``DEFORMCP_NUM_THREADS``     OpenMP threads of a launch, as the NumPy path's pool (default: the CPUs this
+                                 process may run on; anything but a positive integer is a ValueError).
+    ``DEFORMCP_HOST_SANITIZE``   e.g. ``address`` or ``address,undefined``: build with those sanitizers (with
+                                 ``undefined`` also ``float-cast-overflow``, which GCC leaves out of it).
                                  AddressSanitizer's runtime must be loaded first, so run Python as
                                  ``LD_PRELOAD=$(c++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0``.
 """
@@ -29,12 +40,46 @@ import tempfile
 import numpy as np
 
 from .. import _kernels
+from .._bilinear import num_threads
 
 PRELUDE = pathlib.Path(__file__).with_name("prelude.h")
 BASE_FLAGS = ("-std=c++17", "-O3", "-fPIC", "-shared", "-fopenmp", "-w")
+#: Looked for on PATH, in this order, when CXX is unset.
+DEFAULT_COMPILERS = ("c++", "g++", "clang++")
+NO_COMPILER = (f"the host backend needs a C++ compiler: none of {', '.join(DEFAULT_COMPILERS)} is on PATH "
+               f"(install one, or set CXX to a C++ compiler)")
+
+#: Whether this process, or one it was forked from, has run an OpenMP parallel region.
+_openmp_started = False
+#: Whether OpenMP must not be called here: a process forked after OpenMP's threads were started.
+_openmp_lost = False
+
+
+def _after_fork_in_child() -> None:
+    global _openmp_lost
+    _openmp_lost = _openmp_started
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def threads() -> int:
+    """OpenMP threads a launch uses here: :func:`deformcp._bilinear.num_threads`, or 1 in a process forked
+    after OpenMP's threads were started."""
+    return 1 if _openmp_lost else num_threads()
+
+
+def _launch_threads(blocks: int) -> int:
+    """threads() for a launch of that many blocks, noting when the launch starts OpenMP's threads."""
+    global _openmp_started
+    count = threads()
+    if count > 1 and blocks > 1:  # set before the launch: a fork from another thread during it counts
+        _openmp_started = True
+    return count
 
 
 def cache_dir() -> pathlib.Path:
+    """The folder of the host libraries: ``$DEFORMCP_CACHE_DIR/host``, by default under the user's cache."""
     root = os.environ.get("DEFORMCP_CACHE_DIR")
     if not root:
         root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "deformcp")
@@ -42,8 +87,25 @@ def cache_dir() -> pathlib.Path:
 
 
 def compiler() -> str | None:
-    """Path of the host C++ compiler, or None when there is none."""
-    return shutil.which(os.environ.get("CXX") or "c++") or shutil.which("g++") or shutil.which("clang++")
+    """Path of the host C++ compiler: CXX's, else the first of DEFAULT_COMPILERS on PATH; None when CXX is unset
+    and none of them is found. Raises RuntimeError when CXX is set to something that is not a program."""
+    wanted = os.environ.get("CXX", "").strip()
+    if not wanted:
+        return next(filter(None, map(shutil.which, DEFAULT_COMPILERS)), None)
+    found = shutil.which(wanted)
+    if found is None:
+        where = "no executable file" if os.sep in wanted else "not a program on PATH"
+        raise RuntimeError(f"CXX={wanted!r} is {where}: set CXX to a C++ compiler (one program, a name on PATH "
+                           f"or a path), or unset it to use the first of {', '.join(DEFAULT_COMPILERS)} on PATH")
+    return found
+
+
+def available() -> str | None:
+    """None when the host backend has a compiler, else why not."""
+    try:
+        return None if compiler() else NO_COMPILER
+    except RuntimeError as error:
+        return str(error)
 
 
 def sanitizers() -> tuple[str, ...]:
@@ -52,9 +114,12 @@ def sanitizers() -> tuple[str, ...]:
 
 
 def flags() -> tuple[str, ...]:
+    """The compiler's flags: BASE_FLAGS, and the sanitizers' when DEFORMCP_HOST_SANITIZE asks for them."""
     extra = sanitizers()
     if not extra:
         return BASE_FLAGS
+    if "undefined" in extra:  # GCC's "undefined" leaves out float → integer conversions that overflow
+        extra = tuple(sorted({*extra, "float-cast-overflow"}))
     return (*BASE_FLAGS, "-g", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all",
             f"-fsanitize={','.join(extra)}")
 
@@ -92,7 +157,7 @@ class HostKernel:
                 raise TypeError(f"{self.name}: kernel arguments must be NumPy arrays or NumPy scalars, "
                                 f"got {type(arg).__name__}")
         pointers = (ctypes.c_void_p * max(len(values), 1))(*(ctypes.addressof(v) for v in values))
-        status = self._function(grid3, block3, pointers)
+        status = self._function(grid3, block3, pointers, _launch_threads(grid3[0] * grid3[1] * grid3[2]))
         if status != 0:
             raise RuntimeError(f"{self.name}: host launch failed with status {status}")
 
@@ -104,7 +169,7 @@ class HostModule:
         self.expressions = [f"{k}<{ctype}, {itype}>" for k in _kernels.kernel_names(family)]
         launchers = "".join(
             f'extern "C" int deformcp_launch_{i}(const unsigned int* grid, const unsigned int* block, '
-            f"void** args) {{ return deformcp_host::launch(&{e}, grid, block, args); }}\n"
+            f"void** args, int threads) {{ return deformcp_host::launch(&{e}, grid, block, args, threads); }}\n"
             for i, e in enumerate(self.expressions))
         unit = "\n".join([PRELUDE.read_text(), _kernels.source(family), launchers])
         stem = f"{family}-{ctype.replace(' ', '').strip('_')}-{itype.replace(' ', '')}"
@@ -114,7 +179,7 @@ class HostModule:
     def get_function(self, expression: str) -> HostKernel:
         function = getattr(self._library, f"deformcp_launch_{self.expressions.index(expression)}")
         function.restype = ctypes.c_int
-        function.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+        function.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int)
         return HostKernel(function, expression)
 
 
@@ -131,33 +196,60 @@ def _intact(library: pathlib.Path) -> bool:
         return False
 
 
+def _run(command: list[str]) -> subprocess.CompletedProcess:
+    """Run the compiler; RuntimeError naming it when it cannot be started."""
+    try:
+        return subprocess.run(command, capture_output=True, text=True)
+    except OSError as error:
+        raise RuntimeError(f"the C++ compiler {command[0]} cannot be run ({error}): set CXX to a C++ compiler "
+                           f"(one program, a name on PATH or a path)") from error
+
+
+def _failure(stem: str, cxx: str, result: subprocess.CompletedProcess) -> str:
+    status = (f"exited with status {result.returncode}" if result.returncode > 0
+              else f"was killed by signal {-result.returncode}")
+    said = (result.stderr.strip() + "\n" + result.stdout.strip()).strip()
+    said = f":\n{said[-4000:]}" if said else " without a message (is it a C++ compiler? set CXX to one)"
+    return f"host compilation of {stem} failed: the C++ compiler {cxx} {status}{said}"
+
+
+def _unwritable(folder: pathlib.Path, error: OSError) -> RuntimeError:
+    variable = os.environ.get("DEFORMCP_CACHE_DIR")
+    setting = f"DEFORMCP_CACHE_DIR={variable!r}: " if variable else ""
+    return RuntimeError(f"{setting}the host kernel cache {folder} cannot be written ({error.strerror or error}): "
+                        f"set DEFORMCP_CACHE_DIR to a folder you can write")
+
+
 def _build(unit: str, stem: str) -> pathlib.Path:
     cxx = compiler()
     if cxx is None:
-        raise RuntimeError("the host backend needs a C++ compiler: none found (set CXX, or install g++)")
+        raise RuntimeError(NO_COMPILER)
     _check_asan_runtime()
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    version = _run([cxx, "--version"]).stdout
     key = hashlib.sha256("\0".join([unit, cxx, version, *flags()]).encode()).hexdigest()[:20]
     folder = cache_dir()
     target = folder / f"{stem}-{key}.so"
     if _intact(target):
         return target
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as scratch:
-        cpp = pathlib.Path(scratch) / f"{stem}.cpp"
-        cpp.write_text(unit)
-        built = pathlib.Path(scratch) / "module.so"
-        result = subprocess.run([cxx, *flags(), str(cpp), "-o", str(built)], capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"host compilation of {stem} failed:\n{result.stderr[-4000:]}")
-        digest = pathlib.Path(scratch) / "module.sha256"
-        digest.write_text(_digest(built))
-        os.replace(cpp, target.with_suffix(".cpp"))  # kept beside the library: sanitizer reports cite it
-        # Each rename is atomic. Two builders racing may leave one's digest beside the other's library where
-        # their bytes differ (with -g, the scratch folder's name is in the debug information): a later load
-        # then finds the pair mismatched and builds once more, never loads a damaged file.
-        os.replace(digest, target.with_suffix(".sha256"))
-        os.replace(built, target)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder) as scratch:
+            cpp = pathlib.Path(scratch) / f"{stem}.cpp"
+            cpp.write_text(unit)
+            built = pathlib.Path(scratch) / "module.so"
+            result = _run([cxx, *flags(), str(cpp), "-o", str(built)])
+            if result.returncode != 0:
+                raise RuntimeError(_failure(stem, cxx, result))
+            digest = pathlib.Path(scratch) / "module.sha256"
+            digest.write_text(_digest(built))
+            os.replace(cpp, target.with_suffix(".cpp"))  # kept beside the library: sanitizer reports cite it
+            # Each rename is atomic. Two builders racing may leave one's digest beside the other's library
+            # where their bytes differ (with -g, the scratch folder's name is in the debug information): a
+            # later load then finds the pair mismatched and builds once more, never loads a damaged file.
+            os.replace(digest, target.with_suffix(".sha256"))
+            os.replace(built, target)
+    except OSError as error:  # the compiler's own failures are RuntimeErrors, above
+        raise _unwritable(folder, error) from error
     return target
 
 

@@ -2,9 +2,10 @@
 //
 // Placed in front of deformcp_common.cuh and one kernel family; deformcp/_host/__init__.py then adds an
 // extern "C" launcher per kernel instantiation. A launch runs every (block, thread) of the grid: blocks
-// are spread over OpenMP threads and the threads of a block run one after another, which is faithful
-// for kernels that keep to kernels/'s rules (grid-stride loops, no block synchronisation). atomicAdd
-// is a compare-and-swap loop, so concurrent blocks scatter-add correctly.
+// are spread over the number of OpenMP threads the launcher is given (with 1, OpenMP is not called at all:
+// see launch) and the threads of a block run one after another, which is faithful for kernels that keep
+// to kernels/'s rules (grid-stride loops, no block synchronisation). atomicAdd is a compare-and-swap
+// loop, so concurrent blocks scatter-add correctly.
 #define DEFORMCP_HOST 1
 
 #include <cmath>
@@ -95,21 +96,33 @@ inline void invoke(void (*kernel)(Args...), void** args, std::index_sequence<Is.
   kernel(*static_cast<typename std::decay<Args>::type*>(args[Is])...);
 }
 
+// Runs every thread of block b, one after another.
 template <typename... Args>
-inline int launch(void (*kernel)(Args...), const unsigned int* grid, const unsigned int* block, void** args) {
+inline void run_block(void (*kernel)(Args...), const unsigned int* grid, const unsigned int* block, void** args,
+                      long long b) {
+  gridDim = dim3{grid[0], grid[1], grid[2]};
+  blockDim = dim3{block[0], block[1], block[2]};
+  blockIdx = dim3{(unsigned int)(b % grid[0]), (unsigned int)(b / grid[0] % grid[1]),
+                  (unsigned int)(b / grid[0] / grid[1])};
+  for (unsigned int z = 0; z < block[2]; ++z)
+    for (unsigned int y = 0; y < block[1]; ++y)
+      for (unsigned int x = 0; x < block[0]; ++x) {
+        threadIdx = dim3{x, y, z};
+        invoke(kernel, args, std::index_sequence_for<Args...>{});
+      }
+}
+
+// threads: OpenMP threads to spread the blocks over. With 1 no OpenMP call is made at all, which is what a
+// forked child needs: libgomp's threads do not survive fork, and a parallel region there waits for them forever.
+template <typename... Args>
+inline int launch(void (*kernel)(Args...), const unsigned int* grid, const unsigned int* block, void** args,
+                  int threads) {
   const long long blocks = (long long)grid[0] * grid[1] * grid[2];
-#pragma omp parallel for schedule(static) if (blocks > 1)
-  for (long long b = 0; b < blocks; ++b) {
-    gridDim = dim3{grid[0], grid[1], grid[2]};
-    blockDim = dim3{block[0], block[1], block[2]};
-    blockIdx = dim3{(unsigned int)(b % grid[0]), (unsigned int)(b / grid[0] % grid[1]),
-                    (unsigned int)(b / grid[0] / grid[1])};
-    for (unsigned int z = 0; z < block[2]; ++z)
-      for (unsigned int y = 0; y < block[1]; ++y)
-        for (unsigned int x = 0; x < block[0]; ++x) {
-          threadIdx = dim3{x, y, z};
-          invoke(kernel, args, std::index_sequence_for<Args...>{});
-        }
+  if (threads > 1 && blocks > 1) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (long long b = 0; b < blocks; ++b) run_block(kernel, grid, block, args, b);
+  } else {
+    for (long long b = 0; b < blocks; ++b) run_block(kernel, grid, block, args, b);
   }
   return 0;
 }
