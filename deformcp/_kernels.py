@@ -96,8 +96,9 @@ FORCE_INDEX64 = contextvars.ContextVar("deformcp_force_index64", default=False)
 
 
 def needs_index64(*sizes: int) -> bool:
-    """The rule for the index type: 64-bit when an element count, a size or an array's length can pass
-    2**31 - 1 (so that every index and offset computed from them fits), or when forced."""
+    """The rule for the index type: 64-bit when an element count, a size, an array's length or a magnitude
+    a kernel derives from several sizes (``bounds`` of :func:`launch`) can pass 2**31 - 1 (so that every index,
+    offset and coordinate computed from them fits), or when forced."""
     return FORCE_INDEX64.get() or max(sizes, default=0) > INT32_MAX
 
 
@@ -145,17 +146,20 @@ def get_function(backend: str, family: str, name: str, dtype, index64: bool):
     raise ValueError(f"backend: expected 'cuda' or 'host', got {backend!r}")
 
 
-def launch(backend: str, family: str, name: str, dtype, n: int, arrays, sizes, options=(), reals=()) -> None:
+def launch(backend: str, family: str, name: str, dtype, n: int, arrays, sizes, options=(), reals=(),
+           bounds=()) -> None:
     """Run kernel ``name<dtype, I>`` of ``family`` over ``n`` work items; nothing when ``n == 0``.
 
     Every kernel takes its parameters in four runs: ``arrays`` (device arrays for "cuda", NumPy
     arrays for "host", or :data:`NULL`), ``sizes`` (passed as the index type ``I``), ``options``
     (passed as ``int``) and ``reals`` (passed as ``double``). ``I`` is ``long long`` when ``n``, a
-    size or an array's element count passes 2**31 - 1, else ``int``.
+    size, an array's element count or one of ``bounds`` passes 2**31 - 1, else ``int``. ``bounds`` (not
+    passed to the kernel) are magnitudes the kernel derives in ``I`` from several sizes together, such as
+    deform_conv's tap positions ``ho·stride − pad + i·dilation``.
     """
     if n == 0:
         return
-    index64 = needs_index64(n, *sizes, *(getattr(a, "size", 0) for a in arrays))
+    index64 = needs_index64(n, *sizes, *(getattr(a, "size", 0) for a in arrays), *bounds)
     index = np.int64 if index64 else np.int32
     fn = get_function(backend, family, name, dtype, index64)
     blocks = min(math.ceil(n / THREADS_PER_BLOCK), MAX_BLOCKS)

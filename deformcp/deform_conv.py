@@ -50,18 +50,37 @@ class _Geometry(NamedTuple):
 
     @property
     def sizes(self) -> tuple:
-        """The kernels' DEFORM_CONV_SIZES, less the chunk (n0, n_chunk) inserted by the caller."""
+        """The kernels' DEFORM_CONV_SIZES up to Wo, before the chunk (n0, n_chunk, p0, p_count)."""
         return (self.N, self.C, self.H, self.W, self.offset_groups, self.kh, self.kw, self.Ho, self.Wo)
+
+    @property
+    def tap_extents(self) -> tuple:
+        """Bounds on the magnitude of what the kernels compute from the tap position (ho·s_h − p_h + i·d_h and
+        its partial sums; x likewise): their index type must hold these too."""
+        return tuple((out - 1) * s + p + (k - 1) * d for out, k, s, p, d in zip(
+            (self.Ho, self.Wo), (self.kh, self.kw), self.stride, self.padding, self.dilation))
+
+
+#: Largest stride, padding or dilation: the kernels' widest index type (and the NumPy path's int64) must hold it.
+INDEX_MAX = 2**63 - 1
 
 
 def _pair(name: str, value, minimum: int) -> tuple[int, int]:
+    """(value, value), or the pair given: ints (bools refused) in [minimum, INDEX_MAX]."""
+    given_pair = isinstance(value, (tuple, list))
+    values = tuple(value) if given_pair else (value, value)
+    for v in values:
+        if isinstance(v, (bool, np.bool_)):
+            raise TypeError(f"{name}: expected an int or a pair of ints, got bool {bool(v)}"
+                            + (f" in {value!r}" if given_pair else ""))
     try:
-        pair = (operator.index(value),) * 2 if not isinstance(value, (tuple, list)) else tuple(
-            operator.index(v) for v in value)
+        pair = tuple(operator.index(v) for v in values)
     except TypeError:
         raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}") from None
     if len(pair) != 2 or min(pair) < minimum:
         raise ValueError(f"{name}: expected an int or a pair of ints ≥ {minimum}, got {value!r}")
+    if max(pair) > INDEX_MAX:
+        raise ValueError(f"{name}: expected an int or a pair of ints ≤ 2**63 - 1, got {value!r}")
     return pair
 
 
@@ -104,22 +123,30 @@ def _check(input, offset, weight, bias, mask, stride, padding, dilation) -> _Geo
         _validate.shape("mask", mask, (N, G * K, Ho, Wo), "(N, G·kh·kw, H_out, W_out)")
     if bias is not None:
         _validate.shape("bias", bias, (C_out,), "(C_out,)")
-    return _Geometry(N, C, H, W, C_out, groups, G, kh, kw, Ho, Wo, stride, padding, dilation)
+    geo = _Geometry(N, C, H, W, C_out, groups, G, kh, kw, Ho, Wo, stride, padding, dilation)
+    if max(geo.tap_extents) > INDEX_MAX:
+        raise ValueError(f"stride, padding, dilation: expected tap positions (H_out − 1)·stride + padding + (kh − 1)·"
+                         f"dilation (W likewise) ≤ 2**63 - 1, got {max(geo.tap_extents)} from stride {stride}, padding "
+                         f"{padding}, dilation {dilation}")
+    return geo
 
 
 # ------------------------------------------------------------------------------------ NumPy path
 
-def _group_samples(offset, mask, g, geo: _Geometry, dtype):
-    """Corners of every sample of offset group g for a chunk of images, rows ordered (image, p, tap):
-    rows into _bilinear.pixels_last(chunk), the bilinear weights times the mask, the weights' derivatives
-    times the mask, and the unmasked weights."""
-    n, K, P = offset.shape[0], geo.taps, geo.Ho * geo.Wo
+def _group_samples(offset, mask, g, geo: _Geometry, dtype, r0: int):
+    """Corners of every sample of offset group g for a chunk: images offset.shape[0], output rows [r0, r0 +
+    offset.shape[2]) (offset and mask are the chunk's slices), rows ordered (image, p, tap): rows into
+    _bilinear.pixels_last(chunk's images), the bilinear weights times the mask, the weights' derivatives times
+    the mask, and the unmasked weights. Tap positions are integers in int64 until they are added to Δy, Δx."""
+    n, K, P = offset.shape[0], geo.taps, offset.shape[2] * geo.Wo
     (sh, sw), (ph, pw), (dh, dw) = geo.stride, geo.padding, geo.dilation
     off = offset.reshape(n, geo.offset_groups, K, 2, P)[:, g].astype(dtype, copy=False)
-    base_y = (np.arange(geo.Ho) * sh - ph)[:, None, None, None] + (np.arange(geo.kh) * dh)[:, None]
-    base_x = (np.arange(geo.Wo) * sw - pw)[:, None, None] + np.arange(geo.kw) * dw
-    base_y = np.broadcast_to(base_y, (geo.Ho, geo.Wo, geo.kh, geo.kw)).reshape(P, K).astype(dtype)
-    base_x = np.broadcast_to(base_x, (geo.Ho, geo.Wo, geo.kh, geo.kw)).reshape(P, K).astype(dtype)
+    rows_y = np.arange(r0, r0 + offset.shape[2], dtype=np.int64)
+    base_y = (rows_y * sh - ph)[:, None, None, None] + (np.arange(geo.kh, dtype=np.int64) * dh)[:, None]
+    base_x = (np.arange(geo.Wo, dtype=np.int64) * sw - pw)[:, None, None] + np.arange(geo.kw, dtype=np.int64) * dw
+    shape = (len(rows_y), geo.Wo, geo.kh, geo.kw)
+    base_y = np.broadcast_to(base_y, shape).reshape(P, K).astype(dtype)
+    base_x = np.broadcast_to(base_x, shape).reshape(P, K).astype(dtype)
     y = base_y + off[:, :, 0].transpose(0, 2, 1)        # (n, P, K)
     x = base_x + off[:, :, 1].transpose(0, 2, 1)
     with np.errstate(invalid="ignore"):
@@ -130,17 +157,22 @@ def _group_samples(offset, mask, g, geo: _Geometry, dtype):
     return rows, c.weight * m, c.dweight_dy * m, c.dweight_dx * m, c.weight
 
 
-def _columns(images, offset, mask, geo: _Geometry, dtype):
-    """Sampled columns of a chunk of n images: (n·P, K, C) in dtype."""
-    n, K, P = images.shape[0], geo.taps, geo.Ho * geo.Wo
+def _columns(images, offset, mask, geo: _Geometry, dtype, r0: int):
+    """Sampled columns of a chunk (n images, output rows [r0, r0 + offset.shape[2])): (n·Pc, K, C) in dtype."""
+    n, K, P = images.shape[0], geo.taps, offset.shape[2] * geo.Wo
     Cg = geo.C // geo.offset_groups
     cols = np.empty((n * P, K, geo.C), dtype)
     for g in range(geo.offset_groups):
-        rows, weight = _group_samples(offset, mask, g, geo, dtype)[:2]
+        rows, weight = _group_samples(offset, mask, g, geo, dtype, r0)[:2]
         S = _bilinear.sampling_matrix(rows, weight, n * (geo.H * geo.W + 1))
         X = _bilinear.pixels_last(images[:, g * Cg:(g + 1) * Cg], dtype)
         cols[:, :, g * Cg:(g + 1) * Cg] = (S @ X).reshape(n * P, K, Cg)
     return cols
+
+
+def _chunk(a, n0, n1, r0, r1):
+    """Images [n0, n1), output rows [r0, r1) of an (N, channels, Ho, Wo) array; None stays None."""
+    return None if a is None else a[n0:n1, :, r0:r1]
 
 
 def _group_weight(weight, q, geo: _Geometry, dtype):
@@ -150,48 +182,56 @@ def _group_weight(weight, q, geo: _Geometry, dtype):
     return w.reshape(Cq_out, w.shape[1], geo.taps).transpose(0, 2, 1).reshape(Cq_out, -1)
 
 
-def _image_bytes(geo: _Geometry, dtype, backward: bool) -> int:
-    """Scratch bytes per image: column buffers plus the sparse sampling matrices (NumPy path)."""
-    P, K = geo.Ho * geo.Wo, geo.taps
-    itemsize = np.dtype(dtype).itemsize
-    # columns (and their gradient, or the product being written), corners and weights of the samples
-    # (_group_samples holds about 256 bytes a sample at its peak), and the output block
-    return P * K * (geo.C * itemsize * (3 if backward else 2) + 256) + P * geo.C_out * itemsize
+def _workspace_bytes(geo: _Geometry, dtype, backward: bool) -> tuple[int, int]:
+    """Scratch bytes of the NumPy path (per output row, per image): column buffers and the sparse sampling
+    matrices per row, a channels-last copy of one offset group's channels per image."""
+    K, itemsize = geo.taps, np.dtype(dtype).itemsize
+    # per row: columns (and their gradient, or the product being written), corners and weights of the samples
+    # (_group_samples holds about 256 bytes a sample at its peak), and the output block (or its gradient)
+    per_row = geo.Wo * K * (geo.C * itemsize * (3 if backward else 2) + 256) + geo.Wo * geo.C_out * itemsize
+    return per_row, (geo.H * geo.W + 1) * (geo.C // geo.offset_groups) * itemsize
 
 
 def _forward_numpy(input, offset, weight, bias, mask, geo: _Geometry):
     dtype = _kernels.compute_dtype(input.dtype)
-    N, P, Cq, Cq_out = geo.N, geo.Ho * geo.Wo, geo.C // geo.groups, geo.C_out // geo.groups
-    out = np.empty((N, geo.C_out, P), dtype)
+    N, Wo, Cq, Cq_out = geo.N, geo.Wo, geo.C // geo.groups, geo.C_out // geo.groups
+    out = np.empty((N, geo.C_out, geo.Ho, Wo), dtype)
     weights = [_group_weight(weight, q, geo, dtype) for q in range(geo.groups)]
-    for n0, n1 in _workspace.batch_chunks(N, _image_bytes(geo, dtype, False), "deform_conv2d"):
-        cols = _columns(input[n0:n1], offset[n0:n1], None if mask is None else mask[n0:n1], geo, dtype)
+    per_row, per_image = _workspace_bytes(geo, dtype, False)
+    for n0, n1, r0, r1 in _workspace.chunks(N, geo.Ho, per_row, "deform_conv2d", per_image):
+        n, n_rows = n1 - n0, r1 - r0
+        cols = _columns(input[n0:n1], _chunk(offset, n0, n1, r0, r1), _chunk(mask, n0, n1, r0, r1), geo, dtype, r0)
         for q in range(geo.groups):
-            part = cols[:, :, q * Cq:(q + 1) * Cq].reshape((n1 - n0) * P, -1) @ weights[q].T
-            out[n0:n1, q * Cq_out:(q + 1) * Cq_out] = part.reshape(n1 - n0, P, Cq_out).transpose(0, 2, 1)
+            part = cols[:, :, q * Cq:(q + 1) * Cq].reshape(n * n_rows * Wo, -1) @ weights[q].T
+            out[n0:n1, q * Cq_out:(q + 1) * Cq_out, r0:r1] = part.reshape(n, n_rows, Wo, Cq_out).transpose(0, 3, 1, 2)
         del cols, part  # before the next chunk allocates its own
     if bias is not None:
-        out += bias.astype(dtype)[:, None]
-    return out.reshape(N, geo.C_out, geo.Ho, geo.Wo).astype(input.dtype, copy=False)
+        out += bias.astype(dtype)[:, None, None]
+    return out.astype(input.dtype, copy=False)
 
 
 def _backward_numpy(grad_output, input, offset, weight, bias, mask, geo: _Geometry, wanted):
+    """The five gradients in chunks. Chunks within one image add their input gradients into it one after
+    another, and every chunk adds into the weight gradient: those two sums depend on the chunks (rounding);
+    the offset and mask gradients of an output do not."""
     want_input, want_offset, want_weight, want_bias, want_mask = wanted
     dtype = _kernels.compute_dtype(input.dtype)
-    N, K, P = geo.N, geo.taps, geo.Ho * geo.Wo
+    N, K, Ho, Wo, HW = geo.N, geo.taps, geo.Ho, geo.Wo, geo.H * geo.W
     G, Cg, Cq, Cq_out = geo.offset_groups, geo.C // geo.offset_groups, geo.C // geo.groups, geo.C_out // geo.groups
     weights = [_group_weight(weight, q, geo, dtype) for q in range(geo.groups)]
     grad_input = np.zeros(input.shape, dtype) if want_input else None
     grad_offset = np.empty(offset.shape, dtype) if want_offset else None
     grad_mask = np.empty(mask.shape, dtype) if want_mask else None
     grad_weight = [np.zeros_like(w) for w in weights] if want_weight else None
-    for n0, n1 in _workspace.batch_chunks(N, _image_bytes(geo, dtype, True), "deform_conv2d_backward"):
-        n = n1 - n0
-        images, off, m = input[n0:n1], offset[n0:n1], None if mask is None else mask[n0:n1]
-        G_out = grad_output[n0:n1].reshape(n, geo.C_out, P).transpose(0, 2, 1).reshape(n * P, geo.C_out)
-        G_out = G_out.astype(dtype, copy=False)
+    per_row, per_image = _workspace_bytes(geo, dtype, True)
+    for n0, n1, r0, r1 in _workspace.chunks(N, Ho, per_row, "deform_conv2d_backward", per_image):
+        n, n_rows = n1 - n0, r1 - r0
+        P = n_rows * Wo
+        images, off, m = input[n0:n1], _chunk(offset, n0, n1, r0, r1), _chunk(mask, n0, n1, r0, r1)
+        G_out = _chunk(grad_output, n0, n1, r0, r1).reshape(n, geo.C_out, P).transpose(0, 2, 1).reshape(
+            n * P, geo.C_out).astype(dtype, copy=False)
         if want_weight:
-            cols = _columns(images, off, m, geo, dtype)
+            cols = _columns(images, off, m, geo, dtype, r0)
             for q in range(geo.groups):
                 grad_weight[q] += G_out[:, q * Cq_out:(q + 1) * Cq_out].T @ cols[:, :, q * Cq:(q + 1) * Cq].reshape(
                     n * P, -1)
@@ -203,25 +243,27 @@ def _backward_numpy(grad_output, input, offset, weight, bias, mask, geo: _Geomet
             grad_cols[:, :, q * Cq:(q + 1) * Cq] = (G_out[:, q * Cq_out:(q + 1) * Cq_out] @ weights[q]).reshape(
                 n * P, K, Cq)
         for g in range(G):
-            rows, weight_m, dy_m, dx_m, weight_plain = _group_samples(off, m, g, geo, dtype)
-            columns = n * (geo.H * geo.W + 1)
+            rows, weight_m, dy_m, dx_m, weight_plain = _group_samples(off, m, g, geo, dtype, r0)
+            columns = n * (HW + 1)
             grad_g = np.ascontiguousarray(grad_cols[:, :, g * Cg:(g + 1) * Cg]).reshape(n * P * K, Cg)
             if want_input:
                 S = _bilinear.sampling_matrix(rows, weight_m, columns)
-                _bilinear.to_channels_first(S.T @ grad_g, grad_input[n0:n1, g * Cg:(g + 1) * Cg])
+                pixels = (S.T @ grad_g).reshape(n, HW + 1, Cg)[:, :HW].transpose(0, 2, 1)
+                grad_input[n0:n1, g * Cg:(g + 1) * Cg] += pixels.reshape(n, Cg, geo.H, geo.W)
+                del S, pixels
             if want_offset or want_mask:
                 X = _bilinear.pixels_last(images[:, g * Cg:(g + 1) * Cg], dtype)
 
                 def sample_dot(values):  # Σ_c (values-weighted sample of channel c) · grad_columns[..., c]
                     sampled = _bilinear.sampling_matrix(rows, values, columns) @ X
-                    return np.vecdot(sampled, grad_g).reshape(n, P, K).transpose(0, 2, 1)
+                    return np.vecdot(sampled, grad_g).reshape(n, n_rows, Wo, K).transpose(0, 3, 1, 2)
 
                 if want_offset:
-                    pair = grad_offset[n0:n1].reshape(n, G, K, 2, P)[:, g]
+                    pair = grad_offset.reshape(N, G, K, 2, Ho, Wo)[n0:n1, g, :, :, r0:r1]
                     pair[:, :, 0] = sample_dot(dy_m)
                     pair[:, :, 1] = sample_dot(dx_m)
                 if want_mask:
-                    grad_mask[n0:n1].reshape(n, G, K, P)[:, g] = sample_dot(weight_plain)
+                    grad_mask.reshape(N, G, K, Ho, Wo)[n0:n1, g, :, r0:r1] = sample_dot(weight_plain)
     if want_weight:
         grad_weight = np.concatenate([w.reshape(Cq_out, K, Cq).transpose(0, 2, 1) for w in grad_weight]).reshape(
             weight.shape)
@@ -232,16 +274,25 @@ def _backward_numpy(grad_output, input, offset, weight, bias, mask, geo: _Geomet
 
 # ---------------------------------------------------------------------------------------- kernels
 
-def _chunk_sizes(geo: _Geometry, n0: int, n1: int) -> tuple:
-    return (*geo.sizes, n0, n1 - n0, *geo.stride, *geo.padding, *geo.dilation)
+def _chunk_sizes(geo: _Geometry, n0: int, n1: int, r0: int, r1: int) -> tuple:
+    """The kernels' DEFORM_CONV_SIZES for images [n0, n1), output rows [r0, r1) of each."""
+    return (*geo.sizes, n0, n1 - n0, r0 * geo.Wo, (r1 - r0) * geo.Wo, *geo.stride, *geo.padding, *geo.dilation)
 
 
-def _kernel_columns(call, input, offset, mask, geo: _Geometry, n0: int, n1: int):
-    """The sampled columns (C·kh·kw, n·H_out·W_out) of images [n0, n1), in the compute dtype."""
-    xp = call.xp
-    columns = _kernels.empty(xp, (geo.C * geo.taps, (n1 - n0) * geo.Ho * geo.Wo), _kernels.compute_dtype(input.dtype))
-    _kernels.launch(call.backend, FAMILY, "deform_conv_im2col", input.dtype, geo.C * (n1 - n0) * geo.Ho * geo.Wo,
-                    (input, offset, _kernels.NULL if mask is None else mask, columns), _chunk_sizes(geo, n0, n1))
+def _launch(call, name, dtype, n, arrays, geo: _Geometry, chunk, options=()):
+    """Launch a deform_conv kernel over a chunk (n0, n1, r0, r1), with an index type that holds the tap
+    coordinates too."""
+    _kernels.launch(call.backend, FAMILY, name, dtype, n, arrays, _chunk_sizes(geo, *chunk), options,
+                    bounds=geo.tap_extents)
+
+
+def _kernel_columns(call, input, offset, mask, geo: _Geometry, chunk):
+    """The sampled columns (C·kh·kw, n·rows·W_out) of a chunk (n0, n1, r0, r1), in the compute dtype."""
+    n0, n1, r0, r1 = chunk
+    n_columns = (n1 - n0) * (r1 - r0) * geo.Wo
+    columns = _kernels.empty(call.xp, (geo.C * geo.taps, n_columns), _kernels.compute_dtype(input.dtype))
+    _launch(call, "deform_conv_im2col", input.dtype, geo.C * n_columns,
+            (input, offset, _kernels.NULL if mask is None else mask, columns), geo, chunk)
     return columns
 
 
@@ -251,65 +302,66 @@ def _forward_kernels(call, input, offset, weight, bias, mask, geo: _Geometry):
     input, offset = (xp.ascontiguousarray(a) for a in (input, offset))
     mask = None if mask is None else xp.ascontiguousarray(mask)
     dtype = _kernels.compute_dtype(input.dtype)
-    N, P, Cq_out = geo.N, geo.Ho * geo.Wo, geo.C_out // geo.groups
+    N, Wo, Cq_out = geo.N, geo.Wo, geo.C_out // geo.groups
     rows_q = geo.C // geo.groups * geo.taps
-    out = _kernels.empty(xp, (N, geo.C_out, P), dtype)
+    out = _kernels.empty(xp, (N, geo.C_out, geo.Ho, Wo), dtype)
     w = weight.reshape(geo.C_out, -1).astype(dtype, copy=False)
-    per_image = (geo.C * geo.taps + geo.C_out) * P * dtype.itemsize  # columns and the product
-    for n0, n1 in _workspace.batch_chunks(N, per_image, "deform_conv2d"):
-        columns = _kernel_columns(call, input, offset, mask, geo, n0, n1)
+    per_row = (geo.C * geo.taps + geo.C_out) * Wo * dtype.itemsize  # columns and the product
+    for chunk in _workspace.chunks(N, geo.Ho, per_row, "deform_conv2d"):
+        n0, n1, r0, r1 = chunk
+        columns = _kernel_columns(call, input, offset, mask, geo, chunk)
         for q in range(geo.groups):
             part = w[q * Cq_out:(q + 1) * Cq_out] @ columns[q * rows_q:(q + 1) * rows_q]
-            out[n0:n1, q * Cq_out:(q + 1) * Cq_out] = part.reshape(Cq_out, n1 - n0, P).transpose(1, 0, 2)
+            out[n0:n1, q * Cq_out:(q + 1) * Cq_out, r0:r1] = part.reshape(Cq_out, n1 - n0, r1 - r0, Wo).transpose(
+                1, 0, 2, 3)
         del columns, part  # before the next chunk allocates its own
     if bias is not None:
-        out += bias.astype(dtype)[:, None]
-    return out.reshape(N, geo.C_out, geo.Ho, geo.Wo).astype(input.dtype, copy=False)
+        out += bias.astype(dtype)[:, None, None]
+    return out.astype(input.dtype, copy=False)
 
 
 def _backward_kernels(call, grad_output, input, offset, weight, bias, mask, geo: _Geometry, wanted, deterministic):
     """Columns, their gradient, the GEMMs and the input, weight and bias gradients' sums in the compute dtype
-    (float32 for 16-bit input), rounded once at the end."""
+    (float32 for 16-bit input), rounded once at the end. The weight gradient adds up over the chunks; the
+    deterministic input gradient adds each pixel's terms in the unchunked order whatever the chunks."""
     xp = call.xp
     want_input, want_offset, want_weight, want_bias, want_mask = wanted
     grad_output, input, offset = (xp.ascontiguousarray(a) for a in (grad_output, input, offset))
     mask = None if mask is None else xp.ascontiguousarray(mask)
     dtype = _kernels.compute_dtype(input.dtype)
-    N, P, Cq_out = geo.N, geo.Ho * geo.Wo, geo.C_out // geo.groups
+    N, Wo, Cq_out = geo.N, geo.Wo, geo.C_out // geo.groups
     rows_q = geo.C // geo.groups * geo.taps
     w = weight.reshape(geo.C_out, -1).astype(dtype, copy=False)
     grad_input = xp.zeros(input.shape, dtype) if want_input else None
     grad_offset = _kernels.empty(xp, offset.shape, offset.dtype) if want_offset else None
     grad_mask = _kernels.empty(xp, mask.shape, mask.dtype) if want_mask else None
     grad_w = xp.zeros(w.shape, dtype) if want_weight else None
-    per_image = 2 * geo.C * geo.taps * P * dtype.itemsize
-    for n0, n1 in _workspace.batch_chunks(N, per_image, "deform_conv2d_backward"):
-        g_out = grad_output[n0:n1].reshape(n1 - n0, geo.C_out, P).transpose(1, 0, 2).reshape(geo.C_out, -1)
+    per_row = (2 * geo.C * geo.taps + geo.C_out) * Wo * dtype.itemsize  # columns, their gradient, grad_output's
+    for chunk in _workspace.chunks(N, geo.Ho, per_row, "deform_conv2d_backward"):
+        n0, n1, r0, r1 = chunk
+        n, P = n1 - n0, (r1 - r0) * Wo
+        g_out = grad_output[n0:n1, :, r0:r1].reshape(n, geo.C_out, P).transpose(1, 0, 2).reshape(geo.C_out, -1)
         g_out = xp.ascontiguousarray(g_out, dtype)
-        sizes = _chunk_sizes(geo, n0, n1)
         if want_weight:
-            columns = _kernel_columns(call, input, offset, mask, geo, n0, n1)
+            columns = _kernel_columns(call, input, offset, mask, geo, chunk)
             for q in range(geo.groups):
                 grad_w[q * Cq_out:(q + 1) * Cq_out] += (g_out[q * Cq_out:(q + 1) * Cq_out]
                                                         @ columns[q * rows_q:(q + 1) * rows_q].T)
             del columns
         if not (want_input or want_offset or want_mask):
             continue
-        grad_columns = xp.empty((geo.C * geo.taps, (n1 - n0) * P), dtype)
+        grad_columns = xp.empty((geo.C * geo.taps, n * P), dtype)
         for q in range(geo.groups):
             grad_columns[q * rows_q:(q + 1) * rows_q] = (w[q * Cq_out:(q + 1) * Cq_out].T
                                                          @ g_out[q * Cq_out:(q + 1) * Cq_out])
         null_mask = _kernels.NULL if mask is None else mask
         if want_input:
-            work = (n1 - n0) * geo.C * (1 if deterministic else P)
-            _kernels.launch(call.backend, FAMILY, "deform_conv_col2im", input.dtype, work,
-                            (offset, null_mask, grad_columns, grad_input), sizes, (deterministic,))
+            _launch(call, "deform_conv_col2im", input.dtype, n * geo.C * (1 if deterministic else P),
+                    (offset, null_mask, grad_columns, grad_input), geo, chunk, (deterministic,))
         if want_offset or want_mask:
-            _kernels.launch(call.backend, FAMILY, "deform_conv_col2im_coord", input.dtype,
-                            (n1 - n0) * geo.offset_groups * geo.taps * P,
-                            (input, offset, null_mask, grad_columns,
-                             _kernels.NULL if grad_offset is None else grad_offset,
-                             _kernels.NULL if grad_mask is None else grad_mask), sizes)
+            _launch(call, "deform_conv_col2im_coord", input.dtype, n * geo.offset_groups * geo.taps * P,
+                    (input, offset, null_mask, grad_columns, _kernels.NULL if grad_offset is None else grad_offset,
+                     _kernels.NULL if grad_mask is None else grad_mask), geo, chunk)
     grad_weight = grad_w.reshape(weight.shape) if want_weight else None
     grad_bias = grad_output.sum(axis=(0, 2, 3), dtype=dtype) if want_bias else None
     return tuple(None if g is None else g.astype(input.dtype, copy=False)
@@ -340,7 +392,8 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
 
     Tap k of output (h, w) samples y = h·stride_h − pad_h + i·dil_h + Δy (x likewise). A sample with
     y ≤ −1, y ≥ H, x ≤ −1 or x ≥ W is 0 (NaN and ±inf too); otherwise it is bilinear with the corners
-    outside the image reading 0. The batch is processed in chunks under :func:`deformcp.workspace_limit`.
+    outside the image reading 0. The work is done in chunks under :func:`deformcp.workspace_limit`: several
+    whole images, or ranges of output rows of one image when an image alone does not fit.
 
     >>> x = np.random.rand(2, 8, 10, 10).astype(np.float32)
     >>> w = np.random.rand(16, 8, 3, 3).astype(np.float32)
@@ -369,8 +422,9 @@ def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride
         needs_input_grad (five bools): which of (input, offset, weight, bias, mask) to differentiate.
             Default: all.
         deterministic (bool): on the host and CUDA backends, False scatter-adds the input gradient with
-            atomics; True gives each input plane to one thread (bitwise reproducible). The offset, mask,
-            weight and bias gradients never use atomics; the NumPy path is deterministic. Default: False.
+            atomics; True gives each input plane to one thread (bitwise reproducible, and the same whatever
+            the workspace limit). The offset, mask, weight and bias gradients never use atomics; the NumPy
+            path is deterministic. Default: False.
 
     Returns:
         DeformConv2dGrads(input, offset, weight, bias, mask): None for an absent bias or mask and for
@@ -380,6 +434,10 @@ def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride
     from the right (the cell whose lower corner the sample is on); it is 0 where the sample is 0, i.e. at
     y ≤ −1 and y ≥ H (x likewise), and for NaN or ±inf offsets — so exactly at y = −1 the gradient is 0,
     and just above it the lower corners (row −1) read 0 while row 0 counts.
+
+    The weight gradient (every backend) adds up the partial sums of the chunks that the workspace limit
+    makes, and so does the NumPy path's input gradient when an image is split into ranges of output rows:
+    their last bits can depend on the limit.
     """
     call = _dispatch.prepare(grad_output=grad_output, input=input, offset=offset, weight=weight, bias=bias,
                              mask=mask)

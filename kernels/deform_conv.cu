@@ -3,14 +3,16 @@
 // torchvision.ops.deform_conv2d's conventions. Preceded by deformcp_common.cuh. Layouts (C-contiguous):
 //   input (N, C, H, W); offset (N, 2·G·K, Ho, Wo), channel g·2K + 2k = Δy and + 1 = Δx of tap k = i·kw + j;
 //   mask (N, G·K, Ho, Wo) or null (v1); input channel c belongs to offset group c / (C / G);
-//   columns (C·K, n·P) in acc_t<T> (float32 for 16-bit T) for a chunk of n images starting at image n0,
-//   row c·K + k, column image·P + p, P = Ho·Wo. Tap k of output (ho, wo) samples y = ho·s_h − p_h + i·d_h + Δy
+//   columns (C·K, n·Pc) in acc_t<T> (float32 for 16-bit T) for a chunk: images [n0, n0 + n_chunk) and, in each,
+//   the output pixels [p0, p0 + Pc) (Pc = p_count; a range of whole output rows, or all P = Ho·Wo of them); row
+//   c·K + k, column (image − n0)·Pc + p − p0. Tap k of output (ho, wo) samples y = ho·s_h − p_h + i·d_h + Δy
 //   (x likewise) with the shared bilinear helper: zero unless −1 < y < H and −1 < x < W, corners outside the
-//   image read zero.
+//   image read zero. The caller picks I wide enough for the tap coordinates too ((Ho − 1)·s_h + p_h +
+//   (kh − 1)·d_h and the x analogue), not only for the sizes.
 
-// Geometry of a convolution, passed as sizes.
-#define DEFORM_CONV_SIZES I N, I C, I H, I W, I G, I kh, I kw, I Ho, I Wo, I n0, I n_chunk, I stride_h, \
-  I stride_w, I pad_h, I pad_w, I dil_h, I dil_w
+// Geometry of a convolution and the chunk, passed as sizes.
+#define DEFORM_CONV_SIZES I N, I C, I H, I W, I G, I kh, I kw, I Ho, I Wo, I n0, I n_chunk, I p0, I p_count, \
+  I stride_h, I stride_w, I pad_h, I pad_w, I dil_h, I dil_w
 
 // Sample position of tap k at output p of image n, and the mask value (1 without a mask).
 template <typename A, typename T, typename I>
@@ -24,22 +26,23 @@ __device__ __forceinline__ void deform_tap(const T* offset, const T* mask, I n, 
   *m = mask != nullptr ? (A)load_acc(mask[((n * G + g) * K + k) * P + p]) : (A)1;
 }
 
-// columns[c·K + k, (n − n0)·P + p] = mask · input[n, c] sampled at tap k of output p.
+// columns[c·K + k, (n − n0)·Pc + p − p0] = mask · input[n, c] sampled at tap k of output p.
 template <typename T, typename I>
 __global__ void deform_conv_im2col(const T* input, const T* offset, const T* mask, acc_t<T>* columns,
                                    DEFORM_CONV_SIZES) {
   typedef typename acc_type<T>::type A;
-  const I K = kh * kw, P = Ho * Wo, cols = n_chunk * P;
-  DEFORMCP_GRID_STRIDE_LOOP(I, index, C * n_chunk * P) {
-    const I p = index % P, n = n0 + index / P % n_chunk, c = index / (P * n_chunk);
+  const I K = kh * kw, cols = n_chunk * p_count;
+  DEFORMCP_GRID_STRIDE_LOOP(I, index, C * cols) {
+    const I q = index % p_count, n = n0 + index / p_count % n_chunk, c = index / cols, p = p0 + q;
     const I g = c / (C / G);
     const T* plane = input + (n * C + c) * H * W;
     for (I k = 0; k < K; ++k) {
       A y, x, m;
-      deform_tap(offset, mask, n, g, k, p, G, kw, Ho, Wo, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, K, &y, &x, &m);
+      deform_tap(offset, mask, n, g, k, p, G, kw, Ho, Wo, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, K, &y, &x,
+                 &m);
       bilinear_corners<A, I> corners;
       const A v = bilinear_setup(y, x, H, W, corners) ? bilinear_gather(plane, corners) * m : (A)0;
-      columns[(c * K + k) * cols + (n - n0) * P + p] = v;
+      columns[(c * K + k) * cols + (n - n0) * p_count + q] = v;
     }
   }
 }
@@ -54,22 +57,26 @@ __device__ __forceinline__ void deform_scatter_tap(const T* offset, const T* mas
              &x, &m);
   bilinear_corners<A, I> corners;
   if (bilinear_setup(y, x, H, W, corners))
-    bilinear_scatter(plane, corners, grad_columns[(c * K + k) * cols + (n - n0) * Ho * Wo + p] * m,
+    bilinear_scatter(plane, corners, grad_columns[(c * K + k) * cols + (n - n0) * p_count + p - p0] * m,
                      atomic);
 }
 
 // grad_input[n, c] += mask · grad_columns scattered back along the bilinear weights. grad_input (in acc_t<T>,
-// like grad_columns) is zero-filled by the caller. deterministic = 0: one thread per (c, image, p), atomics;
-// 1: one thread per input plane (n, c), visiting (k, p) in order with plain adds (bitwise reproducible).
+// like grad_columns) is zero-filled by the caller and accumulates over the chunks. deterministic = 0: one
+// thread per (c, image, p), atomics; 1: one thread per input plane (n, c), visiting p in order and, for each,
+// the taps k in order, with plain adds. The caller's chunks cover each image's outputs in increasing ranges
+// of p, one chunk after another, so the adds into each pixel come in one order — the order of the unchunked
+// call: bitwise reproducible, and the same whatever the workspace limit.
 template <typename T, typename I>
 __global__ void deform_conv_col2im(const T* offset, const T* mask, const acc_t<T>* grad_columns,
                                    acc_t<T>* grad_input, DEFORM_CONV_SIZES, int deterministic) {
   typedef typename acc_type<T>::type A;
-  const I K = kh * kw, P = Ho * Wo, cols = n_chunk * P;
-#define DEFORM_CONV_SIZE_ARGS N, C, H, W, G, kh, kw, Ho, Wo, n0, n_chunk, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w
+  const I K = kh * kw, cols = n_chunk * p_count;
+#define DEFORM_CONV_SIZE_ARGS N, C, H, W, G, kh, kw, Ho, Wo, n0, n_chunk, p0, p_count, stride_h, stride_w, pad_h, \
+  pad_w, dil_h, dil_w
   if (!deterministic) {
-    DEFORMCP_GRID_STRIDE_LOOP(I, index, C * n_chunk * P) {
-      const I p = index % P, n = n0 + index / P % n_chunk, c = index / (P * n_chunk);
+    DEFORMCP_GRID_STRIDE_LOOP(I, index, C * cols) {
+      const I p = p0 + index % p_count, n = n0 + index / p_count % n_chunk, c = index / cols;
       for (I k = 0; k < K; ++k)
         deform_scatter_tap<A>(offset, mask, grad_columns, grad_input + (n * C + c) * H * W, n, c, k, p, K, cols, true,
                               DEFORM_CONV_SIZE_ARGS);
@@ -78,8 +85,8 @@ __global__ void deform_conv_col2im(const T* offset, const T* mask, const acc_t<T
   }
   DEFORMCP_GRID_STRIDE_LOOP(I, index, n_chunk * C) {
     const I n = n0 + index / C, c = index % C;
-    for (I k = 0; k < K; ++k)
-      for (I p = 0; p < P; ++p)
+    for (I p = p0; p < p0 + p_count; ++p)
+      for (I k = 0; k < K; ++k)
         deform_scatter_tap<A>(offset, mask, grad_columns, grad_input + (n * C + c) * H * W, n, c, k, p, K, cols, false,
                               DEFORM_CONV_SIZE_ARGS);
   }
@@ -95,9 +102,10 @@ __global__ void deform_conv_col2im_coord(const T* input, const T* offset, const 
                                          const acc_t<T>* grad_columns, T* grad_offset, T* grad_mask,
                                          DEFORM_CONV_SIZES) {
   typedef typename acc_type<T>::type A;
-  const I K = kh * kw, P = Ho * Wo, cols = n_chunk * P, group_channels = C / G;
-  DEFORMCP_GRID_STRIDE_LOOP(I, index, n_chunk * G * K * P) {
-    const I p = index % P, k = index / P % K, g = index / (P * K) % G, n = n0 + index / (P * K * G);
+  const I K = kh * kw, P = Ho * Wo, cols = n_chunk * p_count, group_channels = C / G;
+  DEFORMCP_GRID_STRIDE_LOOP(I, index, n_chunk * G * K * p_count) {
+    const I q = index % p_count, k = index / p_count % K, g = index / (p_count * K) % G;
+    const I n = n0 + index / (p_count * K * G), p = p0 + q;
     A y, x, m;
     deform_tap(offset, mask, n, g, k, p, G, kw, Ho, Wo, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, K, &y, &x, &m);
     bilinear_corners<A, I> corners;
@@ -105,7 +113,7 @@ __global__ void deform_conv_col2im_coord(const T* input, const T* offset, const 
     if (bilinear_setup(y, x, H, W, corners)) {
       for (I c = g * group_channels; c < (g + 1) * group_channels; ++c) {
         const T* plane = input + (n * C + c) * H * W;
-        const A g_col = grad_columns[(c * K + k) * cols + (n - n0) * P + p];
+        const A g_col = grad_columns[(c * K + k) * cols + (n - n0) * p_count + q];
         bilinear_coordinate_grad(plane, corners, g_col * m, &gy, &gx);
         gm += g_col * bilinear_gather(plane, corners);
       }

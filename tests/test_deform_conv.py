@@ -1,13 +1,17 @@
 """deform_conv2d v1/v2: regular-convolution equivalence, boundary gradients, finite differences for all five
 inputs, backend parity on the irregular configuration, special offsets, determinism, workspace, bad input."""
+import re
+import sys
+
 import numpy as np
 import pytest
 from conftest import assert_close, directional_derivative, run_both, to_backend
 
 import deformcp
-from deformcp import testing
+from deformcp import _host, _kernels, _workspace, testing
 
 DTYPES = testing.dtypes()
+needs_compiler = pytest.mark.skipif(_host.compiler() is None, reason="host backend: no C++ compiler found")
 #: The irregular configuration: kernel 3×2, stride 2×1, padding 1×0, dilation 2×1, groups 2, offset groups 3.
 IRREGULAR = dict(C=6, C_out=4, groups=2, G=3, kh=3, kw=2, stride=(2, 1), padding=(1, 0), dilation=(2, 1))
 
@@ -224,12 +228,145 @@ def test_workspace_limit_chunks_the_batch(rng, backend_name):
         with deformcp.workspace_limit(70_000):  # one to seven images a chunk, depending on backend and pass
             chunked = (deformcp.deform_conv2d(**arrays, **conv),
                        *deformcp.deform_conv2d_backward(grad_output, **arrays, **conv))
-        with deformcp.workspace_limit(100), pytest.raises(ValueError, match=r"deform_conv2d: one image needs \d+ "
-                                                                           r"bytes of workspace, more than the limit"):
+        with deformcp.workspace_limit(100), pytest.raises(ValueError, match=r"deform_conv2d: one output row needs "
+                                                                           r"\d+ bytes of workspace, more than the "
+                                                                           r"limit of 100 bytes"):
             deformcp.deform_conv2d(**arrays, **conv)
     assert deformcp.get_workspace_limit() == 512 * 2**20
     for a, b in zip(whole, chunked):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
+
+
+def conv_outputs(arrays, conv, grad_output, deterministic=False):
+    """The forward and all five gradients of one configuration."""
+    return (deformcp.deform_conv2d(**arrays, **conv),
+            *deformcp.deform_conv2d_backward(grad_output, **arrays, **conv, deterministic=deterministic))
+
+
+def one_row_needs(op, call):
+    """The workspace one output row needs, read from the ValueError that a 1-byte limit raises."""
+    with deformcp.workspace_limit(1), pytest.raises(ValueError) as error:
+        call()
+    match = re.fullmatch(rf"{op}: one output row needs (\d+) bytes of workspace, more than the limit of 1 bytes; "
+                         r"raise it with deformcp\.workspace_limit\(\.\.\.\)", str(error.value))
+    assert match, str(error.value)
+    return int(match.group(1))
+
+
+@pytest.fixture
+def recorded_chunks(monkeypatch):
+    """Every chunk list that _workspace.chunks hands out (the real function)."""
+    recorded, real = [], _workspace.chunks
+
+    def spy(*args, **kwargs):
+        recorded.append(real(*args, **kwargs))
+        return recorded[-1]
+
+    monkeypatch.setattr(_workspace, "chunks", spy)
+    return recorded
+
+
+@pytest.mark.parametrize("backend_name, deterministic", [
+    ("numpy", False), pytest.param("host", False, marks=needs_compiler),
+    pytest.param("host", True, marks=needs_compiler)])
+def test_workspace_limit_splits_one_image_into_output_rows(rng, recorded_chunks, backend_name, deterministic):
+    """Limits of one, two and four output rows' workspace: every image runs in ranges of its output rows
+    (forward, all five gradients), with the results of the unsplit call; inputs are left unmodified."""
+    arrays, conv = make_inputs(rng, 2, H=13, W=11)  # Ho × Wo = 6 × 10
+    grad_output = rng.standard_normal((2, 4, 6, 10))
+    before = {k: v.copy() for k, v in arrays.items()}, grad_output.copy()
+    with deformcp.backend(backend_name):
+        whole = conv_outputs(arrays, conv, grad_output, deterministic)
+        forward_row = one_row_needs("deform_conv2d", lambda: deformcp.deform_conv2d(**arrays, **conv))
+        backward_row = one_row_needs("deform_conv2d_backward", lambda: deformcp.deform_conv2d_backward(
+            grad_output, **arrays, **conv, deterministic=deterministic))
+        recorded_chunks.clear()
+        for rows in (1, 2, 4):
+            with testing.poisoned_outputs():
+                with deformcp.workspace_limit(rows * forward_row):
+                    out = deformcp.deform_conv2d(**arrays, **conv)
+                with deformcp.workspace_limit(rows * backward_row):
+                    grads = deformcp.deform_conv2d_backward(grad_output, **arrays, **conv, deterministic=deterministic)
+            for name, got, want in zip(("output", *grads._fields), (out, *grads), whole):
+                np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13, err_msg=f"{name}, {rows} rows")
+    # each limit splits every image into consecutive ranges of at most that many rows
+    assert len(recorded_chunks) == 6, "one forward and one backward chunk list per limit"
+    for chunks, rows in zip(recorded_chunks, (1, 1, 2, 2, 4, 4)):
+        assert all(n1 == n0 + 1 for n0, n1, _, _ in chunks), chunks
+        for n in (0, 1):
+            ranges = [(r0, r1) for n0, _, r0, r1 in chunks if n0 == n]
+            assert len(ranges) > 1 and max(r1 - r0 for r0, r1 in ranges) <= rows, chunks
+            assert [r for pair in ranges for r in pair] == [0, *[r for _, r1 in ranges[:-1] for r in (r1, r1)], 6]
+    for name, value in before[0].items():
+        np.testing.assert_array_equal(arrays[name], value, err_msg=f"{name} modified")
+    np.testing.assert_array_equal(grad_output, before[1], err_msg="grad_output modified")
+
+
+def test_fpn_level_image_runs_under_the_default_workspace_limit(rng, recorded_chunks):
+    """One 1×128×200×304 float32 image (an FPN level of an 800×1216 input; 3×3 kernel, padding 1, C_out 128) on
+    the NumPy path: its columns alone pass the default 512 MiB, so forward and backward split it into ranges of
+    output rows, with the unsplit results; the weight gradient, summed over the ranges in float32, is within
+    float32's tolerance of the float64 reference."""
+    arrays = dict(input=rng.standard_normal((1, 128, 200, 304), np.float32),
+                  offset=2 * rng.standard_normal((1, 18, 200, 304), np.float32),
+                  weight=rng.standard_normal((128, 128, 3, 3), np.float32) / 30,
+                  bias=rng.standard_normal(128, np.float32),
+                  mask=rng.uniform(0, 1, (1, 9, 200, 304)).astype(np.float32))
+    grad_output = rng.standard_normal((1, 128, 200, 304), np.float32)
+    assert deformcp.get_workspace_limit() == 512 * 2**20
+    split = conv_outputs(arrays, dict(padding=1), grad_output)
+    assert len(recorded_chunks) == 2 and all(len(chunks) > 1 for chunks in recorded_chunks), recorded_chunks
+    with deformcp.workspace_limit(2**32):
+        whole = conv_outputs(arrays, dict(padding=1), grad_output)
+        assert [len(chunks) for chunks in recorded_chunks[2:]] == [1, 1]
+        reference = deformcp.deform_conv2d_backward(grad_output.astype(np.float64), **{
+            k: v.astype(np.float64) for k, v in arrays.items()}, padding=1,
+            needs_input_grad=(False, False, True, False, False)).weight
+    for name, got, want in zip(("output", "input", "offset", "weight", "bias", "mask"), split, whole):
+        assert got.dtype == np.float32 and np.all(np.isfinite(got)), name
+        assert_close(got, want, "float32")
+    assert_close(split[3], reference, "float32")
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_host_kernels_over_row_ranges_are_bitwise_one_launch(rng, dtype):
+    """im2col, the deterministic col2im and col2im_coord launched over ranges of output rows (what a small
+    workspace limit does) give bitwise what one launch over both images gives: each range's columns, the input
+    gradient added range after range (the same adds in the same order), each range's offset and mask gradients."""
+    dc = sys.modules["deformcp.deform_conv"]
+    arrays, conv = make_inputs(rng, 2, H=13, W=11)
+    x, offset, weight, bias, mask = (arrays[k].astype(dtype) for k in ("input", "offset", "weight", "bias", "mask"))
+    geo = dc._check(x, offset, weight, bias, mask, **conv)
+    P, rows_k = geo.Ho * geo.Wo, geo.C * geo.taps
+    grad_columns = rng.standard_normal((rows_k, 2 * P)).astype(dtype)
+    whole_chunk, ranges = (0, 2, 0, geo.Ho), [(0, 1), (1, 4), (4, 6)]
+
+    def run(chunk, grad_cols, grad_input, grad_offset, grad_mask):
+        columns = np.full((rows_k, grad_cols.shape[1]), np.nan, dtype)
+        sizes, n = dc._chunk_sizes(geo, *chunk), chunk[1] - chunk[0]
+        for name, work, arguments, options in (
+                ("deform_conv_im2col", columns.size, (x, offset, mask, columns), ()),
+                ("deform_conv_col2im", n * geo.C, (offset, mask, grad_cols, grad_input), (1,)),
+                ("deform_conv_col2im_coord", n * geo.offset_groups * geo.taps * grad_cols.shape[1] // n,
+                 (x, offset, mask, grad_cols, grad_offset, grad_mask), ())):
+            _kernels.launch("host", dc.FAMILY, name, dtype, work, arguments, sizes, options)
+        return columns
+
+    def outputs():
+        return np.zeros(x.shape, dtype), np.full(offset.shape, np.nan, dtype), np.full(mask.shape, np.nan, dtype)
+
+    whole = outputs()
+    whole_columns = run(whole_chunk, grad_columns, *whole)
+    split = outputs()
+    for n in (0, 1):
+        for r0, r1 in ranges:
+            part = slice(n * P + r0 * geo.Wo, n * P + r1 * geo.Wo)
+            columns = run((n, n + 1, r0, r1), np.ascontiguousarray(grad_columns[:, part]), *split)
+            np.testing.assert_array_equal(columns, whole_columns[:, part], err_msg=f"columns of {n}, {r0}:{r1}")
+    assert not np.isnan(whole_columns).any() and not any(np.isnan(a).any() for a in whole)
+    for name, got, want in zip(("input", "offset", "mask"), split, whole):
+        np.testing.assert_array_equal(got.view(f"u{got.itemsize}"), want.view(f"u{want.itemsize}"), err_msg=name)
 
 
 # ------------------------------------------------------------------------------------------- bad input
@@ -275,3 +412,33 @@ def test_rejects_bad_input(rng):
     with pytest.raises(ValueError, match=r"workspace_limit: expected a positive number of bytes, got 0"):
         with deformcp.workspace_limit(0):
             pass
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (dict(stride=True), TypeError, r"^stride: expected an int or a pair of ints, got bool True$"),
+    (dict(padding=False), TypeError, r"^padding: expected an int or a pair of ints, got bool False$"),
+    (dict(dilation=True), TypeError, r"^dilation: expected an int or a pair of ints, got bool True$"),
+    (dict(stride=(2, True)), TypeError, r"^stride: expected an int or a pair of ints, got bool True in \(2, True\)$"),
+    (dict(dilation=np.True_), TypeError, r"^dilation: expected an int or a pair of ints, got bool True$"),
+    (dict(stride=2**63), ValueError, r"^stride: expected an int or a pair of ints ≤ 2\*\*63 - 1, got 92233720368547758"),
+    (dict(padding=(0, 2**64)), ValueError, r"^padding: expected an int or a pair of ints ≤ 2\*\*63 - 1, got \(0, 1844"),
+    (dict(dilation=(1, -2**70)), ValueError, r"^dilation: expected an int or a pair of ints ≥ 1, got \(1, -1180"),
+    # each fits int64, the tap positions (H_out − 1)·stride + padding + (kh − 1)·dilation do not
+    (dict(stride=(2**62, 1), padding=(2**62, 1)), ValueError,
+     r"^stride, padding, dilation: expected tap positions \(H_out − 1\)·stride \+ padding \+ \(kh − 1\)·dilation "
+     r"\(W likewise\) ≤ 2\*\*63 - 1, got 13835058055282163714 from stride \(4611686018427387904, 1\)"),
+])
+@pytest.mark.parametrize("backend_name", ["numpy", pytest.param("host", marks=needs_compiler)])
+def test_rejects_bool_and_oversized_conv_parameters(rng, backend_name, change, error, message):
+    """Bools are not sizes (operator.index(True) is 1); sizes past the 64-bit index raise a ValueError naming
+    the argument, not an OverflowError from deep inside."""
+    arrays, conv = make_inputs(rng, 1, H=6, W=5, modulated=False, C=2, C_out=2, groups=1, G=1, kh=3, kw=3,
+                               stride=(1, 1), padding=(1, 1), dilation=(1, 1))
+    conv.update(change)
+    if "padding" in change and "stride" in change:  # H_out = 3 with these: offsets of that size
+        arrays["offset"] = rng.standard_normal((1, 18, 3, 5))
+    with deformcp.backend(backend_name):
+        with pytest.raises(error, match=message):
+            deformcp.deform_conv2d(**arrays, **conv)
+        with pytest.raises(error, match=message):
+            deformcp.deform_conv2d_backward(rng.standard_normal((1, 2, 6, 5)), **arrays, **conv)

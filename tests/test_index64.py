@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import deformcp
-from deformcp import _host, _kernels
+from deformcp import _host, _kernels, testing
 
 pytestmark = pytest.mark.skipif(_host.compiler() is None, reason="host backend: no C++ compiler found")
 
@@ -354,3 +354,55 @@ def test_launch_picks_long_long_by_array_length(H, W, y, index64, launches):
         assert grad[0, 0, y, 4] == 2 and window.sum() == 2
         del grad
     del x, grads
+
+
+# ------------------------------------------------------------------- derived quantities: deform_conv's taps
+
+def huge_stride_conv(rng):
+    """deform_conv2d over a 5×5 image with stride_h = 2**31 - 1 and padding_h = 2**31 - 2: H_out = 3, and tap i of
+    output row ho sits at y = ho·stride_h − padding_h + i, up to 2**31 + 2 (row 2), past int; every size alone fits
+    an int. Offsets bring rows 0 and 2 back onto the image, so every output reads pixels. Returns the arrays,
+    the convolution, and the offsets of the same samples with stride 1 and padding (0, 1) (a reference that
+    never leaves int)."""
+    stride, padding = (2**31 - 1, 1), (2**31 - 2, 1)
+    ho = np.arange(3).reshape(3, 1, 1, 1)
+    i = np.arange(3).reshape(1, 3, 1, 1)
+    base_y = ho * stride[0] - padding[0] + i                                 # (ho, i, 1, 1), int64
+    dy = np.broadcast_to(-(ho * stride[0] - padding[0]), (3, 3, 3, 5)) + rng.uniform(-1.2, 1.2, (3, 3, 3, 5))
+    dx = rng.uniform(-1.5, 1.5, (3, 3, 3, 5))                                # (ho, i, j, wo)
+    offset = np.stack([dy, dx], axis=2).transpose(1, 3, 2, 0, 4).reshape(1, 18, 3, 5)
+    sample_y = base_y + offset.reshape(3, 3, 2, 3, 5)[:, :, 0].transpose(2, 0, 1, 3)  # exact in float64
+    assert np.all((sample_y > -1.5) & (sample_y < 6.5)) and base_y.max() > 2**31 - 1
+    small = offset.copy()
+    small.reshape(3, 3, 2, 3, 5)[:, :, 0] = (sample_y - (ho + i)).transpose(1, 2, 0, 3)
+    arrays = dict(input=rng.standard_normal((1, 2, 5, 5)), offset=offset, weight=rng.standard_normal((3, 2, 3, 3)),
+                  bias=rng.standard_normal(3), mask=rng.uniform(0, 1, (1, 9, 3, 5)))
+    return arrays, dict(stride=stride, padding=padding), small
+
+
+def test_deform_conv_tap_positions_past_int32_use_long_long(rng, launches):
+    """Tap positions past 2**31 - 1 with every size below it: the host backend launches the long long kernels and
+    gives, forward and backward (atomic and deterministic), what the NumPy path gives and what stride 1 with the
+    same sample points gives."""
+    arrays, conv, small_offset = huge_stride_conv(rng)
+    grad_output = rng.standard_normal((1, 3, 3, 5))
+    before = {k: v.copy() for k, v in arrays.items()}
+    reference = (deformcp.deform_conv2d(**arrays, **conv),
+                 *deformcp.deform_conv2d_backward(grad_output, **arrays, **conv))
+    same_samples = dict(arrays, offset=small_offset)
+    plain = (deformcp.deform_conv2d(**same_samples, padding=(0, 1)),
+             *deformcp.deform_conv2d_backward(grad_output, **same_samples, padding=(0, 1)))
+    assert np.all(reference[0] != arrays["bias"][:, None, None])   # every output reads the image
+    for got, want in zip(reference, plain):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    with deformcp.backend("host"), testing.poisoned_outputs():
+        host = [(deformcp.deform_conv2d(**arrays, **conv),
+                 *deformcp.deform_conv2d_backward(grad_output, **arrays, **conv, deterministic=det))
+                for det in (False, True)]
+    check_selection(launches, True)
+    assert {x.name for x in launches} == set(_kernels.kernel_names("deform_conv"))
+    for results in host:
+        for name, got, want in zip(("output", "input", "offset", "weight", "bias", "mask"), results, reference):
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12, err_msg=name)
+    for name, value in before.items():
+        np.testing.assert_array_equal(arrays[name], value, err_msg=f"{name} modified")

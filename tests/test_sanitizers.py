@@ -145,3 +145,16 @@ def test_sanitizers_catch_broken_kernels(asan_env, tmp_path, kernel, report):
         f"{kernel}: expected {report!r} and a failed process, got exit code {result.returncode}:\n"
         f"{output[-5000:]}")
     assert "LAUNCHED WITHOUT A SANITIZER REPORT" not in output
+
+
+def test_deform_conv_tap_positions_past_int32_under_sanitizers(asan_env):
+    """deform_conv2d with tap positions past 2**31 - 1 though every size is below it (tests/test_index64.py),
+    on the host backend under ASan + UBSan: no signed overflow, no bad access, the NumPy path's results."""
+    # -s: UBSan stops the process at its first report, which pytest's captured output would lose
+    command = [sys.executable, "-m", "pytest", "-q", "-s", "-x", "-p", "no:cacheprovider", "tests/test_index64.py",
+               "-k", "deform_conv_tap_positions"]
+    result = subprocess.run(command, cwd=REPO, env=asan_env, capture_output=True, text=True, timeout=1200)
+    output = _output(result)
+    for needle in FOUND:
+        assert needle not in output, f"sanitizer report:\n{output[-20000:]}"
+    assert result.returncode == 0 and re.search(r"\b1 passed\b", result.stdout), output[-5000:]
