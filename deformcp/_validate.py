@@ -1,17 +1,22 @@
 """Argument checks shared by every op; failures read "<argument>: expected ..., got ...".
 
 Errors are TypeError for a wrong kind of thing (dtype, type) and ValueError for a wrong value (rank,
-shape, size, option).
+shape, size, option). Flags are bools (Python or NumPy), never ints or strings; sizes and counts are ints
+(Python or NumPy integers), never bools or floats; nothing is converted silently.
 """
 from __future__ import annotations
 
+import math
 import numbers
 import operator
+from typing import Optional
 
 import numpy as np
 
 #: dtypes every backend accepts; float16 and bfloat16 are computed in float32 on the NumPy path.
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+#: Largest size, count or option accepted: what a C int holds.
+INT_MAX = 2**31 - 1
 
 
 def floating(name: str, x, ndim: int, layout: str):
@@ -48,21 +53,76 @@ def choice(name: str, value, options) -> None:
 
 
 def flag(name: str, value) -> bool:
+    """A bool (Python or NumPy); an int, a str or None is a TypeError, as in torch (no truthiness)."""
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
     return bool(value)
 
 
-def sizes(name: str, value, count: int) -> tuple[int, ...]:
-    """A sequence of count non-negative integers."""
+def _is_bool(value) -> bool:
+    """A bool, NumPy bool or 0-d bool array/tensor: operator.index would take some of these for 0 and 1."""
+    return isinstance(value, (bool, np.bool_)) or str(getattr(value, "dtype", "")).endswith("bool")
+
+
+def _index(value):
+    """value as an int (a Python or NumPy integer, anything with __index__), never a bool; None if it is not one."""
+    if _is_bool(value):
+        return None
     try:
-        items = tuple(operator.index(v) for v in value)
+        return operator.index(value)
     except TypeError:
-        raise TypeError(f"{name}: expected a sequence of {count} integers, got {value!r}") from None
+        return None
+
+
+def _items(value):
+    """The items of a tuple or list as ints; for the first that is not an int, (None, index, item)."""
+    items = []
+    for i, v in enumerate(value):
+        number = _index(v)
+        if number is None:
+            return None, i, v
+        items.append(number)
+    return tuple(items), None, None
+
+
+def sizes(name: str, value, count: int, maximum: int = INT_MAX) -> tuple[int, ...]:
+    """A sequence of count integers in [0, maximum] (kernels take sizes as C ints); bools are not sizes."""
+    try:
+        items, bad, item = _items(value)
+    except TypeError:  # not iterable
+        raise TypeError(f"{name}: expected a sequence of {count} integers, got {type(value).__name__} "
+                        f"{value!r}") from None
+    if items is None:
+        raise TypeError(f"{name}: expected a sequence of {count} integers, got {value!r} "
+                        f"({type(item).__name__} {item!r} at index {bad})")
     if len(items) != count:
         raise ValueError(f"{name}: expected {count} integers, got {len(items)}: {value!r}")
     if any(v < 0 for v in items):
         raise ValueError(f"{name}: expected non-negative sizes, got {items}")
+    if any(v > maximum for v in items):
+        raise ValueError(f"{name}: expected sizes of at most {maximum}, got {items}")
+    return items
+
+
+def pair(name: str, value, minimum: int = 1, maximum: int = INT_MAX) -> tuple[int, int]:
+    """An int, or a tuple or list of two, each in [minimum, maximum], as a pair; bools are not ints."""
+    if isinstance(value, (tuple, list)):
+        items, bad, item = _items(value)
+        if items is None:
+            raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r} "
+                            f"({type(item).__name__} {item!r} at index {bad})")
+        if len(items) != 2:
+            raise ValueError(f"{name}: expected an int or a pair of ints, got {len(items)} ints: {value!r}")
+    else:
+        number = _index(value)
+        if number is None:
+            raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r} (a {type(value).__name__})")
+        items = (number, number)
+    if min(items) < minimum or max(items) > maximum:
+        kind = {0: "non-negative int", 1: "positive int"}.get(minimum)
+        expected = (f"a {kind} or a pair of {kind}s" if kind else f"an int or a pair of ints ≥ {minimum}")
+        raise ValueError(f"{name}: expected {expected}" + (f", each at most {maximum}" if max(items) > maximum else "")
+                         + f", got {value!r}")
     return items
 
 
@@ -72,8 +132,10 @@ def needs_grad(value, fields: tuple[str, ...]) -> tuple[bool, ...]:
         items = tuple(value)
     except TypeError:
         raise TypeError(f"needs_input_grad: expected {len(fields)} bools for {fields}, got {value!r}") from None
-    if len(items) != len(fields) or not all(isinstance(v, (bool, np.bool_)) for v in items):
+    if len(items) != len(fields):
         raise ValueError(f"needs_input_grad: expected {len(fields)} bools for {fields}, got {value!r}")
+    if not all(isinstance(v, (bool, np.bool_)) for v in items):
+        raise TypeError(f"needs_input_grad: expected {len(fields)} bools for {fields}, got {value!r}")
     return tuple(bool(v) for v in items)
 
 
@@ -90,15 +152,30 @@ def real(name: str, value, positive: bool = False) -> float:
     return number
 
 
-def integer(name: str, value, maximum: int = 2**31 - 1) -> int:
-    """An int of at most ``maximum`` (in magnitude: kernels take it as a C int)."""
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}") from None
-    if abs(value) > maximum:
-        raise ValueError(f"{name}: expected an int of magnitude at most {maximum}, got {value}")
-    return value
+def integer(name: str, value, maximum: int = INT_MAX, minimum: Optional[int] = None) -> int:
+    """An int in [minimum, maximum]; minimum None: of magnitude at most ``maximum`` (kernels take it as a C int).
+    Bools are not ints."""
+    number = _index(value)
+    if number is None:
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    if minimum is None:
+        if abs(number) > maximum:
+            raise ValueError(f"{name}: expected an int of magnitude at most {maximum}, got {number}")
+    elif number < minimum:
+        expected = "a positive int" if minimum == 1 else f"an int ≥ {minimum}"
+        raise ValueError(f"{name}: expected {expected}, got {number}")
+    elif number > maximum:
+        raise ValueError(f"{name}: expected an int of at most {maximum}, got {number}")
+    return number
+
+
+def output_fits(name: str, shape: tuple, dtype) -> None:
+    """Check that an output of this shape and dtype can exist (bytes within NumPy's limit); name is the
+    argument that sets its size."""
+    elements = math.prod(shape)
+    if elements * np.dtype(dtype).itemsize > np.iinfo(np.intp).max:
+        raise ValueError(f"{name}: expected an output that fits in memory, got one of shape {tuple(shape)} "
+                         f"({elements} elements)")
 
 
 def rois(name: str, call, rois, input) -> None:
@@ -109,6 +186,8 @@ def rois(name: str, call, rois, input) -> None:
         return
     if H == 0 or W == 0:
         raise ValueError(f"input: expected non-empty spatial size H, W in (N, C, H, W), got {tuple(input.shape)}")
+    if N == 0:  # no batch index can be valid: said from the shapes alone (deformcp.jax checks at trace time)
+        raise ValueError(f"{name}: expected no RoIs for an empty batch (input N = 0), got {len(rois)}")
     xp = call.xp
     with call.device:
         index = rois[:, 0]

@@ -58,11 +58,8 @@ class _Config(NamedTuple):
 
 # --------------------------------------------------------------------------------------- arguments
 
-def _positive(name: str, value, maximum: int = 2**31 - 1) -> int:
-    value = _validate.integer(name, value, maximum)
-    if value <= 0:
-        raise ValueError(f"{name}: expected a positive int, got {value}")
-    return value
+def _positive(name: str, value, maximum: int = _validate.INT_MAX) -> int:
+    return _validate.integer(name, value, maximum, minimum=1)
 
 
 def _check(call, input, rois, offset, output_dim, group_size, pooled_size, part_size, sample_per_part,
@@ -99,9 +96,19 @@ def _check(call, input, rois, offset, output_dim, group_size, pooled_size, part_
                 raise ValueError(f"output_dim: expected a multiple of num_classes = offset.shape[1] / 2 = "
                                  f"{num_classes}, got {output_dim}")
     _validate.same_dtype(input=input, rois=rois, offset=offset)
+    _validate.output_fits("pooled_size", (K, output_dim, pooled_size, pooled_size), input.dtype)
     _validate.rois("rois", call, rois, input)
     return _Config(N, C, H, W, K, output_dim, group_size, pooled_size, part_size, sample_per_part, num_classes,
                    spatial_scale, trans_std, no_trans)
+
+
+def _output_shape(input, rois, offset, output_dim, group_size, pooled_size, part_size=None, sample_per_part=4,
+                  spatial_scale=1.0, trans_std=0.0, no_trans=False) -> tuple:
+    """The shape of deform_ps_roi_pool's output, raising its argument errors."""
+    call = _dispatch.prepare(input=input, rois=rois, offset=offset)
+    cfg = _check(call, *call.arrays, output_dim, group_size, pooled_size, part_size, sample_per_part, spatial_scale,
+                 trans_std, no_trans)
+    return (cfg.K, cfg.output_dim, cfg.pooled_size, cfg.pooled_size)
 
 
 # ------------------------------------------------------------------------------------ NumPy path

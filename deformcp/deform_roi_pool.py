@@ -37,6 +37,25 @@ def _check_deform(input, rois, offset, mask, PH, PW, gamma):
     return _validate.real("gamma", gamma)
 
 
+def _arguments(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, mask, **others):
+    """Import and check a forward's (or, with grad_output in others, a backward's) arguments: (call, input,
+    rois, offset, mask, others' arrays, (PH, PW, spatial_scale, sampling_ratio, gamma))."""
+    call, input, rois, arrays = _prepare(input, rois, "rois", **others, offset=offset, mask=mask)
+    PH, PW, spatial_scale, sampling_ratio, _ = _check(call, input, rois, output_size, spatial_scale, sampling_ratio,
+                                                      True, "avg", False, "rois")
+    offset, mask = arrays.pop("offset"), arrays.pop("mask")
+    gamma = _check_deform(input, rois, offset, mask, PH, PW, gamma)
+    return call, input, rois, offset, mask, arrays, (PH, PW, spatial_scale, sampling_ratio, gamma)
+
+
+def _output_shape(input, rois, offset=None, output_size=7, spatial_scale=1.0, sampling_ratio=0, gamma=0.1,
+                  mask=None) -> tuple:
+    """The shape of deform_roi_pool's output, raising its argument errors."""
+    _, input, rois, *_, (PH, PW, _, _, _) = _arguments(input, rois, offset, output_size, spatial_scale,
+                                                       sampling_ratio, gamma, mask)
+    return (len(rois), input.shape[1], PH, PW)
+
+
 def _shift(rois, offset, PH, PW, spatial_scale, sampling_ratio, gamma, dtype):
     """Pixel shift (K, 2, PH, PW) of every bin's start: γ · RoI size · offset (channel 0 = x)."""
     g = _geometry(rois, PH, PW, spatial_scale, sampling_ratio, True, dtype)
@@ -186,11 +205,8 @@ def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, 
     >>> deformcp.deform_roi_pool(x, rois, offset, 3, sampling_ratio=2).shape
     (1, 8, 3, 3)
     """
-    call, input, rois, arrays = _prepare(input, rois, "rois", offset=offset, mask=mask)
-    PH, PW, spatial_scale, sampling_ratio = _check(call, input, rois, output_size, spatial_scale, sampling_ratio,
-                                                   "avg", False, "rois")
-    offset, mask = arrays["offset"], arrays["mask"]
-    gamma = _check_deform(input, rois, offset, mask, PH, PW, gamma)
+    call, input, rois, offset, mask, _, (PH, PW, spatial_scale, sampling_ratio, gamma) = _arguments(
+        input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, mask)
     with call.device:
         if call.backend == "numpy":
             out = _forward_numpy(input, rois, offset, mask, PH, PW, spatial_scale, sampling_ratio, gamma)
@@ -220,11 +236,9 @@ def deform_roi_pool_backward(grad_output, input, rois, offset=None, output_size=
     image (y ≤ 0 or y ≥ H − 1) the sample does not move with the offset, so it contributes 0 (mmcv's
     kernel evaluates the bilinear slope at the clamped point instead).
     """
-    call, input, rois, arrays = _prepare(input, rois, "rois", grad_output=grad_output, offset=offset, mask=mask)
-    PH, PW, spatial_scale, sampling_ratio = _check(call, input, rois, output_size, spatial_scale, sampling_ratio,
-                                                   "avg", False, "rois")
-    grad_output, offset, mask = arrays["grad_output"], arrays["offset"], arrays["mask"]
-    gamma = _check_deform(input, rois, offset, mask, PH, PW, gamma)
+    call, input, rois, offset, mask, arrays, (PH, PW, spatial_scale, sampling_ratio, gamma) = _arguments(
+        input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, mask, grad_output=grad_output)
+    grad_output = arrays["grad_output"]
     wanted = _validate.needs_grad(needs_input_grad, DeformRoIPoolGrads._fields)
     wanted = tuple(w and a is not None for w, a in zip(wanted, (input, offset, mask)))
     deterministic = _validate.flag("deterministic", deterministic)

@@ -28,10 +28,12 @@ NumPy and calls the deformcp function. Its VJP calls the matching ``deformcp.*_b
   pass Python values, and under ``jax.jit`` mark them ``static_argnames`` or close over them; a traced
   value raises a TypeError. Boxes/RoIs are arrays but not differentiable: their cotangent is zero (None
   inside the VJP), as are those of inputs JAX does not differentiate.
-- Errors. At trace time the deformcp function runs once on the arguments with an empty batch (no data is
-  read), so bad shapes, dtypes and options raise deformcp's own ValueError/TypeError at the call site.
-  Only value-dependent errors (a box's batch index outside [0, N)) come from inside the callback, where
-  JAX reports them as a ``JaxRuntimeError`` that carries deformcp's message.
+- Errors. At trace time the deformcp function's own argument checks run on stand-ins of the arrays (NumPy
+  arrays of their shapes and dtypes that hold one zero each), so bad shapes (also between arrays, such as
+  two batch sizes), dtypes and options raise deformcp's own ValueError/TypeError at the call site, eagerly
+  and under ``jax.jit``; so does a ``deterministic`` that is not a bool. Only value-dependent errors (a
+  box's batch index outside [0, N)) come from inside the callback, where JAX reports them as a
+  ``JaxRuntimeError`` that carries deformcp's message.
 - Dtypes. float32, float64, float16 and bfloat16, as in deformcp; results have the input's dtype.
   float64 requires ``jax.config.update("jax_enable_x64", True)`` (else JAX turns float64 into float32
   before deformcp sees it).
@@ -54,6 +56,7 @@ NumPy and calls the deformcp function. Its VJP calls the matching ``deformcp.*_b
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 from typing import Callable, NamedTuple, Optional
 
@@ -69,7 +72,13 @@ except ImportError as _error:  # pragma: no cover - exercised in a subprocess by
                       "(import deformcp), which work without it") from _error
 
 import deformcp as _dc
+from deformcp import _validate
 from deformcp import testing as _testing
+
+# the op modules (deformcp.roi_align etc. name the functions, which shadow their modules)
+_deform_conv, _deform_ps_roi_pool, _deform_roi_pool, _mimic_loss, _roi_align, _spatial_transformer = (
+    importlib.import_module(f"deformcp.{name}") for name in ("deform_conv", "deform_ps_roi_pool", "deform_roi_pool",
+                                                             "mimic_loss", "roi_align", "spatial_transformer"))
 
 __all__ = ["affine_grid", "grid_sample", "roi_align", "ps_roi_align", "deform_conv2d", "deform_roi_pool",
            "deform_ps_roi_pool", "mimic_loss"]
@@ -87,17 +96,14 @@ _CALLBACK_OPTIONS = ({"vmap_method": "sequential"}
 class _Op(NamedTuple):
     """How one deformcp op is called. ``forward(arrays, static)`` and ``backward(g, arrays, needs, static)``
     call deformcp with the op's array arguments in ``arrays`` (a tuple, None kept) and the static arguments
-    in the dict ``static``; ``needs`` has one bool per differentiable array. ``diff`` marks the
-    differentiable arrays, in the order of the backward's named tuple; ``batched`` the arrays whose
-    leading axis is the batch (emptied for the trace-time check); ``out_batch`` the array whose leading
-    size is the output's (None: the output is 0-d)."""
+    in the dict ``static``; ``needs`` has one bool per differentiable array. ``output_shape(arrays,
+    static)`` runs the forward's argument checks and gives its output's shape (the output has the dtype of
+    the first array). ``diff`` marks the differentiable arrays, in the order of the backward's named tuple."""
 
     forward: Callable
     backward: Callable
+    output_shape: Callable
     diff: tuple
-    batched: tuple
-    out_batch: Optional[int]
-    empty_static: Callable = lambda static: static
 
 
 class _Static:
@@ -169,19 +175,17 @@ def _static(name: str, value):
     return value
 
 
+def _stand_in(a):
+    """A NumPy array of a's shape and dtype that takes no memory (one zero, broadcast with zero strides)."""
+    return None if a is None else np.broadcast_to(np.zeros((), a.dtype), tuple(a.shape))
+
+
 def _output_struct(op: _Op, arrays, static: dict) -> jax.ShapeDtypeStruct:
-    """The output's shape and dtype: deformcp's forward on the arguments with an empty batch (NumPy path;
-    raises deformcp's errors for bad arguments), with the batch size put back."""
-    empty = tuple(None if a is None else
-                  np.zeros(((0,) + tuple(a.shape[1:])) if i in op.batched and a.ndim else tuple(a.shape),
-                           a.dtype)
-                  for i, a in enumerate(arrays))
+    """The output's shape and dtype: the deformcp forward's own argument checks, run at trace time on stand-ins
+    of the arrays (their shapes and dtypes, no data), so bad arguments raise deformcp's errors here."""
     with _dc.backend("numpy"):
-        out = op.forward(empty, op.empty_static(static))
-    shape = tuple(out.shape)
-    if op.out_batch is not None:
-        shape = (arrays[op.out_batch].shape[0],) + shape[1:]
-    return jax.ShapeDtypeStruct(shape, out.dtype)
+        shape = op.output_shape(tuple(_stand_in(a) for a in arrays), static)
+    return jax.ShapeDtypeStruct(tuple(shape), arrays[0].dtype)
 
 
 @functools.lru_cache(maxsize=None)
@@ -223,66 +227,90 @@ def _differentiable(name: str, static_items: tuple, where: _Where):
 def _apply(name: str, arrays: tuple, **static):
     arrays = tuple(None if a is None else jnp.asarray(a) for a in arrays)
     items = tuple((key, _static(key, value)) for key, value in static.items())
+    if "deterministic" in static:  # the backward's flag: checked now, not when the gradient is first taken
+        _validate.flag("deterministic", dict(items)["deterministic"])
     # The cache key tells True from 1 and 2 from 2.0 (equal and alike in hash), which deformcp tells apart.
     key = tuple((k, v, repr(v)) for k, v in items)
     return _differentiable(name, key, _where(arrays))(*arrays)
 
 
-def _boxes(boxes, dtype):
-    """A list of per-image (L, 4) boxes as one (K, 5) array [batch_index, x1, y1, x2, y2]."""
+def _boxes(input, boxes, name: str):
+    """A list of per-image (L, 4) boxes as one (K, 5) array [batch_index, x1, y1, x2, y2], checked by deformcp's
+    own rules for such a list (on stand-ins); anything else is returned as it is."""
     if not isinstance(boxes, (list, tuple)):
         return boxes
-    parts = [jnp.asarray(b) for b in boxes]
-    dtype = parts[0].dtype if parts else dtype
+    input, parts = jnp.asarray(input), [jnp.asarray(b) for b in boxes]
+    with _dc.backend("numpy"):
+        _roi_align._prepare(_stand_in(input), [_stand_in(b) for b in parts], name)
+    dtype = parts[0].dtype if parts else input.dtype
     return jnp.concatenate([jnp.zeros((0, 5), dtype)] + [
-        jnp.concatenate([jnp.full((b.shape[0], 1), i, b.dtype), b], axis=1) if b.ndim == 2 else b
-        for i, b in enumerate(parts)], axis=0)
-
-
-def _input_dtype(input):
-    return jnp.asarray(input).dtype
+        jnp.concatenate([jnp.full((b.shape[0], 1), i, b.dtype), b], axis=1) for i, b in enumerate(parts)], axis=0)
 
 
 # ---------------------------------------------------------------------------------------------- the ops
+
+def _forward_static(static: dict) -> dict:
+    """The static arguments that the forward takes (``deterministic`` is the backward's)."""
+    return {k: v for k, v in static.items() if k != "deterministic"}
+
+
+def _affine_grid_shape(arrays, static):
+    N, _, H, W = _spatial_transformer._check_affine_grid(arrays[0], static["size"])
+    _validate.flag("align_corners", static["align_corners"])
+    return (N, H, W, 2)
+
+
+def _grid_sample_shape(arrays, static):
+    input, grid = arrays
+    _spatial_transformer._check_grid_sample(input, grid, **_forward_static(static))
+    return (input.shape[0], input.shape[1], grid.shape[1], grid.shape[2])
+
+
+def _deform_conv2d_shape(arrays, static):
+    input, offset, weight, bias, mask = arrays
+    geo = _deform_conv._check(input, offset, weight, bias, mask, **_forward_static(static))
+    return (geo.N, geo.C_out, geo.Ho, geo.Wo)
+
 
 _OPS = {
     "affine_grid": _Op(
         forward=lambda a, s: _dc.affine_grid(a[0], **s),
         backward=lambda g, a, needs, s: _dc.affine_grid_backward(g, a[0], **s),
-        diff=(True,), batched=(0,), out_batch=0,
-        empty_static=lambda s: dict(s, size=(0,) + tuple(s["size"])[1:])),
+        output_shape=_affine_grid_shape, diff=(True,)),
     "grid_sample": _Op(
-        forward=lambda a, s: _dc.grid_sample(*a, **{k: v for k, v in s.items() if k != "deterministic"}),
+        forward=lambda a, s: _dc.grid_sample(*a, **_forward_static(s)),
         backward=lambda g, a, needs, s: _dc.grid_sample_backward(g, *a, **s, needs_input_grad=needs),
-        diff=(True, True), batched=(0, 1), out_batch=0),
+        output_shape=_grid_sample_shape, diff=(True, True)),
     "roi_align": _Op(
-        forward=lambda a, s: _dc.roi_align(*a, **{k: v for k, v in s.items() if k != "deterministic"}),
+        forward=lambda a, s: _dc.roi_align(*a, **_forward_static(s)),
         backward=lambda g, a, needs, s: _dc.roi_align_backward(g, *a, **s),
-        diff=(True, False), batched=(0, 1), out_batch=1),
+        output_shape=lambda a, s: _roi_align._output_shape(*a, **_forward_static(s)), diff=(True, False)),
     "ps_roi_align": _Op(
-        forward=lambda a, s: _dc.ps_roi_align(*a, **{k: v for k, v in s.items() if k != "deterministic"}),
+        forward=lambda a, s: _dc.ps_roi_align(*a, **_forward_static(s)),
         backward=lambda g, a, needs, s: _dc.ps_roi_align_backward(g, *a, **s),
-        diff=(True, False), batched=(0, 1), out_batch=1),
+        output_shape=lambda a, s: _roi_align._output_shape(*a, **_forward_static(s), aligned=True,
+                                                           position_sensitive=True),
+        diff=(True, False)),
     "deform_conv2d": _Op(   # arrays: input, offset, weight, bias, mask
-        forward=lambda a, s: _dc.deform_conv2d(*a[:4], mask=a[4],
-                                               **{k: v for k, v in s.items() if k != "deterministic"}),
+        forward=lambda a, s: _dc.deform_conv2d(*a[:4], mask=a[4], **_forward_static(s)),
         backward=lambda g, a, needs, s: _dc.deform_conv2d_backward(g, *a[:4], mask=a[4], **s,
                                                                    needs_input_grad=needs),
-        diff=(True, True, True, True, True), batched=(0, 1, 4), out_batch=0),
+        output_shape=_deform_conv2d_shape, diff=(True, True, True, True, True)),
     "deform_roi_pool": _Op(  # arrays: input, rois, offset, mask
-        forward=lambda a, s: _dc.deform_roi_pool(*a[:3], mask=a[3],
-                                                 **{k: v for k, v in s.items() if k != "deterministic"}),
+        forward=lambda a, s: _dc.deform_roi_pool(*a[:3], mask=a[3], **_forward_static(s)),
         backward=lambda g, a, needs, s: _dc.deform_roi_pool_backward(g, *a[:3], mask=a[3], **s,
                                                                      needs_input_grad=needs),
-        diff=(True, False, True, True), batched=(0, 1, 2, 3), out_batch=1),
+        output_shape=lambda a, s: _deform_roi_pool._output_shape(*a[:3], mask=a[3], **_forward_static(s)),
+        diff=(True, False, True, True)),
     "deform_ps_roi_pool": _Op(  # arrays: input, rois, offset
-        forward=lambda a, s: _dc.deform_ps_roi_pool(*a, **{k: v for k, v in s.items() if k != "deterministic"}),
+        forward=lambda a, s: _dc.deform_ps_roi_pool(*a, **_forward_static(s)),
         backward=lambda g, a, needs, s: _dc.deform_ps_roi_pool_backward(g, *a, **s, needs_input_grad=needs),
-        diff=(True, False, True), batched=(0, 1, 2), out_batch=1),
+        output_shape=lambda a, s: _deform_ps_roi_pool._output_shape(*a, **_forward_static(s)),
+        diff=(True, False, True)),
     "mimic_loss": _Op(
         forward=lambda a, s: _dc.mimic_loss(*a),
         backward=lambda g, a, needs, s: _dc.mimic_loss_backward(g, *a, needs_input_grad=needs),
-        diff=(True, True), batched=(0, 1), out_batch=None),
+        output_shape=lambda a, s: _mimic_loss._output_shape(*a), diff=(True, True)),
 }
 
 
@@ -303,14 +331,14 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, a
               deterministic=False):
     """Differentiable :func:`deformcp.roi_align`: input (N, C, H, W), boxes (K, 5) or a list of per-image
     (L, 4) arrays → (K, C, PH, PW). Gradient: input (boxes get zero)."""
-    return _apply("roi_align", (input, _boxes(boxes, _input_dtype(input))), output_size=output_size,
+    return _apply("roi_align", (input, _boxes(input, boxes, "boxes")), output_size=output_size,
                   spatial_scale=spatial_scale, sampling_ratio=sampling_ratio, aligned=aligned, pool_mode=pool_mode,
                   deterministic=deterministic)
 
 
 def ps_roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, *, deterministic=False):
     """Differentiable :func:`deformcp.ps_roi_align` → (K, C / (PH·PW), PH, PW). Gradient: input."""
-    return _apply("ps_roi_align", (input, _boxes(boxes, _input_dtype(input))), output_size=output_size,
+    return _apply("ps_roi_align", (input, _boxes(input, boxes, "boxes")), output_size=output_size,
                   spatial_scale=spatial_scale, sampling_ratio=sampling_ratio, deterministic=deterministic)
 
 
@@ -326,7 +354,7 @@ def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, 
                     mask=None, *, deterministic=False):
     """Differentiable :func:`deformcp.deform_roi_pool` → (K, C, PH, PW). Gradients: input, offset and mask
     (those given); rois get zero."""
-    return _apply("deform_roi_pool", (input, _boxes(rois, _input_dtype(input)), offset, mask),
+    return _apply("deform_roi_pool", (input, _boxes(input, rois, "rois"), offset, mask),
                   output_size=output_size, spatial_scale=spatial_scale, sampling_ratio=sampling_ratio, gamma=gamma,
                   deterministic=deterministic)
 

@@ -31,6 +31,13 @@ def _check(f_a, f_b) -> None:
     _validate.same_dtype(f_a=f_a, f_b=f_b)
 
 
+def _output_shape(f_a, f_b) -> tuple:
+    """The shape of mimic_loss's output, (), raising its argument errors."""
+    call = _dispatch.prepare(f_a=f_a, f_b=f_b)
+    _check(*call.arrays)
+    return ()
+
+
 # ----------------------------------------------------------------------------------------- NumPy path
 
 class _Rows(NamedTuple):

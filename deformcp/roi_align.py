@@ -6,7 +6,6 @@ RoIAlign (pool_mode="max"). Kernels: kernels/roi_align.cu.
 """
 from __future__ import annotations
 
-import operator
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -30,17 +29,6 @@ class RoIAlignGrads(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------- arguments
-
-def _output_size(value) -> tuple[int, int]:
-    try:
-        size = (operator.index(value),) * 2 if not isinstance(value, (tuple, list)) else tuple(
-            operator.index(v) for v in value)
-    except TypeError:
-        raise TypeError(f"output_size: expected an int or a pair of ints, got {value!r}") from None
-    if len(size) != 2 or min(size) <= 0:
-        raise ValueError(f"output_size: expected a positive int or a pair of positive ints, got {value!r}")
-    return size
-
 
 def _prepare(input, boxes, boxes_name="boxes", **others) -> tuple[_dispatch.Call, object, object, dict]:
     """Import the arrays of a call; boxes (called boxes_name in messages) as a (K, 5) array or a list of
@@ -68,23 +56,53 @@ def _prepare(input, boxes, boxes_name="boxes", **others) -> tuple[_dispatch.Call
     return call, call.arrays[0], call.arrays[1], dict(zip(others, call.arrays[2:]))
 
 
-def _check(call, input, rois, output_size, spatial_scale, sampling_ratio, pool_mode, position_sensitive,
+def _options(output_size, spatial_scale, sampling_ratio, aligned, pool_mode):
+    """The RoIAlign ops' scalar arguments, checked: (PH, PW, spatial_scale, sampling_ratio, aligned)."""
+    PH, PW = _validate.pair("output_size", output_size, minimum=1)
+    spatial_scale = _validate.real("spatial_scale", spatial_scale, positive=True)
+    # more samples than this per bin and axis would not fit any image's memory; the kernels take an int
+    sampling_ratio = _validate.integer("sampling_ratio", sampling_ratio, maximum=MAX_SAMPLES_PER_AXIS)
+    aligned = _validate.flag("aligned", aligned)
+    _validate.choice("pool_mode", pool_mode, POOL_MODES)
+    return PH, PW, spatial_scale, sampling_ratio, aligned
+
+
+def _check(call, input, rois, output_size, spatial_scale, sampling_ratio, aligned, pool_mode, position_sensitive,
            boxes_name="boxes"):
+    """Check the arguments of a RoIAlign op: (PH, PW, spatial_scale, sampling_ratio, aligned)."""
     _validate.floating("input", input, 4, "(N, C, H, W)")
     _validate.floating(boxes_name, rois, 2, "(K, 5) [batch_index, x1, y1, x2, y2]")
     _validate.shape(boxes_name, rois, (None, 5), "(K, 5) [batch_index, x1, y1, x2, y2]")
     _validate.same_dtype(input=input, **{boxes_name: rois})
-    PH, PW = _output_size(output_size)
-    spatial_scale = _validate.real("spatial_scale", spatial_scale, positive=True)
-    # more samples than this per bin and axis would not fit any image's memory; the kernels take an int
-    sampling_ratio = _validate.integer("sampling_ratio", sampling_ratio, maximum=MAX_SAMPLES_PER_AXIS)
-    _validate.choice("pool_mode", pool_mode, POOL_MODES)
+    PH, PW, spatial_scale, sampling_ratio, aligned = _options(output_size, spatial_scale, sampling_ratio, aligned,
+                                                              pool_mode)
     N, C, H, W = input.shape
     if position_sensitive and C % (PH * PW):
         raise ValueError(f"input: expected channels C divisible by output_size {PH}×{PW} = {PH * PW} for "
                          f"position-sensitive pooling, got C = {C}")
+    _validate.output_fits("output_size", (len(rois), C // (PH * PW) if position_sensitive else C, PH, PW),
+                          input.dtype)
     _validate.rois(boxes_name, call, rois, input)
-    return PH, PW, spatial_scale, sampling_ratio
+    return PH, PW, spatial_scale, sampling_ratio, aligned
+
+
+def _arguments(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, pool_mode, position_sensitive,
+               **others):
+    """Import and check a forward's (or, with grad_output in others, a backward's) arguments: (call, input,
+    rois, others' arrays, (PH, PW, spatial_scale, sampling_ratio, aligned))."""
+    call, input, rois, arrays = _prepare(input, boxes, **others)
+    options = _check(call, input, rois, output_size, spatial_scale, sampling_ratio, aligned, pool_mode,
+                     position_sensitive)
+    return call, input, rois, arrays, options
+
+
+def _output_shape(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, pool_mode="avg",
+                  position_sensitive=False) -> tuple:
+    """The shape of roi_align's output (ps_roi_align's with position_sensitive), raising its argument errors."""
+    _, input, rois, _, (PH, PW, *_) = _arguments(input, boxes, output_size, spatial_scale, sampling_ratio, aligned,
+                                                 pool_mode, position_sensitive)
+    C = input.shape[1]
+    return (len(rois), C // (PH * PW) if position_sensitive else C, PH, PW)
 
 
 # ------------------------------------------------------------------------------------ NumPy path
@@ -377,9 +395,8 @@ def _launch_backward(call, grad_output, input, rois, PH, PW, spatial_scale, samp
 # ------------------------------------------------------------------------------------------ public
 
 def _run_forward(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, pool_mode, position_sensitive):
-    call, input, rois, _ = _prepare(input, boxes)
-    PH, PW, spatial_scale, sampling_ratio = _check(call, input, rois, output_size, spatial_scale, sampling_ratio,
-                                                   pool_mode, position_sensitive)
+    call, input, rois, _, (PH, PW, spatial_scale, sampling_ratio, aligned) = _arguments(
+        input, boxes, output_size, spatial_scale, sampling_ratio, aligned, pool_mode, position_sensitive)
     with call.device:
         run = _forward_numpy if call.backend == "numpy" else (
             lambda *a: _launch_forward(call, *a))
@@ -389,10 +406,10 @@ def _run_forward(input, boxes, output_size, spatial_scale, sampling_ratio, align
 
 def _run_backward(grad_output, input, boxes, output_size, spatial_scale, sampling_ratio, aligned, pool_mode,
                   position_sensitive, deterministic):
-    call, input, rois, arrays = _prepare(input, boxes, grad_output=grad_output)
+    call, input, rois, arrays, (PH, PW, spatial_scale, sampling_ratio, aligned) = _arguments(
+        input, boxes, output_size, spatial_scale, sampling_ratio, aligned, pool_mode, position_sensitive,
+        grad_output=grad_output)
     grad_output = arrays["grad_output"]
-    PH, PW, spatial_scale, sampling_ratio = _check(call, input, rois, output_size, spatial_scale, sampling_ratio,
-                                                   pool_mode, position_sensitive)
     deterministic = _validate.flag("deterministic", deterministic)
     C_out = input.shape[1] // (PH * PW) if position_sensitive else input.shape[1]
     _validate.floating("grad_output", grad_output, 4, "(K, C_out, PH, PW)")
@@ -439,7 +456,6 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, a
     >>> deformcp.roi_align(x, boxes, 7, sampling_ratio=2, aligned=True).shape
     (2, 16, 7, 7)
     """
-    aligned = _validate.flag("aligned", aligned)
     return _run_forward(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, pool_mode, False)
 
 
@@ -459,7 +475,6 @@ def roi_align_backward(grad_output, input, boxes, output_size, spatial_scale=1.0
     Returns:
         RoIAlignGrads: ``input`` (array[N, C, H, W]).
     """
-    aligned = _validate.flag("aligned", aligned)
     return _run_backward(grad_output, input, boxes, output_size, spatial_scale, sampling_ratio, aligned, pool_mode,
                          False, deterministic)
 

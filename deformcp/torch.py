@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import math
 
 try:
@@ -38,6 +39,11 @@ except ImportError as _error:  # pragma: no cover - exercised in a subprocess by
                       "(import deformcp), which work without it") from _error
 
 import deformcp as _dc
+from deformcp import _validate
+
+# the op modules (deformcp.roi_align names the function, which shadows its module)
+_roi_align = importlib.import_module("deformcp.roi_align")
+_spatial_transformer = importlib.import_module("deformcp.spatial_transformer")
 
 __all__ = [
     "affine_grid", "grid_sample", "roi_align", "ps_roi_align", "deform_conv2d", "deform_roi_pool",
@@ -112,26 +118,24 @@ def _first_order(name):
     return decorate
 
 
-def _pair(value, name):
-    if isinstance(value, int):
-        return (value, value)
-    value = tuple(value)
-    if len(value) != 2:
-        raise ValueError(f"{name}: expected an int or a pair of ints, got {value!r}")
-    return value
-
-
-def _rois(boxes):
+def _rois(boxes, input, name="boxes"):
     """A (K, 5) [batch_index, x1, y1, x2, y2] tensor from a tensor (kept) or a list of per-image (L, 4)
-    tensors (torchvision's convert_boxes_to_roi_format)."""
+    tensors (torchvision's convert_boxes_to_roi_format); an empty list gives no RoIs, as in deformcp."""
     if isinstance(boxes, torch.Tensor):
         return boxes
     boxes = list(boxes)
-    if not boxes or not all(isinstance(b, torch.Tensor) and b.ndim == 2 and b.shape[1] == 4 for b in boxes):
-        raise ValueError("boxes: expected a (K, 5) tensor or a non-empty list of (L, 4) tensors, got "
+    if not boxes:
+        return torch.zeros((0, 5), dtype=input.dtype, device=input.device)
+    if not all(isinstance(b, torch.Tensor) and b.ndim == 2 and b.shape[1] == 4 for b in boxes):
+        raise ValueError(f"{name}: expected a (K, 5) tensor or a list of (L, 4) tensors, got "
                          f"{[tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__ for b in boxes]}")
     ids = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)])
     return torch.cat([ids, torch.cat(boxes)], dim=1)
+
+
+def _align_corners(value):
+    """torch's align_corners: None means False (without torch's warning); anything else must be a bool."""
+    return False if value is None else _validate.flag("align_corners", value)
 
 
 # -------------------------------------------------------------------------------------- autograd Functions
@@ -292,7 +296,7 @@ def affine_grid(theta, size, align_corners=None):
     Returns:
         Tensor[N, H_out, W_out, 2]: normalised (x, y) sampling locations. Gradient: theta.
     """
-    return _AffineGrid.apply(theta, tuple(int(s) for s in size), bool(align_corners))
+    return _AffineGrid.apply(theta, _validate.sizes("size", size, 4), _align_corners(align_corners))
 
 
 def grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corners=None):
@@ -308,7 +312,7 @@ def grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corner
     Returns:
         Tensor[N, C, H_out, W_out]. Gradients: input and grid.
     """
-    return _GridSample.apply(input, grid, mode, padding_mode, bool(align_corners))
+    return _GridSample.apply(input, grid, mode, padding_mode, _align_corners(align_corners))
 
 
 def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, pool_mode="avg"):
@@ -325,7 +329,7 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, a
     Returns:
         Tensor[K, C, PH, PW]. Gradient: input.
     """
-    return _RoIAlign.apply(input, _rois(boxes), output_size, spatial_scale, sampling_ratio, bool(aligned),
+    return _RoIAlign.apply(input, _rois(boxes, input), output_size, spatial_scale, sampling_ratio, aligned,
                            pool_mode, False)
 
 
@@ -340,7 +344,8 @@ def ps_roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1
     Returns:
         Tensor[K, C / (PH·PW), PH, PW]. Gradient: input.
     """
-    return _RoIAlign.apply(input, _rois(boxes), output_size, spatial_scale, sampling_ratio, True, "avg", True)
+    return _RoIAlign.apply(input, _rois(boxes, input), output_size, spatial_scale, sampling_ratio, True, "avg",
+                           True)
 
 
 def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None):
@@ -375,7 +380,8 @@ def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, 
     Returns:
         Tensor[K, C, PH, PW]. Gradients: input, offset, mask.
     """
-    return _DeformRoIPool.apply(input, _rois(rois), offset, output_size, spatial_scale, sampling_ratio, gamma, mask)
+    return _DeformRoIPool.apply(input, _rois(rois, input, "rois"), offset, output_size, spatial_scale, sampling_ratio,
+                                gamma, mask)
 
 
 def deform_ps_roi_pool(input, rois, offset, output_dim, group_size, pooled_size, part_size=None, sample_per_part=4,
@@ -392,8 +398,8 @@ def deform_ps_roi_pool(input, rois, offset, output_dim, group_size, pooled_size,
     Returns:
         Tensor[K, output_dim, pooled_size, pooled_size]. Gradients: input, offset.
     """
-    return _DeformPSRoIPool.apply(input, _rois(rois), offset, output_dim, group_size, pooled_size, part_size,
-                                  sample_per_part, spatial_scale, trans_std, bool(no_trans))
+    return _DeformPSRoIPool.apply(input, _rois(rois, input, "rois"), offset, output_dim, group_size, pooled_size,
+                                  part_size, sample_per_part, spatial_scale, trans_std, no_trans)
 
 
 def mimic_loss(f_a, f_b):
@@ -409,6 +415,10 @@ def mimic_loss(f_a, f_b):
 
 
 # ---------------------------------------------------------------------------------------------- modules
+
+#: Largest stride, padding or dilation, deform_conv2d's own bound (a 64-bit index).
+_CONV_MAX = 2**63 - 1
+
 
 class DeformConv2d(nn.Module):
     """Deformable convolution with the parameters of ``torchvision.ops.DeformConv2d`` (``weight``
@@ -428,16 +438,20 @@ class DeformConv2d(nn.Module):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True):
         super().__init__()
+        in_channels = _validate.integer("in_channels", in_channels, minimum=1)
+        out_channels = _validate.integer("out_channels", out_channels, minimum=1)
+        self.kernel_size = _validate.pair("kernel_size", kernel_size, minimum=1)
+        self.stride = _validate.pair("stride", stride, minimum=1, maximum=_CONV_MAX)
+        self.padding = _validate.pair("padding", padding, minimum=0, maximum=_CONV_MAX)
+        self.dilation = _validate.pair("dilation", dilation, minimum=1, maximum=_CONV_MAX)
+        groups = _validate.integer("groups", groups, minimum=1)
+        bias = _validate.flag("bias", bias)
         if in_channels % groups != 0:
-            raise ValueError("in_channels must be divisible by groups")
+            raise ValueError(f"in_channels: expected a multiple of groups = {groups}, got {in_channels}")
         if out_channels % groups != 0:
-            raise ValueError("out_channels must be divisible by groups")
+            raise ValueError(f"out_channels: expected a multiple of groups = {groups}, got {out_channels}")
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride = _pair(stride, "stride")
-        self.padding = _pair(padding, "padding")
-        self.dilation = _pair(dilation, "dilation")
         self.groups = groups
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
         if bias:
@@ -485,8 +499,10 @@ class DeformConv2dPack(DeformConv2d):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, offset_groups=1):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
-        if in_channels % offset_groups != 0:
-            raise ValueError("in_channels must be divisible by offset_groups")
+        offset_groups = _validate.integer("offset_groups", offset_groups, minimum=1)
+        if self.in_channels % offset_groups != 0:
+            raise ValueError(f"in_channels: expected a multiple of offset_groups = {offset_groups}, got "
+                             f"{self.in_channels}")
         self.offset_groups = offset_groups
         taps = offset_groups * self.kernel_size[0] * self.kernel_size[1]
         self.conv_offset = nn.Conv2d(in_channels, (2 + self.mask_channels_per_tap) * taps, self.kernel_size,
@@ -545,6 +561,7 @@ class RoIAlign(nn.Module):
 
     def __init__(self, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, pool_mode="avg"):
         super().__init__()
+        _roi_align._options(output_size, spatial_scale, sampling_ratio, aligned, pool_mode)  # raises here, not later
         self.output_size = output_size
         self.spatial_scale = spatial_scale
         self.sampling_ratio = sampling_ratio
@@ -569,6 +586,7 @@ class PSRoIAlign(nn.Module):
 
     def __init__(self, output_size, spatial_scale=1.0, sampling_ratio=-1):
         super().__init__()
+        _roi_align._options(output_size, spatial_scale, sampling_ratio, True, "avg")  # raises here, not later
         self.output_size = output_size
         self.spatial_scale = spatial_scale
         self.sampling_ratio = sampling_ratio
@@ -607,7 +625,10 @@ class DeformRoIPool(nn.Module):
     def __init__(self, output_size, output_channels, deform_fc_channels=1024, spatial_scale=1.0, sampling_ratio=0,
                  gamma=0.1):
         super().__init__()
-        self.output_size = _pair(output_size, "output_size")
+        self.output_size = _roi_align._options(output_size, spatial_scale, sampling_ratio, True, "avg")[:2]
+        _validate.real("gamma", gamma)
+        output_channels = _validate.integer("output_channels", output_channels, minimum=1)
+        deform_fc_channels = _validate.integer("deform_fc_channels", deform_fc_channels, minimum=1)
         self.output_channels = output_channels
         self.deform_fc_channels = deform_fc_channels
         self.spatial_scale = spatial_scale
@@ -626,7 +647,7 @@ class DeformRoIPool(nn.Module):
         return self.offset_fc(pooled.flatten(1)).view(-1, 2, *self.output_size)
 
     def forward(self, input, rois):
-        rois = _rois(rois)
+        rois = _rois(rois, input, "rois")
         pooled = self._pool(input, rois)
         return self._pool(input, rois, self._offset(pooled))
 
@@ -658,7 +679,7 @@ class ModulatedDeformRoIPool(DeformRoIPool):
         nn.init.zeros_(self.mask_fc[2].bias)
 
     def forward(self, input, rois):
-        rois = _rois(rois)
+        rois = _rois(rois, input, "rois")
         pooled = self._pool(input, rois)
         mask = self.mask_fc(pooled.flatten(1)).view(-1, 1, *self.output_size)
         return self._pool(input, rois, self._offset(pooled), mask)
@@ -693,6 +714,14 @@ class SpatialTransformer(nn.Module):
     def __init__(self, in_channels, output_size=None, localization=None, localization_features=None,
                  hidden_channels=16, mode="bilinear", padding_mode="zeros", align_corners=False):
         super().__init__()
+        in_channels = _validate.integer("in_channels", in_channels, minimum=1)
+        output_size = None if output_size is None else _validate.pair("output_size", output_size, minimum=0)
+        if localization_features is not None:
+            localization_features = _validate.integer("localization_features", localization_features, minimum=1)
+        hidden_channels = _validate.integer("hidden_channels", hidden_channels, minimum=1)
+        _validate.choice("mode", mode, _spatial_transformer.MODES)
+        _validate.choice("padding_mode", padding_mode, _spatial_transformer.PADDING_MODES)
+        align_corners = _align_corners(align_corners)
         if localization is None:
             localization_features = 32
             localization = nn.Sequential(
@@ -703,7 +732,7 @@ class SpatialTransformer(nn.Module):
         elif localization_features is None:
             raise ValueError("localization_features: required with a custom localization net (its output size F)")
         self.in_channels = in_channels
-        self.output_size = None if output_size is None else _pair(output_size, "output_size")
+        self.output_size = output_size
         self.mode, self.padding_mode, self.align_corners = mode, padding_mode, align_corners
         self.localization = localization
         self.fc_loc = nn.Linear(localization_features, 6)

@@ -328,3 +328,93 @@ def test_import_without_jax_says_how_to_install():
             "try:\n    import deformcp.jax\nexcept ImportError as e:\n    print('ImportError:', e)\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert "ImportError: deformcp.jax needs JAX" in result.stdout and "pip install" in result.stdout
+
+
+def mismatches(rng):
+    """(name, function of arrays, arrays, expected message) for arguments whose shapes disagree with each
+    other: deformcp's plain function raises a ValueError naming the argument; so must deformcp.jax, at trace
+    time (these used to pass tracing and surface from the callback as a JaxRuntimeError)."""
+    x, grid = CASES["grid_sample-bilinear-zeros"](rng).arrays            # input (2, 3, 5, 6)
+    conv = CASES["deform_conv2d-v2"](rng).arrays                         # input, offset, weight, bias, mask
+    pool = CASES["deform_roi_pool-mask"](rng).arrays                     # input, rois (4, 5), offset, mask
+    ps = CASES["deform_ps_roi_pool"](rng).arrays                         # input, rois (4, 5), offset
+    boxes = random_boxes(rng, 2, 5, 6, 3)
+    conv_options = dict(stride=(2, 1), padding=1, dilation=(1, 2))
+    ps_options = dict(output_dim=2, group_size=2, pooled_size=2, part_size=2, sample_per_part=2, trans_std=0.1)
+    return [
+        ("grid_sample", lambda i, g: djax.grid_sample(i, g), (x, grid[:1]), r"^grid: expected batch size N = 2"),
+        ("affine_grid", lambda t: djax.affine_grid(t, (3, 1, 4, 4)), (rng.standard_normal((2, 2, 3)),),
+         r"^size: expected N = 2 \(theta's batch\)"),
+        ("mimic_loss", djax.mimic_loss, (rng.standard_normal((2, 5)), rng.standard_normal((3, 5))),
+         r"^f_b: expected shape \(2, 5\)"),
+        ("deform_conv2d-offset", lambda *a: djax.deform_conv2d(*a[:4], mask=a[4], **conv_options),
+         (conv[0], conv[1][:1]) + conv[2:], r"^offset: expected shape \(2, "),
+        ("deform_conv2d-mask", lambda *a: djax.deform_conv2d(*a[:4], mask=a[4], **conv_options),
+         conv[:4] + (conv[4][:1],), r"^mask: expected shape \(2, "),
+        ("deform_roi_pool-offset", lambda i, r, o, m: djax.deform_roi_pool(i, r, o, (2, 3), mask=m),
+         (pool[0], pool[1], pool[2][:3], pool[3]), r"^offset: expected shape \(4, 2, 2, 3\)"),
+        ("deform_roi_pool-mask", lambda i, r, o, m: djax.deform_roi_pool(i, r, o, (2, 3), mask=m),
+         (pool[0], pool[1], pool[2], pool[3][:3]), r"^mask: expected shape \(4, 1, 2, 3\)"),
+        ("deform_ps_roi_pool-offset", lambda i, r, o: djax.deform_ps_roi_pool(i, r, o, **ps_options),
+         (ps[0], ps[1], ps[2][:3]), r"^offset: expected shape \(4, \*, 2, 2\)"),
+        ("roi_align-empty-batch", lambda i, b: djax.roi_align(i, b, 2), (x[:0], boxes),
+         r"^boxes: expected no RoIs for an empty batch \(input N = 0\), got 3"),
+        ("roi_align-empty-image", lambda i, b: djax.roi_align(i, b, 2), (x[:, :, :0], boxes),
+         r"^input: expected non-empty spatial size H, W"),
+        ("ps_roi_align-empty-batch", lambda i, b: djax.ps_roi_align(i, b, 1), (x[:0], boxes),
+         r"^boxes: expected no RoIs for an empty batch"),
+        ("roi_align-more-images-than-input", lambda i, *b: djax.roi_align(i, list(b), 2), (x,) + (boxes[:, 1:],) * 3,
+         r"^boxes: expected at most N = 2 per-image arrays \(input's batch\), got 3"),
+        ("roi_align-per-image-shape", lambda i, b: djax.roi_align(i, [b], 2), (x, boxes),
+         r"^boxes\[0\]: expected shape \(\*, 4\)"),
+        ("deform_roi_pool-per-image-rank", lambda i, r: djax.deform_roi_pool(i, [r], None, 2), (x, boxes[0, 1:]),
+         r"^rois\[0\]: expected a 2-D array"),
+    ]
+
+
+MISMATCHES = [name for name, *_ in mismatches(np.random.default_rng(0))]
+
+
+@pytest.mark.parametrize("name", MISMATCHES)
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_mismatched_shapes_raise_deformcp_errors_at_trace_time(name, jit, rng):
+    """The forward's own argument checks run at trace time on stand-ins of the arrays (shapes and dtypes),
+    so the user gets deformcp's ValueError, eagerly and under jax.jit, and no callback runs."""
+    _, fn, arrays, message = next(m for m in mismatches(rng) if m[0] == name)
+    with pytest.raises(ValueError, match=message) as error:
+        jax.block_until_ready((jax.jit(fn) if jit else fn)(*arrays))
+    assert type(error.value) is ValueError
+
+
+def test_the_trace_time_check_reads_no_data(rng, monkeypatch):
+    """The stand-ins are zero-stride views of one zero: a huge batch costs no memory at trace time."""
+    seen = []
+    original = djax._stand_in
+
+    def recording(a):
+        s = original(a)
+        seen.append(s)
+        return s
+
+    monkeypatch.setattr(djax, "_stand_in", recording)
+    x = jax.ShapeDtypeStruct((4096, 64, 256, 256), jnp.float32)  # 64 GiB if it were allocated
+    grid = jax.ShapeDtypeStruct((4096, 8, 8, 2), jnp.float32)
+    out = jax.eval_shape(djax.grid_sample, x, grid)
+    assert out.shape == (4096, 64, 8, 8) and out.dtype == jnp.float32
+    assert [s.shape for s in seen] == [x.shape, grid.shape] and all(s.strides == (0,) * s.ndim for s in seen)
+
+
+def test_deterministic_must_be_a_bool_at_trace_time(rng):
+    input, grid = CASES["grid_sample-bilinear-zeros"](rng).arrays
+    with pytest.raises(TypeError, match=r"^deterministic: expected a bool, got int 1"):
+        djax.grid_sample(input, grid, deterministic=1)
+
+
+@pytest.mark.parametrize("op", ["roi_align", "ps_roi_align", "deform_roi_pool"])
+def test_an_empty_list_of_boxes_gives_an_empty_result(op, rng):
+    input = rng.standard_normal((2, 4, 5, 6))
+    out = getattr(djax, op)(input, [], output_size=2)
+    expected = getattr(deformcp, op)(input, [], output_size=2)
+    assert out.shape == expected.shape == ((0, 1, 2, 2) if op == "ps_roi_align" else (0, 4, 2, 2))
+    grad = jax.grad(lambda x: jnp.sum(getattr(djax, op)(x, [], output_size=2)))(input)
+    np.testing.assert_array_equal(np.asarray(grad), np.zeros_like(input))

@@ -247,6 +247,32 @@ def test_boxes_as_a_list_per_image(rng):
                                rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_empty_list_of_boxes_gives_an_empty_result(dtype, rng):
+    """As in the NumPy functions (and torchvision): no boxes, an empty result of the input's dtype, and a zero
+    gradient. An empty list used to raise a ValueError here only."""
+    x = torch.from_numpy(rng.standard_normal((2, 8, 6, 7))).to(dtype).requires_grad_()
+    calls = {"roi_align": lambda b: dtorch.roi_align(x, b, 2),
+             "ps_roi_align": lambda b: dtorch.ps_roi_align(x, b, 2),
+             "deform_roi_pool": lambda b: dtorch.deform_roi_pool(x, b, output_size=2),
+             "deform_ps_roi_pool": lambda b: dtorch.deform_ps_roi_pool(x, b, None, 2, 2, 2, no_trans=True),
+             "RoIAlign": lambda b: dtorch.RoIAlign(2)(x, b),
+             "PSRoIAlign": lambda b: dtorch.PSRoIAlign(2)(x, b),
+             "DeformRoIPool": lambda b: dtorch.DeformRoIPool(2, 8, 16).to(dtype)(x, b),
+             "ModulatedDeformRoIPool": lambda b: dtorch.ModulatedDeformRoIPool(2, 8, 16).to(dtype)(x, b)}
+    for name, call in calls.items():
+        out = call([])
+        channels = 2 if name in ("ps_roi_align", "PSRoIAlign", "deform_ps_roi_pool") else 8
+        assert out.shape == (0, channels, 2, 2) and out.dtype == dtype, name
+        expected = call(torch.zeros((0, 5), dtype=dtype))
+        assert out.shape == expected.shape
+        x.grad = None
+        out.sum().backward()
+        assert x.grad is not None and not x.grad.any(), name
+    np_input = x.detach().numpy()
+    assert deformcp.roi_align(np_input, [], 2).shape == (0, 8, 2, 2)
+
+
 # ---------------------------------------------------------------------------------- no double backward
 
 def test_double_backward_raises(rng):
