@@ -42,6 +42,7 @@ import deformcp as _dc
 from deformcp import _validate
 
 # the op modules (deformcp.roi_align names the function, which shadows its module)
+_deform_conv = importlib.import_module("deformcp.deform_conv")
 _roi_align = importlib.import_module("deformcp.roi_align")
 _spatial_transformer = importlib.import_module("deformcp.spatial_transformer")
 
@@ -416,10 +417,6 @@ def mimic_loss(f_a, f_b):
 
 # ---------------------------------------------------------------------------------------------- modules
 
-#: Largest stride, padding or dilation, deform_conv2d's own bound (a 64-bit index).
-_CONV_MAX = 2**63 - 1
-
-
 class DeformConv2d(nn.Module):
     """Deformable convolution with the parameters of ``torchvision.ops.DeformConv2d`` (``weight``
     [C_out, C_in / groups, kh, kw] and ``bias`` [C_out] or None, same initialisation), so state_dicts load
@@ -441,9 +438,10 @@ class DeformConv2d(nn.Module):
         in_channels = _validate.integer("in_channels", in_channels, minimum=1)
         out_channels = _validate.integer("out_channels", out_channels, minimum=1)
         self.kernel_size = _validate.pair("kernel_size", kernel_size, minimum=1)
-        self.stride = _validate.pair("stride", stride, minimum=1, maximum=_CONV_MAX)
-        self.padding = _validate.pair("padding", padding, minimum=0, maximum=_CONV_MAX)
-        self.dilation = _validate.pair("dilation", dilation, minimum=1, maximum=_CONV_MAX)
+        # deform_conv2d's own rules for these (its function would raise the same errors at the first forward)
+        self.stride = _deform_conv._pair("stride", stride, 1)
+        self.padding = _deform_conv._pair("padding", padding, 0)
+        self.dilation = _deform_conv._pair("dilation", dilation, 1)
         groups = _validate.integer("groups", groups, minimum=1)
         bias = _validate.flag("bias", bias)
         if in_channels % groups != 0:

@@ -150,9 +150,8 @@ FLAGS = {
 _ROI_INTS = {"output_size": "pair", "sampling_ratio": "int"}
 _CONV_PAIRS = {"stride": "pair", "padding": "pair", "dilation": "pair"}
 _DPS_INTS = {name: "int" for name in ("output_dim", "group_size", "pooled_size", "part_size", "sample_per_part")}
-# deform_conv2d's stride, padding and dilation (its own parser, deform_conv._pair) are tested in test_deform_conv.py.
 _FUNCTION_INTS = {"affine_grid": {"size": "sizes"}, "roi_align": _ROI_INTS, "ps_roi_align": _ROI_INTS,
-                  "deform_roi_pool": _ROI_INTS, "deform_ps_roi_pool": _DPS_INTS}
+                  "deform_conv2d": _CONV_PAIRS, "deform_roi_pool": _ROI_INTS, "deform_ps_roi_pool": _DPS_INTS}
 INTS = {
     "numpy": {**_FUNCTION_INTS, **{f"{op}_backward": kinds for op, kinds in _FUNCTION_INTS.items()}},
     "torch": _FUNCTION_INTS,
@@ -190,7 +189,7 @@ def bad_flags(door, op, argument):
 
 
 HUGE = [2**31, 2**63, 2**64, -2**63]
-#: deform_conv2d's stride, padding and dilation go up to 2**63 - 1 (a 64-bit index), as in deform_conv2d.
+#: deform_conv2d's stride, padding and dilation go up to 2**63 - 1 (deform_conv.INDEX_MAX, a 64-bit index).
 CONV_HUGE = [2**63, 2**64, -2**63]
 
 
@@ -233,16 +232,14 @@ def test_bad_flags_and_sizes_are_named_errors(door, op, bad):
 
 
 def test_every_door_and_op_is_covered():
-    """The tables above name every function of each front door that has flags or sizes (deformcp.torch's
-    deform_conv2d has no flag, and its sizes are deform_conv2d's)."""
+    """The tables above name every function of each front door that has flags or sizes."""
     assert set(FLAGS["jax"]) | set(INTS["jax"]) == set(djax.__all__) - {"mimic_loss"}
-    assert set(FLAGS["torch"]) | set(INTS["torch"]) == set(djax.__all__) - {"mimic_loss", "deform_conv2d"}
+    assert set(FLAGS["torch"]) | set(INTS["torch"]) == set(djax.__all__) - {"mimic_loss"}
     modules = {name for name in dtorch.__all__ if name[0].isupper()} - {"DeformRoIPoolPack",
                                                                         "ModulatedDeformRoIPoolPack",
                                                                         "ModulatedDeformConv2dPack"}
     assert set(FLAGS["torch module"]) | set(INTS["torch module"]) == modules
-    plain = {name for name in deformcp.__all__ if name.split("_backward")[0] in djax.__all__} - {"mimic_loss",
-                                                                                                 "deform_conv2d"}
+    plain = {name for name in deformcp.__all__ if name.split("_backward")[0] in djax.__all__} - {"mimic_loss"}
     assert set(FLAGS["numpy"]) | set(INTS["numpy"]) | {"mimic_loss_backward"} == plain
 
 
