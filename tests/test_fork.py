@@ -83,6 +83,42 @@ WITH_DATALOADER = OP + textwrap.dedent("""
     print("threads", threads(backend))
 """)
 
+#: The parent runs torch's CPU ops, not deformcp: OpenMP threads of the libgomp that host libraries then bind to.
+#: A torch DataLoader's forked workers run the op on the host backend.
+AFTER_TORCH = OP + textwrap.dedent("""
+    import torch
+    from torch.utils.data import DataLoader, Dataset
+
+    class Sampled(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return run("host", seed=i), threads("host")
+
+    torch.randn(1 << 22).exp().sum()  # an elementwise op over 4M elements: torch's OpenMP threads
+    loader = DataLoader(Sampled(), batch_size=None, num_workers=2, multiprocessing_context="fork", timeout=30)
+    items = list(loader)
+    for i, (out, _) in enumerate(items):
+        np.testing.assert_array_equal(out.numpy(), run("host", seed=i))
+    print("threads", *(int(n) for _, n in items))
+""")
+
+#: A parent that has not loaded OpenMP forks: its children may start OpenMP's threads themselves.
+BEFORE_OPENMP = OP + textwrap.dedent("""
+    import multiprocessing
+
+    def child(_):
+        return run("host"), threads("host")
+
+    loaded = _host._libgomp_loaded()
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        results = pool.map_async(child, [0, 1]).get(timeout=30)
+    for out, _ in results:
+        np.testing.assert_array_equal(out, run("host"))
+    print("libgomp", int(loaded), "threads", *(n for _, n in results))
+""")
+
 
 def run_scenario(script: str, backend: str) -> str:
     """Run script with argument backend; fail on a non-zero exit or when it has not finished within TIMEOUT."""
@@ -104,19 +140,15 @@ def run_scenario(script: str, backend: str) -> str:
 def cpu_backend(request):
     """The NumPy path or the host backend, its modules built here first (the scenario's time is for forking)."""
     if request.param == "host":
-        if _host.compiler() is None:
-            pytest.skip("host backend: no C++ compiler found")
-        namespace = {}
-        exec(OP, namespace)
-        namespace["run"]("host")
+        request.getfixturevalue("host_built")
     return request.param
 
 
 def test_forked_children_run_ops_after_the_parent(cpu_backend):
     output = run_scenario(WITH_POOL, cpu_backend)
     counts = output.split("threads")[-1].split()
-    # The parent runs 2 threads; a child of a parent that started OpenMP runs single-threaded (libgomp's
-    # threads are lost in fork), a child on the NumPy path starts a fresh pool of 2.
+    # The parent runs 2 threads; on the host backend a child of a parent with libgomp loaded runs single-threaded
+    # (libgomp's threads are lost in fork), on the NumPy path it starts a fresh pool of 2.
     assert counts == (["2", "1", "1"] if cpu_backend == "host" else ["2", "2", "2"]), output
 
 
@@ -124,3 +156,26 @@ def test_torch_dataloader_fork_workers_run_ops(cpu_backend):
     pytest.importorskip("torch")
     output = run_scenario(WITH_DATALOADER, cpu_backend)
     assert output.split("threads")[-1].split() == ["2"], output
+
+
+@pytest.fixture
+def host_built():
+    """The host modules the scenarios use, built here first."""
+    if _host.compiler() is None:
+        pytest.skip("host backend: no C++ compiler found")
+    namespace = {}
+    exec(OP, namespace)
+    namespace["run"]("host")
+
+
+def test_dataloader_workers_run_host_ops_after_torch_used_openmp(host_built):
+    """torch's OpenMP threads are lost in fork like deformcp's: workers run host launches single-threaded."""
+    pytest.importorskip("torch")
+    output = run_scenario(AFTER_TORCH, "host")
+    assert output.split("threads")[-1].split() == ["1"] * 4, output
+
+
+def test_children_of_a_parent_without_openmp_use_threads(host_built):
+    output = run_scenario(BEFORE_OPENMP, "host")
+    loaded, counts = output.split("libgomp")[-1].split("threads")
+    assert counts.split() == (["1", "1"] if int(loaded) else ["2", "2"]), output

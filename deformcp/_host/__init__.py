@@ -9,9 +9,10 @@ the compiler and its flags, each beside the ``.cpp`` it was built from and the S
 built (``.sha256``): a library whose bytes no longer match (truncated, overwritten) is built again before
 dlopen sees it. Several modules live in one process side by side.
 
-A launch spreads its blocks over :func:`threads` OpenMP threads. OpenMP's threads do not survive fork: in a
-process forked after it (or its parent) started them, launches run on the calling thread alone, without
-calling OpenMP, where a parallel region would wait forever for threads the child does not have.
+A launch spreads its blocks over :func:`threads` OpenMP threads. GNU OpenMP's threads do not survive fork: in
+a process forked from one that had libgomp loaded (by a host library, or by torch, whose copy the host
+libraries then share), launches run on the calling thread alone, without calling OpenMP, where a parallel
+region would wait forever for threads the child does not have.
 
 Environment:
     ``CXX``                      the compiler: one program, a name on PATH or a path. Unset or empty: the first
@@ -49,15 +50,25 @@ DEFAULT_COMPILERS = ("c++", "g++", "clang++")
 NO_COMPILER = (f"the host backend needs a C++ compiler: none of {', '.join(DEFAULT_COMPILERS)} is on PATH "
                f"(install one, or set CXX to a C++ compiler)")
 
-#: Whether this process, or one it was forked from, has run an OpenMP parallel region.
-_openmp_started = False
-#: Whether OpenMP must not be called here: a process forked after OpenMP's threads were started.
+#: Whether OpenMP must not be called here: a process forked from one that had GNU OpenMP loaded.
 _openmp_lost = False
 
 
+def _libgomp_loaded() -> bool:
+    """Whether GNU OpenMP is mapped into this process (True where that cannot be told)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return any("libgomp" in line for line in maps)
+    except OSError:
+        return True
+
+
 def _after_fork_in_child() -> None:
+    # The parent's OpenMP threads may have been started by deformcp or by anything sharing its libgomp (torch
+    # loads one that the host libraries then bind to): neither can be told apart from the child, so a child of
+    # any process with libgomp loaded keeps off OpenMP.
     global _openmp_lost
-    _openmp_lost = _openmp_started
+    _openmp_lost = _openmp_lost or _libgomp_loaded()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -65,17 +76,8 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 def threads() -> int:
     """OpenMP threads a launch uses here: :func:`deformcp._bilinear.num_threads`, or 1 in a process forked
-    after OpenMP's threads were started."""
+    from one that had GNU OpenMP loaded."""
     return 1 if _openmp_lost else num_threads()
-
-
-def _launch_threads(blocks: int) -> int:
-    """threads() for a launch of that many blocks, noting when the launch starts OpenMP's threads."""
-    global _openmp_started
-    count = threads()
-    if count > 1 and blocks > 1:  # set before the launch: a fork from another thread during it counts
-        _openmp_started = True
-    return count
 
 
 def cache_dir() -> pathlib.Path:
@@ -157,7 +159,7 @@ class HostKernel:
                 raise TypeError(f"{self.name}: kernel arguments must be NumPy arrays or NumPy scalars, "
                                 f"got {type(arg).__name__}")
         pointers = (ctypes.c_void_p * max(len(values), 1))(*(ctypes.addressof(v) for v in values))
-        status = self._function(grid3, block3, pointers, _launch_threads(grid3[0] * grid3[1] * grid3[2]))
+        status = self._function(grid3, block3, pointers, threads())
         if status != 0:
             raise RuntimeError(f"{self.name}: host launch failed with status {status}")
 
