@@ -3,8 +3,8 @@
 Threads do not survive fork: the NumPy path's cached thread pool and the host backend's OpenMP threads are gone
 in the child, and a child that waits for them hangs. Each scenario runs in a subprocess of its own (its own
 session, killed with its children on timeout), with ``DEFORMCP_NUM_THREADS=2`` so that the parent uses several
-threads whatever the machine: the parent runs an op over several chunks / OpenMP blocks, then forked children
-run the same op and must return the same result.
+threads whatever the machine: the parent runs an op over several chunks / OpenMP blocks (or torch's OpenMP
+threads), then forked children run the op and must return the parent's result.
 """
 import os
 import pathlib
