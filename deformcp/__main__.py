@@ -65,11 +65,12 @@ def _nvrtc_version() -> str:
 
 
 def check(ops, backends, seed) -> int:
-    from deformcp import testing
+    from deformcp import _host, testing
 
     backends = backends or testing.available_backends()
     if not backends:
-        print("no backend besides the NumPy reference is available (no C++ compiler, no GPU)")
+        print(f"no backend besides the NumPy reference is available: host: {_host.available()}; "
+              f"cuda: {testing.gpu_available()}")
         return 1
     try:
         results = testing.check(ops=ops, backends=backends, seed=seed)

@@ -502,11 +502,12 @@ def machine_info(device: str, modules: TorchModules, gpu: Optional[str]) -> dict
         "torchvision": getattr(modules.torchvision, "__version__", None),
         "torch_threads": modules.torch.get_num_threads() if modules.torch is not None else None,
         "cupy": getattr(sys.modules.get("cupy"), "__version__", None),
-        "host_compiler": _host.compiler(),
+        "host_compiler": _host.compiler() if _host.available() is None else None,
         "device": device,
         "gpu": gpu,
         "blas_overrides": {k: os.environ.get(k) for k in BLAS_OVERRIDES},
-        "threads": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")},
+        "threads": {k: os.environ.get(k) for k in ("DEFORMCP_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                                   "MKL_NUM_THREADS")},
     }
     return info
 
@@ -560,9 +561,9 @@ def run(ops, device: str, repeat: int, warmup: int, warmup_time: float, seed: in
     notes = notes if notes is not None else []
     size = "quick" if quick else device
     modules = TorchModules.load({"torch"} | {CASES_ANCHOR[op] for op in ops})
-    host = device == "cpu" and _host.compiler() is not None
+    host = device == "cpu" and _host.available() is None
     if device == "cpu" and not host:
-        notes.append("deformcp host skipped: no C++ compiler found (set CXX)")
+        notes.append(f"deformcp host skipped: {_host.available()}")
     sync = _cuda_sync(modules) if device == "cuda" else None
 
     cases = [make_case(op, size, seed) for op in ops]

@@ -84,7 +84,7 @@ def available_backends() -> list[str]:
     """Backends besides the NumPy reference that can run here: "host" and/or "cuda"."""
     from . import _host
 
-    backends = ["host"] if _host.compiler() else []
+    backends = ["host"] if _host.available() is None else []
     return backends + (["cuda"] if gpu_available() is None else [])
 
 

@@ -53,3 +53,13 @@ def test_check_rejects_unknown_ops(capsys):
 def test_relative_error_flags_nan():
     assert testing.relative_error(np.array([1.0, np.nan]), np.array([1.0, 2.0])) == float("inf")
     assert testing.relative_error(np.array([1.0, 2.0]), np.array([1.0, 2.0])) == 0.0
+
+
+def test_check_without_a_usable_backend_says_why(capsys, monkeypatch):
+    """An invalid CXX (and no GPU) leaves only the reference: check names CXX instead of crashing."""
+    if testing.gpu_available() is None:
+        pytest.skip("a GPU is available: check has a backend")
+    monkeypatch.setenv("CXX", "not-a-compiler-deformcp")
+    assert cli.main(["check"]) == 1
+    out = capsys.readouterr().out
+    assert "host: CXX='not-a-compiler-deformcp'" in out and "cuda:" in out
