@@ -172,7 +172,7 @@ def integer(name: str, value, maximum: int = INT_MAX, minimum: Optional[int] = N
 def output_fits(name: str, shape: tuple, dtype) -> None:
     """Check that an output of this shape and dtype can exist (bytes within NumPy's limit); name is the
     argument that sets its size."""
-    elements = math.prod(shape)
+    elements = math.prod(max(n, 1) for n in shape)  # NumPy refuses such a shape even with a zero in it
     if elements * np.dtype(dtype).itemsize > np.iinfo(np.intp).max:
         raise ValueError(f"{name}: expected an output that fits in memory, got one of shape {tuple(shape)} "
                          f"({elements} elements)")

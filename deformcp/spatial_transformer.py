@@ -39,6 +39,7 @@ def _check_affine_grid(theta, size):
     if size[0] != theta.shape[0]:
         raise ValueError(f"size: expected N = {theta.shape[0]} (theta's batch) in size (N, C, H, W), "
                          f"got {size}")
+    _validate.output_fits("size", (size[0], size[2], size[3], 2), theta.dtype)
     return size
 
 

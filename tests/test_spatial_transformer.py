@@ -402,3 +402,11 @@ def test_numpy_path_threads_do_not_change_results(rng, monkeypatch):
     serial = deformcp.grid_sample(x, grid), *deformcp.grid_sample_backward(grad_output, x, grid)
     for a, b in zip(threaded, serial):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("batch", [1, 0])
+def test_affine_grid_of_a_size_no_array_can_hold_names_size(batch):
+    """H = W = 2**31 - 1: NumPy refuses the output's shape (even with N = 0); the error names size."""
+    side = 2**31 - 1
+    with pytest.raises(ValueError, match=r"^size: expected an output that fits in memory"):
+        deformcp.affine_grid(np.zeros((batch, 2, 3)), (batch, 1, side, side))
