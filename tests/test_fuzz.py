@@ -615,8 +615,9 @@ class Mutation(NamedTuple):
     name: str       # the argument changed
     kind: str       # what was done (an event)
     value: object
-    expect: str     # "ok": must succeed with the same values; "valid": must succeed; "named": succeed or name
-    #                 the argument; "related": succeed or name any argument of the call
+    expect: str     # "ok": must succeed with the same values; "valid": must succeed; "refused": must raise,
+    #                 naming the argument (never coerced); "named": succeed or name the argument; "related":
+    #                 succeed or name any argument of the call
     same_as: Optional[dict] = None  # "ok": arguments of an equivalent call (default: the unchanged call)
 
 
@@ -645,46 +646,48 @@ def scalar_mutations(name, value):
     """(value, expect) pairs for a scalar argument (a non-iterable needs_input_grad has its own test below)."""
     kind = SCALAR_KINDS[name]
     if kind == "flag":
-        return [(v, "named") for v in (0, 1, None, "True", 1.0, [True], np.int64(1))] + [(np.bool_(value), "ok")]
+        return [(v, "refused") for v in (0, 1, None, "True", "False", 1.0, [True], np.int64(1))] + [
+            (np.bool_(value), "ok")]
     if kind == "choice":
         return [(v, "named") for v in ("", value.upper(), value + " ", None, 0, value.encode(), [value],
                                        "nonsense")] + [(np.str_(value), "ok")]
     if kind in ("pair", "pair0"):
-        bad = [-1, (0, -1), (1,), (1, 2, 3), (), 1.5, (1.0, 1), "ab", None, (1, None), np.array([1, 1]), {1: 2},
-               [np.float64(1), 1], 1j]
+        bad = [-1, (0, -1), (1,), (1, 2, 3), (), 1.5, 5.7, (1.0, 1), "ab", "3", None, (1, None), {1: 2},
+               [np.float64(1), 1], 1j, True, np.True_, (True, 1), (1, False), 2**63, (1, -2**63)]
         if kind == "pair":
             bad += [0, (0, 1), (1, 0)]
         pair = (value, value) if isinstance(value, int) else tuple(value)
-        return [(v, "named") for v in bad] + [(tuple(np.int32(v) for v in pair), "ok"), (list(pair), "ok"),
+        return [(v, "refused") for v in bad] + [(np.array([1, 1]), "named")] + [(tuple(np.int32(v) for v in pair), "ok"), (list(pair), "ok"),
                                               (np.int64(pair[0]), "valid")][:3 if pair[0] == pair[1] else 2]
     if kind in ("positive real", "real"):
         bad = [math.nan, math.inf, -math.inf, 10**400, "0.5", None, True, 1j, [0.5], decimal.Decimal("0.5")]
         if kind == "positive real":
             bad += [0, 0.0, -0.5, -1e-300]
-        return [(v, "named") for v in bad] + [(np.float64(value), "ok"), (np.float32(value), "valid"),
+        return [(v, "refused") for v in bad] + [(np.float64(value), "ok"), (np.float32(value), "valid"),
                                               (int(max(1, round(value))), "valid"), (fractions.Fraction(1, 3), "valid")]
     if kind == "int":  # sampling_ratio: at most 2**16 in magnitude
-        return [(v, "named") for v in (2.0, 2.5, "2", None, [2], np.float64(2.0), 1j, True, 2**16 + 1, -2**31,
-                                       2**31, 2**63, 10**30)] + [
+        return [(v, "refused") for v in (2.0, 2.5, "2", None, [2], np.float64(2.0), 1j, True, np.True_, 2**16 + 1,
+                                         -2**31, 2**31, 2**63, 10**30)] + [
             (np.int64(value), "ok"), (np.int8(value), "ok"), (-7, "valid"), (0, "valid")]
     if kind == "positive int":
-        # True is accepted as the int 1 (operator.index), which may make another argument's shape wrong;
         # beyond 2**31 - 1 (a C int) every count is refused, sample_per_part beyond 2**16
-        huge = [2**31, 10**30] + ([2**16 + 1] if name == "sample_per_part" else [])
-        return [(v, "named") for v in (0, -1, -100, 2.0, 1.5, "2", None, [2], *huge)] + [
-            (True, "related"), (np.int64(value), "ok")]
+        huge = [2**31, 2**63, 10**30] + ([2**16 + 1] if name == "sample_per_part" else [])
+        return [(v, "refused") for v in (0, -1, -100, 2.0, 1.5, "2", None, [2], True, np.True_, *huge)] + [
+            (np.int64(value), "ok")]
     if kind == "part_size":
-        return [(v, "named") for v in (0, -1, 2.0, "2", [2])] + [(None, "related")] + (
+        return [(v, "refused") for v in (0, -1, 2.0, "2", [2], True)] + [(None, "related")] + (
             [(np.int16(value), "ok")] if value is not None else [])
     if kind == "needs":
         n = len(value)
-        return [(v, "named") for v in ((True,) * (n - 1), (True,) * (n + 1), (1,) * n, ("yes",) * n, (), "ab",
-                                       (None,) * n, [[True]] * n)] + [
+        return [(v, "refused") for v in ((True,) * (n - 1), (True,) * (n + 1), (1,) * n, ("yes",) * n, (), "ab",
+                                         (None,) * n, [[True]] * n)] + [
             (list(value), "ok"), (np.array(value, bool), "ok"), (tuple(np.bool_(v) for v in value), "ok")]
     if kind == "size":
         N, C, H, W = (int(v) for v in value)
-        return [(v, "named") for v in ((N, C, H), (N, C, H, W, 1), (N, C, -1, W), (N, C, H, 1.5), (N + 1, C, H, W),
-                                       None, "abcd", (N, C, H, None), 4, {}, (N, C, H, W * 1.0))] + [
+        return [(v, "refused") for v in ((N, C, H), (N, C, H, W, 1), (N, C, -1, W), (N, C, H, 1.5), (N + 1, C, H, W),
+                                         None, "abcd", (N, C, H, None), 4, {}, (N, C, H, W * 1.0), (N, C, True, W),
+                                         (N, np.True_, H, W), (N, C, H, np.float64(W)), (N, C, H, str(W)),
+                                         (N, C, 2**63, W))] + [
             (list(value), "ok"), (np.array([N, C, H, W]), "ok"), (tuple(np.int16(v) for v in (N, C, H, W)), "ok")]
     raise AssertionError(kind)
 
@@ -798,6 +801,7 @@ def test_invalid_input_is_rejected_by_name(function, data):
         if error is None:
             assert_results_agree(host_result, result, "host vs numpy")
     if error is None:
+        assert mutation.expect != "refused", f"{mutation.name}={mutation.value!r:.100} was accepted (coerced)"
         if mutation.expect == "ok":  # the same values: the same result as the unchanged call
             expected = run_numpy(call.fn, **(mutation.same_as or call.kwargs))
             assert_results_agree(result, expected, "mutated vs original")
@@ -806,7 +810,7 @@ def test_invalid_input_is_rejected_by_name(function, data):
     assert mutation.expect not in ("ok", "valid"), f"a valid variant was refused: {error!r}"
     assert isinstance(error, (ValueError, TypeError)), f"{type(error).__name__}: {error}"
     message = str(error)
-    names = [mutation.name] if mutation.expect == "named" else list(call.kwargs)
+    names = [mutation.name] if mutation.expect in ("named", "refused") else list(call.kwargs)
     assert any(n in message for n in names), f"message does not name {' or '.join(names)}: {message!r}"
     event("rejected by name")
 
