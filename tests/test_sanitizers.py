@@ -25,7 +25,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 #: Test files whose host-backend tests (``-k host``) run under the sanitizers.
 TEST_FILES = ("tests/test_spatial_transformer.py", "tests/test_roi_align.py", "tests/test_deform_conv.py",
               "tests/test_deform_roi_pool.py", "tests/test_deform_ps_roi_pool.py", "tests/test_mimic_loss.py",
-              "tests/test_adversarial.py", "tests/test_resources.py")
+              "tests/test_adversarial.py", "tests/test_resources.py", "tests/test_byte_order.py")
 SANITIZERS = "address,undefined"
 FOUND = ("ERROR: AddressSanitizer", "runtime error:")
 
@@ -72,10 +72,11 @@ def _output(result: subprocess.CompletedProcess) -> str:
     return result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("test_file", TEST_FILES)
-def test_host_backend_tests_pass_under_sanitizers(asan_env, test_file):
+def _run_under_sanitizers(asan_env, test_file: str, keyword: str) -> None:
+    """Run ``pytest test_file -k keyword`` under the sanitizers; fail on a report, a failure or no test run."""
     assert (REPO / test_file).is_file(), f"{test_file} is missing"
-    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", test_file, "-k", "host"]
+    # -s: UBSan stops the process at its first report, which pytest's captured output would lose
+    command = [sys.executable, "-m", "pytest", "-q", "-s", "-x", "-p", "no:cacheprovider", test_file, "-k", keyword]
     result = subprocess.run(command, cwd=REPO, env=asan_env, capture_output=True, text=True, timeout=1200)
     output = _output(result)
     replay = (f"replay: cd {REPO} && LD_PRELOAD={asan_env['LD_PRELOAD']} ASAN_OPTIONS=detect_leaks=0 "
@@ -86,6 +87,11 @@ def test_host_backend_tests_pass_under_sanitizers(asan_env, test_file):
     assert result.returncode == 0, f"exit code {result.returncode}:\n{replay}{output[-20000:]}"
     summary = re.search(r"^=*\s*(.*\b(\d+) passed\b.*) in [\d.]+s", result.stdout, re.MULTILINE)
     assert summary and int(summary.group(2)) > 0, f"no test passed:\n{replay}{output[-5000:]}"
+
+
+@pytest.mark.parametrize("test_file", TEST_FILES)
+def test_host_backend_tests_pass_under_sanitizers(asan_env, test_file):
+    _run_under_sanitizers(asan_env, test_file, "host")
 
 
 #: Kernels that break the rules, compiled and launched through deformcp._kernels / deformcp._host exactly
@@ -150,11 +156,4 @@ def test_sanitizers_catch_broken_kernels(asan_env, tmp_path, kernel, report):
 def test_deform_conv_tap_positions_past_int32_under_sanitizers(asan_env):
     """deform_conv2d with tap positions past 2**31 - 1 though every size is below it (tests/test_index64.py),
     on the host backend under ASan + UBSan: no signed overflow, no bad access, the NumPy path's results."""
-    # -s: UBSan stops the process at its first report, which pytest's captured output would lose
-    command = [sys.executable, "-m", "pytest", "-q", "-s", "-x", "-p", "no:cacheprovider", "tests/test_index64.py",
-               "-k", "deform_conv_tap_positions"]
-    result = subprocess.run(command, cwd=REPO, env=asan_env, capture_output=True, text=True, timeout=1200)
-    output = _output(result)
-    for needle in FOUND:
-        assert needle not in output, f"sanitizer report:\n{output[-20000:]}"
-    assert result.returncode == 0 and re.search(r"\b1 passed\b", result.stdout), output[-5000:]
+    _run_under_sanitizers(asan_env, "tests/test_index64.py", "deform_conv_tap_positions")
