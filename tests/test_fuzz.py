@@ -1,4 +1,4 @@
-"""Property-based fuzzing of every public op with hypothesis (issue 7, item 1).
+"""Property-based fuzzing of every public op with hypothesis.
 
 affine_grid, grid_sample, roi_align, ps_roi_align, deform_conv2d, deform_roi_pool, deform_ps_roi_pool,
 mimic_loss and each ``<op>_backward``:
@@ -24,6 +24,13 @@ mimic_loss and each ``<op>_backward``:
   The call must succeed — and then the NumPy path and the host backend must agree — or raise ValueError or
   TypeError whose message contains the argument's name (for a changed dimension, the name of any argument
   of the call: a mismatch has two sides). Never another exception, a crash, or different results.
+* Forked children (``test_forked_children_compute_what_the_parent_computes``): the parent runs a random valid
+  case on the NumPy path and the host backend, then a child forked from it runs the case again and must return
+  the same results within 30 s (the NumPy path's thread pool used to hang in such a child).
+* Byte orders, derived indices, coercions: valid cases draw a byte order per array ('>f4' on a little-endian
+  machine is converted on entry); deform_conv2d cases now and then take a stride and padding near 2**31 on an
+  axis (every size fits an int, the tap positions do not; in float64 the offsets bring the taps back into the
+  image); flags and sizes given as bools, strings, floats, None or 2**63 must be refused by name, never coerced.
 * Bugs this fuzzing found, fixed, and kept as their own tests: None for a required array, a non-iterable
   needs_input_grad, real arguments that are not floats (fractions.Fraction, huge ints), deform_conv2d with
   C = 0 or C_out = 0, rois called "boxes" in deform_roi_pool's messages, huge sample counts (run in a
@@ -61,9 +68,13 @@ import decimal
 import fractions
 import math
 import os
+import pickle
+import select
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
@@ -326,18 +337,30 @@ def deform_conv2d_cases(draw, dtype, listing=True):
     C = base * draw(between(1, 2 if base <= 3 else 1))
     C_out = groups * draw(between(1, 2))  # C_out = 0 is refused (test_invalid_input_is_rejected_by_name)
     kh, kw = draw(between(1, 3)), draw(between(1, 3))
-    stride = (draw(between(1, 3)), draw(between(1, 3)))
-    padding = (draw(between(0, 2)), draw(between(0, 2)))
+    stride = [draw(between(1, 3)), draw(between(1, 3))]
+    padding = [draw(between(0, 2)), draw(between(0, 2))]
     dilation = (draw(between(1, 2)), draw(between(1, 2)))
     H = max(1, dilation[0] * (kh - 1) + 1 - 2 * padding[0] + draw(between(0, 4)))
     W = max(1, dilation[1] * (kw - 1) + 1 - 2 * padding[1] + draw(between(0, 4)))
+    # now and then a stride and padding near 2**31 along an axis: every size fits an int, the tap positions
+    # h·stride − pad + i·dilation do not (the kernels must take their 64-bit instantiation)
+    huge_axes = draw(st.sampled_from([()] * 6 + [(0,), (1,), (0, 1)]))
+    for axis in huge_axes:
+        stride[axis] = draw(st.sampled_from([2**31 - 1, 2**31 + 5, 2**35]))
+        padding[axis] = stride[axis] - 1 - draw(between(0, 2))
     Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     N = 0 if empty_one_of(draw, "N") else draw(between(1, 2))
     spread, bits = draw(st.sampled_from([0.5, 2.0, 4.0])), draw(st.sampled_from([1, 2, 12]))
     rng = np.random.default_rng(draw(SEEDS))
+    offset = lattice(spread * rng.standard_normal((N, G, kh * kw, 2, Ho, Wo)), bits)
+    if dtype == "float64":  # offsets (exact in float64) that bring the huge axes' taps back to h + i·dilation
+        if 0 in huge_axes:
+            offset[:, :, :, 0] += (np.arange(Ho) * (1 - stride[0]) + padding[0])[:, None]
+        if 1 in huge_axes:
+            offset[:, :, :, 1] += np.arange(Wo) * (1 - stride[1]) + padding[1]
     arrays = {"input": rng.standard_normal((N, C, H, W)),
-              "offset": lattice(spread * rng.standard_normal((N, 2 * G * kh * kw, Ho, Wo)), bits),
+              "offset": offset.reshape(N, 2 * G * kh * kw, Ho, Wo),
               "weight": rng.standard_normal((C_out, C // groups, kh, kw)),
               "bias": rng.standard_normal(C_out) if draw(st.booleans()) else None,
               "mask": rng.uniform(-0.5, 1.5, (N, G * kh * kw, Ho, Wo)) if draw(st.booleans()) else None}
@@ -347,7 +370,7 @@ def deform_conv2d_cases(draw, dtype, listing=True):
                "dilation": pair_form(draw, dilation)}
     return Case(arrays, options, {"needs_input_grad": needs, "deterministic": draw(st.booleans())}, present,
                 labels=(f"groups={groups}", f"offset groups={G}", "v2 (mask)" if arrays["mask"] is not None else "v1",
-                        *(["empty"] if N == 0 else [])),
+                        *(["empty"] if N == 0 else []), *(["taps past 2**31"] if huge_axes else [])),
                 values=("input", "weight", "bias", "mask"))
 
 
@@ -576,6 +599,68 @@ def test_valid_input_matches_the_float64_reference(name, data):
     check_parity(data, op, case, dtype)
 
 
+# ----------------------------------------------------------------------------------- forked children
+
+def in_forked_child(work: Callable[[], object], timeout: float = 30):
+    """work() run in a child forked from this process (threads of the NumPy path's pool and OpenMP's, if this
+    process started them, do not exist there); its result, or a test failure when the child hangs or dies."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report and leave without running the parent's cleanup
+        os.close(read)
+        try:
+            payload = pickle.dumps(("result", work()))
+        except BaseException as error:  # noqa: BLE001 - everything goes back to the parent
+            payload = pickle.dumps(("error", repr(error)))
+        with os.fdopen(write, "wb") as pipe:
+            pipe.write(payload)
+        os._exit(0)
+    os.close(write)
+    chunks, deadline = [], time.monotonic() + timeout
+    with os.fdopen(read, "rb") as pipe:
+        while True:
+            ready, _, _ = select.select([pipe], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail(f"a forked child still runs after {timeout} s: it hangs")
+            chunk = pipe.read1(1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0 and chunks, f"the forked child died (wait status {status})"
+    kind, value = pickle.loads(b"".join(chunks))
+    assert kind == "result", f"the forked child raised {value}"
+    return value
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork on this platform")
+@pytest.mark.parametrize("name", list(OPS))
+@settings(max_examples=min(settings().max_examples, 25))
+@given(data=st.data())
+def test_forked_children_compute_what_the_parent_computes(name, data):
+    """The parent runs a random valid case on the NumPy path and the host backend (starting their threads where
+    the case has several chunks or blocks), then a forked child runs it again: the same results, no hang."""
+    op = OPS[name]
+    dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
+    case = data.draw(op.cases(dtype), label="case")
+    arrays = {n: None if a is None else a.astype(dtype) for n, a in case.arrays.items()}
+
+    def run_all():
+        results = []
+        for backend in ["numpy"] + (["host"] if HOST else []):
+            out = testing.run(backend, op.forward, **arrays, **case.options)
+            grad_output = np.ones(np.shape(out), dtype)
+            results.append((out, as_fields(testing.run(backend, op.backward, grad_output, **arrays, **case.options,
+                                                         **case.backward_options))))
+        return results
+
+    expected = run_all()
+    for (out, grads), (want, want_grads) in zip(in_forked_child(run_all), expected):
+        assert_results_agree((out, *grads), (want, *want_grads), "forked child vs parent")
+
+
 # ----------------------------------------------------------------------------------- invalid input
 
 class Call(NamedTuple):
@@ -657,8 +742,8 @@ def scalar_mutations(name, value):
         if kind == "pair":
             bad += [0, (0, 1), (1, 0)]
         pair = (value, value) if isinstance(value, int) else tuple(value)
-        return [(v, "refused") for v in bad] + [(np.array([1, 1]), "named")] + [(tuple(np.int32(v) for v in pair), "ok"), (list(pair), "ok"),
-                                              (np.int64(pair[0]), "valid")][:3 if pair[0] == pair[1] else 2]
+        variants = [(tuple(np.int64(v) for v in pair), "ok"), (list(pair), "ok"), (np.int64(pair[0]), "valid")]
+        return [(v, "refused") for v in bad] + [(np.array([1, 1]), "named")] + variants[:3 if pair[0] == pair[1] else 2]
     if kind in ("positive real", "real"):
         bad = [math.nan, math.inf, -math.inf, 10**400, "0.5", None, True, 1j, [0.5], decimal.Decimal("0.5")]
         if kind == "positive real":
