@@ -39,56 +39,44 @@ def arrays():
 A = arrays()
 
 
-def plain_calls():
-    """op name → a call of the NumPy-style function with keyword overrides."""
-    a = A
-    conv = dict(stride=1, padding=1, dilation=1)
-    dps = dict(output_dim=1, group_size=2, pooled_size=2, part_size=2, sample_per_part=2, trans_std=0.1,
-               no_trans=False)
+CONV = dict(stride=1, padding=1, dilation=1)
+DPS = dict(output_dim=1, group_size=2, pooled_size=2, part_size=2, sample_per_part=2, trans_std=0.1, no_trans=False)
+
+
+def forward_calls(ns, a):
+    """op name → a call of namespace ns's forward function (deformcp, deformcp.torch or deformcp.jax) on the
+    arrays a, with keyword overrides."""
     return {
-        "affine_grid": lambda **o: deformcp.affine_grid(a["theta"], **{"size": (1, 1, 4, 4), "align_corners": False,
-                                                                       **o}),
-        "affine_grid_backward": lambda **o: deformcp.affine_grid_backward(
-            a["grid_out"], a["theta"], **{"size": (1, 1, 4, 4), "align_corners": False, **o}),
-        "grid_sample": lambda **o: deformcp.grid_sample(a["x"], a["grid"], **o),
-        "grid_sample_backward": lambda **o: deformcp.grid_sample_backward(a["sampled"], a["x"], a["grid"], **o),
-        "roi_align": lambda **o: deformcp.roi_align(a["x"], a["boxes"], **{"output_size": 2, **o}),
-        "roi_align_backward": lambda **o: deformcp.roi_align_backward(a["pooled"], a["x"], a["boxes"],
-                                                                      **{"output_size": 2, **o}),
-        "ps_roi_align": lambda **o: deformcp.ps_roi_align(a["x"], a["boxes"], **{"output_size": 2, **o}),
-        "ps_roi_align_backward": lambda **o: deformcp.ps_roi_align_backward(a["ps_pooled"], a["x"], a["boxes"],
-                                                                            **{"output_size": 2, **o}),
-        "deform_conv2d": lambda **o: deformcp.deform_conv2d(a["x"], a["conv_offset"], a["weight"], **{**conv, **o}),
-        "deform_conv2d_backward": lambda **o: deformcp.deform_conv2d_backward(
-            a["conv_out"], a["x"], a["conv_offset"], a["weight"], **{**conv, **o}),
-        "deform_roi_pool": lambda **o: deformcp.deform_roi_pool(a["x"], a["boxes"], a["offset"],
-                                                                **{"output_size": 2, **o}),
-        "deform_roi_pool_backward": lambda **o: deformcp.deform_roi_pool_backward(
-            a["pooled"], a["x"], a["boxes"], a["offset"], **{"output_size": 2, **o}),
-        "deform_ps_roi_pool": lambda **o: deformcp.deform_ps_roi_pool(a["x"], a["boxes"], a["offset"],
-                                                                      **{**dps, **o}),
-        "deform_ps_roi_pool_backward": lambda **o: deformcp.deform_ps_roi_pool_backward(
-            a["ps_pooled"], a["x"], a["boxes"], a["offset"], **{**dps, **o}),
-        "mimic_loss_backward": lambda **o: deformcp.mimic_loss_backward(np.float32(1.0), a["sampled"][0, 0],
-                                                                        a["sampled"][0, 1], **o),
+        "affine_grid": lambda **o: ns.affine_grid(a["theta"], **{"size": (1, 1, 4, 4), **o}),
+        "grid_sample": lambda **o: ns.grid_sample(a["x"], a["grid"], **o),
+        "roi_align": lambda **o: ns.roi_align(a["x"], a["boxes"], **{"output_size": 2, **o}),
+        "ps_roi_align": lambda **o: ns.ps_roi_align(a["x"], a["boxes"], **{"output_size": 2, **o}),
+        "deform_conv2d": lambda **o: ns.deform_conv2d(a["x"], a["conv_offset"], a["weight"], **{**CONV, **o}),
+        "deform_roi_pool": lambda **o: ns.deform_roi_pool(a["x"], a["boxes"], a["offset"], **{"output_size": 2, **o}),
+        "deform_ps_roi_pool": lambda **o: ns.deform_ps_roi_pool(a["x"], a["boxes"], a["offset"], **{**DPS, **o}),
     }
 
 
-def torch_calls():
-    """op name → a call of the deformcp.torch function (the arrays as tensors) with keyword overrides."""
-    t = {k: torch.from_numpy(v) for k, v in A.items()}
-    conv = dict(stride=1, padding=1, dilation=1)
-    dps = dict(output_dim=1, group_size=2, pooled_size=2, part_size=2, sample_per_part=2, trans_std=0.1,
-               no_trans=False)
+def plain_calls():
+    """op name → a call of the NumPy-style function (forward or backward) with keyword overrides."""
+    a = A
     return {
-        "affine_grid": lambda **o: dtorch.affine_grid(t["theta"], **{"size": (1, 1, 4, 4), **o}),
-        "grid_sample": lambda **o: dtorch.grid_sample(t["x"], t["grid"], **o),
-        "roi_align": lambda **o: dtorch.roi_align(t["x"], t["boxes"], **{"output_size": 2, **o}),
-        "ps_roi_align": lambda **o: dtorch.ps_roi_align(t["x"], t["boxes"], **{"output_size": 2, **o}),
-        "deform_conv2d": lambda **o: dtorch.deform_conv2d(t["x"], t["conv_offset"], t["weight"], **{**conv, **o}),
-        "deform_roi_pool": lambda **o: dtorch.deform_roi_pool(t["x"], t["boxes"], t["offset"],
-                                                              **{"output_size": 2, **o}),
-        "deform_ps_roi_pool": lambda **o: dtorch.deform_ps_roi_pool(t["x"], t["boxes"], t["offset"], **{**dps, **o}),
+        **forward_calls(deformcp, a),
+        "affine_grid_backward": lambda **o: deformcp.affine_grid_backward(
+            a["grid_out"], a["theta"], **{"size": (1, 1, 4, 4), "align_corners": False, **o}),
+        "grid_sample_backward": lambda **o: deformcp.grid_sample_backward(a["sampled"], a["x"], a["grid"], **o),
+        "roi_align_backward": lambda **o: deformcp.roi_align_backward(a["pooled"], a["x"], a["boxes"],
+                                                                      **{"output_size": 2, **o}),
+        "ps_roi_align_backward": lambda **o: deformcp.ps_roi_align_backward(a["ps_pooled"], a["x"], a["boxes"],
+                                                                            **{"output_size": 2, **o}),
+        "deform_conv2d_backward": lambda **o: deformcp.deform_conv2d_backward(
+            a["conv_out"], a["x"], a["conv_offset"], a["weight"], **{**CONV, **o}),
+        "deform_roi_pool_backward": lambda **o: deformcp.deform_roi_pool_backward(
+            a["pooled"], a["x"], a["boxes"], a["offset"], **{"output_size": 2, **o}),
+        "deform_ps_roi_pool_backward": lambda **o: deformcp.deform_ps_roi_pool_backward(
+            a["ps_pooled"], a["x"], a["boxes"], a["offset"], **{**DPS, **o}),
+        "mimic_loss_backward": lambda **o: deformcp.mimic_loss_backward(np.float32(1.0), a["sampled"][0, 0],
+                                                                        a["sampled"][0, 1], **o),
     }
 
 
@@ -109,25 +97,8 @@ def module_calls():
     }
 
 
-def jax_calls():
-    """op name → a call of the deformcp.jax function with keyword overrides."""
-    a = A
-    conv = dict(stride=1, padding=1, dilation=1)
-    dps = dict(output_dim=1, group_size=2, pooled_size=2, part_size=2, sample_per_part=2, trans_std=0.1,
-               no_trans=False)
-    return {
-        "affine_grid": lambda **o: djax.affine_grid(a["theta"], **{"size": (1, 1, 4, 4), **o}),
-        "grid_sample": lambda **o: djax.grid_sample(a["x"], a["grid"], **o),
-        "roi_align": lambda **o: djax.roi_align(a["x"], a["boxes"], **{"output_size": 2, **o}),
-        "ps_roi_align": lambda **o: djax.ps_roi_align(a["x"], a["boxes"], **{"output_size": 2, **o}),
-        "deform_conv2d": lambda **o: djax.deform_conv2d(a["x"], a["conv_offset"], a["weight"], **{**conv, **o}),
-        "deform_roi_pool": lambda **o: djax.deform_roi_pool(a["x"], a["boxes"], a["offset"],
-                                                            **{"output_size": 2, **o}),
-        "deform_ps_roi_pool": lambda **o: djax.deform_ps_roi_pool(a["x"], a["boxes"], a["offset"], **{**dps, **o}),
-    }
-
-
-DOORS = {"numpy": plain_calls(), "torch": torch_calls(), "torch module": module_calls(), "jax": jax_calls()}
+DOORS = {"numpy": plain_calls(), "torch": forward_calls(dtorch, {k: torch.from_numpy(v) for k, v in A.items()}),
+         "torch module": module_calls(), "jax": forward_calls(djax, A)}
 
 # The arguments of each kind, per front door and op.
 FLAGS = {
