@@ -73,13 +73,13 @@ PHASES = ("forward", "forward+backward")
 GRADS = ("input", "offset", "weight", "bias", "mask")      # deform_conv2d_backward's fields, in order
 KERNEL, STRIDE, PADDING, DILATION = (3, 3), 1, 1, 1
 OFFSET_STD = 2.0                                            # offsets ~ N(0, OFFSET_STD²) pixels
-#: (N, C_in, H, W, C_out) cases per device; the CPU one is the issue's (with a mask, float32)
+#: (N, C_in, H, W, C_out) cases per device; the CPU one is the target case (with a mask, float32)
 CASES = {"cpu": ((1, 256, 50, 76, 256),),
          "cuda": ((2, 128, 100, 152, 128), (2, 256, 50, 76, 256), (2, 512, 25, 38, 512),
                   (64, 256, 14, 14, 256))}
 DTYPES = {"cpu": ("float32",), "cuda": ("float32", "float16")}
 MASK = {"cpu": True, "cuda": False}
-#: deformcp NumPy path time / torchvision CPU time, the issue's targets for the default CPU case
+#: deformcp NumPy path time / torchvision CPU time: the targets for the default CPU case
 TARGETS = ({"impl": "deformcp numpy", "phase": "forward", "max_ratio": 0.5,
             "target": "at least 2× faster than torchvision forward"},
            {"impl": "deformcp numpy", "phase": "forward+backward", "max_ratio": 1 / 3,
@@ -272,7 +272,7 @@ def report(records, baseline, problems, machine, errors, reference_name, notes, 
             traced = memory.get(r.extra["case_id"], {}).get(r.phase) if r.impl == "deformcp numpy" else None
             row.append(format_bytes(traced["peak_extra_bytes"]) if traced else "—")
         rows.append(row)
-    # the targets are for the CPU case; other CPU cases show them as not applicable
+    # the targets are for the CPU case; other CPU cases show them as not applicable
     targets = [{**t, "case_id": problems[0].label} for t in TARGETS] if device == "cpu" else []
     targets = _harness.evaluate_targets(targets, records, baseline, default_case,
                                         missing="no torchvision or no deformcp")

@@ -245,7 +245,7 @@ def report(records, ops, baseline, cases, machine, errors, reference_name, notes
     rows = [[r.extra["op"], r.phase, r.impl, *_harness.timing_cells(records, r, baseline)] for r in records]
     targets = _harness.evaluate_targets([t for t in TARGETS if t["op"] in ops], records, baseline, default_case,
                                         missing="no torchvision or no deformcp")
-    if "ps_roi_align" in ops and baseline:  # the bar, shown for ps_roi_align too (not a target)
+    if "ps_roi_align" in ops and baseline:  # roi_align's bar, shown for ps_roi_align too (not a target)
         for t in TARGETS:
             value = _harness.ratio(records, baseline, t["impl"], t["phase"], op="ps_roi_align")
             if value is not None:

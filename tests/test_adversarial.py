@@ -1,4 +1,4 @@
-"""Adversarial numerics on the host backend (issue 7, item 2).
+"""Adversarial numerics on the host backend.
 
 NaN, ±inf, ±1e30 and denormal (1e-310 in float64, 1e-40 in float32) offsets, grids, affine matrices, box
 coordinates and features; boxes far outside the image; 1×1 inputs; deform_conv2d kernels larger than the

@@ -1,4 +1,4 @@
-"""The index type of the kernels (issue 7, item 3).
+"""The index type of the kernels.
 
 Every kernel is a template over its index type: ``int``, or ``long long`` once an element count, a size or
 an array's length can pass 2**31 - 1 (:func:`deformcp._kernels.needs_index64`). Here, on the host backend:

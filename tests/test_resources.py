@@ -1,4 +1,4 @@
-"""Resources (issue 7, items 4 and 5): scratch memory under deformcp.workspace_limit and roi_align's chunking,
+"""Resources: scratch memory under deformcp.workspace_limit and roi_align's chunking,
 no leaks over thousands of host-backend calls, thread safety of both CPU paths, and a host kernel cache that
 several threads or processes can populate at once and that rebuilds a damaged entry.
 
