@@ -70,11 +70,10 @@ import math
 import os
 import pickle
 import select
-import signal
+import struct
 import subprocess
 import sys
 import textwrap
-import time
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
@@ -601,63 +600,107 @@ def test_valid_input_matches_the_float64_reference(name, data):
 
 # ----------------------------------------------------------------------------------- forked children
 
-def in_forked_child(work: Callable[[], object], timeout: float = 30):
-    """work() run in a child forked from this process (threads of the NumPy path's pool and OpenMP's, if this
-    process started them, do not exist there); its result, or a test failure when the child hangs or dies."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: report and leave without running the parent's cleanup
-        os.close(read)
-        try:
-            payload = pickle.dumps(("result", work()))
-        except BaseException as error:  # noqa: BLE001 - everything goes back to the parent
-            payload = pickle.dumps(("error", repr(error)))
-        with os.fdopen(write, "wb") as pipe:
-            pipe.write(payload)
-        os._exit(0)
-    os.close(write)
-    chunks, deadline = [], time.monotonic() + timeout
-    with os.fdopen(read, "rb") as pipe:
-        while True:
-            ready, _, _ = select.select([pipe], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                pytest.fail(f"a forked child still runs after {timeout} s: it hangs")
-            chunk = pipe.read1(1 << 16)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    _, status = os.waitpid(pid, 0)
-    assert status == 0 and chunks, f"the forked child died (wait status {status})"
-    kind, value = pickle.loads(b"".join(chunks))
-    assert kind == "result", f"the forked child raised {value}"
-    return value
+#: A process that runs requested cases, then runs each again in a child forked from itself, and answers with
+#: both results. It is a fresh interpreter with deformcp's threads only (pytest's has JAX's, which fork does not
+#: tolerate either). Messages are pickles behind an 8-byte length, on stdin and stdout.
+FORK_SERVER = textwrap.dedent("""
+    import os, pickle, select, signal, struct, sys, time
+    import numpy as np
+    sys.path.insert(0, sys.argv[1])
+    from test_fuzz import HOST, OPS, as_fields
+    from deformcp import testing
+
+    def run_all(name, arrays, options, backward_options):
+        op, results = OPS[name], []
+        for backend in ["numpy"] + (["host"] if HOST else []):
+            out = testing.run(backend, op.forward, **arrays, **options)
+            grad_output = np.ones_like(out)
+            grads = as_fields(testing.run(backend, op.backward, grad_output, **arrays, **options, **backward_options))
+            results.append((out, grads))
+        return results
+
+    def in_forked_child(work, timeout):
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read)
+            try:
+                payload = pickle.dumps(("result", work()))
+            except BaseException as error:
+                payload = pickle.dumps(("raised", repr(error)))
+            with os.fdopen(write, "wb") as pipe:
+                pipe.write(payload)
+            os._exit(0)
+        os.close(write)
+        chunks, deadline = [], time.monotonic() + timeout
+        with os.fdopen(read, "rb") as pipe:
+            while True:
+                if not select.select([pipe], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    return ("hung", f"still running after {timeout} s")
+                chunk = pipe.read1(1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        status = os.waitpid(pid, 0)[1]
+        return pickle.loads(b"".join(chunks)) if status == 0 and chunks else ("died", f"wait status {status}")
+
+    def receive():
+        header = sys.stdin.buffer.read(8)
+        return pickle.loads(sys.stdin.buffer.read(struct.unpack("<Q", header)[0])) if header else None
+
+    while (request := receive()) is not None:
+        expected = run_all(*request)
+        answer = pickle.dumps((expected, in_forked_child(lambda: run_all(*request), timeout=30)))
+        sys.stdout.buffer.write(struct.pack("<Q", len(answer)) + answer)
+        sys.stdout.buffer.flush()
+""")
+
+
+@pytest.fixture(scope="module")
+def fork_server():
+    """A FORK_SERVER process (DEFORMCP_NUM_THREADS=2: its pool and OpenMP use threads), and a function that sends
+    it a request and returns its answer, failing when none comes within a minute."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_ADDOPTS", "OMP_NUM_THREADS")}
+    env.update(DEFORMCP_NUM_THREADS="2", PYTHONPATH=os.path.dirname(tests), PYTHONFAULTHANDLER="1")
+    server = subprocess.Popen([sys.executable, "-c", FORK_SERVER, tests], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, env=env)
+
+    def ask(request):
+        message = pickle.dumps(request)
+        server.stdin.write(struct.pack("<Q", len(message)) + message)
+        server.stdin.flush()
+        if not select.select([server.stdout], [], [], 60)[0]:
+            pytest.fail("the fork server gave no answer within 60 s")
+        header = server.stdout.read(8)
+        assert len(header) == 8, f"the fork server died (exit status {server.poll()})"
+        return pickle.loads(server.stdout.read(struct.unpack("<Q", header)[0]))
+
+    yield ask
+    server.stdin.close()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork on this platform")
 @pytest.mark.parametrize("name", list(OPS))
 @settings(max_examples=min(settings().max_examples, 25))
 @given(data=st.data())
-def test_forked_children_compute_what_the_parent_computes(name, data):
-    """The parent runs a random valid case on the NumPy path and the host backend (starting their threads where
-    the case has several chunks or blocks), then a forked child runs it again: the same results, no hang."""
+def test_forked_children_compute_what_the_parent_computes(fork_server, name, data):
+    """A process runs a random valid case on the NumPy path and the host backend (starting their threads where
+    the case has several chunks or blocks), then a child forked from it runs the case again: the same results
+    within 30 s (the NumPy path's thread pool used to hang such a child)."""
     op = OPS[name]
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
     case = data.draw(op.cases(dtype), label="case")
     arrays = {n: None if a is None else a.astype(dtype) for n, a in case.arrays.items()}
-
-    def run_all():
-        results = []
-        for backend in ["numpy"] + (["host"] if HOST else []):
-            out = testing.run(backend, op.forward, **arrays, **case.options)
-            grad_output = np.ones(np.shape(out), dtype)
-            results.append((out, as_fields(testing.run(backend, op.backward, grad_output, **arrays, **case.options,
-                                                         **case.backward_options))))
-        return results
-
-    expected = run_all()
-    for (out, grads), (want, want_grads) in zip(in_forked_child(run_all), expected):
+    expected, (outcome, child) = fork_server((name, arrays, case.options, case.backward_options))
+    assert outcome == "result", f"the forked child {outcome}: {child}"
+    for (out, grads), (want, want_grads) in zip(child, expected):
         assert_results_agree((out, *grads), (want, *want_grads), "forked child vs parent")
 
 
