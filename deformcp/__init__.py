@@ -1,11 +1,19 @@
-"""deformcp — deformable sampling operators for NumPy, CuPy and any DLPack array.
+"""deformcp — deformable sampling operators for NumPy, CuPy and any DLPack array, forward and backward.
 
-Spatial Transformer Networks (affine_grid, grid_sample) with the conventions of torch.nn.functional, and
-Mask R-CNN's RoIAlign (roi_align, ps_roi_align) with torchvision's and mmcv's, and Deformable ConvNets'
-deform_conv2d (v1 and v2) with torchvision's; forward and backward. NumPy arrays run on a vectorised NumPy path (the reference), CuPy arrays on CUDA
-kernels compiled at run time by NVRTC, and ``with deformcp.backend("host"):`` runs the same CUDA sources
-on the CPU through the host C++ compiler. DLPack arrays (PyTorch, JAX, ...) come back in their own
-framework. See README.md for the conventions and the backends.
+Ops (each ``<op>_backward`` returns a named tuple of gradients):
+
+- ``affine_grid``, ``grid_sample`` — Spatial Transformer Networks (torch.nn.functional's conventions)
+- ``roi_align``, ``ps_roi_align`` — Mask R-CNN's RoIAlign and its position-sensitive form (torchvision; mmcv's
+  max pooling)
+- ``deform_conv2d`` — Deformable ConvNets v1 and v2 (torchvision)
+- ``deform_roi_pool`` — deformable (modulated) RoI pooling (mmcv)
+- ``deform_ps_roi_pool`` — DCNv1's deformable position-sensitive RoI pooling
+- ``mimic_loss`` — DCNv2's feature-mimicking loss
+
+NumPy arrays run on a vectorised NumPy path (the float64 reference), CuPy arrays on CUDA kernels compiled at run
+time by NVRTC, and ``with deformcp.backend("host"):`` runs the same CUDA sources on the CPU through the host C++
+compiler. DLPack arrays (PyTorch, JAX, ...) come back in their own framework; ``deformcp.torch`` and
+``deformcp.jax`` add autograd. Conventions: README.md and docs/conventions.md.
 """
 from ._dispatch import backend, current_backend
 from ._workspace import get_workspace_limit, workspace_limit
