@@ -22,8 +22,14 @@ from .deform_ps_roi_pool import DeformPSRoIPoolGrads, deform_ps_roi_pool, deform
 from .deform_roi_pool import DeformRoIPoolGrads, deform_roi_pool, deform_roi_pool_backward
 from .mimic_loss import MimicLossGrads, mimic_loss, mimic_loss_backward
 from .roi_align import RoIAlignGrads, ps_roi_align, ps_roi_align_backward, roi_align, roi_align_backward
-from .spatial_transformer import (AffineGridGrads, GridSampleGrads, affine_grid, affine_grid_backward,
-                                  grid_sample, grid_sample_backward)
+from .spatial_transformer import (
+    AffineGridGrads,
+    GridSampleGrads,
+    affine_grid,
+    affine_grid_backward,
+    grid_sample,
+    grid_sample_backward,
+)
 
 __version__ = "0.1.0"
 

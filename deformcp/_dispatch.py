@@ -10,8 +10,8 @@ cupy.ndarray, or DLPack arrays on a CUDA device        "cuda"     kernels/*.cu t
 
 DLPack arrays (PyTorch tensors, JAX arrays, ...) are imported without a copy and results are handed back
 in the caller's framework, also without a copy. NumPy arrays in non-native byte order are copied once into
-native order on entry (:func:`native_byte_order`); results are always in native order. Namespaces are told apart with array-api-compat, which
-never imports CuPy, PyTorch or JAX itself.
+native order on entry (:func:`native_byte_order`); results are always in native order. Namespaces are told
+apart with array-api-compat, which never imports CuPy, PyTorch or JAX itself.
 """
 from __future__ import annotations
 

@@ -15,10 +15,11 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import run_both
 
 import deformcp
 from deformcp import _host, testing
+
+from conftest import run_both
 
 pytestmark = [
     pytest.mark.skipif(_host.compiler() is None, reason="host backend: no C++ compiler found"),

@@ -10,6 +10,7 @@ import pytest
 
 import deformcp
 from deformcp import _kernels, testing
+
 from conftest import run_both
 
 SWAPPED = [np.dtype(">f8"), np.dtype(">f4")] if np.little_endian else [np.dtype("<f8"), np.dtype("<f4")]

@@ -85,6 +85,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import deformcp  # noqa: E402
 from deformcp import _host, testing  # noqa: E402
+
 from conftest import to_backend  # noqa: E402
 
 _COMMON = dict(deadline=None, derandomize=False, database=None, print_blob=True,

@@ -4,10 +4,11 @@ import importlib
 
 import numpy as np
 import pytest
-from conftest import _require, assert_close, noncontiguous, run_both, to_backend
 
 import deformcp
 from deformcp import _kernels, testing
+
+from conftest import _require, assert_close, noncontiguous, run_both, to_backend
 
 M = importlib.import_module("deformcp.mimic_loss")  # the op module: MimicLossGrads, registration
 mimic_loss, mimic_loss_backward = M.mimic_loss, M.mimic_loss_backward
@@ -172,7 +173,8 @@ def test_matches_float64_reference(rng):
 
 
 @pytest.mark.parametrize("dtype, scales", [
-    ("float32", (1e30, 1e-30)), ("float32", (1e-25, 1e-25)), ("float64", (1e300, 1e-300)), ("float64", (1e-300, 1e-300)),
+    ("float32", (1e30, 1e-30)), ("float32", (1e-25, 1e-25)),
+    ("float64", (1e300, 1e-300)), ("float64", (1e-300, 1e-300)),
 ])
 def test_extreme_magnitudes(where, rng, dtype, scales):
     """Rows whose |a|²·|b|² over- or underflows the naive formula: cos is scale-invariant, the gradient

@@ -414,7 +414,7 @@ def test_host_cache_populated_from_two_processes_at_once(fresh_cache, tmp_path):
             if c.poll() is None:
                 c.kill()
                 c.wait()
-    for c, (out, err) in zip(children, outputs):
+    for c, (_, err) in zip(children, outputs):
         assert c.returncode == 0, err[-5000:]
     spans = [tuple(map(float, out.split()[:2])) for out, _ in outputs]   # (build start, build end) each
     paths = {out.split()[2] for out, _ in outputs}

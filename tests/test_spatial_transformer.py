@@ -4,11 +4,12 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from conftest import assert_close, directional_derivative, noncontiguous, run_both, to_backend
 
 import deformcp
 from deformcp import testing
 from deformcp.spatial_transformer import MODES, PADDING_MODES
+
+from conftest import assert_close, directional_derivative, noncontiguous, run_both, to_backend
 
 CONFIGS = list(itertools.product(MODES, PADDING_MODES, (False, True)))
 CONFIG_IDS = [f"{m}-{p}-{'align' if a else 'noalign'}" for m, p, a in CONFIGS]
@@ -125,7 +126,8 @@ def test_nearest_reads_the_right_pixel_past_2_to_the_24_pixels(any_backend, rng)
 def test_affine_grid_of_an_empty_batch_allocates_nothing(any_backend):
     """N = 0 with a tall H × W: nothing to compute, no base grid (the NumPy path built one: 8 GiB for
     H = 2**30; here 2**22 rows, 96 MiB, which tracemalloc sees)."""
-    theta, grad_output = to_backend(np.zeros((0, 2, 3)), any_backend), to_backend(np.zeros((0, 2**22, 1, 2)), any_backend)
+    theta = to_backend(np.zeros((0, 2, 3)), any_backend)
+    grad_output = to_backend(np.zeros((0, 2**22, 1, 2)), any_backend)
     tracemalloc.start()
     try:
         grid = testing.run(any_backend, deformcp.affine_grid, theta, (0, 3, 2**22, 1))
