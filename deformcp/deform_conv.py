@@ -8,7 +8,6 @@ CuPy on the GPU, NumPy's BLAS on the host backend).
 """
 from __future__ import annotations
 
-import operator
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -65,25 +64,6 @@ class _Geometry(NamedTuple):
 INDEX_MAX = 2**63 - 1
 
 
-def _pair(name: str, value, minimum: int) -> tuple[int, int]:
-    """(value, value), or the pair given: ints (bools refused) in [minimum, INDEX_MAX]."""
-    given_pair = isinstance(value, (tuple, list))
-    values = tuple(value) if given_pair else (value, value)
-    for v in values:
-        if isinstance(v, (bool, np.bool_)):
-            raise TypeError(f"{name}: expected an int or a pair of ints, got bool {bool(v)}"
-                            + (f" in {value!r}" if given_pair else ""))
-    try:
-        pair = tuple(operator.index(v) for v in values)
-    except TypeError:
-        raise TypeError(f"{name}: expected an int or a pair of ints, got {value!r}") from None
-    if len(pair) != 2 or min(pair) < minimum:
-        raise ValueError(f"{name}: expected an int or a pair of ints ≥ {minimum}, got {value!r}")
-    if max(pair) > INDEX_MAX:
-        raise ValueError(f"{name}: expected an int or a pair of ints ≤ 2**63 - 1, got {value!r}")
-    return pair
-
-
 def _check(input, offset, weight, bias, mask, stride, padding, dilation) -> _Geometry:
     _validate.floating("input", input, 4, "(N, C, H, W)")
     _validate.floating("weight", weight, 4, "(C_out, C / groups, kh, kw)")
@@ -93,8 +73,9 @@ def _check(input, offset, weight, bias, mask, stride, padding, dilation) -> _Geo
     if bias is not None:
         _validate.floating("bias", bias, 1, "(C_out,)")
     _validate.same_dtype(input=input, offset=offset, weight=weight, bias=bias, mask=mask)
-    stride, padding, dilation = (_pair("stride", stride, 1), _pair("padding", padding, 0),
-                                 _pair("dilation", dilation, 1))
+    stride, padding, dilation = (_validate.pair("stride", stride, 1, INDEX_MAX),
+                                 _validate.pair("padding", padding, 0, INDEX_MAX),
+                                 _validate.pair("dilation", dilation, 1, INDEX_MAX))
     N, C, H, W = input.shape
     C_out, C_group, kh, kw = weight.shape
     if C == 0:

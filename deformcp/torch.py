@@ -439,9 +439,9 @@ class DeformConv2d(nn.Module):
         out_channels = _validate.integer("out_channels", out_channels, minimum=1)
         self.kernel_size = _validate.pair("kernel_size", kernel_size, minimum=1)
         # deform_conv2d's own rules for these (its function would raise the same errors at the first forward)
-        self.stride = _deform_conv._pair("stride", stride, 1)
-        self.padding = _deform_conv._pair("padding", padding, 0)
-        self.dilation = _deform_conv._pair("dilation", dilation, 1)
+        self.stride = _validate.pair("stride", stride, 1, _deform_conv.INDEX_MAX)
+        self.padding = _validate.pair("padding", padding, 0, _deform_conv.INDEX_MAX)
+        self.dilation = _validate.pair("dilation", dilation, 1, _deform_conv.INDEX_MAX)
         groups = _validate.integer("groups", groups, minimum=1)
         bias = _validate.flag("bias", bias)
         if in_channels % groups != 0:
