@@ -11,7 +11,10 @@ import numbers
 import operator
 from typing import Optional
 
+import array_api_compat as compat
 import numpy as np
+
+from . import _dispatch
 
 #: dtypes every backend accepts; float16 and bfloat16 are computed in float32 on the NumPy path.
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -176,6 +179,51 @@ def output_fits(name: str, shape: tuple, dtype) -> None:
     if elements * np.dtype(dtype).itemsize > np.iinfo(np.intp).max:
         raise ValueError(f"{name}: expected an output that fits in memory, got one of shape {tuple(shape)} "
                          f"({elements} elements)")
+
+
+#: Axes of a RoI op's RoIs, and of one image's boxes in a per-image list.
+ROIS_LAYOUT = "(K, 5) [batch_index, x1, y1, x2, y2]"
+PER_IMAGE_LAYOUT = "(L, 4) [x1, y1, x2, y2]"
+
+
+def boxes_to_rois(name: str, boxes, input):
+    """boxes as RoIs (K, 5) [batch_index, x1, y1, x2, y2]. An array is returned as it is; a list or tuple of
+    per-image arrays (L, 4) [x1, y1, x2, y2] of input's dtype, at most one per image of input (N, C, H, W), is
+    checked (named ``name[i]``) and concatenated in the arrays' own namespace (NumPy, CuPy, jax.numpy), image
+    i's boxes with batch index i; an empty list gives no RoIs."""
+    if not isinstance(boxes, (list, tuple)):
+        return boxes
+    floating("input", input, 4, "(N, C, H, W)")
+    named = {f"{name}[{i}]": b for i, b in enumerate(boxes)}
+    for label, b in named.items():
+        floating(label, b, 2, PER_IMAGE_LAYOUT)
+        shape(label, b, (None, 4), PER_IMAGE_LAYOUT)
+    same_dtype(input=input, **named)
+    if len(boxes) > input.shape[0]:
+        raise ValueError(f"{name}: expected at most N = {input.shape[0]} per-image arrays (input's batch), "
+                         f"got {len(boxes)}")
+    xp, device, dtype = compat.array_namespace(input, *boxes), compat.device(input), input.dtype
+    return xp.concat([xp.zeros((0, 5), dtype=dtype, device=device)] + [
+        xp.concat([xp.full((b.shape[0], 1), i, dtype=dtype, device=device), b], axis=1) for i, b in enumerate(boxes)])
+
+
+def prepare_boxes(name: str, **arrays) -> tuple:
+    """Import the arrays of a RoI op's call (:func:`_dispatch.prepare`, in the order given), ``arrays[name]``
+    being its boxes (:func:`boxes_to_rois`; a list's arrays are imported one by one, then concatenated);
+    ``arrays`` must hold ``input``. Returns (call, the imported arrays in order, the RoIs (K, 5) at name's
+    place)."""
+    boxes = arrays[name]
+    if not isinstance(boxes, (list, tuple)):
+        call = _dispatch.prepare(**arrays)
+        return call, call.arrays
+    named = {}
+    for key, value in arrays.items():
+        named.update({f"{name}[{i}]": b for i, b in enumerate(boxes)} if key == name else {key: value})
+    call = _dispatch.prepare(**named)
+    imported = dict(zip(named, call.arrays))
+    with call.device:
+        rois = boxes_to_rois(name, [imported[f"{name}[{i}]"] for i in range(len(boxes))], imported["input"])
+    return call, tuple(rois if key == name else imported[key] for key in arrays)
 
 
 def rois(name: str, call, rois, input) -> None:

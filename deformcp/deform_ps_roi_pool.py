@@ -12,13 +12,12 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from . import _bilinear, _dispatch, _kernels, _validate, testing
+from . import _bilinear, _kernels, _validate, testing
 from .roi_align import MAX_SAMPLES_PER_AXIS
 
 FAMILY = "deform_ps_roi_pool"
 #: Samples (four bilinear corners each) per chunk of RoIs on the NumPy path: bounds its extra memory.
 SAMPLES_PER_CHUNK = 1 << 19
-_ROIS_LAYOUT = "(K, 5) [batch_index, x1, y1, x2, y2]"
 _OFFSET_LAYOUT = "(K, 2·num_classes, part_size, part_size)"
 
 
@@ -65,8 +64,8 @@ def _positive(name: str, value, maximum: int = _validate.INT_MAX) -> int:
 def _check(call, input, rois, offset, output_dim, group_size, pooled_size, part_size, sample_per_part,
            spatial_scale, trans_std, no_trans) -> _Config:
     _validate.floating("input", input, 4, "(N, C, H, W)")
-    _validate.floating("rois", rois, 2, _ROIS_LAYOUT)
-    _validate.shape("rois", rois, (None, 5), _ROIS_LAYOUT)
+    _validate.floating("rois", rois, 2, _validate.ROIS_LAYOUT)
+    _validate.shape("rois", rois, (None, 5), _validate.ROIS_LAYOUT)
     no_trans = _validate.flag("no_trans", no_trans)
     output_dim = _positive("output_dim", output_dim)
     group_size = _positive("group_size", group_size)
@@ -105,8 +104,8 @@ def _check(call, input, rois, offset, output_dim, group_size, pooled_size, part_
 def _output_shape(input, rois, offset, output_dim, group_size, pooled_size, part_size=None, sample_per_part=4,
                   spatial_scale=1.0, trans_std=0.0, no_trans=False) -> tuple:
     """The shape of deform_ps_roi_pool's output, raising its argument errors."""
-    call = _dispatch.prepare(input=input, rois=rois, offset=offset)
-    cfg = _check(call, *call.arrays, output_dim, group_size, pooled_size, part_size, sample_per_part, spatial_scale,
+    call, arrays = _validate.prepare_boxes("rois", input=input, rois=rois, offset=offset)
+    cfg = _check(call, *arrays, output_dim, group_size, pooled_size, part_size, sample_per_part, spatial_scale,
                  trans_std, no_trans)
     return (cfg.K, cfg.output_dim, cfg.pooled_size, cfg.pooled_size)
 
@@ -350,7 +349,8 @@ def deform_ps_roi_pool(input, rois, offset, output_dim, group_size, pooled_size,
 
     Args:
         input (array[N, C, H, W]): score maps, C = output_dim · group_size².
-        rois (array[K, 5]): [batch_index, x1, y1, x2, y2] in input-image coordinates, same dtype as
+        rois (array[K, 5] or list of array[L, 4]): [batch_index, x1, y1, x2, y2] in input-image
+            coordinates, or one [x1, y1, x2, y2] array per image (as in :func:`roi_align`); same dtype as
             input; batch indices must be integers in [0, N). Corners are rounded to integers (half away
             from zero, like C's round) and the box is inclusive: x2 + 1 is its right edge.
         offset (array[K, 2·num_classes, part_size, part_size] or None): normalised offsets per RoI, class
@@ -390,8 +390,7 @@ def deform_ps_roi_pool(input, rois, offset, output_dim, group_size, pooled_size,
     >>> deformcp.deform_ps_roi_pool(x, rois, offset, 3, 7, 7, trans_std=0.1).shape
     (2, 3, 7, 7)
     """
-    call = _dispatch.prepare(input=input, rois=rois, offset=offset)
-    input, rois, offset = call.arrays
+    call, (input, rois, offset) = _validate.prepare_boxes("rois", input=input, rois=rois, offset=offset)
     cfg = _check(call, input, rois, offset, output_dim, group_size, pooled_size, part_size, sample_per_part,
                  spatial_scale, trans_std, no_trans)
     with call.device:
@@ -430,8 +429,8 @@ def deform_ps_roi_pool_backward(grad_output, input, rois, offset, output_dim, gr
     between floor and ceil (zero at integer coordinates): deformcp's gradient matches finite differences.
     Samples crossing the image border (count changing) are not differentiable and contribute nothing.
     """
-    call = _dispatch.prepare(grad_output=grad_output, input=input, rois=rois, offset=offset)
-    grad_output, input, rois, offset = call.arrays
+    call, (grad_output, input, rois, offset) = _validate.prepare_boxes("rois", grad_output=grad_output, input=input,
+                                                                       rois=rois, offset=offset)
     cfg = _check(call, input, rois, offset, output_dim, group_size, pooled_size, part_size, sample_per_part,
                  spatial_scale, trans_std, no_trans)
     want_input, want_offset = _validate.needs_grad(needs_input_grad, DeformPSRoIPoolGrads._fields)

@@ -12,8 +12,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from . import _bilinear, _kernels, _validate, testing
-from .roi_align import (_bin_matrix, _channel_blocks, _check, _geometry, _prepare, _random_boxes, _roi_chunks,
-                        _samples)
+from .roi_align import _bin_matrix, _channel_blocks, _check, _geometry, _random_boxes, _roi_chunks, _samples
 
 FAMILY = "roi_align"
 
@@ -40,12 +39,12 @@ def _check_deform(input, rois, offset, mask, PH, PW, gamma):
 def _arguments(input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, mask, **others):
     """Import and check a forward's (or, with grad_output in others, a backward's) arguments: (call, input,
     rois, offset, mask, others' arrays, (PH, PW, spatial_scale, sampling_ratio, gamma))."""
-    call, input, rois, arrays = _prepare(input, rois, "rois", **others, offset=offset, mask=mask)
+    call, (input, rois, *arrays, offset, mask) = _validate.prepare_boxes("rois", input=input, rois=rois, **others,
+                                                                         offset=offset, mask=mask)
     PH, PW, spatial_scale, sampling_ratio, _ = _check(call, input, rois, output_size, spatial_scale, sampling_ratio,
                                                       True, "avg", False, "rois")
-    offset, mask = arrays.pop("offset"), arrays.pop("mask")
     gamma = _check_deform(input, rois, offset, mask, PH, PW, gamma)
-    return call, input, rois, offset, mask, arrays, (PH, PW, spatial_scale, sampling_ratio, gamma)
+    return call, input, rois, offset, mask, dict(zip(others, arrays)), (PH, PW, spatial_scale, sampling_ratio, gamma)
 
 
 def _output_shape(input, rois, offset=None, output_size=7, spatial_scale=1.0, sampling_ratio=0, gamma=0.1,

@@ -235,16 +235,11 @@ def _apply(name: str, arrays: tuple, **static):
 
 
 def _boxes(input, boxes, name: str):
-    """A list of per-image (L, 4) boxes as one (K, 5) array [batch_index, x1, y1, x2, y2], checked by deformcp's
-    own rules for such a list (on stand-ins); anything else is returned as it is."""
+    """A list of per-image (L, 4) boxes as one (K, 5) array [batch_index, x1, y1, x2, y2], by deformcp's own
+    conversion and checks (_validate.boxes_to_rois, in jax.numpy: traceable); anything else is returned as it is."""
     if not isinstance(boxes, (list, tuple)):
         return boxes
-    input, parts = jnp.asarray(input), [jnp.asarray(b) for b in boxes]
-    with _dc.backend("numpy"):
-        _roi_align._prepare(_stand_in(input), [_stand_in(b) for b in parts], name)
-    dtype = parts[0].dtype if parts else input.dtype
-    return jnp.concatenate([jnp.zeros((0, 5), dtype)] + [
-        jnp.concatenate([jnp.full((b.shape[0], 1), i, b.dtype), b], axis=1) for i, b in enumerate(parts)], axis=0)
+    return _validate.boxes_to_rois(name, [jnp.asarray(b) for b in boxes], jnp.asarray(input))
 
 
 # ---------------------------------------------------------------------------------------------- the ops
@@ -361,10 +356,10 @@ def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, 
 
 def deform_ps_roi_pool(input, rois, offset, output_dim, group_size, pooled_size, part_size=None, sample_per_part=4,
                        spatial_scale=1.0, trans_std=0.0, no_trans=False, *, deterministic=False):
-    """Differentiable :func:`deformcp.deform_ps_roi_pool` → (K, output_dim, P, P). Gradients: input and
-    offset (zero with ``no_trans``); rois get zero."""
-    return _apply("deform_ps_roi_pool", (input, rois, offset), output_dim=output_dim, group_size=group_size,
-                  pooled_size=pooled_size, part_size=part_size, sample_per_part=sample_per_part,
+    """Differentiable :func:`deformcp.deform_ps_roi_pool`: rois (K, 5) or a list of per-image (L, 4) arrays
+    → (K, output_dim, P, P). Gradients: input and offset (zero with ``no_trans``); rois get zero."""
+    return _apply("deform_ps_roi_pool", (input, _boxes(input, rois, "rois"), offset), output_dim=output_dim,
+                  group_size=group_size, pooled_size=pooled_size, part_size=part_size, sample_per_part=sample_per_part,
                   spatial_scale=spatial_scale, trans_std=trans_std, no_trans=no_trans, deterministic=deterministic)
 
 

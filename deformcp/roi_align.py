@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from . import _bilinear, _dispatch, _kernels, _validate, testing
+from . import _bilinear, _kernels, _validate, testing
 
 FAMILY = "roi_align"
 POOL_MODES = ("avg", "max")
@@ -30,32 +30,6 @@ class RoIAlignGrads(NamedTuple):
 
 # --------------------------------------------------------------------------------------- arguments
 
-def _prepare(input, boxes, boxes_name="boxes", **others) -> tuple[_dispatch.Call, object, object, dict]:
-    """Import the arrays of a call; boxes (called boxes_name in messages) as a (K, 5) array or a list of
-    per-image (L, 4) arrays."""
-    if isinstance(boxes, (list, tuple)):
-        named = {f"{boxes_name}[{i}]": b for i, b in enumerate(boxes)}
-        call = _dispatch.prepare(input=input, **others, **named)
-        images = call.arrays[1 + len(others):]
-        input = _validate.floating("input", call.arrays[0], 4, "(N, C, H, W)")
-        for i, b in enumerate(images):
-            _validate.floating(f"{boxes_name}[{i}]", b, 2, "(L, 4) [x1, y1, x2, y2]")
-            _validate.shape(f"{boxes_name}[{i}]", b, (None, 4), "(L, 4) [x1, y1, x2, y2]")
-        _validate.same_dtype(input=input, **dict(zip(named, images)))
-        if len(images) > input.shape[0]:
-            raise ValueError(f"{boxes_name}: expected at most N = {input.shape[0]} per-image arrays (input's batch), "
-                             f"got {len(images)}")
-        xp = call.xp
-        with call.device:
-            dtype = images[0].dtype if images else input.dtype
-            rois = xp.concatenate([xp.concatenate([xp.full((len(b), 1), i, dtype), b], axis=1)
-                                   for i, b in enumerate(images)]) if images else xp.zeros((0, 5), dtype)
-        arrays = dict(zip(others, call.arrays[1:1 + len(others)]))
-        return call, input, rois, arrays
-    call = _dispatch.prepare(input=input, **{boxes_name: boxes}, **others)
-    return call, call.arrays[0], call.arrays[1], dict(zip(others, call.arrays[2:]))
-
-
 def _options(output_size, spatial_scale, sampling_ratio, aligned, pool_mode):
     """The RoIAlign ops' scalar arguments, checked: (PH, PW, spatial_scale, sampling_ratio, aligned)."""
     PH, PW = _validate.pair("output_size", output_size, minimum=1)
@@ -71,8 +45,8 @@ def _check(call, input, rois, output_size, spatial_scale, sampling_ratio, aligne
            boxes_name="boxes"):
     """Check the arguments of a RoIAlign op: (PH, PW, spatial_scale, sampling_ratio, aligned)."""
     _validate.floating("input", input, 4, "(N, C, H, W)")
-    _validate.floating(boxes_name, rois, 2, "(K, 5) [batch_index, x1, y1, x2, y2]")
-    _validate.shape(boxes_name, rois, (None, 5), "(K, 5) [batch_index, x1, y1, x2, y2]")
+    _validate.floating(boxes_name, rois, 2, _validate.ROIS_LAYOUT)
+    _validate.shape(boxes_name, rois, (None, 5), _validate.ROIS_LAYOUT)
     _validate.same_dtype(input=input, **{boxes_name: rois})
     PH, PW, spatial_scale, sampling_ratio, aligned = _options(output_size, spatial_scale, sampling_ratio, aligned,
                                                               pool_mode)
@@ -90,10 +64,10 @@ def _arguments(input, boxes, output_size, spatial_scale, sampling_ratio, aligned
                **others):
     """Import and check a forward's (or, with grad_output in others, a backward's) arguments: (call, input,
     rois, others' arrays, (PH, PW, spatial_scale, sampling_ratio, aligned))."""
-    call, input, rois, arrays = _prepare(input, boxes, **others)
+    call, (input, rois, *arrays) = _validate.prepare_boxes("boxes", input=input, boxes=boxes, **others)
     options = _check(call, input, rois, output_size, spatial_scale, sampling_ratio, aligned, pool_mode,
                      position_sensitive)
-    return call, input, rois, arrays, options
+    return call, input, rois, dict(zip(others, arrays)), options
 
 
 def _output_shape(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, pool_mode="avg",

@@ -120,18 +120,13 @@ def _first_order(name):
 
 
 def _rois(boxes, input, name="boxes"):
-    """A (K, 5) [batch_index, x1, y1, x2, y2] tensor from a tensor (kept) or a list of per-image (L, 4)
-    tensors (torchvision's convert_boxes_to_roi_format); an empty list gives no RoIs, as in deformcp."""
-    if isinstance(boxes, torch.Tensor):
+    """boxes as a (K, 5) [batch_index, x1, y1, x2, y2] tensor: a tensor is kept; a list or tuple of per-image
+    (L, 4) tensors goes through deformcp's own conversion and checks (_validate.prepare_boxes), as in the other
+    front doors."""
+    if not isinstance(boxes, (list, tuple)):
         return boxes
-    boxes = list(boxes)
-    if not boxes:
-        return torch.zeros((0, 5), dtype=input.dtype, device=input.device)
-    if not all(isinstance(b, torch.Tensor) and b.ndim == 2 and b.shape[1] == 4 for b in boxes):
-        raise ValueError(f"{name}: expected a (K, 5) tensor or a list of (L, 4) tensors, got "
-                         f"{[tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__ for b in boxes]}")
-    ids = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)])
-    return torch.cat([ids, torch.cat(boxes)], dim=1)
+    call, (_, rois) = _validate.prepare_boxes(name, input=_plain(input), **{name: [_plain(b) for b in boxes]})
+    return call.export(rois)
 
 
 def _align_corners(value):
