@@ -46,8 +46,17 @@ def shape(name: str, x, expected: tuple, layout: str) -> None:
     """Check x.shape == expected (None entries match any size)."""
     actual = tuple(x.shape)
     if len(actual) != len(expected) or any(e is not None and e != a for e, a in zip(expected, actual)):
-        shown = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ("," if len(expected) == 1 else "") + ")"
+        shown = ("(" + ", ".join("*" if e is None else str(e) for e in expected) + ("," if len(expected) == 1 else "")
+                 + ")")
         raise ValueError(f"{name}: expected shape {shown} for {layout}, got {actual}")
+
+
+def grad_output(grad_output, expected_shape: tuple, layout: str, **like) -> None:
+    """Check a backward's grad_output: a floating-point array of expected_shape (layout names its axes) and of
+    the dtype of the one array in ``like`` (named as given, e.g. ``input=input``)."""
+    floating("grad_output", grad_output, len(expected_shape), layout)
+    shape("grad_output", grad_output, expected_shape, layout)
+    same_dtype(grad_output=grad_output, **like)
 
 
 def choice(name: str, value, options) -> None:

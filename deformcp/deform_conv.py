@@ -427,9 +427,7 @@ def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride
     wanted = _validate.needs_grad(needs_input_grad, DeformConv2dGrads._fields)
     wanted = tuple(w and a is not None for w, a in zip(wanted, (input, offset, weight, bias, mask)))
     deterministic = _validate.flag("deterministic", deterministic)
-    _validate.floating("grad_output", grad_output, 4, "(N, C_out, H_out, W_out)")
-    _validate.shape("grad_output", grad_output, (geo.N, geo.C_out, geo.Ho, geo.Wo), "(N, C_out, H_out, W_out)")
-    _validate.same_dtype(grad_output=grad_output, input=input)
+    _validate.grad_output(grad_output, (geo.N, geo.C_out, geo.Ho, geo.Wo), "(N, C_out, H_out, W_out)", input=input)
     with call.device:
         if call.backend == "numpy":
             grads = _backward_numpy(grad_output, input, offset, weight, bias, mask, geo, wanted)

@@ -437,9 +437,7 @@ def deform_ps_roi_pool_backward(grad_output, input, rois, offset, output_dim, gr
     want_offset = want_offset and offset is not None
     deterministic = _validate.flag("deterministic", deterministic)
     P = cfg.pooled_size
-    _validate.floating("grad_output", grad_output, 4, "(K, output_dim, P, P)")
-    _validate.shape("grad_output", grad_output, (cfg.K, cfg.output_dim, P, P), "(K, output_dim, P, P)")
-    _validate.same_dtype(grad_output=grad_output, input=input)
+    _validate.grad_output(grad_output, (cfg.K, cfg.output_dim, P, P), "(K, output_dim, P, P)", input=input)
     with call.device:
         if call.backend == "numpy":
             grads = _backward_numpy(grad_output, input, rois, offset, cfg, want_input, want_offset)

@@ -241,9 +241,7 @@ def deform_roi_pool_backward(grad_output, input, rois, offset=None, output_size=
     wanted = _validate.needs_grad(needs_input_grad, DeformRoIPoolGrads._fields)
     wanted = tuple(w and a is not None for w, a in zip(wanted, (input, offset, mask)))
     deterministic = _validate.flag("deterministic", deterministic)
-    _validate.floating("grad_output", grad_output, 4, "(K, C, PH, PW)")
-    _validate.shape("grad_output", grad_output, (len(rois), input.shape[1], PH, PW), "(K, C, PH, PW)")
-    _validate.same_dtype(grad_output=grad_output, input=input)
+    _validate.grad_output(grad_output, (len(rois), input.shape[1], PH, PW), "(K, C, PH, PW)", input=input)
     with call.device:
         if call.backend == "numpy":
             grads = _backward_numpy(grad_output, input, rois, offset, mask, PH, PW, spatial_scale, sampling_ratio,

@@ -172,8 +172,7 @@ def mimic_loss_backward(grad_output, f_a, f_b, needs_input_grad=(True, True)):
     grad_output, f_a, f_b = call.arrays
     _check(f_a, f_b)
     want_a, want_b = _validate.needs_grad(needs_input_grad, MimicLossGrads._fields)
-    _validate.floating("grad_output", grad_output, 0, "() (the loss is a scalar)")
-    _validate.same_dtype(grad_output=grad_output, f_a=f_a)
+    _validate.grad_output(grad_output, (), "() (the loss is a scalar)", f_a=f_a)
     K, D = f_a.shape
     with call.device:
         if call.backend == "numpy":

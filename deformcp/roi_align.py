@@ -386,9 +386,7 @@ def _run_backward(grad_output, input, boxes, output_size, spatial_scale, samplin
     grad_output = arrays["grad_output"]
     deterministic = _validate.flag("deterministic", deterministic)
     C_out = input.shape[1] // (PH * PW) if position_sensitive else input.shape[1]
-    _validate.floating("grad_output", grad_output, 4, "(K, C_out, PH, PW)")
-    _validate.shape("grad_output", grad_output, (len(rois), C_out, PH, PW), "(K, C_out, PH, PW)")
-    _validate.same_dtype(grad_output=grad_output, input=input)
+    _validate.grad_output(grad_output, (len(rois), C_out, PH, PW), "(K, C_out, PH, PW)", input=input)
     with call.device:
         if call.backend == "numpy":
             grad = _backward_numpy(grad_output, input, rois, PH, PW, spatial_scale, sampling_ratio, aligned,

@@ -108,9 +108,7 @@ def affine_grid_backward(grad_output, theta, size, align_corners=False):
     grad_output, theta = call.arrays
     N, _, H, W = _check_affine_grid(theta, size)
     align_corners = _validate.flag("align_corners", align_corners)
-    _validate.floating("grad_output", grad_output, 4, "(N, H, W, 2)")
-    _validate.shape("grad_output", grad_output, (N, H, W, 2), "(N, H, W, 2)")
-    _validate.same_dtype(grad_output=grad_output, theta=theta)
+    _validate.grad_output(grad_output, (N, H, W, 2), "(N, H, W, 2)", theta=theta)
     with call.device:
         if call.backend == "numpy" and N == 0:
             grad_theta = np.empty((0, 2, 3), theta.dtype)
@@ -331,9 +329,7 @@ def grid_sample_backward(grad_output, input, grid, mode="bilinear", padding_mode
     deterministic = _validate.flag("deterministic", deterministic)
     N, C, H, W = input.shape
     Ho, Wo = grid.shape[1:3]
-    _validate.floating("grad_output", grad_output, 4, "(N, C, H_out, W_out)")
-    _validate.shape("grad_output", grad_output, (N, C, Ho, Wo), "(N, C, H_out, W_out)")
-    _validate.same_dtype(grad_output=grad_output, input=input)
+    _validate.grad_output(grad_output, (N, C, Ho, Wo), "(N, C, H_out, W_out)", input=input)
     grad_input = grad_grid = None
     with call.device:
         if call.backend == "numpy":
