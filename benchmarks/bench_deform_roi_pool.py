@@ -1,20 +1,9 @@
 """Benchmark: deform_roi_pool (Deformable ConvNets v1/v2 RoI pooling, mmcv's DeformRoIPool semantics), deformcp
 with torchvision.ops.roi_align as a reference point.
 
-Run with OpenBLAS's CPU overrides unset, in the command only (these machines set OPENBLAS_CORETYPE and
-OPENBLAS_L2_SIZE, which slow NumPy's BLAS; the results header records whether they were set), with a
-Python that has torchvision (the main environment has torch but no torchvision; /opt/tv is a separate
-virtual environment with torch and torchvision, made by
-``python3 -m venv /opt/tv && /opt/tv/bin/pip install torch torchvision numpy scipy array-api-compat``):
-
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE /opt/tv/bin/python benchmarks/bench_deform_roi_pool.py
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_deform_roi_pool.py --device cuda
-    python benchmarks/bench_deform_roi_pool.py --quick          # smoke run: 3 repeats, no files
-
-Options: those of every benchmark (--device, --repeat N (default 30), --warmup N (default 3 calls, and
-at least 0.25 s of calls), --quick, --interleave, --torch-threads N, --seed, --output NAME), and
---shape N C H W, --rois K, --dtype float32|float64, --mask / --no-mask (only the variant with / without
-a mask; default both), --deterministic (deformcp's deterministic input gradient).
+Run as ``python benchmarks/bench_deform_roi_pool.py`` (``--quick``: a smoke run at tiny sizes; harness.py:
+how every benchmark runs). Options beyond every benchmark's: --shape N C H W, --rois K, --dtype, --mask /
+--no-mask (only the variant with / without a mask; default both), --deterministic.
 
 What is timed (the case of the issue):
 
@@ -25,6 +14,7 @@ What is timed (the case of the issue):
 - RoIs (K, 5) rows (batch index, x1, y1, x2, y2), in the input's dtype: batch index uniform in
   {0 … N−1}, width and height uniform in [8, 60] pixels (at most the image's size), placed uniformly
   inside the image. grad_output N(0, 1). All drawn in float64 with a fixed seed, then rounded to the dtype.
+- --quick: input 2×4×10×12, 6 RoIs.
 
 - forward:          deform_roi_pool
 - forward+backward: deform_roi_pool, then deform_roi_pool_backward for the gradients of input, offset and
@@ -44,32 +34,31 @@ requires_grad) computes the input gradient only. In the variant with a mask the 
 roi_align (timed again beside it).
 
 Verification, before anything is timed (a deformcp error beyond the tolerance, an output of another
-dtype, or an exception stops the run): every deformcp implementation's output (from forward+backward and
-from forward alone) and its input, offset and mask gradients against deformcp's NumPy path in float64 on
-the same (rounded) inputs, as ‖a − b‖ / ‖b‖ (tolerance 1e-4 for float32, 1e-10 for float64); and, with a
-zero offset and no mask, the output and input gradient of every deformcp implementation, and of deformcp's
-NumPy path in float64, against torchvision's roi_align in float64 (on the anchor's device).
+dtype, or an exception stops the run, exit status 1): every deformcp implementation's output (from
+forward+backward and from forward alone) and its input, offset and mask gradients against deformcp's
+NumPy path in float64 on the same (rounded) inputs, as ‖a − b‖ / ‖b‖ (tolerance 1e-4 for float32, 1e-10
+for float64); and, with a zero offset and no mask, the output and input gradient of every deformcp
+implementation, and of deformcp's NumPy path in float64, against torchvision's roi_align in float64 (on
+the anchor's device).
 
-Results: printed, and written to benchmarks/results/deform_roi_pool[_cuda].{json,md} (--quick writes
-nothing unless --output is given). Ratios are deformcp time / torchvision roi_align time: below 1
-deformcp is faster — but see above: the two do not compute the same thing.
+Results: printed, and written to benchmarks/results/deform_roi_pool[_cuda].{json,md}. Ratios are
+deformcp time / torchvision roi_align time: below 1 deformcp is faster — but see above: the two do not
+compute the same thing.
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import pathlib
 import sys
 
 import numpy as np
 
-HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))   # _harness (which puts the checkout's deformcp first on the path)
+if __package__:
+    from . import harness
+else:  # python benchmarks/bench_deform_roi_pool.py: this folder is first on sys.path
+    import harness
 
-import _harness  # noqa: E402
-import deformcp  # noqa: E402
-
-torch, torchvision = _harness.optional_torchvision()
+torch, torchvision = harness.optional_torchvision()
 
 PHASES = ("forward", "forward+backward")
 GRADS = ("input", "offset", "mask")            # deform_roi_pool_backward's fields, in order
@@ -79,9 +68,9 @@ ALIGNED = True                                 # torchvision's roi_align: deform
 OFFSET_SCALE = 0.5                             # offsets = OFFSET_SCALE · N(0, 1), in units of γ · RoI size
 ROI_SIDE = (8.0, 60.0)                         # RoI width and height range, pixels
 DEFAULTS = {"cpu": {"shape": (2, 256, 50, 76), "rois": 256},
-            "cuda": {"shape": (2, 256, 50, 76), "rois": 1024}}
+            "cuda": {"shape": (2, 256, 50, 76), "rois": 1024},
+            "quick": {"shape": (2, 4, 10, 12), "rois": 6}}
 TOLERANCE = {"float32": 1e-4, "float64": 1e-10}
-FUNCTIONS = ("deform_roi_pool", "deform_roi_pool_backward")
 NO_TARGETS = ("Targets: none. torchvision's roi_align is a reference point for the cost of RoI pooling, not the "
               "same op (no offsets, no mask; its backward gives the input gradient only), so no ratio here is a "
               "pass/fail bar.")
@@ -89,7 +78,7 @@ NO_TARGETS = ("Targets: none. torchvision's roi_align is a reference point for t
 
 # ---------------------------------------------------------------------------------------------- inputs
 
-class Problem(_harness.ArrayCase):
+class Problem(harness.ArrayCase):
     """One variant's arrays, NumPy: input (N, C, H, W), rois (K, 5), offset (K, 2, PH, PW), mask
     (K, 1, PH, PW) or None, grad_output (K, C, PH, PW). Both variants draw the same arrays (same seed); the
     one without a mask leaves it out."""
@@ -101,7 +90,7 @@ class Problem(_harness.ArrayCase):
         self.shape, self.K, self.has_mask = tuple(shape), K, mask
         self.zero_offset = False
         x = rng.standard_normal(shape)
-        rois = _harness.random_rois(rng, K, N, H, W, ROI_SIDE, SPATIAL_SCALE)
+        rois = harness.random_rois(rng, K, N, H, W, ROI_SIDE, SPATIAL_SCALE)
         offset = OFFSET_SCALE * rng.standard_normal((K, 2, PH, PW))
         m = 1.0 / (1.0 + np.exp(-rng.standard_normal((K, 1, PH, PW))))
         grad_output = rng.standard_normal((K, C, PH, PW))
@@ -132,9 +121,7 @@ class Problem(_harness.ArrayCase):
                 + ("mask sigmoid(N(0, 1)) (v2)" if self.has_mask else "no mask (v1)"))
 
 
-# ------------------------------------------------------------------------------------ deformcp callables
-
-class Deformcp(_harness.DeformcpOp):
+class Deformcp(harness.DeformcpOp):
     """deformcp.deform_roi_pool forward / forward+backward on one backend ("numpy", "host", or "cuda" for
     CuPy arrays)."""
 
@@ -145,104 +132,85 @@ class Deformcp(_harness.DeformcpOp):
         return self.forward_fn(a["input"], a["rois"], a["offset"], OUTPUT_SIZE, spatial_scale=SPATIAL_SCALE,
                                sampling_ratio=SAMPLING_RATIO, gamma=GAMMA, mask=a["mask"])
 
-    def forward_backward(self):
-        """The output and the named tuple of the gradients (input, offset, mask: all requested)."""
+    def _backward(self):
         a = self.a
-        with deformcp.backend(self.cpu_backend):
-            out = self._forward()
-            grads = self.backward_fn(a["grad_output"], a["input"], a["rois"], a["offset"], OUTPUT_SIZE,
-                                     SPATIAL_SCALE, SAMPLING_RATIO, GAMMA, a["mask"],
-                                     needs_input_grad=(True, True, True), deterministic=self.deterministic)
-            return out, grads
+        return self.backward_fn(a["grad_output"], a["input"], a["rois"], a["offset"], OUTPUT_SIZE, SPATIAL_SCALE,
+                                SAMPLING_RATIO, GAMMA, a["mask"], needs_input_grad=(True, True, True),
+                                deterministic=self.deterministic)
 
 
-# --------------------------------------------------------------------------------- torchvision callables
-
-class TorchvisionRoIAlign:
+def roi_align_op(device, problem: Problem) -> harness.TorchOp:
     """The anchor: torchvision.ops.roi_align (aligned=True) on one device, through autograd on the input.
     Ignores the offset and the mask: not the same op (see the module's docstring)."""
-
-    def __init__(self, device, problem: Problem):
-        self.x = torch.from_numpy(problem.arrays["input"]).to(device).requires_grad_(True)
-        self.rois = torch.from_numpy(problem.arrays["rois"]).to(device)
-        self.grad_output = torch.from_numpy(problem.arrays["grad_output"]).to(device)
-
-    def _forward(self):
-        return torchvision.ops.roi_align(self.x, self.rois, OUTPUT_SIZE, spatial_scale=SPATIAL_SCALE,
+    def call(t):
+        return torchvision.ops.roi_align(t["input"], t["rois"], OUTPUT_SIZE, spatial_scale=SPATIAL_SCALE,
                                          sampling_ratio=SAMPLING_RATIO, aligned=ALIGNED)
 
-    def forward(self):
-        with torch.no_grad():
-            return self._forward()
-
-    def forward_backward(self):
-        self.x.grad = None
-        out = self._forward()
-        out.backward(self.grad_output)
-        return out.detach(), self.x.grad
-
-    def gradients(self, grad_input) -> dict:
-        return {"input": grad_input}
+    return harness.TorchOp(call, problem.arrays, ("input",), device)
 
 
-# ------------------------------------------------------------------------------------------ verification
+# ------------------------------------------------------------------------------------------- the benchmark
 
-NOTES: list[str] = []   # notes gathered on the way
+def parser():
+    parser = harness.make_parser(__doc__, "deform_roi_pool")
+    harness.add_case_arguments(parser, "input shape (default 2 256 50 76; --quick 2 4 10 12)",
+                               ("--rois", "number of RoIs (default 256; cuda 1024; --quick 6)"),
+                               "deformcp.deform_roi_pool_backward")
+    parser.add_argument("--mask", action=argparse.BooleanOptionalAction, default=None,
+                        help="only the variant with a mask (v2) or without (v1) (default: both)")
+    return parser
 
 
-def verify_variant(problem: Problem, impls: dict, functions: dict) -> dict:
+def problems(args) -> list[Problem]:
+    shape, K = harness.case_size(args, DEFAULTS, "rois")
+    masks = (False, True) if args.mask is None else (args.mask,)
+    return [Problem(shape, K, args.dtype, mask, args.seed) for mask in masks]
+
+
+def build(setup: harness.DeviceSetup, problem: Problem, args, anchor=True) -> dict:
+    """deformcp's implementations on the setup's device (harness.deformcp_impls), and (``anchor``)
+    torchvision's roi_align where it runs."""
+    impls = harness.deformcp_impls(setup, lambda backend, move: Deformcp(backend, problem, args.deterministic, move))
+    if anchor and torchvision is not None and setup.torch_device is not None:
+        impls[f"torchvision roi_align {setup.device}"] = roi_align_op(setup.torch_device, problem)
+    return impls
+
+
+def verify(setup, problem: Problem, impls: dict, args, notes: list) -> dict:
     """Every deformcp implementation of ``impls`` against deformcp's NumPy path in float64 on the same
     (rounded) inputs: output, and the gradients of input, offset and mask."""
-    reference = Deformcp("numpy", problem.astype(np.float64), functions)
+    reference = Deformcp("numpy", problem.astype(np.float64))
     checks = [(name, impl, problem.dtype, True) for name, impl in impls.items() if name.startswith("deformcp")]
-    return _harness.verify(problem.label, "deformcp numpy float64", reference, checks, TOLERANCE, NOTES,
-                           grads=GRADS)
+    return harness.verify(problem.label, "deformcp numpy float64", reference, checks, TOLERANCE, notes, grads=GRADS)
 
 
-def verify_zero_offset(problem: Problem, setup: _harness.DeviceSetup, functions: dict, deterministic) -> dict:
+def verify_zero_offset(setup: harness.DeviceSetup, problem: Problem, args, notes: list) -> dict:
     """With a zero offset and no mask, deform_roi_pool is aligned RoIAlign: every deformcp implementation (in
     the timed dtype), deformcp's NumPy path in float64 and the timed torchvision anchor (information only)
     against torchvision's roi_align in float64 — output and input gradient."""
     if torchvision is None:
-        NOTES.append("no zero-offset check against torchvision's roi_align (torchvision is not installed)")
+        notes.append("no zero-offset check against torchvision's roi_align (torchvision is not installed)")
         print("  zero offset: torchvision is not installed, no check against roi_align")
         return {}
     plain = problem.without_offset()
     device = setup.torch_device if setup.torch_device is not None else "cpu"
     reference_name = f"torchvision roi_align {torch.device(device).type} float64"
-    reference = TorchvisionRoIAlign(device, plain.astype(np.float64))
-    checks = [(name, impl, plain.dtype, True) for name, impl in build(setup, plain, functions, deterministic,
-                                                                       anchor=False).items()]
+    reference = roi_align_op(device, plain.astype(np.float64))
+    checks = [(name, impl, plain.dtype, True) for name, impl in build(setup, plain, args, anchor=False).items()]
     if plain.dtype != "float64":
-        checks.append(("deformcp numpy float64", Deformcp("numpy", plain.astype(np.float64), functions),
-                       "float64", True))
+        checks.append(("deformcp numpy float64", Deformcp("numpy", plain.astype(np.float64)), "float64", True))
     if setup.torch_device is not None:
-        checks.append((f"torchvision roi_align {setup.device}", TorchvisionRoIAlign(setup.torch_device, plain),
+        checks.append((f"torchvision roi_align {setup.device}", roi_align_op(setup.torch_device, plain),
                        plain.dtype, False))
-    return _harness.verify(plain.label, reference_name, reference, checks, TOLERANCE, NOTES,
-                           grads=("input",))
+    return harness.verify(plain.label, reference_name, reference, checks, TOLERANCE, notes, grads=("input",))
 
 
-# ------------------------------------------------------------------------------------------------- setup
-
-def build(setup: _harness.DeviceSetup, problem: Problem, functions, deterministic, anchor=True) -> dict:
-    """The implementations to time on the setup's device: deformcp's NumPy path and host backend (cpu) or
-    deformcp on CuPy arrays (cuda), and (``anchor``) torchvision's roi_align where it can run."""
-    impls = _harness.deformcp_impls(
-        setup, lambda backend, move: Deformcp(backend, problem, functions, deterministic, move))
-    if anchor and torchvision is not None and setup.torch_device is not None:
-        impls[f"torchvision roi_align {setup.device}"] = TorchvisionRoIAlign(setup.torch_device, problem)
-    return impls
-
-
-# ----------------------------------------------------------------------------------------------- report
-
-def report(records, baseline, problems, machine, errors, notes, method) -> str:
-    headers = ["variant", "phase", "implementation", *_harness.timing_headers(baseline)]
-    rows = [[r.extra["variant"], r.phase, r.impl, *_harness.timing_cells(records, r, baseline)] for r in records]
+def report(run: harness.Run, problems: list[Problem]) -> str:
+    records, baseline = run.records, run.baseline
+    headers = ["variant", "phase", "implementation", *harness.timing_headers(baseline)]
+    rows = [[r.extra["variant"], r.phase, r.impl, *harness.timing_cells(records, r, baseline)] for r in records]
     case_lines = [
         "Cases:", "", *(f"- {p.label}: {p.describe()}" for p in problems), "",
-        *_harness.source_lines(machine.get("deformcp_sources") or {}),
         "RoIs: (K, 5) rows (batch index, x1, y1, x2, y2) in the input's dtype, batch index uniform over the "
         f"batch, sides uniform in [{ROI_SIDE[0]:g}, {ROI_SIDE[1]:g}] px, wholly inside the image. Offsets (K, 2, 7, 7) "
         f"= {OFFSET_SCALE:g}·N(0, 1) in units of γ·RoI width/height (bins move by about "
@@ -258,99 +226,40 @@ def report(records, baseline, problems, machine, errors, notes, method) -> str:
         "roi_align's forward+backward (autograd, input with requires_grad) returns the input gradient only. "
         "The variant with a mask is compared with the same plain roi_align, timed again beside it.",
     ]
-    markdown = _harness.report_markdown(
-        title="deform_roi_pool (anchor: torchvision roi_align, not the same op)", case_lines=case_lines,
-        command=_harness.command_line(this_python=True), method=method, machine=machine, baseline=baseline,
-        compared="variant and phase",
-        no_baseline=_harness.no_baseline("torchvision", torchvision), headers=headers, rows=rows, targets=[],
+    return harness.report_markdown(
+        title="deform_roi_pool (anchor: torchvision roi_align, not the same op)", case_lines=case_lines, run=run,
+        compared="variant and phase", no_baseline=harness.no_baseline("torchvision", torchvision), headers=headers,
+        rows=rows, targets=[], no_targets=NO_TARGETS,
         verification="relative errors ‖a − b‖ / ‖b‖: deformcp against its NumPy path in float64 on the same "
                      "rounded inputs (output and the input, offset and mask gradients); with a zero offset and no "
-                     "mask, against torchvision's roi_align in float64 (output and input gradient)",
-        errors=errors, notes=notes)
-    return markdown.replace("Targets:\n\n\n", NO_TARGETS + "\n\n", 1)
+                     "mask, against torchvision's roi_align in float64 (output and input gradient)")
 
-
-# ------------------------------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
-    parser = _harness.make_parser(__doc__, "deform_roi_pool", _harness.TORCHVISION_PYTHON)
-    parser.add_argument("--shape", type=int, nargs=4, default=None, metavar=("N", "C", "H", "W"),
-                        help="input shape (default 2 256 50 76)")
-    parser.add_argument("--rois", type=int, default=None, help="number of RoIs (default 256; cuda 1024)")
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    parser.add_argument("--mask", action=argparse.BooleanOptionalAction, default=None,
-                        help="only the variant with a mask (v2) or without (v1) (default: both)")
-    parser.add_argument("--deterministic", action="store_true",
-                        help="pass deterministic=True to deformcp.deform_roi_pool_backward")
-    args = parser.parse_args(argv)
-    NOTES.clear()
-    plan = _harness.start(parser, args, torch)
-    if plan is None:
+    run = harness.Run.begin(parser(), argv, torch, anchor=("torchvision", torchvision))
+    if run is None:
         return 2
-
-    functions, missing = _harness.deformcp_functions(FUNCTIONS, "deformcp.deform_roi_pool")
-    if functions is None:
-        print(f"nothing to time: {missing}", file=sys.stderr)
-        return 2
-    if torchvision is None:
-        print(_harness.NO_TORCHVISION)
-
-    defaults = DEFAULTS[args.device]
-    shape = tuple(args.shape or defaults["shape"])
-    K = args.rois or defaults["rois"]
-    if K < 1 or min(shape) < 1:
-        parser.error("--rois and every --shape entry must be at least 1")
-    masks = (False, True) if args.mask is None else (args.mask,)
-    setup = _harness.device_setup(args.device, torch if torchvision is not None else None)
-    NOTES.extend(setup.notes)
-    if torchvision is not None and setup.torch_device is None:
-        NOTES.append(f"torchvision's roi_align cannot run on {args.device} here: deformcp times only, no ratios")
-    for note in NOTES:
-        print(f"note: {note}")
-    problems = [Problem(shape, K, args.dtype, mask, args.seed) for mask in masks]
-
-    print("verifying (relative errors) ...")
-    errors = verify_zero_offset(problems[0], setup, functions, args.deterministic)
-    _harness.release_device_memory(args.device, torch)
-
-    records, baseline, busy_before = [], None, None
-    for problem in problems:
-        print(f"\n{problem.label}: {problem.describe()}")
-        impls = build(setup, problem, functions, args.deterministic)
-        baseline = next((name for name in impls if name.startswith("torchvision")), None)
-        errors.update(verify_variant(problem, impls, functions))
-        _harness.release_device_memory(args.device, torch)
-        if busy_before is None:
-            busy_before = _harness.check_load()
-            print(plan.describe())
-        records += _harness.time_phases(plan, impls, PHASES, setup.sync, problem.describe(), baseline,
-                                        extra={"variant": problem.label}, label=f"{problem.label:<13} ")
-        del impls
-        _harness.release_device_memory(args.device, torch)
-
-    busy_after = _harness.cpu_busy()
-    device_info = setup.info if args.device == "cpu" else {
-        **setup.info, "torch_cuda_available": setup.torch_device is not None}
-    machine = _harness.machine_info({**device_info, "torchvision": getattr(torchvision, "__version__", None),
-                                     "deformcp_sources": _harness.source_state(),
-                                     "cpu_busy_before": busy_before, "cpu_busy_after": busy_after})
-    method = plan.method() + (", deformcp backward with deterministic=True" if args.deterministic else "")
-    markdown = report(records, baseline, problems, machine, errors, NOTES, method)
-    print()
-    print(markdown)
-    payload = _harness.results_payload(
-        _harness.command_line(this_python=True),
-        {"cases": [{"variant": p.label, "description": p.describe(), "mask": p.has_mask} for p in problems],
-         "shape": shape, "rois": K, "dtype": args.dtype, "output_size": OUTPUT_SIZE,
-         "sampling_ratio": SAMPLING_RATIO, "spatial_scale": SPATIAL_SCALE, "gamma": GAMMA,
-         "offset_scale": OFFSET_SCALE, "roi_side_px": ROI_SIDE, "seed": args.seed, "device": args.device,
-         "deterministic": args.deterministic,
-         "anchor": (f"torchvision.ops.roi_align (aligned={ALIGNED}, same output size, sampling_ratio, "
-                    "spatial_scale, input and RoIs): the same pooling without the offsets and the mask, input "
-                    "gradient only; a reference point, not the same op")},
-        plan=plan, baseline=baseline, compared="variant and phase", machine=machine, errors=errors,
-        targets=[], notes=NOTES, records=records)
-    _harness.save_results(args, "deform_roi_pool", payload, markdown)
+    args = run.args
+    shape, K = harness.case_size(args, DEFAULTS, "rois")
+    if torchvision is not None and run.setup.torch_device is None:
+        run.notes.append(f"torchvision's roi_align cannot run on {args.device} here: deformcp times only, no ratios")
+    cases = problems(args)
+    print("verifying with a zero offset and no mask (relative errors) ...")
+    if not run.verified(lambda: verify_zero_offset(run.setup, cases[0], args, run.notes)):
+        return 1
+    for problem in cases:
+        if not run.measure(problem, build(run.setup, problem, args), verify, PHASES, extra={"variant": problem.label},
+                           label=f"{problem.label:<13} "):
+            return 1
+    run.finish()
+    run.save("deform_roi_pool", report(run, cases), {
+        "cases": [{"variant": p.label, "description": p.describe(), "mask": p.has_mask} for p in cases],
+        "shape": shape, "rois": K, "dtype": args.dtype, "output_size": OUTPUT_SIZE,
+        "sampling_ratio": SAMPLING_RATIO, "spatial_scale": SPATIAL_SCALE, "gamma": GAMMA,
+        "offset_scale": OFFSET_SCALE, "roi_side_px": ROI_SIDE,
+        "anchor": (f"torchvision.ops.roi_align (aligned={ALIGNED}, same output size, sampling_ratio, "
+                   "spatial_scale, input and RoIs): the same pooling without the offsets and the mask, input "
+                   "gradient only; a reference point, not the same op")}, [], compared="variant and phase")
     return 0
 
 

@@ -1,10 +1,9 @@
 """Golden reference data for roi_align / ps_roi_align from torchvision, for tests without torchvision.
 
-Generate it, from the repository root, with a Python that has torch and torchvision (the main environment
-has torch but no torchvision; /opt/tv is a separate virtual environment that has both):
+Generate it, from the repository root, with a Python that has torch and torchvision:
 
-    /opt/tv/bin/python benchmarks/torchvision_reference.py            # writes tests/data/torchvision_roi_align.npz
-    /opt/tv/bin/python benchmarks/torchvision_reference.py --list     # prints the cases of the existing file
+    python benchmarks/torchvision_reference.py            # writes tests/data/torchvision_roi_align.npz
+    python benchmarks/torchvision_reference.py --list     # prints the cases of the existing file
 
 Every case is computed by torchvision.ops.roi_align / ps_roi_align on the CPU in float64: the forward
 output, and the input gradient (autograd) for a random grad_output. The cases are small random problems
@@ -229,7 +228,7 @@ def generate(seed=SEED) -> tuple[dict, dict]:
         entry["shapes"] = {field: list(arrays[f"{name}.{field}"].shape) for field in FIELDS}
         cases.append(entry)
     index = {"generator": "benchmarks/torchvision_reference.py", "command":
-             "/opt/tv/bin/python benchmarks/torchvision_reference.py", "torch": torch.__version__,
+             "python benchmarks/torchvision_reference.py", "torch": torch.__version__,
              "torchvision": torchvision.__version__, "seed": seed, "dtype": "float64", "device": "cpu",
              "layout": "<name>.{input,boxes,grad_output,output,grad_input}; boxes rows (batch, x1, y1, x2, y2)",
              "cases": cases}

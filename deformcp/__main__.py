@@ -83,6 +83,35 @@ def check(ops, backends, seed) -> int:
     return 1 if failed else 0
 
 
+def benchmarks_harness():
+    """The benchmarks' harness, ``deformcp.benchmarks.harness``: in a source checkout the benchmarks/ folder
+    beside the imported package (first, as _kernels.kernel_dir takes kernels/), else the installed package."""
+    import importlib
+    import importlib.util
+    import pathlib
+
+    checkout = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+    if "deformcp.benchmarks" not in sys.modules and (checkout / "harness.py").is_file():
+        spec = importlib.util.spec_from_file_location("deformcp.benchmarks", checkout / "__init__.py",
+                                                      submodule_search_locations=[str(checkout)])
+        sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[spec.name])
+    return importlib.import_module("deformcp.benchmarks.harness")
+
+
+def bench(argv) -> int:
+    """python -m deformcp bench: the benchmarks' own command line (deformcp.benchmarks.harness.main)."""
+    try:
+        harness = benchmarks_harness()
+    except ModuleNotFoundError as error:
+        if error.name not in ("deformcp.benchmarks", "deformcp.benchmarks.harness"):
+            raise
+        print("python -m deformcp bench: this deformcp has no benchmarks (deformcp.benchmarks); run it from a "
+              "source checkout", file=sys.stderr)
+        return 2
+    return harness.main(argv)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deformcp", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -97,9 +126,11 @@ def main(argv=None) -> int:
     commands.add_parser("bench", help="time every op against torch/torchvision (bench --help)")
     commands.add_parser("viz", help="draw deformable sampling locations to a PNG (viz --help)")
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("bench", "viz"):  # their own options, parsed by their own modules
-        from deformcp import _bench, viz
-        return (_bench if argv[0] == "bench" else viz).main(argv[1:])
+    if argv and argv[0] == "bench":  # its own options, parsed by the benchmarks' harness
+        return bench(argv[1:])
+    if argv and argv[0] == "viz":  # its own options, parsed by deformcp.viz
+        from deformcp import viz
+        return viz.main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "info":
         return info(args.kernels)

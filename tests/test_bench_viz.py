@@ -1,5 +1,10 @@
-"""python -m deformcp bench (deformcp._bench) and python -m deformcp viz (deformcp.viz)."""
-import io
+"""python -m deformcp bench (the harness of benchmarks/, deformcp.benchmarks) and python -m deformcp viz
+(deformcp.viz).
+
+The benchmarks' smoke test: every benchmark runs at its --quick (tiny) size on the NumPy path and the
+host backend, each implementation verified against its reference before it is timed; and a deliberately
+wrong implementation, passed through a benchmark's own verification, stops it.
+"""
 import json
 import os
 import pathlib
@@ -10,10 +15,12 @@ import numpy as np
 import pytest
 
 import deformcp
-from deformcp import _bench, _host, testing, viz
+from deformcp import __main__ as cli
+from deformcp import _host, testing, viz
 
 PACKAGE_ROOT = pathlib.Path(deformcp.__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+harness = cli.benchmarks_harness()
 
 
 def _strict_json(text):
@@ -23,126 +30,135 @@ def _strict_json(text):
     return json.loads(text, parse_constant=refuse)
 
 
-def _subprocess(code, cwd):
+def _subprocess(args, cwd):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PACKAGE_ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
 # ------------------------------------------------------------------------------------------------ bench
 
-def test_bench_quick_writes_json_with_every_op(tmp_path, capsys):
-    path = tmp_path / "bench.json"
-    argv = ["--quick", "--quiet", "--json", str(path)]
-    for op in _bench.OPS:
-        argv += ["--op", op]
-    assert _bench.main(argv) == 0
+def test_bench_quick_verifies_and_times_every_benchmark(tmp_path, capsys):
+    """The smoke test: python -m deformcp bench --quick runs every benchmark's cases at tiny sizes, each
+    implementation (NumPy path, host backend, the anchor where installed) verified first."""
+    assert cli.main(["bench", "--quick", "--repeat", "1", "--warmup", "0", "--output", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    payload = _strict_json(path.read_text())
-    assert payload["device"] == "cpu" and payload["quick"] and payload["repeat"] == _bench.QUICK_REPEAT
-    for key in ("python", "numpy", "processor", "cpu_count", "blas_overrides", "host_compiler", "torch"):
-        assert key in payload["machine"]
-    assert set(payload["cases"]) == set(_bench.OPS)
     impls = {"deformcp numpy"} | ({"deformcp host"} if _host.compiler() else set())
-    for op in _bench.OPS:
-        for phase in _bench.PHASES:
-            rows = {r["impl"]: r for r in payload["records"] if r["op"] == op and r["phase"] == phase}
-            assert impls <= set(rows), (op, phase, sorted(rows))
-            for record in rows.values():
-                assert record["ok"], record
-                assert record["median_s"] > 0 and len(record["samples_s"]) == _bench.QUICK_REPEAT
-            anchors = [r for r in rows.values() if r["anchor"]]
-            assert len(anchors) <= 1
-            if anchors:  # a ratio for every implementation, 1 for the anchor itself
-                assert all(r["ratio"] > 0 for r in rows.values())
-                assert anchors[0]["ratio"] == pytest.approx(1.0)
-        assert op in out
-    if payload["machine"]["torch"] is not None:  # torch.nn.functional: grid_sample's anchor
-        assert any(r["op"] == "grid_sample" and r["impl"] == "torch cpu" and r["anchor"] for r in payload["records"])
-    assert f"wrote {path}" in out and "reference" in out
+    for name in harness.BENCHMARKS:
+        assert f"{name}: ok" in out
+        payload = _strict_json((tmp_path / f"{name}.json").read_text())
+        assert (tmp_path / f"{name}.md").read_text().startswith("# deformcp benchmark: ")
+        assert payload["quick"] and payload["device"] == "cpu" and payload["repeat"] == 1
+        assert f"python -m deformcp bench --quick --repeat 1 --warmup 0 --output {tmp_path}" in payload["command"]
+        for key in ("deformcp", "processor", "cpu_count", "blas_overrides", "host_compiler", "torch", "threads"):
+            assert key in payload["machine"], key
+        tolerance = harness.benchmark(name).TOLERANCE["float32"]
+        verified = {key.rpartition(": ")[2] for key in payload["verification"]}
+        assert impls <= verified, (name, sorted(verified))
+        for key, errors in payload["verification"].items():
+            if "deformcp" in key.rpartition(": ")[2]:
+                assert errors and all(0 <= e <= tolerance for e in errors.values()), (name, key, errors)
+        timed = {(r["phase"], r["impl"]) for r in payload["results"]}
+        assert {(phase, impl) for phase in ("forward", "forward+backward") for impl in impls} <= timed
+        assert all(r["median_s"] > 0 and r["q25_s"] <= r["median_s"] <= r["q75_s"] for r in payload["results"])
+        anchors = {r["impl"] for r in payload["results"] if not r["impl"].startswith("deformcp")}
+        assert anchors == ({payload["baseline"]} if payload["baseline"] else set())
 
 
-def test_bench_json_to_stdout_keeps_the_table_on_stderr(capsys):
-    assert _bench.main(["--quick", "--quiet", "--op", "roi_align", "--repeat", "1", "--json", "-"]) == 0
-    captured = capsys.readouterr()
-    payload = _strict_json(captured.out)
-    assert {r["op"] for r in payload["records"]} == {"roi_align"}
-    assert all(r["repeat"] == 1 for r in payload["records"])
-    assert "roi_align" in captured.err and "÷ anchor" in captured.err
+class Skewed:
+    """A deliberately wrong implementation: ``impl`` with its output 1 % too large."""
+
+    def __init__(self, impl):
+        self.impl = impl
+
+    def forward(self):
+        return self.impl.forward() * 1.01
+
+    def forward_backward(self):
+        out, grads = self.impl.forward_backward()
+        return out * 1.01, grads
+
+    def __getattr__(self, name):  # gradients(), intermediates()
+        return getattr(self.impl, name)
 
 
-@pytest.mark.skipif(_host.compiler() is None, reason="host backend: no C++ compiler found")
-def test_bench_marks_a_mismatch_and_exits_1(capsys, monkeypatch):
-    """A host result 1 % off the NumPy path is marked in the table and makes the run exit 1."""
-    original = _bench.CASES["roi_align"]
+@pytest.mark.parametrize("name", harness.BENCHMARKS)
+def test_a_wrong_implementation_fails_verification_and_is_not_timed(name, capsys):
+    """Through each benchmark's own verification (the one its main runs before timing): deformcp's NumPy
+    path passes, the same 1 % off fails, and a run given the wrong one times nothing."""
+    bench = harness.benchmark(name)
+    run = harness.Run.begin(bench.parser(), ["--quick", "--repeat", "1", "--warmup", "0"])
+    args = run.args
+    problem = bench.problems(args)[0]
+    right = bench.build(run.setup, problem, args)["deformcp numpy"]
+    errors = bench.verify(run.setup, problem, {"deformcp numpy": right}, args, [])
+    assert errors and all(max(e.values()) < 1e-4 for e in errors.values())
+    with pytest.raises(harness.VerificationFailed, match=r"deformcp skewed: output, .*not timing wrong code"):
+        bench.verify(run.setup, problem, {"deformcp skewed": Skewed(right)}, args, [])
+    assert not run.measure(problem, {"deformcp skewed": Skewed(right)}, bench.verify, ("forward",))
+    assert run.records == [] and "verification failed" in capsys.readouterr().err
 
-    def skewed(size, rng):
-        case = original(size, rng)
-        run = case.run
 
-        def off_on_host(arrays, backward):
-            results = run(arrays, backward)
-            if deformcp.current_backend() == "host":
-                results["output"] = results["output"] * 1.01
-            return results
+def test_bench_script_runs_from_the_checkout(tmp_path):
+    """python benchmarks/bench_<name>.py: the harness and the checkout's deformcp from the script's folder."""
+    script = PACKAGE_ROOT / "benchmarks" / "bench_deform_roi_pool.py"
+    result = _subprocess([str(script), "--quick", "--repeat", "1", "--output", str(tmp_path / "run")], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    payload = _strict_json((tmp_path / "run.json").read_text())
+    assert payload["benchmark"] == "run" and "bench_deform_roi_pool.py --quick" in payload["command"]
+    assert f"wrote {tmp_path / 'run.json'}" in result.stdout
 
-        case.run = off_on_host
-        return case
 
-    monkeypatch.setitem(_bench.CASES, "roi_align", skewed)
-    assert _bench.main(["--quick", "--quiet", "--op", "roi_align"]) == 1
-    out = capsys.readouterr().out
-    host_rows = [line for line in out.splitlines() if line.startswith("roi_align") and "deformcp host" in line]
-    assert host_rows and all("MISMATCH output" in line for line in host_rows)
-    assert "FAILED: roi_align deformcp host" in out
+def test_interleaved_timing_takes_turns_and_reports_quartiles():
+    calls = []
+    timings = harness.measure_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                          repeat=3, warmup=1)
+    assert calls == ["a", "b"] + ["a", "b"] * 3     # warm-up of each, then one call of each per round
+    for timing in timings.values():
+        assert timing.repeat == 3 and timing.warmup == 1
+        assert timing.min <= timing.q25 <= timing.median <= timing.q75 <= timing.max
+
+
+def test_results_json_is_strict(tmp_path):
+    json_path, md_path = harness.write_results(str(tmp_path / "r"), {"errors": {"output": float("inf")}}, "# r")
+    assert _strict_json(json_path.read_text())["errors"] == {"output": "inf"}
+    assert md_path.read_text() == "# r\n"
 
 
 def test_bench_cuda_without_a_gpu_exits_2(capsys, monkeypatch):
     monkeypatch.setattr(testing, "gpu_available", lambda: "CuPy is not installed")
-    assert _bench.main(["--device", "cuda", "--quick"]) == 2
+    assert cli.main(["bench", "--device", "cuda", "--quick"]) == 2
     err = capsys.readouterr().err
     assert "--device cuda: CuPy is not installed" in err and "Nothing timed" in err
 
 
 @pytest.mark.skipif(testing.gpu_available() is None, reason="a GPU is present")
 def test_bench_cuda_here_exits_2(capsys):
-    assert _bench.main(["--device", "cuda"]) == 2
+    assert cli.main(["bench", "--device", "cuda", "roi_align"]) == 2
     assert testing.gpu_available() in capsys.readouterr().err
 
 
-def test_bench_help_names_options_and_the_blas_overrides(capsys):
+def test_bench_help_names_benchmarks_options_and_the_blas_overrides(capsys):
     with pytest.raises(SystemExit) as exit_:
-        _bench.main(["--help"])
+        cli.main(["bench", "--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: python -m deformcp bench")
-    for text in ("--op", "--repeat", "--quick", "--json", "--device", "--quiet", "OPENBLAS_CORETYPE",
-                 "OPENBLAS_L2_SIZE", "2×256×100×152", "1×256×50×76"):
+    for text in (*harness.BENCHMARKS, "--repeat", "--quick", "--interleave", "--output", "--device",
+                 "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
         assert text in out
 
 
-def test_bench_rejects_an_unknown_op(capsys):
+def test_bench_rejects_an_unknown_benchmark(capsys):
     with pytest.raises(SystemExit) as exit_:
-        _bench.main(["--op", "no_such_op"])
+        cli.main(["bench", "no_such_op"])
     assert exit_.value.code == 2
-    assert "invalid choice" in capsys.readouterr().err
+    assert "unknown benchmark no_such_op" in capsys.readouterr().err
 
 
-def test_progress_bar_draws_in_place_and_clears():
-    stream = io.StringIO()
-    progress = _bench.Progress(4, enabled=True, stream=stream, width=70)
-    progress.start("roi_align forward: deformcp numpy")
-    progress.step()
-    progress.update(0.5)  # throttled: within 0.1 s of the last draw
-    assert "[" in progress.line() and "38%" in progress.line() and "1/4" in progress.line()
-    progress.close()
-    text = stream.getvalue()
-    assert text.startswith("\r[") and "25%  1/4  roi_align forward" in text and text.endswith("\r")
-    assert all(len(chunk) <= 69 for chunk in text.split("\r"))
-    silent = io.StringIO()
-    off = _bench.Progress(4, enabled=False, stream=silent)
-    off.start("x"), off.update(0.5), off.step(), off.close()
-    assert silent.getvalue() == ""
+def test_the_checkout_benchmarks_are_the_package_deformcp_benchmarks():
+    assert harness.__name__ == "deformcp.benchmarks.harness"
+    assert pathlib.Path(harness.__file__).resolve() == PACKAGE_ROOT / "benchmarks" / "harness.py"
+    assert harness.benchmark("roi_align").__name__ == "deformcp.benchmarks.bench_roi_align"
 
 
 # -------------------------------------------------------------------------------------------------- viz
@@ -215,8 +231,8 @@ def test_sampling_locations_are_where_stacked_deform_conv2d_reads():
     w1[np.arange(9), 0, np.arange(9) // 3, np.arange(9) % 3] = 1.0           # channel l = tap l
     w2 = np.zeros((81, 9, 3, 3))
     for k in range(9):
-        for l in range(9):
-            w2[9 * k + l, l, k // 3, k % 3] = 1.0                             # channel 9k + l: tap k of map l
+        for j in range(9):
+            w2[9 * k + j, j, k // 3, k % 3] = 1.0                             # channel 9k + j: tap k of map j
     yy, xx = np.mgrid[0:H, 0:W].astype(np.float64)
     for axis, ramp in enumerate((yy, xx)):
         layer1 = deformcp.deform_conv2d(ramp[None, None], offset1, w1, padding=1)
@@ -280,7 +296,7 @@ def test_viz_without_matplotlib_exits_2_with_the_message(tmp_path):
     code = ("import sys; sys.modules['matplotlib'] = None\n"
             "from deformcp import viz\n"
             "sys.exit(viz.main(['--output', 'out.png']))\n")
-    result = _subprocess(code, tmp_path)
+    result = _subprocess(["-c", code], tmp_path)
     assert result.returncode == 2, result.stderr
     assert viz.MISSING_MATPLOTLIB in result.stderr
     assert viz.MISSING_MATPLOTLIB == "python -m deformcp viz needs matplotlib: pip install 'deformcp[viz]'"
@@ -288,8 +304,8 @@ def test_viz_without_matplotlib_exits_2_with_the_message(tmp_path):
 
 
 def test_importing_bench_and_viz_loads_neither_matplotlib_nor_torch(tmp_path):
-    code = ("import sys, deformcp._bench, deformcp.viz\n"
-            "print(sorted(m for m in ('matplotlib', 'torch', 'torchvision', 'cupy') if m in sys.modules))\n")
-    result = _subprocess(code, tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    heavy = ("matplotlib", "torch", "torchvision", "cupy")
+    code = f"import sys, deformcp.__main__ as cli, deformcp.viz; cli.benchmarks_harness(); print([m for m in {heavy} " \
+           "if m in sys.modules])"
+    result = _subprocess(["-c", code], tmp_path)
+    assert (result.returncode, result.stdout.strip()) == (0, "[]"), result.stderr

@@ -1,48 +1,27 @@
-"""Shared timing helpers for deformcp's benchmarks (benchmarks/bench_<op>.py).
+"""The benchmarks' harness: timing, verification, machine information, reports and results files.
 
-Run every benchmark with OpenBLAS's CPU overrides unset, in the command only:
+Each ``bench_<name>.py`` of this folder times one op family of deformcp against its anchor (torch or
+torchvision, optional: without it deformcp alone is timed) and builds on what is here:
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_<op>.py
+- :func:`measure` / :func:`measure_interleaved`: warm-up calls (a count and a minimum time), then timed
+  calls (``time.perf_counter``, ``sync`` before the clock starts and before it stops, for GPU work):
+  a :class:`Timing` (median, quartiles, min, spread, other processes' load, :class:`OtherLoad`).
+- :func:`verify` / :func:`check`: outputs and gradients against a reference before anything is timed;
+  a binding mismatch raises :class:`VerificationFailed` (exit status 1).
+- :class:`ArrayCase`, :class:`DeformcpOp`, :class:`TorchOp`: a case's arrays, deformcp's op on one backend,
+  the anchor through torch autograd; :func:`device_setup`, :func:`deformcp_impls`: what runs where.
+- :func:`machine_info`, :func:`command_line`, :func:`blas_warning`: where the numbers come from.
+- :func:`make_parser` / :func:`start` / :class:`Plan`: the options every benchmark takes; :class:`Run`:
+  a benchmark's run (verify, then time, each case; :func:`time_phases`), its report
+  (:func:`report_markdown`) and results files, ``results/<name>.{json,md}`` beside this file.
+- :func:`main`: ``python -m deformcp bench``, the benchmarks one after the other with shared options.
 
-(these machines set OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE, which slow NumPy's BLAS). Whether they
-were set is recorded in every results file (:func:`machine_info`).
-
-What is here:
-
-- :func:`measure`: warm-up calls (a count and a minimum time), then ``repeat`` timed calls
-  (``time.perf_counter``), with an optional ``sync`` callable run before the clock starts and before
-  it stops (GPU work is asynchronous: pass ``cupy.cuda.Device().synchronize`` /
-  ``torch.cuda.synchronize``). Returns a :class:`Timing` (median, quartiles, min, spread, and how
-  busy other processes kept the CPUs meanwhile, :class:`OtherLoad`).
-  :func:`measure_interleaved` times several callables in turns instead.
-- :func:`cpu_busy`, :func:`busy_warning`: is the machine quiet enough to benchmark?
-- :class:`Record`: one result row (case, implementation, phase, timing, free-form extras).
-- :func:`machine_info`: platform, CPU count, library versions, thread settings, BLAS env overrides;
-  :func:`command_line`, :func:`blas_warning`.
-- :func:`markdown_table`, :func:`machine_markdown`, :func:`format_seconds`, :func:`ratio_text`: reporting.
-- :func:`write_results`: ``benchmarks/results/<name>.json`` and ``benchmarks/results/<name>.md``.
-- :func:`relative_error`: ‖a − b‖ / ‖b‖ in float64, to check results before timing them;
-  :func:`to_numpy`, :func:`errors_text`.
-
-What a bench_<op>.py script shares (each compares deformcp with a torch-based baseline):
-
-- :func:`make_parser` / :func:`add_arguments` (--device, --repeat, --warmup, --quick, --interleave,
-  --torch-threads, --seed, --output, optionally --max-row-time) and :func:`start`, which turns them into
-  a :class:`Plan` (how to time) after the checks every run makes first (BLAS overrides, --device cuda
-  without a GPU).
-- :func:`optional_torchvision`, :func:`deformcp_functions`: what there is to time.
-- :func:`device_setup`: what can run on ``--device`` (deformcp's host backend, torch on CUDA), the
-  synchronisation to time CUDA work with, and the machine entries (:class:`DeviceSetup`);
-  :func:`deformcp_impls`: deformcp's implementations there; :func:`release_device_memory`.
-- :class:`ArrayCase`: a case's NumPy inputs in one dtype; :class:`DeformcpOp`: deformcp's op on them;
-  :func:`random_rois`: RoIs inside an image.
-- :func:`verify`, :func:`check`: outputs and gradients against a reference before timing.
-- :func:`time_phases`: time each phase of a set of implementations, printing a line per result.
-- :func:`ratio`, :func:`timing_headers`, :func:`timing_cells`, :func:`evaluate_targets`,
-  :func:`report_markdown`, :func:`results_payload`, :func:`save_results`: the results files;
-  :func:`source_state`, :func:`source_lines`: which deformcp was timed.
-
-Only the standard library and NumPy are needed; torch and threadpoolctl are reported when installed.
+Running: ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_<name>.py [--device cuda]``
+in a source checkout (it times the checkout's deformcp; the results record whether those variables were
+set), with torch / torchvision installed for the ratios; ``python -m deformcp bench`` runs them all.
+Installed, this folder is the package ``deformcp.benchmarks`` (``python -m deformcp.benchmarks.bench_<name>``).
+Every benchmark takes --device, --repeat, --warmup, --quick (tiny sizes, no files), --interleave,
+--torch-threads, --seed, --output and --no-save (:func:`add_arguments`), and verifies before it times.
 """
 from __future__ import annotations
 
@@ -50,6 +29,7 @@ import argparse
 import copy
 import dataclasses
 import datetime
+import functools
 import gc
 import importlib
 import json
@@ -66,13 +46,17 @@ from typing import Any, Callable, Collection, Optional, Sequence
 
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))   # benchmark the checkout's deformcp
-RESULTS_DIR = ROOT / "benchmarks" / "results"
-#: Environment variables that slow NumPy's BLAS on these machines; benchmarks run with them unset.
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+if not __package__:  # python benchmarks/bench_<name>.py: time the checkout's deformcp
+    sys.path.insert(0, str(ROOT))
+RESULTS_DIR = HERE / "results"
+#: The benchmarks (bench_<name>.py), in the order ``python -m deformcp bench`` runs them.
+BENCHMARKS = ("spatial_transformer", "roi_align", "deform_conv", "deform_roi_pool")
+#: Environment variables that slow NumPy's BLAS on some machines; benchmarks run with them unset.
 BLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 #: Thread-count variables recorded with the results.
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+THREAD_VARIABLES = ("DEFORMCP_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -217,9 +201,13 @@ class Record:
 
 # ------------------------------------------------------------------------------------------------ checks
 
-import deformcp  # noqa: E402
-from deformcp import _bench  # noqa: E402  (one place for machine details)
+import deformcp  # noqa: E402  (after the checkout's folder is on the path)
 from deformcp.testing import relative_error  # noqa: E402  (one definition of the error measure)
+
+
+class VerificationFailed(Exception):
+    """A timed implementation disagrees with the reference, returns another dtype or raises: nothing is
+    timed (a benchmark's ``main`` then exits with status 1)."""
 
 
 def to_numpy(a) -> np.ndarray:
@@ -235,11 +223,13 @@ def errors_text(errors: dict) -> str:
     return ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
 
 
-def check(impl, dtype: str, expected_out, expected_grads: dict) -> tuple[dict, list[str]]:
+def check(impl, dtype: str, expected_out, expected_grads: dict, expected_at=None) -> tuple[dict, list[str]]:
     """``impl``'s relative errors against the expected output and the gradients in ``expected_grads``
     (name → NumPy array, or None where there is no such gradient), and what is wrong besides (another
     dtype, a gradient missing or unexpected). ``impl`` has forward(), forward_backward() → (output,
-    gradients) and gradients(gradients) → {name: array or None}."""
+    gradients) and gradients(gradients) → {name: array or None}. ``expected_at(intermediates)``:
+    expected results that depend on the implementation's own ``intermediates()`` ({name: array}; a name
+    is an intermediate's or ``grad_<name>``)."""
     out, grads = impl.forward_backward()
     grads = {k: None if v is None else to_numpy(v) for k, v in impl.gradients(grads).items()}
     out, forward_only = to_numpy(out), to_numpy(impl.forward())   # CuPy arrays and CUDA tensors too
@@ -261,17 +251,22 @@ def check(impl, dtype: str, expected_out, expected_grads: dict) -> tuple[dict, l
             errors[f"grad_{name}"] = float("inf")
             continue
         errors[f"grad_{name}"] = relative_error(got, expected)
+    if expected_at is not None:
+        own = {k: to_numpy(v) for k, v in impl.intermediates().items()}
+        results = {**own, **{f"grad_{k}": v for k, v in grads.items()}}
+        errors.update({name: relative_error(results[name], expected)
+                       for name, expected in expected_at(own).items()})
     return errors, problems
 
 
 def verify(title: str, reference_name: Optional[str], reference, checks, tolerance: dict, notes: list, *,
-           grads: Optional[Sequence[str]] = None, timed: Collection[str] = ()) -> dict:
+           grads: Optional[Sequence[str]] = None, timed: Collection[str] = (), expected_at=None) -> dict:
     """Relative errors of each of ``checks`` ((name, implementation, dtype, binding); implementations as
-    in :func:`check`) against ``reference`` (such an implementation, run once; None: nothing to verify
-    against), on its output and its gradients ``grads`` (default: all it returns): {"<title>: <name>":
-    errors}. Exits before any timing when a binding one is beyond ``tolerance[dtype]``, returns another
-    dtype, or raises, or when one of ``timed`` raises (it could not be timed either); what is wrong with
-    the others goes to ``notes``, information only."""
+    in :func:`check`, with ``expected_at``) against ``reference`` (such an implementation, run once; None:
+    nothing to verify against), on its output and its gradients ``grads`` (default: all it returns):
+    {"<title>: <name>": errors}. Raises :class:`VerificationFailed`, before any timing, when a binding one
+    is beyond ``tolerance[dtype]``, returns another dtype, or raises, or when one of ``timed`` raises (it
+    could not be timed either); what is wrong with the others goes to ``notes``, information only."""
     errors, failed = {}, []
     if reference is None:
         print("  nothing to verify against")
@@ -283,13 +278,14 @@ def verify(title: str, reference_name: Optional[str], reference, checks, toleran
         expected = {k: expected.get(k) for k in grads}
     expected_out = to_numpy(expected_out)
     print(f"  {title}: reference {reference_name} ({time.perf_counter() - start:.1f} s): output "
-          f"{tuple(expected_out.shape)} (|max| {np.abs(expected_out).max():.3g}); "
-          + ", ".join(f"grad_{k} |max| {np.abs(v).max():.3g}" for k, v in expected.items() if v is not None))
+          f"{tuple(expected_out.shape)} (|max| {np.abs(expected_out).max(initial=0):.3g}); "
+          + ", ".join(f"grad_{k} |max| {np.abs(v).max(initial=0):.3g}" for k, v in expected.items()
+                      if v is not None))
     for name, impl, dtype, binding in checks:
         limit = tolerance[dtype]
         key = f"{title}: {name}"
         try:
-            checked, problems = check(impl, dtype, expected_out, expected)
+            checked, problems = check(impl, dtype, expected_out, expected, expected_at)
         except Exception as e:
             print(f"    {name:<28} RAISED {type(e).__name__}: {e}")
             traceback.print_exc()
@@ -311,8 +307,8 @@ def verify(title: str, reference_name: Optional[str], reference, checks, toleran
             notes.append(f"{key} beyond tolerance {limit:g} ({', '.join(wrong)}); information only (the run "
                          "stops only for a timed deformcp implementation)")
     if failed:
-        sys.exit(f"verification failed ({title}; reference {reference_name}) for {'; '.join(failed)}: not timing "
-                 "wrong code")
+        raise VerificationFailed(f"verification failed ({title}; reference {reference_name}) for "
+                                 f"{'; '.join(failed)}: not timing wrong code")
     return errors
 
 
@@ -341,24 +337,29 @@ class ArrayCase:
 class DeformcpOp:
     """Base of deformcp's forward / forward+backward of one op on an :class:`ArrayCase`'s arrays (``a``),
     on one backend: "numpy", "host", or "cuda" for CuPy arrays (``move`` takes the arrays there). A
-    subclass names the ``op`` (``functions[op]`` and ``functions[op + "_backward"]`` are timed) and the
-    backward's ``grads`` fields, and defines ``_forward()`` and ``forward_backward()`` → (output, the
-    backward's named tuple), for :func:`time_phases` and :func:`check`."""
+    subclass names the ``op`` (deformcp's ``op`` and ``op + "_backward"`` are timed) and the backward's
+    ``grads`` fields, and defines ``_forward()`` → output and ``_backward()`` → the backward's named tuple
+    (for :func:`time_phases` and :func:`check`)."""
 
     op: str
     grads: Sequence[str]
 
-    def __init__(self, backend: str, case: ArrayCase, functions: dict, deterministic=False, move=None):
+    def __init__(self, backend: str, case: ArrayCase, deterministic=False, move=None):
         move = move or _unmoved
         self.backend = backend
         self.cpu_backend = "numpy" if backend == "cuda" else backend
         self.deterministic = deterministic
-        self.forward_fn, self.backward_fn = functions[self.op], functions[self.op + "_backward"]
+        self.forward_fn, self.backward_fn = getattr(deformcp, self.op), getattr(deformcp, self.op + "_backward")
         self.a = {k: None if v is None else move(v) for k, v in case.arrays.items()}
 
     def forward(self):
         with deformcp.backend(self.cpu_backend):
             return self._forward()
+
+    def forward_backward(self):
+        """The output and the backward's named tuple of gradients."""
+        with deformcp.backend(self.cpu_backend):
+            return self._forward(), self._backward()
 
     def gradients(self, grads) -> dict:
         return {name: getattr(grads, name) for name in self.grads}
@@ -366,6 +367,36 @@ class DeformcpOp:
 
 def _unmoved(array):
     return array
+
+
+class TorchOp:
+    """The anchor: ``call(tensors)`` (a torch function of the case's arrays as tensors on ``device``)
+    through autograd on the arrays ``leaves`` (those present): forward under no_grad; forward_backward
+    → (output, the leaves' gradients for the array grad_output)."""
+
+    def __init__(self, call: Callable[[dict], Any], arrays: dict, leaves: Sequence[str], device):
+        import torch
+
+        self.torch, self.call, self.leaves = torch, call, tuple(leaves)
+        self.t = {k: None if v is None else torch.from_numpy(v).to(device) for k, v in arrays.items()}
+        for name in self.leaves:
+            if self.t[name] is not None:
+                self.t[name].requires_grad_(True)
+
+    def forward(self):
+        with self.torch.no_grad():
+            return self.call(self.t)
+
+    def forward_backward(self):
+        for name in self.leaves:
+            if self.t[name] is not None:
+                self.t[name].grad = None
+        out = self.call(self.t)
+        out.backward(self.t["grad_output"])
+        return out.detach(), tuple(None if self.t[name] is None else self.t[name].grad for name in self.leaves)
+
+    def gradients(self, grads) -> dict:
+        return dict(zip(self.leaves, grads))
 
 
 def random_rois(rng: np.random.Generator, K: int, N: int, H: int, W: int, sides: tuple[float, float],
@@ -409,8 +440,16 @@ def blas_warning() -> Optional[str]:
     if not present:
         return None
     listing = ", ".join(f"{k}={v}" for k, v in present.items())
-    return (f"warning: {listing} set; NumPy's BLAS runs slower. Rerun as "
-            f"env -u {' -u '.join(BLAS_OVERRIDES)} python {' '.join(sys.argv)}")
+    return (f"warning: {listing} set; NumPy's BLAS runs slower, the NumPy path's timings are not fair. Rerun "
+            f"as env -u {' -u '.join(BLAS_OVERRIDES)} {_command()}")
+
+
+@functools.cache
+def warn_blas() -> None:
+    """Print :func:`blas_warning`'s warning, where there is one, once a process."""
+    warning = blas_warning()
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 def cpu_busy(interval: float = 0.5) -> Optional[float]:
@@ -427,18 +466,33 @@ def busy_warning(busy: Optional[float], threshold: float = 0.1) -> Optional[str]
             "multi-threaded libraries slowed (run on a quiet machine)")
 
 
-def command_line(this_python: bool = False) -> str:
-    """The command that ran this benchmark, with the ``env -u`` prefix where the BLAS overrides were
-    unset (their presence is visible here, and in :func:`machine_info`). ``this_python``: this
-    interpreter's path instead of ``python`` where it is not the ``python`` on PATH (the torchvision
-    comparisons run under a separate environment's Python)."""
-    script = os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else "<stdin>"
+#: What :func:`main` was given (``python -m deformcp bench`` run in a process, a test's say), else None.
+_BENCH_ARGV: Optional[list] = None
+
+
+def _command(this_python: bool = False) -> str:
+    """This process's command line: ``python -m <module>`` or ``python <script>``, then its arguments."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if _BENCH_ARGV is not None:
+        arguments = ["-m", "deformcp", "bench", *_BENCH_ARGV]
+    elif spec is not None:
+        arguments = ["-m", spec.name.removesuffix(".__main__"), *sys.argv[1:]]
+    else:
+        arguments = [os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else "<stdin>", *sys.argv[1:]]
     python = "python"
     if this_python:
         on_path = shutil.which("python")
         if not (on_path and os.path.realpath(on_path) == os.path.realpath(sys.executable)):
             python = sys.executable
-    command = " ".join([python, script, *sys.argv[1:]])
+    return " ".join([python, *arguments])
+
+
+def command_line(this_python: bool = False) -> str:
+    """The command that ran this benchmark, with the ``env -u`` prefix where the BLAS overrides were
+    unset (their presence is visible here, and in :func:`machine_info`). ``this_python``: this
+    interpreter's path instead of ``python`` where it is not the ``python`` on PATH (the torchvision
+    comparisons may run under another environment's Python)."""
+    command = _command(this_python)
     if any(v is not None for v in blas_overrides().values()):
         overrides = ", ".join(f"{k}={v}" for k, v in blas_overrides().items() if v is not None)
         return f"{command}  (with {overrides} set)"
@@ -463,17 +517,31 @@ def thread_info() -> dict:
     return info
 
 
+def _cpu_model() -> Optional[str]:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def machine_info(extra: Optional[dict] = None) -> dict:
     """Where the numbers came from. Call after importing the libraries being timed. An ``extra`` entry
     "torchvision" (its version) is also named beside torch's (:func:`machine_markdown` lists torch)."""
+    from deformcp import _host
+
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:
         usable = os.cpu_count()
     info = {
+        "deformcp": deformcp.__version__,
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "processor": _bench._cpu_model() or platform.processor(),
+        "processor": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": usable,
         "python": platform.python_version(),
@@ -481,6 +549,7 @@ def machine_info(extra: Optional[dict] = None) -> dict:
         "scipy": _version("scipy"),
         "torch": _module_version("torch"),
         "cupy": _module_version("cupy"),
+        "host_compiler": _host.compiler() if _host.available() is None else None,
         "blas_overrides": blas_overrides(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "threads": thread_info(),
@@ -530,9 +599,10 @@ def machine_markdown(info: dict) -> str:
     lines = [
         f"- machine: {info.get('processor')}, {info.get('cpu_count')} CPUs "
         f"({info.get('cpus_usable')} usable), {info.get('platform')}",
-        f"- python {info.get('python')}, numpy {info.get('numpy')}, scipy {info.get('scipy')}, "
-        f"torch {info.get('torch') or 'not installed'}"
-        + (f", cupy {info['cupy']}" if info.get("cupy") else ""),
+        f"- deformcp {info.get('deformcp')}, python {info.get('python')}, numpy {info.get('numpy')}, scipy "
+        f"{info.get('scipy')}, torch {info.get('torch') or 'not installed'}"
+        + (f", cupy {info['cupy']}" if info.get("cupy") else "")
+        + (f"; host backend compiler {info['host_compiler']}" if info.get("host_compiler") else ""),
         f"- threads: torch {threads.get('torch_threads', '—')}, OMP_NUM_THREADS="
         f"{threads.get('OMP_NUM_THREADS') or 'unset'}, threadpools: {pools}",
         "- BLAS overrides: " + (", ".join(f"{k}={v} (SET: NumPy BLAS slowed)" for k, v in set_.items())
@@ -563,14 +633,16 @@ def write_results(name: str, payload: dict, markdown: str, directory: pathlib.Pa
                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                **payload}
     json_path, md_path = directory / f"{name}.json", directory / f"{name}.md"
-    json_path.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n")
+    json_path.write_text(json.dumps(_finite(payload), indent=2, allow_nan=False, default=_jsonable) + "\n")
     md_path.write_text(markdown.rstrip() + "\n")
     return json_path, md_path
 
 
 def source_state() -> dict:
     """Which deformcp was timed: the checkout's commit, and its files under deformcp/ and kernels/ that
-    differ from it (git; empty where git is not available)."""
+    differ from it (git; empty outside a git checkout)."""
+    if not (ROOT / ".git").exists():
+        return {}
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True, timeout=10, check=True).stdout.strip()
@@ -591,6 +663,18 @@ def source_lines(sources: dict) -> list[str]:
     return [f"deformcp: the checkout at {sources['commit']}{changes}", ""]
 
 
+def _finite(value):
+    """``value`` with every NaN or ±inf float (the relative error of mismatched shapes, say) as a string:
+    strict JSON has no such numbers."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _jsonable(value):
     if isinstance(value, (np.generic,)):
         return value.item()
@@ -603,51 +687,95 @@ def _jsonable(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-# ------------------------------------------------------------------------------------ a bench_<op>.py run
+# -------------------------------------------------------------------------------- a bench_<name>.py run
 
 #: --max-row-time never cuts a row below this many timed calls
 MIN_REPEAT = 5
-#: What ``python`` scripts timing torchvision run under (see their docstrings)
-TORCHVISION_PYTHON = "/opt/tv/bin/python"
-NO_TORCHVISION = ("torchvision is not installed: timing deformcp only, no ratios (run with a Python that has "
-                  f"torchvision, e.g. {TORCHVISION_PYTHON})")
 
-
-def make_parser(doc: str, results_name: str, python: str = "python",
-                max_row_time: Optional[float] = None) -> argparse.ArgumentParser:
-    """The parser of benchmarks/bench_<results_name>.py: the first paragraph of its docstring ``doc``, a
-    "Run as" line with ``python``, and :func:`add_arguments`' options."""
+def make_parser(doc: str, results_name: str, max_row_time: Optional[float] = None) -> argparse.ArgumentParser:
+    """The parser of bench_<results_name>.py: the first paragraph of its docstring ``doc``, how to run it,
+    and :func:`add_arguments`' options."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=f"Run as: env -u {' -u '.join(BLAS_OVERRIDES)} {python} "
-                                            f"benchmarks/bench_{results_name}.py")
+                                     epilog=f"Run as: env -u {' -u '.join(BLAS_OVERRIDES)} python "
+                                            f"benchmarks/bench_{results_name}.py (installed: python -m "
+                                            f"deformcp.benchmarks.bench_{results_name})")
     add_arguments(parser, results_name, max_row_time)
     return parser
 
 
-def add_arguments(parser: argparse.ArgumentParser, results_name: str,
+def add_arguments(parser: argparse.ArgumentParser, results_name: Optional[str] = None,
                   max_row_time: Optional[float] = None) -> None:
-    """The options every benchmark takes; ``results_name`` is the default results name. With a
-    ``max_row_time`` (seconds), also --max-row-time with that default (see :func:`time_phases`)."""
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    """The options every benchmark takes; ``results_name`` is the default results name (None: the options
+    of ``python -m deformcp bench``). With a ``max_row_time`` (seconds), also --max-row-time with that
+    default (see :func:`time_phases`)."""
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu: deformcp's NumPy path and host backend, the anchor on the CPU (default); "
+                             "cuda: deformcp on CuPy arrays, the anchor on CUDA, the GPU shapes")
     parser.add_argument("--repeat", type=int, default=None, help="timed calls per measurement (default 30)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed calls first, and at least 0.25 s of them (default 3)")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 3 repeats, 1 warm-up call; writes no files unless --output is given")
+                        help="smoke run: tiny shapes, 3 repeats, 1 warm-up call (timings meaningless); writes "
+                             "no files unless --output is given")
     parser.add_argument("--interleave", action="store_true",
                         help="time the implementations in turns, one call each per round (evens out drifting "
                              "machine load; every call then starts with caches holding the others' data)")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch.set_num_threads(N) first (default: torch's own choice)")
     parser.add_argument("--seed", type=int, default=0)
+    if results_name is None:
+        parser.add_argument("--output", default=None, metavar="FOLDER",
+                            help="write FOLDER/<benchmark>.{json,md} (default: no files)")
+        return
     parser.add_argument("--output", default=None,
-                        help="results name: benchmarks/results/<name>.{json,md}, or a path without suffix "
-                             f"(default {results_name}, or {results_name}_cuda)")
+                        help="results name: results/<name>.{json,md} beside the scripts, or a path without "
+                             f"suffix (default {results_name}, or {results_name}_cuda)")
+    parser.add_argument("--no-save", action="store_true", help="write no results files")
     if max_row_time is not None:
         parser.add_argument("--max-row-time", type=float, default=max_row_time,
                             help=f"seconds of timed calls a row may take: fewer calls (at least {MIN_REPEAT}) "
                                  f"where one call is slower (default {max_row_time:g}; 0: no limit)")
+
+
+def positive(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
+    return value
+
+
+def add_case_arguments(parser: argparse.ArgumentParser, shape_help: str, count: Optional[tuple[str, str]] = None,
+                       deterministic: str = "deformcp's backward functions", dtypes=("float32", "float64")) -> None:
+    """The options that choose a benchmark's case: --shape N C H W, ``count`` (option, help: --boxes, say),
+    --dtype (one of ``dtypes``; several where ``dtypes`` has float16), --deterministic (passed to
+    ``deterministic``)."""
+    parser.add_argument("--shape", type=positive, nargs=4, default=None, metavar=("N", "C", "H", "W"),
+                        help=shape_help)
+    if count:
+        parser.add_argument(count[0], type=positive, default=None, help=count[1])
+    several = "float16" in dtypes
+    parser.add_argument("--dtype", choices=dtypes, nargs="+" if several else None,
+                        default=None if several else "float32",
+                        help="dtypes to time (default cpu: float32; cuda: float32 float16)" if several else None)
+    parser.add_argument("--deterministic", action="store_true", help=f"pass deterministic=True to {deterministic}")
+
+
+def case_size(args: argparse.Namespace, defaults: dict, count: str) -> tuple[tuple, int]:
+    """--shape and the option ``count`` ("boxes", say), or their ``defaults`` for --quick or --device
+    (``defaults[size]["shape"]``, ``defaults[size][count]``)."""
+    chosen = defaults["quick" if args.quick else args.device]
+    return tuple(args.shape or chosen["shape"]), getattr(args, count) or chosen[count]
+
+
+def forwarded(args: argparse.Namespace) -> list[str]:
+    """:func:`add_arguments`' options in ``args`` as a command line for a benchmark (not --output)."""
+    argv = ["--device", args.device, "--seed", str(args.seed)]
+    for option in ("repeat", "warmup", "torch_threads"):
+        if getattr(args, option) is not None:
+            argv += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
+    return argv + [f"--{flag}" for flag in ("quick", "interleave") if getattr(args, flag)]
 
 
 @dataclasses.dataclass
@@ -655,13 +783,15 @@ class Plan:
     """How every row is timed: ≥ ``warmup`` warm-up calls and ≥ ``warmup_time`` seconds of them, then
     ``repeat`` timed calls, the implementations back to back or (``interleave``) in turns. Where the
     script has --max-row-time (``max_row_time`` not None), one untimed call first and, with a limit
-    (> 0), fewer timed calls where they would take longer (see :func:`time_phases`)."""
+    (> 0), fewer timed calls where they would take longer (see :func:`time_phases`). ``quick``: a smoke
+    run, without sampling the machine's load."""
 
     repeat: int
     warmup: int
     warmup_time: float
     interleave: bool
     max_row_time: Optional[float] = None
+    quick: bool = False
 
     @property
     def limited(self) -> bool:
@@ -680,7 +810,7 @@ class Plan:
         return (f"≥ {self.warmup} warm-up calls and ≥ {self.warmup_time:g} s, then {self.repeat} timed calls "
                 "per row, " + ("implementations in turns" if self.interleave else "each row's calls back to back")
                 + (f", at most {self.max_row_time:g} s of timed calls a row (≥ {MIN_REPEAT} calls; one extra "
-                   "untimed call first)" if self.limited else ""))
+                   "untimed call first)" if self.limited else "") + (" (--quick)" if self.quick else ""))
 
     def time(self, fns: dict[str, Callable[[], Any]], sync=None) -> dict[str, Timing]:
         if self.interleave:
@@ -690,12 +820,16 @@ class Plan:
                               warmup_time=self.warmup_time)
                 for name, fn in fns.items()}
 
+    def load(self) -> Optional[float]:
+        """:func:`cpu_busy` (None in a quick run)."""
+        return None if self.quick else cpu_busy()
+
 
 def start(parser: argparse.ArgumentParser, args: argparse.Namespace, torch=None) -> Optional[Plan]:
     """The :class:`Plan` of :func:`add_arguments`' options, after what every run does first: check
     them, apply --torch-threads (``torch``: the module, or None), warn about BLAS overrides. None, with a
     message, where --device cuda has no GPU to run on."""
-    repeat = args.repeat or (3 if args.quick else 30)
+    repeat = args.repeat if args.repeat is not None else (3 if args.quick else 30)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     if repeat < 1 or warmup < 0:
         parser.error("--repeat must be at least 1 and --warmup at least 0")
@@ -704,48 +838,35 @@ def start(parser: argparse.ArgumentParser, args: argparse.Namespace, torch=None)
             parser.error("--torch-threads must be at least 1")
         if torch is not None:
             torch.set_num_threads(args.torch_threads)
-    warning = blas_warning()
-    if warning:
-        print(warning, file=sys.stderr)
+    warn_blas()
     if args.device == "cuda":
-        from deformcp.testing import gpu_available
-
-        problem = gpu_available()
+        problem = gpu_problem()
         if problem:
-            print(f"--device cuda: {problem}. Nothing timed; run without --device cuda for the CPU "
-                  "benchmark.", file=sys.stderr)
+            print(problem, file=sys.stderr)
             return None
     return Plan(repeat, warmup, 0.0 if args.quick else 0.25, args.interleave,
-                getattr(args, "max_row_time", None))
+                getattr(args, "max_row_time", None), args.quick)
+
+
+def gpu_problem() -> Optional[str]:
+    """Why --device cuda cannot run here, as a message; None where it can."""
+    from deformcp.testing import gpu_available
+
+    problem = gpu_available()
+    return problem and (f"--device cuda: {problem}. Nothing timed; run without --device cuda for the CPU "
+                        "benchmark.")
 
 
 def optional_torchvision() -> tuple[Any, Any]:
     """The modules torch and torchvision (torchvision.ops imported), or None, None where torchvision is
-    not installed."""
+    not installed or does not import (a build for another torch, say)."""
     try:
         import torch
         import torchvision
         import torchvision.ops  # noqa: F401
-    except ImportError:
+    except Exception:
         return None, None
     return torch, torchvision
-
-
-def deformcp_functions(names: Sequence[str], module: str) -> tuple[Optional[dict], Optional[str]]:
-    """deformcp's functions ``names``, from deformcp or else from ``module`` (written but not exported
-    yet?); or None and why not."""
-    found = {name: getattr(deformcp, name, None) for name in names}
-    if all(callable(f) for f in found.values()):
-        return found, None
-    try:
-        imported = importlib.import_module(module)
-    except Exception as e:
-        return None, (f"deformcp has no {', '.join(n for n, f in found.items() if not callable(f))} and "
-                      f"import {module} failed ({type(e).__name__}: {e})")
-    missing = [name for name in names if not callable(getattr(imported, name, None))]
-    if missing:
-        return None, f"{module} lacks {', '.join(missing)}"
-    return {name: getattr(imported, name) for name in names}, None
 
 
 @dataclasses.dataclass
@@ -766,10 +887,11 @@ def device_setup(device: str, torch=None) -> DeviceSetup:
     if device == "cpu":
         from deformcp import _host
 
-        setup = DeviceSetup("cpu", {"device": "cpu"}, [], host=_host.compiler() is not None,
+        problem = _host.available()
+        setup = DeviceSetup("cpu", {"device": "cpu"}, [], host=problem is None,
                             torch_device="cpu" if torch is not None else None)
-        if not setup.host:
-            setup.notes.append("deformcp host skipped: no C++ compiler found (set CXX)")
+        if problem:
+            setup.notes.append(f"deformcp host skipped: {problem}")
         return setup
     import cupy
 
@@ -817,9 +939,9 @@ def release_device_memory(device: str, torch=None) -> None:
         torch.cuda.empty_cache()
 
 
-def check_load() -> Optional[float]:
-    """:func:`cpu_busy`, printing :func:`busy_warning`'s warning where there is one."""
-    busy = cpu_busy()
+def check_load(plan: Plan) -> Optional[float]:
+    """``plan.load()``, printing :func:`busy_warning`'s warning where there is one."""
+    busy = plan.load()
     warning = busy_warning(busy)
     if warning:
         print(warning, file=sys.stderr)
@@ -930,22 +1052,23 @@ def evaluate_targets(targets: Sequence[dict], records: Sequence[Record], baselin
     return evaluated
 
 
-def report_markdown(*, title: str, case_lines: Sequence[str], command: str, method: str, machine: dict,
-                    baseline: Optional[str], compared: str, no_baseline: str, headers: Sequence[str],
-                    rows: Sequence[Sequence[Any]], targets: Sequence[dict], verification: str,
-                    errors: dict[str, dict], notes: Sequence[str]) -> str:
-    """The results markdown. ``compared``: what a ratio keeps alike ("phase"); ``no_baseline``: why
-    there is no baseline, where ``baseline`` is None ("No torch baseline (torch is not installed)");
-    ``verification``: what the errors are ("relative errors against torch cpu"); ``errors``: per
-    implementation (a line each), the relative errors."""
+def report_markdown(*, title: str, case_lines: Sequence[str], run: "Run", compared: str, no_baseline: str,
+                    headers: Sequence[str], rows: Sequence[Sequence[Any]], targets: Sequence[dict],
+                    verification: str, no_targets: Optional[str] = None) -> str:
+    """The results markdown of ``run``. ``compared``: what a ratio keeps alike ("phase"); ``no_baseline``:
+    why there is no baseline, where the run has none ("No torch baseline (torch is not installed)");
+    ``verification``: what the errors are ("relative errors against torch cpu"); ``no_targets``: the line
+    in place of the targets where there are none."""
+    baseline = run.baseline
     lines = [
         f"# deformcp benchmark: {title}",
         "",
         *case_lines,
         "",
-        f"Command: `{command}`. Timing: {method}.",
+        *source_lines(run.machine.get("deformcp_sources") or {}),
+        f"Command: `{command_line(this_python=True)}`. Timing: {run.method()}.",
         "",
-        machine_markdown(machine),
+        machine_markdown(run.machine),
         "",
         (f"Ratio = implementation's median / {baseline}'s median for the same {compared}: **below 1 is "
          f"faster than {baseline}**." if baseline
@@ -953,8 +1076,7 @@ def report_markdown(*, title: str, case_lines: Sequence[str], command: str, meth
         "",
         markdown_table(headers, rows),
         "",
-        "Targets:",
-        "",
+        *([no_targets] if no_targets and not targets else ["Targets:", ""]),
         *(" ".join(["-", *(str(v) for k, v in t.items() if k not in TARGET_FIELDS)])
           + f": {t['target']} (ratio ≤ {t['max_ratio']:g}): "
           + (f"{t['ratio']:.2f}× — " if t["ratio"] is not None else "") + t["status"]
@@ -962,10 +1084,10 @@ def report_markdown(*, title: str, case_lines: Sequence[str], command: str, meth
         "",
         f"Verification before timing ({verification}):",
         "",
-        *(f"- {name}: {errors_text(e)}" for name, e in errors.items()),
+        *(f"- {name}: {errors_text(e)}" for name, e in run.errors.items()),
     ]
-    if notes:
-        lines += ["", *(f"Note: {n}" for n in notes)]
+    if run.notes:
+        lines += ["", *(f"Note: {n}" for n in run.notes)]
     return "\n".join(lines)
 
 
@@ -975,20 +1097,165 @@ def no_baseline(library: str, module) -> str:
     return f"No {library} baseline ({why})"
 
 
-def results_payload(command: str, case: dict, *, plan: Plan, baseline: Optional[str], compared: str,
-                    machine: dict, errors: dict, targets: list, notes: list, records: Sequence[Record]) -> dict:
-    """The results JSON: the command, the ``case``'s entries, then how it was timed and the results."""
-    return {"command": command, **case, "baseline": baseline, "interleave": plan.interleave,
-            "repeat": plan.repeat, "warmup": plan.warmup,
-            "ratio_meaning": f"implementation median / baseline median, same {compared}; < 1 is faster",
-            "machine": machine, "verification": errors, "targets": targets, "notes": notes,
-            "results": [r.to_dict() for r in records]}
+@dataclasses.dataclass
+class Run:
+    """One benchmark run: its options, :class:`Plan` and :class:`DeviceSetup`, and what it found (notes,
+    verification errors, timing records, the machine)."""
+
+    args: argparse.Namespace
+    plan: Plan
+    setup: DeviceSetup
+    torch: Any = None
+    notes: list = dataclasses.field(default_factory=list)
+    errors: dict = dataclasses.field(default_factory=dict)
+    records: list = dataclasses.field(default_factory=list)
+    baseline: Optional[str] = None
+    busy: dict = dataclasses.field(default_factory=dict)
+    machine: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def begin(cls, parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None, torch=None,
+              anchor: tuple[str, Any] = ("torch", None)) -> Optional["Run"]:
+        """``argv`` parsed by ``parser``, then :func:`start` (None where it says there is nothing to run),
+        and what runs on --device: the anchor too where its library (``anchor``: name, module or None) is
+        importable and ``torch`` (the module) can run there."""
+        args = parser.parse_args(argv)
+        plan = start(parser, args, torch)
+        if plan is None:
+            return None
+        if anchor[1] is None:
+            print(f"{anchor[0]} is not installed (or does not import): timing deformcp only, no ratios")
+        setup = device_setup(args.device, torch if anchor[1] is not None else None)
+        for note in setup.notes:
+            print(f"note: {note}")
+        return cls(args, plan, setup, torch, list(setup.notes))
+
+    def method(self) -> str:
+        """How the rows were timed, for the results."""
+        return self.plan.method() + (", deformcp backward with deterministic=True"
+                                     if getattr(self.args, "deterministic", False) else "")
+
+    def verified(self, verify: Callable[[], dict]) -> bool:
+        """Keep ``verify()``'s errors; False, with the message, where it raises :class:`VerificationFailed`."""
+        try:
+            self.errors.update(verify())
+        except VerificationFailed as e:
+            print(f"error: {e}", file=sys.stderr)
+            return False
+        finally:
+            release_device_memory(self.args.device, self.torch)
+        return True
+
+    def measure(self, problem, impls: dict, verify, phases: Sequence[str], extra: Optional[dict] = None,
+                label: str = "") -> bool:
+        """Verify ``impls`` on ``problem`` (``verify(setup, problem, impls, args, notes)`` → errors), then
+        time their ``phases`` (:func:`time_phases`; ``extra``, ``label``) and empty ``impls`` (their arrays
+        freed before the next case); False where verification failed. The anchor (an implementation not
+        named "deformcp ...") is the baseline."""
+        print(f"verifying {problem.describe()} (relative errors) ...")
+        if not self.verified(lambda: verify(self.setup, problem, impls, self.args, self.notes)):
+            return False
+        baseline = next((name for name in impls if not name.startswith("deformcp")), None)
+        self.baseline = self.baseline or baseline
+        if "before" not in self.busy:
+            self.busy["before"] = check_load(self.plan)
+            print(self.plan.describe())
+        self.records += time_phases(self.plan, impls, phases, self.setup.sync, problem.describe(), baseline,
+                                    extra, label, self.notes)
+        impls.clear()
+        release_device_memory(self.args.device, self.torch)
+        return True
+
+    def finish(self) -> None:
+        """The machine's entries, after timing."""
+        self.busy["after"] = self.plan.load()
+        info = dict(self.setup.info)
+        if self.args.device == "cuda":
+            info["torch_cuda_available"] = self.setup.torch_device is not None
+        self.machine = machine_info({**info, "torchvision": _module_version("torchvision"),
+                                     "deformcp_sources": source_state(), "cpu_busy_before": self.busy.get("before"),
+                                     "cpu_busy_after": self.busy["after"]})
+
+    def save(self, results_name: str, markdown: str, case: dict, targets: list, compared: str) -> None:
+        """Print ``markdown`` and write the results (:func:`save_results`): the command, the ``case``'s
+        entries, then how it was timed and the results."""
+        print()
+        print(markdown)
+        payload = {"command": command_line(this_python=True), **case, "seed": self.args.seed,
+                   "device": self.args.device, "deterministic": getattr(self.args, "deterministic", False),
+                   "baseline": self.baseline, "interleave": self.plan.interleave, "repeat": self.plan.repeat,
+                   "warmup": self.plan.warmup, "quick": self.plan.quick,
+                   "ratio_meaning": f"implementation median / baseline median, same {compared}; < 1 is faster",
+                   "machine": self.machine, "verification": self.errors, "targets": targets, "notes": self.notes,
+                   "results": [r.to_dict() for r in self.records]}
+        save_results(self.args, results_name, payload, markdown)
 
 
 def save_results(args: argparse.Namespace, results_name: str, payload: dict, markdown: str) -> None:
     """:func:`write_results` under --output, or else ``results_name`` (``_cuda`` added for --device
-    cuda) except with --quick, which writes nothing."""
-    name = args.output or (None if args.quick else results_name + ("_cuda" if args.device == "cuda" else ""))
-    if name:
+    cuda) in :data:`RESULTS_DIR`; nothing with --no-save, or with --quick and no --output."""
+    name = args.output or (None if args.quick or args.no_save
+                           else results_name + ("_cuda" if args.device == "cuda" else ""))
+    if name and not args.output and not RESULTS_DIR.is_dir():
+        print(f"\nno results files: {RESULTS_DIR} does not exist (an installed deformcp); --output writes them")
+    elif name:
         json_path, md_path = write_results(name, payload, markdown)
         print(f"\nwrote {json_path} and {md_path}")
+
+
+# --------------------------------------------------------------------------------- python -m deformcp bench
+
+def benchmark(name: str):
+    """The module bench_<name> of this folder."""
+    return importlib.import_module(f".bench_{name}", __package__) if __package__ else importlib.import_module(
+        f"bench_{name}")
+
+
+def parser() -> argparse.ArgumentParser:
+    """``python -m deformcp bench``'s options."""
+    parser = argparse.ArgumentParser(
+        prog="python -m deformcp bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Time deformcp's ops against torch / torchvision where they are installed: the benchmarks\n"
+                    f"{', '.join(BENCHMARKS)} (benchmarks/bench_<name>.py), one after the other.\n"
+                    "Each first checks every implementation's outputs and gradients against its reference (a\n"
+                    "mismatch stops it: exit status 1), then reports medians and quartiles, ratios to the anchor\n"
+                    "and the machine.",
+        epilog=f"Run with OpenBLAS's CPU overrides unset, in the command only:\n\n"
+               f"  env -u {' -u '.join(BLAS_OVERRIDES)} python -m deformcp bench [NAME ...]\n\n"
+               "Exit status: 0; 1 when an implementation disagrees with its reference or a benchmark fails; "
+               "2 when --device cuda has no GPU.\nThe scripts take more options (shapes, dtypes, "
+               "--deterministic): python benchmarks/bench_<name>.py --help.")
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"only these benchmarks: {', '.join(BENCHMARKS)} (default: all)")
+    add_arguments(parser)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m deformcp bench``: run the benchmarks ``NAME ...`` (default all) with the shared options;
+    the exit status is the worst of theirs."""
+    bench_parser = parser()
+    args = bench_parser.parse_args(argv)
+    unknown = [name for name in args.names if name not in BENCHMARKS]
+    if unknown:
+        bench_parser.error(f"unknown benchmark {', '.join(unknown)} (choose from {', '.join(BENCHMARKS)})")
+    if args.device == "cuda" and gpu_problem():
+        print(gpu_problem(), file=sys.stderr)
+        return 2
+    global _BENCH_ARGV
+    _BENCH_ARGV, codes = (None if argv is None else list(argv)), {}
+    try:
+        for name in args.names or BENCHMARKS:
+            print(f"\n========== {name} ==========\n", flush=True)
+            output = ["--output", str(pathlib.Path(args.output) / name)] if args.output else ["--no-save"]
+            try:
+                codes[name] = benchmark(name).main([*forwarded(args), *output])
+            except Exception:
+                traceback.print_exc()
+                codes[name] = 1
+            sys.stdout.flush()
+    finally:
+        _BENCH_ARGV = None
+    print("\n" + "\n".join(f"{name}: " + ("ok" if code == 0 else f"FAILED (exit status {code})")
+                             for name, code in codes.items()))
+    return max(codes.values())
