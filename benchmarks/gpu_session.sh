@@ -8,7 +8,7 @@
 # and pytest-xdist, but not array-api-compat):
 #   echo /.whl/ >> .git/info/exclude && python -m pip download --no-deps -d .whl array-api-compat
 # then: run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
-# Budgets in seconds (environment): CUDA_TEST_SECONDS (240), BENCH_SECONDS (90 a script), REST_SECONDS (150).
+# Budgets in seconds (environment): CUDA_TEST_SECONDS (240), BENCH_SECONDS (90 a benchmark), REST_SECONDS (150).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 archive=${OUT:-$PWD/gpu-results}
@@ -29,7 +29,11 @@ timeout "${CUDA_TEST_SECONDS:-240}" python3 -m pytest -q -p no:cacheprovider -k 
   >"$results/tests-cuda.log" 2>&1
 echo "tests -k cuda: exit $?; $(tail -n 1 "$results/tests-cuda.log")"
 
-# The benchmarks: each checks its outputs against the anchor, then times the CUDA shapes (CUDA events).
+# The benchmarks' smoke run on the device (tiny shapes, every implementation verified), then each benchmark:
+# it checks its outputs against its reference, then times the CUDA shapes (synchronised wall clock).
+timeout "${BENCH_SECONDS:-90}" python3 -m deformcp bench --device cuda --quick --output "$results/quick" \
+  >"$results/bench-quick.log" 2>&1
+echo "bench --quick: exit $?; $(tail -n 4 "$results/bench-quick.log" | tr '\n' ' ')"
 for bench in spatial_transformer roi_align deform_conv deform_roi_pool; do
   timeout "${BENCH_SECONDS:-90}" python3 "benchmarks/bench_$bench.py" --device cuda --output "$results/$bench" \
     >"$results/bench-$bench.log" 2>&1
