@@ -1115,7 +1115,7 @@ class Run:
 
     @classmethod
     def begin(cls, parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None, torch=None,
-              anchor: tuple[str, Any] = ("torch", None)) -> Optional["Run"]:
+              anchor: Optional[tuple[str, Any]] = None) -> Optional["Run"]:
         """``argv`` parsed by ``parser``, then :func:`start` (None where it says there is nothing to run),
         and what runs on --device: the anchor too where its library (``anchor``: name, module or None) is
         importable and ``torch`` (the module) can run there."""
@@ -1123,9 +1123,10 @@ class Run:
         plan = start(parser, args, torch)
         if plan is None:
             return None
-        if anchor[1] is None:
+        library = anchor[1] if anchor else None
+        if anchor and library is None:
             print(f"{anchor[0]} is not installed (or does not import): timing deformcp only, no ratios")
-        setup = device_setup(args.device, torch if anchor[1] is not None else None)
+        setup = device_setup(args.device, torch if library is not None else None)
         for note in setup.notes:
             print(f"note: {note}")
         return cls(args, plan, setup, torch, list(setup.notes))
