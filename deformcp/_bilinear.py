@@ -6,7 +6,7 @@ corner rows and weights (a corner outside the image points at its image's zero r
 :func:`sampling_matrix` lays them out as a CSR matrix S, so that the forward is ``S @ X`` and the input
 gradient is ``S.T @ G`` — a gather, so the NumPy path is deterministic. Coordinate gradients use the
 same corners with the weights' derivatives. Work is done a few images at a time
-(:func:`image_chunks`), so that X and its products stay in cache, and chunks run on a pool of
+(``_workspace.image_chunks``), so that X and its products stay in cache, and chunks run on a pool of
 :func:`num_threads` threads (``DEFORMCP_NUM_THREADS``, default: the CPU count; a forked child makes a pool
 of its own): NumPy releases the GIL in its copies, gathers and products. Chunks write disjoint parts of the
 outputs, so results do not depend on it.
@@ -20,9 +20,6 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 import scipy.sparse
-
-#: Bytes of one chunk's channels-last images: small enough for the cache, large enough to amortise calls.
-CHUNK_BYTES = 1 << 20
 
 
 class Corners(NamedTuple):
@@ -67,12 +64,6 @@ def corners(y: np.ndarray, x: np.ndarray, H: int, W: int, closed_below: bool = F
         weight=stack([wy[a] * wx[b] for a, b in pairs]),
         dweight_dy=stack([dy[a] * wx[b] for a, b in pairs]),
         dweight_dx=stack([wy[a] * dx[b] for a, b in pairs]))
-
-
-def image_chunks(N: int, C: int, H: int, W: int, itemsize: int):
-    """Ranges (start, stop) covering N images, each chunk about CHUNK_BYTES of channels-last pixels."""
-    step = max(1, CHUNK_BYTES // max(1, C * (H * W + 1) * itemsize))
-    return [(a, min(a + step, N)) for a in range(0, N, step)]
 
 
 def num_threads() -> int:

@@ -1,11 +1,16 @@
-"""The workspace limit: how much scratch memory an op may take for its column buffers at once.
+"""How work is split: the workspace limit, and the chunk sizes of the NumPy path.
 
-deform_conv2d processes its batch in chunks whose scratch memory stays under the limit: several whole images
-when they fit, else a range of output rows of one image (:func:`chunks`), so any batch size and any image
-size works with bounded extra memory. Set it for a block of code:
+The workspace limit is how much scratch memory an op may take for its column buffers at once. deform_conv2d
+processes its batch in chunks whose scratch memory stays under the limit: several whole images when they fit,
+else a range of output rows of one image (:func:`chunks`), so any batch size and any image size works with
+bounded extra memory. Set it for a block of code:
 
 >>> with deformcp.workspace_limit(64 * 2**20):    # 64 MiB
 ...     out = deformcp.deform_conv2d(x, offset, weight)
+
+The NumPy path of the other ops splits its work by the fixed sizes below, into ranges (start, stop) of images,
+channels, RoIs or bins (:func:`ranges` and the helpers after it), which run on its thread pool
+(``_bilinear.for_each_chunk``).
 """
 from __future__ import annotations
 
@@ -13,10 +18,27 @@ import contextlib
 import contextvars
 import operator
 
+import numpy as np
+
 from . import _dispatch
 
 DEFAULT = 512 * 2**20
 _LIMIT = contextvars.ContextVar("deformcp_workspace_limit", default=DEFAULT)
+
+# The NumPy path's fixed split sizes.
+#: grid_sample: bytes of one chunk's channels-last images, small enough for the cache, large enough to amortise
+#: calls (:func:`image_chunks`).
+IMAGE_CHUNK_BYTES = 1 << 20
+#: roi_align, ps_roi_align, deform_roi_pool: bytes of one block of channels of the channels-last images
+#: (:func:`channel_blocks`).
+CHANNEL_BLOCK_BYTES = 4 << 20
+#: roi_align, ps_roi_align, deform_roi_pool: samples (four bilinear corners each) per chunk of RoIs, bounding
+#: the extra memory.
+ROI_SAMPLES_PER_CHUNK = 1 << 20
+#: deform_ps_roi_pool: samples per chunk of RoIs.
+PS_ROI_SAMPLES_PER_CHUNK = 1 << 19
+#: ps_roi_align: tasks its bin positions are split into (:func:`even_ranges`).
+BIN_GROUPS = 4
 
 
 @contextlib.contextmanager
@@ -55,3 +77,33 @@ def chunks(N: int, rows: int, per_row: int, op: str, per_image: int = 0) -> list
     pieces = -(-rows // ((limit - per_image) // per_row))
     step = -(-rows // pieces)
     return [(n, n + 1, r, min(r + step, rows)) for n in range(N) for r in range(0, rows, step)]
+
+
+def ranges(n: int, step: int) -> list[tuple[int, int]]:
+    """Ranges (start, stop) of at most step (≥ 1) items covering [0, n), in order."""
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+def even_ranges(n: int, parts: int) -> list[tuple[int, int]]:
+    """At most ``parts`` near-equal ranges covering [0, n)."""
+    return ranges(n, max(1, -(-n // parts)))
+
+
+def cost_ranges(costs: np.ndarray, budget: float) -> list[tuple[int, int]]:
+    """Ranges of consecutive items (costs (n,), an item never split), a new one starting where the running
+    total of the costs passes a multiple of budget."""
+    if not len(costs):
+        return []
+    chunk_of = np.floor(np.cumsum(costs) / budget).astype(np.int64)
+    bounds = [0, *(np.flatnonzero(np.diff(chunk_of)) + 1).tolist(), len(costs)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def image_chunks(N: int, C: int, H: int, W: int, itemsize: int) -> list[tuple[int, int]]:
+    """Ranges of N images, each chunk about IMAGE_CHUNK_BYTES of channels-last pixels (C, H·W + 1 each)."""
+    return ranges(N, max(1, IMAGE_CHUNK_BYTES // max(1, C * (H * W + 1) * itemsize)))
+
+
+def channel_blocks(C: int, rows: int, itemsize: int) -> list[tuple[int, int]]:
+    """Ranges of C channels whose channels-last images (rows pixels a channel) are about CHANNEL_BLOCK_BYTES."""
+    return ranges(C, max(1, CHANNEL_BLOCK_BYTES // max(1, rows * itemsize)))

@@ -444,7 +444,8 @@ def _conv_inputs(rng, options):
     groups 3, offsets of a few pixels."""
     N, C, H, W, C_out, G, kh, kw = 2, 6, 9, 8, 4, 3, 3, 2
     Ho, Wo = (H + 2 - (2 * 2 + 1)) // 2 + 1, (W - (kw - 1) - 1) + 1
-    arrays = {"input": rng.standard_normal((N, C, H, W)), "offset": 2 * rng.standard_normal((N, 2 * G * kh * kw, Ho, Wo)),
+    arrays = {"input": rng.standard_normal((N, C, H, W)),
+              "offset": 2 * rng.standard_normal((N, 2 * G * kh * kw, Ho, Wo)),
               "weight": rng.standard_normal((C_out, C // 2, kh, kw)), "bias": rng.standard_normal(C_out)}
     if options["modulated"]:
         arrays["mask"] = rng.uniform(0, 1, (N, G * kh * kw, Ho, Wo))

@@ -12,12 +12,10 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from . import _bilinear, _kernels, _validate, testing
+from . import _bilinear, _kernels, _validate, _workspace, testing
 from .roi_align import MAX_SAMPLES_PER_AXIS
 
 FAMILY = "deform_ps_roi_pool"
-#: Samples (four bilinear corners each) per chunk of RoIs on the NumPy path: bounds its extra memory.
-SAMPLES_PER_CHUNK = 1 << 19
 _OFFSET_LAYOUT = "(K, 2·num_classes, part_size, part_size)"
 
 
@@ -191,8 +189,9 @@ def _samples(rois, offset, cfg: _Config, dtype) -> _Samples:
 
 
 def _roi_chunks(cfg: _Config):
-    step = max(1, SAMPLES_PER_CHUNK // (cfg.num_classes * cfg.pooled_size ** 2 * cfg.sample_per_part ** 2))
-    return [(a, min(a + step, cfg.K)) for a in range(0, cfg.K, step)]
+    """Ranges of RoIs of about _workspace.PS_ROI_SAMPLES_PER_CHUNK samples."""
+    samples_per_roi = cfg.num_classes * cfg.pooled_size ** 2 * cfg.sample_per_part ** 2
+    return _workspace.ranges(cfg.K, max(1, _workspace.PS_ROI_SAMPLES_PER_CHUNK // samples_per_roi))
 
 
 def _groups(cfg: _Config):
@@ -249,7 +248,7 @@ def _forward_numpy(input, rois, offset, cfg: _Config):
                 out[k0:k1, phs[:, None], pws[None, :], cl * cec:(cl + 1) * cec] = values.reshape(
                     k1 - k0, len(phs), len(pws), cec)
 
-        _bilinear.for_each_chunk(work, [(g, g + 1) for g in range(len(groups))])
+        _bilinear.for_each_chunk(work, _workspace.ranges(len(groups), 1))
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2)).astype(input.dtype, copy=False)
 
 
@@ -284,7 +283,7 @@ def _backward_numpy(grad_output, input, rois, offset, cfg: _Config, want_input, 
                         d = np.vecdot(_matrix(rows, values, cl, phs, pws, n_columns) @ X, G_rows)
                         shift[k0:k1, cl, phs[:, None], pws[None, :]] = d.reshape(k1 - k0, len(phs), len(pws))
 
-        _bilinear.for_each_chunk(work, [(g, g + 1) for g in range(len(groups))])
+        _bilinear.for_each_chunk(work, _workspace.ranges(len(groups), 1))
     grad_offset = None
     if want_offset:
         # the bins of one part share its offset pair: sum them (bincount: a NaN stays in its own part)

@@ -11,8 +11,8 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from . import _bilinear, _kernels, _validate, testing
-from .roi_align import _bin_matrix, _channel_blocks, _check, _geometry, _random_boxes, _roi_chunks, _samples
+from . import _bilinear, _kernels, _validate, _workspace, testing
+from .roi_align import _bin_matrix, _check, _geometry, _random_boxes, _roi_chunks, _samples
 
 FAMILY = "roi_align"
 
@@ -78,7 +78,7 @@ def _forward_numpy(input, rois, offset, mask, PH, PW, spatial_scale, sampling_ra
             values = S @ _bilinear.pixels_last(input[:, c0:c1], dtype)
             out[k0:k1, c0:c1] = values.reshape(k1 - k0, PH, PW, c1 - c0).transpose(0, 3, 1, 2)
 
-        _bilinear.for_each_chunk(work, _channel_blocks(C, n_columns, dtype.itemsize))
+        _bilinear.for_each_chunk(work, _workspace.channel_blocks(C, n_columns, dtype.itemsize))
     if mask is not None:
         out *= mask.astype(dtype)
     return out.astype(input.dtype, copy=False)
@@ -103,7 +103,7 @@ def _backward_numpy(grad_output, input, rois, offset, mask, PH, PW, spatial_scal
         Dx, Dy = (_bin_matrix(s._replace(weights=d), n_columns) for d in (s.dweight_dx, s.dweight_dy))
         G = grad_pooled[k0:k1].transpose(0, 2, 3, 1).reshape((k1 - k0) * bins, C)
         G_plain = grad_output[k0:k1].astype(dtype).transpose(0, 2, 3, 1).reshape((k1 - k0) * bins, C)
-        blocks = _channel_blocks(C, n_columns, dtype.itemsize)
+        blocks = _workspace.channel_blocks(C, n_columns, dtype.itemsize)
         partial = np.zeros((len(blocks), 3, (k1 - k0) * bins), dtype)  # per block: Σ_c for x, y, mask
 
         def work(c0, c1):

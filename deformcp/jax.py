@@ -58,7 +58,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple
 
 import numpy as np
 

@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from . import _bilinear, _kernels, _validate, testing
+from . import _bilinear, _kernels, _validate, _workspace, testing
 
 FAMILY = "roi_align"
 POOL_MODES = ("avg", "max")
@@ -18,8 +18,6 @@ POOL_MODES = ("avg", "max")
 MAX_SAMPLES_PER_AXIS = 1 << 16
 #: A bin's samples along an axis are visited up to this index (the kernels' SAMPLE_INDEX_MAX, 2**62).
 SAMPLE_INDEX_MAX = float(2**62)
-#: Samples (four bilinear corners each) per chunk of RoIs on the NumPy path: bounds its extra memory.
-SAMPLES_PER_CHUNK = 1 << 20
 
 
 class RoIAlignGrads(NamedTuple):
@@ -152,7 +150,8 @@ def _samples(rois, H, W, PH, PW, spatial_scale, sampling_ratio, aligned, dtype, 
     K = len(rois)
     g = _geometry(rois, PH, PW, spatial_scale, sampling_ratio, aligned, dtype)
     shape = (K, PH, PW)
-    start_y, start_x = np.broadcast_to(g.start_y[:, None, None], shape), np.broadcast_to(g.start_x[:, None, None], shape)
+    start_y = np.broadcast_to(g.start_y[:, None, None], shape)
+    start_x = np.broadcast_to(g.start_x[:, None, None], shape)
     finite = np.broadcast_to(g.finite[:, None, None], shape)
     if shift is not None:
         start_x, start_y = start_x + shift[:, 0], start_y + shift[:, 1]
@@ -194,7 +193,7 @@ def _samples(rois, H, W, PH, PW, spatial_scale, sampling_ratio, aligned, dtype, 
 
 
 def _roi_chunks(rois, H, W, PH, PW, spatial_scale, sampling_ratio, aligned, dtype):
-    """Ranges of RoIs whose samples number about SAMPLES_PER_CHUNK (a RoI is never split)."""
+    """Ranges of RoIs whose samples number about _workspace.ROI_SAMPLES_PER_CHUNK (a RoI is never split)."""
     if not len(rois):
         return []
     g = _geometry(rois, PH, PW, spatial_scale, sampling_ratio, aligned, dtype)
@@ -202,22 +201,7 @@ def _roi_chunks(rois, H, W, PH, PW, spatial_scale, sampling_ratio, aligned, dtyp
         span_y = np.minimum(np.where(g.samples_y >= 1, g.samples_y, 0), 2 * H + 6)
         span_x = np.minimum(np.where(g.samples_x >= 1, g.samples_x, 0), 2 * W + 6)
     estimate = np.where(g.finite, span_y * span_x * PH * PW, 0)
-    chunk_of = np.floor(np.cumsum(estimate) / SAMPLES_PER_CHUNK).astype(np.int64)
-    edges = np.flatnonzero(np.diff(chunk_of)) + 1
-    bounds = [0, *edges.tolist(), len(rois)]
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
-def _channel_blocks(C: int, rows: int, itemsize: int):
-    """(start, stop) channel ranges whose channels-last images are about 4 MiB."""
-    step = max(1, (4 << 20) // max(1, rows * itemsize))
-    return [(a, min(a + step, C)) for a in range(0, C, step)]
-
-
-def _bin_groups(bins: int, groups: int = 4):
-    """(start, stop) ranges of bin positions: a few tasks for the thread pool, each several bins long."""
-    step = -(-bins // groups)
-    return [(b, min(b + step, bins)) for b in range(0, bins, step)]
+    return _workspace.cost_ranges(estimate, _workspace.ROI_SAMPLES_PER_CHUNK)
 
 
 def _bin_matrix(s: _Samples, n_columns: int):
@@ -266,7 +250,7 @@ def _forward_numpy(input, rois, PH, PW, spatial_scale, sampling_ratio, aligned, 
                     S = S_all[np.arange(b, (k1 - k0) * bins, bins)]
                     out[k0:k1, :, b // PW, b % PW] = S @ _bilinear.pixels_last(input[:, b::bins], dtype)
 
-            _bilinear.for_each_chunk(work, _bin_groups(bins))
+            _bilinear.for_each_chunk(work, _workspace.even_ranges(bins, _workspace.BIN_GROUPS))
             continue
         S = _bin_matrix(s, n_columns) if pool_mode == "avg" else _bilinear.sparse_rows(
             s.weights.reshape(-1), s.rows.reshape(-1), np.arange(0, 4 * len(s.rows) + 1, 4), n_columns)
@@ -277,7 +261,7 @@ def _forward_numpy(input, rois, PH, PW, spatial_scale, sampling_ratio, aligned, 
                 values = _max_winners(values, s)[0]
             out[k0:k1, c0:c1] = values.reshape(k1 - k0, PH, PW, c1 - c0).transpose(0, 3, 1, 2)
 
-        _bilinear.for_each_chunk(work, _channel_blocks(C, n_columns, dtype.itemsize))
+        _bilinear.for_each_chunk(work, _workspace.channel_blocks(C, n_columns, dtype.itemsize))
     return out.astype(input.dtype, copy=False)
 
 
@@ -306,7 +290,7 @@ def _backward_numpy(grad_output, input, rois, PH, PW, spatial_scale, sampling_ra
                     S = S_all[np.arange(b, (k1 - k0) * bins, bins)]
                     add_rows(S.T @ g[:, :, b // PW, b % PW], slice(b, None, bins))
 
-            _bilinear.for_each_chunk(work, _bin_groups(bins))
+            _bilinear.for_each_chunk(work, _workspace.even_ranges(bins, _workspace.BIN_GROUPS))
             continue
         G = g.transpose(0, 2, 3, 1).reshape((k1 - k0) * bins, C)
         if pool_mode == "avg":
@@ -329,7 +313,7 @@ def _backward_numpy(grad_output, input, rois, PH, PW, spatial_scale, sampling_ra
                 rows = np.bincount(target.reshape(-1), contribution.reshape(-1), minlength=n_columns * c)
                 add_rows(rows.reshape(n_columns, c), slice(c0, c1))
 
-        _bilinear.for_each_chunk(work, _channel_blocks(C, n_columns, dtype.itemsize))
+        _bilinear.for_each_chunk(work, _workspace.channel_blocks(C, n_columns, dtype.itemsize))
     return grad.astype(input.dtype, copy=False)
 
 

@@ -10,7 +10,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from . import _bilinear, _dispatch, _kernels, _validate, testing
+from . import _bilinear, _dispatch, _kernels, _validate, _workspace, testing
 
 FAMILY = "spatial_transformer"
 MODES = ("bilinear", "nearest")
@@ -210,7 +210,7 @@ def _sampling_plan(grid, H, W, mode, padding_mode, align_corners, images_per_chu
 def _grid_sample_numpy(input, grid, mode, padding_mode, align_corners):
     N, C, H, W = input.shape
     dtype = _kernels.compute_dtype(input.dtype)
-    chunks = _bilinear.image_chunks(N, C, H, W, dtype.itemsize)
+    chunks = _workspace.image_chunks(N, C, H, W, dtype.itemsize)
     plan = _sampling_plan(grid.astype(dtype, copy=False), H, W, mode, padding_mode, align_corners,
                           chunks[0][1] if chunks else 1)
     out = np.empty((N, C) + grid.shape[1:3], dtype)
@@ -227,7 +227,7 @@ def _grid_sample_backward_numpy(grad_output, input, grid, mode, padding_mode, al
                                 want_grid):
     N, C, H, W = input.shape
     dtype = _kernels.compute_dtype(input.dtype)
-    chunks = _bilinear.image_chunks(N, C, H, W, dtype.itemsize)
+    chunks = _workspace.image_chunks(N, C, H, W, dtype.itemsize)
     plan = _sampling_plan(grid.astype(dtype, copy=False), H, W, mode, padding_mode, align_corners,
                           chunks[0][1] if chunks else 1)
     grad_input = np.empty(input.shape, dtype) if want_input else None

@@ -5,10 +5,11 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import assert_close, directional_derivative, run_both, to_backend
 
 import deformcp
 from deformcp import _host, _kernels, _workspace, testing
+
+from conftest import assert_close, directional_derivative, run_both, to_backend
 
 DTYPES = testing.dtypes()
 needs_compiler = pytest.mark.skipif(_host.compiler() is None, reason="host backend: no C++ compiler found")
@@ -224,7 +225,8 @@ def test_workspace_limit_chunks_the_batch(rng, backend_name):
     arrays, conv = make_inputs(rng, 7)
     grad_output = rng.standard_normal((7, 4, *output_size(9, 8, 3, 2, **conv)))
     with deformcp.backend(backend_name):
-        whole = deformcp.deform_conv2d(**arrays, **conv), *deformcp.deform_conv2d_backward(grad_output, **arrays, **conv)
+        whole = (deformcp.deform_conv2d(**arrays, **conv),
+                 *deformcp.deform_conv2d_backward(grad_output, **arrays, **conv))
         with deformcp.workspace_limit(70_000):  # one to seven images a chunk, depending on backend and pass
             chunked = (deformcp.deform_conv2d(**arrays, **conv),
                        *deformcp.deform_conv2d_backward(grad_output, **arrays, **conv))
@@ -387,7 +389,8 @@ def test_rejects_bad_input(rng):
          dict(mask=mask[:, :17])),
         (ValueError, r"offset: expected shape \(2, 36, 4, 7\) for \(N, 2·G·kh·kw, H_out, W_out\), got \(2, 36, 3, 7\)",
          dict(offset=offset[:, :, :3])),
-        (ValueError, r"weight: expected C_out > 0 and in-channels C / groups > 0 dividing C = 6, .* got weight shape \(4, 4, 3, 2\)",
+        (ValueError, r"weight: expected C_out > 0 and in-channels C / groups > 0 dividing C = 6, .* got weight shape "
+                     r"\(4, 4, 3, 2\)",
          dict(weight=np.zeros((4, 4, 3, 2)))),
         (ValueError, r"input: expected channels C = 6 divisible by the 4 offset groups",
          dict(offset=np.zeros((2, 48, 4, 7)), mask=None)),
@@ -421,7 +424,8 @@ def test_rejects_bad_input(rng):
     (dict(dilation=True), TypeError, r"^dilation: expected an int or a pair of ints, got True \(a bool\)$"),
     (dict(stride=(2, True)), TypeError,
      r"^stride: expected an int or a pair of ints, got \(2, True\) \(bool True at index 1\)$"),
-    (dict(dilation=np.True_), TypeError, r"^dilation: expected an int or a pair of ints, got (np\.)?True_? \(a bool\)$"),
+    (dict(dilation=np.True_), TypeError,
+     r"^dilation: expected an int or a pair of ints, got (np\.)?True_? \(a bool\)$"),
     (dict(stride=2**63), ValueError,
      r"^stride: expected a positive int or a pair of positive ints, each at most 9223372036854775807, "
      r"got 9223372036854775808$"),

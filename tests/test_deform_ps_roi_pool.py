@@ -4,15 +4,15 @@ input."""
 import importlib
 import itertools
 import math
-import sys
 from fractions import Fraction
 
 import numpy as np
 import pytest
-from conftest import assert_close, directional_derivative, noncontiguous, run_both, to_backend
 
 import deformcp
-from deformcp import testing
+from deformcp import _workspace, testing
+
+from conftest import assert_close, directional_derivative, noncontiguous, run_both, to_backend
 
 deform_ps_roi_pool, deform_ps_roi_pool_backward = (getattr(importlib.import_module("deformcp.deform_ps_roi_pool"), f) for f in ("deform_ps_roi_pool", "deform_ps_roi_pool_backward"))  # noqa: E501  (until deformcp/__init__.py exports them)
 
@@ -449,12 +449,11 @@ def test_deterministic_backward_is_bitwise_reproducible(backend, rng):
 
 
 def test_numpy_path_chunks_do_not_change_results(rng, monkeypatch):
-    module = sys.modules["deformcp.deform_ps_roi_pool"]
     x, rois, offset, kwargs = make_case(rng, CASES[1], K=12)
     grad_output = rng.standard_normal((12, 4, 3, 3))
     whole = deform_ps_roi_pool(x, rois, offset, **kwargs), deform_ps_roi_pool_backward(grad_output, x, rois, offset,
                                                                                         **kwargs)
-    monkeypatch.setattr(module, "SAMPLES_PER_CHUNK", 100)
+    monkeypatch.setattr(_workspace, "PS_ROI_SAMPLES_PER_CHUNK", 100)
     chunked = deform_ps_roi_pool(x, rois, offset, **kwargs), deform_ps_roi_pool_backward(grad_output, x, rois, offset,
                                                                                           **kwargs)
     np.testing.assert_allclose(chunked[0], whole[0], rtol=0, atol=1e-15)

@@ -21,10 +21,9 @@ import numpy as np
 import pytest
 
 import deformcp
-from deformcp import _host, testing
+from deformcp import _host, _workspace, testing
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-ROI_ALIGN = sys.modules["deformcp.roi_align"]
 needs_compiler = pytest.mark.skipif(_host.compiler() is None, reason="host backend: no C++ compiler found")
 
 
@@ -151,7 +150,7 @@ BYTES_PER_SAMPLE = 1024
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
 @pytest.mark.parametrize("pool_mode", ["avg", "max"])
 def test_roi_align_chunks_bound_the_sample_arrays(rng, monkeypatch, pool_mode, backward):
-    """1000 boxes, 196 000 samples: with SAMPLES_PER_CHUNK = 4096 the NumPy path's extra memory is that of
+    """1000 boxes, 196 000 samples: with ROI_SAMPLES_PER_CHUNK = 4096 the NumPy path's extra memory is that of
     4096 samples (plus what scales with the boxes and the image), not of all of them; results unchanged."""
     x, boxes = roi_inputs(rng)
     K, (N, C, H, W) = len(boxes), x.shape
@@ -160,9 +159,9 @@ def test_roi_align_chunks_bound_the_sample_arrays(rng, monkeypatch, pool_mode, b
     call = (lambda: deformcp.roi_align_backward(grad_output, x, boxes, **kwargs).input) if backward else (
         lambda: deformcp.roi_align(x, boxes, **kwargs))
     total_samples = K * 7 * 7 * 2 * 2
-    assert ROI_ALIGN.SAMPLES_PER_CHUNK >= total_samples       # by default: one chunk
+    assert _workspace.ROI_SAMPLES_PER_CHUNK >= total_samples       # by default: one chunk
     whole, whole_extra = traced_extra(call)
-    monkeypatch.setattr(ROI_ALIGN, "SAMPLES_PER_CHUNK", 4096)
+    monkeypatch.setattr(_workspace, "ROI_SAMPLES_PER_CHUNK", 4096)
     chunked, extra = traced_extra(call)
     np.testing.assert_allclose(chunked, whole, rtol=1e-13, atol=1e-13)
     per_box = 256 * K                                          # the boxes' geometry, computed for all at once

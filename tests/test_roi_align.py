@@ -6,10 +6,11 @@ import pathlib
 
 import numpy as np
 import pytest
-from conftest import assert_close, directional_derivative, noncontiguous, run_both, to_backend
 
 import deformcp
-from deformcp import testing
+from deformcp import _workspace, testing
+
+from conftest import assert_close, directional_derivative, noncontiguous, run_both, to_backend
 
 DTYPES = testing.dtypes()
 TORCHVISION_DATA = pathlib.Path(__file__).with_name("data") / "torchvision_roi_align.npz"
@@ -331,7 +332,7 @@ def test_rejects_bad_input(rng):
 
 @pytest.mark.parametrize("pool_mode", ["avg", "max"])
 def test_numpy_path_chunks_do_not_change_results(rng, monkeypatch, pool_mode):
-    """RoIs are processed in chunks of about SAMPLES_PER_CHUNK samples (bounding memory) and channels in
+    """RoIs are processed in chunks of about ROI_SAMPLES_PER_CHUNK samples (bounding memory) and channels in
     blocks; tiny chunks must give the same numbers as one chunk."""
     module = __import__("sys").modules["deformcp.roi_align"]
     x = rng.standard_normal((2, 5, 9, 7))
@@ -339,7 +340,7 @@ def test_numpy_path_chunks_do_not_change_results(rng, monkeypatch, pool_mode):
     grad_output = rng.standard_normal((12, 5, 2, 3))
     kwargs = dict(output_size=(2, 3), spatial_scale=0.5, sampling_ratio=-1, pool_mode=pool_mode)
     whole = deformcp.roi_align(x, boxes, **kwargs), deformcp.roi_align_backward(grad_output, x, boxes, **kwargs).input
-    monkeypatch.setattr(module, "SAMPLES_PER_CHUNK", 10)
+    monkeypatch.setattr(_workspace, "ROI_SAMPLES_PER_CHUNK", 10)
     assert len(module._roi_chunks(boxes, 9, 7, 2, 3, 0.5, -1, False, np.dtype(np.float64))) > 3
     chunked = deformcp.roi_align(x, boxes, **kwargs), deformcp.roi_align_backward(grad_output, x, boxes, **kwargs).input
     np.testing.assert_allclose(chunked[0], whole[0], rtol=0, atol=1e-15)
