@@ -9,6 +9,7 @@ import json
 import os
 import pathlib
 import shutil
+import site
 import subprocess
 import sys
 import tarfile
@@ -133,29 +134,46 @@ def _check_installed(result: dict, package: pathlib.Path, kernels: pathlib.Path,
 
 def test_wheel_installs_and_runs_outside_the_checkout(built, tmp_path):
     src, _, wheel = built
-    site = tmp_path / "site"
+    target = tmp_path / "target"
     _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--no-compile", "--quiet",
-          "--target", str(site), str(wheel)], cwd=tmp_path, env=_clean_env())
+          "--target", str(target), str(wheel)], cwd=tmp_path, env=_clean_env())
     families = sorted(p.stem for p in (src / "kernels").glob("*.cu"))
-    # cwd is tmp_path, so neither the checkout nor the source copy is importable: only site is.
-    env = _clean_env(PYTHONPATH=str(site), DEFORMCP_CACHE_DIR=str(tmp_path / "cache"))
+    # cwd is tmp_path, so neither the checkout nor the source copy is importable: only target is.
+    env = _clean_env(PYTHONPATH=str(target), DEFORMCP_CACHE_DIR=str(tmp_path / "cache"))
     out = _run([sys.executable, "-c", INSTALLED_CHECK], cwd=tmp_path, env=env).stdout
-    _check_installed(json.loads(out.splitlines()[-1]), site / "deformcp", site / "deformcp" / "kernels",
+    _check_installed(json.loads(out.splitlines()[-1]), target / "deformcp", target / "deformcp" / "kernels",
                      families)
     info = _run([sys.executable, "-m", "deformcp", "info"], cwd=tmp_path, env=env).stdout
-    assert str(site / "deformcp" / "kernels") in info and ", ".join(families) in info
+    assert str(target / "deformcp" / "kernels") in info and ", ".join(families) in info
+
+
+def _venv_seeing_this_environment(venv: pathlib.Path) -> pathlib.Path:
+    """A new venv that sees the packages of the environment running the tests (numpy, setuptools, pip, ...)
+    after its own site-packages; returns its python.
+
+    Not ``venv --system-site-packages``: run from a venv, that shows the base interpreter's packages, not
+    this venv's. A .pth file in the new site-packages appends this environment's site folders to sys.path
+    (their .pth files run too), behind the new venv's own site-packages.
+    """
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
+    python = venv / "bin" / "python"
+    purelib = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                   env=_clean_env()).stdout.strip()
+    ours = {*site.getsitepackages(), site.getusersitepackages()}
+    folders = [p for p in dict.fromkeys(sys.path) if p in ours and os.path.isdir(p)]
+    assert folders, f"no site-packages on sys.path: {sys.path}"
+    pth = pathlib.Path(purelib) / "outer_environment.pth"
+    pth.write_text("".join(f"import site; site.addsitedir({p!r})\n" for p in folders))
+    return python
 
 
 def test_editable_install_maps_kernels(tmp_path):
     """``pip install -e .`` maps deformcp.kernels onto the top-level kernels/ folder, live."""
     src = _copy_sources(tmp_path / "src")
     venv = tmp_path / "venv"
-    # The venv sees this environment's packages (numpy, setuptools, ...); its own site-packages, which
-    # gets the editable install, comes first.
-    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)])
-    python = venv / "bin" / "python"
-    _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index",
-          "--no-build-isolation", "--quiet", "-e", str(src)], cwd=tmp_path, env=_clean_env())
+    python = _venv_seeing_this_environment(venv)
+    _run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--no-build-isolation", "--quiet",
+          "-e", str(src)], cwd=tmp_path, env=_clean_env())
     (src / "kernels" / "zz_added_later.cu").write_text("// a kernel family added after installing\n")
     families = sorted(p.stem for p in (src / "kernels").glob("*.cu"))
     assert "zz_added_later" in families
