@@ -8,7 +8,7 @@ is a TypeError and a wrong value a ValueError, both reading "<argument>: expecte
 value that came; nothing is converted silently (``bool("False")`` is True, ``int(5.7)`` is 5).
 """
 import re
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -19,7 +19,6 @@ torch = pytest.importorskip("torch")
 jax = pytest.importorskip("jax")
 import deformcp.jax as djax  # noqa: E402
 import deformcp.torch as dtorch  # noqa: E402
-
 
 # ------------------------------------------------------------------------------------------------ calls
 

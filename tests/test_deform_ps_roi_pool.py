@@ -423,7 +423,7 @@ def test_empty_and_noncontiguous(backend, rng):
     with deformcp.backend("numpy" if backend == "cuda" else backend):
         out = deform_ps_roi_pool(*(noncontiguous(to_backend(a, backend)) for a in (x, rois, offset)), **kwargs)
     assert_close(out, deform_ps_roi_pool(x, rois, offset, **kwargs), "float64")
-    for N, K in ((2, 0), (0, 0)):
+    for N in (2, 0):  # no RoIs, over a batch and over an empty one
         x = rng.standard_normal((N, 2 * 9, 7, 8))
         out, expected = run_both(backend, deform_ps_roi_pool, x, np.zeros((0, 5)), np.zeros((0, 2, 3, 3)), **kwargs)
         assert out.shape == expected.shape == (0, 2, 3, 3)

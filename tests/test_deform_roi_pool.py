@@ -2,11 +2,12 @@
 inputs, determinism, bad input."""
 import numpy as np
 import pytest
-from conftest import assert_close, directional_derivative, run_both, to_backend
 from test_roi_align import random_boxes
 
 import deformcp
 from deformcp import testing
+
+from conftest import assert_close, directional_derivative, run_both, to_backend
 
 DTYPES = testing.dtypes()
 

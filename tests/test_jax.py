@@ -21,6 +21,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import deformcp  # noqa: E402
 import deformcp.jax as djax  # noqa: E402
+
 from conftest import directional_derivative  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

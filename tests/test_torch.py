@@ -14,7 +14,6 @@ torch = pytest.importorskip("torch")
 import deformcp  # noqa: E402
 import deformcp.torch as dtorch  # noqa: E402
 
-
 # ------------------------------------------------------------------------------------------------ cases
 #
 # Every case: (op name, arrays by argument name, the differentiable ones, options). Inputs are float64 and
