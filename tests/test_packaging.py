@@ -37,13 +37,14 @@ def _clean_env(**extra):
 
 
 def _copy_sources(target: pathlib.Path) -> pathlib.Path:
-    """The files a build reads: top-level files (setup.cfg, pyproject.toml, README.md, ...), deformcp/, kernels/."""
+    """The files a build reads: top-level files (setup.cfg, pyproject.toml, README.md, ...), deformcp/, kernels/,
+    benchmarks/."""
     target.mkdir()
     for path in REPO.iterdir():
         if path.is_file():
             shutil.copy2(path, target / path.name)
     junk = shutil.ignore_patterns("__pycache__", "*.pyc", "*.so", "*.egg-info")
-    for folder in ("deformcp", "kernels"):
+    for folder in ("deformcp", "kernels", "benchmarks"):
         shutil.copytree(REPO / folder, target / folder, ignore=junk)
     return target
 
@@ -57,6 +58,10 @@ def _shipped(src: pathlib.Path) -> tuple[set[str], set[str]]:
              *(f"deformcp/kernels/{k}" for k in kernels)}
     sdist = {*python, "deformcp/_host/prelude.h", "kernels/__init__.py", "setup.cfg", "pyproject.toml",
              *(f"kernels/{k}" for k in kernels)}
+    benchmarks = sorted(p.name for p in (src / "benchmarks").glob("*.py"))
+    assert "harness.py" in benchmarks and "__init__.py" in benchmarks
+    wheel |= {f"deformcp/benchmarks/{b}" for b in benchmarks}
+    sdist |= {f"benchmarks/{b}" for b in benchmarks}
     return wheel, sdist
 
 
@@ -145,6 +150,9 @@ def test_wheel_installs_and_runs_outside_the_checkout(built, tmp_path):
                      families)
     info = _run([sys.executable, "-m", "deformcp", "info"], cwd=tmp_path, env=env).stdout
     assert str(target / "deformcp" / "kernels") in info and ", ".join(families) in info
+    bench = _run([sys.executable, "-m", "deformcp", "bench", "--quick", "--repeat", "1", "roi_align"], cwd=tmp_path,
+                 env=env).stdout
+    assert "roi_align: ok" in bench
 
 
 def _venv_seeing_this_environment(venv: pathlib.Path) -> pathlib.Path:
