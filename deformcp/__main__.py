@@ -18,7 +18,7 @@ def _version(module: str) -> str:
 
 def info(kernels: bool) -> int:
     import deformcp
-    from deformcp import _host, _kernels, _nvrtc, testing
+    from deformcp import _host, _nvrtc, _sources, testing
 
     gpu_problem = testing.gpu_available()
     nvrtc_problem = _nvrtc.available()
@@ -32,8 +32,8 @@ def info(kernels: bool) -> int:
          else _version("cupy-cuda13x")),
         ("torch", _version("torch")),
         ("jax", _version("jax")),
-        ("kernel sources", str(_kernels.kernel_dir())),
-        ("kernel families", ", ".join(_kernels.families())),
+        ("kernel sources", str(_sources.kernel_dir())),
+        ("kernel families", ", ".join(_sources.families())),
         ("backend numpy", "available (default for CPU arrays)"),
         ("backend host", f"available, compiler {_host.compiler()}" if _host.available() is None
          else f"unavailable: {_host.available()}"),
@@ -84,18 +84,12 @@ def check(ops, backends, seed) -> int:
 
 
 def benchmarks_harness():
-    """The benchmarks' harness, ``deformcp.benchmarks.harness``: in a source checkout the benchmarks/ folder
-    beside the imported package (first, as _kernels.kernel_dir takes kernels/), else the installed package."""
+    """``deformcp.benchmarks.harness``, from the benchmarks/ folder that :func:`deformcp._sources.folder` finds."""
     import importlib
-    import importlib.util
-    import pathlib
 
-    checkout = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
-    if "deformcp.benchmarks" not in sys.modules and (checkout / "harness.py").is_file():
-        spec = importlib.util.spec_from_file_location("deformcp.benchmarks", checkout / "__init__.py",
-                                                      submodule_search_locations=[str(checkout)])
-        sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[spec.name])
+    from deformcp import _sources
+
+    _sources.subpackage("benchmarks")
     return importlib.import_module("deformcp.benchmarks.harness")
 
 

@@ -1,7 +1,8 @@
 """Loading, compiling and launching kernels/*.cu, on the GPU (CuPy + NVRTC) and on the CPU (host backend).
 
 Every kernel family is one file, ``kernels/<family>.cu``, preceded by the shared ``deformcp_common.cuh``
-(concatenated, not ``#include``-d, so that editing the header changes every cache key). Kernels are
+(concatenated, not ``#include``-d, so that editing the header changes every cache key; :mod:`deformcp._sources`
+finds and reads them). Kernels are
 templates ``name<T, I>``: ``T`` the storage type (:data:`C_TYPES`), ``I`` the index type (``int``, or
 ``long long`` once an index can pass 2**31 - 1). Shapes are run-time arguments, never baked into the
 source. A module is compiled once per (family, dtype, index type, device) and memoised; CuPy caches the
@@ -11,16 +12,14 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import importlib.resources
 import math
-import pathlib
-import re
 
 import numpy as np
 
+from . import _sources
+
 #: NumPy dtype name → C type of the kernel template instantiation.
 C_TYPES = {"float32": "float", "float64": "double", "float16": "__half", "bfloat16": "__nv_bfloat16"}
-COMMON_HEADER = "deformcp_common.cuh"
 THREADS_PER_BLOCK = 256
 MAX_BLOCKS = 65536  # kernels are grid-stride loops, so any n is covered whatever the cap
 INT32_MAX = 2**31 - 1
@@ -36,34 +35,6 @@ def empty(xp, shape, dtype):
     if POISON_OUTPUTS.get():
         out.fill(np.nan)
     return out
-
-
-def kernel_dir() -> pathlib.Path:
-    """Folder of the CUDA sources: ``kernels/`` beside the imported ``deformcp`` package in a source checkout,
-    else the installed ``deformcp.kernels``. The checkout comes first: an editable install of another tree
-    maps ``deformcp.kernels`` onto that tree's sources, which need not match this tree's Python."""
-    checkout = pathlib.Path(__file__).resolve().parent.parent / "kernels"
-    if (checkout / COMMON_HEADER).is_file():
-        return checkout
-    return pathlib.Path(str(importlib.resources.files("deformcp.kernels")))
-
-
-def families() -> list[str]:
-    """Names of every kernel family (the ``kernels/*.cu`` files)."""
-    return sorted(p.stem for p in kernel_dir().glob("*.cu"))
-
-
-@functools.lru_cache(maxsize=None)
-def source(family: str) -> str:
-    """The complete CUDA translation unit of one family: the shared header, then the family."""
-    folder = kernel_dir()
-    return (folder / COMMON_HEADER).read_text() + "\n" + (folder / f"{family}.cu").read_text()
-
-
-@functools.lru_cache(maxsize=None)
-def kernel_names(family: str) -> tuple[str, ...]:
-    """The ``__global__`` kernel templates defined by one family."""
-    return tuple(re.findall(r"__global__\s+void\s+(\w+)\s*\(", source(family)))
 
 
 def dtype_name(dtype) -> str:
@@ -126,9 +97,9 @@ def nvrtc_options() -> tuple[str, ...]:
 def _cuda_module(family: str, dtype: str, index64: bool, device_id: int):
     import cupy
 
-    names = [name_expression(k, dtype, index64) for k in kernel_names(family)]
+    names = [name_expression(k, dtype, index64) for k in _sources.kernel_names(family)]
     with cupy.cuda.Device(device_id):
-        return cupy.RawModule(code=source(family), options=nvrtc_options(), name_expressions=names)
+        return cupy.RawModule(code=_sources.source(family), options=nvrtc_options(), name_expressions=names)
 
 
 def get_function(backend: str, family: str, name: str, dtype, index64: bool):

@@ -11,7 +11,7 @@ import dataclasses
 import importlib.util
 import re
 
-from . import _kernels
+from . import _kernels, _sources
 
 ARCHITECTURES = ("sm_70", "sm_80", "sm_90")
 #: Options that CuPy (14) adds to every RawModule compilation.
@@ -104,8 +104,8 @@ def _compile(family: str, source: str, expressions: list[str], arch: str) -> lis
 
 def compile_family(family: str, dtype_name: str, index64: bool, arch: str) -> list[KernelReport]:
     """Compile every kernel of ``family`` for one dtype name (a key of ``C_TYPES``) and index type."""
-    expressions = [_kernels.name_expression(k, dtype_name, index64) for k in _kernels.kernel_names(family)]
-    return _compile(family, _kernels.source(family), expressions, arch)
+    expressions = [_kernels.name_expression(k, dtype_name, index64) for k in _sources.kernel_names(family)]
+    return _compile(family, _sources.source(family), expressions, arch)
 
 
 def check_all(architectures=ARCHITECTURES) -> list[KernelReport]:
@@ -113,7 +113,7 @@ def check_all(architectures=ARCHITECTURES) -> list[KernelReport]:
     return [
         report
         for arch in architectures
-        for family in _kernels.families()
+        for family in _sources.families()
         for dtype_name in _kernels.C_TYPES
         for index64 in (False, True)
         for report in compile_family(family, dtype_name, index64, arch)

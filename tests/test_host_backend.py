@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from deformcp import _host, _kernels
+from deformcp import _host, _kernels, _sources
 
 pytestmark = pytest.mark.skipif(_host.compiler() is None, reason="host backend: no C++ compiler found")
 
@@ -97,10 +97,10 @@ def thread_probe(tmp_path_factory):
     """The probe, compiled and launched through deformcp._kernels as kernels/*.cu are (its family in a folder
     that stands in for kernels/)."""
     folder = tmp_path_factory.mktemp("probe-kernels")
-    shutil.copy(_kernels.kernel_dir() / _kernels.COMMON_HEADER, folder / _kernels.COMMON_HEADER)
+    shutil.copy(_sources.kernel_dir() / _sources.COMMON_HEADER, folder / _sources.COMMON_HEADER)
     (folder / "thread_probe.cu").write_text(THREAD_PROBE)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_kernels, "kernel_dir", lambda: folder)
+        patch.setattr(_sources, "kernel_dir", lambda: folder)
         return _kernels.get_function("host", "thread_probe", "thread_of_block", np.float64, False)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import deformcp
-from deformcp import _host, _kernels, testing
+from deformcp import _host, _kernels, _sources, testing
 
 pytestmark = pytest.mark.skipif(_host.compiler() is None, reason="host backend: no C++ compiler found")
 
@@ -241,7 +241,7 @@ CASES = {
 
 
 def test_cases_cover_every_family():
-    assert sorted(CASES) == _kernels.families()
+    assert sorted(CASES) == _sources.families()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -261,7 +261,7 @@ def test_forced_index64_is_bitwise_identical(family, dtype, rng, launches):
     assert [(x.family, x.name, x.dtype) for x in forced_launches] == [(x.family, x.name, x.dtype)
                                                                       for x in plain_launches]
     exercised = {x.name for x in plain_launches if x.family == family}
-    missing = set(_kernels.kernel_names(family)) - exercised
+    missing = set(_sources.kernel_names(family)) - exercised
     assert not missing, f"kernels of {family} that no case launched: {sorted(missing)}"
     assert {x.family for x in plain_launches} == {family}
     for expected, actual in zip(plain, forced):
@@ -399,7 +399,7 @@ def test_deform_conv_tap_positions_past_int32_use_long_long(rng, launches):
                  *deformcp.deform_conv2d_backward(grad_output, **arrays, **conv, deterministic=det))
                 for det in (False, True)]
     check_selection(launches, True)
-    assert {x.name for x in launches} == set(_kernels.kernel_names("deform_conv"))
+    assert {x.name for x in launches} == set(_sources.kernel_names("deform_conv"))
     for results in host:
         for name, got, want in zip(("output", "input", "offset", "weight", "bias", "mask"), results, reference):
             np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12, err_msg=name)

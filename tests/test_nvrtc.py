@@ -1,7 +1,7 @@
 """Every kernel instantiation compiles with NVRTC for every architecture (no GPU needed)."""
 import pytest
 
-from deformcp import _kernels, _nvrtc
+from deformcp import _kernels, _nvrtc, _sources
 
 _reason = _nvrtc.available()
 if _reason is not None:
@@ -10,13 +10,13 @@ if _reason is not None:
 
 @pytest.mark.parametrize("index64", [False, True], ids=["int", "int64"])
 @pytest.mark.parametrize("dtype_name", list(_kernels.C_TYPES))
-@pytest.mark.parametrize("family", _kernels.families())
+@pytest.mark.parametrize("family", _sources.families())
 @pytest.mark.parametrize("arch", _nvrtc.ARCHITECTURES)
 def test_family_compiles(arch, family, dtype_name, index64):
     reports = _nvrtc.compile_family(family, dtype_name, index64, arch)
     print("\n" + _nvrtc.format_report(reports))
     c_type, index = _kernels.C_TYPES[dtype_name], _kernels.index_type(index64)
-    expected = [f"{k}<{c_type}, {index}>" for k in _kernels.kernel_names(family)]
+    expected = [f"{k}<{c_type}, {index}>" for k in _sources.kernel_names(family)]
     assert [r.expression for r in reports] == expected
     assert len({r.lowered_name for r in reports}) == len(reports)
     for r in reports:
@@ -34,7 +34,7 @@ def test_compile_error_carries_nvrtc_log():
 
 
 def test_format_report_one_line_per_kernel():
-    reports = _nvrtc.compile_family(_kernels.families()[0], "float32", False, "sm_80")
+    reports = _nvrtc.compile_family(_sources.families()[0], "float32", False, "sm_80")
     lines = _nvrtc.format_report(reports).splitlines()
     assert len(lines) == len(reports) + 1
     assert len({len(line.rstrip()) for line in lines}) == 1  # numeric columns end aligned

@@ -99,13 +99,13 @@ INSTALLED_CHECK = textwrap.dedent("""
     import json, pathlib, sys
     import numpy as np
     import deformcp
-    from deformcp import _host, _kernels
+    from deformcp import _host, _sources
 
     result = {
         "file": deformcp.__file__,
-        "kernel_dir": str(_kernels.kernel_dir()),
-        "families": _kernels.families(),
-        "common": (_kernels.kernel_dir() / _kernels.COMMON_HEADER).is_file(),
+        "kernel_dir": str(_sources.kernel_dir()),
+        "families": _sources.families(),
+        "common": (_sources.kernel_dir() / _sources.COMMON_HEADER).is_file(),
         "prelude": str(_host.PRELUDE) if _host.PRELUDE.is_file() else None,
         "cupy_after_import": sorted(m for m in sys.modules if m.split(".")[0] in ("cupy", "cupy_backends")),
         "compiler": _host.compiler(),
@@ -194,7 +194,7 @@ def test_editable_install_maps_kernels(tmp_path):
     assert pathlib.Path(origin).resolve() == (src / "kernels" / "__init__.py").resolve()
     # Another checkout imported from its own folder reads its own kernels, not the editable install's
     other = _copy_sources(tmp_path / "other")
-    code = "import deformcp, deformcp._kernels as k; print(deformcp.__file__); print(k.kernel_dir())"
+    code = "import deformcp, deformcp._sources as s; print(deformcp.__file__); print(s.kernel_dir())"
     package, kernels = _run([str(python), "-c", code], cwd=other, env=env).stdout.split()
     assert pathlib.Path(package).resolve() == (other / "deformcp" / "__init__.py").resolve()
     assert pathlib.Path(kernels).resolve() == (other / "kernels").resolve()

@@ -123,11 +123,11 @@ BROKEN_FAMILY = textwrap.dedent("""
 LAUNCH_BROKEN = textwrap.dedent("""
     import pathlib, shutil, sys
     import numpy as np
-    from deformcp import _kernels
+    from deformcp import _kernels, _sources
 
     folder = pathlib.Path(sys.argv[1])
-    shutil.copy(_kernels.kernel_dir() / _kernels.COMMON_HEADER, folder / _kernels.COMMON_HEADER)
-    _kernels.kernel_dir = lambda: folder
+    shutil.copy(_sources.kernel_dir() / _sources.COMMON_HEADER, folder / _sources.COMMON_HEADER)
+    _sources.kernel_dir = lambda: folder
     n = 1000
     out = np.zeros(n, np.float32)
     _kernels.launch("host", "broken", sys.argv[2], out.dtype, n, (out,), (n,))

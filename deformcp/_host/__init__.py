@@ -40,7 +40,7 @@ import tempfile
 
 import numpy as np
 
-from .. import _kernels
+from .. import _sources
 from .._bilinear import num_threads
 
 PRELUDE = pathlib.Path(__file__).with_name("prelude.h")
@@ -168,12 +168,12 @@ class HostModule:
     """The shared library built from one family for one (C type, index type)."""
 
     def __init__(self, family: str, ctype: str, itype: str):
-        self.expressions = [f"{k}<{ctype}, {itype}>" for k in _kernels.kernel_names(family)]
+        self.expressions = [f"{k}<{ctype}, {itype}>" for k in _sources.kernel_names(family)]
         launchers = "".join(
             f'extern "C" int deformcp_launch_{i}(const unsigned int* grid, const unsigned int* block, '
             f"void** args, int threads) {{ return deformcp_host::launch(&{e}, grid, block, args, threads); }}\n"
             for i, e in enumerate(self.expressions))
-        unit = "\n".join([PRELUDE.read_text(), _kernels.source(family), launchers])
+        unit = "\n".join([PRELUDE.read_text(), _sources.source(family), launchers])
         stem = f"{family}-{ctype.replace(' ', '').strip('_')}-{itype.replace(' ', '')}"
         self.path = _build(unit, stem)
         self._library = ctypes.CDLL(str(self.path))
