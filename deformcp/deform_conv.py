@@ -381,6 +381,8 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
     >>> offset = np.random.randn(2, 2 * 9, 10, 10).astype(np.float32)
     >>> deformcp.deform_conv2d(x, offset, w, padding=1).shape
     (2, 16, 10, 10)
+
+    Every rule in full, with the border cases: docs/conventions.md.
     """
     call = _dispatch.prepare(input=input, offset=offset, weight=weight, bias=bias, mask=mask)
     input, offset, weight, bias, mask = call.arrays

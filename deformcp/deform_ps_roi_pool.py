@@ -388,6 +388,8 @@ def deform_ps_roi_pool(input, rois, offset, output_dim, group_size, pooled_size,
     >>> offset = 0.1 * np.random.randn(2, 2, 7, 7).astype(np.float32)
     >>> deformcp.deform_ps_roi_pool(x, rois, offset, 3, 7, 7, trans_std=0.1).shape
     (2, 3, 7, 7)
+
+    Every rule in full, with the border cases: docs/conventions.md.
     """
     call, (input, rois, offset) = _validate.prepare_boxes("rois", input=input, rois=rois, offset=offset)
     cfg = _check(call, input, rois, offset, output_dim, group_size, pooled_size, part_size, sample_per_part,

@@ -203,6 +203,8 @@ def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, 
     >>> offset = np.zeros((1, 2, 3, 3), np.float32)
     >>> deformcp.deform_roi_pool(x, rois, offset, 3, sampling_ratio=2).shape
     (1, 8, 3, 3)
+
+    Every rule in full, with the border cases: docs/conventions.md.
     """
     call, input, rois, offset, mask, _, (PH, PW, spatial_scale, sampling_ratio, gamma) = _arguments(
         input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, mask)

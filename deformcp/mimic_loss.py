@@ -133,6 +133,8 @@ def mimic_loss(f_a, f_b):
     >>> f_b = np.array([[0.0, 3.0], [2.0, 4.0], [5.0, 6.0]])
     >>> float(deformcp.mimic_loss(f_a, f_b))     # orthogonal 1 + parallel 0 + zero row 1
     2.0
+
+    Every rule in full, with the border cases: docs/conventions.md.
     """
     call = _dispatch.prepare(f_a=f_a, f_b=f_b)
     f_a, f_b = call.arrays

@@ -411,6 +411,8 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, a
     >>> boxes = np.array([[0, 2.0, 3.0, 20.0, 18.5], [1, 0.0, 0.0, 31.0, 31.0]], np.float32)
     >>> deformcp.roi_align(x, boxes, 7, sampling_ratio=2, aligned=True).shape
     (2, 16, 7, 7)
+
+    Every rule in full, with the border cases: docs/conventions.md.
     """
     return _run_forward(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, pool_mode, False)
 
@@ -452,6 +454,8 @@ def ps_roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1
     >>> x = np.random.rand(1, 2 * 3 * 3, 16, 16)
     >>> deformcp.ps_roi_align(x, np.array([[0, 1.0, 1.0, 12.0, 9.0]]), 3).shape
     (1, 2, 3, 3)
+
+    Every rule in full, with the border cases: docs/conventions.md.
     """
     return _run_forward(input, boxes, output_size, spatial_scale, sampling_ratio, True, "avg", True)
 

@@ -72,6 +72,8 @@ def affine_grid(theta, size, align_corners=False):
 
     >>> theta = np.array([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])   # identity
     >>> grid = deformcp.affine_grid(theta, (1, 3, 4, 5))          # (1, 4, 5, 2)
+
+    Every rule in full, with the border cases: docs/conventions.md.
     """
     call = _dispatch.prepare(theta=theta)
     (theta,) = call.arrays
@@ -283,6 +285,8 @@ def grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corner
     >>> x = np.random.rand(1, 3, 8, 8)
     >>> theta = np.array([[[0.5, 0.0, 0.0], [0.0, 0.5, 0.0]]])     # zoom in 2×
     >>> out = deformcp.grid_sample(x, deformcp.affine_grid(theta, x.shape))
+
+    Every rule in full, with the border cases: docs/conventions.md.
     """
     call = _dispatch.prepare(input=input, grid=grid)
     input, grid = call.arrays
