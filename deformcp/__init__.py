@@ -19,9 +19,17 @@ from ._dispatch import backend, current_backend
 from ._workspace import get_workspace_limit, workspace_limit
 from .deform_conv import DeformConv2dGrads, deform_conv2d, deform_conv2d_backward
 from .deform_ps_roi_pool import DeformPSRoIPoolGrads, deform_ps_roi_pool, deform_ps_roi_pool_backward
-from .deform_roi_pool import DeformRoIPoolGrads, deform_roi_pool, deform_roi_pool_backward
 from .mimic_loss import MimicLossGrads, mimic_loss, mimic_loss_backward
-from .roi_align import RoIAlignGrads, ps_roi_align, ps_roi_align_backward, roi_align, roi_align_backward
+from .roi_align import (
+    DeformRoIPoolGrads,
+    RoIAlignGrads,
+    deform_roi_pool,
+    deform_roi_pool_backward,
+    ps_roi_align,
+    ps_roi_align_backward,
+    roi_align,
+    roi_align_backward,
+)
 from .spatial_transformer import (
     AffineGridGrads,
     GridSampleGrads,

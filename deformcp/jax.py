@@ -76,9 +76,9 @@ from deformcp import _validate
 from deformcp import testing as _testing
 
 # the op modules (deformcp.roi_align etc. name the functions, which shadow their modules)
-_deform_conv, _deform_ps_roi_pool, _deform_roi_pool, _mimic_loss, _roi_align, _spatial_transformer = (
-    importlib.import_module(f"deformcp.{name}") for name in ("deform_conv", "deform_ps_roi_pool", "deform_roi_pool",
-                                                             "mimic_loss", "roi_align", "spatial_transformer"))
+_deform_conv, _deform_ps_roi_pool, _mimic_loss, _roi_align, _spatial_transformer = (
+    importlib.import_module(f"deformcp.{name}") for name in ("deform_conv", "deform_ps_roi_pool", "mimic_loss",
+                                                             "roi_align", "spatial_transformer"))
 
 __all__ = ["affine_grid", "grid_sample", "roi_align", "ps_roi_align", "deform_conv2d", "deform_roi_pool",
            "deform_ps_roi_pool", "mimic_loss"]
@@ -295,7 +295,7 @@ _OPS = {
         forward=lambda a, s: _dc.deform_roi_pool(*a[:3], mask=a[3], **_forward_static(s)),
         backward=lambda g, a, needs, s: _dc.deform_roi_pool_backward(g, *a[:3], mask=a[3], **s,
                                                                      needs_input_grad=needs),
-        output_shape=lambda a, s: _deform_roi_pool._output_shape(*a[:3], mask=a[3], **_forward_static(s)),
+        output_shape=lambda a, s: _roi_align._deform_output_shape(*a[:3], mask=a[3], **_forward_static(s)),
         diff=(True, False, True, True)),
     "deform_ps_roi_pool": _Op(  # arrays: input, rois, offset
         forward=lambda a, s: _dc.deform_ps_roi_pool(*a, **_forward_static(s)),
