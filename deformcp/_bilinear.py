@@ -7,9 +7,9 @@ corner rows and weights (a corner outside the image points at its image's zero r
 gradient is ``S.T @ G`` — a gather, so the NumPy path is deterministic. Coordinate gradients use the
 same corners with the weights' derivatives. Work is done a few images at a time
 (``_workspace.image_chunks``), so that X and its products stay in cache, and chunks run on a pool of
-:func:`num_threads` threads (``DEFORMCP_NUM_THREADS``, default: the CPU count; a forked child makes a pool
-of its own): NumPy releases the GIL in its copies, gathers and products. Chunks write disjoint parts of the
-outputs, so results do not depend on it.
+``_workspace.num_threads()`` threads (``DEFORMCP_NUM_THREADS``, default: the CPU count; a forked child makes
+a pool of its own): NumPy releases the GIL in its copies, gathers and products. Chunks write disjoint parts
+of the outputs, so results do not depend on it.
 """
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 import scipy.sparse
+
+from . import _workspace
 
 
 class Corners(NamedTuple):
@@ -66,19 +68,6 @@ def corners(y: np.ndarray, x: np.ndarray, H: int, W: int, closed_below: bool = F
         dweight_dx=stack([wy[a] * dx[b] for a, b in pairs]))
 
 
-def num_threads() -> int:
-    """Threads of the NumPy path's pool and of a host-backend launch: ``DEFORMCP_NUM_THREADS`` when set, else the
-    number of CPUs this process may run on."""
-    value = os.environ.get("DEFORMCP_NUM_THREADS", "").strip()
-    if not value:
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = int(value) if value.isdecimal() else 0
-    if threads < 1:
-        raise ValueError(f"DEFORMCP_NUM_THREADS: expected a positive integer (or unset, for one thread per CPU), "
-                         f"got {value!r}")
-    return threads
-
-
 @functools.lru_cache(maxsize=None)
 def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="deformcp")
@@ -90,7 +79,7 @@ os.register_at_fork(after_in_child=_pool.cache_clear)
 
 def for_each_chunk(work: Callable[[int, int], None], chunks) -> None:
     """Call work(start, stop) for every chunk, concurrently on the thread pool."""
-    threads = num_threads()
+    threads = _workspace.num_threads()
     if threads <= 1 or len(chunks) <= 1:
         for start, stop in chunks:
             work(start, stop)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import operator
+import os
 
 import numpy as np
 
@@ -107,3 +108,16 @@ def image_chunks(N: int, C: int, H: int, W: int, itemsize: int) -> list[tuple[in
 def channel_blocks(C: int, rows: int, itemsize: int) -> list[tuple[int, int]]:
     """Ranges of C channels whose channels-last images (rows pixels a channel) are about CHANNEL_BLOCK_BYTES."""
     return ranges(C, max(1, CHANNEL_BLOCK_BYTES // max(1, rows * itemsize)))
+
+
+def num_threads() -> int:
+    """Threads of the NumPy path's pool and of a host-backend launch: ``DEFORMCP_NUM_THREADS`` when set, else the
+    number of CPUs this process may run on."""
+    value = os.environ.get("DEFORMCP_NUM_THREADS", "").strip()
+    if not value:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = int(value) if value.isdecimal() else 0
+    if threads < 1:
+        raise ValueError(f"DEFORMCP_NUM_THREADS: expected a positive integer (or unset, for one thread per CPU), "
+                         f"got {value!r}")
+    return threads

@@ -43,7 +43,7 @@ def test_num_threads_must_be_a_positive_integer(monkeypatch, rng, backend, value
 def test_num_threads_is_read_for_both_backends(monkeypatch, value, threads):
     monkeypatch.setenv("DEFORMCP_NUM_THREADS", value)
     expected = threads or len(os.sched_getaffinity(0))
-    assert deformcp._bilinear.num_threads() == expected
+    assert deformcp._workspace.num_threads() == expected
     assert _host.threads() == expected  # this process has not forked: OpenMP is there
 
 

@@ -27,7 +27,7 @@ OP = textwrap.dedent("""
     import sys
     import numpy as np
     import deformcp
-    from deformcp import _bilinear, _host, _workspace
+    from deformcp import _host, _workspace
 
     def run(backend, seed=0):
         rng = np.random.default_rng(seed)
@@ -38,7 +38,7 @@ OP = textwrap.dedent("""
             return deformcp.grid_sample(x, grid)
 
     def threads(backend):
-        return _host.threads() if backend == "host" else _bilinear.num_threads()
+        return _host.threads() if backend == "host" else _workspace.num_threads()
 """)
 
 #: The parent runs the op, then two forked pool workers run it; prints the thread counts parent / children.

@@ -41,7 +41,7 @@ import tempfile
 import numpy as np
 
 from .. import _sources
-from .._bilinear import num_threads
+from .._workspace import num_threads
 
 PRELUDE = pathlib.Path(__file__).with_name("prelude.h")
 BASE_FLAGS = ("-std=c++17", "-O3", "-fPIC", "-shared", "-fopenmp", "-w")
@@ -75,7 +75,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def threads() -> int:
-    """OpenMP threads a launch uses here: :func:`deformcp._bilinear.num_threads`, or 1 in a process forked
+    """OpenMP threads a launch uses here: :func:`deformcp._workspace.num_threads`, or 1 in a process forked
     from one that had GNU OpenMP loaded."""
     return 1 if _openmp_lost else num_threads()
 
