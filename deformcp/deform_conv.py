@@ -64,6 +64,13 @@ class _Geometry(NamedTuple):
 INDEX_MAX = 2**63 - 1
 
 
+def parse_conv_arguments(stride, padding, dilation) -> tuple[tuple[int, int], ...]:
+    """(stride, padding, dilation) as pairs of ints, checked: stride and dilation ≥ 1, padding ≥ 0, each at most
+    INDEX_MAX (the function and deformcp.torch's DeformConv2d share these rules)."""
+    return (_validate.pair("stride", stride, 1, INDEX_MAX), _validate.pair("padding", padding, 0, INDEX_MAX),
+            _validate.pair("dilation", dilation, 1, INDEX_MAX))
+
+
 def _check(input, offset, weight, bias, mask, stride, padding, dilation) -> _Geometry:
     _validate.floating("input", input, 4, "(N, C, H, W)")
     _validate.floating("weight", weight, 4, "(C_out, C / groups, kh, kw)")
@@ -73,9 +80,7 @@ def _check(input, offset, weight, bias, mask, stride, padding, dilation) -> _Geo
     if bias is not None:
         _validate.floating("bias", bias, 1, "(C_out,)")
     _validate.same_dtype(input=input, offset=offset, weight=weight, bias=bias, mask=mask)
-    stride, padding, dilation = (_validate.pair("stride", stride, 1, INDEX_MAX),
-                                 _validate.pair("padding", padding, 0, INDEX_MAX),
-                                 _validate.pair("dilation", dilation, 1, INDEX_MAX))
+    stride, padding, dilation = parse_conv_arguments(stride, padding, dilation)
     N, C, H, W = input.shape
     C_out, C_group, kh, kw = weight.shape
     if C == 0:

@@ -433,10 +433,7 @@ class DeformConv2d(nn.Module):
         in_channels = _validate.integer("in_channels", in_channels, minimum=1)
         out_channels = _validate.integer("out_channels", out_channels, minimum=1)
         self.kernel_size = _validate.pair("kernel_size", kernel_size, minimum=1)
-        # deform_conv2d's own rules for these (its function would raise the same errors at the first forward)
-        self.stride = _validate.pair("stride", stride, 1, _deform_conv.INDEX_MAX)
-        self.padding = _validate.pair("padding", padding, 0, _deform_conv.INDEX_MAX)
-        self.dilation = _validate.pair("dilation", dilation, 1, _deform_conv.INDEX_MAX)
+        self.stride, self.padding, self.dilation = _deform_conv.parse_conv_arguments(stride, padding, dilation)
         groups = _validate.integer("groups", groups, minimum=1)
         bias = _validate.flag("bias", bias)
         if in_channels % groups != 0:
