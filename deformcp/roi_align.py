@@ -32,7 +32,7 @@ class RoIAlignGrads(NamedTuple):
 
 # --------------------------------------------------------------------------------------- arguments
 
-def _options(output_size, spatial_scale, sampling_ratio, aligned, pool_mode):
+def parse_roi_options(output_size, spatial_scale, sampling_ratio, aligned, pool_mode):
     """The RoIAlign ops' scalar arguments, checked: (PH, PW, spatial_scale, sampling_ratio, aligned)."""
     PH, PW = _validate.pair("output_size", output_size, minimum=1)
     spatial_scale = _validate.real("spatial_scale", spatial_scale, positive=True)
@@ -50,8 +50,8 @@ def _check(call, input, rois, output_size, spatial_scale, sampling_ratio, aligne
     _validate.floating(boxes_name, rois, 2, _validate.ROIS_LAYOUT)
     _validate.shape(boxes_name, rois, (None, 5), _validate.ROIS_LAYOUT)
     _validate.same_dtype(input=input, **{boxes_name: rois})
-    PH, PW, spatial_scale, sampling_ratio, aligned = _options(output_size, spatial_scale, sampling_ratio, aligned,
-                                                              pool_mode)
+    PH, PW, spatial_scale, sampling_ratio, aligned = parse_roi_options(output_size, spatial_scale, sampling_ratio,
+                                                                       aligned, pool_mode)
     N, C, H, W = input.shape
     if position_sensitive and C % (PH * PW):
         raise ValueError(f"input: expected channels C divisible by output_size {PH}×{PW} = {PH * PW} for "

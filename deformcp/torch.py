@@ -551,7 +551,8 @@ class RoIAlign(nn.Module):
 
     def __init__(self, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, pool_mode="avg"):
         super().__init__()
-        _roi_align._options(output_size, spatial_scale, sampling_ratio, aligned, pool_mode)  # raises here, not later
+        # raises here, not at the first forward
+        _roi_align.parse_roi_options(output_size, spatial_scale, sampling_ratio, aligned, pool_mode)
         self.output_size = output_size
         self.spatial_scale = spatial_scale
         self.sampling_ratio = sampling_ratio
@@ -576,7 +577,7 @@ class PSRoIAlign(nn.Module):
 
     def __init__(self, output_size, spatial_scale=1.0, sampling_ratio=-1):
         super().__init__()
-        _roi_align._options(output_size, spatial_scale, sampling_ratio, True, "avg")  # raises here, not later
+        _roi_align.parse_roi_options(output_size, spatial_scale, sampling_ratio, True, "avg")  # raises here
         self.output_size = output_size
         self.spatial_scale = spatial_scale
         self.sampling_ratio = sampling_ratio
@@ -615,7 +616,7 @@ class DeformRoIPool(nn.Module):
     def __init__(self, output_size, output_channels, deform_fc_channels=1024, spatial_scale=1.0, sampling_ratio=0,
                  gamma=0.1):
         super().__init__()
-        self.output_size = _roi_align._options(output_size, spatial_scale, sampling_ratio, True, "avg")[:2]
+        self.output_size = _roi_align.parse_roi_options(output_size, spatial_scale, sampling_ratio, True, "avg")[:2]
         _validate.real("gamma", gamma)
         output_channels = _validate.integer("output_channels", output_channels, minimum=1)
         deform_fc_channels = _validate.integer("deform_fc_channels", deform_fc_channels, minimum=1)
