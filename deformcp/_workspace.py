@@ -73,11 +73,9 @@ def chunks(N: int, rows: int, per_row: int, op: str, per_image: int = 0) -> list
         raise ValueError(f"{op}: one output row needs {row_bytes} bytes of workspace, more than the limit of "
                          f"{limit} bytes; raise it with deformcp.workspace_limit(...)")
     if image_bytes <= limit:
-        step = limit // image_bytes
-        return [(a, min(a + step, N), 0, rows) for a in range(0, N, step)]
+        return [(a, b, 0, rows) for a, b in ranges(N, limit // image_bytes)]
     pieces = -(-rows // ((limit - per_image) // per_row))
-    step = -(-rows // pieces)
-    return [(n, n + 1, r, min(r + step, rows)) for n in range(N) for r in range(0, rows, step)]
+    return [(n, n + 1, r0, r1) for n in range(N) for r0, r1 in even_ranges(rows, pieces)]
 
 
 def ranges(n: int, step: int) -> list[tuple[int, int]]:
