@@ -17,10 +17,10 @@ compiler. DLPack arrays (PyTorch, JAX, ...) come back in their own framework; ``
 """
 from ._dispatch import backend, current_backend
 from ._workspace import get_workspace_limit, workspace_limit
-from .deform_conv import DeformConv2dGrads, deform_conv2d, deform_conv2d_backward
-from .deform_ps_roi_pool import DeformPSRoIPoolGrads, deform_ps_roi_pool, deform_ps_roi_pool_backward
-from .mimic_loss import MimicLossGrads, mimic_loss, mimic_loss_backward
-from .roi_align import (
+from .ops.deform_conv import DeformConv2dGrads, deform_conv2d, deform_conv2d_backward
+from .ops.deform_ps_roi_pool import DeformPSRoIPoolGrads, deform_ps_roi_pool, deform_ps_roi_pool_backward
+from .ops.mimic_loss import MimicLossGrads, mimic_loss, mimic_loss_backward
+from .ops.roi_align import (
     DeformRoIPoolGrads,
     RoIAlignGrads,
     deform_roi_pool,
@@ -30,7 +30,7 @@ from .roi_align import (
     roi_align,
     roi_align_backward,
 )
-from .spatial_transformer import (
+from .ops.spatial_transformer import (
     AffineGridGrads,
     GridSampleGrads,
     affine_grid,

@@ -56,7 +56,6 @@ NumPy and calls the deformcp function. Its VJP calls the matching ``deformcp.*_b
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 from typing import Callable, NamedTuple
 
@@ -74,11 +73,7 @@ except ImportError as _error:  # pragma: no cover - exercised in a subprocess by
 import deformcp as _dc
 from deformcp import _validate
 from deformcp import testing as _testing
-
-# the op modules (deformcp.roi_align etc. name the functions, which shadow their modules)
-_deform_conv, _deform_ps_roi_pool, _mimic_loss, _roi_align, _spatial_transformer = (
-    importlib.import_module(f"deformcp.{name}") for name in ("deform_conv", "deform_ps_roi_pool", "mimic_loss",
-                                                             "roi_align", "spatial_transformer"))
+from deformcp.ops import SPECS, OpSpec, _call
 
 __all__ = ["affine_grid", "grid_sample", "roi_align", "ps_roi_align", "deform_conv2d", "deform_roi_pool",
            "deform_ps_roi_pool", "mimic_loss"]
@@ -92,19 +87,6 @@ _CALLBACK_OPTIONS = ({"vmap_method": "sequential"}
 
 
 # --------------------------------------------------------------------------------------------- plumbing
-
-class _Op(NamedTuple):
-    """How one deformcp op is called. ``forward(arrays, static)`` and ``backward(g, arrays, needs, static)``
-    call deformcp with the op's array arguments in ``arrays`` (a tuple, None kept) and the static arguments
-    in the dict ``static``; ``needs`` has one bool per differentiable array. ``output_shape(arrays,
-    static)`` runs the forward's argument checks and gives its output's shape (the output has the dtype of
-    the first array). ``diff`` marks the differentiable arrays, in the order of the backward's named tuple."""
-
-    forward: Callable
-    backward: Callable
-    output_shape: Callable
-    diff: tuple
-
 
 class _Static:
     """A leafless pytree node carrying a hashable Python value (e.g. through custom_vjp residuals)."""
@@ -180,11 +162,11 @@ def _stand_in(a):
     return None if a is None else np.broadcast_to(np.zeros((), a.dtype), tuple(a.shape))
 
 
-def _output_struct(op: _Op, arrays, static: dict) -> jax.ShapeDtypeStruct:
+def _output_struct(spec: OpSpec, arrays, options: dict) -> jax.ShapeDtypeStruct:
     """The output's shape and dtype: the deformcp forward's own argument checks, run at trace time on stand-ins
     of the arrays (their shapes and dtypes, no data), so bad arguments raise deformcp's errors here."""
     with _dc.backend("numpy"):
-        shape = op.output_shape(tuple(_stand_in(a) for a in arrays), static)
+        shape = _call.output_shape(spec, dict(zip(spec.arrays, map(_stand_in, arrays))), options)
     return jax.ShapeDtypeStruct(tuple(shape), arrays[0].dtype)
 
 
@@ -192,29 +174,35 @@ def _output_struct(op: _Op, arrays, static: dict) -> jax.ShapeDtypeStruct:
 def _differentiable(name: str, static_items: tuple, where: _Where):
     """The custom_vjp function of op ``name`` for one set of static arguments ((name, value, repr) triples)
     and one backend."""
-    op, static = _OPS[name], {key: value for key, value, _ in static_items}
+    spec = SPECS[name]
+    static = {key: value for key, value, _ in static_items}
+    deterministic = static.pop("deterministic", False)  # the backward's flag; the rest are the forward's options
+    diff = tuple(array in spec.differentiable for array in spec.arrays)
 
     @jax.custom_vjp
     def function(*arrays):
-        struct = _output_struct(op, arrays, static)
-        return jax.pure_callback(lambda *a: _on_host(where, lambda a: op.forward(a, static), a), struct, *arrays,
-                                 **_CALLBACK_OPTIONS)
+        struct = _output_struct(spec, arrays, static)
+
+        def forward(a):
+            return _call.run_forward(spec, dict(zip(spec.arrays, a)), static)
+
+        return jax.pure_callback(lambda *a: _on_host(where, forward, a), struct, *arrays, **_CALLBACK_OPTIONS)
 
     def function_fwd(*primals):
         arrays = tuple(None if p is None else p.value for p in primals)
-        wanted = tuple(d and p is not None and p.perturbed for d, p in zip(op.diff, primals))
+        wanted = tuple(d and p is not None and p.perturbed for d, p in zip(diff, primals))
         return function(*arrays), (arrays, _Static(wanted))
 
     def function_bwd(residuals, g):
         arrays, wanted = residuals[0], residuals[1].value
         if isinstance(g, SymbolicZero) or not any(wanted):
             return (None,) * len(arrays)
-        needs = tuple(w for w, d in zip(wanted, op.diff) if d)
+        needs = tuple(wanted[spec.arrays.index(field)] for field in spec.differentiable)
         structs = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a, w in zip(arrays, wanted) if w)
 
         def backward(a):
-            grads = op.backward(a[0], a[1:], needs, static)
-            return tuple(grad for grad, need in zip(grads, needs) if need)
+            grads = _call.run_backward(spec, a[0], dict(zip(spec.arrays, a[1:])), static, needs, deterministic)
+            return tuple(getattr(grads, array) for array, w in zip(spec.arrays, wanted) if w)
 
         grads = iter(jax.pure_callback(lambda *a: _on_host(where, backward, a), structs, g, *arrays,
                                        **_CALLBACK_OPTIONS))
@@ -224,10 +212,15 @@ def _differentiable(name: str, static_items: tuple, where: _Where):
     return function
 
 
-def _apply(name: str, arrays: tuple, **static):
-    arrays = tuple(None if a is None else jnp.asarray(a) for a in arrays)
-    items = tuple((key, _static(key, value)) for key, value in static.items())
-    if "deterministic" in static:  # the backward's flag: checked now, not when the gradient is first taken
+def _apply(name: str, arguments: dict):
+    """Op ``name`` called with ``arguments`` (a function's locals()): arrays as JAX arrays, per-image box lists as
+    (K, 5) RoIs, every other argument static."""
+    spec = SPECS[name]
+    if spec.boxes:
+        arguments = dict(arguments, **{spec.boxes: _boxes(arguments["input"], arguments[spec.boxes], spec.boxes)})
+    arrays = tuple(None if arguments[a] is None else jnp.asarray(arguments[a]) for a in spec.arrays)
+    items = tuple((key, _static(key, value)) for key, value in arguments.items() if key not in spec.arrays)
+    if "deterministic" in arguments:  # the backward's flag: checked now, not when the gradient is first taken
         _validate.flag("deterministic", dict(items)["deterministic"])
     # The cache key tells True from 1 and 2 from 2.0 (equal and alike in hash), which deformcp tells apart.
     key = tuple((k, v, repr(v)) for k, v in items)
@@ -244,125 +237,51 @@ def _boxes(input, boxes, name: str):
 
 # ---------------------------------------------------------------------------------------------- the ops
 
-def _forward_static(static: dict) -> dict:
-    """The static arguments that the forward takes (``deterministic`` is the backward's)."""
-    return {k: v for k, v in static.items() if k != "deterministic"}
-
-
-def _affine_grid_shape(arrays, static):
-    N, _, H, W = _spatial_transformer._check_affine_grid(arrays[0], static["size"])
-    _validate.flag("align_corners", static["align_corners"])
-    return (N, H, W, 2)
-
-
-def _grid_sample_shape(arrays, static):
-    input, grid = arrays
-    _spatial_transformer._check_grid_sample(input, grid, **_forward_static(static))
-    return (input.shape[0], input.shape[1], grid.shape[1], grid.shape[2])
-
-
-def _deform_conv2d_shape(arrays, static):
-    input, offset, weight, bias, mask = arrays
-    geo = _deform_conv._check(input, offset, weight, bias, mask, **_forward_static(static))
-    return (geo.N, geo.C_out, geo.Ho, geo.Wo)
-
-
-_OPS = {
-    "affine_grid": _Op(
-        forward=lambda a, s: _dc.affine_grid(a[0], **s),
-        backward=lambda g, a, needs, s: _dc.affine_grid_backward(g, a[0], **s),
-        output_shape=_affine_grid_shape, diff=(True,)),
-    "grid_sample": _Op(
-        forward=lambda a, s: _dc.grid_sample(*a, **_forward_static(s)),
-        backward=lambda g, a, needs, s: _dc.grid_sample_backward(g, *a, **s, needs_input_grad=needs),
-        output_shape=_grid_sample_shape, diff=(True, True)),
-    "roi_align": _Op(
-        forward=lambda a, s: _dc.roi_align(*a, **_forward_static(s)),
-        backward=lambda g, a, needs, s: _dc.roi_align_backward(g, *a, **s),
-        output_shape=lambda a, s: _roi_align._output_shape(*a, **_forward_static(s)), diff=(True, False)),
-    "ps_roi_align": _Op(
-        forward=lambda a, s: _dc.ps_roi_align(*a, **_forward_static(s)),
-        backward=lambda g, a, needs, s: _dc.ps_roi_align_backward(g, *a, **s),
-        output_shape=lambda a, s: _roi_align._output_shape(*a, **_forward_static(s), aligned=True,
-                                                           position_sensitive=True),
-        diff=(True, False)),
-    "deform_conv2d": _Op(   # arrays: input, offset, weight, bias, mask
-        forward=lambda a, s: _dc.deform_conv2d(*a[:4], mask=a[4], **_forward_static(s)),
-        backward=lambda g, a, needs, s: _dc.deform_conv2d_backward(g, *a[:4], mask=a[4], **s,
-                                                                   needs_input_grad=needs),
-        output_shape=_deform_conv2d_shape, diff=(True, True, True, True, True)),
-    "deform_roi_pool": _Op(  # arrays: input, rois, offset, mask
-        forward=lambda a, s: _dc.deform_roi_pool(*a[:3], mask=a[3], **_forward_static(s)),
-        backward=lambda g, a, needs, s: _dc.deform_roi_pool_backward(g, *a[:3], mask=a[3], **s,
-                                                                     needs_input_grad=needs),
-        output_shape=lambda a, s: _roi_align._deform_output_shape(*a[:3], mask=a[3], **_forward_static(s)),
-        diff=(True, False, True, True)),
-    "deform_ps_roi_pool": _Op(  # arrays: input, rois, offset
-        forward=lambda a, s: _dc.deform_ps_roi_pool(*a, **_forward_static(s)),
-        backward=lambda g, a, needs, s: _dc.deform_ps_roi_pool_backward(g, *a, **s, needs_input_grad=needs),
-        output_shape=lambda a, s: _deform_ps_roi_pool._output_shape(*a, **_forward_static(s)),
-        diff=(True, False, True)),
-    "mimic_loss": _Op(
-        forward=lambda a, s: _dc.mimic_loss(*a),
-        backward=lambda g, a, needs, s: _dc.mimic_loss_backward(g, *a, needs_input_grad=needs),
-        output_shape=lambda a, s: _mimic_loss._output_shape(*a), diff=(True, True)),
-}
-
-
 def affine_grid(theta, size, align_corners=False):
     """Differentiable :func:`deformcp.affine_grid`: the sampling grid (N, H, W, 2) of theta (N, 2, 3) for
     the output size (N, C, H, W) (static). Gradient: theta."""
-    return _apply("affine_grid", (theta,), size=size, align_corners=align_corners)
+    return _apply("affine_grid", locals())
 
 
 def grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corners=False, *, deterministic=False):
     """Differentiable :func:`deformcp.grid_sample`: input (N, C, H, W) sampled at grid (N, H_out, W_out, 2)
     → (N, C, H_out, W_out). Gradients: input and grid (0 for the grid with mode "nearest")."""
-    return _apply("grid_sample", (input, grid), mode=mode, padding_mode=padding_mode,
-                  align_corners=align_corners, deterministic=deterministic)
+    return _apply("grid_sample", locals())
 
 
 def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, pool_mode="avg", *,
               deterministic=False):
     """Differentiable :func:`deformcp.roi_align`: input (N, C, H, W), boxes (K, 5) or a list of per-image
     (L, 4) arrays → (K, C, PH, PW). Gradient: input (boxes get zero)."""
-    return _apply("roi_align", (input, _boxes(input, boxes, "boxes")), output_size=output_size,
-                  spatial_scale=spatial_scale, sampling_ratio=sampling_ratio, aligned=aligned, pool_mode=pool_mode,
-                  deterministic=deterministic)
+    return _apply("roi_align", locals())
 
 
 def ps_roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, *, deterministic=False):
     """Differentiable :func:`deformcp.ps_roi_align` → (K, C / (PH·PW), PH, PW). Gradient: input."""
-    return _apply("ps_roi_align", (input, _boxes(input, boxes, "boxes")), output_size=output_size,
-                  spatial_scale=spatial_scale, sampling_ratio=sampling_ratio, deterministic=deterministic)
+    return _apply("ps_roi_align", locals())
 
 
 def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None, *,
                   deterministic=False):
     """Differentiable :func:`deformcp.deform_conv2d` (v1, or v2 with ``mask``) → (N, C_out, H_out, W_out).
     Gradients: input, offset, weight, bias and mask (those given)."""
-    return _apply("deform_conv2d", (input, offset, weight, bias, mask), stride=stride, padding=padding,
-                  dilation=dilation, deterministic=deterministic)
+    return _apply("deform_conv2d", locals())
 
 
 def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, sampling_ratio=0, gamma=0.1,
                     mask=None, *, deterministic=False):
     """Differentiable :func:`deformcp.deform_roi_pool` → (K, C, PH, PW). Gradients: input, offset and mask
     (those given); rois get zero."""
-    return _apply("deform_roi_pool", (input, _boxes(input, rois, "rois"), offset, mask),
-                  output_size=output_size, spatial_scale=spatial_scale, sampling_ratio=sampling_ratio, gamma=gamma,
-                  deterministic=deterministic)
+    return _apply("deform_roi_pool", locals())
 
 
 def deform_ps_roi_pool(input, rois, offset, output_dim, group_size, pooled_size, part_size=None, sample_per_part=4,
                        spatial_scale=1.0, trans_std=0.0, no_trans=False, *, deterministic=False):
     """Differentiable :func:`deformcp.deform_ps_roi_pool`: rois (K, 5) or a list of per-image (L, 4) arrays
     → (K, output_dim, P, P). Gradients: input and offset (zero with ``no_trans``); rois get zero."""
-    return _apply("deform_ps_roi_pool", (input, _boxes(input, rois, "rois"), offset), output_dim=output_dim,
-                  group_size=group_size, pooled_size=pooled_size, part_size=part_size, sample_per_part=sample_per_part,
-                  spatial_scale=spatial_scale, trans_std=trans_std, no_trans=no_trans, deterministic=deterministic)
+    return _apply("deform_ps_roi_pool", locals())
 
 
 def mimic_loss(f_a, f_b):
     """Differentiable :func:`deformcp.mimic_loss`: f_a, f_b (K, D) → a 0-d loss. Gradients: f_a and f_b."""
-    return _apply("mimic_loss", (f_a, f_b))
+    return _apply("mimic_loss", locals())

@@ -6,8 +6,7 @@ available backend on fresh random inputs, against the float64 NumPy reference.
 >>> print(testing.format_results(results))
 >>> assert all(r.ok for r in results)
 
-Ops register an :class:`OpCheck` with :func:`register` when their module is imported (``import deformcp``
-imports them all).
+The ops and their parity configurations are those of the spec table, ``deformcp.ops.SPECS``.
 """
 from __future__ import annotations
 
@@ -19,21 +18,10 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from . import _dispatch, _kernels
+from .ops import SPECS, OpSpec
 
 #: Largest accepted ‖result − reference‖ / ‖reference‖ per dtype (the reference is float64 NumPy).
 TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}
-
-
-class OpCheck(NamedTuple):
-    """How to check one op: ``make_inputs(rng, options)`` → dict of float64 NumPy arrays, run
-    ``forward(**arrays, **options)`` and ``backward(grad_output, **arrays, **options)`` for each dict of
-    ``options`` (a grid of configurations)."""
-
-    name: str
-    make_inputs: Callable[[np.random.Generator, dict], dict]
-    forward: Callable
-    backward: Callable
-    options: tuple[dict, ...]
 
 
 class CheckResult(NamedTuple):
@@ -47,18 +35,6 @@ class CheckResult(NamedTuple):
     @property
     def ok(self) -> bool:
         return self.forward_error <= self.tolerance and self.backward_error <= self.tolerance
-
-
-_CHECKS: dict[str, OpCheck] = {}
-
-
-def register(check: OpCheck) -> OpCheck:
-    _CHECKS[check.name] = check
-    return check
-
-
-def registered() -> dict[str, OpCheck]:
-    return dict(_CHECKS)
 
 
 @contextlib.contextmanager
@@ -130,34 +106,34 @@ def run(backend: str, fn: Callable, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def _check_one(check: OpCheck, backend: str, dtype: str, rng: np.random.Generator) -> CheckResult:
+def _check_one(spec: OpSpec, backend: str, dtype: str, rng: np.random.Generator) -> CheckResult:
     forward_error = backward_error = 0.0
-    for options in check.options:
+    for case in spec.cases:
         # the reference sees the inputs as rounded to dtype, so only the arithmetic differs
-        arrays = {name: a.astype(dtype).astype(np.float64) for name, a in check.make_inputs(rng, options).items()}
-        reference = check.forward(**arrays, **options)
+        arrays = {name: a.astype(dtype).astype(np.float64) for name, a in case.make(rng).items()}
+        reference = spec.function(**arrays, **case.options)
         grad_output = rng.standard_normal(reference.shape).astype(dtype).astype(np.float64)
-        reference_grads = check.backward(grad_output, **arrays, **options)
+        reference_grads = spec.backward(grad_output, **arrays, **case.options)
         moved = {name: to_backend(a, backend, dtype) for name, a in arrays.items()}
         with poisoned_outputs():
-            out = run(backend, check.forward, **moved, **options)
-            grads = run(backend, check.backward, to_backend(grad_output, backend, dtype), **moved, **options)
+            out = run(backend, spec.function, **moved, **case.options)
+            grads = run(backend, spec.backward, to_backend(grad_output, backend, dtype), **moved, **case.options)
         forward_error = max(forward_error, relative_error(out, reference))
         for got, want in zip(grads, reference_grads):
             if want is not None:
                 backward_error = max(backward_error, relative_error(got, want))
-    return CheckResult(check.name, backend, dtype, forward_error, backward_error, TOLERANCE[dtype])
+    return CheckResult(spec.name, backend, dtype, forward_error, backward_error, TOLERANCE[dtype])
 
 
 def check(ops=None, backends=None, seed=None) -> list[CheckResult]:
-    """Run the registered checks (all, or those named in ops) on backends (default: all available)."""
+    """Run the parity cases of the ops (all, or those named in ops) on backends (default: all available)."""
     rng = np.random.default_rng(seed)
-    unknown = set(ops or ()) - set(_CHECKS)
+    unknown = set(ops or ()) - set(SPECS)
     if unknown:
-        raise ValueError(f"ops: unknown {sorted(unknown)}; registered: {sorted(_CHECKS)}")
-    selected = [_CHECKS[name] for name in (ops or _CHECKS)]
-    return [_check_one(c, backend, dtype, rng)
-            for c, backend in itertools.product(selected, backends or available_backends())
+        raise ValueError(f"ops: unknown {sorted(unknown)}; known: {sorted(SPECS)}")
+    selected = [SPECS[name] for name in (ops or SPECS)]
+    return [_check_one(spec, backend, dtype, rng)
+            for spec, backend in itertools.product(selected, backends or available_backends())
             for dtype in dtypes(backend)]
 
 

@@ -7,11 +7,11 @@ Import it explicitly (``import deformcp`` never imports torch)::
     out = dtorch.deform_conv2d(x, offset, weight, bias, padding=1, mask=mask)   # differentiable
     layer = dtorch.ModulatedDeformConv2dPack(64, 64, 3, padding=1)              # DCNv2 layer
 
-Every op is a ``torch.autograd.Function``: the forward runs the deformcp function on the tensors (imported
-through DLPack without a copy, so CPU tensors run on deformcp's NumPy path or, inside
-``with deformcp.backend("host"):``, on the host backend, and CUDA tensors on deformcp's CUDA kernels through
-CuPy), and the backward runs the matching ``deformcp.*_backward`` for the inputs that need a gradient
-(``ctx.needs_input_grad``). Non-differentiable arguments (boxes, RoIs, sizes, options) get None. The
+Every op runs through one ``torch.autograd.Function`` built from its spec (``deformcp.ops.SPECS``): the
+forward runs the deformcp op on the tensors (imported through DLPack without a copy, so CPU tensors run on
+deformcp's NumPy path or, inside ``with deformcp.backend("host"):``, on the host backend, and CUDA tensors on
+deformcp's CUDA kernels through CuPy), and the backward runs the op's backward for the inputs that need a
+gradient (``ctx.needs_input_grad``). Non-differentiable arguments (boxes, RoIs, sizes, options) get None. The
 backend and ``deformcp.workspace_limit`` in force at the forward are used again by the backward. The
 backward passes ``deterministic=torch.are_deterministic_algorithms_enabled()``, so
 ``torch.use_deterministic_algorithms(True)`` makes the gradients bitwise reproducible on every backend.
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import math
 
 try:
@@ -40,11 +39,10 @@ except ImportError as _error:  # pragma: no cover - exercised in a subprocess by
 
 import deformcp as _dc
 from deformcp import _validate
-
-# the op modules (deformcp.roi_align names the function, which shadows its module)
-_deform_conv = importlib.import_module("deformcp.deform_conv")
-_roi_align = importlib.import_module("deformcp.roi_align")
-_spatial_transformer = importlib.import_module("deformcp.spatial_transformer")
+from deformcp.ops import SPECS, _call
+from deformcp.ops import deform_conv as _deform_conv
+from deformcp.ops import roi_align as _roi_align
+from deformcp.ops import spatial_transformer as _spatial_transformer
 
 __all__ = [
     "affine_grid", "grid_sample", "roi_align", "ps_roi_align", "deform_conv2d", "deform_roi_pool",
@@ -95,28 +93,26 @@ class _DoubleBackwardError(torch.autograd.Function):
                            "differentiated again")
 
 
-def _first_order(name):
+def _first_order(backward):
     """Decorate a Function's backward: run it without building a graph, and, under create_graph=True,
     mark the gradients so that differentiating them raises a clear error (like
     torch.autograd.function.once_differentiable, but also where grad_output does not require grad, so
     that second-order terms through this op are never silently dropped)."""
-    def decorate(backward):
-        @functools.wraps(backward)
-        def wrapper(ctx, *grad_outputs):
-            with torch.no_grad():
-                grads = backward(ctx, *grad_outputs)
-            if not torch.is_grad_enabled():
-                return grads
-            present = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor)]
-            if not present:
-                return grads
-            marked = _DoubleBackwardError.apply(name, *(grads[i].detach().requires_grad_() for i in present))
-            grads = list(grads)
-            for i, g in zip(present, marked):
-                grads[i] = g
-            return tuple(grads)
-        return wrapper
-    return decorate
+    @functools.wraps(backward)
+    def wrapper(ctx, *grad_outputs):
+        with torch.no_grad():
+            grads = backward(ctx, *grad_outputs)
+        if not torch.is_grad_enabled():
+            return grads
+        present = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor)]
+        if not present:
+            return grads
+        marked = _DoubleBackwardError.apply(ctx.spec.name, *(grads[i].detach().requires_grad_() for i in present))
+        grads = list(grads)
+        for i, g in zip(present, marked):
+            grads[i] = g
+        return tuple(grads)
+    return wrapper
 
 
 def _rois(boxes, input, name="boxes"):
@@ -134,149 +130,38 @@ def _align_corners(value):
     return False if value is None else _validate.flag("align_corners", value)
 
 
-# -------------------------------------------------------------------------------------- autograd Functions
+# --------------------------------------------------------------------------------------- the Function
 
-class _AffineGrid(torch.autograd.Function):
+class _Op(torch.autograd.Function):
+    """Any deformcp op as an autograd Function: ``_Op.apply(spec, options, *arrays)``, arrays in
+    ``spec.arrays`` order (None where absent), options the op's other arguments by name."""
+
     @staticmethod
-    def forward(ctx, theta, size, align_corners):
+    def forward(ctx, spec, options, *arrays):
         _remember(ctx)
-        ctx.size, ctx.align_corners = size, align_corners
-        ctx.save_for_backward(theta)
-        return _dc.affine_grid(_plain(theta), size, align_corners)
+        ctx.spec, ctx.options = spec, options
+        ctx.save_for_backward(*arrays)
+        return _call.run_forward(spec, dict(zip(spec.arrays, map(_plain, arrays))), options)
 
     @staticmethod
-    @_first_order("affine_grid")
+    @_first_order
     def backward(ctx, grad):
-        theta, = ctx.saved_tensors
+        spec = ctx.spec
+        needs = dict(zip(spec.arrays, ctx.needs_input_grad[2:]))
+        arrays = dict(zip(spec.arrays, map(_plain, ctx.saved_tensors)))
         with _as_in_forward(ctx):
-            grads = _dc.affine_grid_backward(_plain(grad), _plain(theta), ctx.size, ctx.align_corners)
-        return grads.theta, None, None
+            grads = _call.run_backward(spec, _plain(grad), arrays, ctx.options,
+                                       tuple(needs[name] for name in spec.differentiable), _deterministic())
+        return (None, None) + tuple(getattr(grads, name, None) for name in spec.arrays)
 
 
-class _GridSample(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, input, grid, mode, padding_mode, align_corners):
-        _remember(ctx)
-        ctx.options = (mode, padding_mode, align_corners)
-        ctx.save_for_backward(input, grid)
-        return _dc.grid_sample(_plain(input), _plain(grid), mode, padding_mode, align_corners)
-
-    @staticmethod
-    @_first_order("grid_sample")
-    def backward(ctx, grad):
-        input, grid = ctx.saved_tensors
-        with _as_in_forward(ctx):
-            grads = _dc.grid_sample_backward(_plain(grad), _plain(input), _plain(grid), *ctx.options,
-                                             needs_input_grad=tuple(ctx.needs_input_grad[:2]),
-                                             deterministic=_deterministic())
-        return grads.input, grads.grid, None, None, None
-
-
-class _RoIAlign(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, input, rois, output_size, spatial_scale, sampling_ratio, aligned, pool_mode,
-                position_sensitive):
-        _remember(ctx)
-        ctx.position_sensitive = position_sensitive
-        ctx.options = ((output_size, spatial_scale, sampling_ratio) if position_sensitive
-                       else (output_size, spatial_scale, sampling_ratio, aligned, pool_mode))
-        ctx.save_for_backward(input, rois)
-        op = _dc.ps_roi_align if position_sensitive else _dc.roi_align
-        return op(_plain(input), _plain(rois), *ctx.options)
-
-    @staticmethod
-    @_first_order("roi_align")
-    def backward(ctx, grad):
-        input, rois = ctx.saved_tensors
-        grad_input = None
-        if ctx.needs_input_grad[0]:
-            op = _dc.ps_roi_align_backward if ctx.position_sensitive else _dc.roi_align_backward
-            with _as_in_forward(ctx):
-                grad_input = op(_plain(grad), _plain(input), _plain(rois), *ctx.options,
-                                deterministic=_deterministic()).input
-        return grad_input, None, None, None, None, None, None, None
-
-
-class _DeformConv2d(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, input, offset, weight, bias, stride, padding, dilation, mask):
-        _remember(ctx)
-        ctx.options = (stride, padding, dilation)
-        ctx.save_for_backward(input, offset, weight, bias, mask)
-        return _dc.deform_conv2d(_plain(input), _plain(offset), _plain(weight), _plain(bias), stride, padding,
-                                 dilation, _plain(mask))
-
-    @staticmethod
-    @_first_order("deform_conv2d")
-    def backward(ctx, grad):
-        input, offset, weight, bias, mask = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        with _as_in_forward(ctx):
-            grads = _dc.deform_conv2d_backward(_plain(grad), _plain(input), _plain(offset), _plain(weight),
-                                               _plain(bias), *ctx.options, mask=_plain(mask),
-                                               needs_input_grad=(needs[0], needs[1], needs[2], needs[3], needs[7]),
-                                               deterministic=_deterministic())
-        return grads.input, grads.offset, grads.weight, grads.bias, None, None, None, grads.mask
-
-
-class _DeformRoIPool(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, mask):
-        _remember(ctx)
-        ctx.options = (output_size, spatial_scale, sampling_ratio, gamma)
-        ctx.save_for_backward(input, rois, offset, mask)
-        return _dc.deform_roi_pool(_plain(input), _plain(rois), _plain(offset), *ctx.options, mask=_plain(mask))
-
-    @staticmethod
-    @_first_order("deform_roi_pool")
-    def backward(ctx, grad):
-        input, rois, offset, mask = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        with _as_in_forward(ctx):
-            grads = _dc.deform_roi_pool_backward(_plain(grad), _plain(input), _plain(rois), _plain(offset),
-                                                 *ctx.options, mask=_plain(mask),
-                                                 needs_input_grad=(needs[0], needs[2], needs[7]),
-                                                 deterministic=_deterministic())
-        return grads.input, None, grads.offset, None, None, None, None, grads.mask
-
-
-class _DeformPSRoIPool(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, input, rois, offset, output_dim, group_size, pooled_size, part_size, sample_per_part,
-                spatial_scale, trans_std, no_trans):
-        _remember(ctx)
-        ctx.options = (output_dim, group_size, pooled_size, part_size, sample_per_part, spatial_scale, trans_std,
-                       no_trans)
-        ctx.save_for_backward(input, rois, offset)
-        return _dc.deform_ps_roi_pool(_plain(input), _plain(rois), _plain(offset), *ctx.options)
-
-    @staticmethod
-    @_first_order("deform_ps_roi_pool")
-    def backward(ctx, grad):
-        input, rois, offset = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        with _as_in_forward(ctx):
-            grads = _dc.deform_ps_roi_pool_backward(_plain(grad), _plain(input), _plain(rois), _plain(offset),
-                                                    *ctx.options, needs_input_grad=(needs[0], needs[2]),
-                                                    deterministic=_deterministic())
-        return (grads.input, None, grads.offset) + (None,) * 8
-
-
-class _MimicLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, f_a, f_b):
-        _remember(ctx)
-        ctx.save_for_backward(f_a, f_b)
-        return _dc.mimic_loss(_plain(f_a), _plain(f_b))
-
-    @staticmethod
-    @_first_order("mimic_loss")
-    def backward(ctx, grad):
-        f_a, f_b = ctx.saved_tensors
-        with _as_in_forward(ctx):
-            grads = _dc.mimic_loss_backward(_plain(grad), _plain(f_a), _plain(f_b),
-                                            needs_input_grad=tuple(ctx.needs_input_grad[:2]))
-        return grads.f_a, grads.f_b
+def _apply(name: str, arguments: dict):
+    """Op ``name`` called with ``arguments`` (a function's locals()): per-image box lists become (K, 5) RoIs."""
+    spec = SPECS[name]
+    if spec.boxes:
+        arguments = dict(arguments, **{spec.boxes: _rois(arguments[spec.boxes], arguments["input"], spec.boxes)})
+    options = {key: value for key, value in arguments.items() if key not in spec.arrays}
+    return _Op.apply(spec, options, *(arguments[name] for name in spec.arrays))
 
 
 # ------------------------------------------------------------------------------------------- functions
@@ -292,7 +177,8 @@ def affine_grid(theta, size, align_corners=None):
     Returns:
         Tensor[N, H_out, W_out, 2]: normalised (x, y) sampling locations. Gradient: theta.
     """
-    return _AffineGrid.apply(theta, _validate.sizes("size", size, 4), _align_corners(align_corners))
+    size, align_corners = _validate.sizes("size", size, 4), _align_corners(align_corners)
+    return _apply("affine_grid", locals())
 
 
 def grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corners=None):
@@ -308,7 +194,8 @@ def grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corner
     Returns:
         Tensor[N, C, H_out, W_out]. Gradients: input and grid.
     """
-    return _GridSample.apply(input, grid, mode, padding_mode, _align_corners(align_corners))
+    align_corners = _align_corners(align_corners)
+    return _apply("grid_sample", locals())
 
 
 def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, pool_mode="avg"):
@@ -325,8 +212,7 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, a
     Returns:
         Tensor[K, C, PH, PW]. Gradient: input.
     """
-    return _RoIAlign.apply(input, _rois(boxes, input), output_size, spatial_scale, sampling_ratio, aligned,
-                           pool_mode, False)
+    return _apply("roi_align", locals())
 
 
 def ps_roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1):
@@ -340,8 +226,7 @@ def ps_roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1
     Returns:
         Tensor[K, C / (PH·PW), PH, PW]. Gradient: input.
     """
-    return _RoIAlign.apply(input, _rois(boxes, input), output_size, spatial_scale, sampling_ratio, True, "avg",
-                           True)
+    return _apply("ps_roi_align", locals())
 
 
 def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None):
@@ -358,7 +243,7 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
     Returns:
         Tensor[N, C_out, H_out, W_out]. Gradients: input, offset, weight, bias, mask.
     """
-    return _DeformConv2d.apply(input, offset, weight, bias, stride, padding, dilation, mask)
+    return _apply("deform_conv2d", locals())
 
 
 def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, sampling_ratio=0, gamma=0.1,
@@ -376,8 +261,7 @@ def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, 
     Returns:
         Tensor[K, C, PH, PW]. Gradients: input, offset, mask.
     """
-    return _DeformRoIPool.apply(input, _rois(rois, input, "rois"), offset, output_size, spatial_scale, sampling_ratio,
-                                gamma, mask)
+    return _apply("deform_roi_pool", locals())
 
 
 def deform_ps_roi_pool(input, rois, offset, output_dim, group_size, pooled_size, part_size=None, sample_per_part=4,
@@ -394,8 +278,7 @@ def deform_ps_roi_pool(input, rois, offset, output_dim, group_size, pooled_size,
     Returns:
         Tensor[K, output_dim, pooled_size, pooled_size]. Gradients: input, offset.
     """
-    return _DeformPSRoIPool.apply(input, _rois(rois, input, "rois"), offset, output_dim, group_size, pooled_size,
-                                  part_size, sample_per_part, spatial_scale, trans_std, no_trans)
+    return _apply("deform_ps_roi_pool", locals())
 
 
 def mimic_loss(f_a, f_b):
@@ -407,7 +290,7 @@ def mimic_loss(f_a, f_b):
     Returns:
         Tensor[()]: the summed loss. Gradients: f_a, f_b.
     """
-    return _MimicLoss.apply(f_a, f_b)
+    return _apply("mimic_loss", locals())
 
 
 # ---------------------------------------------------------------------------------------------- modules

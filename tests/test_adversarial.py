@@ -357,7 +357,7 @@ def test_host_mimic_loss_special_features(rng, dtype):
 def test_sample_span_of_a_huge_box_is_clamped_before_the_integer_cast():
     """A box 10**20 samples wide along x: the span's ends (5·10**19) used to be cast to int64 (undefined
     behaviour in the kernels, INT64_MIN on the NumPy path); both clamp to SAMPLE_INDEX_MAX first."""
-    from deformcp.roi_align import SAMPLE_INDEX_MAX, _span
+    from deformcp.reference.roi_align import SAMPLE_INDEX_MAX, _span
 
     with np.errstate(invalid="raise"):
         first, end = _span(np.array([-5e19, 0.5]), np.array([1.0, 0.5]), np.array([1e20, 4.0]), 6)

@@ -10,11 +10,11 @@ import pytest
 
 import deformcp
 from deformcp import _kernels, testing
+from deformcp.ops import SPECS
 
 from conftest import run_both
 
 SWAPPED = [np.dtype(">f8"), np.dtype(">f4")] if np.little_endian else [np.dtype("<f8"), np.dtype("<f4")]
-CHECKS = testing.registered()
 
 
 def _swapped(arrays: dict, dtype: np.dtype) -> dict:
@@ -38,24 +38,25 @@ def _assert_native_equal(result, expected, exact=True):
 
 
 @pytest.mark.parametrize("dtype", SWAPPED, ids=str)
-@pytest.mark.parametrize("name", sorted(CHECKS))
+@pytest.mark.parametrize("name", sorted(SPECS))
 @pytest.mark.parametrize("backend", ["numpy", "host"])
 def test_swapped_byte_order_gives_the_native_result(name, backend, dtype, rng):
     if backend == "host":
         from deformcp import _host
         if _host.compiler() is None:
             pytest.skip("host backend: no C++ compiler found")
-    check = CHECKS[name]
+    spec = SPECS[name]
     native_dtype = dtype.newbyteorder("=")
-    for options in check.options:
-        native = {k: a.astype(native_dtype) for k, a in check.make_inputs(rng, options).items()}
+    for case in spec.cases:
+        options = case.options
+        native = {k: a.astype(native_dtype) for k, a in case.make(rng).items()}
         swapped = _swapped(native, dtype)
-        expected = testing.run(backend, check.forward, **native, **options)
+        expected = testing.run(backend, spec.function, **native, **options)
         grad_output = rng.standard_normal(expected.shape).astype(native_dtype)
-        expected_grads = testing.run(backend, check.backward, grad_output, **native, **options)
+        expected_grads = testing.run(backend, spec.backward, grad_output, **native, **options)
         with testing.poisoned_outputs():
-            out = testing.run(backend, check.forward, **swapped, **options)
-            grads = testing.run(backend, check.backward, grad_output.astype(dtype), **swapped, **options)
+            out = testing.run(backend, spec.function, **swapped, **options)
+            grads = testing.run(backend, spec.backward, grad_output.astype(dtype), **swapped, **options)
         _assert_native_equal(out, expected)
         _assert_native_equal(tuple(grads), tuple(expected_grads), exact=backend == "numpy")
         for k, a in swapped.items():  # inputs untouched, still swapped

@@ -5,6 +5,7 @@ import pytest
 import deformcp
 from deformcp import __main__ as cli
 from deformcp import _host, testing
+from deformcp.ops import SPECS, Case
 
 
 def test_info_lists_backends_and_caches(capsys):
@@ -19,7 +20,7 @@ def test_info_lists_backends_and_caches(capsys):
 def test_check_passes_and_prints_a_table(capsys):
     assert cli.main(["check", "--backend", "host", "--seed", "7"]) == 0
     out = capsys.readouterr().out
-    ops = testing.registered()
+    ops = SPECS
     assert {"affine_grid", "grid_sample", "roi_align", "ps_roi_align"} <= set(ops)
     for op in ops:
         assert sum(line.split()[0] == op for line in out.splitlines() if line.strip()) == len(testing.dtypes())
@@ -33,11 +34,10 @@ def test_check_fails_on_a_mismatch(capsys, monkeypatch):
         grid = deformcp.affine_grid(theta, size, align_corners)
         return grid * 1.001 if deformcp.current_backend() == "host" else grid
 
-    monkeypatch.setattr(testing, "_CHECKS", dict(testing._CHECKS))
-    testing.register(testing.OpCheck(
-        name="skewed", make_inputs=lambda rng, options: {"theta": rng.standard_normal((2, 2, 3))},
-        forward=off_on_host, backward=deformcp.affine_grid_backward,
-        options=({"size": (2, 1, 3, 4), "align_corners": False},)))
+    monkeypatch.setitem(SPECS, "skewed", SPECS["affine_grid"]._replace(
+        name="skewed", function=off_on_host,
+        cases=(Case("skewed", lambda rng: {"theta": rng.standard_normal((2, 2, 3))},
+                    {"size": (2, 1, 3, 4), "align_corners": False}),)))
     assert cli.main(["check", "--backend", "host", "--op", "skewed"]) == 1
     rows = {line.split()[2]: line for line in capsys.readouterr().out.splitlines() if line.startswith("skewed")}
     # 1e-3 is past the float32 and float64 tolerances, within float16's and bfloat16's

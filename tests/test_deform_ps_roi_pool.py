@@ -1,7 +1,6 @@
 """deform_ps_roi_pool (DCNv1 deformable position-sensitive RoI pooling): golden values, a loop-by-loop port
 of the original operator, finite differences, backend parity, special RoIs and offsets, determinism, bad
 input."""
-import importlib
 import itertools
 import math
 from fractions import Fraction
@@ -10,11 +9,9 @@ import numpy as np
 import pytest
 
 import deformcp
-from deformcp import _workspace, testing
+from deformcp import _workspace, deform_ps_roi_pool, deform_ps_roi_pool_backward, testing
 
 from conftest import assert_close, directional_derivative, noncontiguous, run_both, to_backend
-
-deform_ps_roi_pool, deform_ps_roi_pool_backward = (getattr(importlib.import_module("deformcp.deform_ps_roi_pool"), f) for f in ("deform_ps_roi_pool", "deform_ps_roi_pool_backward"))  # noqa: E501  (until deformcp/__init__.py exports them)
 
 DTYPES = testing.dtypes()
 SCALE = 1 / 5 ** 0.5  # irrational: sample coordinates never hit a pixel border exactly by arithmetic accident
@@ -461,7 +458,7 @@ def test_numpy_path_chunks_do_not_change_results(rng, monkeypatch):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-14)
 
 
-def test_registered_parity_check_passes():
+def test_parity_check_passes():
     results = testing.check(ops=["deform_ps_roi_pool"])
     assert all(r.ok for r in results), testing.format_results(results)
 

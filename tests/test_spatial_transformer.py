@@ -7,7 +7,7 @@ import pytest
 
 import deformcp
 from deformcp import testing
-from deformcp.spatial_transformer import MODES, PADDING_MODES
+from deformcp.ops.spatial_transformer import MODES, PADDING_MODES
 
 from conftest import assert_close, directional_derivative, noncontiguous, run_both, to_backend
 

@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import scipy.sparse
 
-from . import _workspace
+from .. import _workspace
 
 
 class Corners(NamedTuple):

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
-import numpy as np
-
-from . import _bilinear, _dispatch, _kernels, _validate, _workspace, testing
+from .. import _kernels, _validate, _workspace
+from ..reference import deform_conv as reference
+from ._call import backward, forward
+from ._spec import Case, OpSpec
 
 FAMILY = "deform_conv"
 
@@ -71,7 +72,7 @@ def parse_conv_arguments(stride, padding, dilation) -> tuple[tuple[int, int], ..
             _validate.pair("dilation", dilation, 1, INDEX_MAX))
 
 
-def _check(input, offset, weight, bias, mask, stride, padding, dilation) -> _Geometry:
+def _check(call, input, offset, weight, bias, mask, stride, padding, dilation) -> _Geometry:
     _validate.floating("input", input, 4, "(N, C, H, W)")
     _validate.floating("weight", weight, 4, "(C_out, C / groups, kh, kw)")
     _validate.floating("offset", offset, 4, "(N, 2·G·kh·kw, H_out, W_out)")
@@ -117,145 +118,8 @@ def _check(input, offset, weight, bias, mask, stride, padding, dilation) -> _Geo
     return geo
 
 
-# ------------------------------------------------------------------------------------ NumPy path
-
-def _group_samples(offset, mask, g, geo: _Geometry, dtype, r0: int):
-    """Corners of every sample of offset group g for a chunk: images offset.shape[0], output rows [r0, r0 +
-    offset.shape[2]) (offset and mask are the chunk's slices), rows ordered (image, p, tap): rows into
-    _bilinear.pixels_last(chunk's images), the bilinear weights times the mask, the weights' derivatives times
-    the mask, and the unmasked weights. Tap positions are integers in int64 until they are added to Δy, Δx."""
-    n, K, P = offset.shape[0], geo.taps, offset.shape[2] * geo.Wo
-    (sh, sw), (ph, pw), (dh, dw) = geo.stride, geo.padding, geo.dilation
-    off = offset.reshape(n, geo.offset_groups, K, 2, P)[:, g].astype(dtype, copy=False)
-    rows_y = np.arange(r0, r0 + offset.shape[2], dtype=np.int64)
-    base_y = (rows_y * sh - ph)[:, None, None, None] + (np.arange(geo.kh, dtype=np.int64) * dh)[:, None]
-    base_x = (np.arange(geo.Wo, dtype=np.int64) * sw - pw)[:, None, None] + np.arange(geo.kw, dtype=np.int64) * dw
-    shape = (len(rows_y), geo.Wo, geo.kh, geo.kw)
-    base_y = np.broadcast_to(base_y, shape).reshape(P, K).astype(dtype)
-    base_x = np.broadcast_to(base_x, shape).reshape(P, K).astype(dtype)
-    y = base_y + off[:, :, 0].transpose(0, 2, 1)        # (n, P, K)
-    x = base_x + off[:, :, 1].transpose(0, 2, 1)
-    with np.errstate(invalid="ignore"):
-        c = _bilinear.corners(y, x, geo.H, geo.W)
-    m = (np.ones((n, P, K), dtype) if mask is None else
-         mask.reshape(n, geo.offset_groups, K, P)[:, g].astype(dtype, copy=False).transpose(0, 2, 1))[..., None]
-    rows = c.index + (np.arange(n) * (geo.H * geo.W + 1)).reshape(n, 1, 1, 1)
-    return rows, c.weight * m, c.dweight_dy * m, c.dweight_dx * m, c.weight
-
-
-def _columns(images, offset, mask, geo: _Geometry, dtype, r0: int):
-    """Sampled columns of a chunk (n images, output rows [r0, r0 + offset.shape[2])): (n·Pc, K, C) in dtype."""
-    n, K, P = images.shape[0], geo.taps, offset.shape[2] * geo.Wo
-    Cg = geo.C // geo.offset_groups
-    cols = np.empty((n * P, K, geo.C), dtype)
-    for g in range(geo.offset_groups):
-        rows, weight = _group_samples(offset, mask, g, geo, dtype, r0)[:2]
-        S = _bilinear.sampling_matrix(rows, weight, n * (geo.H * geo.W + 1))
-        X = _bilinear.pixels_last(images[:, g * Cg:(g + 1) * Cg], dtype)
-        cols[:, :, g * Cg:(g + 1) * Cg] = (S @ X).reshape(n * P, K, Cg)
-    return cols
-
-
-def _chunk(a, n0, n1, r0, r1):
-    """Images [n0, n1), output rows [r0, r1) of an (N, channels, Ho, Wo) array; None stays None."""
-    return None if a is None else a[n0:n1, :, r0:r1]
-
-
-def _group_weight(weight, q, geo: _Geometry, dtype):
-    """Weight of conv group q as (C_out / groups, K·C / groups), columns ordered (tap, channel)."""
-    Cq_out = geo.C_out // geo.groups
-    w = weight[q * Cq_out:(q + 1) * Cq_out].astype(dtype, copy=False)
-    return w.reshape(Cq_out, w.shape[1], geo.taps).transpose(0, 2, 1).reshape(Cq_out, -1)
-
-
-def _workspace_bytes(geo: _Geometry, dtype, backward: bool) -> tuple[int, int]:
-    """Scratch bytes of the NumPy path (per output row, per image): column buffers and the sparse sampling
-    matrices per row, a channels-last copy of one offset group's channels per image."""
-    K, itemsize = geo.taps, np.dtype(dtype).itemsize
-    # per row: columns (and their gradient, or the product being written), corners and weights of the samples
-    # (_group_samples holds about 256 bytes a sample at its peak), and the output block (or its gradient)
-    per_row = geo.Wo * K * (geo.C * itemsize * (3 if backward else 2) + 256) + geo.Wo * geo.C_out * itemsize
-    return per_row, (geo.H * geo.W + 1) * (geo.C // geo.offset_groups) * itemsize
-
-
-def _forward_numpy(input, offset, weight, bias, mask, geo: _Geometry):
-    dtype = _kernels.compute_dtype(input.dtype)
-    N, Wo, Cq, Cq_out = geo.N, geo.Wo, geo.C // geo.groups, geo.C_out // geo.groups
-    out = np.empty((N, geo.C_out, geo.Ho, Wo), dtype)
-    weights = [_group_weight(weight, q, geo, dtype) for q in range(geo.groups)]
-    per_row, per_image = _workspace_bytes(geo, dtype, False)
-    for n0, n1, r0, r1 in _workspace.chunks(N, geo.Ho, per_row, "deform_conv2d", per_image):
-        n, n_rows = n1 - n0, r1 - r0
-        cols = _columns(input[n0:n1], _chunk(offset, n0, n1, r0, r1), _chunk(mask, n0, n1, r0, r1), geo, dtype, r0)
-        for q in range(geo.groups):
-            part = cols[:, :, q * Cq:(q + 1) * Cq].reshape(n * n_rows * Wo, -1) @ weights[q].T
-            out[n0:n1, q * Cq_out:(q + 1) * Cq_out, r0:r1] = part.reshape(n, n_rows, Wo, Cq_out).transpose(0, 3, 1, 2)
-        del cols, part  # before the next chunk allocates its own
-    if bias is not None:
-        out += bias.astype(dtype)[:, None, None]
-    return out.astype(input.dtype, copy=False)
-
-
-def _backward_numpy(grad_output, input, offset, weight, bias, mask, geo: _Geometry, wanted):
-    """The five gradients in chunks. Chunks within one image add their input gradients into it one after
-    another, and every chunk adds into the weight gradient: those two sums depend on the chunks (rounding);
-    the offset and mask gradients of an output do not."""
-    want_input, want_offset, want_weight, want_bias, want_mask = wanted
-    dtype = _kernels.compute_dtype(input.dtype)
-    N, K, Ho, Wo, HW = geo.N, geo.taps, geo.Ho, geo.Wo, geo.H * geo.W
-    G, Cg, Cq, Cq_out = geo.offset_groups, geo.C // geo.offset_groups, geo.C // geo.groups, geo.C_out // geo.groups
-    weights = [_group_weight(weight, q, geo, dtype) for q in range(geo.groups)]
-    grad_input = np.zeros(input.shape, dtype) if want_input else None
-    grad_offset = np.empty(offset.shape, dtype) if want_offset else None
-    grad_mask = np.empty(mask.shape, dtype) if want_mask else None
-    grad_weight = [np.zeros_like(w) for w in weights] if want_weight else None
-    per_row, per_image = _workspace_bytes(geo, dtype, True)
-    for n0, n1, r0, r1 in _workspace.chunks(N, Ho, per_row, "deform_conv2d_backward", per_image):
-        n, n_rows = n1 - n0, r1 - r0
-        P = n_rows * Wo
-        images, off, m = input[n0:n1], _chunk(offset, n0, n1, r0, r1), _chunk(mask, n0, n1, r0, r1)
-        G_out = _chunk(grad_output, n0, n1, r0, r1).reshape(n, geo.C_out, P).transpose(0, 2, 1).reshape(
-            n * P, geo.C_out).astype(dtype, copy=False)
-        if want_weight:
-            cols = _columns(images, off, m, geo, dtype, r0)
-            for q in range(geo.groups):
-                grad_weight[q] += G_out[:, q * Cq_out:(q + 1) * Cq_out].T @ cols[:, :, q * Cq:(q + 1) * Cq].reshape(
-                    n * P, -1)
-            del cols
-        if not (want_input or want_offset or want_mask):
-            continue
-        grad_cols = np.empty((n * P, K, geo.C), dtype)
-        for q in range(geo.groups):
-            grad_cols[:, :, q * Cq:(q + 1) * Cq] = (G_out[:, q * Cq_out:(q + 1) * Cq_out] @ weights[q]).reshape(
-                n * P, K, Cq)
-        for g in range(G):
-            rows, weight_m, dy_m, dx_m, weight_plain = _group_samples(off, m, g, geo, dtype, r0)
-            columns = n * (HW + 1)
-            grad_g = np.ascontiguousarray(grad_cols[:, :, g * Cg:(g + 1) * Cg]).reshape(n * P * K, Cg)
-            if want_input:
-                S = _bilinear.sampling_matrix(rows, weight_m, columns)
-                pixels = (S.T @ grad_g).reshape(n, HW + 1, Cg)[:, :HW].transpose(0, 2, 1)
-                grad_input[n0:n1, g * Cg:(g + 1) * Cg] += pixels.reshape(n, Cg, geo.H, geo.W)
-                del S, pixels
-            if want_offset or want_mask:
-                X = _bilinear.pixels_last(images[:, g * Cg:(g + 1) * Cg], dtype)
-
-                def sample_dot(values):  # Σ_c (values-weighted sample of channel c) · grad_columns[..., c]
-                    sampled = _bilinear.sampling_matrix(rows, values, columns) @ X
-                    return np.vecdot(sampled, grad_g).reshape(n, n_rows, Wo, K).transpose(0, 3, 1, 2)
-
-                if want_offset:
-                    pair = grad_offset.reshape(N, G, K, 2, Ho, Wo)[n0:n1, g, :, :, r0:r1]
-                    pair[:, :, 0] = sample_dot(dy_m)
-                    pair[:, :, 1] = sample_dot(dx_m)
-                if want_mask:
-                    grad_mask.reshape(N, G, K, Ho, Wo)[n0:n1, g, :, r0:r1] = sample_dot(weight_plain)
-    if want_weight:
-        grad_weight = np.concatenate([w.reshape(Cq_out, K, Cq).transpose(0, 2, 1) for w in grad_weight]).reshape(
-            weight.shape)
-    grad_bias = grad_output.astype(dtype).sum(axis=(0, 2, 3)) if want_bias else None
-    return tuple(None if g is None else g.astype(input.dtype, copy=False)
-                 for g in (grad_input, grad_offset, grad_weight, grad_bias, grad_mask))
+def _output(geo: _Geometry):
+    return (geo.N, geo.C_out, geo.Ho, geo.Wo), "(N, C_out, H_out, W_out)"
 
 
 # ---------------------------------------------------------------------------------------- kernels
@@ -389,15 +253,7 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
 
     Every rule in full, with the border cases: docs/conventions.md.
     """
-    call = _dispatch.prepare(input=input, offset=offset, weight=weight, bias=bias, mask=mask)
-    input, offset, weight, bias, mask = call.arrays
-    geo = _check(input, offset, weight, bias, mask, stride, padding, dilation)
-    with call.device:
-        if call.backend == "numpy":
-            out = _forward_numpy(input, offset, weight, bias, mask, geo)
-        else:
-            out = _forward_kernels(call, input, offset, weight, bias, mask, geo)
-    return call.export(out)
+    return forward(DEFORM_CONV2D, locals())
 
 
 def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride=1, padding=0, dilation=1,
@@ -427,26 +283,12 @@ def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride
     makes, and so does the NumPy path's input gradient when an image is split into ranges of output rows:
     their last bits can depend on the limit.
     """
-    call = _dispatch.prepare(grad_output=grad_output, input=input, offset=offset, weight=weight, bias=bias,
-                             mask=mask)
-    grad_output, input, offset, weight, bias, mask = call.arrays
-    geo = _check(input, offset, weight, bias, mask, stride, padding, dilation)
-    wanted = _validate.needs_grad(needs_input_grad, DeformConv2dGrads._fields)
-    wanted = tuple(w and a is not None for w, a in zip(wanted, (input, offset, weight, bias, mask)))
-    deterministic = _validate.flag("deterministic", deterministic)
-    _validate.grad_output(grad_output, (geo.N, geo.C_out, geo.Ho, geo.Wo), "(N, C_out, H_out, W_out)", input=input)
-    with call.device:
-        if call.backend == "numpy":
-            grads = _backward_numpy(grad_output, input, offset, weight, bias, mask, geo, wanted)
-        else:
-            grads = _backward_kernels(call, grad_output, input, offset, weight, bias, mask, geo, wanted,
-                                      deterministic)
-    return DeformConv2dGrads(*(None if g is None else call.export(g) for g in grads))
+    return backward(DEFORM_CONV2D, locals())
 
 
-# ------------------------------------------------------------------------ parity checks (deformcp.testing)
+# ------------------------------------------------------------------------------------------- spec
 
-def _conv_inputs(rng, options):
+def _conv_inputs(rng, modulated):
     """The irregular configuration: kernel 3×2, stride 2×1, padding 1×0, dilation 2×1, groups 2, offset
     groups 3, offsets of a few pixels."""
     N, C, H, W, C_out, G, kh, kw = 2, 6, 9, 8, 4, 3, 3, 2
@@ -454,18 +296,19 @@ def _conv_inputs(rng, options):
     arrays = {"input": rng.standard_normal((N, C, H, W)),
               "offset": 2 * rng.standard_normal((N, 2 * G * kh * kw, Ho, Wo)),
               "weight": rng.standard_normal((C_out, C // 2, kh, kw)), "bias": rng.standard_normal(C_out)}
-    if options["modulated"]:
+    if modulated:
         arrays["mask"] = rng.uniform(0, 1, (N, G * kh * kw, Ho, Wo))
     return arrays
 
 
-def _check_forward(modulated, **arrays):
-    return deform_conv2d(**arrays, stride=(2, 1), padding=(1, 0), dilation=(2, 1))
+_PARITY_OPTIONS = {"stride": (2, 1), "padding": (1, 0), "dilation": (2, 1)}
 
+DEFORM_CONV2D = OpSpec(
+    name="deform_conv2d", arrays=("input", "offset", "weight", "bias", "mask"), grads=DeformConv2dGrads,
+    check=_check, output=_output, reference=reference.deform_conv2d,
+    reference_backward=reference.deform_conv2d_backward, kernels=_forward_kernels, kernels_backward=_backward_kernels,
+    function=deform_conv2d, backward=deform_conv2d_backward,
+    cases=(Case("v1", lambda rng: _conv_inputs(rng, modulated=False), _PARITY_OPTIONS),
+           Case("v2", lambda rng: _conv_inputs(rng, modulated=True), _PARITY_OPTIONS)))
 
-def _check_backward(grad_output, modulated, **arrays):
-    return deform_conv2d_backward(grad_output, **arrays, stride=(2, 1), padding=(1, 0), dilation=(2, 1))
-
-
-testing.register(testing.OpCheck(name="deform_conv2d", make_inputs=_conv_inputs, forward=_check_forward,
-                                 backward=_check_backward, options=({"modulated": False}, {"modulated": True})))
+SPECS = (DEFORM_CONV2D,)

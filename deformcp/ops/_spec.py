@@ -1,0 +1,55 @@
+"""What an op is, once: :class:`OpSpec`. Every consumer reads the table of specs (``deformcp.ops.SPECS``):
+the front door (:mod:`deformcp.ops._call`), ``deformcp.testing.check``, ``deformcp.torch``, ``deformcp.jax``,
+the benchmarks and the tests."""
+from __future__ import annotations
+
+import inspect
+from typing import Callable, NamedTuple, Optional
+
+import numpy as np
+
+
+class Case(NamedTuple):
+    """One parity configuration of an op: ``make(rng)`` → dict of float64 NumPy arrays (the op's array
+    arguments by name, absent optional ones left out) and the op's other arguments, ``options``."""
+
+    label: str
+    make: Callable[[np.random.Generator], dict]
+    options: dict
+
+
+class OpSpec(NamedTuple):
+    """One op: its arrays, its checks and the two implementations of its forward and backward.
+
+    ``config`` is what ``check`` returns (a named tuple of the checked options and sizes); the NumPy path
+    (``reference*``, in deformcp.reference) and the kernel glue (``kernels*``) take it after the arrays.
+    ``wanted`` has one bool per field of ``grads``: asked for and present.
+    """
+
+    name: str                    # the public function's name
+    arrays: tuple[str, ...]      # its array arguments, in signature order
+    grads: type                  # the backward's named tuple: one field per differentiable array, in order
+    check: Callable              # check(call, *arrays, **options) → config; raises ValueError/TypeError
+    output: Callable             # output(config) → (shape, layout) of the forward's result
+    reference: Callable          # reference(*arrays, config) → result (NumPy path)
+    reference_backward: Callable  # reference_backward(grad_output, *arrays, config, wanted) → gradients
+    kernels: Callable            # kernels(call, *arrays, config) → result (host and CUDA backends)
+    kernels_backward: Callable   # kernels_backward(call, grad_output, *arrays, config, wanted, deterministic)
+    function: Callable           # the public forward, e.g. deformcp.grid_sample
+    backward: Callable           # the public backward, e.g. deformcp.grid_sample_backward
+    cases: tuple[Case, ...]      # parity configurations (deformcp.testing.check, the tests)
+    boxes: Optional[str] = None  # the array argument that also takes a list of per-image (L, 4) boxes
+
+    @property
+    def differentiable(self) -> tuple[str, ...]:
+        return self.grads._fields
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """The public function's other arguments, in signature order."""
+        return tuple(p for p in inspect.signature(self.function).parameters if p not in self.arrays)
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether the backward takes ``deterministic`` (it can scatter-add with atomics)."""
+        return "deterministic" in inspect.signature(self.backward).parameters

@@ -1,0 +1,273 @@
+"""Spatial Transformer Networks: the affine grid generator and the grid sampler, forward and backward.
+
+Jaderberg et al., "Spatial Transformer Networks", NeurIPS 2015, https://arxiv.org/abs/1506.02025.
+Semantics are those of torch.nn.functional.affine_grid and grid_sample (2-D). Kernels:
+kernels/spatial_transformer.cu.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+from .. import _kernels, _validate
+from ..reference import spatial_transformer as reference
+from ._call import backward, forward
+from ._spec import Case, OpSpec
+
+FAMILY = "spatial_transformer"
+MODES = ("bilinear", "nearest")
+PADDING_MODES = ("zeros", "border", "reflection")
+
+
+class AffineGridGrads(NamedTuple):
+    """Gradients of :func:`affine_grid`."""
+
+    theta: Optional[object]
+
+
+class GridSampleGrads(NamedTuple):
+    """Gradients of :func:`grid_sample`; a field is None where it was not asked for."""
+
+    input: Optional[object]
+    grid: Optional[object]
+
+
+# ---------------------------------------------------------------------------------------- affine_grid
+
+class AffineGridConfig(NamedTuple):
+    N: int
+    H: int
+    W: int
+    align_corners: bool
+
+
+def _check_affine_grid(call, theta, size, align_corners) -> AffineGridConfig:
+    _validate.floating("theta", theta, 3, "(N, 2, 3)")
+    _validate.shape("theta", theta, (None, 2, 3), "(N, 2, 3)")
+    size = _validate.sizes("size", size, 4)
+    if size[0] != theta.shape[0]:
+        raise ValueError(f"size: expected N = {theta.shape[0]} (theta's batch) in size (N, C, H, W), "
+                         f"got {size}")
+    _validate.output_fits("size", (size[0], size[2], size[3], 2), theta.dtype)
+    return AffineGridConfig(size[0], size[2], size[3], _validate.flag("align_corners", align_corners))
+
+
+def _affine_grid_output(cfg: AffineGridConfig):
+    return (cfg.N, cfg.H, cfg.W, 2), "(N, H, W, 2)"
+
+
+def _affine_grid_kernels(call, theta, cfg: AffineGridConfig):
+    xp = call.xp
+    theta = xp.ascontiguousarray(theta)
+    out = _kernels.empty(xp, (cfg.N, cfg.H, cfg.W, 2), theta.dtype)
+    _kernels.launch(call.backend, FAMILY, "affine_grid_forward", theta.dtype, cfg.N * cfg.H * cfg.W, (theta, out),
+                    (cfg.N, cfg.H, cfg.W), (cfg.align_corners,))
+    return out
+
+
+def _affine_grid_kernels_backward(call, grad_output, theta, cfg: AffineGridConfig, wanted, deterministic):
+    xp = call.xp
+    grad_output = xp.ascontiguousarray(grad_output)
+    grad_theta = _kernels.empty(xp, (cfg.N, 2, 3), theta.dtype)
+    _kernels.launch(call.backend, FAMILY, "affine_grid_backward", theta.dtype, cfg.N * 6,
+                    (grad_output, grad_theta), (cfg.N, cfg.H, cfg.W), (cfg.align_corners,))
+    return (grad_theta,)
+
+
+def affine_grid(theta, size, align_corners=False):
+    """Sampling grid of a batch of 2-D affine transforms: ``(x_s, y_s) = theta · (x_t, y_t, 1)``.
+
+    Args:
+        theta (array[N, 2, 3]): affine matrices mapping output (target) to input (source) coordinates,
+            both normalised to [-1, 1].
+        size (sequence[int] of 4): the output size (N, C, H, W); only N, H and W are used.
+        align_corners (bool): if True, -1 and 1 are the centres of the corner pixels; if False, their
+            outer edges, so the grid is resolution-independent. Default: False.
+
+    Returns:
+        array[N, H, W, 2]: the grid, last axis (x, y) — ready for :func:`grid_sample`.
+
+    Same as torch.nn.functional.affine_grid for 4-D sizes. Jaderberg et al., "Spatial Transformer
+    Networks", NeurIPS 2015, https://arxiv.org/abs/1506.02025 (eq. 1).
+
+    >>> theta = np.array([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])   # identity
+    >>> grid = deformcp.affine_grid(theta, (1, 3, 4, 5))          # (1, 4, 5, 2)
+
+    Every rule in full, with the border cases: docs/conventions.md.
+    """
+    return forward(AFFINE_GRID, locals())
+
+
+def affine_grid_backward(grad_output, theta, size, align_corners=False):
+    """Gradient of :func:`affine_grid` with respect to theta.
+
+    Args:
+        grad_output (array[N, H, W, 2]): gradient of the loss with respect to the grid.
+        theta (array[N, 2, 3]), size, align_corners: as given to :func:`affine_grid`.
+
+    Returns:
+        AffineGridGrads: ``theta`` (array[N, 2, 3]). Deterministic on every backend.
+    """
+    return backward(AFFINE_GRID, locals())
+
+
+# ---------------------------------------------------------------------------------------- grid_sample
+
+class GridSampleConfig(NamedTuple):
+    N: int
+    C: int
+    H: int
+    W: int
+    H_out: int
+    W_out: int
+    mode: str
+    padding_mode: str
+    align_corners: bool
+
+    @property
+    def sizes(self) -> tuple:
+        return (self.N, self.C, self.H, self.W, self.H_out, self.W_out)
+
+    @property
+    def options(self) -> tuple:
+        """The kernels' option arguments."""
+        return (MODES.index(self.mode), PADDING_MODES.index(self.padding_mode), self.align_corners)
+
+
+def _check_grid_sample(call, input, grid, mode, padding_mode, align_corners) -> GridSampleConfig:
+    _validate.floating("input", input, 4, "(N, C, H, W)")
+    _validate.floating("grid", grid, 4, "(N, H_out, W_out, 2)")
+    if grid.shape[3] != 2:
+        raise ValueError(f"grid: expected the last axis to hold (x, y), size 2, in (N, H_out, W_out, 2), "
+                         f"got shape {tuple(grid.shape)}")
+    if grid.shape[0] != input.shape[0]:
+        raise ValueError(f"grid: expected batch size N = {input.shape[0]} (input's), "
+                         f"got {grid.shape[0]} in shape {tuple(grid.shape)}")
+    if input.shape[2] == 0 or input.shape[3] == 0:
+        raise ValueError(f"input: expected non-empty spatial size H, W in (N, C, H, W), "
+                         f"got {tuple(input.shape)}")
+    _validate.same_dtype(input=input, grid=grid)
+    _validate.choice("mode", mode, MODES)
+    _validate.choice("padding_mode", padding_mode, PADDING_MODES)
+    align_corners = _validate.flag("align_corners", align_corners)
+    return GridSampleConfig(*input.shape, *grid.shape[1:3], mode, padding_mode, align_corners)
+
+
+def _grid_sample_output(cfg: GridSampleConfig):
+    return (cfg.N, cfg.C, cfg.H_out, cfg.W_out), "(N, C, H_out, W_out)"
+
+
+def _grid_sample_kernels(call, input, grid, cfg: GridSampleConfig):
+    xp = call.xp
+    input, grid = xp.ascontiguousarray(input), xp.ascontiguousarray(grid)
+    out = _kernels.empty(xp, _grid_sample_output(cfg)[0], input.dtype)
+    _kernels.launch(call.backend, FAMILY, "grid_sample_forward", input.dtype, cfg.N * cfg.H_out * cfg.W_out,
+                    (input, grid, out), cfg.sizes, cfg.options)
+    return out
+
+
+def _grid_sample_kernels_backward(call, grad_output, input, grid, cfg: GridSampleConfig, wanted, deterministic):
+    xp = call.xp
+    want_input, want_grid = wanted
+    grad_output, input, grid = (xp.ascontiguousarray(a) for a in (grad_output, input, grid))
+    grad_input = grad_grid = None
+    if want_input:  # summed in float32 for 16-bit input
+        grad_input = xp.zeros(input.shape, _kernels.compute_dtype(input.dtype))
+    if want_grid:
+        grad_grid = _kernels.empty(xp, grid.shape, grid.dtype)
+    scattered = None if deterministic or grad_input is None else grad_input
+    if scattered is not None or grad_grid is not None:
+        _kernels.launch(call.backend, FAMILY, "grid_sample_backward", input.dtype, cfg.N * cfg.H_out * cfg.W_out,
+                        (grad_output, input, grid, _kernels.NULL if scattered is None else scattered,
+                         _kernels.NULL if grad_grid is None else grad_grid), cfg.sizes, cfg.options)
+    if deterministic and grad_input is not None:
+        _kernels.launch(call.backend, FAMILY, "grid_sample_backward_input_deterministic", input.dtype,
+                        cfg.N * cfg.C, (grad_output, grid, grad_input), cfg.sizes, cfg.options)
+    if grad_input is not None:
+        grad_input = grad_input.astype(input.dtype, copy=False)
+    return grad_input, grad_grid
+
+
+def grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corners=False):
+    """Sample ``input`` at the normalised locations of ``grid``: ``V = Σ_nm U_nm k(x_s − m) k(y_s − n)``.
+
+    Args:
+        input (array[N, C, H, W]): the images.
+        grid (array[N, H_out, W_out, 2]): sampling locations, last axis (x, y), normalised so that -1 and
+            1 are the left/top and right/bottom of the image (see align_corners). Same dtype as input.
+        mode (str): "bilinear" (k(d) = max(0, 1 − |d|)) or "nearest" (round half to even).
+            Default: "bilinear".
+        padding_mode (str): what locations outside the image read. "zeros": 0 (bilinear corners outside
+            the image read 0); "border": the coordinate is clamped to the image; "reflection": it is
+            reflected at the border (at the corner pixels' centres with align_corners, else their edges),
+            then clamped. Default: "zeros".
+        align_corners (bool): True: x = (g + 1) / 2 · (W − 1), -1 and 1 are the corner pixels' centres;
+            False: x = ((g + 1) · W − 1) / 2, they are the corner pixels' outer edges. Default: False.
+
+    Returns:
+        array[N, C, H_out, W_out], input's dtype and framework.
+
+    A grid value that is NaN samples 0 (and gets gradient 0) in every padding mode; ±inf samples 0 with
+    zeros and reflection padding and the border pixel with border padding. Same as
+    torch.nn.functional.grid_sample for 4-D input. Jaderberg et al., "Spatial Transformer Networks",
+    NeurIPS 2015, https://arxiv.org/abs/1506.02025 (eq. 5, the bilinear kernel).
+
+    >>> x = np.random.rand(1, 3, 8, 8)
+    >>> theta = np.array([[[0.5, 0.0, 0.0], [0.0, 0.5, 0.0]]])     # zoom in 2×
+    >>> out = deformcp.grid_sample(x, deformcp.affine_grid(theta, x.shape))
+
+    Every rule in full, with the border cases: docs/conventions.md.
+    """
+    return forward(GRID_SAMPLE, locals())
+
+
+def grid_sample_backward(grad_output, input, grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False, needs_input_grad=(True, True), deterministic=False):
+    """Gradients of :func:`grid_sample` with respect to input and grid.
+
+    Args:
+        grad_output (array[N, C, H_out, W_out]): gradient of the loss with respect to the output.
+        input, grid, mode, padding_mode, align_corners: as given to :func:`grid_sample`.
+        needs_input_grad (pair of bool): which of (input, grid) to differentiate. Default: both.
+        deterministic (bool): on the host and CUDA backends, False scatter-adds the input gradient with
+            atomics (float sums may differ in the last bits between runs); True gives each input plane
+            to one thread, which adds the output locations in order: bitwise identical run to run. The
+            NumPy path is always deterministic. Default: False.
+
+    Returns:
+        GridSampleGrads: ``input`` (array[N, C, H, W]) and ``grid`` (array[N, H_out, W_out, 2]), None
+        where not asked for. The grid gradient is 0 for mode "nearest", where a coordinate is clamped
+        by the padding, and at NaN locations. The bilinear weights' derivative at an integer coordinate
+        is taken from the right (the cell whose lower corner it is), as in PyTorch.
+
+    """
+    return backward(GRID_SAMPLE, locals())
+
+
+# ------------------------------------------------------------------------------------------- specs
+
+def _align_options(**fixed):
+    return tuple(dict(fixed, align_corners=a) for a in (False, True))
+
+
+def _grid_sample_inputs(rng):
+    return {"input": rng.standard_normal((2, 3, 7, 9)), "grid": rng.uniform(-1.2, 1.2, (2, 5, 6, 2))}
+
+
+AFFINE_GRID = OpSpec(
+    name="affine_grid", arrays=("theta",), grads=AffineGridGrads, check=_check_affine_grid,
+    output=_affine_grid_output, reference=reference.affine_grid, reference_backward=reference.affine_grid_backward,
+    kernels=_affine_grid_kernels, kernels_backward=_affine_grid_kernels_backward, function=affine_grid,
+    backward=affine_grid_backward,
+    cases=tuple(Case(f"align_corners={o['align_corners']}", lambda rng: {"theta": rng.standard_normal((3, 2, 3))},
+                     o) for o in _align_options(size=(3, 2, 5, 7))))
+
+GRID_SAMPLE = OpSpec(
+    name="grid_sample", arrays=("input", "grid"), grads=GridSampleGrads, check=_check_grid_sample,
+    output=_grid_sample_output, reference=reference.grid_sample, reference_backward=reference.grid_sample_backward,
+    kernels=_grid_sample_kernels, kernels_backward=_grid_sample_kernels_backward, function=grid_sample,
+    backward=grid_sample_backward,
+    cases=tuple(Case(f"{mode}-{padding_mode}-align_corners={o['align_corners']}", _grid_sample_inputs, o)
+                for mode in MODES for padding_mode in PADDING_MODES
+                for o in _align_options(mode=mode, padding_mode=padding_mode)))
+
+SPECS = (AFFINE_GRID, GRID_SAMPLE)
