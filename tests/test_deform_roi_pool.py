@@ -9,8 +9,6 @@ from deformcp import testing
 
 from conftest import assert_close, directional_derivative, run_both, to_backend
 
-DTYPES = testing.dtypes()
-
 
 def inside_boxes(rng, N, H, W, K):
     """Boxes well inside an H×W image (spatial_scale 1)."""
@@ -83,26 +81,6 @@ def test_finite_differences(rng, modulated, trial):
         direction = rng.standard_normal(values[name].shape)
         numeric = directional_derivative(loss, [values[n] for n in names], index, direction)
         assert np.sum(getattr(grads, name) * direction) == pytest.approx(numeric, rel=1e-6, abs=1e-9), name
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("variant", ["plain", "offset", "modulated"])
-def test_backend_matches_numpy(backend, rng, dtype, variant):
-    x = rng.standard_normal((2, 4, 9, 11)).astype(dtype)
-    rois = random_boxes(rng, 2, 9, 11, 10).astype(dtype)
-    offset = None if variant == "plain" else rng.standard_normal((10, 2, 3, 4)).astype(dtype)
-    mask = rng.uniform(0, 1, (10, 1, 3, 4)).astype(dtype) if variant == "modulated" else None
-    kwargs = dict(output_size=(3, 4), spatial_scale=0.5, sampling_ratio=0, gamma=0.2)
-    out, expected = run_both(backend, deformcp.deform_roi_pool, x, rois, offset, mask=mask, **kwargs)
-    assert_close(out, expected, dtype)
-    grad_output = rng.standard_normal(expected.shape).astype(dtype)
-    for deterministic in (False, True):
-        grads, expected_grads = run_both(backend, deformcp.deform_roi_pool_backward, grad_output, x, rois, offset,
-                                         mask=mask, deterministic=deterministic, **kwargs)
-        for got, want in zip(grads, expected_grads):
-            assert (got is None) == (want is None)
-            if want is not None:
-                assert_close(got, want, dtype)
 
 
 def test_special_inputs(backend, rng):

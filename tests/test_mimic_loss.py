@@ -148,17 +148,6 @@ def test_backend_matches_numpy(backend, rng, dtype, K, D):
         np.testing.assert_array_equal(testing.to_numpy(first), testing.to_numpy(second))
 
 
-@pytest.mark.parametrize("needs", [(True, False), (False, True), (False, False)])
-def test_backward_skips_unwanted(where, rng, needs):
-    f_a, f_b = features(rng, 8, 6)
-    grads = call(where, mimic_loss_backward, np.array(1.5), f_a, f_b, needs_input_grad=needs)
-    full = mimic_loss_backward(np.array(1.5), f_a, f_b)
-    for got, want, wanted in zip(grads, full, needs):
-        assert (got is None) == (not wanted)
-        if wanted:
-            assert_close(got, want, "float64")
-
-
 def test_matches_float64_reference(rng):
     """The NumPy path in each dtype (float16 and bfloat16 computed in float32) against float64."""
     for dtype in DTYPES:

@@ -246,16 +246,17 @@ def _random_rois(rng, N, H, W, K, inside_left_top=False):
 CHECK_SCALE = 1 / 5 ** 0.5
 
 
-def _case(no_trans, G, P, S, spp, classes) -> Case:
+def _case(output_dim, G, P, S, spp, classes, no_trans) -> Case:
     def make(rng):
         N, H, W, K = 2, 9, 11, 10
-        return {"input": rng.standard_normal((N, 2 * classes * G * G, H, W)),
+        return {"input": rng.standard_normal((N, output_dim * G * G, H, W)),
                 "rois": _random_rois(rng, N, H, W, K, inside_left_top=no_trans),
                 "offset": rng.standard_normal((K, 2 * classes, S, S))}
 
-    options = dict(output_dim=2 * classes, group_size=G, pooled_size=P, part_size=S, sample_per_part=spp,
+    options = dict(output_dim=output_dim, group_size=G, pooled_size=P, part_size=S, sample_per_part=spp,
                    spatial_scale=CHECK_SCALE, trans_std=0.25, no_trans=no_trans)
-    return Case(f"G={G}-P={P}-S={S}-classes={classes}" + ("-no_trans" if no_trans else ""), make, options)
+    label = f"dim{output_dim}-G{G}-P{P}-S{S}-spp{spp}-classes{classes}" + ("-no_trans" if no_trans else "")
+    return Case(label, make, options)
 
 
 DEFORM_PS_ROI_POOL = OpSpec(
@@ -263,6 +264,11 @@ DEFORM_PS_ROI_POOL = OpSpec(
     output=_output, reference=reference.deform_ps_roi_pool, reference_backward=reference.deform_ps_roi_pool_backward,
     kernels=_launch_forward, kernels_backward=_launch_backward, function=deform_ps_roi_pool,
     backward=deform_ps_roi_pool_backward, boxes="rois",
-    cases=(_case(False, 3, 3, 3, 2, 1), _case(False, 2, 3, 2, 3, 2), _case(True, 3, 4, 4, 2, 1)))
+    cases=(_case(2, 3, 3, 3, 2, 1, False),
+           _case(4, 2, 3, 2, 3, 2, False),   # two classes, G < P, S < P
+           _case(3, 1, 4, 5, 1, 3, False),   # three classes, G = 1, S > P
+           _case(2, 4, 3, 3, 4, 1, False),   # G > P
+           _case(2, 2, 4, 4, 2, 1, True),
+           _case(1, 3, 3, 2, 3, 1, True)))
 
 SPECS = (DEFORM_PS_ROI_POOL,)

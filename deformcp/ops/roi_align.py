@@ -352,11 +352,12 @@ def _roi_inputs(channels):
     return lambda rng: {"input": rng.standard_normal((2, channels, 9, 11)), "boxes": _random_boxes(rng, 2, 9, 11, 12)}
 
 
-def _pool_inputs(modulated):
+def _pool_inputs(offset, modulated):
     def make(rng):
         K = 10
-        arrays = {"input": rng.standard_normal((2, 5, 9, 11)), "rois": _random_boxes(rng, 2, 9, 11, K),
-                  "offset": rng.standard_normal((K, 2, 3, 4))}
+        arrays = {"input": rng.standard_normal((2, 5, 9, 11)), "rois": _random_boxes(rng, 2, 9, 11, K)}
+        if offset:
+            arrays["offset"] = rng.standard_normal((K, 2, 3, 4))
         if modulated:
             arrays["mask"] = rng.uniform(0, 1, (K, 1, 3, 4))
         return arrays
@@ -370,14 +371,14 @@ ROI_ALIGN = OpSpec(
     cases=tuple(Case(f"{mode}-aligned={aligned}-sampling_ratio={ratio}", _roi_inputs(6),
                      dict(output_size=(3, 4), spatial_scale=0.5, sampling_ratio=ratio, aligned=aligned,
                           pool_mode=mode))
-                for mode in POOL_MODES for aligned in (False, True) for ratio in (-1, 2)))
+                for mode in POOL_MODES for aligned in (False, True) for ratio in (-1, 0, 1, 3)))
 
 PS_ROI_ALIGN = OpSpec(
     name="ps_roi_align", arrays=("input", "boxes"), grads=RoIAlignGrads, check=_check_ps, output=_output,
     reference=reference.roi_align, reference_backward=reference.roi_align_backward, kernels=_launch_forward,
     kernels_backward=_launch_backward, function=ps_roi_align, backward=ps_roi_align_backward, boxes="boxes",
     cases=tuple(Case(f"sampling_ratio={ratio}", _roi_inputs(2 * 3 * 4),
-                     dict(output_size=(3, 4), spatial_scale=0.5, sampling_ratio=ratio)) for ratio in (-1, 2)))
+                     dict(output_size=(3, 4), spatial_scale=0.5, sampling_ratio=ratio)) for ratio in (-1, 0, 2)))
 
 _POOL_OPTIONS = dict(output_size=(3, 4), spatial_scale=0.5, sampling_ratio=2, gamma=0.1)
 
@@ -386,7 +387,8 @@ DEFORM_ROI_POOL = OpSpec(
     check=_check_deform, output=_deform_output, reference=reference.deform_roi_pool,
     reference_backward=reference.deform_roi_pool_backward, kernels=_deform_launch_forward,
     kernels_backward=_deform_launch_backward, function=deform_roi_pool, backward=deform_roi_pool_backward,
-    boxes="rois", cases=(Case("offset", _pool_inputs(False), _POOL_OPTIONS),
-                         Case("offset-mask", _pool_inputs(True), _POOL_OPTIONS)))
+    boxes="rois", cases=(Case("plain", _pool_inputs(False, False), _POOL_OPTIONS),
+                         Case("offset", _pool_inputs(True, False), _POOL_OPTIONS),
+                         Case("offset-mask", _pool_inputs(True, True), _POOL_OPTIONS)))
 
 SPECS = (ROI_ALIGN, PS_ROI_ALIGN, DEFORM_ROI_POOL)
