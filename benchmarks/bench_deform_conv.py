@@ -59,8 +59,9 @@ else:  # python benchmarks/bench_deform_conv.py: this folder is first on sys.pat
 
 torch, torchvision = harness.optional_torchvision()
 
+OPS = ("deform_conv2d",)                                   # the ops of deformcp.ops.SPECS timed here
 PHASES = ("forward", "forward+backward")
-GRADS = ("input", "offset", "weight", "bias", "mask")      # deform_conv2d_backward's fields, in order
+GRADS = harness.SPECS["deform_conv2d"].differentiable      # input, offset, weight, bias, mask
 KERNEL, STRIDE, PADDING, DILATION = (3, 3), 1, 1, 1
 OFFSET_STD = 2.0                                            # offsets ~ N(0, OFFSET_STD²) pixels
 #: (N, C_in, H, W, C_out) cases per device; the CPU one is the target case (with a mask, float32)
@@ -127,20 +128,11 @@ class Problem(harness.ArrayCase):
 
 
 class Deformcp(harness.DeformcpOp):
-    """deformcp.deform_conv2d forward / forward+backward on one backend ("numpy", "host", or "cuda" for
-    CuPy arrays)."""
+    """deformcp.deform_conv2d forward / forward+backward (all five gradients) through its spec, on one backend
+    ("numpy", "host", or "cuda" for CuPy arrays)."""
 
-    op, grads = "deform_conv2d", GRADS
-
-    def _forward(self):
-        a = self.a
-        return self.forward_fn(a["input"], a["offset"], a["weight"], a["bias"], stride=STRIDE,
-                               padding=PADDING, dilation=DILATION, mask=a["mask"])
-
-    def _backward(self):
-        a = self.a
-        return self.backward_fn(a["grad_output"], a["input"], a["offset"], a["weight"], a["bias"], stride=STRIDE,
-                                padding=PADDING, dilation=DILATION, mask=a["mask"], deterministic=self.deterministic)
+    op = "deform_conv2d"
+    options = {"stride": STRIDE, "padding": PADDING, "dilation": DILATION}
 
 
 def torchvision_op(device, problem: Problem) -> harness.TorchOp:

@@ -60,8 +60,9 @@ else:  # python benchmarks/bench_deform_roi_pool.py: this folder is first on sys
 
 torch, torchvision = harness.optional_torchvision()
 
+OPS = ("deform_roi_pool",)                     # the ops of deformcp.ops.SPECS timed here
 PHASES = ("forward", "forward+backward")
-GRADS = ("input", "offset", "mask")            # deform_roi_pool_backward's fields, in order
+GRADS = harness.SPECS["deform_roi_pool"].differentiable   # input, offset, mask: the backward's fields
 OUTPUT_SIZE = (7, 7)
 SAMPLING_RATIO, SPATIAL_SCALE, GAMMA = 2, 1.0, 0.1
 ALIGNED = True                                 # torchvision's roi_align: deform_roi_pool's geometry is aligned
@@ -122,21 +123,12 @@ class Problem(harness.ArrayCase):
 
 
 class Deformcp(harness.DeformcpOp):
-    """deformcp.deform_roi_pool forward / forward+backward on one backend ("numpy", "host", or "cuda" for
-    CuPy arrays)."""
+    """deformcp.deform_roi_pool forward / forward+backward (the gradients of input, offset and mask) through
+    its spec, on one backend ("numpy", "host", or "cuda" for CuPy arrays)."""
 
-    op, grads = "deform_roi_pool", GRADS
-
-    def _forward(self):
-        a = self.a
-        return self.forward_fn(a["input"], a["rois"], a["offset"], OUTPUT_SIZE, spatial_scale=SPATIAL_SCALE,
-                               sampling_ratio=SAMPLING_RATIO, gamma=GAMMA, mask=a["mask"])
-
-    def _backward(self):
-        a = self.a
-        return self.backward_fn(a["grad_output"], a["input"], a["rois"], a["offset"], OUTPUT_SIZE, SPATIAL_SCALE,
-                                SAMPLING_RATIO, GAMMA, a["mask"], needs_input_grad=(True, True, True),
-                                deterministic=self.deterministic)
+    op = "deform_roi_pool"
+    options = {"output_size": OUTPUT_SIZE, "spatial_scale": SPATIAL_SCALE, "sampling_ratio": SAMPLING_RATIO,
+               "gamma": GAMMA}
 
 
 def roi_align_op(device, problem: Problem) -> harness.TorchOp:

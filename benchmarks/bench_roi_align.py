@@ -44,7 +44,7 @@ else:  # python benchmarks/bench_roi_align.py: this folder is first on sys.path
 
 torch, torchvision = harness.optional_torchvision()
 
-OPS = ("roi_align", "ps_roi_align")
+OPS = ("roi_align", "ps_roi_align")            # the ops of deformcp.ops.SPECS timed here (--ops: some)
 PHASES = ("forward", "forward+backward")
 OUTPUT_SIZE = (7, 7)
 SAMPLING_RATIO, ALIGNED, SPATIAL_SCALE, POOL_MODE = 2, True, 1.0, "avg"
@@ -92,23 +92,14 @@ class Problem(harness.ArrayCase):
 
 
 class Deformcp(harness.DeformcpOp):
-    """deformcp's RoI op forward / forward+backward on one backend ("numpy", "host", or "cuda" for CuPy
-    arrays)."""
-
-    grads = ("input",)
+    """deformcp's RoI op (``problem.op``) forward / forward+backward (the input gradient) through its spec, on
+    one backend ("numpy", "host", or "cuda" for CuPy arrays)."""
 
     def __init__(self, backend: str, problem: Problem, deterministic=False, move=None):
         self.op = problem.op
+        self.options = {"output_size": OUTPUT_SIZE, **problem.kwargs,
+                        **({"pool_mode": POOL_MODE} if problem.op == "roi_align" else {})}
         super().__init__(backend, problem, deterministic, move)
-        self.kwargs = dict(problem.kwargs, **({"pool_mode": POOL_MODE} if problem.op == "roi_align" else {}))
-
-    def _forward(self):
-        return self.forward_fn(self.a["input"], self.a["boxes"], OUTPUT_SIZE, **self.kwargs)
-
-    def _backward(self):
-        a = self.a
-        return self.backward_fn(a["grad_output"], a["input"], a["boxes"], OUTPUT_SIZE, **self.kwargs,
-                                deterministic=self.deterministic)
 
 
 def torchvision_op(device, problem: Problem) -> harness.TorchOp:

@@ -47,6 +47,7 @@ try:
 except ImportError:  # optional
     torch = F = None
 
+OPS = ("affine_grid", "grid_sample")            # the ops of deformcp.ops.SPECS timed here
 OPTIONS = {"mode": "bilinear", "padding_mode": "zeros", "align_corners": False}
 PHASES = ("forward", "backward", "forward+backward")
 GRADS = ("input", "theta")
@@ -78,17 +79,19 @@ class Problem(harness.ArrayCase):
 
 
 class Deformcp(harness.DeformcpOp):
-    """deformcp's affine_grid + grid_sample forward / backward on one backend ("numpy", "host", or "cuda"
-    for CuPy arrays)."""
+    """deformcp's affine_grid + grid_sample forward / backward through their specs, on one backend ("numpy",
+    "host", or "cuda" for CuPy arrays)."""
 
     op, grads = "grid_sample", GRADS
 
     def __init__(self, backend: str, problem: Problem, deterministic=False, move=None):
         super().__init__(backend, problem, deterministic, move)
         self.size, self.grid = problem.shape, None
+        affine = harness.SPECS["affine_grid"]
+        self.affine_grid, self.affine_grid_backward = affine.function, affine.backward
 
     def _grid(self):
-        return deformcp.affine_grid(self.a["theta"], self.size, align_corners=OPTIONS["align_corners"])
+        return self.affine_grid(self.a["theta"], self.size, align_corners=OPTIONS["align_corners"])
 
     def _forward(self):
         return self.forward_fn(self.a["input"], self._grid(), **OPTIONS)
@@ -96,8 +99,8 @@ class Deformcp(harness.DeformcpOp):
     def _backward(self, grid):
         grad_input, grad_grid = self.backward_fn(self.a["grad_output"], self.a["input"], grid, **OPTIONS,
                                                  deterministic=self.deterministic)
-        (grad_theta,) = deformcp.affine_grid_backward(grad_grid, self.a["theta"], self.size,
-                                                      align_corners=OPTIONS["align_corners"])
+        (grad_theta,) = self.affine_grid_backward(grad_grid, self.a["theta"], self.size,
+                                                  align_corners=OPTIONS["align_corners"])
         return grad_input, grad_theta
 
     def backward(self):

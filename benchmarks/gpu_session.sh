@@ -21,6 +21,10 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 
+# The benchmarks, as the harness lists them (harness.BENCHMARKS: every op of deformcp.ops.SPECS is timed by one).
+benches=$(python3 -c "from deformcp.__main__ import benchmarks_harness; print(*benchmarks_harness().BENCHMARKS)") \
+  || benches="spatial_transformer roi_align deform_conv deform_roi_pool deform_ps_roi_pool mimic_loss"
+
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv || true; python3 -m deformcp info; } \
   2>&1 | tee "$results/machine.txt"
 
@@ -34,7 +38,7 @@ echo "tests -k cuda: exit $?; $(tail -n 1 "$results/tests-cuda.log")"
 timeout "${BENCH_SECONDS:-90}" python3 -m deformcp bench --device cuda --quick --output "$results/quick" \
   >"$results/bench-quick.log" 2>&1
 echo "bench --quick: exit $?; $(tail -n 4 "$results/bench-quick.log" | tr '\n' ' ')"
-for bench in spatial_transformer roi_align deform_conv deform_roi_pool; do
+for bench in $benches; do
   timeout "${BENCH_SECONDS:-90}" python3 "benchmarks/bench_$bench.py" --device cuda --output "$results/$bench" \
     >"$results/bench-$bench.log" 2>&1
   echo "bench $bench: exit $?"
@@ -47,7 +51,7 @@ timeout "${REST_SECONDS:-150}" python3 -m pytest -q -p no:cacheprovider $workers
 echo "tests -k 'not cuda': exit $?; $(tail -n 1 "$results/tests-rest.log")"
 
 tar -czf "$archive/gpu-session.tar.gz" -C "$(dirname "$results")" gpu-session
-for bench in spatial_transformer roi_align deform_conv deform_roi_pool; do
+for bench in $benches; do
   [ -f "$results/$bench.md" ] && grep -E '^\| |MISSED|met' "$results/$bench.md"
 done
 grep -E '^(FAILED|ERROR)' "$results"/tests-*.log | head -n 40

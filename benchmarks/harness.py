@@ -1,20 +1,25 @@
 """The benchmarks' harness: timing, verification, machine information, reports and results files.
 
 Each ``bench_<name>.py`` of this folder times one op family of deformcp against its anchor (torch or
-torchvision, optional: without it deformcp alone is timed) and builds on what is here:
+torchvision, optional: without it deformcp alone is timed; some ops have none) and builds on what is here.
+It names the ops of the spec table (``deformcp.ops.SPECS``) that it times in a module-level ``OPS`` tuple
+and calls them through their specs (``SPECS[op].function`` / ``.backward``); :func:`covered_ops` collects
+those tuples, and every op of the table is timed by some benchmark (tests/test_bench_viz.py checks it).
 
 - :func:`measure` / :func:`measure_interleaved`: warm-up calls (a count and a minimum time), then timed
   calls (``time.perf_counter``, ``sync`` before the clock starts and before it stops, for GPU work):
   a :class:`Timing` (median, quartiles, min, spread, other processes' load, :class:`OtherLoad`).
 - :func:`verify` / :func:`check`: outputs and gradients against a reference before anything is timed;
   a binding mismatch raises :class:`VerificationFailed` (exit status 1).
-- :class:`ArrayCase`, :class:`DeformcpOp`, :class:`TorchOp`: a case's arrays, deformcp's op on one backend,
-  the anchor through torch autograd; :func:`device_setup`, :func:`deformcp_impls`: what runs where.
+- :class:`ArrayCase`, :class:`DeformcpOp`, :class:`TorchOp`: a case's arrays, deformcp's op on one backend
+  (through its spec), the anchor through torch autograd; :func:`device_setup`, :func:`deformcp_impls`: what
+  runs where.
 - :func:`machine_info`, :func:`command_line`, :func:`blas_warning`: where the numbers come from.
 - :func:`make_parser` / :func:`start` / :class:`Plan`: the options every benchmark takes; :class:`Run`:
   a benchmark's run (verify, then time, each case; :func:`time_phases`), its report
   (:func:`report_markdown`) and results files, ``results/<name>.{json,md}`` beside this file.
-- :func:`main`: ``python -m deformcp bench``, the benchmarks one after the other with shared options.
+- :func:`main`: ``python -m deformcp bench``, the benchmarks one after the other with shared options
+  (``--list``: which ops each times, :func:`covered_ops`).
 
 Running: ``env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python benchmarks/bench_<name>.py [--device cuda]``
 in a source checkout (it times the checkout's deformcp; the results record whether those variables were
@@ -52,7 +57,8 @@ if not __package__:  # python benchmarks/bench_<name>.py: time the checkout's de
     sys.path.insert(0, str(ROOT))
 RESULTS_DIR = HERE / "results"
 #: The benchmarks (bench_<name>.py), in the order ``python -m deformcp bench`` runs them.
-BENCHMARKS = ("spatial_transformer", "roi_align", "deform_conv", "deform_roi_pool")
+BENCHMARKS = ("spatial_transformer", "roi_align", "deform_conv", "deform_roi_pool", "deform_ps_roi_pool",
+              "mimic_loss")
 #: Environment variables that slow NumPy's BLAS on some machines; benchmarks run with them unset.
 BLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 #: Thread-count variables recorded with the results.
@@ -202,6 +208,7 @@ class Record:
 # ------------------------------------------------------------------------------------------------ checks
 
 import deformcp  # noqa: E402  (after the checkout's folder is on the path)
+from deformcp.ops import SPECS  # noqa: E402  (the op table: what each benchmark times and calls)
 from deformcp.testing import relative_error  # noqa: E402  (one definition of the error measure)
 
 
@@ -336,21 +343,41 @@ class ArrayCase:
 
 class DeformcpOp:
     """Base of deformcp's forward / forward+backward of one op on an :class:`ArrayCase`'s arrays (``a``),
-    on one backend: "numpy", "host", or "cuda" for CuPy arrays (``move`` takes the arrays there). A
-    subclass names the ``op`` (deformcp's ``op`` and ``op + "_backward"`` are timed) and the backward's
-    ``grads`` fields, and defines ``_forward()`` → output and ``_backward()`` → the backward's named tuple
-    (for :func:`time_phases` and :func:`check`)."""
+    on one backend: "numpy", "host", or "cuda" for CuPy arrays (``move`` takes the arrays there).
+
+    A subclass names the ``op``, a name of ``deformcp.ops.SPECS``: its spec's ``function`` and ``backward``
+    (``forward_fn``, ``backward_fn``) are what is timed. ``options``: the public function's other
+    arguments, by name; the default ``_forward()`` → output and ``_backward()`` → the backward's named tuple
+    call the spec's functions with the case's arrays named as the spec's ``arrays`` (those the case has;
+    ``grad_output`` first for the backward, and ``deterministic`` where the backward takes it). A subclass
+    with another sequence of calls defines its own. ``grads``: the gradients checked (:func:`check`);
+    default the spec's differentiable arrays."""
 
     op: str
-    grads: Sequence[str]
+    options: Optional[dict] = None
+    grads: Optional[Sequence[str]] = None
 
     def __init__(self, backend: str, case: ArrayCase, deterministic=False, move=None):
         move = move or _unmoved
         self.backend = backend
         self.cpu_backend = "numpy" if backend == "cuda" else backend
         self.deterministic = deterministic
-        self.forward_fn, self.backward_fn = getattr(deformcp, self.op), getattr(deformcp, self.op + "_backward")
+        self.spec = SPECS[self.op]
+        self.forward_fn, self.backward_fn = self.spec.function, self.spec.backward
+        self.grads = tuple(self.grads or self.spec.differentiable)
+        self.options = dict(self.options or {})
         self.a = {k: None if v is None else move(v) for k, v in case.arrays.items()}
+
+    def arrays(self) -> dict:
+        """The case's arrays that the op takes, by the names of the spec's ``arrays``."""
+        return {name: self.a[name] for name in self.spec.arrays if name in self.a}
+
+    def _forward(self):
+        return self.forward_fn(**self.arrays(), **self.options)
+
+    def _backward(self):
+        extra = {"deterministic": self.deterministic} if self.spec.deterministic else {}
+        return self.backward_fn(self.a["grad_output"], **self.arrays(), **self.options, **extra)
 
     def forward(self):
         with deformcp.backend(self.cpu_backend):
@@ -600,7 +627,7 @@ def machine_markdown(info: dict) -> str:
         f"- machine: {info.get('processor')}, {info.get('cpu_count')} CPUs "
         f"({info.get('cpus_usable')} usable), {info.get('platform')}",
         f"- deformcp {info.get('deformcp')}, python {info.get('python')}, numpy {info.get('numpy')}, scipy "
-        f"{info.get('scipy')}, torch {info.get('torch') or 'not installed'}"
+        f"{info.get('scipy')}, torch {info.get('torch') or 'not used'}"
         + (f", cupy {info['cupy']}" if info.get("cupy") else "")
         + (f"; host backend compiler {info['host_compiler']}" if info.get("host_compiler") else ""),
         f"- threads: torch {threads.get('torch_threads', '—')}, OMP_NUM_THREADS="
@@ -1212,12 +1239,65 @@ def benchmark(name: str):
         f"bench_{name}")
 
 
+def covered_ops() -> dict[str, tuple[str, ...]]:
+    """The ops of ``deformcp.ops.SPECS`` that each benchmark times (its module's ``OPS``), by benchmark, in
+    :data:`BENCHMARKS`' order. Imports every benchmark (and with them torch, where installed). Raises
+    ValueError for a benchmark without ``OPS`` or with a name that is not in the table."""
+    covered = {}
+    for name in BENCHMARKS:
+        ops = getattr(benchmark(name), "OPS", None)
+        if not ops:
+            raise ValueError(f"bench_{name}.py: no OPS (the ops of deformcp.ops.SPECS it times)")
+        unknown = [op for op in ops if op not in SPECS]
+        if unknown:
+            raise ValueError(f"bench_{name}.py: OPS names {', '.join(unknown)}, not in deformcp.ops.SPECS "
+                             f"({', '.join(SPECS)})")
+        covered[name] = tuple(ops)
+    return covered
+
+
+def untimed_ops(covered: Optional[dict] = None) -> list[str]:
+    """The ops of ``deformcp.ops.SPECS`` that no benchmark times (``covered``: :func:`covered_ops`)."""
+    timed = {op for ops in (covered or covered_ops()).values() for op in ops}
+    return [op for op in SPECS if op not in timed]
+
+
+def list_benchmarks() -> int:
+    """``python -m deformcp bench --list``: each benchmark and the ops it times; 1 where an op of the table
+    has no benchmark."""
+    covered = covered_ops()
+    width = max(map(len, covered))
+    for name, ops in covered.items():
+        print(f"{name:<{width}}  {', '.join(ops)}")
+    missing = untimed_ops(covered)
+    if missing:
+        print(f"not timed by any benchmark: {', '.join(missing)}", file=sys.stderr)
+    return 1 if missing else 0
+
+
+def benchmarks_named(names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The benchmarks that ``names`` (benchmarks, or ops of the table: the benchmark that times each)
+    choose, in :data:`BENCHMARKS`' order, and the names that are neither."""
+    wanted, unknown, covered = set(), [], None
+    for name in names:
+        if name in BENCHMARKS:
+            wanted.add(name)
+            continue
+        covered = covered or covered_ops()
+        found = {bench for bench, ops in covered.items() if name in ops}
+        wanted |= found
+        if not found:
+            unknown.append(name)
+    return [name for name in BENCHMARKS if name in wanted], unknown
+
+
 def parser() -> argparse.ArgumentParser:
     """``python -m deformcp bench``'s options."""
     parser = argparse.ArgumentParser(
         prog="python -m deformcp bench", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Time deformcp's ops against torch / torchvision where they are installed: the benchmarks\n"
-                    f"{', '.join(BENCHMARKS)} (benchmarks/bench_<name>.py), one after the other.\n"
+                    f"{', '.join(BENCHMARKS)} (benchmarks/bench_<name>.py), one after the other\n"
+                    "(--list: the ops each times; every op of deformcp.ops.SPECS is timed by one).\n"
                     "Each first checks every implementation's outputs and gradients against its reference (a\n"
                     "mismatch stops it: exit status 1), then reports medians and quartiles, ratios to the anchor\n"
                     "and the machine.",
@@ -1227,7 +1307,9 @@ def parser() -> argparse.ArgumentParser:
                "2 when --device cuda has no GPU.\nThe scripts take more options (shapes, dtypes, "
                "--deterministic): python benchmarks/bench_<name>.py --help.")
     parser.add_argument("names", nargs="*", metavar="NAME",
-                        help=f"only these benchmarks: {', '.join(BENCHMARKS)} (default: all)")
+                        help=f"only these benchmarks: {', '.join(BENCHMARKS)}, or those that time these ops "
+                             "(default: all)")
+    parser.add_argument("--list", action="store_true", help="list each benchmark and the ops it times, then exit")
     add_arguments(parser)
     return parser
 
@@ -1237,16 +1319,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     the exit status is the worst of theirs."""
     bench_parser = parser()
     args = bench_parser.parse_args(argv)
-    unknown = [name for name in args.names if name not in BENCHMARKS]
+    if args.list:
+        return list_benchmarks()
+    names, unknown = benchmarks_named(args.names)
     if unknown:
-        bench_parser.error(f"unknown benchmark {', '.join(unknown)} (choose from {', '.join(BENCHMARKS)})")
+        bench_parser.error(f"unknown benchmark {', '.join(unknown)} (choose from {', '.join(BENCHMARKS)}, or an "
+                           f"op: {', '.join(SPECS)})")
     if args.device == "cuda" and gpu_problem():
         print(gpu_problem(), file=sys.stderr)
         return 2
     global _BENCH_ARGV
     _BENCH_ARGV, codes = (None if argv is None else list(argv)), {}
     try:
-        for name in args.names or BENCHMARKS:
+        for name in names or BENCHMARKS:
             print(f"\n========== {name} ==========\n", flush=True)
             output = ["--output", str(pathlib.Path(args.output) / name)] if args.output else ["--no-save"]
             try:

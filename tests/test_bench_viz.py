@@ -2,9 +2,11 @@
 (deformcp.viz).
 
 The benchmarks' smoke test: every benchmark runs at its --quick (tiny) size on the NumPy path and the
-host backend, each implementation verified against its reference before it is timed; and a deliberately
-wrong implementation, passed through a benchmark's own verification, stops it.
+host backend, each implementation verified against its reference before it is timed, and every op of the
+spec table (deformcp.ops.SPECS) is declared and called by some benchmark; and a deliberately wrong
+implementation, passed through a benchmark's own verification, stops it.
 """
+import functools
 import json
 import os
 import pathlib
@@ -17,6 +19,7 @@ import pytest
 import deformcp
 from deformcp import __main__ as cli
 from deformcp import _host, testing, viz
+from deformcp.ops import SPECS
 
 PACKAGE_ROOT = pathlib.Path(deformcp.__file__).resolve().parent.parent
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -37,11 +40,26 @@ def _subprocess(args, cwd):
 
 # ------------------------------------------------------------------------------------------------ bench
 
-def test_bench_quick_verifies_and_times_every_benchmark(tmp_path, capsys):
+def _counted(calls, key, fn):
+    @functools.wraps(fn)  # keeps the signature (OpSpec.deterministic reads it)
+    def counting(*args, **kwargs):
+        calls[key] += 1
+        return fn(*args, **kwargs)
+    return counting
+
+
+def test_bench_quick_verifies_and_times_every_benchmark(tmp_path, capsys, monkeypatch):
     """The smoke test: python -m deformcp bench --quick runs every benchmark's cases at tiny sizes, each
-    implementation (NumPy path, host backend, the anchor where installed) verified first."""
+    implementation (NumPy path, host backend, the anchor where installed) verified first; every op of the
+    spec table has its public forward and backward (SPECS[op].function / .backward) called by them."""
+    calls = {(op, part): 0 for op in SPECS for part in ("function", "backward")}
+    for op, spec in list(SPECS.items()):
+        monkeypatch.setitem(SPECS, op, spec._replace(function=_counted(calls, (op, "function"), spec.function),
+                                                     backward=_counted(calls, (op, "backward"), spec.backward)))
     assert cli.main(["bench", "--quick", "--repeat", "1", "--warmup", "0", "--output", str(tmp_path)]) == 0
     out = capsys.readouterr().out
+    uncalled = sorted(f"SPECS[{op!r}].{part}" for (op, part), n in calls.items() if n == 0)
+    assert not uncalled, f"no benchmark calls {', '.join(uncalled)} (through deformcp.ops.SPECS)"
     impls = {"deformcp numpy"} | ({"deformcp host"} if _host.compiler() else set())
     for name in harness.BENCHMARKS:
         assert f"{name}: ok" in out
@@ -62,6 +80,28 @@ def test_bench_quick_verifies_and_times_every_benchmark(tmp_path, capsys):
         assert all(r["median_s"] > 0 and r["q25_s"] <= r["median_s"] <= r["q75_s"] for r in payload["results"])
         anchors = {r["impl"] for r in payload["results"] if not r["impl"].startswith("deformcp")}
         assert anchors == ({payload["baseline"]} if payload["baseline"] else set())
+
+
+def test_every_op_of_the_spec_table_is_timed_by_a_benchmark():
+    """Each benchmark declares the ops it times (bench_<name>.OPS, names of deformcp.ops.SPECS), and together
+    they cover the table: a new op needs a benchmark case (the smoke test above checks that they are called)."""
+    covered = harness.covered_ops()
+    assert list(covered) == list(harness.BENCHMARKS)
+    missing = harness.untimed_ops(covered)
+    assert not missing, (f"no benchmark times {', '.join(missing)}: add a case for it to a benchmarks/bench_<name>.py "
+                         "(its OPS) and list a new benchmark in harness.BENCHMARKS")
+    timed = [op for ops in covered.values() for op in ops]
+    assert sorted(timed) == sorted(SPECS), covered    # each op once, and only ops of the table
+
+
+def test_bench_list_and_ops_as_names(capsys):
+    assert cli.main(["bench", "--list"]) == 0
+    out = capsys.readouterr().out
+    for name, ops in harness.covered_ops().items():
+        assert f"{name}  " in out and ", ".join(ops) in out
+    assert harness.benchmarks_named(["mimic_loss", "grid_sample", "ps_roi_align", "roi_align"]) == (
+        ["spatial_transformer", "roi_align", "mimic_loss"], [])
+    assert harness.benchmarks_named(["deform_conv2d", "nope"]) == (["deform_conv"], ["nope"])
 
 
 class Skewed:
