@@ -5,6 +5,7 @@ Zhu et al., "Deformable ConvNets v2: More Deformable, Better Results", CVPR 2019
 https://arxiv.org/abs/1811.11168 (v2, the mask). Semantics of torchvision.ops.deform_conv2d.
 Kernels: kernels/deform_conv.cu (im2col, col2im, coordinate gradients) around a GEMM (cuBLAS through
 CuPy on the GPU, NumPy's BLAS on the host backend).
+NumPy path: deformcp.reference.deform_conv.
 """
 from __future__ import annotations
 

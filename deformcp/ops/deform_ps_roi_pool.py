@@ -4,6 +4,7 @@ Dai et al., "Deformable Convolutional Networks", ICCV 2017, https://arxiv.org/ab
 the original DCNv1 DeformablePSROIPooling operator (MXNet, and mmcv's DeformRoIPoolingFunction):
 per-class, per-part offsets, samples not centred in their sub-bins, samples outside the image skipped and
 not counted. Kernels: kernels/deform_ps_roi_pool.cu.
+NumPy path: deformcp.reference.deform_ps_roi_pool.
 """
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ Zhu et al., "Deformable ConvNets v2: More Deformable, Better Results", CVPR 2019
 https://arxiv.org/abs/1811.11168, section 3.3: the features an R-CNN head computes on each RoI of the
 deformable network are pulled towards those of the same RoI cropped from the image, by
 ``L = Σ_b [1 − cos(f_a(b), f_b(b))]`` over the RoIs b. Kernels: kernels/mimic_loss.cu.
+NumPy path: deformcp.reference.mimic_loss.
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@ RoIAlign (pool_mode="max"). Deformable RoI pooling (Dai et al., "Deformable Conv
 https://arxiv.org/abs/1703.06211; modulated: Zhu et al., "Deformable ConvNets v2", https://arxiv.org/abs/1811.11168)
 follows mmcv.ops DeformRoIPool / ModulatedDeformRoIPool: RoIAlign's aligned geometry with each bin moved by
 γ · RoI size · offset, times the mask. One family, as in kernels/roi_align.cu.
+NumPy path: deformcp.reference.roi_align.
 """
 from __future__ import annotations
 

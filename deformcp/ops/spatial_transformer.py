@@ -3,6 +3,7 @@
 Jaderberg et al., "Spatial Transformer Networks", NeurIPS 2015, https://arxiv.org/abs/1506.02025.
 Semantics are those of torch.nn.functional.affine_grid and grid_sample (2-D). Kernels:
 kernels/spatial_transformer.cu.
+NumPy path: deformcp.reference.spatial_transformer.
 """
 from __future__ import annotations
 
