@@ -179,14 +179,24 @@ def _differentiable(name: str, static_items: tuple, where: _Where):
     deterministic = static.pop("deterministic", False)  # the backward's flag; the rest are the forward's options
     diff = tuple(array in spec.differentiable for array in spec.arrays)
 
+    # The callbacks are made once (per set of wanted gradients for the backward): JAX compiles a callback per
+    # callable, so a new one at each call would compile again at every eager call (~10 ms each).
+    def forward(*a):
+        return _on_host(where, lambda arrays: _call.run_forward(spec, dict(zip(spec.arrays, arrays)), static), a)
+
+    @functools.lru_cache(maxsize=None)
+    def backward(wanted: tuple):
+        needs = tuple(wanted[spec.arrays.index(field)] for field in spec.differentiable)
+
+        def gradients(a):
+            grads = _call.run_backward(spec, a[0], dict(zip(spec.arrays, a[1:])), static, needs, deterministic)
+            return tuple(getattr(grads, array) for array, w in zip(spec.arrays, wanted) if w)
+
+        return lambda *a: _on_host(where, gradients, a)
+
     @jax.custom_vjp
     def function(*arrays):
-        struct = _output_struct(spec, arrays, static)
-
-        def forward(a):
-            return _call.run_forward(spec, dict(zip(spec.arrays, a)), static)
-
-        return jax.pure_callback(lambda *a: _on_host(where, forward, a), struct, *arrays, **_CALLBACK_OPTIONS)
+        return jax.pure_callback(forward, _output_struct(spec, arrays, static), *arrays, **_CALLBACK_OPTIONS)
 
     def function_fwd(*primals):
         arrays = tuple(None if p is None else p.value for p in primals)
@@ -197,15 +207,8 @@ def _differentiable(name: str, static_items: tuple, where: _Where):
         arrays, wanted = residuals[0], residuals[1].value
         if isinstance(g, SymbolicZero) or not any(wanted):
             return (None,) * len(arrays)
-        needs = tuple(wanted[spec.arrays.index(field)] for field in spec.differentiable)
         structs = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a, w in zip(arrays, wanted) if w)
-
-        def backward(a):
-            grads = _call.run_backward(spec, a[0], dict(zip(spec.arrays, a[1:])), static, needs, deterministic)
-            return tuple(getattr(grads, array) for array, w in zip(spec.arrays, wanted) if w)
-
-        grads = iter(jax.pure_callback(lambda *a: _on_host(where, backward, a), structs, g, *arrays,
-                                       **_CALLBACK_OPTIONS))
+        grads = iter(jax.pure_callback(backward(wanted), structs, g, *arrays, **_CALLBACK_OPTIONS))
         return tuple(next(grads) if w else None for w in wanted)
 
     function.defvjp(function_fwd, function_bwd, symbolic_zeros=True)
