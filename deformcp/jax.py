@@ -17,11 +17,12 @@ deform_ps_roi_pool and mimic_loss, with the names, argument order and defaults o
 atomics also take a keyword-only ``deterministic=False``, handed to the backward (see the deformcp
 ``*_backward`` functions).
 
-How it works. Each op is a ``jax.custom_vjp``. Its primal is a ``jax.pure_callback`` whose output
-``ShapeDtypeStruct`` is computed from the input shapes at trace time; the callback converts the operands to
-NumPy and calls the deformcp function. Its VJP calls the matching ``deformcp.*_backward`` through another
-``pure_callback``, with ``needs_input_grad`` set to the inputs JAX differentiates (``symbolic_zeros``), so
-``jax.grad`` with respect to ``grid`` alone never computes the input gradient.
+How it works. Each op is a ``jax.custom_vjp`` built from its spec (``deformcp.ops.SPECS``). Its primal is a
+``jax.pure_callback`` whose output ``ShapeDtypeStruct`` is computed from the input shapes at trace time; the
+callback converts the operands to NumPy and runs the op's forward (the call path of the deformcp function).
+Its VJP runs the op's backward (that of ``deformcp.*_backward``) through another ``pure_callback``, with
+``needs_input_grad`` set to the inputs JAX differentiates (``symbolic_zeros``), so ``jax.grad`` with respect to
+``grid`` alone never computes the input gradient.
 
 - Arguments. Array arguments are JAX arrays (or anything ``jnp.asarray`` takes; None where deformcp allows
   None). Everything else (sizes, output sizes, modes, flags, scales, strides, ``deterministic``) is static:
