@@ -1,16 +1,19 @@
 """Property-based fuzzing of every public op with hypothesis.
 
-affine_grid, grid_sample, roi_align, ps_roi_align, deform_conv2d, deform_roi_pool, deform_ps_roi_pool,
-mimic_loss and each ``<op>_backward``:
+Every op of the spec table ``deformcp.ops.SPECS`` and its backward. The functions, their array arguments, which
+are differentiable, which take per-image box lists and which backwards take ``deterministic`` /
+``needs_input_grad`` are read from the specs; what is written here per op is only what the specs cannot say: a
+hypothesis strategy of valid calls (``STRATEGIES``) and the arrays that may be None without a None default.
+``test_every_op_is_fuzzed`` fails for an op without them (and for an argument without mutations):
 
 * Valid input (``test_valid_input_matches_the_float64_reference``): random shapes (zero-size batch,
   channels, boxes and outputs where the op allows them), layouts (strided, Fortran-order, negative-stride
   and zero-stride views, read-only arrays), dtypes (float16, float32, float64; bfloat16 where ml_dtypes is
   installed) and arguments (modes, paddings, align_corners, sampling ratios, output sizes, stride /
   padding / dilation / groups / offset groups, gamma, masks, trans_std, needs_input_grad subsets,
-  deterministic, boxes as one array or per image). The NumPy path in the dtype and the host backend must
-  agree with the float64 NumPy reference, computed from the inputs rounded to the dtype as
-  deformcp.testing does, within deformcp.testing.TOLERANCE (deformcp.testing.relative_error); outputs must
+  deterministic, boxes as one array or per image where the spec takes both). The NumPy path in the dtype
+  and the host backend must agree with the float64 NumPy reference, computed from the inputs rounded to the
+  dtype as deformcp.testing does, within deformcp.testing.TOLERANCE (deformcp.testing.relative_error); outputs must
   have the dtype and shape, inputs must stay unmodified, every host output element must be written (outputs
   are NaN-poisoned), gradients must be None exactly where not asked for or where the input is absent, and
   deterministic=True must be bitwise reproducible on the host. Values are finite (non-finite values are
@@ -66,6 +69,7 @@ from __future__ import annotations
 
 import decimal
 import fractions
+import inspect
 import math
 import os
 import pickle
@@ -85,6 +89,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import deformcp  # noqa: E402
 from deformcp import _host, testing  # noqa: E402
+from deformcp.ops import SPECS, OpSpec  # noqa: E402
 
 from conftest import to_backend  # noqa: E402
 
@@ -191,16 +196,17 @@ def same_values(a, b) -> bool:
 
 class Case(NamedTuple):
     """A valid call: ``forward(**arrays, **options)``, ``backward(grad_output, **arrays, **options,
-    **backward_options)``."""
+    **backward_options)``. A strategy gives the arrays, the options and how to judge them; :func:`valid_cases`
+    adds what the spec decides (the backward's options, which gradients are present, boxes per image)."""
 
     arrays: dict                 # name → float64 array, or None for an absent optional input
     options: dict
-    backward_options: dict
-    present: tuple               # per gradient field: must it be an array (else None)?
     labels: tuple = ()           # events for the statistics
     broadcast_axes: dict = {}    # name → axes an array may be a zero-stride view along (default: all)
     perturb: tuple = ()          # coordinates and real options nudged to judge a float32 mismatch (RoI ops)
     values: tuple = ()           # value arrays nudged element by element to judge it (cancellation)
+    backward_options: dict = {}  # needs_input_grad, deterministic (valid_cases)
+    present: tuple = ()          # per gradient field: must it be an array (else None)? (valid_cases)
 
 
 def listed(boxes, images):
@@ -236,21 +242,20 @@ def roi_sizes(draw, channels=True):
     return N, C, H, W, K
 
 
-def images_for(draw, boxes, N, allow=True):
+def images_for(draw, boxes, N):
     """None (boxes as one array) or a number of per-image arrays covering the boxes' indices."""
-    if not allow or not draw(st.booleans()):
+    if not draw(st.booleans()):
         return None
     used = int(boxes[:, 0].max()) + 1 if len(boxes) else 0
     return draw(between(used, N))
 
 
-def roi_labels(K, C, H, W, images, *more):
-    return (f"K={'0' if K == 0 else '>0'}", *(["C=0"] if C == 0 else []), *(["H·W=0"] if H * W == 0 else []),
-            "boxes per image" if images is not None else "boxes (K, 5)", *more)
+def roi_labels(K, C, H, W, *more):
+    return (f"K={'0' if K == 0 else '>0'}", *(["C=0"] if C == 0 else []), *(["H·W=0"] if H * W == 0 else []), *more)
 
 
 @st.composite
-def affine_grid_cases(draw, dtype, listing=True):
+def affine_grid_cases(draw, dtype):
     N, C, H, W = draw(between(1, 3)), draw(between(0, 3)), draw(between(1, 6)), draw(between(1, 6))
     empty = empty_one_of(draw, "N", "H", "W")
     N, H, W = (0 if empty == name else value for name, value in zip("NHW", (N, H, W)))
@@ -259,12 +264,12 @@ def affine_grid_cases(draw, dtype, listing=True):
             "numpy ints": (np.int32(N), np.int64(C), np.uint8(H), np.int16(W))}[form]
     align = draw(st.booleans())
     theta = np.random.default_rng(draw(SEEDS)).standard_normal((N, 2, 3)) * draw(st.sampled_from([0.5, 1, 3]))
-    return Case({"theta": theta}, {"size": size, "align_corners": align}, {}, (True,),
+    return Case({"theta": theta}, {"size": size, "align_corners": align},
                 labels=(f"size {form}", *(["empty"] if N * H * W == 0 else [])), values=("theta",))
 
 
 @st.composite
-def grid_sample_cases(draw, dtype, listing=True):
+def grid_sample_cases(draw, dtype):
     N, C, H, W, Ho, Wo = (draw(between(1, 3)), draw(between(1, 3)), draw(between(1, 6)), draw(between(1, 6)),
                           draw(between(1, 5)), draw(between(1, 5)))
     empty = empty_one_of(draw, "N", "C", "Ho", "Wo")
@@ -276,39 +281,13 @@ def grid_sample_cases(draw, dtype, listing=True):
     rng = np.random.default_rng(draw(SEEDS))
     arrays = {"input": rng.standard_normal((N, C, H, W)),
               "grid": lattice(rng.uniform(-spread, spread, (N, Ho, Wo, 2)), bits)}
-    needs = draw(st.tuples(st.booleans(), st.booleans()))
     return Case(arrays, {"mode": mode, "padding_mode": padding, "align_corners": align},
-                {"needs_input_grad": needs, "deterministic": draw(st.booleans())}, needs,
                 labels=(f"{mode}/{padding}", *(["empty"] if N * C * Ho * Wo == 0 else [])),
                 values=("input",))
 
 
-def roi_align_forward(input, boxes, images=None, **options):
-    return deformcp.roi_align(input, listed(boxes, images), **options)
-
-
-def roi_align_backward(grad_output, input, boxes, images=None, **options):
-    return deformcp.roi_align_backward(grad_output, input, listed(boxes, images), **options)
-
-
-def ps_roi_align_forward(input, boxes, images=None, **options):
-    return deformcp.ps_roi_align(input, listed(boxes, images), **options)
-
-
-def ps_roi_align_backward(grad_output, input, boxes, images=None, **options):
-    return deformcp.ps_roi_align_backward(grad_output, input, listed(boxes, images), **options)
-
-
-def deform_roi_pool_forward(input, rois, images=None, **options):
-    return deformcp.deform_roi_pool(input, listed(rois, images), **options)
-
-
-def deform_roi_pool_backward(grad_output, input, rois, images=None, **options):
-    return deformcp.deform_roi_pool_backward(grad_output, input, listed(rois, images), **options)
-
-
 @st.composite
-def roi_align_cases(draw, dtype, listing=True, position_sensitive=False):
+def roi_align_cases(draw, dtype, position_sensitive=False):
     N, C, H, W, K = draw(roi_sizes())
     PH, PW = draw(between(1, 3 if position_sensitive else 4)), draw(between(1, 3 if position_sensitive else 4))
     if position_sensitive:
@@ -322,16 +301,12 @@ def roi_align_cases(draw, dtype, listing=True, position_sensitive=False):
     if not position_sensitive:
         options.update(aligned=draw(st.booleans()), pool_mode=draw(st.sampled_from(["avg", "max"])))
         more = (f"pool_mode={options['pool_mode']}",)
-    images = images_for(draw, arrays["boxes"], N, listing)
-    if images is not None:
-        options["images"] = images
-    return Case(arrays, options, {"deterministic": draw(st.booleans())}, (True,),
-                labels=roi_labels(K, C, H, W, images, *more), broadcast_axes={"boxes": (0,)},
+    return Case(arrays, options, labels=roi_labels(K, C, H, W, *more), broadcast_axes={"boxes": (0,)},
                 perturb=("boxes", "input", "spatial_scale"), values=("input",))
 
 
 @st.composite
-def deform_conv2d_cases(draw, dtype, listing=True):
+def deform_conv2d_cases(draw, dtype):
     groups, G = draw(between(1, 3)), draw(between(1, 3))
     base = math.lcm(groups, G)
     C = base * draw(between(1, 2 if base <= 3 else 1))
@@ -364,18 +339,16 @@ def deform_conv2d_cases(draw, dtype, listing=True):
               "weight": rng.standard_normal((C_out, C // groups, kh, kw)),
               "bias": rng.standard_normal(C_out) if draw(st.booleans()) else None,
               "mask": rng.uniform(-0.5, 1.5, (N, G * kh * kw, Ho, Wo)) if draw(st.booleans()) else None}
-    needs = draw(st.tuples(*[st.booleans()] * 5))
-    present = tuple(w and arrays[n] is not None for w, n in zip(needs, ("input", "offset", "weight", "bias", "mask")))
     options = {"stride": pair_form(draw, stride), "padding": pair_form(draw, padding),
                "dilation": pair_form(draw, dilation)}
-    return Case(arrays, options, {"needs_input_grad": needs, "deterministic": draw(st.booleans())}, present,
+    return Case(arrays, options,
                 labels=(f"groups={groups}", f"offset groups={G}", "v2 (mask)" if arrays["mask"] is not None else "v1",
                         *(["empty"] if N == 0 else []), *(["taps past 2**31"] if huge_axes else [])),
                 values=("input", "weight", "bias", "mask"))
 
 
 @st.composite
-def deform_roi_pool_cases(draw, dtype, listing=True):
+def deform_roi_pool_cases(draw, dtype):
     N, C, H, W, K = draw(roi_sizes())
     PH, PW = draw(between(1, 3)), draw(between(1, 3))
     scale = draw(SCALES)
@@ -388,20 +361,15 @@ def deform_roi_pool_cases(draw, dtype, listing=True):
                "sampling_ratio": draw(between(-1, 3)),
                # no |gamma| < 1e-3: float32 would flush such a gamma (e.g. 1e-46) to 0
                "gamma": draw(st.just(0.0) | st.floats(1e-3, 1) | st.floats(-1, -1e-3))}
-    images = images_for(draw, arrays["rois"], N, listing)
-    if images is not None:
-        options["images"] = images
-    needs = draw(st.tuples(*[st.booleans()] * 3))
-    present = (needs[0], needs[1] and arrays["offset"] is not None, needs[2] and arrays["mask"] is not None)
-    return Case(arrays, options, {"needs_input_grad": needs, "deterministic": draw(st.booleans())}, present,
-                labels=roi_labels(K, C, H, W, images, "offset" if arrays["offset"] is not None else "no offset",
+    return Case(arrays, options,
+                labels=roi_labels(K, C, H, W, "offset" if arrays["offset"] is not None else "no offset",
                                   "mask" if arrays["mask"] is not None else "no mask"),
                 broadcast_axes={"rois": (0,)}, perturb=("rois", "input", "offset", "spatial_scale", "gamma"),
                 values=("input", "mask"))
 
 
 @st.composite
-def deform_ps_roi_pool_cases(draw, dtype, listing=True):
+def deform_ps_roi_pool_cases(draw, dtype):
     G, classes, per_class = draw(between(1, 3)), draw(between(1, 2)), draw(between(1, 2))
     output_dim = classes * per_class
     N, _, H, W, K = draw(roi_sizes(channels=False))
@@ -422,16 +390,14 @@ def deform_ps_roi_pool_cases(draw, dtype, listing=True):
     options = {"output_dim": output_dim, "group_size": G, "pooled_size": P, "part_size": part_size,
                "sample_per_part": draw(between(1, 3)), "spatial_scale": scale, "trans_std": trans_std,
                "no_trans": no_trans}
-    needs = draw(st.tuples(st.booleans(), st.booleans()))
-    return Case(arrays, options, {"needs_input_grad": needs, "deterministic": draw(st.booleans())},
-                (needs[0], needs[1] and offset is not None),
-                labels=roi_labels(K, 1, H, W, None, "no_trans" if no_trans else "trans", f"offset {offset_form}"),
+    return Case(arrays, options,
+                labels=roi_labels(K, 1, H, W, "no_trans" if no_trans else "trans", f"offset {offset_form}"),
                 broadcast_axes={"rois": (0,)}, perturb=("rois", "input", "offset", "spatial_scale", "trans_std"),
                 values=("input",))
 
 
 @st.composite
-def mimic_loss_cases(draw, dtype, listing=True):
+def mimic_loss_cases(draw, dtype):
     K = 0 if empty_one_of(draw, "K") else draw(between(1, 6))
     D = draw(between(2, 8))  # D = 1: every row is (anti)parallel, loss 0 or 2
     rng = np.random.default_rng(draw(SEEDS))
@@ -441,32 +407,110 @@ def mimic_loss_cases(draw, dtype, listing=True):
     f_b *= 10.0 ** rng.uniform(-reach, reach, (K, 1))
     f_a[rng.random(K) < 0.15] = 0
     f_b[rng.random(K) < 0.15] = 0
-    needs = draw(st.tuples(st.booleans(), st.booleans()))
     # no zero-stride views along D: constant rows are parallel, and the gradient of a parallel pair (0) is
     # rounding noise, not comparable by relative error
-    return Case({"f_a": f_a, "f_b": f_b}, {}, {"needs_input_grad": needs}, needs,
+    return Case({"f_a": f_a, "f_b": f_b}, {},
                 labels=(f"K={'0' if K == 0 else '>0'}",), broadcast_axes={"f_a": (0,), "f_b": (0,)},
                 values=("f_a", "f_b"))
 
 
+#: op name → strategy(dtype) of its valid calls: what only the op knows (shapes, options, how to judge a mismatch)
+STRATEGIES = {
+    "affine_grid": affine_grid_cases,
+    "grid_sample": grid_sample_cases,
+    "roi_align": roi_align_cases,
+    "ps_roi_align": lambda dtype: roi_align_cases(dtype, position_sensitive=True),
+    "deform_conv2d": deform_conv2d_cases,
+    "deform_roi_pool": deform_roi_pool_cases,
+    "deform_ps_roi_pool": deform_ps_roi_pool_cases,
+    "mimic_loss": mimic_loss_cases,
+}
+
+#: op name → array arguments that may be None although they have no None default (the rest: the signature)
+NONE_WITHOUT_DEFAULT = {"deform_ps_roi_pool": ("offset",)}  # offset=None with no_trans=True
+
+
+def takes(function: Callable, argument: str) -> bool:
+    return argument in inspect.signature(function).parameters
+
+
+def optional_arrays(spec: OpSpec) -> tuple:
+    """The spec's array arguments that may be None: None by default, or listed in NONE_WITHOUT_DEFAULT."""
+    parameters = inspect.signature(spec.function).parameters
+    return tuple(n for n in spec.arrays
+                 if parameters[n].default is None or n in NONE_WITHOUT_DEFAULT.get(spec.name, ()))
+
+
 class Op(NamedTuple):
-    cases: Callable
+    """An op as the tests call it: ``forward(**arrays, **options)`` and ``backward(grad_output, ...)``, where
+    options may hold ``images``: the spec's boxes argument, a (K, 5) array, is then passed as that many
+    per-image (L, 4) arrays."""
+
+    spec: OpSpec
     forward: Callable
     backward: Callable
 
 
-OPS = {
-    "affine_grid": Op(affine_grid_cases, deformcp.affine_grid, deformcp.affine_grid_backward),
-    "grid_sample": Op(grid_sample_cases, deformcp.grid_sample, deformcp.grid_sample_backward),
-    "roi_align": Op(roi_align_cases, roi_align_forward, roi_align_backward),
-    "ps_roi_align": Op(lambda dtype, listing=True: roi_align_cases(dtype, listing, position_sensitive=True),
-                       ps_roi_align_forward, ps_roi_align_backward),
-    "deform_conv2d": Op(deform_conv2d_cases, deformcp.deform_conv2d, deformcp.deform_conv2d_backward),
-    "deform_roi_pool": Op(deform_roi_pool_cases, deform_roi_pool_forward, deform_roi_pool_backward),
-    "deform_ps_roi_pool": Op(deform_ps_roi_pool_cases, deformcp.deform_ps_roi_pool,
-                             deformcp.deform_ps_roi_pool_backward),
-    "mimic_loss": Op(mimic_loss_cases, deformcp.mimic_loss, deformcp.mimic_loss_backward),
-}
+def op_of(spec: OpSpec) -> Op:
+    if spec.boxes is None:
+        return Op(spec, spec.function, spec.backward)
+
+    def forward(images=None, **arguments):
+        return spec.function(**{**arguments, spec.boxes: listed(arguments[spec.boxes], images)})
+
+    def backward(grad_output, images=None, **arguments):
+        return spec.backward(grad_output, **{**arguments, spec.boxes: listed(arguments[spec.boxes], images)})
+
+    return Op(spec, forward, backward)
+
+
+OPS = {name: op_of(spec) for name, spec in SPECS.items()}
+#: read from the specs once (inspect.signature, per example, would cost about a second per run)
+OPTIONAL = {name: optional_arrays(spec) for name, spec in SPECS.items()}
+NEEDS_INPUT_GRAD = {name for name, spec in SPECS.items() if takes(spec.backward, "needs_input_grad")}
+DETERMINISTIC = {name for name, spec in SPECS.items() if spec.deterministic}
+
+
+@st.composite
+def valid_cases(draw, name: str, dtype, listing=True):
+    """A valid call of op name: its strategy's case, completed from the spec — arrays in signature order, the
+    backward's needs_input_grad (a subset) and deterministic where it takes them, which gradients must be
+    arrays, and (listing) boxes now and then as per-image arrays where the op takes them."""
+    spec = SPECS[name]
+    case = draw(STRATEGIES[name](dtype))
+    assert sorted(case.arrays) == sorted(spec.arrays), f"{name}'s strategy gives {sorted(case.arrays)}"
+    arrays = {n: case.arrays[n] for n in spec.arrays}
+    absent = [n for n, a in arrays.items() if a is None and n not in OPTIONAL[name]]
+    assert not absent, f"{name}'s strategy leaves out required arrays {absent}"
+    backward_options, needs = {}, (True,) * len(spec.differentiable)
+    if name in NEEDS_INPUT_GRAD:
+        needs = backward_options["needs_input_grad"] = draw(st.tuples(*[st.booleans()] * len(needs)))
+    if name in DETERMINISTIC:
+        backward_options["deterministic"] = draw(st.booleans())
+    present = tuple(wanted and arrays[n] is not None for wanted, n in zip(needs, spec.differentiable))
+    options, labels = dict(case.options), case.labels
+    if spec.boxes is not None:
+        images = images_for(draw, arrays[spec.boxes], arrays["input"].shape[0]) if listing else None
+        if images is not None:
+            options["images"] = images
+        labels += ("boxes per image" if images is not None else "boxes (K, 5)",)
+    return case._replace(arrays=arrays, options=options, labels=labels, backward_options=backward_options,
+                         present=present)
+
+
+def test_every_op_is_fuzzed():
+    """Every spec has a strategy (and a three-readers call where its backward scatter-adds), every argument
+    of every public function has its mutations, and nothing here names an op or array the specs do not have:
+    a new op fails here instead of going unfuzzed."""
+    missing, stale = sorted(set(SPECS) - set(STRATEGIES)), sorted(set(STRATEGIES) - set(SPECS))
+    assert not missing and not stale, f"ops without a strategy: {missing}; strategies of no op: {stale}"
+    assert len(FUNCTIONS) == 2 * len(SPECS), "two public functions of the specs share a name"
+    assert set(THREE_READERS) == DETERMINISTIC, f"THREE_READERS {sorted(THREE_READERS)} vs {sorted(DETERMINISTIC)}"
+    arguments = {n for spec in SPECS.values() for fn in (spec.function, spec.backward)
+                 for n in inspect.signature(fn).parameters if n not in spec.arrays and n != "grad_output"}
+    assert arguments <= set(SCALAR_KINDS), f"arguments without mutations: {sorted(arguments - set(SCALAR_KINDS))}"
+    for name, arrays in NONE_WITHOUT_DEFAULT.items():
+        assert name in SPECS and set(arrays) <= set(SPECS[name].arrays), (name, arrays)
 
 
 # ----------------------------------------------------------------------------------- parity checks
@@ -520,7 +564,7 @@ def explained_by_rounding(op: Op, case: Case, exact: dict, grad_output, referenc
                 options[name] = options[name] * (1 + nudge * rng.uniform(-1, 1))
             elif arrays.get(name) is not None and arrays[name].size:
                 moved = nudged(arrays[name], np.max(np.abs(arrays[name])))
-                if name in ("boxes", "rois"):
+                if name == op.spec.boxes:  # the batch index stays
                     moved[:, 0] = arrays[name][:, 0]
                 arrays[name] = moved
         for name in case.values:
@@ -588,12 +632,12 @@ def check_parity(data, op: Op, case: Case, dtype: str):
                     np.testing.assert_array_equal(first, second, err_msg="deterministic=True is not reproducible")
 
 
-@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("name", list(SPECS))
 @given(data=st.data())
 def test_valid_input_matches_the_float64_reference(name, data):
     op = OPS[name]
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
-    case = data.draw(op.cases(dtype), label="case")
+    case = data.draw(valid_cases(name, dtype), label="case")
     for label in (f"dtype={dtype}", *case.labels):
         event(label)
     check_parity(data, op, case, dtype)
@@ -688,16 +732,15 @@ def fork_server():
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no os.fork on this platform")
-@pytest.mark.parametrize("name", list(OPS))
+@pytest.mark.parametrize("name", list(SPECS))
 @settings(max_examples=min(settings().max_examples, 25))
 @given(data=st.data())
 def test_forked_children_compute_what_the_parent_computes(fork_server, name, data):
     """A process runs a random valid case on the NumPy path and the host backend (starting their threads where
     the case has several chunks or blocks), then a child forked from it runs the case again: the same results
     within 30 s (the NumPy path's thread pool used to hang such a child)."""
-    op = OPS[name]
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
-    case = data.draw(op.cases(dtype), label="case")
+    case = data.draw(valid_cases(name, dtype), label="case")
     arrays = {n: None if a is None else a.astype(dtype) for n, a in case.arrays.items()}
     expected, (outcome, child) = fork_server((name, arrays, case.options, case.backward_options))
     assert outcome == "result", f"the forked child {outcome}: {child}"
@@ -714,30 +757,32 @@ class Call(NamedTuple):
     kwargs: dict
     arrays: tuple      # names of the array arguments
     optional: tuple    # array arguments that may be None
+    spec: OpSpec
 
 
-FUNCTIONS = [f"{op}{suffix}" for op in OPS for suffix in ("", "_backward")]
-REQUIRED = {"affine_grid": ("theta",), "grid_sample": ("input", "grid"), "roi_align": ("input", "boxes"),
-            "ps_roi_align": ("input", "boxes"), "deform_conv2d": ("input", "offset", "weight"),
-            "deform_roi_pool": ("input", "rois"), "deform_ps_roi_pool": ("input", "rois"),
-            "mimic_loss": ("f_a", "f_b")}
+#: public function name → (its op's spec, whether it is the backward): every op's forward and backward
+FUNCTIONS = {fn.__name__: (spec, fn is spec.backward)
+             for spec in SPECS.values() for fn in (spec.function, spec.backward)}
+
+
+def functions_of(*ops: str) -> list[str]:
+    """The names of these ops' forwards and backwards."""
+    return [fn.__name__ for name in ops for fn in (SPECS[name].function, SPECS[name].backward)]
 
 
 @st.composite
 def valid_calls(draw, function: str):
     """A valid float64 call of a public function (boxes as one (K, 5) array)."""
-    op_name = function.removesuffix("_backward")
-    op = OPS[op_name]
-    case = draw(op.cases("float64", listing=False))
+    spec, backward = FUNCTIONS[function]
+    case = draw(valid_cases(spec.name, "float64", listing=False))
     kwargs = {**case.arrays, **case.options}
-    arrays = tuple(case.arrays)
-    if function.endswith("_backward"):
-        shape = np.shape(run_numpy(op.forward, **kwargs))
+    arrays = spec.arrays
+    if backward:
+        shape = np.shape(run_numpy(spec.function, **kwargs))
         grad_output = np.asarray(np.random.default_rng(draw(SEEDS)).standard_normal(shape))
         kwargs = {"grad_output": grad_output, **kwargs, **case.backward_options}
         arrays = ("grad_output", *arrays)
-    optional = tuple(n for n in arrays if n not in REQUIRED[op_name] and n != "grad_output")
-    return Call(getattr(deformcp, function), kwargs, arrays, optional)
+    return Call(spec.backward if backward else spec.function, kwargs, arrays, OPTIONAL[spec.name], spec)
 
 
 class Mutation(NamedTuple):
@@ -835,10 +880,8 @@ def mutations(draw, call: Call):
     kinds = ["rank", "dimension", "zero-size", "dtype", "object", "read-only", "strided"]
     if name in call.optional:
         kinds.append("None (optional)")
-    if name in ("boxes", "rois") and len(value):
-        kinds.append("box index")
-    if name == "boxes" or (name == "rois" and "deform_roi_pool" in call.fn.__name__):
-        kinds.append("per-image list")
+    if name == call.spec.boxes:
+        kinds += (["box index"] if len(value) else []) + ["per-image list"]
     kind = draw(st.sampled_from(kinds), label="mutation")
     if kind == "rank":
         if value.ndim >= 2 and draw(st.booleans()):
@@ -955,8 +998,7 @@ def test_none_for_a_required_array_is_a_named_type_error(function, data):
         call.fn(**{**call.kwargs, name: None})
 
 
-@pytest.mark.parametrize("function", [f for f in FUNCTIONS if f.endswith("_backward") and "roi_align" not in f
-                                      and "affine" not in f])
+@pytest.mark.parametrize("function", [SPECS[name].backward.__name__ for name in SPECS if name in NEEDS_INPUT_GRAD])
 @given(data=st.data())
 def test_needs_input_grad_that_is_not_iterable_is_named(function, data):
     call = data.draw(valid_calls(function), label="valid call")
@@ -965,12 +1007,15 @@ def test_needs_input_grad_that_is_not_iterable_is_named(function, data):
         call.fn(**{**call.kwargs, "needs_input_grad": value})
 
 
-@pytest.mark.parametrize("function", ["roi_align", "ps_roi_align_backward", "deform_roi_pool",
-                                      "deform_ps_roi_pool_backward"])
+#: the real-valued options of any op
+REALS = sorted(n for n, kind in SCALAR_KINDS.items() if kind in ("real", "positive real"))
+
+
+@pytest.mark.parametrize("function", [f for f, (spec, _) in FUNCTIONS.items() if set(spec.options) & set(REALS)])
 @given(data=st.data())
 def test_real_arguments_that_are_not_floats(function, data):
     call = data.draw(valid_calls(function), label="valid call")
-    name = data.draw(st.sampled_from([n for n in ("spatial_scale", "gamma", "trans_std") if n in call.kwargs]))
+    name = data.draw(st.sampled_from([n for n in REALS if n in call.kwargs]))
     value = data.draw(st.sampled_from([fractions.Fraction(1, 3), 10**400]), label="value")
     try:
         call.fn(**{**call.kwargs, name: value})
@@ -980,7 +1025,7 @@ def test_real_arguments_that_are_not_floats(function, data):
         assert value != 10**400, f"{name}={value} (not a finite float) was accepted"
 
 
-@pytest.mark.parametrize("function", ["deform_conv2d", "deform_conv2d_backward"])
+@pytest.mark.parametrize("function", functions_of("deform_conv2d"))
 @given(data=st.data())
 def test_deform_conv2d_with_no_input_channels(function, data):
     call = data.draw(valid_calls(function), label="valid call")
@@ -989,7 +1034,7 @@ def test_deform_conv2d_with_no_input_channels(function, data):
         call.fn(**{**call.kwargs, "input": np.zeros((x.shape[0], 0, *x.shape[2:]))})
 
 
-@pytest.mark.parametrize("function", ["deform_roi_pool", "deform_roi_pool_backward"])
+@pytest.mark.parametrize("function", functions_of("deform_roi_pool"))
 @given(data=st.data())
 def test_deform_roi_pool_errors_name_rois(function, data):
     call = data.draw(valid_calls(function), label="valid call")
@@ -1003,37 +1048,48 @@ def test_deform_roi_pool_errors_name_rois(function, data):
 SIXTEEN_BIT = [d for d in DTYPES if np.dtype(d).itemsize == 2]
 
 
+def one_sample_rois(dtype, corner=0.5):
+    """Three RoIs of image 0, each one point: with corner 0.5, one sample at pixel (0, 0)."""
+    return np.tile(np.array([0, corner, corner, corner, corner]), (3, 1)).astype(dtype)
+
+
+def deform_conv2d_three_readers(x, g, dtype):
+    # a 1×1 kernel with padding (0, 1) has three outputs along x; offsets Δx = 1, 0, -1 move all three onto
+    # pixel (0, 0)
+    offset = np.zeros((1, 2, 1, 3), dtype)
+    offset[0, 1] = [1, 0, -1]
+    return (g.reshape(1, 1, 1, 3), x, offset, np.ones((1, 1, 1, 1), dtype)), {"padding": (0, 1)}
+
+
+#: op name → (x, g, dtype) → (args, kwargs) of a backward call in which three outputs read the one pixel of x
+#: with weight 1, their gradients g: one per op whose backward scatter-adds (spec.deterministic)
+THREE_READERS = {
+    "grid_sample": lambda x, g, dtype: ((g.reshape(1, 1, 1, 3), x, np.zeros((1, 1, 3, 2), dtype)), {}),
+    "roi_align": lambda x, g, dtype: ((g.reshape(3, 1, 1, 1), x, one_sample_rois(dtype), 1), {"sampling_ratio": 1}),
+    "ps_roi_align": lambda x, g, dtype: ((g.reshape(3, 1, 1, 1), x, one_sample_rois(dtype), 1),
+                                         {"sampling_ratio": 1}),
+    "deform_roi_pool": lambda x, g, dtype: ((g.reshape(3, 1, 1, 1), x, one_sample_rois(dtype), None, 1),
+                                            {"sampling_ratio": 1}),
+    # rounded, inclusive corners: the bin is [-0.5, 0.5), its one sample at -0.5 reads pixel 0
+    "deform_ps_roi_pool": lambda x, g, dtype: (
+        (g.reshape(3, 1, 1, 1), x, one_sample_rois(dtype, corner=0), np.zeros((3, 2, 1, 1), dtype)),
+        {"output_dim": 1, "group_size": 1, "pooled_size": 1, "sample_per_part": 1}),
+    "deform_conv2d": deform_conv2d_three_readers,
+}
+
+
 def three_readers_of_one_pixel(name, dtype):
     """A backward call in which three outputs read the one pixel of a 1×1 image with weight 1, with output
     gradients 1024, 0.5 and -1022 (-1024 in bfloat16): they sum to 2.5 (0.5), but 1024 + 0.5 rounds to 1024
     in 16 bits. Returns (backward, args, kwargs)."""
     x = np.full((1, 1, 1, 1), 0.75, dtype)  # the input gradients do not depend on it
     g = np.array([1024, 0.5, -1022], dtype)
-    rois = np.tile(np.array([0, 0.5, 0.5, 0.5, 0.5]), (3, 1)).astype(dtype)  # one sample, at pixel (0, 0)
-    if name == "grid_sample":
-        return deformcp.grid_sample_backward, (g.reshape(1, 1, 1, 3), x, np.zeros((1, 1, 3, 2), dtype)), {}
-    if name == "roi_align":
-        return deformcp.roi_align_backward, (g.reshape(3, 1, 1, 1), x, rois, 1), {"sampling_ratio": 1}
-    if name == "ps_roi_align":
-        return deformcp.ps_roi_align_backward, (g.reshape(3, 1, 1, 1), x, rois, 1), {"sampling_ratio": 1}
-    if name == "deform_roi_pool":
-        return deformcp.deform_roi_pool_backward, (g.reshape(3, 1, 1, 1), x, rois, None, 1), {"sampling_ratio": 1}
-    if name == "deform_ps_roi_pool":
-        rois[:, 1:] = 0  # rounded, inclusive corners: the bin is [-0.5, 0.5), its one sample at -0.5 reads pixel 0
-        return (deformcp.deform_ps_roi_pool_backward, (g.reshape(3, 1, 1, 1), x, rois, np.zeros((3, 2, 1, 1), dtype)),
-                {"output_dim": 1, "group_size": 1, "pooled_size": 1, "sample_per_part": 1})
-    # deform_conv2d: a 1×1 kernel with padding (0, 1) has three outputs along x; offsets Δx = 1, 0, -1 move
-    # all three onto pixel (0, 0)
-    offset = np.zeros((1, 2, 1, 3), dtype)
-    offset[0, 1] = [1, 0, -1]
-    return (deformcp.deform_conv2d_backward, (g.reshape(1, 1, 1, 3), x, offset, np.ones((1, 1, 1, 1), dtype)),
-            {"padding": (0, 1)})
+    return (SPECS[name].backward, *THREE_READERS[name](x, g, dtype))
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("dtype", SIXTEEN_BIT)
-@pytest.mark.parametrize("name", ["grid_sample", "roi_align", "ps_roi_align", "deform_roi_pool", "deform_ps_roi_pool",
-                                  "deform_conv2d"])
+@pytest.mark.parametrize("name", [name for name in SPECS if name in DETERMINISTIC])
 def test_16_bit_input_gradients_accumulate_in_float32(backend, name, dtype, deterministic):
     backward, args, kwargs = three_readers_of_one_pixel(name, dtype)
     exact = [a.astype(np.float64) if isinstance(a, np.ndarray) else a for a in args]

@@ -3,9 +3,11 @@
 Every kernel is a template over its index type: ``int``, or ``long long`` once an element count, a size or
 an array's length can pass 2**31 - 1 (:func:`deformcp._kernels.needs_index64`). Here, on the host backend:
 
-- every op, forward and backward, gives bitwise the same results in its 64-bit instantiation (forced with
-  :func:`deformcp._kernels.force_index64`) as in its 32-bit one, for float32 and float64, and the cases
-  together launch every kernel of every family;
+- every op of ``deformcp.ops.SPECS``, forward and backward, gives bitwise the same results in its 64-bit
+  instantiation (forced with :func:`deformcp._kernels.force_index64`) as in its 32-bit one, for float32 and
+  float64, and the cases of a family's ops together launch every kernel of the family. The cases (``CASES``,
+  one per op, calling the spec's functions) are what is written here per op; an op or a kernel family without
+  one fails ``test_cases_cover_every_op_and_family``;
 - the documented rule: sizes up to 2**31 - 1 → 32-bit, 2**31 → 64-bit, forced → 64-bit;
 - :func:`deformcp._kernels.launch` picks the ``long long`` instantiation exactly then — by the number of work
   items and by an array's length (a lazily allocated array of more than 2**31 elements, whose indices do not
@@ -14,6 +16,8 @@ an array's length can pass 2**31 - 1 (:func:`deformcp._kernels.needs_index64`). 
 Kernels that scatter-add with atomics are bitwise reproducible only in a fixed order: their non-deterministic
 launches here have at most 256 work items, i.e. one block, which the host backend runs on one thread.
 """
+import functools
+import importlib
 import threading
 from typing import NamedTuple
 
@@ -22,6 +26,7 @@ import pytest
 
 import deformcp
 from deformcp import _host, _kernels, _sources, testing
+from deformcp.ops import SPECS, OpSpec, deform_conv
 
 pytestmark = pytest.mark.skipif(_host.compiler() is None, reason="host backend: no C++ compiler found")
 
@@ -77,8 +82,14 @@ def assert_bitwise_equal(actual, expected, what):
 
 # ------------------------------------------------------------------------------------------ the cases
 #
-# A case builds its inputs once and returns run(), which calls ops on the current backend and returns
-# {description: array}. Sizes keep each non-deterministic (atomic) launch to one block (≤ 256 work items).
+# A case builds its inputs once and returns run(), which calls its op (the spec's function and backward) on the
+# current backend and returns {description: array}. Sizes keep each non-deterministic (atomic) launch to one
+# block (≤ 256 work items).
+
+def family_of(spec: OpSpec) -> str:
+    """The kernel family of an op: the FAMILY of the deformcp.ops module that defines it."""
+    return importlib.import_module(spec.function.__module__).FAMILY
+
 
 def with_specials(a, rng, fraction=0.1):
     """A few coordinates far outside (±1e30) and non-finite: the out-of-range branches run too."""
@@ -88,21 +99,20 @@ def with_specials(a, rng, fraction=0.1):
     return a
 
 
-def case_affine_grid(rng, dtype):
+def case_affine_grid(op, rng, dtype):
     theta = rng.standard_normal((3, 2, 3)).astype(dtype)
     grad = rng.standard_normal((3, 9, 11, 2)).astype(dtype)
 
     def run():
         out = {}
         for align in (False, True):
-            out[f"affine_grid align={align}"] = deformcp.affine_grid(theta, (3, 2, 9, 11), align)
-            out[f"affine_grid_backward align={align}"] = deformcp.affine_grid_backward(grad, theta, (3, 2, 9, 11),
-                                                                                      align).theta
+            out[f"affine_grid align={align}"] = op.function(theta, (3, 2, 9, 11), align)
+            out[f"affine_grid_backward align={align}"] = op.backward(grad, theta, (3, 2, 9, 11), align).theta
         return out
     return run
 
 
-def case_grid_sample(rng, dtype):
+def case_grid_sample(op, rng, dtype):
     x = rng.standard_normal((2, 3, 6, 7)).astype(dtype)
     small = with_specials(rng.uniform(-1.3, 1.3, (2, 8, 8, 2)), rng).astype(dtype)   # 128 work items
     large = rng.uniform(-1.3, 1.3, (2, 20, 20, 2)).astype(dtype)                      # 800: several blocks
@@ -116,11 +126,11 @@ def case_grid_sample(rng, dtype):
                 for align in (False, True):
                     o = dict(mode=mode, padding_mode=padding, align_corners=align)
                     tag = f"{mode}-{padding}-align={align}"
-                    out[f"grid_sample {tag}"] = deformcp.grid_sample(x, large, **o)
-                    out[f"grid_sample specials {tag}"] = deformcp.grid_sample(x, small, **o)
-                    g = deformcp.grid_sample_backward(g_small, x, small, **o)
+                    out[f"grid_sample {tag}"] = op.function(x, large, **o)
+                    out[f"grid_sample specials {tag}"] = op.function(x, small, **o)
+                    g = op.backward(g_small, x, small, **o)
                     out[f"grid_sample_backward input {tag}"], out[f"grid_sample_backward grid {tag}"] = g
-                    g = deformcp.grid_sample_backward(g_large, x, large, **o, deterministic=True)
+                    g = op.backward(g_large, x, large, **o, deterministic=True)
                     out[f"grid_sample_backward det input {tag}"], out[f"grid_sample_backward det grid {tag}"] = g
         return out
     return run
@@ -133,14 +143,10 @@ def random_boxes(rng, N, H, W, K):
     return np.stack([rng.integers(0, N, K), x1, y1, x1 + w, y1 + h], axis=1)
 
 
-def case_roi_align(rng, dtype):
+def case_roi_align(op, rng, dtype):
     x = rng.standard_normal((2, 3, 9, 7)).astype(dtype)
-    x_ps = rng.standard_normal((2, 2 * 2 * 3, 9, 7)).astype(dtype)
     boxes = random_boxes(rng, 2, 9, 7, 6).astype(dtype)
     g = rng.standard_normal((6, 3, 2, 3)).astype(dtype)          # 108 work items
-    g_ps = rng.standard_normal((6, 2, 2, 3)).astype(dtype)       # 72
-    offset = rng.standard_normal((6, 2, 2, 3)).astype(dtype)
-    mask = rng.uniform(0, 1, (6, 1, 2, 3)).astype(dtype)
 
     def run():
         out = {}
@@ -150,22 +156,46 @@ def case_roi_align(rng, dtype):
                     o = dict(output_size=(2, 3), spatial_scale=0.7, sampling_ratio=ratio, aligned=aligned,
                              pool_mode=mode)
                     tag = f"{mode}-aligned={aligned}-ratio={ratio}"
-                    out[f"roi_align {tag}"] = deformcp.roi_align(x, boxes, **o)
+                    out[f"roi_align {tag}"] = op.function(x, boxes, **o)
                     for det in (False, True):
-                        out[f"roi_align_backward det={det} {tag}"] = deformcp.roi_align_backward(
-                            g, x, boxes, **o, deterministic=det).input
+                        out[f"roi_align_backward det={det} {tag}"] = op.backward(g, x, boxes, **o,
+                                                                                 deterministic=det).input
+        return out
+    return run
+
+
+def case_ps_roi_align(op, rng, dtype):
+    x_ps = rng.standard_normal((2, 2 * 2 * 3, 9, 7)).astype(dtype)
+    boxes = random_boxes(rng, 2, 9, 7, 6).astype(dtype)
+    g_ps = rng.standard_normal((6, 2, 2, 3)).astype(dtype)       # 72 work items
+
+    def run():
+        out = {}
         for ratio in (-1, 2):
-            out[f"ps_roi_align ratio={ratio}"] = deformcp.ps_roi_align(x_ps, boxes, (2, 3), 0.7, ratio)
+            out[f"ps_roi_align ratio={ratio}"] = op.function(x_ps, boxes, (2, 3), 0.7, ratio)
             for det in (False, True):
-                out[f"ps_roi_align_backward det={det} ratio={ratio}"] = deformcp.ps_roi_align_backward(
-                    g_ps, x_ps, boxes, (2, 3), 0.7, ratio, det).input
+                out[f"ps_roi_align_backward det={det} ratio={ratio}"] = op.backward(g_ps, x_ps, boxes, (2, 3), 0.7,
+                                                                                    ratio, det).input
+        return out
+    return run
+
+
+def case_deform_roi_pool(op, rng, dtype):
+    x = rng.standard_normal((2, 3, 9, 7)).astype(dtype)
+    boxes = random_boxes(rng, 2, 9, 7, 6).astype(dtype)
+    g = rng.standard_normal((6, 3, 2, 3)).astype(dtype)          # 108 work items
+    offset = rng.standard_normal((6, 2, 2, 3)).astype(dtype)
+    mask = rng.uniform(0, 1, (6, 1, 2, 3)).astype(dtype)
+
+    def run():
+        out = {}
         for m in (None, mask):
             for off in (None, offset):
                 o = dict(output_size=(2, 3), spatial_scale=0.7, sampling_ratio=2, gamma=0.3, mask=m)
                 tag = f"offset={off is not None}-mask={m is not None}"
-                out[f"deform_roi_pool {tag}"] = deformcp.deform_roi_pool(x, boxes, off, **o)
+                out[f"deform_roi_pool {tag}"] = op.function(x, boxes, off, **o)
                 for det in (False, True):
-                    grads = deformcp.deform_roi_pool_backward(g, x, boxes, off, **o, deterministic=det)
+                    grads = op.backward(g, x, boxes, off, **o, deterministic=det)
                     for name, grad in zip(grads._fields, grads):
                         if grad is not None:
                             out[f"deform_roi_pool_backward {name} det={det} {tag}"] = grad
@@ -173,7 +203,7 @@ def case_roi_align(rng, dtype):
     return run
 
 
-def case_deform_conv(rng, dtype):
+def case_deform_conv(op, rng, dtype):
     N, C, H, W, G, kh, kw = 2, 4, 6, 5, 2, 3, 3
     x = rng.standard_normal((N, C, H, W)).astype(dtype)
     offset = with_specials(2 * rng.standard_normal((N, 2 * G * kh * kw, H, W)), rng, 0.02).astype(dtype)
@@ -186,10 +216,9 @@ def case_deform_conv(rng, dtype):
         out = {}
         for m in (None, mask):
             tag = f"mask={m is not None}"
-            out[f"deform_conv2d {tag}"] = deformcp.deform_conv2d(x, offset, weight, bias, padding=1, mask=m)
+            out[f"deform_conv2d {tag}"] = op.function(x, offset, weight, bias, padding=1, mask=m)
             for det in (False, True):
-                grads = deformcp.deform_conv2d_backward(grad, x, offset, weight, bias, padding=1, mask=m,
-                                                        deterministic=det)
+                grads = op.backward(grad, x, offset, weight, bias, padding=1, mask=m, deterministic=det)
                 for name, g in zip(grads._fields, grads):
                     if g is not None:
                         out[f"deform_conv2d_backward {name} det={det} {tag}"] = g
@@ -197,7 +226,7 @@ def case_deform_conv(rng, dtype):
     return run
 
 
-def case_deform_ps_roi_pool(rng, dtype):
+def case_deform_ps_roi_pool(op, rng, dtype):
     x = rng.standard_normal((2, 4 * 2 * 2, 7, 8)).astype(dtype)
     rois = random_boxes(rng, 2, 7 / 0.6, 8 / 0.6, 5).astype(dtype)
     offset = rng.standard_normal((5, 2 * 2, 3, 3)).astype(dtype)
@@ -208,47 +237,68 @@ def case_deform_ps_roi_pool(rng, dtype):
         for no_trans in (False, True):
             o = dict(output_dim=4, group_size=2, pooled_size=3, part_size=3, sample_per_part=3, spatial_scale=0.6,
                      trans_std=0.2, no_trans=no_trans)
-            out[f"deform_ps_roi_pool no_trans={no_trans}"] = deformcp.deform_ps_roi_pool(x, rois, offset, **o)
+            out[f"deform_ps_roi_pool no_trans={no_trans}"] = op.function(x, rois, offset, **o)
             for det in (False, True):
-                grads = deformcp.deform_ps_roi_pool_backward(g, x, rois, offset, **o, deterministic=det)
+                grads = op.backward(g, x, rois, offset, **o, deterministic=det)
                 out[f"deform_ps_roi_pool_backward input det={det} no_trans={no_trans}"] = grads.input
                 out[f"deform_ps_roi_pool_backward offset det={det} no_trans={no_trans}"] = grads.offset
         return out
     return run
 
 
-def case_mimic_loss(rng, dtype):
+def case_mimic_loss(op, rng, dtype):
     f_a, f_b = rng.standard_normal((2, 300, 17)).astype(dtype)   # 300 rows: two blocks
     f_a[3] = 0
     f_b[7, 2] = np.nan
     g = np.asarray(rng.standard_normal(), dtype)
 
     def run():
-        grads = deformcp.mimic_loss_backward(g, f_a, f_b)
-        return {"mimic_loss": deformcp.mimic_loss(f_a, f_b), "mimic_loss_backward f_a": grads.f_a,
+        grads = op.backward(g, f_a, f_b)
+        return {"mimic_loss": op.function(f_a, f_b), "mimic_loss_backward f_a": grads.f_a,
                 "mimic_loss_backward f_b": grads.f_b}
     return run
 
 
-#: family → the cases that together must launch every kernel of it.
+#: op name → case(spec, rng, dtype) → run; the cases of a family's ops together must launch every kernel of it
 CASES = {
-    "spatial_transformer": (case_affine_grid, case_grid_sample),
-    "roi_align": (case_roi_align,),
-    "deform_conv": (case_deform_conv,),
-    "deform_ps_roi_pool": (case_deform_ps_roi_pool,),
-    "mimic_loss": (case_mimic_loss,),
+    "affine_grid": case_affine_grid,
+    "grid_sample": case_grid_sample,
+    "roi_align": case_roi_align,
+    "ps_roi_align": case_ps_roi_align,
+    "deform_roi_pool": case_deform_roi_pool,
+    "deform_conv2d": case_deform_conv,
+    "deform_ps_roi_pool": case_deform_ps_roi_pool,
+    "mimic_loss": case_mimic_loss,
 }
 
 
-def test_cases_cover_every_family():
-    assert sorted(CASES) == _sources.families()
+def test_cases_cover_every_op_and_family():
+    missing, stale = sorted(set(SPECS) - set(CASES)), sorted(set(CASES) - set(SPECS))
+    assert not missing and not stale, f"ops without an index64 case: {missing}; cases of no op: {stale}"
+    assert sorted({family_of(spec) for spec in SPECS.values()}) == _sources.families()
+
+
+def recording(spec: OpSpec, called: set) -> OpSpec:
+    """spec with its function and backward adding their names to called when called."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            called.add(fn.__name__)
+            return fn(*args, **kwargs)
+        return wrapper
+    return spec._replace(function=wrap(spec.function), backward=wrap(spec.backward))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("family", sorted(CASES))
+@pytest.mark.parametrize("family", _sources.families())
 def test_forced_index64_is_bitwise_identical(family, dtype, rng, launches):
     """Every op of the family, forward and backward, in its 32-bit and its forced 64-bit instantiation."""
-    runs = [case(rng, np.dtype(dtype)) for case in CASES[family]]
+    ops = [spec for spec in SPECS.values() if family_of(spec) == family]
+    assert ops, f"no op of deformcp.ops.SPECS uses the kernel family {family}"
+    missing = [spec.name for spec in ops if spec.name not in CASES]
+    assert not missing, f"ops of {family} without an index64 case: {missing}"
+    called = set()
+    runs = [CASES[spec.name](recording(spec, called), rng, np.dtype(dtype)) for spec in ops]
     with deformcp.backend("host"):
         plain = [run() for run in runs]
         plain_launches = list(launches)
@@ -260,6 +310,7 @@ def test_forced_index64_is_bitwise_identical(family, dtype, rng, launches):
     check_selection(forced_launches, True)
     assert [(x.family, x.name, x.dtype) for x in forced_launches] == [(x.family, x.name, x.dtype)
                                                                       for x in plain_launches]
+    assert called == {fn.__name__ for spec in ops for fn in (spec.function, spec.backward)}, called
     exercised = {x.name for x in plain_launches if x.family == family}
     missing = set(_sources.kernel_names(family)) - exercised
     assert not missing, f"kernels of {family} that no case launched: {sorted(missing)}"
@@ -399,9 +450,9 @@ def test_deform_conv_tap_positions_past_int32_use_long_long(rng, launches):
                  *deformcp.deform_conv2d_backward(grad_output, **arrays, **conv, deterministic=det))
                 for det in (False, True)]
     check_selection(launches, True)
-    assert {x.name for x in launches} == set(_sources.kernel_names("deform_conv"))
+    assert {x.name for x in launches} == set(_sources.kernel_names(deform_conv.FAMILY))
     for results in host:
-        for name, got, want in zip(("output", "input", "offset", "weight", "bias", "mask"), results, reference):
+        for name, got, want in zip(("output", *SPECS["deform_conv2d"].differentiable), results, reference):
             np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12, err_msg=name)
     for name, value in before.items():
         np.testing.assert_array_equal(arrays[name], value, err_msg=f"{name} modified")
