@@ -12,6 +12,15 @@ DLPack arrays (PyTorch tensors, JAX arrays, ...) are imported without a copy and
 in the caller's framework, also without a copy. NumPy arrays in non-native byte order are copied once into
 native order on entry (:func:`native_byte_order`); results are always in native order. Namespaces are told
 apart with array-api-compat, which never imports CuPy, PyTorch or JAX itself.
+
+bfloat16 (:func:`_bfloat16_import`, :func:`_bfloat16_export`). NumPy's bfloat16 is ml_dtypes' (without it a
+bfloat16 argument is a TypeError saying to install ml_dtypes), and NumPy's DLPack has no bfloat16, so bfloat16
+arrays on the CPU cross another way: PyTorch tensors as a same-size integer view (``x.view(torch.int16)`` →
+``np.from_dlpack`` → ``.view(bfloat16)``, and back the same way), without a copy; JAX arrays through NumPy's
+array protocol (``np.asarray``, a view on the CPU) and back through ``jax.device_put``, which, like JAX's
+``from_dlpack``, copies unless the buffer is 64-byte aligned; arrays of other frameworks through
+``np.asarray`` and back through their namespace's ``asarray`` (each may copy). bfloat16 runs on the CPU only:
+CuPy has no bfloat16 arrays, so a bfloat16 array on a CUDA device is a TypeError naming the argument.
 """
 from __future__ import annotations
 
@@ -109,6 +118,8 @@ def _import(name: str, x, framework: str, device: str):
     if framework == "torch" and x.requires_grad:
         raise ValueError(f"{name}: the tensor requires grad; pass tensor.detach(), or use the autograd "
                          "wrappers in deformcp.torch")
+    if _is_bfloat16(x):
+        return _bfloat16_import(name, x, device)
     try:
         if device == "cpu":
             return np.from_dlpack(x)
@@ -132,7 +143,61 @@ def _exporter(framework: str, template) -> Callable[[Any], Any]:
     if framework in ("numpy", "cupy"):
         return lambda result: result
     namespace = compat.array_namespace(template)
-    return lambda result: namespace.from_dlpack(result)
+
+    def export(result):
+        if result.dtype.name == "bfloat16":
+            return _bfloat16_export(result, template, namespace)
+        return namespace.from_dlpack(result)
+    return export
+
+
+# bfloat16 (see the module docstring): the only code that handles it
+
+def _is_bfloat16(x) -> bool:
+    """Whether x (an array of any framework) holds bfloat16: "torch.bfloat16", JAX's "bfloat16", ..."""
+    return "bfloat16" in str(getattr(x, "dtype", ""))
+
+
+def _bfloat16_dtype(name: str) -> np.dtype:
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise TypeError(f"{name}: a bfloat16 array needs ml_dtypes, which gives NumPy its bfloat16 dtype "
+                        "(pip install ml_dtypes)") from None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _bfloat16_import(name: str, x, device: str) -> np.ndarray:
+    """The bfloat16 DLPack array x as a NumPy bfloat16 array: PyTorch's through an int16 view (the same
+    memory), the others' through np.asarray (JAX's on the CPU: a view of its buffer)."""
+    if device == "cuda":
+        raise TypeError(f"{name}: bfloat16 arrays run on the CPU only (CuPy has no bfloat16 arrays); move "
+                        f"{_describe(x)} to the CPU, or cast it to float16 or float32")
+    dtype = _bfloat16_dtype(name)
+    if compat.is_torch_array(x):
+        import torch
+        return np.from_dlpack(x.view(torch.int16)).view(dtype)
+    try:
+        imported = np.asarray(x)
+    except Exception as error:  # whatever the framework's __array__ raises
+        imported = error
+    if getattr(imported, "dtype", None) != dtype:
+        raise TypeError(f"{name}: cannot import the bfloat16 {_describe(x)}: NumPy's DLPack has no bfloat16, "
+                        f"and np.asarray gave {getattr(imported, 'dtype', imported)!r}; cast it to float32")
+    return imported
+
+
+def _bfloat16_export(result: np.ndarray, template, namespace):
+    """A NumPy bfloat16 result in the framework of template: PyTorch's through an int16 view (the same memory),
+    JAX's through jax.device_put (a view where 64-byte aligned, as JAX's from_dlpack), others' through
+    namespace.asarray."""
+    if compat.is_torch_array(template):
+        import torch
+        return torch.from_dlpack(result.view(np.int16)).view(torch.bfloat16)
+    if compat.is_jax_array(template):
+        import jax
+        return jax.device_put(result, next(iter(template.devices())))
+    return namespace.asarray(result)
 
 
 def prepare(**named) -> Call:

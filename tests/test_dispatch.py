@@ -11,8 +11,8 @@ class FakeDLPack:
 
     __module__ = "otherframework"
 
-    def __init__(self, device):
-        self.device = device
+    def __init__(self, device, dtype="float32"):
+        self.device, self.dtype = device, dtype
 
     def __dlpack__(self, **kwargs):
         raise AssertionError("must not be read: the call is rejected before any data is imported")
@@ -60,6 +60,17 @@ def test_mixed_devices_rejected():
 def test_unknown_dlpack_device_rejected():
     with pytest.raises(ValueError, match="unsupported DLPack device type 14"):
         deformcp.affine_grid(FakeDLPack((14, 0)), (1, 1, 2, 2))
+
+
+def test_cuda_bfloat16_rejected():
+    """CuPy has no bfloat16 arrays: a bfloat16 array on a CUDA device is refused, by name, before any data is
+    read or CuPy is imported (the torch.bfloat16 dtype string of a CUDA tensor, JAX's "bfloat16")."""
+    for dtype in ("torch.bfloat16", "bfloat16"):
+        with pytest.raises(TypeError, match=r"^input: bfloat16 arrays run on the CPU only \(CuPy has no bfloat16 "
+                                            r"arrays\); move otherframework.FakeDLPack to the CPU, or cast it"):
+            deformcp.grid_sample(FakeDLPack((2, 0), dtype), FakeDLPack((2, 0), dtype))
+        with pytest.raises(TypeError, match=r"^grid: bfloat16 arrays run on the CPU only"):
+            _dispatch.prepare(grid=FakeDLPack((2, 0), dtype))
 
 
 def test_non_arrays_rejected():
