@@ -22,11 +22,17 @@ FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 INT_MAX = 2**31 - 1
 
 
+def dtype_name(dtype) -> str:
+    """"float32", ... for a NumPy, CuPy or JAX dtype, or a torch dtype (torch.float32)."""
+    name = getattr(dtype, "name", None)
+    return name if isinstance(name, str) else str(dtype).rpartition(".")[2]
+
+
 def floating(name: str, x, ndim: int, layout: str):
     """Check that x is a floating-point array of rank ndim; layout names the axes for messages."""
     if x is None:
         raise TypeError(f"{name}: expected an array {layout}, got None")
-    if np.dtype(x.dtype).name not in FLOAT_DTYPES:
+    if dtype_name(x.dtype) not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected a floating-point array ({', '.join(FLOAT_DTYPES)}), "
                         f"got dtype {x.dtype}")
     if x.ndim != ndim:
@@ -36,7 +42,7 @@ def floating(name: str, x, ndim: int, layout: str):
 
 def same_dtype(**arrays) -> None:
     present = {name: x for name, x in arrays.items() if x is not None}
-    dtypes = {np.dtype(x.dtype) for x in present.values()}
+    dtypes = {dtype_name(x.dtype) for x in present.values()}
     if len(dtypes) > 1:
         listing = ", ".join(f"{name} is {x.dtype}" for name, x in present.items())
         raise TypeError(f"expected arrays of one dtype: {listing}")

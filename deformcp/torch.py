@@ -27,7 +27,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
+import operator
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
 
 try:
     import torch
@@ -43,6 +48,7 @@ from deformcp.ops import SPECS, _call
 from deformcp.ops import deform_conv as _deform_conv
 from deformcp.ops import roi_align as _roi_align
 from deformcp.ops import spatial_transformer as _spatial_transformer
+from deformcp.ops._spec import IntPair
 
 __all__ = [
     "affine_grid", "grid_sample", "roi_align", "ps_roi_align", "deform_conv2d", "deform_roi_pool",
@@ -81,10 +87,15 @@ def _deterministic() -> bool:
 class _DoubleBackwardError(torch.autograd.Function):
     """Identity on gradients computed under create_graph=True; differentiating them raises."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, name, *grads):
-        ctx.name = name
+    def forward(name, *grads):
         return tuple(g.view_as(g) for g in grads)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.name = inputs[0]
 
     @staticmethod
     def backward(ctx, *_):
@@ -107,7 +118,10 @@ def _first_order(backward):
         present = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor)]
         if not present:
             return grads
-        marked = _DoubleBackwardError.apply(ctx.spec.name, *(grads[i].detach().requires_grad_() for i in present))
+        # under torch.func transforms a tensor's grad tracking is the transform's: mark the gradients as they are
+        functorch = torch._C._functorch.is_functorch_wrapped_tensor(grads[present[0]])
+        marked = _DoubleBackwardError.apply(
+            ctx.spec.name, *(grads[i] if functorch else grads[i].detach().requires_grad_() for i in present))
         grads = list(grads)
         for i, g in zip(present, marked):
             grads[i] = g
@@ -115,53 +129,198 @@ def _first_order(backward):
     return wrapper
 
 
-def _rois(boxes, input, name="boxes"):
-    """boxes as a (K, 5) [batch_index, x1, y1, x2, y2] tensor: a tensor is kept; a list or tuple of per-image
-    (L, 4) tensors goes through deformcp's own conversion and checks (_validate.prepare_boxes), as in the other
-    front doors."""
-    if not isinstance(boxes, (list, tuple)):
-        return boxes
-    call, (_, rois) = _validate.prepare_boxes(name, input=_plain(input), **{name: [_plain(b) for b in boxes]})
-    return call.export(rois)
-
-
 def _align_corners(value):
     """torch's align_corners: None means False (without torch's warning); anything else must be a bool."""
     return False if value is None else _validate.flag("align_corners", value)
 
 
-# --------------------------------------------------------------------------------------- the Function
+# ------------------------------------------------------------------------------- the ops, in torch.library
 
-class _Op(torch.autograd.Function):
-    """Any deformcp op as an autograd Function: ``_Op.apply(spec, options, *arrays)``, arrays in
-    ``spec.arrays`` order (None where absent), options the op's other arguments by name."""
+#: The schema type of each kind of option annotation of the deformcp functions (deformcp.ops.OpSpec.option_types).
+_SCHEMA_TYPES = {bool: "bool", int: "int", float: "float", str: "str", IntPair: "int[]", Sequence[int]: "int[]",
+                 Optional[int]: "int?"}
+
+
+def _schema_value(kind, value):
+    """An option (already checked by deformcp's rules) as its schema type: an int pair as a list of two ints."""
+    if kind in (IntPair, Sequence[int]):
+        return [operator.index(v) for v in value] if isinstance(value, (list, tuple)) else [operator.index(value)] * 2
+    if kind is float:
+        return float(value)
+    if kind in (int, bool):
+        return kind(value)
+    return value
+
+
+def _array_schema(spec) -> str:
+    defaults = inspect.signature(spec.function).parameters
+    return ", ".join(f"Tensor{'?' if defaults[name].default is None else ''} {name}" for name in spec.arrays)
+
+
+def _option_schema(spec) -> str:
+    return "".join(f", {_SCHEMA_TYPES[kind]} {name}" for name, kind in spec.option_types.items())
+
+
+def _split(spec, args) -> tuple[dict, dict]:
+    """An op's positional arguments (arrays, then options) as (arrays by name, options by name)."""
+    n = len(spec.arrays)
+    return dict(zip(spec.arrays, args[:n])), dict(zip(spec.options, args[n:n + len(spec.options)]))
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    name = str(dtype).rpartition(".")[2]
+    if name == "bfloat16":
+        import ml_dtypes  # noqa: F401  (registers "bfloat16" with NumPy)
+    return np.dtype(name)
+
+
+def _stand_in(t):
+    """A NumPy array of t's shape and dtype that takes no memory (deformcp's checks read shapes and dtypes)."""
+    if t is None:
+        return None
+    return np.broadcast_to(np.zeros((), _numpy_dtype(t.dtype)), tuple(int(s) for s in t.shape))
+
+
+def _output_shape(spec, arrays: dict, options: dict) -> tuple:
+    """The op's output shape by deformcp's own checks on stand-ins of the tensors (its errors, no data read)."""
+    with _dc.backend("numpy"):
+        return _call.output_shape(spec, {k: _stand_in(v) for k, v in arrays.items()}, options)
+
+
+def _register(library, spec):
+    """deformcp::<op> and deformcp::<op>_backward: CPU and CUDA kernels (deformcp's call path), fake kernels
+    (shapes from deformcp's checks), the autograd formula and a vmap rule."""
+    name, arrays, options = spec.name, _array_schema(spec), _option_schema(spec)
+    library.define(f"{name}({arrays}{options}) -> Tensor")
+    library.define(f"{name}_backward(Tensor grad_output, {arrays}{options}, bool[] needs_input_grad, "
+                   f"bool deterministic) -> Tensor[]")
+    forward_op = getattr(torch.ops.deformcp, name)
+
+    @torch.compiler.disable  # the kernels run deformcp's call path on real tensors: never traced
+    def forward(*args):
+        tensors, values = _split(spec, args)
+        return _call.run_forward(spec, {k: _plain(t) for k, t in tensors.items()}, values).contiguous()
+
+    def forward_fake(*args):
+        tensors, values = _split(spec, args)
+        return tensors[spec.arrays[0]].new_empty(_output_shape(spec, tensors, values))
+
+    @torch.compiler.disable
+    def backward(grad_output, *args):
+        tensors, values = _split(spec, args)
+        needs, deterministic = args[-2:]
+        grads = _call.run_backward(spec, _plain(grad_output), {k: _plain(t) for k, t in tensors.items()}, values,
+                                   tuple(needs), deterministic)
+        return [grad_output.new_empty(0) if g is None else g.contiguous() for g in grads]  # as the fake kernels say
+
+    def backward_fake(grad_output, *args):
+        tensors, _ = _split(spec, args)
+        needs = args[-2]
+        return [tensors[field].new_empty(tensors[field].shape) if need and tensors[field] is not None
+                else grad_output.new_empty(0)
+                for field, need in zip(spec.differentiable, needs)]
+
+    for qualname, kernel, fake in ((name, forward, forward_fake), (f"{name}_backward", backward, backward_fake)):
+        library.impl(qualname, kernel, "CPU")
+        library.impl(qualname, kernel, "CUDA")
+        torch.library.register_fake(f"deformcp::{qualname}", fake, lib=library)
+        torch.library.register_vmap(f"deformcp::{qualname}", _vmap_by_loop(getattr(torch.ops.deformcp, qualname)),
+                                    lib=library)
+    torch.library.register_autograd(f"deformcp::{name}", _gradients,
+                                    setup_context=lambda ctx, inputs, output: _save(ctx, spec, inputs), lib=library)
+    return forward_op
+
+
+def _save(ctx, spec, args):
+    """The autograd context of op ``spec`` called with ``args`` (arrays, then options)."""
+    tensors, values = _split(spec, args)
+    ctx.spec, ctx.options = spec, tuple(values.values())
+    ctx.save_for_backward(*tensors.values())
+    _remember(ctx)
+
+
+@_first_order
+def _gradients(ctx, grad):
+    """The gradients of the op's arguments (arrays, then None for each option), by its backward op."""
+    spec = ctx.spec
+    tensors = dict(zip(spec.arrays, ctx.saved_tensors))
+    asked = dict(zip(spec.arrays, ctx.needs_input_grad[-len(spec.arrays) - len(ctx.options):]))
+    needs = [asked[field] and tensors[field] is not None for field in spec.differentiable]
+    with _as_in_forward(ctx):
+        grads = getattr(torch.ops.deformcp, f"{spec.name}_backward")(grad, *tensors.values(), *ctx.options, needs,
+                                                                     _deterministic())
+    by_name = {field: g if need else None for field, g, need in zip(spec.differentiable, grads, needs)}
+    return tuple(by_name.get(array) for array in spec.arrays) + (None,) * len(ctx.options)
+
+
+class _Function(torch.autograd.Function):
+    """An op with its autograd formula as an autograd.Function (``_Function.apply(name, *arrays, *options)``),
+    which torch.func transforms can differentiate (they cannot differentiate a torch.library op's registered
+    formula); vmap goes through the ops' vmap rules."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, spec, options, *arrays):
-        _remember(ctx)
-        ctx.spec, ctx.options = spec, options
-        ctx.save_for_backward(*arrays)
-        return _call.run_forward(spec, dict(zip(spec.arrays, map(_plain, arrays))), options)
+    def forward(name, *args):
+        return getattr(torch.ops.deformcp, name)(*args)
 
     @staticmethod
-    @_first_order
+    def setup_context(ctx, inputs, output):
+        _save(ctx, SPECS[inputs[0]], inputs[1:])
+
+    @staticmethod
     def backward(ctx, grad):
-        spec = ctx.spec
-        needs = dict(zip(spec.arrays, ctx.needs_input_grad[2:]))
-        arrays = dict(zip(spec.arrays, map(_plain, ctx.saved_tensors)))
-        with _as_in_forward(ctx):
-            grads = _call.run_backward(spec, _plain(grad), arrays, ctx.options,
-                                       tuple(needs[name] for name in spec.differentiable), _deterministic())
-        return (None, None) + tuple(getattr(grads, name, None) for name in spec.arrays)
+        return (None, *_gradients(ctx, grad))
+
+
+def _vmap_by_loop(op):
+    """A vmap rule that runs op once per batch element and stacks the results (correct for every op; the
+    batch is not folded into the op's own batch dimension)."""
+    def rule(info, in_dims, *args):
+        def element(i):
+            return op(*(a.select(d, i) if isinstance(a, torch.Tensor) and d is not None else a
+                        for a, d in zip(args, in_dims)))
+
+        results = [element(i) for i in range(info.batch_size)]
+        if isinstance(results[0], torch.Tensor):
+            return torch.stack(results), 0
+        return [torch.stack(column) for column in zip(*results)], [0] * len(results[0])
+    return rule
+
+
+class _Entry(NamedTuple):
+    """What the front door needs of an op, computed once (plain tuples: torch.compile reads them as constants)."""
+
+    op: object                      # torch.ops.deformcp.<name>
+    spec: object
+    arrays: tuple[str, ...]
+    kinds: tuple[tuple[str, object], ...]  # (option, annotation) in signature order
+
+
+_LIBRARY = torch.library.Library("deformcp", "DEF")
+_OPS = {name: _Entry(_register(_LIBRARY, spec), spec, spec.arrays, tuple(spec.option_types.items()))
+        for name, spec in SPECS.items()}
+
+
+def _tracing(*tensors) -> bool:
+    """Whether the call is being traced (torch.compile / export, torch.fx): deformcp's argument checks then run
+    in the ops' fake kernels, on the traced shapes."""
+    return torch.compiler.is_compiling() or any(isinstance(t, torch.fx.Proxy) for t in tensors)
 
 
 def _apply(name: str, arguments: dict):
-    """Op ``name`` called with ``arguments`` (a function's locals()): per-image box lists become (K, 5) RoIs."""
-    spec = SPECS[name]
-    if spec.boxes:
-        arguments = dict(arguments, **{spec.boxes: _rois(arguments[spec.boxes], arguments["input"], spec.boxes)})
-    options = {key: value for key, value in arguments.items() if key not in spec.arrays}
-    return _Op.apply(spec, options, *(arguments[name] for name in spec.arrays))
+    """Op ``name`` called with ``arguments`` (a function's locals()): per-image box lists become (K, 5) RoIs; the
+    arguments are checked by deformcp's rules (named errors) before the op sees them."""
+    entry = _OPS[name]
+    tensors = {array: arguments[array] for array in entry.arrays}
+    boxes = entry.spec.boxes
+    if boxes and isinstance(tensors[boxes], (list, tuple)):
+        tensors[boxes] = _validate.boxes_to_rois(boxes, tensors[boxes], tensors["input"])
+    if not _tracing(*tensors.values()):
+        _output_shape(entry.spec, tensors, {option: arguments[option] for option, _ in entry.kinds})
+    args = (*tensors.values(), *(_schema_value(kind, arguments[option]) for option, kind in entry.kinds))
+    # compiled graphs call the op itself (AOTAutograd differentiates it by its registered formula)
+    return entry.op(*args) if torch.compiler.is_compiling() else _Function.apply(name, *args)
 
 
 # ------------------------------------------------------------------------------------------- functions
@@ -291,6 +450,12 @@ def mimic_loss(f_a, f_b):
         Tensor[()]: the summed loss. Gradients: f_a, f_b.
     """
     return _apply("mimic_loss", locals())
+
+
+# torch.fx.symbolic_trace records a call of each function as one node (its arguments may be Proxies).
+for _function in ("affine_grid", "grid_sample", "roi_align", "ps_roi_align", "deform_conv2d", "deform_roi_pool",
+                  "deform_ps_roi_pool", "mimic_loss"):
+    torch.fx.wrap(_function)
 
 
 # ---------------------------------------------------------------------------------------------- modules
@@ -521,7 +686,6 @@ class DeformRoIPool(nn.Module):
         return self.offset_fc(pooled.flatten(1)).view(-1, 2, *self.output_size)
 
     def forward(self, input, rois):
-        rois = _rois(rois, input, "rois")
         pooled = self._pool(input, rois)
         return self._pool(input, rois, self._offset(pooled))
 
@@ -553,7 +717,6 @@ class ModulatedDeformRoIPool(DeformRoIPool):
         nn.init.zeros_(self.mask_fc[2].bias)
 
     def forward(self, input, rois):
-        rois = _rois(rois, input, "rois")
         pooled = self._pool(input, rois)
         mask = self.mask_fc(pooled.flatten(1)).view(-1, 1, *self.output_size)
         return self._pool(input, rois, self._offset(pooled), mask)

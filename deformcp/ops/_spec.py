@@ -4,9 +4,13 @@ the benchmarks and the tests."""
 from __future__ import annotations
 
 import inspect
-from typing import Callable, NamedTuple, Optional
+import typing
+from typing import Callable, NamedTuple, Optional, Union
 
 import numpy as np
+
+#: An option that is one int or a pair (e.g. output_size, stride): the pair's two values, or the int twice.
+IntPair = Union[int, tuple[int, int]]
 
 
 class Case(NamedTuple):
@@ -48,6 +52,12 @@ class OpSpec(NamedTuple):
     def options(self) -> tuple[str, ...]:
         """The public function's other arguments, in signature order."""
         return tuple(p for p in inspect.signature(self.function).parameters if p not in self.arrays)
+
+    @property
+    def option_types(self) -> dict:
+        """The public function's type annotation of each option, in signature order."""
+        hints = typing.get_type_hints(self.function)
+        return {name: hints[name] for name in self.options}
 
     @property
     def deterministic(self) -> bool:

@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional
 from .. import _kernels, _validate, _workspace
 from ..reference import deform_conv as reference
 from ._call import backward, forward
-from ._spec import Case, OpSpec
+from ._spec import Case, IntPair, OpSpec
 
 FAMILY = "deform_conv"
 
@@ -221,7 +221,8 @@ def _backward_kernels(call, grad_output, input, offset, weight, bias, mask, geo:
 
 # ------------------------------------------------------------------------------------------ public
 
-def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None):
+def deform_conv2d(input, offset, weight, bias=None, stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1,
+                  mask=None):
     """Deformable convolution: ``y(p) = Σ_k w_k · x(p + p_k + Δp_k) · Δm_k`` (+ bias).
 
     v1 (Dai et al. 2017, https://arxiv.org/abs/1703.06211) without ``mask``; v2 (Zhu et al. 2019,

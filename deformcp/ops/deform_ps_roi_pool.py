@@ -147,8 +147,9 @@ def _launch_backward(call, grad_output, input, rois, offset, cfg: _Config, wante
 
 # ------------------------------------------------------------------------------------------ public
 
-def deform_ps_roi_pool(input, rois, offset, output_dim, group_size, pooled_size, part_size=None, sample_per_part=4,
-                       spatial_scale=1.0, trans_std=0.0, no_trans=False):
+def deform_ps_roi_pool(input, rois, offset, output_dim: int, group_size: int, pooled_size: int,
+                       part_size: Optional[int] = None, sample_per_part: int = 4, spatial_scale: float = 1.0,
+                       trans_std: float = 0.0, no_trans: bool = False):
     """Deformable position-sensitive RoI pooling (Deformable ConvNets v1), as the original operator.
 
     Args:

@@ -18,7 +18,7 @@ import numpy as np
 from .. import _kernels, _validate
 from ..reference import roi_align as reference
 from ._call import backward, forward
-from ._spec import Case, OpSpec
+from ._spec import Case, IntPair, OpSpec
 
 FAMILY = "roi_align"
 POOL_MODES = ("avg", "max")
@@ -119,7 +119,8 @@ def _launch_backward(call, grad_output, input, rois, cfg: RoIAlignConfig, wanted
 
 # ------------------------------------------------------------------------------------------ public
 
-def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, pool_mode="avg"):
+def roi_align(input, boxes, output_size: IntPair, spatial_scale: float = 1.0, sampling_ratio: int = -1,
+              aligned: bool = False, pool_mode: str = "avg"):
     """Pool each box of ``input`` to a fixed ``output_size`` grid by bilinear sampling (RoIAlign).
 
     Args:
@@ -172,7 +173,7 @@ def roi_align_backward(grad_output, input, boxes, output_size, spatial_scale=1.0
     """
     return backward(ROI_ALIGN, locals())
 
-def ps_roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1):
+def ps_roi_align(input, boxes, output_size: IntPair, spatial_scale: float = 1.0, sampling_ratio: int = -1):
     """Position-sensitive RoIAlign (R-FCN's pooling with RoIAlign sampling), as torchvision.ops.ps_roi_align.
 
     Args:
@@ -279,8 +280,8 @@ def _deform_launch_backward(call, grad_output, input, rois, offset, mask, cfg: D
     return None if grad_input is None else grad_input.astype(input.dtype, copy=False), grad_offset, grad_mask
 
 
-def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, sampling_ratio=0, gamma=0.1,
-                    mask=None):
+def deform_roi_pool(input, rois, offset=None, output_size: IntPair = 7, spatial_scale: float = 1.0,
+                    sampling_ratio: int = 0, gamma: float = 0.1, mask=None):
     """Deformable RoI pooling: RoIAlign whose bins move by learned offsets, ``y(k) = Σ_j x(p_kj + Δp_k)·Δm_k / n_k``.
 
     Args:

@@ -7,7 +7,7 @@ NumPy path: deformcp.reference.spatial_transformer.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 from .. import _kernels, _validate
 from ..reference import spatial_transformer as reference
@@ -74,7 +74,7 @@ def _affine_grid_kernels_backward(call, grad_output, theta, cfg: AffineGridConfi
     return (grad_theta,)
 
 
-def affine_grid(theta, size, align_corners=False):
+def affine_grid(theta, size: Sequence[int], align_corners: bool = False):
     """Sampling grid of a batch of 2-D affine transforms: ``(x_s, y_s) = theta · (x_t, y_t, 1)``.
 
     Args:
@@ -188,7 +188,7 @@ def _grid_sample_kernels_backward(call, grad_output, input, grid, cfg: GridSampl
     return grad_input, grad_grid
 
 
-def grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corners=False):
+def grid_sample(input, grid, mode: str = "bilinear", padding_mode: str = "zeros", align_corners: bool = False):
     """Sample ``input`` at the normalised locations of ``grid``: ``V = Σ_nm U_nm k(x_s − m) k(y_s − n)``.
 
     Args:

@@ -1,0 +1,215 @@
+"""deformcp.torch's ops as torch.library ops (deformcp::<op>, deformcp::<op>_backward): opcheck over the spec
+table, torch.compile (fullgraph, no graph breaks, outputs and gradients equal eager), torch.export, torch.fx and
+torch.func transforms."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import deformcp.torch as dtorch  # noqa: E402
+from deformcp.ops import SPECS  # noqa: E402
+
+from conftest import assert_close  # noqa: E402
+
+
+def _tensors(spec, case, rng, dtype=torch.float64):
+    arrays = case.make(rng)
+    return {name: None if name not in arrays else torch.from_numpy(arrays[name]).to(dtype) for name in spec.arrays}
+
+
+def _op_arguments(spec, tensors, options):
+    entry = dtorch._OPS[spec.name]
+    return (*tensors.values(), *(dtorch._schema_value(kind, options[option]) for option, kind in entry.kinds))
+
+
+#: Every op with an empty batch (no images, or no RoIs / rows): what opcheck must also handle.
+EMPTY = {
+    "affine_grid": lambda: ({"theta": torch.zeros(0, 2, 3)}, {"size": (0, 1, 3, 4), "align_corners": False}),
+    "grid_sample": lambda: ({"input": torch.zeros(0, 2, 3, 4), "grid": torch.zeros(0, 5, 6, 2)},
+                            {"mode": "bilinear", "padding_mode": "zeros", "align_corners": False}),
+    "roi_align": lambda: ({"input": torch.randn(1, 2, 5, 5), "boxes": torch.zeros(0, 5)},
+                          {"output_size": 2, "spatial_scale": 1.0, "sampling_ratio": 2, "aligned": True,
+                           "pool_mode": "avg"}),
+    "ps_roi_align": lambda: ({"input": torch.randn(1, 8, 5, 5), "boxes": torch.zeros(0, 5)},
+                             {"output_size": 2, "spatial_scale": 1.0, "sampling_ratio": 2}),
+    "deform_roi_pool": lambda: ({"input": torch.randn(1, 2, 5, 5), "rois": torch.zeros(0, 5),
+                                 "offset": torch.zeros(0, 2, 2, 2), "mask": None},
+                                {"output_size": 2, "spatial_scale": 1.0, "sampling_ratio": 2, "gamma": 0.1}),
+    "deform_conv2d": lambda: ({"input": torch.zeros(0, 4, 5, 5), "offset": torch.zeros(0, 18, 5, 5),
+                               "weight": torch.randn(2, 4, 3, 3), "bias": torch.randn(2), "mask": None},
+                              {"stride": 1, "padding": 1, "dilation": 1}),
+    "deform_ps_roi_pool": lambda: ({"input": torch.randn(1, 8, 5, 5), "rois": torch.zeros(0, 5),
+                                    "offset": torch.zeros(0, 2, 2, 2)},
+                                   {"output_dim": 2, "group_size": 2, "pooled_size": 2, "part_size": 2,
+                                    "sample_per_part": 2, "spatial_scale": 1.0, "trans_std": 0.1, "no_trans": False}),
+    "mimic_loss": lambda: ({"f_a": torch.zeros(0, 5), "f_b": torch.zeros(0, 5)}, {}),
+}
+
+
+def test_every_op_is_a_library_op_with_an_empty_case():
+    assert set(EMPTY) == set(SPECS)
+    for name in SPECS:
+        assert hasattr(torch.ops.deformcp, name) and hasattr(torch.ops.deformcp, f"{name}_backward")
+
+
+def _opcheck(spec, tensors, options):
+    for name, t in tensors.items():
+        if t is not None and name in spec.differentiable:
+            t.requires_grad_()
+    result = torch.library.opcheck(getattr(torch.ops.deformcp, spec.name).default,
+                                   _op_arguments(spec, tensors, options))
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("name", list(SPECS))
+def test_opcheck(name, dtype, rng):
+    """Schema, fake kernel, autograd registration and AOT dispatch (dynamic shapes) of each op's last parity
+    case (deform_conv2d's: the irregular configuration)."""
+    spec = SPECS[name]
+    case = spec.cases[-1]
+    _opcheck(spec, _tensors(spec, case, rng, dtype), case.options)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_opcheck_empty_batch(name):
+    tensors, options = EMPTY[name]()
+    _opcheck(SPECS[name], tensors, options)
+
+
+# ------------------------------------------------------------------------------------- a model of them all
+
+class Net(torch.nn.Module):
+    """ModulatedDeformConv2dPack, a SpatialTransformer, grid_sample, RoIAlign on per-image boxes, ps_roi_align
+    and DeformRoIPool, in one graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = dtorch.ModulatedDeformConv2dPack(3, 8, 3, padding=1)
+        torch.nn.init.normal_(self.conv.conv_offset.weight, std=0.1)  # offsets and masks that vary
+        self.stn = dtorch.SpatialTransformer(8)
+        self.roi = dtorch.RoIAlign(3, 1.0, 2, aligned=True)
+        self.pool = dtorch.DeformRoIPool(3, 8, 16, sampling_ratio=2)
+        torch.nn.init.normal_(self.pool.offset_fc[-1].weight, std=0.1)
+
+    def forward(self, x, boxes):
+        """boxes: a list of per-image (L, 4) tensors, or (K, 5) RoIs."""
+        y = torch.relu(self.conv(x))
+        y = self.stn(y)
+        z = dtorch.grid_sample(y, torch.tanh(y[:, :2].permute(0, 2, 3, 1)))
+        pooled = self.roi(z, boxes)
+        if isinstance(boxes, list):
+            boxes = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1) for i, b in enumerate(boxes)])
+        ps = dtorch.ps_roi_align(z.repeat(1, 9, 1, 1), boxes, 3)
+        return pooled.square().mean() + ps.mean() + self.pool(z, boxes).mean()
+
+
+def _inputs(rng, N=2, as_list=True):
+    x = torch.from_numpy(rng.standard_normal((N, 3, 12, 12)))
+    boxes = [torch.from_numpy(np.array([[1.0, 1.5, 8.0, 9.0], [0.5, 2.0, 6.5, 10.0]][:1 + i % 2])) for i in range(N)]
+    if not as_list:  # the same three RoIs, in images 0 and 1, whatever the batch size
+        boxes = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1) for i, b in enumerate(boxes[:2])])
+    return x, boxes
+
+
+def _value_and_grads(model, x, boxes):
+    x = x.clone().requires_grad_()
+    model.zero_grad()
+    out = model(x, boxes)
+    out.backward()
+    return out.detach(), x.grad, [p.grad.clone() for p in model.parameters()]
+
+
+def _assert_same(a, b):
+    for got, want in zip([a[0], a[1], *a[2]], [b[0], b[1], *b[2]]):
+        assert_close(got.numpy(), want.numpy(), "float64")
+
+
+def test_model_has_no_graph_breaks(rng):
+    model = Net().double()
+    explanation = torch._dynamo.explain(model)(*_inputs(rng))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_model_equals_eager(backend, rng):
+    """fullgraph=True: outputs and gradients (input and every parameter) equal eager, with per-image box lists
+    and with (K, 5) RoIs."""
+    torch._dynamo.reset()
+    model = Net().double()
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    for as_list in (True, False):
+        x, boxes = _inputs(rng, 2, as_list)
+        _assert_same(_value_and_grads(compiled, x, boxes), _value_and_grads(model, x, boxes))
+
+
+def test_a_new_batch_size_recompiles_once(rng):
+    """The fake kernels run deformcp's checks on the traced shapes as integers, so shapes are specialised: each new
+    batch size compiles once, a batch size seen before does not compile again."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = Net().double()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for N in (2, 3, 4, 2, 3):
+        x, rois = _inputs(rng, N, as_list=False)
+        _assert_same(_value_and_grads(compiled, x, rois), _value_and_grads(model, x, rois))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
+
+
+def test_export_runs_and_equals_eager(rng):
+    model = Net().double()
+    x, boxes = _inputs(rng)
+    program = torch.export.export(model, (x, boxes))
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert {"deformcp.deform_conv2d.default", "deformcp.roi_align.default", "deformcp.grid_sample.default",
+            "deformcp.ps_roi_align.default", "deformcp.deform_roi_pool.default",
+            "deformcp.affine_grid.default"} <= targets
+    assert_close(program.module()(x, boxes).detach().numpy(), model(x, boxes).detach().numpy(), "float64")
+
+
+def test_fx_symbolic_trace(rng):
+    """torch.fx traces the modules and functions: the deformcp ops are nodes of the graph."""
+    model = Net().double()
+    x, boxes = _inputs(rng)
+    graph_module = torch.fx.symbolic_trace(model, concrete_args={"boxes": boxes})
+    assert_close(graph_module(x, boxes).detach().numpy(), model(x, boxes).detach().numpy(), "float64")
+    targets = {str(node.target) for node in graph_module.graph.nodes}
+    assert any("deform_conv2d" in t for t in targets) and any("roi_align" in t for t in targets)
+
+
+# ----------------------------------------------------------------------------------------------- torch.func
+
+def _function(spec, case, rng):
+    tensors = _tensors(spec, case, rng)
+    names = [name for name in spec.differentiable if tensors[name] is not None]
+
+    def fn(*differentiable):
+        return getattr(dtorch, spec.name)(**{**tensors, **dict(zip(names, differentiable))}, **case.options)
+    return fn, tuple(tensors[name] for name in names)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_func_vjp_and_grad_equal_autograd(name, rng):
+    spec = SPECS[name]
+    fn, primals = _function(spec, spec.cases[-1], rng)
+    out, vjp = torch.func.vjp(fn, *primals)
+    cotangent = torch.from_numpy(rng.standard_normal(tuple(out.shape)))
+    func_grads = vjp(cotangent)
+    leaves = [p.clone().requires_grad_() for p in primals]
+    expected = torch.autograd.grad(fn(*leaves), leaves, cotangent)
+    for got, want in zip(func_grads, expected):  # detach: the gradients are marked against double backward
+        assert_close(got.detach().numpy(), want.numpy(), "float64")
+    grads = torch.func.grad(lambda *p: (fn(*p) * cotangent).sum(), argnums=tuple(range(len(primals))))(*primals)
+    for got, want in zip(grads, expected):
+        assert_close(got.detach().numpy(), want.numpy(), "float64")
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_func_vmap_equals_a_loop(name, rng):
+    """vmap over a new leading axis of every differentiable array: each slice's result, stacked."""
+    spec = SPECS[name]
+    fn, primals = _function(spec, spec.cases[-1], rng)
+    batch = [tuple(p * s for p in primals) for s in (1.0, -0.5, 2.0)]
+    stacked = [torch.stack(column) for column in zip(*batch)]
+    assert_close(torch.func.vmap(fn)(*stacked).numpy(), torch.stack([fn(*b) for b in batch]).numpy(), "float64")
