@@ -139,7 +139,8 @@ def test_every_spec_has_a_jax_function():
     order, kinds, defaults) and a keyword-only ``deterministic=False`` where its backward takes one."""
     assert sorted(djax.__all__) == sorted(SPECS)
     for name, spec in SPECS.items():
-        expected = list(inspect.signature(spec.function).parameters.values())
+        expected = [p.replace(annotation=inspect.Parameter.empty)  # the types are documented once, in deformcp
+                    for p in inspect.signature(spec.function).parameters.values()]
         if spec.deterministic:
             expected.append(inspect.Parameter("deterministic", inspect.Parameter.KEYWORD_ONLY, default=False))
         assert list(inspect.signature(getattr(djax, name)).parameters.values()) == expected, name
