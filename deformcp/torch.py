@@ -308,6 +308,17 @@ def _tracing(*tensors) -> bool:
     return torch.compiler.is_compiling() or any(isinstance(t, torch.fx.Proxy) for t in tensors)
 
 
+def _autocast(tensors: dict, first: str) -> dict:
+    """Under torch.autocast (on the first array's device type): every floating-point array in the first array's
+    dtype (the input's: offsets, masks, grids, boxes and weights follow it), so the op runs in that dtype (16-bit
+    dtypes sum in float32, as always). Elsewhere the arrays are as given (mixed dtypes are an error)."""
+    reference = tensors[first]
+    if not isinstance(reference, torch.Tensor) or not torch.is_autocast_enabled(reference.device.type):
+        return tensors
+    return {name: t.to(reference.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            for name, t in tensors.items()}
+
+
 def _apply(name: str, arguments: dict):
     """Op ``name`` called with ``arguments`` (a function's locals()): per-image box lists become (K, 5) RoIs; the
     arguments are checked by deformcp's rules (named errors) before the op sees them."""
@@ -316,6 +327,7 @@ def _apply(name: str, arguments: dict):
     boxes = entry.spec.boxes
     if boxes and isinstance(tensors[boxes], (list, tuple)):
         tensors[boxes] = _validate.boxes_to_rois(boxes, tensors[boxes], tensors["input"])
+    tensors = _autocast(tensors, entry.arrays[0])
     if not _tracing(*tensors.values()):
         _output_shape(entry.spec, tensors, {option: arguments[option] for option, _ in entry.kinds})
     args = (*tensors.values(), *(_schema_value(kind, arguments[option]) for option, kind in entry.kinds))

@@ -213,3 +213,41 @@ def test_func_vmap_equals_a_loop(name, rng):
     batch = [tuple(p * s for p in primals) for s in (1.0, -0.5, 2.0)]
     stacked = [torch.stack(column) for column in zip(*batch)]
     assert_close(torch.func.vmap(fn)(*stacked).numpy(), torch.stack([fn(*b) for b in batch]).numpy(), "float64")
+
+
+# ------------------------------------------------------------------------------------------------- autocast
+
+@pytest.mark.parametrize("first_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(SPECS))
+def test_autocast_runs_in_the_first_arrays_dtype(name, first_dtype, rng):
+    """Under torch.autocast, the other floating arrays are cast to the first array's dtype (the input's), the
+    result has that dtype and equals the call with the arrays cast beforehand, outside autocast."""
+    spec = SPECS[name]
+    case = spec.cases[-1]
+    tensors = _tensors(spec, case, rng, torch.float32)
+    first = spec.arrays[0]
+    mixed = {k: None if t is None else t.to(first_dtype if k == first else torch.bfloat16 if first_dtype ==
+                                             torch.float32 else torch.float32) for k, t in tensors.items()}
+    function = getattr(dtorch, name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = function(**mixed, **case.options)
+    expected = function(**{k: None if t is None else t.to(first_dtype) for k, t in mixed.items()}, **case.options)
+    assert out.dtype == first_dtype
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    if sum(t is not None for t in mixed.values()) > 1:  # outside autocast, mixed dtypes stay an error
+        with pytest.raises(TypeError, match="one dtype"):
+            function(**mixed, **case.options)
+
+
+def test_autocast_model_trains(rng):
+    """The model of every module under CPU bfloat16 autocast: forward and backward run, the parameters' gradients
+    are float32 and finite."""
+    model = Net()
+    x, boxes = _inputs(rng)
+    x, boxes = x.float(), [b.float() for b in boxes]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(x, boxes)
+    loss.backward()
+    for parameter in model.parameters():
+        assert parameter.grad is not None and parameter.grad.dtype == torch.float32
+        assert torch.isfinite(parameter.grad).all()
