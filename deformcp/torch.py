@@ -7,8 +7,11 @@ Import it explicitly (``import deformcp`` never imports torch)::
     out = dtorch.deform_conv2d(x, offset, weight, bias, padding=1, mask=mask)   # differentiable
     layer = dtorch.ModulatedDeformConv2dPack(64, 64, 3, padding=1)              # DCNv2 layer
 
-Every op runs through one ``torch.autograd.Function`` built from its spec (``deformcp.ops.SPECS``): the
-forward runs the deformcp op on the tensors (imported through DLPack without a copy, so CPU tensors run on
+Every op and its backward are torch.library ops generated from the op table (``deformcp.ops.SPECS``):
+``torch.ops.deformcp.<op>`` and ``torch.ops.deformcp.<op>_backward``, with fake kernels (torch.compile,
+torch.export), the autograd formula and a vmap rule; eager calls go through one ``torch.autograd.Function``
+(so that torch.func transforms can differentiate them), compiled graphs call the ops. The forward runs the
+deformcp op on the tensors (imported through DLPack without a copy, so CPU tensors run on
 deformcp's NumPy path or, inside ``with deformcp.backend("host"):``, on the host backend, and CUDA tensors on
 deformcp's CUDA kernels through CuPy), and the backward runs the op's backward for the inputs that need a
 gradient (``ctx.needs_input_grad``). Non-differentiable arguments (boxes, RoIs, sizes, options) get None. The
@@ -19,6 +22,10 @@ backward passes ``deterministic=torch.are_deterministic_algorithms_enabled()``, 
 Double backward is not supported: the gradients that these functions return cannot be differentiated
 again. Under ``create_graph=True`` they are marked, and differentiating them raises a RuntimeError
 that says so (rather than silently dropping the second-order terms).
+
+Under ``torch.autocast`` the floating arrays of a call take the dtype of its first array (the input's); outside
+it, mixed dtypes are an error. The backend and workspace limit of the forward are those in force when an eager
+forward runs; a compiled graph's backward runs under the settings in force when it runs.
 
 Shapes and conventions are those of the deformcp functions (see README.md): N batch, C channels, (H, W)
 input size, K boxes, (PH, PW) output bins, G offset groups, (kh, kw) kernel size.
