@@ -7,9 +7,15 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import deformcp.torch as dtorch  # noqa: E402
+from deformcp import testing  # noqa: E402
 from deformcp.ops import SPECS  # noqa: E402
 
 from conftest import assert_close  # noqa: E402
+
+#: The devices the ops run on: the CPU, and CUDA where torch and CuPy see a GPU (benchmarks/gpu_session.sh runs
+#: the tests with "cuda" in their id).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available() or testing.gpu_available() is not None, reason="CUDA: no GPU for torch and CuPy"))]
 
 
 def _tensors(spec, case, rng, dtype=torch.float64):
@@ -61,14 +67,16 @@ def _opcheck(spec, tensors, options):
     assert set(result.values()) == {"SUCCESS"}, result
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("name", list(SPECS))
-def test_opcheck(name, dtype, rng):
+def test_opcheck(name, dtype, device, rng):
     """Schema, fake kernel, autograd registration and AOT dispatch (dynamic shapes) of each op's last parity
     case (deform_conv2d's: the irregular configuration)."""
     spec = SPECS[name]
     case = spec.cases[-1]
-    _opcheck(spec, _tensors(spec, case, rng, dtype), case.options)
+    tensors = {k: None if t is None else t.to(device) for k, t in _tensors(spec, case, rng, dtype).items()}
+    _opcheck(spec, tensors, case.options)
 
 
 @pytest.mark.parametrize("name", list(SPECS))
@@ -122,7 +130,7 @@ def _value_and_grads(model, x, boxes):
 
 def _assert_same(a, b):
     for got, want in zip([a[0], a[1], *a[2]], [b[0], b[1], *b[2]]):
-        assert_close(got.numpy(), want.numpy(), "float64")
+        assert_close(got.cpu().numpy(), want.cpu().numpy(), "float64")
 
 
 def test_model_has_no_graph_breaks(rng):
@@ -132,15 +140,17 @@ def test_model_has_no_graph_breaks(rng):
     assert explanation.graph_count == 1
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_compiled_model_equals_eager(backend, rng):
+def test_compiled_model_equals_eager(backend, device, rng):
     """fullgraph=True: outputs and gradients (input and every parameter) equal eager, with per-image box lists
     and with (K, 5) RoIs."""
     torch._dynamo.reset()
-    model = Net().double()
+    model = Net().double().to(device)
     compiled = torch.compile(model, fullgraph=True, backend=backend)
     for as_list in (True, False):
         x, boxes = _inputs(rng, 2, as_list)
+        x, boxes = x.to(device), [b.to(device) for b in boxes] if as_list else boxes.to(device)
         _assert_same(_value_and_grads(compiled, x, boxes), _value_and_grads(model, x, boxes))
 
 
@@ -235,19 +245,23 @@ def test_func_vmap_equals_a_loop(name, rng):
 
 # ------------------------------------------------------------------------------------------------- autocast
 
-@pytest.mark.parametrize("first_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("device, low", [("cpu", torch.bfloat16), pytest.param(
+    "cuda", torch.float16, marks=DEVICES[1].marks)], ids=["cpu", "cuda"])
+@pytest.mark.parametrize("low_first", [False, True], ids=["float32-first", "low-first"])
 @pytest.mark.parametrize("name", list(SPECS))
-def test_autocast_runs_in_the_first_arrays_dtype(name, first_dtype, rng):
-    """Under torch.autocast, the other floating arrays are cast to the first array's dtype (the input's), the
-    result has that dtype and equals the call with the arrays cast beforehand, outside autocast."""
+def test_autocast_runs_in_the_first_arrays_dtype(name, low_first, device, low, rng):
+    """Under torch.autocast (CPU bfloat16, CUDA float16), the other floating arrays are cast to the first array's
+    dtype (the input's), the result has that dtype and equals the call with the arrays cast beforehand, outside
+    autocast."""
     spec = SPECS[name]
     case = spec.cases[-1]
     tensors = _tensors(spec, case, rng, torch.float32)
     first = spec.arrays[0]
-    mixed = {k: None if t is None else t.to(first_dtype if k == first else torch.bfloat16 if first_dtype ==
-                                             torch.float32 else torch.float32) for k, t in tensors.items()}
+    first_dtype, other_dtype = (low, torch.float32) if low_first else (torch.float32, low)
+    mixed = {k: None if t is None else t.to(device, first_dtype if k == first else other_dtype)
+             for k, t in tensors.items()}
     function = getattr(dtorch, name)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=low):
         out = function(**mixed, **case.options)
     expected = function(**{k: None if t is None else t.to(first_dtype) for k, t in mixed.items()}, **case.options)
     assert out.dtype == first_dtype
