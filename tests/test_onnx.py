@@ -229,7 +229,7 @@ def test_onnxruntime_roi_align_max_is_not_mmcvs(rng):
         helper.make_tensor_value_info("rois", onnx.TensorProto.FLOAT, [1, 4]),
         helper.make_tensor_value_info("batch_indices", onnx.TensorProto.INT64, [1])],
         [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 16)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 16)], ir_version=8)  # opset 16's IR
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3  # its own warning that max mode is wrong
     session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
