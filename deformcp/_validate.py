@@ -83,9 +83,12 @@ def _is_bool(value) -> bool:
 
 
 def _index(value):
-    """value as an int (a Python or NumPy integer, anything with __index__), never a bool; None if it is not one."""
+    """value as an int (a Python or NumPy integer, anything with __index__), never a bool; None if it is not one.
+    A traced size (torch.SymInt, in a compiled graph) stays as it is, symbolic."""
     if _is_bool(value):
         return None
+    if type(value).__name__ == "SymInt":
+        return value
     try:
         return operator.index(value)
     except TypeError:
@@ -243,14 +246,18 @@ def prepare_boxes(name: str, **arrays) -> tuple:
 
 def rois(name: str, call, rois, input) -> None:
     """RoIs (K, 5) over input (N, C, H, W): a non-empty image where there are RoIs, and batch indices
-    (column 0) that are integers in [0, N) — checked on the device, one synchronisation."""
+    (column 0) that are integers in [0, N) — checked on the device, one synchronisation; with call None (arrays
+    that are shapes only, as in a traced graph), the shapes alone."""
     N, _, H, W = input.shape
-    if not len(rois):
+    K = rois.shape[0]
+    if K == 0:
         return
     if H == 0 or W == 0:
         raise ValueError(f"input: expected non-empty spatial size H, W in (N, C, H, W), got {tuple(input.shape)}")
     if N == 0:  # no batch index can be valid: said from the shapes alone (deformcp.jax checks at trace time)
-        raise ValueError(f"{name}: expected no RoIs for an empty batch (input N = 0), got {len(rois)}")
+        raise ValueError(f"{name}: expected no RoIs for an empty batch (input N = 0), got {K}")
+    if call is None:
+        return
     xp = call.xp
     with call.device:
         index = rois[:, 0]

@@ -43,15 +43,15 @@ What each op becomes (opset: the least ``opset_version`` that the export accepts
 - ``ps_roi_align``, ``deform_roi_pool``, ``deform_ps_roi_pool``, ``mimic_loss``: no ONNX operator; exporting
   a model that calls them raises :class:`UnsupportedExportError` naming the op.
 
-Limits. Shapes are static: deformcp.torch's fake kernels specialise symbolic shapes, so ``dynamic_shapes``
-yields a model fixed to the example inputs' shapes (torch.onnx does not say so; onnxruntime refuses other
-shapes). deformcp's border-case rules for non-finite values are its own (docs/conventions.md): with NaN or
-±inf in a grid onnxruntime's GridSample gives other values; a NaN or ±inf box, or a batch index outside [0, N),
-makes onnxruntime's RoiAlign raise. onnxruntime (1.30, 1.32) has no CPU kernel for RoiAlign-22: a model with
-roi_align exported at opset 22 or 23 is valid ONNX (ONNX's reference implementation runs it, with deformcp's
-values) but does not load there; use opset 20 or 21 for onnxruntime. Dtypes: onnxruntime's CPU kernels for these
-operators take float32 and float64. The tests (tests/test_onnx.py) run every mapped op and mode in onnxruntime
-against deformcp.torch.
+Shapes. A dynamic batch (``dynamic_shapes``) exports: deformcp.torch's fake kernels keep symbolic sizes symbolic.
+Sizes that become attributes (kernel size, channel counts of deform_conv2d, affine_grid's size with
+align_corners=True) must be static and are said so by name. Limits. deformcp's border-case rules for non-finite
+values are its own (docs/conventions.md): with NaN or ±inf in a grid onnxruntime's GridSample gives other values;
+a NaN or ±inf box, or a batch index outside [0, N), makes onnxruntime's RoiAlign raise. onnxruntime (1.30, 1.32)
+has no CPU kernel for RoiAlign-22: a model with roi_align exported at opset 22 or 23 is valid ONNX (ONNX's
+reference implementation runs it, with deformcp's values) but does not load there; use opset 20 or 21 for
+onnxruntime. Dtypes: onnxruntime's CPU kernels for these operators take float32 and float64. The tests
+(tests/test_onnx.py) run every mapped op and mode in onnxruntime against deformcp.torch.
 """
 from __future__ import annotations
 

@@ -144,13 +144,15 @@ def _align_corners(value):
 # ------------------------------------------------------------------------------- the ops, in torch.library
 
 #: The schema type of each kind of option annotation of the deformcp functions (deformcp.ops.OpSpec.option_types).
-_SCHEMA_TYPES = {bool: "bool", int: "int", float: "float", str: "str", IntPair: "int[]", Sequence[int]: "int[]",
+_SCHEMA_TYPES = {bool: "bool", int: "int", float: "float", str: "str", IntPair: "int[]", Sequence[int]: "SymInt[]",
                  Optional[int]: "int?"}
 
 
 def _schema_value(kind, value):
     """An option (already checked by deformcp's rules) as its schema type: an int pair as a list of two ints."""
-    if kind in (IntPair, Sequence[int]):
+    if kind is Sequence[int]:  # sizes, symbolic in a traced graph
+        return list(value)
+    if kind is IntPair:
         return [operator.index(v) for v in value] if isinstance(value, (list, tuple)) else [operator.index(value)] * 2
     if kind is float:
         return float(value)
@@ -194,6 +196,25 @@ def _output_shape(spec, arrays: dict, options: dict) -> tuple:
         return _call.output_shape(spec, {k: _stand_in(v) for k, v in arrays.items()}, options)
 
 
+class _Traced(NamedTuple):
+    """A traced tensor as deformcp's checks see it: its shape (symbolic sizes stay symbolic) and dtype."""
+
+    shape: tuple
+    dtype: np.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+
+def _traced_output_shape(spec, tensors: dict, values: dict) -> tuple:
+    """The op's output shape in a traced graph: deformcp's checks on the tensors' shapes, which may be symbolic
+    (torch.compile with dynamic shapes, torch.export's dynamic_shapes): a check becomes a guard, no size is fixed
+    unless a check needs its value."""
+    shapes = [None if t is None else _Traced(tuple(t.shape), _numpy_dtype(t.dtype)) for t in tensors.values()]
+    return spec.output(spec.check(None, *shapes, **values))[0]
+
+
 def _register(library, spec):
     """deformcp::<op> and deformcp::<op>_backward: CPU and CUDA kernels (deformcp's call path), fake kernels
     (shapes from deformcp's checks), the autograd formula and a vmap rule."""
@@ -210,7 +231,7 @@ def _register(library, spec):
 
     def forward_fake(*args):
         tensors, values = _split(spec, args)
-        return tensors[spec.arrays[0]].new_empty(_output_shape(spec, tensors, values))
+        return tensors[spec.arrays[0]].new_empty(_traced_output_shape(spec, tensors, values))
 
     @torch.compiler.disable
     def backward(grad_output, *args):
@@ -355,7 +376,7 @@ def affine_grid(theta, size, align_corners=None):
     Returns:
         Tensor[N, H_out, W_out, 2]: normalised (x, y) sampling locations. Gradient: theta.
     """
-    size, align_corners = _validate.sizes("size", size, 4), _align_corners(align_corners)
+    align_corners = _align_corners(align_corners)
     return _apply("affine_grid", locals())
 
 

@@ -438,3 +438,29 @@ def test_torch_onnx_export_with_the_table(rng, tmp_path):
     (actual,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         assert_close(actual, model(x).numpy(), "float32")
+
+
+@needs_onnx
+@pytest.mark.parametrize("name", ["grid_sample", "roi_align", "deform_conv2d"])
+def test_a_dynamic_batch_exports(name, rng, tmp_path):
+    """Exported at batch 2 with a dynamic batch, the model runs at batch 5 in onnxruntime, equal to eager."""
+    def arrays(N):
+        x = _tensor(rng.standard_normal((N, 4, 9, 8)))
+        if name == "grid_sample":
+            return (x, _tensor(rng.uniform(-1.1, 1.1, (N, 5, 6, 2)))), ({0: batch}, {0: batch})
+        if name == "roi_align":
+            return (x, _tensor([[0, 1.0, 1.5, 6.0, 7.0], [N - 1, 0.5, 0.0, 7.5, 8.5]])), ({0: batch}, None)
+        offset = _tensor(rng.standard_normal((N, 18, 9, 8)))
+        return (x, offset, _tensor(rng.standard_normal((3, 4, 3, 3)))), ({0: batch}, {0: batch}, None)
+
+    batch = torch.export.Dim("batch", min=2, max=64)
+    options = {"grid_sample": {}, "roi_align": {"output_size": 3, "sampling_ratio": 2, "aligned": True},
+               "deform_conv2d": {"padding": 1}}[name]
+    model = Call(getattr(dtorch, name), **options).eval()
+    args, dynamic = arrays(2)
+    donnx.export(model, args, tmp_path / "model.onnx", dynamic_shapes=(dynamic,))  # forward(*args)
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    args, _ = arrays(5)
+    (actual,) = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), args)})
+    with torch.no_grad():
+        assert_close(actual, model(*args).numpy(), "float32")

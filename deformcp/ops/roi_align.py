@@ -77,9 +77,9 @@ def _check(call, input, rois, output_size, spatial_scale, sampling_ratio, aligne
         raise ValueError(f"input: expected channels C divisible by output_size {PH}×{PW} = {PH * PW} for "
                          f"position-sensitive pooling, got C = {C}")
     C_out = C // (PH * PW) if position_sensitive else C
-    _validate.output_fits("output_size", (len(rois), C_out, PH, PW), input.dtype)
+    _validate.output_fits("output_size", (rois.shape[0], C_out, PH, PW), input.dtype)
     _validate.rois(boxes_name, call, rois, input)
-    return RoIAlignConfig(len(rois), C, C_out, PH, PW, spatial_scale, sampling_ratio, aligned, pool_mode,
+    return RoIAlignConfig(rois.shape[0], C, C_out, PH, PW, spatial_scale, sampling_ratio, aligned, pool_mode,
                           position_sensitive)
 
 
