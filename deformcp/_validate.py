@@ -168,7 +168,7 @@ def real(name: str, value, positive: bool = False) -> float:
         number = float(value)
     except OverflowError:
         number = float("inf")
-    if not np.isfinite(number) or (positive and number <= 0):
+    if not math.isfinite(number) or (positive and number <= 0):
         raise ValueError(f"{name}: expected a finite {'positive ' if positive else ''}number, got {value!r:.50}")
     return number
 

@@ -36,7 +36,6 @@ import contextlib
 import functools
 import inspect
 import math
-import operator
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -148,16 +147,20 @@ _SCHEMA_TYPES = {bool: "bool", int: "int", float: "float", str: "str", IntPair: 
                  Optional[int]: "int?"}
 
 
-def _schema_value(kind, value):
-    """An option (already checked by deformcp's rules) as its schema type: an int pair as a list of two ints."""
-    if kind is Sequence[int]:  # sizes, symbolic in a traced graph
+def _schema_value(name: str, kind, value):
+    """An option as its schema type (an int pair as a list of two ints, NumPy scalars as Python's), its type
+    checked by deformcp's rules, also in a traced call (where the arrays' checks run in the fake kernel), so that
+    the schema never coerces it (an int given for a bool); ranges are checked with the arrays."""
+    if kind is Sequence[int]:  # sizes, symbolic in a traced graph: checked with the arrays
         return list(value)
     if kind is IntPair:
-        return [operator.index(v) for v in value] if isinstance(value, (list, tuple)) else [operator.index(value)] * 2
+        return list(_validate.pair(name, value, minimum=0, maximum=2**63 - 1))
+    if kind is bool:
+        return _validate.flag(name, value)
+    if kind is int:
+        return _validate.integer(name, value, maximum=2**63 - 1)
     if kind is float:
-        return float(value)
-    if kind in (int, bool):
-        return kind(value)
+        return _validate.real(name, value)
     return value
 
 
@@ -358,7 +361,7 @@ def _apply(name: str, arguments: dict):
     tensors = _autocast(tensors, entry.arrays[0])
     if not _tracing(*tensors.values()):
         _output_shape(entry.spec, tensors, {option: arguments[option] for option, _ in entry.kinds})
-    args = (*tensors.values(), *(_schema_value(kind, arguments[option]) for option, kind in entry.kinds))
+    args = (*tensors.values(), *(_schema_value(option, kind, arguments[option]) for option, kind in entry.kinds))
     # compiled graphs call the op itself (AOTAutograd differentiates it by its registered formula)
     return entry.op(*args) if torch.compiler.is_compiling() else _Function.apply(name, *args)
 

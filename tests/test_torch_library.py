@@ -25,7 +25,7 @@ def _tensors(spec, case, rng, dtype=torch.float64):
 
 def _op_arguments(spec, tensors, options):
     entry = dtorch._OPS[spec.name]
-    return (*tensors.values(), *(dtorch._schema_value(kind, options[option]) for option, kind in entry.kinds))
+    return (*tensors.values(), *(dtorch._schema_value(option, kind, options[option]) for option, kind in entry.kinds))
 
 
 #: Every op with an empty batch (no images, or no RoIs / rows): what opcheck must also handle.
@@ -184,6 +184,19 @@ def test_every_function_compiles_with_fullgraph(name, rng):
     assert_close(out.numpy(), expected.numpy(), "float64")
     for got, want in zip(grads, expected_grads):
         assert_close(got.numpy(), want.numpy(), "float64")
+
+
+@pytest.mark.parametrize("option, value, message", [("aligned", 1, "aligned: expected a bool"),
+                                                    ("output_size", 2.0, "output_size: expected"),
+                                                    ("spatial_scale", "1", "spatial_scale: expected a real")])
+def test_a_compiled_call_refuses_a_bad_option_by_name(option, value, message, rng):
+    """In a traced call deformcp's option types are checked before the schema could coerce them (1 → True)."""
+    torch._dynamo.reset()
+    x, boxes = torch.randn(1, 2, 6, 6), torch.tensor([[0.0, 1, 1, 4, 4]])
+    options = {"output_size": 2, "aligned": True, option: value}
+    compiled = torch.compile(lambda x, b: dtorch.roi_align(x, b, **options), fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match=message):
+        compiled(x, boxes)
 
 
 def test_export_runs_and_equals_eager(rng):
