@@ -157,7 +157,7 @@ def _schema_value(name: str, kind, value):
         return list(_validate.pair(name, value, minimum=0, maximum=2**63 - 1))
     if kind is bool:
         return _validate.flag(name, value)
-    if kind is int:
+    if kind is int or (kind == Optional[int] and value is not None):
         return _validate.integer(name, value, maximum=2**63 - 1)
     if kind is float:
         return _validate.real(name, value)

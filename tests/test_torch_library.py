@@ -199,6 +199,15 @@ def test_a_compiled_call_refuses_a_bad_option_by_name(option, value, message, rn
         compiled(x, boxes)
 
 
+def test_a_compiled_call_refuses_a_bool_for_an_optional_int():
+    torch._dynamo.reset()
+    x, rois, offset = torch.randn(1, 8, 6, 6), torch.tensor([[0.0, 1, 1, 4, 4]]), torch.zeros(1, 2, 2, 2)
+    compiled = torch.compile(lambda x, r, o: dtorch.deform_ps_roi_pool(x, r, o, 2, 2, 2, part_size=True),
+                             fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match="part_size: expected an int"):
+        compiled(x, rois, offset)
+
+
 def test_export_runs_and_equals_eager(rng):
     model = Net().double()
     x, boxes = _inputs(rng)
