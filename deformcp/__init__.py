@@ -13,7 +13,8 @@ Ops (each ``<op>_backward`` returns a named tuple of gradients):
 NumPy arrays run on a vectorised NumPy path (the float64 reference), CuPy arrays on CUDA kernels compiled at run
 time by NVRTC, and ``with deformcp.backend("host"):`` runs the same CUDA sources on the CPU through the host C++
 compiler. DLPack arrays (PyTorch, JAX, ...) come back in their own framework; ``deformcp.torch`` and
-``deformcp.jax`` add autograd. Conventions: README.md and docs/conventions.md.
+``deformcp.jax`` add autograd (``deformcp.torch``'s ops are torch.library ops: torch.compile, torch.export), and
+``deformcp.onnx`` exports deformcp.torch models to ONNX. Conventions: README.md and docs/conventions.md.
 """
 from ._dispatch import backend, current_backend
 from ._workspace import get_workspace_limit, workspace_limit
