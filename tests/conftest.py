@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from deformcp import _host, testing
+from deformcp import _dispatch, _host, testing
 
 #: One seed per test session, fresh each run; set DEFORMCP_TEST_SEED to replay a run.
 SEED = int(os.environ.get("DEFORMCP_TEST_SEED") or np.random.SeedSequence().entropy % 2**32)
@@ -19,6 +19,21 @@ def pytest_report_header(config):
 def rng(request):
     """A generator seeded from the session seed and the test's id: fresh per run, replayable."""
     return np.random.default_rng([SEED, *request.node.nodeid.encode()])
+
+
+@pytest.fixture
+def imported(monkeypatch):
+    """Every array each call imported, as the NumPy path or the kernels read it (recorded around prepare)."""
+    seen = []
+    real_prepare = _dispatch.prepare
+
+    def recording_prepare(**named):
+        call = real_prepare(**named)
+        seen.extend(call.arrays)
+        return call
+
+    monkeypatch.setattr(_dispatch, "prepare", recording_prepare)
+    return seen
 
 
 def _require(backend):

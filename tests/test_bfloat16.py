@@ -25,19 +25,14 @@ def cpu_backend(request):
     return request.param
 
 
-@pytest.fixture
-def imported(monkeypatch):
-    """Every array each call imported, as the NumPy path or the kernels read it (recorded around prepare)."""
-    seen = []
-    real_prepare = _dispatch.prepare
-
-    def recording_prepare(**named):
-        call = real_prepare(**named)
-        seen.extend(call.arrays)
-        return call
-
-    monkeypatch.setattr(_dispatch, "prepare", recording_prepare)
-    return seen
+def assert_grads(grads, expected_grads: dict, dtype, values):
+    """Each gradient present where expected, of dtype, its values (read by values) close to the expectation."""
+    for name, want in expected_grads.items():
+        got = getattr(grads, name)
+        assert (got is None) == (want is None), name
+        if got is not None:
+            assert got.dtype == dtype, name
+            assert_close(values(got), want)
 
 
 def bfloat16_case(spec, case, rng):
@@ -91,12 +86,7 @@ def test_torch_bfloat16_equals_float32_rounded(spec, case, cpu_backend, rng):
         grads = spec.backward(torch_bfloat16(grad_output), **tensors, **case.options)
     assert isinstance(out, torch.Tensor) and out.dtype == torch.bfloat16
     assert_close(torch_values(out), expected)
-    for name, want in expected_grads.items():
-        got = getattr(grads, name)
-        assert (got is None) == (want is None), name
-        if got is not None:
-            assert got.dtype == torch.bfloat16, name
-            assert_close(torch_values(got), want)
+    assert_grads(grads, expected_grads, torch.bfloat16, torch_values)
     for name, t in tensors.items():
         assert torch.equal(t, before[name]), f"{name} was modified"
 
@@ -189,12 +179,7 @@ def test_jax_bfloat16_equals_float32_rounded(spec, case, cpu_backend, rng):
         grads = spec.backward(jax_bfloat16(grad_output), **jax_arrays, **case.options)
     assert type(out).__module__.startswith("jax") and out.dtype == jnp.bfloat16
     assert_close(jax_values(out), expected)
-    for name, want in expected_grads.items():
-        got = getattr(grads, name)
-        assert (got is None) == (want is None), name
-        if got is not None:
-            assert got.dtype == jnp.bfloat16, name
-            assert_close(jax_values(got), want)
+    assert_grads(grads, expected_grads, jnp.bfloat16, jax_values)
     for name, a in jax_arrays.items():
         np.testing.assert_array_equal(np.asarray(a), arrays[name], err_msg=f"{name} was modified")
 

@@ -86,21 +86,6 @@ def test_dispatch_prepare_passes_none_through(rng):
 
 # ---------------------------------------------------------------------------------------------- PyTorch
 
-@pytest.fixture
-def imported(monkeypatch):
-    """The first array each call imported, as the kernels will read it (recorded by wrapping prepare)."""
-    seen = []
-    real_prepare = _dispatch.prepare
-
-    def recording_prepare(**named):
-        call = real_prepare(**named)
-        seen.append(call.arrays[0])
-        return call
-
-    monkeypatch.setattr(_dispatch, "prepare", recording_prepare)
-    return seen
-
-
 def test_torch_tensors_round_trip(rng):
     torch = pytest.importorskip("torch")
     x = torch.from_numpy(rng.standard_normal((2, 3, 5, 6)))
