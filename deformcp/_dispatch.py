@@ -19,8 +19,11 @@ arrays on the CPU cross another way: PyTorch tensors as a same-size integer view
 ``np.from_dlpack`` → ``.view(bfloat16)``, and back the same way), without a copy; JAX arrays through NumPy's
 array protocol (``np.asarray``, a view on the CPU) and back through ``jax.device_put``, which, like JAX's
 ``from_dlpack``, copies unless the buffer is 64-byte aligned; arrays of other frameworks through
-``np.asarray`` and back through their namespace's ``asarray`` (each may copy). bfloat16 runs on the CPU only:
-CuPy has no bfloat16 arrays, so a bfloat16 array on a CUDA device is a TypeError naming the argument.
+``np.asarray`` and back through their namespace's ``asarray`` (each may copy). On a CUDA device, where CuPy has
+no bfloat16 arrays, a bfloat16 call takes one documented cast (:func:`_bfloat16_on_cuda`): its arrays are cast to
+float32 by their own framework (exact), the op runs in float32 — as the kernels compute bfloat16 anyway — and
+its floating results are rounded back to bfloat16; all its floating arrays must then be bfloat16 (a TypeError
+naming them otherwise, never a silent promotion).
 """
 from __future__ import annotations
 
@@ -119,7 +122,10 @@ def _import(name: str, x, framework: str, device: str):
         raise ValueError(f"{name}: the tensor requires grad; pass tensor.detach(), or use the autograd "
                          "wrappers in deformcp.torch")
     if _is_bfloat16(x):
-        return _bfloat16_import(name, x, device)
+        if device == "cpu":
+            return _bfloat16_import(name, x)
+        namespace = compat.array_namespace(x)
+        x = namespace.astype(x, namespace.float32)
     try:
         if device == "cpu":
             return np.from_dlpack(x)
@@ -139,7 +145,8 @@ def native_byte_order(x: np.ndarray) -> np.ndarray:
     return x.astype(x.dtype.newbyteorder("="))
 
 
-def _exporter(framework: str, template) -> Callable[[Any], Any]:
+def _exporter(framework: str, template, to_bfloat16: bool = False) -> Callable[[Any], Any]:
+    """result array → the caller's framework; with to_bfloat16, floating results are rounded to bfloat16."""
     if framework in ("numpy", "cupy"):
         return lambda result: result
     namespace = compat.array_namespace(template)
@@ -147,7 +154,10 @@ def _exporter(framework: str, template) -> Callable[[Any], Any]:
     def export(result):
         if result.dtype.name == "bfloat16":
             return _bfloat16_export(result, template, namespace)
-        return namespace.from_dlpack(result)
+        exported = namespace.from_dlpack(result)
+        if to_bfloat16 and result.dtype.kind == "f":
+            return namespace.astype(exported, template.dtype)
+        return exported
     return export
 
 
@@ -167,12 +177,21 @@ def _bfloat16_dtype(name: str) -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16)
 
 
-def _bfloat16_import(name: str, x, device: str) -> np.ndarray:
-    """The bfloat16 DLPack array x as a NumPy bfloat16 array: PyTorch's through an int16 view (the same
-    memory), the others' through np.asarray (JAX's on the CPU: a view of its buffer)."""
-    if device == "cuda":
-        raise TypeError(f"{name}: bfloat16 arrays run on the CPU only (CuPy has no bfloat16 arrays); move "
-                        f"{_describe(x)} to the CPU, or cast it to float16 or float32")
+def _bfloat16_on_cuda(present: dict) -> bool:
+    """Whether a call on a CUDA device is a bfloat16 call (run in float32: see the module docstring). TypeError
+    when some of its floating arrays are bfloat16 and others are not."""
+    dtypes = {name: str(x.dtype).rpartition(".")[2] for name, x in present.items() if "float" in str(x.dtype)}
+    if "bfloat16" not in dtypes.values():
+        return False
+    if set(dtypes.values()) != {"bfloat16"}:
+        listing = ", ".join(f"{name} is {dtype}" for name, dtype in dtypes.items())
+        raise TypeError(f"a bfloat16 call needs every floating array in bfloat16: {listing}")
+    return True
+
+
+def _bfloat16_import(name: str, x) -> np.ndarray:
+    """The bfloat16 DLPack array x on the CPU as a NumPy bfloat16 array: PyTorch's through an int16 view (the
+    same memory), the others' through np.asarray (JAX's on the CPU: a view of its buffer)."""
     dtype = _bfloat16_dtype(name)
     if compat.is_torch_array(x):
         import torch
@@ -218,10 +237,11 @@ def prepare(**named) -> Call:
         raise TypeError(f"{next(iter(named))}: expected an array, got None")
     first = next(iter(present))
     framework, (device, device_id) = frameworks[first], devices[first]
+    to_bfloat16 = device == "cuda" and _bfloat16_on_cuda(present)
     arrays = tuple(None if x is None else _import(name, x, framework, device) for name, x in named.items())
     if device == "cuda":
         import cupy
-        return Call("cuda", cupy, arrays, _exporter(framework, present[first]),
+        return Call("cuda", cupy, arrays, _exporter(framework, present[first], to_bfloat16),
                     _CudaContext(framework, device_id))
     return Call(current_backend(), np, arrays, _exporter(framework, present[first]), contextlib.nullcontext())
 

@@ -70,7 +70,7 @@ def torch_bfloat16(a):
 
 
 def torch_values(t):
-    return t.float().numpy()
+    return t.float().cpu().numpy()
 
 
 @pytest.mark.parametrize("spec, case", CASES, ids=IDS)
@@ -85,6 +85,25 @@ def test_torch_bfloat16_equals_float32_rounded(spec, case, cpu_backend, rng):
         out = spec.function(**tensors, **case.options)
         grads = spec.backward(torch_bfloat16(grad_output), **tensors, **case.options)
     assert isinstance(out, torch.Tensor) and out.dtype == torch.bfloat16
+    assert_close(torch_values(out), expected)
+    assert_grads(grads, expected_grads, torch.bfloat16, torch_values)
+    for name, t in tensors.items():
+        assert torch.equal(t, before[name]), f"{name} was modified"
+
+
+@pytest.mark.parametrize("spec, case", CASES, ids=IDS)
+def test_torch_cuda_bfloat16_equals_float32_rounded(spec, case, rng):
+    """On a CUDA device (one documented cast: bfloat16 → float32 → bfloat16): bfloat16 CUDA tensors out, within
+    TOLERANCE["bfloat16"] of the float32 computation rounded, as on the CPU; inputs left as they were."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available() or testing.gpu_available() is not None:
+        pytest.skip("CUDA: no GPU for torch and CuPy")
+    arrays, grad_output, expected, expected_grads = bfloat16_case(spec, case, rng)
+    tensors = {name: torch_bfloat16(a).cuda() for name, a in arrays.items()}
+    before = {name: t.clone() for name, t in tensors.items()}
+    out = spec.function(**tensors, **case.options)
+    grads = spec.backward(torch_bfloat16(grad_output).cuda(), **tensors, **case.options)
+    assert out.dtype == torch.bfloat16 and out.is_cuda
     assert_close(torch_values(out), expected)
     assert_grads(grads, expected_grads, torch.bfloat16, torch_values)
     for name, t in tensors.items():

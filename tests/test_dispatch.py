@@ -62,15 +62,16 @@ def test_unknown_dlpack_device_rejected():
         deformcp.affine_grid(FakeDLPack((14, 0)), (1, 1, 2, 2))
 
 
-def test_cuda_bfloat16_rejected():
-    """CuPy has no bfloat16 arrays: a bfloat16 array on a CUDA device is refused, by name, before any data is
-    read or CuPy is imported (the torch.bfloat16 dtype string of a CUDA tensor, JAX's "bfloat16")."""
+def test_cuda_bfloat16_mixed_with_another_float_rejected():
+    """On a CUDA device a bfloat16 call runs in float32 (CuPy has no bfloat16 arrays): a call mixing bfloat16 with
+    another floating dtype is refused, naming every floating array, before any data is read or CuPy imported —
+    the cast must not promote it silently (the torch.bfloat16 dtype string of a CUDA tensor, JAX's "bfloat16")."""
     for dtype in ("torch.bfloat16", "bfloat16"):
-        with pytest.raises(TypeError, match=r"^input: bfloat16 arrays run on the CPU only \(CuPy has no bfloat16 "
-                                            r"arrays\); move otherframework.FakeDLPack to the CPU, or cast it"):
-            deformcp.grid_sample(FakeDLPack((2, 0), dtype), FakeDLPack((2, 0), dtype))
-        with pytest.raises(TypeError, match=r"^grid: bfloat16 arrays run on the CPU only"):
-            _dispatch.prepare(grid=FakeDLPack((2, 0), dtype))
+        with pytest.raises(TypeError, match=r"^a bfloat16 call needs every floating array in bfloat16: "
+                                            r"input is bfloat16, grid is float32$"):
+            deformcp.grid_sample(FakeDLPack((2, 0), dtype), FakeDLPack((2, 0), "float32"))
+        with pytest.raises(TypeError, match=r"input is float16, boxes is bfloat16$"):
+            _dispatch.prepare(input=FakeDLPack((2, 0), "float16"), boxes=FakeDLPack((2, 0), dtype))
 
 
 def test_non_arrays_rejected():
