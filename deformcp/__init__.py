@@ -9,6 +9,8 @@ Ops (each ``<op>_backward`` returns a named tuple of gradients):
 - ``deform_roi_pool`` — deformable (modulated) RoI pooling (mmcv)
 - ``deform_ps_roi_pool`` — DCNv1's deformable position-sensitive RoI pooling
 - ``mimic_loss`` — DCNv2's feature-mimicking loss
+- ``ms_deform_attn``, ``flash_deform_attn`` — multi-scale deformable attention (Deformable DETR, RT-DETRv2's
+  per-level points and nearest sampling; DCNv4's FlashDeformAttn with its softmax fused)
 
 NumPy arrays run on a vectorised NumPy path (the float64 reference), CuPy arrays on CUDA kernels compiled at run
 time by NVRTC, and ``with deformcp.backend("host"):`` runs the same CUDA sources on the CPU through the host C++
@@ -21,6 +23,14 @@ from ._workspace import get_workspace_limit, workspace_limit
 from .ops.deform_conv import DeformConv2dGrads, deform_conv2d, deform_conv2d_backward
 from .ops.deform_ps_roi_pool import DeformPSRoIPoolGrads, deform_ps_roi_pool, deform_ps_roi_pool_backward
 from .ops.mimic_loss import MimicLossGrads, mimic_loss, mimic_loss_backward
+from .ops.ms_deform_attn import (
+    FlashDeformAttnGrads,
+    MSDeformAttnGrads,
+    flash_deform_attn,
+    flash_deform_attn_backward,
+    ms_deform_attn,
+    ms_deform_attn_backward,
+)
 from .ops.roi_align import (
     DeformRoIPoolGrads,
     RoIAlignGrads,
@@ -48,6 +58,8 @@ __all__ = [
     "deform_roi_pool", "deform_roi_pool_backward", "DeformRoIPoolGrads",
     "deform_ps_roi_pool", "deform_ps_roi_pool_backward", "DeformPSRoIPoolGrads",
     "mimic_loss", "mimic_loss_backward", "MimicLossGrads",
+    "ms_deform_attn", "ms_deform_attn_backward", "MSDeformAttnGrads",
+    "flash_deform_attn", "flash_deform_attn_backward", "FlashDeformAttnGrads",
     "affine_grid", "affine_grid_backward", "AffineGridGrads",
     "grid_sample", "grid_sample_backward", "GridSampleGrads",
     "roi_align", "roi_align_backward", "ps_roi_align", "ps_roi_align_backward", "RoIAlignGrads",

@@ -190,6 +190,41 @@ def integer(name: str, value, maximum: int = INT_MAX, minimum: Optional[int] = N
     return number
 
 
+def host_integers(name: str, value, call):
+    """Integers given as an integer array of any framework and device, or as a (nested) sequence of ints, as
+    (nested) tuples of Python ints, read on the host: a GPU array costs one device→host copy, a sequence none.
+    In a traced call (``call`` None) a sequence's items may be symbolic sizes; bools and floats are refused."""
+    if isinstance(value, (list, tuple)):
+        items = []
+        for i, item in enumerate(value):
+            if isinstance(item, (list, tuple)) or hasattr(item, "__dlpack__"):
+                items.append(host_integers(f"{name}[{i}]", item, call))
+                continue
+            number = _index(item)
+            if number is None:
+                raise TypeError(f"{name}: expected integers, got {type(item).__name__} {item!r} at index {i}")
+            items.append(number)
+        return tuple(items)
+    if call is None or not (compat.is_array_api_obj(value) or hasattr(value, "__dlpack__")):
+        raise TypeError(f"{name}: expected an integer array or a sequence of ints, got {type(value).__name__}")
+    if compat.is_cupy_array(value):
+        value = value.get()
+    elif not compat.is_numpy_array(value):
+        framework = _dispatch._framework(name, value)
+        if _dispatch._device(framework, value)[0] == "cuda":
+            import cupy
+            value = cupy.from_dlpack(value).get()
+        else:
+            value = np.from_dlpack(value)
+    if value.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected an integer array, got dtype {value.dtype}")
+    return _python_ints(value.tolist())
+
+
+def _python_ints(items):
+    return tuple(_python_ints(i) for i in items) if isinstance(items, list) else items
+
+
 def output_fits(name: str, shape: tuple, dtype) -> None:
     """Check that an output of this shape and dtype can exist (bytes within NumPy's limit); name is the
     argument that sets its size."""

@@ -38,6 +38,8 @@ CHANNEL_BLOCK_BYTES = 4 << 20
 ROI_SAMPLES_PER_CHUNK = 1 << 20
 #: deform_ps_roi_pool: samples per chunk of RoIs.
 PS_ROI_SAMPLES_PER_CHUNK = 1 << 19
+#: ms_deform_attn, flash_deform_attn: bytes of one chunk of queries' sampling plan and gathered corner values.
+MSDA_CHUNK_BYTES = 16 << 20
 #: ps_roi_align: tasks its bin positions are split into (:func:`even_ranges`).
 BIN_GROUPS = 4
 

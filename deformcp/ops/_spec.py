@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import inspect
 import typing
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
 #: An option that is one int or a pair (e.g. output_size, stride): the pair's two values, or the int twice.
 IntPair = Union[int, tuple[int, int]]
+#: Per-level sizes (H_l, W_l): an (L, 2) integer array of any framework (read on the host) or a sequence of pairs.
+LevelShapes = Sequence[tuple[int, int]]
 
 
 class Case(NamedTuple):
