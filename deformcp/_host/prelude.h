@@ -14,6 +14,7 @@
 #include <type_traits>
 #include <utility>
 
+using std::exp;
 using std::floor;
 using std::fmod;
 using std::rint;

@@ -227,8 +227,9 @@ def _backward_kernels(call, grad_output, value, locations, weights, cfg: MSDefor
 
 def _ms_kernels_backward(call, grad_output, value, sampling_locations, attention_weights, cfg, wanted,
                          deterministic):
-    return _backward_kernels(call, grad_output, value, sampling_locations, attention_weights, cfg, *wanted,
-                             deterministic)
+    grad_value, grad_locations, grad_weights = _backward_kernels(call, grad_output, value, sampling_locations,
+                                                                 attention_weights, cfg, *wanted, deterministic)
+    return grad_value, grad_locations, None if grad_weights is None else grad_weights.reshape(attention_weights.shape)
 
 
 def _flash_kernels(call, value, sampling_loc_attn, cfg):
