@@ -40,6 +40,8 @@ ROI_SAMPLES_PER_CHUNK = 1 << 20
 PS_ROI_SAMPLES_PER_CHUNK = 1 << 19
 #: ms_deform_attn, flash_deform_attn: bytes of one chunk of queries' sampling plan and gathered corner values.
 MSDA_CHUNK_BYTES = 16 << 20
+#: ms_deform_attn, flash_deform_attn backward: bytes of corner values gathered at once (kept in cache).
+MSDA_GATHER_BYTES = 256 << 10
 #: ps_roi_align: tasks its bin positions are split into (:func:`even_ranges`).
 BIN_GROUPS = 4
 

@@ -77,12 +77,12 @@ def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
 os.register_at_fork(after_in_child=_pool.cache_clear)
 
 
-def for_each_chunk(work: Callable[[int, int], None], chunks) -> None:
-    """Call work(start, stop) for every chunk, concurrently on the thread pool."""
+def for_each_chunk(work: Callable[..., None], chunks) -> None:
+    """Call work(*chunk) for every chunk (e.g. a range (start, stop)), concurrently on the thread pool."""
     threads = _workspace.num_threads()
     if threads <= 1 or len(chunks) <= 1:
-        for start, stop in chunks:
-            work(start, stop)
+        for chunk in chunks:
+            work(*chunk)
         return
     for done in _pool(threads).map(lambda chunk: work(*chunk), chunks):
         del done  # map re-raises a worker's exception here

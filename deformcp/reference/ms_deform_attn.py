@@ -1,14 +1,15 @@
 """The NumPy path of multi-scale deformable attention (ms_deform_attn, flash_deform_attn): the float64 reference
 of kernels/ms_deform_attn.cu. ``cfg`` is the op's checked configuration (deformcp.ops.ms_deform_attn).
 
-The sparse bilinear formulation. value (N, S, M, D) is laid out per image and head, each followed by a zero row:
-X (N·M·(S + 1), D). A query's sampling points become one sampling matrix row per head, holding its four corners'
-bilinear weights times the point's attention weight (one corner, weight 1, for nearest sampling) at their rows of
-X — the levels side by side in X's columns, a corner outside its level at the zero row — so the forward is
-``S @ X`` and the value gradient ``S.T @ G``. The weights and locations get their gradients from each corner's
-value dotted with the output gradient. Work is split into chunks of queries (a loop over levels inside, none
-over queries or points), run on the thread pool; the value gradient adds the chunks' products in order, so every
-result is deterministic.
+The sparse bilinear formulation. value (N, S, M, D) is laid out as one block per image and head, its S pixels as
+rows and then a row of zeros: X (N, M, S + 1, D). For one image and head, a chunk of queries' sampling points
+form a sampling matrix with one row per query holding its points' bilinear corner weights times their attention
+weights (one corner, weight 1, for nearest sampling) at their rows of the block — the levels side by side, a
+corner outside its level at the zero row — so the forward is ``A @ X[n, m]`` and the value gradient
+``A.T @ G``. The weights and locations get their gradients from each corner's value dotted with the output
+gradient. Work goes by chunks of one image's queries (a loop over levels and heads inside, none over queries
+or points), on the thread pool: forward chunks all at once, backward chunks one image at a time each, adding
+to the image's value gradient in order, so every result is deterministic.
 """
 from __future__ import annotations
 
@@ -22,24 +23,22 @@ from . import _bilinear
 
 
 class _Plan(NamedTuple):
-    """The corners of a chunk's points, (B, M, T, k) with k = 4 (bilinear) or 1 (nearest)."""
+    """The corners of a chunk's points, (M, B, T, k) with k = 4 (bilinear) or 1 (nearest)."""
 
-    rows: np.ndarray        # rows of X (int64)
+    rows: np.ndarray        # rows of the head's block of X (int64): S, the zero row, for corners outside
     weight: np.ndarray      # interpolation weights, 0 for corners outside
     dweight_dx: np.ndarray  # derivatives of the weights with respect to the normalised x and y (0 for nearest)
     dweight_dy: np.ndarray
 
 
 @np.errstate(invalid="ignore", over="ignore")  # NaN and ±inf locations are valid input
-def _plan(locations: np.ndarray, first_image: np.ndarray, cfg) -> _Plan:
-    """The plan of locations (B, M, T, 2) whose queries belong to the images first_image (B,)."""
-    B, M = locations.shape[:2]
+def _plan(locations: np.ndarray, cfg) -> _Plan:
+    """The plan of locations (M, B, T, 2)."""
+    M, B = locations.shape[:2]
     k = 1 if cfg.method == "discrete" else 4
-    shape = (B, M, cfg.T, k)
+    shape = (M, B, cfg.T, k)
     rows = np.empty(shape, np.int64)
     weight, dweight_dx, dweight_dy = (np.zeros(shape, locations.dtype) for _ in range(3))
-    # X's row of pixel 0 of each (image, head): ((n·M + m)·(S + 1)); the zero row is S after it
-    origin = ((first_image[:, None] * cfg.M + np.arange(M)) * (cfg.S + 1))[:, :, None, None]
     t0 = 0
     for (H, W), start, P in zip(cfg.shapes, cfg.starts, cfg.points):
         x, y = locations[:, :, t0:t0 + P, 0], locations[:, :, t0:t0 + P, 1]
@@ -57,14 +56,13 @@ def _plan(locations: np.ndarray, first_image: np.ndarray, cfg) -> _Plan:
             dweight_dx[:, :, level] = c.dweight_dx * W
             dweight_dy[:, :, level] = c.dweight_dy * H
         t0 += P
-    rows += origin
     return _Plan(rows, weight, dweight_dx, dweight_dy)
 
 
 def _split(locations, weights, cfg, dtype):
-    """(locations (N·Lq, M, T, 2), weights or logits (N·Lq, M, T)) in dtype: flash_deform_attn's packed array
+    """(locations (N, Lq, M, T, 2), weights or logits (N, Lq, M, T)) in dtype: flash_deform_attn's packed array
     split, the others reshaped."""
-    heads = (cfg.N * cfg.Lq, cfg.M)
+    heads = (cfg.N, cfg.Lq, cfg.M)
     if cfg.fused:
         packed = locations.reshape(*heads, 3 * cfg.T).astype(dtype, copy=False)
         return packed[..., :2 * cfg.T].reshape(*heads, cfg.T, 2), packed[..., 2 * cfg.T:]
@@ -80,32 +78,40 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _pixels(value: np.ndarray, dtype) -> np.ndarray:
-    """value (N, S, M, D) → X (N·M·(S + 1), D): each image and head's pixels as rows, then a row of zeros."""
+    """value (N, S, M, D) → X (N, M, S + 1, D): each image and head's pixels as rows, then a row of zeros."""
     N, S, M, D = value.shape
     X = np.empty((N, M, S + 1, D), dtype)
     X[:, :, S] = 0
     np.copyto(X[:, :, :S], value.transpose(0, 2, 1, 3))
-    return X.reshape(N * M * (S + 1), D)
+    return X
 
 
-def _chunks(cfg, dtype, gather: bool) -> list[tuple[int, int]]:
-    """Ranges of the N·Lq queries, each about MSDA_CHUNK_BYTES of plan (four 8-byte arrays per corner) and, with
-    gather, of gathered corner values."""
-    per_corner = 32 + (cfg.D * np.dtype(dtype).itemsize if gather else 0)
-    per_query = cfg.M * cfg.T * 4 * per_corner
-    return _workspace.ranges(cfg.N * cfg.Lq, max(1, _workspace.MSDA_CHUNK_BYTES // per_query))
+def _query_ranges(cfg) -> list[tuple[int, int]]:
+    """Ranges of one image's Lq queries, each about MSDA_CHUNK_BYTES of plan (four 8-byte values per corner)."""
+    per_query = cfg.M * cfg.T * 4 * 32
+    return _workspace.ranges(cfg.Lq, max(1, _workspace.MSDA_CHUNK_BYTES // per_query))
 
 
-def _first_image(a: int, b: int, cfg) -> np.ndarray:
-    return np.arange(a, b) // cfg.Lq
+def _matrix(plan: _Plan, weights: np.ndarray, m: int, columns: int):
+    """Head m's sampling matrix: rows the chunk's queries, columns the rows of the head's block of X."""
+    _, B, T, k = plan.rows.shape
+    values = plan.weight[m] * weights[m][..., None]
+    return _bilinear.sampling_matrix(plan.rows[m].reshape(B, T * k), values.reshape(B, T * k), columns)
 
 
-def _matrix(plan: _Plan, weights: np.ndarray, cfg, column0: int, columns: int):
-    """The chunk's sampling matrix: rows (query, head), columns [column0, column0 + columns) of X."""
-    B, M, T, k = plan.rows.shape
-    values = plan.weight * weights[..., None]
-    return _bilinear.sampling_matrix((plan.rows - column0).reshape(B * M, T * k), values.reshape(B * M, T * k),
-                                     columns)
+def _corner_dots(X, rows, G):
+    """dots (B, T, k): row rows[b, t, c] of X (a head's block) dotted with G[b]. Gathered in blocks of about
+    MSDA_GATHER_BYTES into one reused buffer, so that the corner values stay in cache."""
+    B, T, k = rows.shape
+    D = X.shape[1]
+    rows = rows.reshape(B, T * k)
+    dots = np.empty((B, T * k), X.dtype)
+    step = max(1, _workspace.MSDA_GATHER_BYTES // (T * k * D * X.itemsize))
+    buffer = np.empty((min(step, B), T * k, D), X.dtype)
+    for b0, b1 in _workspace.ranges(B, step):
+        gathered = np.take(X, rows[b0:b1], axis=0, out=buffer[:b1 - b0], mode="clip")
+        np.vecdot(gathered, G[b0:b1, None, :], out=dots[b0:b1])
+    return dots.reshape(B, T, k)
 
 
 def forward(value, locations, weights, cfg):
@@ -115,13 +121,15 @@ def forward(value, locations, weights, cfg):
     locations, weights = _split(locations, weights, cfg, dtype)
     if cfg.fused:
         weights = _softmax(weights)
-    out = np.empty((cfg.N * cfg.Lq * cfg.M, cfg.D), dtype)
+    out = np.empty((cfg.N, cfg.Lq, cfg.M, cfg.D), dtype)
 
-    def work(a, b):
-        plan = _plan(locations[a:b], _first_image(a, b, cfg), cfg)
-        out[a * cfg.M:b * cfg.M] = _matrix(plan, weights[a:b], cfg, 0, X.shape[0]) @ X
+    def work(n, q0, q1):
+        plan = _plan(locations[n, q0:q1].transpose(1, 0, 2, 3), cfg)
+        chunk_weights = weights[n, q0:q1].transpose(1, 0, 2)
+        for m in range(cfg.M):
+            out[n, q0:q1, m] = _matrix(plan, chunk_weights, m, cfg.S + 1) @ X[n, m]
 
-    _bilinear.for_each_chunk(work, _chunks(cfg, dtype, gather=False))
+    _bilinear.for_each_chunk(work, [(n, q0, q1) for n in range(cfg.N) for q0, q1 in _query_ranges(cfg)])
     return out.reshape(cfg.N, cfg.Lq, cfg.M * cfg.D).astype(value.dtype, copy=False)
 
 
@@ -132,50 +140,40 @@ def backward(grad_output, value, locations, weights, cfg, want_value, want_locat
     dtype = compute_dtype(value.dtype)
     X = _pixels(value, dtype)
     locations, weights = _split(locations, weights, cfg, dtype)
-    logits = weights if cfg.fused else None
     if cfg.fused:
-        weights = _softmax(logits)
+        weights = _softmax(weights)
         want_weights = want_locations
-    G = grad_output.astype(dtype, copy=False).reshape(N * cfg.Lq * M, D)
-    chunks = _chunks(cfg, dtype, gather=want_locations or want_weights)
-    want_sampling = want_locations or want_weights
-    grad_locations = np.zeros((N * cfg.Lq, M, T, 2), dtype) if want_locations else None
-    grad_weights = np.zeros((N * cfg.Lq, M, T), dtype) if want_weights else None
-    partial_value = {}
+    G = grad_output.astype(dtype, copy=False).reshape(N, cfg.Lq, M, D)
+    grad_X = np.zeros((N, M, S + 1, D), dtype) if want_value else None
+    grad_locations = np.zeros((N, cfg.Lq, M, T, 2), dtype) if want_locations else None
+    grad_weights = np.zeros((N, cfg.Lq, M, T), dtype) if want_weights else None
+    bilinear = cfg.method != "discrete"
 
-    def work(a, b):
-        plan = _plan(locations[a:b], _first_image(a, b, cfg), cfg)
-        G_chunk = G[a * M:b * M]
-        if want_value:  # columns of the chunk's images only
-            n0, n1 = a // cfg.Lq, (b - 1) // cfg.Lq + 1
-            column0, columns = n0 * M * (S + 1), (n1 - n0) * M * (S + 1)
-            partial_value[a] = (column0, _matrix(plan, weights[a:b], cfg, column0, columns).T @ G_chunk)
-        if want_sampling:
-            # each corner's value dotted with its (query, head)'s output gradient
-            k = plan.rows.shape[-1]
-            corners = X.take(plan.rows.reshape(-1), axis=0).reshape((b - a) * M, T * k, D)
-            dots = np.matmul(corners, G_chunk[:, :, None]).reshape(b - a, M, T, k)
-            if grad_weights is not None:
-                grad_weights[a:b] = np.vecdot(dots, plan.weight)
-            if grad_locations is not None and cfg.method != "discrete":
-                scale = weights[a:b]
-                grad_locations[a:b, ..., 0] = np.vecdot(dots, plan.dweight_dx) * scale
-                grad_locations[a:b, ..., 1] = np.vecdot(dots, plan.dweight_dy) * scale
+    def image(n):
+        for q0, q1 in _query_ranges(cfg):
+            plan = _plan(locations[n, q0:q1].transpose(1, 0, 2, 3), cfg)
+            chunk_weights = weights[n, q0:q1].transpose(1, 0, 2)
+            for m in range(M):
+                G_head = G[n, q0:q1, m]
+                if want_value:  # chunk after chunk, in order: deterministic
+                    grad_X[n, m] += _matrix(plan, chunk_weights, m, S + 1).T @ G_head
+                if not (want_locations or want_weights):
+                    continue
+                dots = _corner_dots(X[n, m], plan.rows[m], G_head)
+                if want_weights:
+                    grad_weights[n, q0:q1, m] = np.vecdot(dots, plan.weight[m])
+                if want_locations and bilinear:
+                    grad_locations[n, q0:q1, m, :, 0] = np.vecdot(dots, plan.dweight_dx[m]) * chunk_weights[m]
+                    grad_locations[n, q0:q1, m, :, 1] = np.vecdot(dots, plan.dweight_dy[m]) * chunk_weights[m]
 
-    if want_value or want_sampling:
-        _bilinear.for_each_chunk(work, chunks)
-    grad_value = None
-    if want_value:
-        total = np.zeros((N * M * (S + 1), D), dtype)
-        for a, _ in chunks:  # in order: deterministic
-            column0, part = partial_value[a]
-            total[column0:column0 + part.shape[0]] += part
-        grad_value = total.reshape(N, M, S + 1, D)[:, :, :S].transpose(0, 2, 1, 3)
+    if want_value or want_locations or want_weights:
+        _bilinear.for_each_chunk(image, [(n,) for n in range(N)])
+    grad_value = None if grad_X is None else grad_X[:, :, :S].transpose(0, 2, 1, 3)
     if cfg.fused and want_locations:
         # softmax backward: dL/dlogit = a ⊙ (g − Σ a·g)
         grad_logits = weights * (grad_weights - (weights * grad_weights).sum(axis=-1, keepdims=True))
-        packed = np.concatenate([grad_locations.reshape(N * cfg.Lq, M, 2 * T), grad_logits], axis=-1)
-        grad_locations, grad_weights = packed, None
+        grad_locations = np.concatenate([grad_locations.reshape(N, cfg.Lq, M, 2 * T), grad_logits], axis=-1)
+        grad_weights = None
     return tuple(None if g is None else np.ascontiguousarray(g).astype(value.dtype, copy=False)
                  for g in (grad_value, grad_locations, grad_weights))
 
