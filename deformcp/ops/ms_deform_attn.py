@@ -12,6 +12,7 @@ NumPy path: deformcp.reference.ms_deform_attn.
 """
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -73,13 +74,15 @@ def _levels(call, value, spatial_shapes, level_start_index) -> tuple[tuple, tupl
     """(shapes, starts) of the levels, checked against value (N, S, M, D): S = ΣH_l·W_l."""
     shapes = _validate.host_integers("spatial_shapes", spatial_shapes, call)
     if (not isinstance(shapes, tuple) or not shapes
-            or any(not isinstance(row, tuple) or len(row) != 2 for row in shapes)):
+            or any(not isinstance(row, tuple) or len(row) != 2 or any(isinstance(size, tuple) for size in row)
+                   for row in shapes)):
         raise ValueError(f"spatial_shapes: expected L ≥ 1 rows (H_l, W_l), an (L, 2) array or a sequence of "
                          f"pairs, got {shapes!r}")
     if any(size < 1 or size > _validate.INT_MAX for row in shapes for size in row):
         raise ValueError(f"spatial_shapes: expected positive sizes (H_l, W_l) of at most {_validate.INT_MAX}, "
                          f"got {shapes}")
-    starts = tuple(int(s) for s in np.cumsum([0] + [h * w for h, w in shapes[:-1]]))
+    # Python ints: an int64 running sum of sizes up to (2**31 - 1)**2 would wrap around
+    starts = tuple(itertools.accumulate((h * w for h, w in shapes[:-1]), initial=0))
     total = starts[-1] + shapes[-1][0] * shapes[-1][1]
     if value.shape[1] != total:
         raise ValueError(f"value: expected S = ΣH_l·W_l = {total} rows (spatial_shapes {shapes}) in (N, S, M, D), "

@@ -88,13 +88,16 @@ def _pixels(value: np.ndarray, dtype) -> np.ndarray:
 
 def _query_ranges(cfg) -> list[tuple[int, int]]:
     """Ranges of one image's Lq queries, each about MSDA_CHUNK_BYTES of plan (four 8-byte values per corner)."""
-    per_query = cfg.M * cfg.T * 4 * 32
+    per_query = max(1, cfg.M * cfg.T * 4 * 32)  # T = 0 (no points): one range
     return _workspace.ranges(cfg.Lq, max(1, _workspace.MSDA_CHUNK_BYTES // per_query))
 
 
 def _matrix(plan: _Plan, weights: np.ndarray, m: int, columns: int):
     """Head m's sampling matrix: rows the chunk's queries, columns the rows of the head's block of X."""
     _, B, T, k = plan.rows.shape
+    if T == 0:  # no points (every P_l = 0): all zeros
+        return _bilinear.sparse_rows(np.zeros(0, weights.dtype), np.zeros(0, np.int64), np.zeros(B + 1, np.int64),
+                                     columns)
     values = plan.weight[m] * weights[m][..., None]
     return _bilinear.sampling_matrix(plan.rows[m].reshape(B, T * k), values.reshape(B, T * k), columns)
 
@@ -106,7 +109,7 @@ def _corner_dots(X, rows, G):
     D = X.shape[1]
     rows = rows.reshape(B, T * k)
     dots = np.empty((B, T * k), X.dtype)
-    step = max(1, _workspace.MSDA_GATHER_BYTES // (T * k * D * X.itemsize))
+    step = max(1, _workspace.MSDA_GATHER_BYTES // max(1, T * k * D * X.itemsize))
     buffer = np.empty((min(step, B), T * k, D), X.dtype)
     for b0, b1 in _workspace.ranges(B, step):
         gathered = np.take(X, rows[b0:b1], axis=0, out=buffer[:b1 - b0], mode="clip")
