@@ -25,7 +25,8 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 #: Test files whose host-backend tests (``-k host``) run under the sanitizers.
 TEST_FILES = ("tests/test_spatial_transformer.py", "tests/test_roi_align.py", "tests/test_deform_conv.py",
               "tests/test_deform_roi_pool.py", "tests/test_deform_ps_roi_pool.py", "tests/test_mimic_loss.py",
-              "tests/test_adversarial.py", "tests/test_resources.py", "tests/test_byte_order.py")
+              "tests/test_adversarial.py", "tests/test_resources.py", "tests/test_byte_order.py",
+              "tests/test_ms_deform_attn.py")
 SANITIZERS = "address,undefined"
 FOUND = ("ERROR: AddressSanitizer", "runtime error:")
 
