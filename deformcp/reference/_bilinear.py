@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import math
 import os
 from typing import Callable, NamedTuple
 
@@ -110,8 +111,8 @@ def sampling_matrix(rows: np.ndarray, values: np.ndarray, n_columns: int) -> sci
     The leading axes of ``rows`` are flattened into the matrix rows. Duplicate entries add up.
     """
     per_row = rows.shape[-1]
-    n_rows = rows.size // per_row if per_row else 0
-    return sparse_rows(values.reshape(-1), rows.reshape(-1), np.arange(0, n_rows * per_row + 1, per_row), n_columns)
+    n_rows = math.prod(rows.shape[:-1])
+    return sparse_rows(values.reshape(-1), rows.reshape(-1), np.arange(n_rows + 1) * per_row, n_columns)
 
 
 def sparse_rows(values: np.ndarray, columns: np.ndarray, indptr: np.ndarray, n_columns: int):

@@ -95,9 +95,6 @@ def _query_ranges(cfg) -> list[tuple[int, int]]:
 def _matrix(plan: _Plan, weights: np.ndarray, m: int, columns: int):
     """Head m's sampling matrix: rows the chunk's queries, columns the rows of the head's block of X."""
     _, B, T, k = plan.rows.shape
-    if T == 0:  # no points (every P_l = 0): all zeros
-        return _bilinear.sparse_rows(np.zeros(0, weights.dtype), np.zeros(0, np.int64), np.zeros(B + 1, np.int64),
-                                     columns)
     values = plan.weight[m] * weights[m][..., None]
     return _bilinear.sampling_matrix(plan.rows[m].reshape(B, T * k), values.reshape(B, T * k), columns)
 
