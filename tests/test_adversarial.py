@@ -354,6 +354,120 @@ def test_host_mimic_loss_special_features(rng, dtype):
                 np.testing.assert_array_equal(np.isnan(grad).any(axis=1), ~rows_ok)
 
 
+# ------------------------------------------------------------------ ms_deform_attn, flash_deform_attn
+
+#: Levels of value's S axis: non-square, 1×1 and wider than tall (S = 27).
+ATTENTION_LEVELS = ((5, 4), (1, 1), (2, 3))
+
+
+def attention_locations(dtype, L, N=2, M=2):
+    """Every (x, y) pair of special and ordinary normalised locations (13 × 13 of them) in every level, as
+    (N, Lq = 13, M, L, P = 13, 2): each level, head and image holds all of them, in another order."""
+    pairs = point_pairs(dtype, [0.3, -0.2, 1.0, 0.5]).reshape(13, 13, 2)
+    levels = [np.roll(pairs, shift, axis=(0, 1)) for shift in range(N * M * L)]
+    return np.stack(levels).reshape(N, M, L, 13, 13, 2).transpose(0, 3, 1, 2, 4, 5).astype(dtype)
+
+
+def check_attention(fn, backward, value, arrays, options, dtype, rng, finite=True):
+    """fn(value, ATTENTION_LEVELS, None, *arrays, **options) and its backward (atomic and deterministic) on both
+    paths, checked; returns the NumPy path's (output, gradients)."""
+    out, expected = run_both("host", fn, value, ATTENTION_LEVELS, None, *arrays, **options)
+    check(out, expected, dtype, finite)
+    grad_output = rng.standard_normal(expected.shape).astype(dtype)
+    for deterministic in (False, True):
+        grads, expected_grads = run_both("host", backward, grad_output, value, ATTENTION_LEVELS, None, *arrays,
+                                         **options, deterministic=deterministic)
+        for got, want in zip(grads, expected_grads):
+            check(got, want, dtype, finite)
+    return expected, expected_grads
+
+
+@pytest.mark.parametrize("layout", ["levels", "points_per_level"])
+@pytest.mark.parametrize("method", ["default", "discrete"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_host_ms_deform_attn_special_locations(rng, dtype, method, layout):
+    """Locations NaN, ±inf, ±1e30, ±denormal, ±0 and ordinary, every (x, y) pair in every level (a 1×1 one among
+    them), bilinear and nearest: finite results, equal on both paths; a non-finite location gets no gradient
+    (nor does its weight: it samples 0)."""
+    L = len(ATTENTION_LEVELS)
+    value = rng.standard_normal((2, 27, 2, 3)).astype(dtype)
+    locations = attention_locations(dtype, L)
+    options = dict(method=method)
+    if layout == "points_per_level":  # the 1×1 level without points, the others with all 13 · 13 pairs
+        locations = locations[:, :, :, [0, 2]].reshape(2, 13, 2, 26, 2)
+        options["points_per_level"] = (13, 0, 13)
+    weights = rng.uniform(-1, 1, locations.shape[:-1]).astype(dtype)
+    _, grads = check_attention(deformcp.ms_deform_attn, deformcp.ms_deform_attn_backward, value,
+                               (locations, weights), options, dtype, rng)
+    bad = ~np.isfinite(locations).all(axis=-1)
+    assert np.all(grads.sampling_locations[bad] == 0) and np.all(grads.attention_weights[bad] == 0)
+
+
+@pytest.mark.parametrize("method", [
+    "default",
+    pytest.param("discrete", marks=pytest.mark.xfail(
+        strict=True, reason="open: with a NaN attention weight the kernels' location gradient of a discrete "
+                            "point is NaN (weight · 0), the NumPy path's 0 (as documented for 'discrete')"))])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_host_ms_deform_attn_special_weights_and_values(rng, dtype, method):
+    """Attention weights NaN, ±1e30, ±denormal and ±0 among ordinary ones (a NaN weight makes its output NaN, and
+    the value gradient of the pixels it reads), and value rows of 1e30 and denormals: the same on both paths.
+    (±inf weights: see test_host_ms_deform_attn_infinite_weights.)"""
+    value = rng.standard_normal((2, 27, 2, 3))
+    value[0, 3], value[1, 20, 1] = 1e30, DENORMAL[dtype]
+    locations = rng.uniform(-0.2, 1.2, (2, 13, 2, 3, 4, 2)).astype(dtype)
+    weights = rng.uniform(-1, 1, locations.shape[:-1])
+    flat = weights.reshape(-1)
+    where = rng.random(flat.size) < 0.15
+    finite_specials = [v for v in specials(dtype).astype(np.float64) if not np.isinf(v)]
+    flat[where] = rng.choice(finite_specials, int(where.sum()))
+    check_attention(deformcp.ms_deform_attn, deformcp.ms_deform_attn_backward, value.astype(dtype),
+                    (locations, weights.astype(dtype)), {"method": method}, dtype, rng, finite=False)
+
+
+@pytest.mark.xfail(strict=True, reason="open: the NumPy path folds the attention weight into the sampling matrix "
+                                       "before the corner values, so an infinite weight gives NaN (inf · 0 at a "
+                                       "zero-weight corner, inf − inf across corners) where the kernels give "
+                                       "±inf (weight · sample, as mmcv)")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_host_ms_deform_attn_infinite_weights(rng, dtype):
+    value = rng.standard_normal((1, 27, 1, 2)).astype(dtype)
+    locations = rng.uniform(0, 1, (1, 20, 1, 3, 1, 2)).astype(dtype)
+    weights = np.where(rng.random((1, 20, 1, 3, 1)) < 0.3, np.inf, rng.uniform(-1, 1, (1, 20, 1, 3, 1))).astype(dtype)
+    out, expected = run_both("host", deformcp.ms_deform_attn, value, ATTENTION_LEVELS, None, locations, weights)
+    check(out, expected, dtype, finite=False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_host_flash_deform_attn_special_locations_and_logits(rng, dtype):
+    """Special locations (every pair, every level) with ordinary logits: finite, equal on both paths, no gradient
+    for a non-finite location. Then ordinary locations with logits NaN, ±inf, ±1e30, ±denormal, ±0, the same on
+    both paths: a head with a NaN or +inf logit is NaN, one with finite logits finite (1e30 dominates its
+    softmax). (A -inf logit among finite ones gets weight 0 on both paths.)"""
+    L, P = len(ATTENTION_LEVELS), 13
+    value = rng.standard_normal((2, 27, 2, 3)).astype(dtype)
+    locations = attention_locations(dtype, L).reshape(2, 13, 2, 2 * L * P)
+    logits = 2 * rng.standard_normal((2, 13, 2, L * P))
+    options = dict(num_points=P)
+    packed = np.concatenate([locations, logits.astype(dtype)], axis=-1)
+    _, grads = check_attention(deformcp.flash_deform_attn, deformcp.flash_deform_attn_backward, value, (packed,),
+                               options, dtype, rng)
+    bad = ~np.isfinite(locations.reshape(2, 13, 2, L * P, 2)).all(axis=-1)
+    assert np.all(grads.sampling_loc_attn[..., :2 * L * P].reshape(2, 13, 2, L * P, 2)[bad] == 0)
+    ordinary = rng.uniform(-0.2, 1.2, locations.shape)
+    packed = np.concatenate([ordinary, logits], axis=-1)
+    packed[..., 2 * L * P:] = sprinkle(logits, rng, dtype, 0.02)
+    packed = packed.astype(dtype)
+    out, _ = check_attention(deformcp.flash_deform_attn, deformcp.flash_deform_attn_backward, value, (packed,),
+                             options, dtype, rng, finite=False)
+    logits = packed[..., 2 * L * P:]
+    nan_heads = (np.isnan(logits) | (logits == np.inf)).any(axis=-1)
+    finite_heads = np.isfinite(logits).all(axis=-1)
+    out = out.reshape(2, 13, 2, 3)
+    assert nan_heads.any() and finite_heads.any()
+    assert np.all(np.isnan(out[nan_heads])) and np.all(np.isfinite(out[finite_heads]))
+
+
 def test_sample_span_of_a_huge_box_is_clamped_before_the_integer_cast():
     """A box 10**20 samples wide along x: the span's ends (5·10**19) used to be cast to int64 (undefined
     behaviour in the kernels, INT64_MIN on the NumPy path); both clamp to SAMPLE_INDEX_MAX first."""

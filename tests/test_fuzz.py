@@ -11,7 +11,10 @@ hypothesis strategy of valid calls (``STRATEGIES``) and the arrays that may be N
   and zero-stride views, read-only arrays), dtypes (float16, float32, float64; bfloat16 where ml_dtypes is
   installed) and arguments (modes, paddings, align_corners, sampling ratios, output sizes, stride /
   padding / dilation / groups / offset groups, gamma, masks, trans_std, needs_input_grad subsets,
-  deterministic, boxes as one array or per image where the spec takes both). The NumPy path in the dtype
+  deterministic, boxes as one array or per image where the spec takes both; for multi-scale deformable
+  attention 1 to 3 levels, 1×1 and non-square ones among them, spatial_shapes as a tuple, list or NumPy
+  integer array, level_start_index None or given, P points per level (0 now and then) or points_per_level
+  with zeros among them, methods default / discrete, flash_deform_attn's num_points). The NumPy path in the dtype
   and the host backend must agree with the float64 NumPy reference, computed from the inputs rounded to the
   dtype as deformcp.testing does, within deformcp.testing.TOLERANCE (deformcp.testing.relative_error); outputs must
   have the dtype and shape, inputs must stay unmodified, every host output element must be written (outputs
@@ -22,8 +25,13 @@ hypothesis strategy of valid calls (``STRATEGIES``) and the arrays that may be N
   wrong rank, a dimension changed or made 0 (mismatched batches included), an integer / bool / complex /
   object / string / datetime / other-float dtype, a non-array object (list, tuple, string, number, dict,
   NumPy scalar, 0-d array), a box batch index that is fractional, out of range or non-finite, a bad scalar
-  (0, negative, NaN, ±inf, wrong type, wrong length, unknown mode), or a valid variant that must be
-  accepted (read-only or strided array, boxes as per-image arrays, NumPy integer / float / bool scalars).
+  (0, negative, NaN, ±inf, wrong type, wrong length, unknown mode; a count one larger, which may only be
+  refused as a mismatch), a malformed per-level option (spatial_shapes nested wrongly, with zero, negative,
+  huge, bool, float or string sizes; level_start_index not the cumulative sizes; points_per_level of the
+  wrong length or sum) or one that does not fit the arrays (levels added, dropped, resized or reordered), or
+  a valid variant that must be accepted (read-only or strided array, boxes as per-image arrays, NumPy
+  integer / float / bool scalars, per-level options as tuples, lists or integer arrays, H and W swapped in
+  every level, a point moved between levels).
   The call must succeed — and then the NumPy path and the host backend must agree — or raise ValueError or
   TypeError whose message contains the argument's name (for a changed dimension, the name of any argument
   of the call: a mismatch has two sides). Never another exception, a crash, or different results.
@@ -39,17 +47,23 @@ hypothesis strategy of valid calls (``STRATEGIES``) and the arrays that may be N
   C = 0 or C_out = 0, rois called "boxes" in deform_roi_pool's messages, huge sample counts (run in a
   subprocess: sampling_ratio=2**31 used to crash the interpreter); the host backend adding 16-bit input
   gradients in the storage type, keeping deform_conv2d's sampled columns in it and summing its bfloat16
-  bias gradient in bfloat16 (now all in float32).
+  bias gradient in bfloat16 (now all in float32); ms_deform_attn's level offsets summed in int64, which
+  level sizes up to (2**31 - 1)² made wrap around past the S check (run in a subprocess: a segmentation
+  fault). Found by these strategies and mutations themselves: ms_deform_attn / flash_deform_attn with no
+  points at all (a ZeroDivisionError on the NumPy path) and spatial_shapes nested one level too deep (an
+  unnamed TypeError).
 
 Judging a mismatch:
 
 * Inputs within float32 rounding of a discontinuity (a sample on a pixel border or an integer
   coordinate, two samples tying for a max), or sums that cancel, legitimately differ between precisions.
-  Coordinates of grid_sample and deform_conv2d lie on a binary lattice (exact in every dtype, so borders
-  are hit exactly and the same way); RoI ops use a spatial_scale with a long mantissa, so that no sample
-  falls on a border by arithmetic accident; and a float16 / bfloat16 / float32 mismatch counts only if
-  nudging the inputs by float32 rounding does not move the float64 reference by half as much (else the
-  example is rejected as ill-conditioned: an event in the statistics). float64 has no such allowance.
+  Coordinates of grid_sample and deform_conv2d, and the normalised locations of ms_deform_attn and
+  flash_deform_attn (over levels of at most 5 × 5, so that x·W − 0.5 is exact), lie on a binary lattice
+  (exact in every dtype, so borders are hit exactly and the same way); RoI ops use a spatial_scale with a
+  long mantissa, so that no sample falls on a border by arithmetic accident; and a float16 / bfloat16 /
+  float32 mismatch counts only if nudging the inputs by float32 rounding does not move the float64 reference
+  by half as much (else the example is rejected as ill-conditioned: an event in the statistics). float64
+  has no such allowance.
 * The tolerance is TOLERANCE[dtype] plus the error of the reference itself rounded to the dtype (float16
   subnormal results cannot be closer).
 
@@ -70,6 +84,7 @@ from __future__ import annotations
 import decimal
 import fractions
 import inspect
+import itertools
 import math
 import os
 import pickle
@@ -414,6 +429,91 @@ def mimic_loss_cases(draw, dtype):
                 values=("f_a", "f_b"))
 
 
+def level_starts(shapes) -> tuple:
+    """The first row of each level (H_l, W_l) in value's S axis: the cumulative H_l·W_l."""
+    return tuple(itertools.accumulate((h * w for h, w in shapes[:-1]), initial=0))
+
+
+def integers_form(draw, values, forms=("tuple", "list", "int64 array", "int32 array")):
+    """(form, values spelled that way): a tuple or list (of tuples or lists, for nested values) or a NumPy
+    integer array, as the ops accept."""
+    form = draw(st.sampled_from(forms))
+    if form.endswith("array"):
+        return form, np.array(values, form.split()[0])
+    kind = tuple if form == "tuple" else list
+    return form, kind(kind(v) if isinstance(v, tuple) else v for v in values)
+
+
+@st.composite
+def attention_levels(draw):
+    """Levels and the options that describe them: (shapes, {spatial_shapes, level_start_index}, labels).
+    1 to 3 levels, each 1..5 by 1..5 (1×1 and non-square ones among them): small enough that x·W_l − 0.5 of a
+    lattice location is exact in every dtype's arithmetic."""
+    shapes = tuple((draw(between(1, 5)), draw(between(1, 5))) for _ in range(draw(between(1, 3))))
+    form, spatial_shapes = integers_form(draw, shapes)
+    starts = None
+    if draw(st.booleans()):
+        starts = integers_form(draw, level_starts(shapes))[1]
+    labels = (f"L={len(shapes)}", f"spatial_shapes {form}", *(["1×1 level"] if (1, 1) in shapes else []))
+    return shapes, {"spatial_shapes": spatial_shapes, "level_start_index": starts}, labels
+
+
+@st.composite
+def attention_sizes(draw):
+    """(N, Lq, M, D): N or Lq 0 now and then."""
+    N, Lq, M, D = draw(between(1, 2)), draw(between(1, 4)), draw(between(1, 3)), draw(between(1, 4))
+    empty = empty_one_of(draw, "N", "Lq")
+    N, Lq = (0 if empty == name else value for name, value in zip(("N", "Lq"), (N, Lq)))
+    return N, Lq, M, D
+
+
+def sampling_lattice(draw, rng, shape):
+    """Normalised locations in [-0.25, 1.25] on a binary lattice (multiples of 2**-bits): pixel coordinates
+    x·W − 0.5 are exact in every dtype, so pixel borders and integer coordinates are hit exactly the same way
+    by the float64 reference and by every dtype (coarse lattices hit them often)."""
+    return lattice(rng.uniform(-0.25, 1.25, shape), draw(st.sampled_from([2, 3, 4, 12])))
+
+
+@st.composite
+def ms_deform_attn_cases(draw, dtype):
+    shapes, options, labels = draw(attention_levels())
+    N, Lq, M, D = draw(attention_sizes())
+    L = len(shapes)
+    if draw(st.booleans()):  # per-level point counts (RT-DETRv2), some of them 0
+        points = tuple(draw(between(0, 3)) for _ in range(L))
+        form, options["points_per_level"] = integers_form(draw, points, ("tuple", "list", "int64 array"))
+        lead = (N, Lq, M, sum(points))
+        labels += (f"points_per_level {form}", *(["T=0"] if sum(points) == 0 else []))
+    else:
+        P = 0 if empty_one_of(draw, "P") else draw(between(1, 3))
+        options["points_per_level"] = None
+        lead = (N, Lq, M, L, P)
+        labels += ("P per level", *(["T=0"] if P == 0 else []))
+    options["method"] = draw(st.sampled_from(["default", "discrete"]))
+    rng = np.random.default_rng(draw(SEEDS))
+    arrays = {"value": rng.standard_normal((N, sum(h * w for h, w in shapes), M, D)),
+              "sampling_locations": sampling_lattice(draw, rng, lead + (2,)),
+              "attention_weights": rng.uniform(-1, 1, lead)}
+    return Case(arrays, options, labels=(*labels, f"method={options['method']}",
+                                         *(["empty"] if N * Lq == 0 else [])),
+                values=("value", "attention_weights"))
+
+
+@st.composite
+def flash_deform_attn_cases(draw, dtype):
+    shapes, options, labels = draw(attention_levels())
+    N, Lq, M, D = draw(attention_sizes())
+    L, P = len(shapes), draw(between(1, 3))
+    rng = np.random.default_rng(draw(SEEDS))
+    locations = sampling_lattice(draw, rng, (N, Lq, M, 2 * L * P))
+    logits = draw(st.sampled_from([1.0, 4.0])) * rng.standard_normal((N, Lq, M, L * P))
+    # the locations are exact (a lattice); the logits need not be: softmax is smooth
+    return Case({"value": rng.standard_normal((N, sum(h * w for h, w in shapes), M, D)),
+                 "sampling_loc_attn": np.concatenate([locations, logits], axis=-1)},
+                {**options, "num_points": P}, labels=(*labels, f"P={P}", *(["empty"] if N * Lq == 0 else [])),
+                values=("value",))
+
+
 #: op name → strategy(dtype) of its valid calls: what only the op knows (shapes, options, how to judge a mismatch)
 STRATEGIES = {
     "affine_grid": affine_grid_cases,
@@ -424,6 +524,8 @@ STRATEGIES = {
     "deform_roi_pool": deform_roi_pool_cases,
     "deform_ps_roi_pool": deform_ps_roi_pool_cases,
     "mimic_loss": mimic_loss_cases,
+    "ms_deform_attn": ms_deform_attn_cases,
+    "flash_deform_attn": flash_deform_attn_cases,
 }
 
 #: op name → array arguments that may be None although they have no None default (the rest: the signature)
@@ -804,7 +906,8 @@ SCALAR_KINDS = {
     "spatial_scale": "positive real", "gamma": "real", "trans_std": "real",
     "sampling_ratio": "int", "output_dim": "positive int", "group_size": "positive int",
     "pooled_size": "positive int", "sample_per_part": "positive int", "part_size": "part_size",
-    "needs_input_grad": "needs",
+    "needs_input_grad": "needs", "method": "choice", "num_points": "positive int",
+    "spatial_shapes": "levels", "level_start_index": "starts", "points_per_level": "points",
 }
 
 
@@ -816,8 +919,9 @@ def with_dtype(a, dtype):
         return np.zeros(a.shape, dtype)
 
 
-def scalar_mutations(name, value):
-    """(value, expect) pairs for a scalar argument (a non-iterable needs_input_grad has its own test below)."""
+def scalar_mutations(name, value, kwargs):
+    """(value, expect) pairs for a scalar argument of the call with arguments kwargs (a non-iterable
+    needs_input_grad has its own test below)."""
     kind = SCALAR_KINDS[name]
     if kind == "flag":
         return [(v, "refused") for v in (0, 1, None, "True", "False", 1.0, [True], np.int64(1))] + [
@@ -847,7 +951,7 @@ def scalar_mutations(name, value):
         # beyond 2**31 - 1 (a C int) every count is refused, sample_per_part beyond 2**16
         huge = [2**31, 2**63, 10**30] + ([2**16 + 1] if name == "sample_per_part" else [])
         return [(v, "refused") for v in (0, -1, -100, 2.0, 1.5, "2", None, [2], True, np.True_, *huge)] + [
-            (np.int64(value), "ok")]
+            (np.int64(value), "ok"), (value + 1, "related")]  # value + 1: valid, or a mismatch named
     if kind == "part_size":
         return [(v, "refused") for v in (0, -1, 2.0, "2", [2], True)] + [(None, "related")] + (
             [(np.int16(value), "ok")] if value is not None else [])
@@ -863,7 +967,60 @@ def scalar_mutations(name, value):
                                          (N, np.True_, H, W), (N, C, H, np.float64(W)), (N, C, H, str(W)),
                                          (N, C, 2**63, W))] + [
             (list(value), "ok"), (np.array([N, C, H, W]), "ok"), (tuple(np.int16(v) for v in (N, C, H, W)), "ok")]
+    if kind in ("levels", "starts", "points"):
+        return level_mutations(kind, value, kwargs)
     raise AssertionError(kind)
+
+
+def level_mutations(kind, value, kwargs):
+    """(value, expect) pairs for the per-level options of multi-scale deformable attention: spatial_shapes
+    ("levels": (H_l, W_l) per level), level_start_index ("starts") and points_per_level ("points"), each a
+    sequence or an integer array (or None for the last two). A wrong size or count of levels is a mismatch
+    with value's S or the locations' layout ("related"); a malformed option must be refused by name."""
+    shapes = [tuple(row) for row in np.asarray(kwargs["spatial_shapes"]).tolist()]
+    L, starts = len(shapes), level_starts(shapes)
+    malformed = [None, "ab", 3, 2.5, {}]
+    if kind == "levels":
+        (H, W), rest = shapes[0], shapes[1:]
+        bad = [(), [()], tuple(v for row in shapes for v in row), [(H, W, 1), *rest], [((H, W),), *rest],
+               [((H, W), (H, W)), *rest], [(H, (W,)), *rest], np.array(shapes)[None], [(0, W), *rest],
+               [(H, 0), *rest], [(-H, W), *rest], [(H, -1), *rest], [(2**31, W), *rest], [(H, 2**63), *rest],
+               [(True, W), *rest], [(H, np.True_), *rest], [(float(H), W), *rest], [(H, np.float64(W)), *rest],
+               [(str(H), W), *rest], [(H, None), *rest], np.array(shapes, float), np.array(shapes) > 0]
+        related = [[(H + 1, W), *rest], [*shapes, (1, 1)], shapes[::-1], np.array(shapes).T, shapes[:-1]]
+        same = [tuple(shapes), [list(row) for row in shapes], np.array(shapes), np.array(shapes, np.int32),
+                np.array(shapes, np.uint16), [tuple(np.int64(v) for v in row) for row in shapes],
+                [np.array(row) for row in shapes]]
+        # H and W swapped in every level: the same S and starts, another (valid) call
+        return ([(v, "refused") for v in malformed + bad] + [(v, "related") for v in related]
+                + [([(w, h) for h, w in shapes], "valid")] + [(v, "ok") for v in same])
+    if kind == "starts":  # must equal the cumulative H_l·W_l; None computes them
+        bad = [(*starts[:-1], starts[-1] + 1), (1, *starts[1:]), starts[:-1], (*starts, starts[-1] + 1), [starts],
+               tuple(float(s) for s in starts), (False, *starts[1:]), (*starts[:-1], str(starts[-1])),
+               np.array(starts, float), np.array(starts)[None]]
+        same = [None, starts, list(starts), np.array(starts), np.array(starts, np.int32),
+                tuple(np.int64(s) for s in starts)]
+        return [(v, "refused") for v in malformed[1:] + bad] + [(v, "ok") for v in same]
+    # points: P_l per level, or None (the locations then have an L and a P axis); a well-formed count that
+    # does not fit the locations is a mismatch, named points_per_level where it is given
+    if value is None:
+        P = kwargs["sampling_locations"].shape[4]
+        points = (P,) * L
+        others = [(points, "related")]  # a count per level, but locations shaped (N, Lq, M, L, P, 2)
+    else:
+        points = tuple(int(v) for v in value)
+        others = [(None, "related"), (list(points), "ok"), (np.array(points), "ok"),
+                  (tuple(np.int64(v) for v in points), "ok"), (np.array(points, np.uint8), "ok")]
+        if L > 1 and sum(points):  # one point moved to the next level: the same ΣP_l, another valid call
+            i = next(i for i, p in enumerate(points) if p)
+            moved = list(points)
+            moved[i], moved[(i + 1) % L] = moved[i] - 1, moved[(i + 1) % L] + 1
+            others.append((tuple(moved), "valid"))
+    first, rest = points[0], points[1:]
+    others.append(((first + 1, *rest), "related" if value is None else "refused"))
+    bad = [points[:-1], (*points, 0), (*points, 1), (-1, *rest), (2**31, *rest), (2**63, *rest), (float(first), *rest),
+           (True, *rest), (np.True_, *rest), (str(first), *rest), (None, *rest), [points], np.array(points, float)]
+    return [(v, "refused") for v in malformed[1:] + bad] + others
 
 
 @st.composite
@@ -871,7 +1028,7 @@ def mutations(draw, call: Call):
     name = draw(st.sampled_from(sorted(call.kwargs)), label="argument")
     value = call.kwargs[name]
     if name not in call.arrays:
-        new, expect = draw(st.sampled_from(scalar_mutations(name, value)), label="value")
+        new, expect = draw(st.sampled_from(scalar_mutations(name, value, call.kwargs)), label="value")
         return Mutation(name, f"{SCALAR_KINDS[name]} {expect}", new, expect)
     rng = np.random.default_rng(draw(SEEDS))
     if value is None:  # an absent optional array: give one (of some shape) or keep it absent
@@ -1045,6 +1202,36 @@ def test_deform_roi_pool_errors_name_rois(function, data):
         call.fn(**{**call.kwargs, "rois": bad})
 
 
+#: ms_deform_attn with level sizes summing to 2**64 + 2: four levels of (2**31 - 1)² pixels and one of
+#: 14329 × 1198958 = 2**34 - 2, and value of S = 2.
+WRAPPING_LEVELS_SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np, deformcp
+    levels = [(2**31 - 1, 2**31 - 1)] * 4 + [(14329, 1198958)]
+    with deformcp.backend(sys.argv[1]):
+        try:
+            deformcp.ms_deform_attn(np.ones((1, 2, 1, 1)), levels, None, np.full((1, 1, 1, 5, 1, 2), 0.5),
+                                    np.ones((1, 1, 1, 5, 1)))
+        except ValueError as error:
+            print("REFUSED", error)
+        else:
+            print("ACCEPTED")
+""")
+
+
+@pytest.mark.parametrize("backend", ["numpy", "host"])
+def test_attention_level_sizes_summing_past_int64_are_refused(backend):
+    """The level offsets were an int64 running sum: sizes summing to 2**64 + 2 passed as S = 2, and the call
+    read far outside value (a segmentation fault on the NumPy path). Run in a subprocess; now refused, naming
+    value (its S)."""
+    if backend == "host" and not HOST:
+        pytest.skip("host backend: no C++ compiler found")
+    done = subprocess.run([sys.executable, "-c", WRAPPING_LEVELS_SCRIPT, backend], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, f"the interpreter died (exit status {done.returncode}): {done.stderr[-500:]}"
+    assert done.stdout.startswith("REFUSED value: expected S = ΣH_l·W_l = 18446744073709551618 rows"), done.stdout
+
+
 SIXTEEN_BIT = [d for d in DTYPES if np.dtype(d).itemsize == 2]
 
 
@@ -1075,13 +1262,20 @@ THREE_READERS = {
         (g.reshape(3, 1, 1, 1), x, one_sample_rois(dtype, corner=0), np.zeros((3, 2, 1, 1), dtype)),
         {"output_dim": 1, "group_size": 1, "pooled_size": 1, "sample_per_part": 1}),
     "deform_conv2d": deform_conv2d_three_readers,
+    # three queries of one 1×1 level, each one point at its centre (pixel (0, 0) exactly), weight 1 (one logit
+    # soft-maxes to 1)
+    "ms_deform_attn": lambda x, g, dtype: ((g.reshape(1, 3, 1), x.reshape(1, 1, 1, 1), ((1, 1),), None,
+                                            np.full((1, 3, 1, 1, 1, 2), 0.5, dtype), np.ones((1, 3, 1, 1, 1), dtype)),
+                                           {}),
+    "flash_deform_attn": lambda x, g, dtype: ((g.reshape(1, 3, 1), x.reshape(1, 1, 1, 1), ((1, 1),), None,
+                                               np.tile(np.array([0.5, 0.5, 0], dtype), (1, 3, 1, 1)), 1), {}),
 }
 
 
 def three_readers_of_one_pixel(name, dtype):
     """A backward call in which three outputs read the one pixel of a 1×1 image with weight 1, with output
     gradients 1024, 0.5 and -1022 (-1024 in bfloat16): they sum to 2.5 (0.5), but 1024 + 0.5 rounds to 1024
-    in 16 bits. Returns (backward, args, kwargs)."""
+    in 16 bits. Returns (backward, args, kwargs); the image's gradient is the first field of the result."""
     x = np.full((1, 1, 1, 1), 0.75, dtype)  # the input gradients do not depend on it
     g = np.array([1024, 0.5, -1022], dtype)
     return (SPECS[name].backward, *THREE_READERS[name](x, g, dtype))
@@ -1093,11 +1287,11 @@ def three_readers_of_one_pixel(name, dtype):
 def test_16_bit_input_gradients_accumulate_in_float32(backend, name, dtype, deterministic):
     backward, args, kwargs = three_readers_of_one_pixel(name, dtype)
     exact = [a.astype(np.float64) if isinstance(a, np.ndarray) else a for a in args]
-    expected = backward(*exact, **kwargs).input
+    expected = backward(*exact, **kwargs)[0]
     assert float(expected.ravel()[0]) == (2.5 if dtype == "float16" else 0.5)
-    assert testing.relative_error(backward(*args, **kwargs).input, expected) == 0  # NumPy path: float32
+    assert testing.relative_error(backward(*args, **kwargs)[0], expected) == 0  # NumPy path: float32
     moved = [to_backend(a, backend) if isinstance(a, np.ndarray) else a for a in args]
-    got = testing.run(backend, backward, *moved, deterministic=deterministic, **kwargs).input
+    got = testing.run(backend, backward, *moved, deterministic=deterministic, **kwargs)[0]
     assert testing.relative_error(got, expected) == 0, got
 
 

@@ -11,7 +11,9 @@ an array's length can pass 2**31 - 1 (:func:`deformcp._kernels.needs_index64`). 
 - the documented rule: sizes up to 2**31 - 1 → 32-bit, 2**31 → 64-bit, forced → 64-bit;
 - :func:`deformcp._kernels.launch` picks the ``long long`` instantiation exactly then — by the number of work
   items and by an array's length (a lazily allocated array of more than 2**31 elements, whose indices do not
-  fit an ``int``). The selection is observed by a spy around ``_kernels.get_function``; the kernels are real.
+  fit an ``int``). The selection is observed by a spy around ``_kernels.get_function``; the kernels are real;
+- ms_deform_attn and flash_deform_attn over a level that starts past 2**31 - 1 in value's S axis (a first level
+  of 2**31 pixels, lazily allocated) give exact values there, forward and backward.
 
 Kernels that scatter-add with atomics are bitwise reproducible only in a fixed order: their non-deterministic
 launches here have at most 256 work items, i.e. one block, which the host backend runs on one thread.
@@ -259,6 +261,65 @@ def case_mimic_loss(op, rng, dtype):
     return run
 
 
+#: Levels of the attention cases: non-square, 1×1 and taller than wide (S = 48).
+LEVELS = ((5, 7), (1, 1), (4, 3))
+
+
+def attention_locations(rng, shape, dtype):
+    """Normalised locations in and around [0, 1], some of them special (NaN, ±inf, ±1e30)."""
+    return with_specials(rng.uniform(-0.2, 1.2, shape), rng).astype(dtype)
+
+
+def case_ms_deform_attn(op, rng, dtype):
+    N, M, D = 2, 2, 3
+    value = rng.standard_normal((N, 48, M, D)).astype(dtype)
+    layouts = {  # points_per_level → locations (N, Lq, M, …, 2) of a small and a large call
+        None: [(N, Lq, M, 3, 2) for Lq in (5, 40)],
+        (2, 0, 3): [(N, Lq, M, 5) for Lq in (5, 40)],
+    }
+    arrays = {}
+    for points, shapes in layouts.items():
+        for size, shape in zip(("small", "large"), shapes):
+            arrays[points, size] = (attention_locations(rng, shape + (2,), dtype),
+                                    rng.uniform(-1, 1, shape).astype(dtype),
+                                    rng.standard_normal((N, shape[1], M * D)).astype(dtype))
+
+    def run():   # small: 60 work items in the value gradient (atomics: one block); large: 480
+        out = {}
+        for method in ("default", "discrete"):
+            for (points, size), (locations, weights, grad) in arrays.items():
+                o = dict(points_per_level=points, method=method)
+                tag = f"{method}-points_per_level={points}-{size}"
+                out[f"ms_deform_attn {tag}"] = op.function(value, LEVELS, None, locations, weights, **o)
+                for det in ((False, True) if size == "small" else (True,)):
+                    grads = op.backward(grad, value, LEVELS, (0, 35, 36), locations, weights, **o, deterministic=det)
+                    for name, g in zip(grads._fields, grads):
+                        out[f"ms_deform_attn_backward {name} det={det} {tag}"] = g
+        return out
+    return run
+
+
+def case_flash_deform_attn(op, rng, dtype):
+    N, M, D, P = 2, 2, 3, 2
+    value = rng.standard_normal((N, 48, M, D)).astype(dtype)
+    calls = {}
+    for size, Lq in (("small", 5), ("large", 40)):
+        locations = attention_locations(rng, (N, Lq, M, 2 * 3 * P), dtype)
+        logits = (2 * rng.standard_normal((N, Lq, M, 3 * P))).astype(dtype)
+        calls[size] = (np.concatenate([locations, logits], axis=-1), rng.standard_normal((N, Lq, M * D)).astype(dtype))
+
+    def run():
+        out = {}
+        for size, (packed, grad) in calls.items():
+            out[f"flash_deform_attn {size}"] = op.function(value, LEVELS, None, packed, P)
+            for det in ((False, True) if size == "small" else (True,)):
+                grads = op.backward(grad, value, LEVELS, None, packed, P, deterministic=det)
+                out[f"flash_deform_attn_backward value det={det} {size}"] = grads.value
+                out[f"flash_deform_attn_backward sampling_loc_attn det={det} {size}"] = grads.sampling_loc_attn
+        return out
+    return run
+
+
 #: op name → case(spec, rng, dtype) → run; the cases of a family's ops together must launch every kernel of it
 CASES = {
     "affine_grid": case_affine_grid,
@@ -269,6 +330,8 @@ CASES = {
     "deform_conv2d": case_deform_conv,
     "deform_ps_roi_pool": case_deform_ps_roi_pool,
     "mimic_loss": case_mimic_loss,
+    "ms_deform_attn": case_ms_deform_attn,
+    "flash_deform_attn": case_flash_deform_attn,
 }
 
 
@@ -404,6 +467,75 @@ def test_launch_picks_long_long_by_array_length(H, W, y, index64, launches):
         assert grad[0, 0, y, 4] == 2 and window.sum() == 2
         del grad
     del x, grads
+
+
+#: Multi-scale deformable attention with a first level of 2**31 pixels: the second level starts at row 2**31 of
+#: value's S axis, past int.
+BIG_LEVELS = ((65536, 32768), (4, 4))
+#: Two queries, one point per level (x, y): query 0 at the centres of level 0's last pixel (65535, 32767) and
+#: of level 1's pixel (1, 1); query 1 in level 0's zeros and half-way between level 1's pixels (1, 1) and (1, 2).
+BIG_LOCATIONS = [[(1 - 2**-16, 1 - 2**-17), (0.375, 0.375)], [(0.5, 0.5), (0.5, 0.375)]]
+#: Rows of value's S axis that hold 2 (level 0's last pixel), 3 and 5 (level 1's pixels (1, 1) and (1, 2)).
+BIG_PIXELS = {2**31 - 1: 2.0, 2**31 + 5: 3.0, 2**31 + 6: 5.0}
+#: ms_deform_attn with attention weights (1, 2) and (0.5, 1), and flash_deform_attn with logits 0 (weights 1/2),
+#: under output gradients 1: the output, the value gradient's non-zero rows (query 1's level-0 point spreads a
+#: weight of 0.5 over four zero pixels, rows 32767 and 32768, columns 16383 and 16384, 1/8 each), and the
+#: gradients of the weights or logits and of the locations (x·W_l, y·H_l: at level 0's edge the derivative from
+#: the right reads the zero outside, −2·32768 and −2·65536).
+BIG_EXPECTED = {
+    "ms_deform_attn": dict(
+        out=[8, 4], value={2**31 - 1: 1, 2**31 + 5: 2.5, 2**31 + 6: 0.5}, weights=[[2, 3], [0, 4]],
+        locations=[[(-65536, -131072), (16, -24)], [(0, 0), (8, -16)]]),
+    "flash_deform_attn": dict(
+        out=[2.5, 2], value={2**31 - 1: 0.5, 2**31 + 5: 0.75, 2**31 + 6: 0.25}, weights=[[-0.25, 0.25], [-1, 1]],
+        locations=[[(-32768, -65536), (4, -6)], [(0, 0), (4, -8)]]),
+}
+
+
+@pytest.mark.parametrize("name", ["ms_deform_attn", "flash_deform_attn"])
+def test_attention_level_start_past_int32_uses_long_long(name, launches):
+    """value float32 (1, 2**31 + 16, 1, 1) (8 GiB of address space, a few pages touched; its gradient the same)
+    whose second level starts at row 2**31: the host backend launches the long long kernels (a level start cast
+    to int would wrap), and forward and backward (atomic and deterministic) give the exact values above."""
+    value = lazy_zeros((1, 2**31 + 16, 1, 1), np.float32)
+    for row, v in BIG_PIXELS.items():
+        value[0, row, 0, 0] = v
+    locations = np.array(BIG_LOCATIONS, np.float32).reshape(1, 2, 1, 2, 1, 2)
+    expected = BIG_EXPECTED[name]
+    grad_output = np.ones((1, 2, 1), np.float32)
+    spec = SPECS[name]
+    if name == "ms_deform_attn":
+        arrays = (locations, np.array([[1, 2], [0.5, 1]], np.float32).reshape(1, 2, 1, 2, 1))
+        options = {}
+    else:
+        arrays = (np.concatenate([locations.reshape(1, 2, 1, 4), np.zeros((1, 2, 1, 2), np.float32)], axis=-1),)
+        options = {"num_points": 1}
+    with deformcp.backend("host"), testing.poisoned_outputs():
+        out = spec.function(value, BIG_LEVELS, None, *arrays, **options)
+        grads = [spec.backward(grad_output, value, BIG_LEVELS, (0, 2**31), *arrays, **options, deterministic=det)
+                 for det in (False, True)]
+    check_selection(launches, True)
+    fused = {"flash_deform_attn_backward_softmax"}
+    assert {x.name for x in launches} == set(_sources.kernel_names("ms_deform_attn")) - (
+        fused if name == "ms_deform_attn" else set())
+    np.testing.assert_array_equal(out.reshape(2), expected["out"])
+    tail = np.zeros(19)  # the last 3 rows of level 0 and the 16 of level 1
+    for row, want in expected["value"].items():
+        tail[row - (2**31 - 3)] = want
+    for g in grads:
+        grad_value = g.value.reshape(-1)
+        np.testing.assert_array_equal(grad_value[2**31 - 3:], tail)
+        for row in (32767, 32768):
+            np.testing.assert_array_equal(grad_value[row * 32768 + 16382:row * 32768 + 16386], [0, 0.125, 0.125, 0])
+        if name == "ms_deform_attn":
+            gradients = {"weights": g.attention_weights, "locations": g.sampling_locations}
+        else:
+            packed = g.sampling_loc_attn.reshape(2, 6)
+            gradients = {"weights": packed[:, 4:], "locations": packed[:, :4]}
+        np.testing.assert_array_equal(gradients["weights"].reshape(2, 2), expected["weights"])
+        np.testing.assert_array_equal(gradients["locations"].reshape(2, 2, 2), expected["locations"])
+        del grad_value, g
+    del value, grads
 
 
 # ------------------------------------------------------------------- derived quantities: deform_conv's taps

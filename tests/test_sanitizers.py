@@ -154,7 +154,10 @@ def test_sanitizers_catch_broken_kernels(asan_env, tmp_path, kernel, report):
     assert "LAUNCHED WITHOUT A SANITIZER REPORT" not in output
 
 
-def test_deform_conv_tap_positions_past_int32_under_sanitizers(asan_env):
-    """deform_conv2d with tap positions past 2**31 - 1 though every size is below it (tests/test_index64.py),
-    on the host backend under ASan + UBSan: no signed overflow, no bad access, the NumPy path's results."""
-    _run_under_sanitizers(asan_env, "tests/test_index64.py", "deform_conv_tap_positions")
+@pytest.mark.parametrize("keyword", ["deform_conv_tap_positions", "attention_level_start_past_int32"])
+def test_index64_cases_under_sanitizers(asan_env, keyword):
+    """tests/test_index64.py's 64-bit cases on the host backend under ASan + UBSan: no signed overflow, no bad
+    access, the expected results. deform_conv2d with tap positions past 2**31 - 1 though every size is below it;
+    ms_deform_attn and flash_deform_attn over a level that starts at row 2**31 of value (about 1.2 GiB resident
+    under ASan: the lazily allocated 8 GiB arrays' shadow)."""
+    _run_under_sanitizers(asan_env, "tests/test_index64.py", keyword)
