@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import operator
 import os
+import pathlib
+from typing import Optional
 
 import numpy as np
 
@@ -113,13 +116,42 @@ def channel_blocks(C: int, rows: int, itemsize: int) -> list[tuple[int, int]]:
 
 
 def num_threads() -> int:
-    """Threads of the NumPy path's pool and of a host-backend launch: ``DEFORMCP_NUM_THREADS`` when set, else the
-    number of CPUs this process may run on."""
+    """Threads of the NumPy path's pool and of a host-backend launch: ``DEFORMCP_NUM_THREADS`` when set, else
+    :func:`available_cpus`."""
     value = os.environ.get("DEFORMCP_NUM_THREADS", "").strip()
     if not value:
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return available_cpus()
     threads = int(value) if value.isdecimal() else 0
     if threads < 1:
         raise ValueError(f"DEFORMCP_NUM_THREADS: expected a positive integer (or unset, for one thread per CPU), "
                          f"got {value!r}")
     return threads
+
+
+def available_cpus() -> int:
+    """The CPUs this process may use: those of its affinity mask, at most its cgroup's CPU quota rounded up (a
+    container limited to 2 CPUs on a 64-core machine gets 2)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return max(1, min(cpus, quota)) if quota else cpus
+
+
+#: Where cgroups keep the CPU quota: v2's cpu.max ("quota period" or "max period"), v1's two cfs files.
+CGROUP_V2_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+CGROUP_V1_CPU = ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+
+
+@functools.lru_cache(maxsize=None)
+def cgroup_cpu_quota() -> Optional[int]:
+    """The cgroup CPU quota in whole CPUs (rounded up), or None where there is none (no cgroups, no limit)."""
+    try:
+        with open(CGROUP_V2_CPU_MAX) as f:
+            quota, period = f.read().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota, period = (pathlib.Path(name).read_text().strip() for name in CGROUP_V1_CPU)
+        except OSError:
+            return None
+    if quota in ("max", "-1") or not (quota.isdecimal() and period.isdecimal()) or int(period) == 0:
+        return None
+    return max(1, -(-int(quota) // int(period)))

@@ -42,9 +42,67 @@ def test_num_threads_must_be_a_positive_integer(monkeypatch, rng, backend, value
 @pytest.mark.parametrize("value, threads", [("1", 1), ("3", 3), (" 2 ", 2), ("", None)])
 def test_num_threads_is_read_for_both_backends(monkeypatch, value, threads):
     monkeypatch.setenv("DEFORMCP_NUM_THREADS", value)
-    expected = threads or len(os.sched_getaffinity(0))
+    expected = threads or deformcp._workspace.available_cpus()
     assert deformcp._workspace.num_threads() == expected
     assert _host.threads() == expected  # this process has not forked: OpenMP is there
+
+
+@pytest.fixture
+def cgroup(tmp_path, monkeypatch):
+    """Point deformcp at cgroup files under tmp_path (v2's cpu.max and v1's cfs pair, absent until written)."""
+    from deformcp import _workspace
+
+    paths = {"v2": tmp_path / "cpu.max", "quota": tmp_path / "cfs_quota_us", "period": tmp_path / "cfs_period_us"}
+    monkeypatch.setattr(_workspace, "CGROUP_V2_CPU_MAX", str(paths["v2"]))
+    monkeypatch.setattr(_workspace, "CGROUP_V1_CPU", (str(paths["quota"]), str(paths["period"])))
+    _workspace.cgroup_cpu_quota.cache_clear()
+    yield paths
+    _workspace.cgroup_cpu_quota.cache_clear()
+
+
+@pytest.mark.parametrize("files, quota", [
+    ({"v2": "150000 100000\n"}, 2), ({"v2": "100000 100000"}, 1), ({"v2": "50000 100000"}, 1),
+    ({"v2": "max 100000\n"}, None), ({"v2": "garbage"}, None), ({}, None),
+    ({"quota": "300000\n", "period": "100000\n"}, 3), ({"quota": "-1", "period": "100000"}, None),
+])
+def test_cgroup_cpu_quota_caps_the_threads(cgroup, monkeypatch, files, quota):
+    """A container's CPU quota (cgroup v2 cpu.max, or v1's cfs files) rounded up caps the default thread count, as
+    the affinity mask does; without a quota the affinity mask alone decides. DEFORMCP_NUM_THREADS overrides both."""
+    from deformcp import _workspace
+
+    for name, text in files.items():
+        cgroup[name].write_text(text)
+    assert _workspace.cgroup_cpu_quota() == quota
+    affinity = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("DEFORMCP_NUM_THREADS", raising=False)
+    assert _workspace.num_threads() == (min(affinity, quota) if quota else affinity)
+    monkeypatch.setenv("DEFORMCP_NUM_THREADS", "5")
+    assert _workspace.num_threads() == 5
+
+
+def test_blas_runs_one_thread_while_the_pool_works(monkeypatch):
+    """Inside the NumPy path's pool workers BLAS is held to one thread (no oversubscription: pool threads × BLAS
+    threads), and restored after, also when a worker raises."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from deformcp.reference import _bilinear
+
+    def blas_threads():
+        return [info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"]
+
+    def failing(a, b):
+        raise KeyError(a)
+
+    monkeypatch.setenv("DEFORMCP_NUM_THREADS", "2")
+    inside = []
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        before = blas_threads()
+        _bilinear.for_each_chunk(lambda a, b: inside.append(blas_threads()), [(i, i + 1) for i in range(4)])
+        with pytest.raises(KeyError):
+            _bilinear.for_each_chunk(failing, [(0, 1), (1, 2)])
+        after = blas_threads()
+    assert before and set(before) == {2}, before
+    assert inside == [[1] * len(before)] * 4
+    assert after == before
 
 
 @needs_compiler

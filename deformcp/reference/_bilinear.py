@@ -7,9 +7,10 @@ corner rows and weights (a corner outside the image points at its image's zero r
 gradient is ``S.T @ G`` — a gather, so the NumPy path is deterministic. Coordinate gradients use the
 same corners with the weights' derivatives. Work is done a few images at a time
 (``_workspace.image_chunks``), so that X and its products stay in cache, and chunks run on a pool of
-``_workspace.num_threads()`` threads (``DEFORMCP_NUM_THREADS``, default: the CPU count; a forked child makes
-a pool of its own): NumPy releases the GIL in its copies, gathers and products. Chunks write disjoint parts
-of the outputs, so results do not depend on it.
+``_workspace.num_threads()`` threads (``DEFORMCP_NUM_THREADS``, default: the CPUs available, affinity and cgroup
+quota counted; a forked child makes a pool of its own), with BLAS held to one thread meanwhile: NumPy releases
+the GIL in its copies, gathers and products. Chunks write disjoint parts of the outputs, so results do not
+depend on it.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 import scipy.sparse
+import threadpoolctl
 
 from .. import _workspace
 
@@ -78,15 +80,25 @@ def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
 os.register_at_fork(after_in_child=_pool.cache_clear)
 
 
+@functools.lru_cache(maxsize=None)
+def _blas() -> threadpoolctl.ThreadpoolController:
+    """The BLAS libraries loaded when the pool first runs (NumPy's, which the NumPy path calls), found once:
+    finding them takes about 0.5 ms, limiting them then about 10 µs."""
+    return threadpoolctl.ThreadpoolController().select(user_api="blas")
+
+
 def for_each_chunk(work: Callable[..., None], chunks) -> None:
-    """Call work(*chunk) for every chunk (e.g. a range (start, stop)), concurrently on the thread pool."""
+    """Call work(*chunk) for every chunk (e.g. a range (start, stop)), concurrently on the thread pool. While the
+    pool works, BLAS libraries (OpenBLAS, MKL, ...) run one thread per call, so that the pool's threads and theirs
+    do not oversubscribe the CPUs (a process-wide setting, restored afterwards)."""
     threads = _workspace.num_threads()
     if threads <= 1 or len(chunks) <= 1:
         for chunk in chunks:
             work(*chunk)
         return
-    for done in _pool(threads).map(lambda chunk: work(*chunk), chunks):
-        del done  # map re-raises a worker's exception here
+    with _blas().limit(limits=1, user_api="blas"):
+        for done in _pool(threads).map(lambda chunk: work(*chunk), chunks):
+            del done  # map re-raises a worker's exception here
 
 
 def pixels_last(images: np.ndarray, dtype) -> np.ndarray:
