@@ -32,8 +32,8 @@ __device__ __forceinline__ bool msda_setup(A x, A y, I H, I W, int method, bilin
   return true;
 }
 
-// Softmax statistics of a head's T logits: their maximum and Σ exp(logit − maximum). A NaN or infinite logit
-// makes the sum NaN, so every weight of the head is NaN.
+// Softmax statistics of a head's T logits: their maximum and Σ exp(logit − maximum). A NaN or +inf logit makes
+// the sum NaN, so every weight of the head is NaN; a −inf logit gets weight 0 (all −inf: NaN).
 template <typename A, typename T, typename I>
 __device__ __forceinline__ void msda_softmax_stats(const T* logits, I points, A* maximum, A* sum) {
   A top = load_acc(logits[0]);
@@ -186,11 +186,11 @@ __global__ void ms_deform_attn_backward_sampling(const T* grad_output, const T* 
       }
     }
     if (grad_weights != nullptr) grad_weights[index] = dot;
-    if (grad_locations != nullptr) {
-      const A at = a[t];
+    if (grad_locations != nullptr) {  // nearest sampling does not move with the location: 0, whatever a_t is
+      const bool moves = method != DEFORMCP_MSDA_DISCRETE;
       T* gloc = grad_locations + head * loc_stride + 2 * t;
-      gloc[0] = store_as<T>(at * gx * (A)W);
-      gloc[1] = store_as<T>(at * gy * (A)H);
+      gloc[0] = store_as<T>(moves ? a[t] * gx * (A)W : (A)0);
+      gloc[1] = store_as<T>(moves ? a[t] * gy * (A)H : (A)0);
     }
   }
 }

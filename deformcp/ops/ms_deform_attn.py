@@ -274,8 +274,9 @@ def ms_deform_attn(value, spatial_shapes: LevelShapes, level_start_index: Option
     Returns:
         array[N, Lq, M·D], value's dtype and framework.
 
-    A NaN or ±inf location samples 0 (and gets gradient 0); non-finite attention weights propagate. Any batch
-    size (no ``im2col_step``). https://arxiv.org/abs/2010.04159 (eq. 3).
+    A NaN or ±inf location samples 0 (and gets gradient 0); a non-finite attention weight makes its query and
+    head's output non-finite (NaN or ±inf: which one may differ between backends). Any batch size (no
+    ``im2col_step``). https://arxiv.org/abs/2010.04159 (eq. 3).
 
     >>> shapes = [(32, 32), (16, 16)]
     >>> value = np.random.rand(2, 32 * 32 + 16 * 16, 8, 32)
@@ -320,7 +321,7 @@ def flash_deform_attn(value, spatial_shapes: LevelShapes, level_start_index: Opt
         num_points (int): P, the points per level (any P ≥ 1, any L).
 
     Returns:
-        array[N, Lq, M·D]. Non-finite logits give NaN for their head. https://arxiv.org/abs/2401.06197.
+        array[N, Lq, M·D]. A NaN or +inf logit makes its head's output NaN; a −inf logit gets weight 0. https://arxiv.org/abs/2401.06197.
     """
     return forward(FLASH_DEFORM_ATTN, locals())
 
