@@ -12,10 +12,10 @@ Import it explicitly (``import deformcp`` never imports JAX)::
     y = conv(x, offset, weight, bias, padding=1, mask=mask)
 
 Functions: affine_grid, grid_sample, roi_align, ps_roi_align, deform_conv2d, deform_roi_pool,
-deform_ps_roi_pool and mimic_loss, with the names, argument order and defaults of the deformcp functions
-(see their docstrings and README.md for shapes and conventions). The ops whose backward can scatter with
-atomics also take a keyword-only ``deterministic=False``, handed to the backward (see the deformcp
-``*_backward`` functions).
+deform_ps_roi_pool, mimic_loss, ms_deform_attn and flash_deform_attn, with the names, argument order and
+defaults of the deformcp functions (see their docstrings and README.md for shapes and conventions). The ops
+whose backward can scatter with atomics also take a keyword-only ``deterministic=False``, handed to the
+backward (see the deformcp ``*_backward`` functions).
 
 How it works. Each op is a ``jax.custom_vjp`` built from its spec (``deformcp.ops.SPECS``). Its primal is a
 ``jax.pure_callback`` whose output ``ShapeDtypeStruct`` is computed from the input shapes at trace time; the
@@ -27,8 +27,10 @@ Its VJP runs the op's backward (that of ``deformcp.*_backward``) through another
 - Arguments. Array arguments are JAX arrays (or anything ``jnp.asarray`` takes; None where deformcp allows
   None). Everything else (sizes, output sizes, modes, flags, scales, strides, ``deterministic``) is static:
   pass Python values, and under ``jax.jit`` mark them ``static_argnames`` or close over them; a traced
-  value raises a TypeError. Boxes/RoIs are arrays but not differentiable: their cotangent is zero (None
-  inside the VJP), as are those of inputs JAX does not differentiate.
+  value raises a TypeError. Integer options that deformcp also takes as arrays (ms_deform_attn's
+  spatial_shapes, level_start_index, points_per_level) may be concrete NumPy or JAX arrays: they become tuples
+  of ints. Boxes/RoIs are arrays but not differentiable: their cotangent is zero (None inside the VJP), as are
+  those of inputs JAX does not differentiate.
 - Errors. At trace time the deformcp function's own argument checks run on stand-ins of the arrays (NumPy
   arrays of their shapes and dtypes that hold one zero each), so bad shapes (also between arrays, such as
   two batch sizes), dtypes and options raise deformcp's own ValueError/TypeError at the call site, eagerly
@@ -77,7 +79,7 @@ from deformcp import testing as _testing
 from deformcp.ops import SPECS, OpSpec, _call
 
 __all__ = ["affine_grid", "grid_sample", "roi_align", "ps_roi_align", "deform_conv2d", "deform_roi_pool",
-           "deform_ps_roi_pool", "mimic_loss"]
+           "deform_ps_roi_pool", "mimic_loss", "ms_deform_attn", "flash_deform_attn"]
 
 _TRACER = getattr(jax.core, "Tracer", ())
 
@@ -289,3 +291,19 @@ def deform_ps_roi_pool(input, rois, offset, output_dim, group_size, pooled_size,
 def mimic_loss(f_a, f_b):
     """Differentiable :func:`deformcp.mimic_loss`: f_a, f_b (K, D) → a 0-d loss. Gradients: f_a and f_b."""
     return _apply("mimic_loss", locals())
+
+
+def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                   points_per_level=None, method="default", *, deterministic=False):
+    """Differentiable :func:`deformcp.ms_deform_attn`: value (N, S, M, D), sampling_locations (N, Lq, M, L, P, 2) or
+    (N, Lq, M, ΣP_l, 2), attention_weights (N, Lq, M, L, P) or (N, Lq, M, ΣP_l) → (N, Lq, M·D). spatial_shapes
+    ((H_l, W_l) per level), level_start_index, points_per_level and method are static (Python values, or concrete
+    integer arrays). Gradients: value, sampling_locations and attention_weights."""
+    return _apply("ms_deform_attn", locals())
+
+
+def flash_deform_attn(value, spatial_shapes, level_start_index, sampling_loc_attn, num_points, *, deterministic=False):
+    """Differentiable :func:`deformcp.flash_deform_attn`: value (N, S, M, D), sampling_loc_attn (N, Lq, M, L·P·3)
+    → (N, Lq, M·D); spatial_shapes, level_start_index and num_points static. Gradients: value and
+    sampling_loc_attn (locations and logits)."""
+    return _apply("flash_deform_attn", locals())

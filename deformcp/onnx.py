@@ -40,8 +40,9 @@ What each op becomes (opset: the least ``opset_version`` that the export accepts
   implementation; mask channel g·kh·kw + k), so offset and mask pass unchanged; pads = [pad_h, pad_w, pad_h,
   pad_w], strides, dilations, kernel_shape = weight.shape[2:], group = C_in / weight.shape[1], offset_group =
   offset.shape[1] / (2·kh·kw).
-- ``ps_roi_align``, ``deform_roi_pool``, ``deform_ps_roi_pool``, ``mimic_loss``: no ONNX operator; exporting
-  a model that calls them raises :class:`UnsupportedExportError` naming the op.
+- ``ps_roi_align``, ``deform_roi_pool``, ``deform_ps_roi_pool``, ``mimic_loss``, ``ms_deform_attn``,
+  ``flash_deform_attn``: no ONNX operator; exporting a model that calls them raises
+  :class:`UnsupportedExportError` naming the op.
 
 Shapes. A dynamic batch (``dynamic_shapes``) exports: deformcp.torch's fake kernels keep symbolic sizes symbolic.
 Sizes that become attributes (kernel size, channel counts of deform_conv2d, affine_grid's size with
@@ -87,6 +88,8 @@ UNSUPPORTED = {
     "deform_roi_pool": "deformable RoI pooling has no ONNX operator",
     "deform_ps_roi_pool": "deformable position-sensitive RoI pooling has no ONNX operator",
     "mimic_loss": "the feature-mimicking loss (a training loss) has no ONNX operator",
+    "ms_deform_attn": "multi-scale deformable attention has no ONNX operator",
+    "flash_deform_attn": "multi-scale deformable attention (DCNv4's FlashDeformAttn) has no ONNX operator",
 }
 
 

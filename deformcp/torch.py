@@ -28,7 +28,10 @@ it, mixed dtypes are an error. The backend and workspace limit of the forward ar
 forward runs; a compiled graph's backward runs under the settings in force when it runs.
 
 Shapes and conventions are those of the deformcp functions (see README.md): N batch, C channels, (H, W)
-input size, K boxes, (PH, PW) output bins, G offset groups, (kh, kw) kernel size.
+input size, K boxes, (PH, PW) output bins, G offset groups, (kh, kw) kernel size; for multi-scale deformable
+attention S = ΣH_l·W_l input rows over L levels, Lq queries, M heads of D channels, P points. Its integer options
+(spatial_shapes, level_start_index, points_per_level) may be tensors, read once on the host with ``.tolist()``
+(under torch.compile a graph break): give Python lists for fullgraph compilation and torch.export.
 """
 from __future__ import annotations
 
@@ -54,14 +57,14 @@ from deformcp.ops import SPECS, _call
 from deformcp.ops import deform_conv as _deform_conv
 from deformcp.ops import roi_align as _roi_align
 from deformcp.ops import spatial_transformer as _spatial_transformer
-from deformcp.ops._spec import IntPair
+from deformcp.ops._spec import IntPair, LevelShapes
 
 __all__ = [
     "affine_grid", "grid_sample", "roi_align", "ps_roi_align", "deform_conv2d", "deform_roi_pool",
-    "deform_ps_roi_pool", "mimic_loss",
+    "deform_ps_roi_pool", "mimic_loss", "ms_deform_attn", "flash_deform_attn",
     "DeformConv2d", "DeformConv2dPack", "ModulatedDeformConv2dPack", "RoIAlign", "PSRoIAlign",
     "DeformRoIPool", "DeformRoIPoolPack", "ModulatedDeformRoIPool", "ModulatedDeformRoIPoolPack",
-    "SpatialTransformer",
+    "SpatialTransformer", "MSDeformAttn",
 ]
 
 
@@ -144,15 +147,45 @@ def _align_corners(value):
 
 #: The schema type of each kind of option annotation of the deformcp functions (deformcp.ops.OpSpec.option_types).
 _SCHEMA_TYPES = {bool: "bool", int: "int", float: "float", str: "str", IntPair: "int[]", Sequence[int]: "SymInt[]",
-                 Optional[int]: "int?"}
+                 Optional[int]: "int?", LevelShapes: "SymInt[]", Optional[Sequence[int]]: "SymInt[]?"}
+
+#: The option kinds that also come as integer arrays (spatial_shapes, level_start_index, points_per_level).
+_INTEGER_ARRAYS = (LevelShapes, Optional[Sequence[int]])
+
+
+def _listed(kind, value):
+    """An option of a kind in _INTEGER_ARRAYS given as an array of any framework (a tensor, a NumPy array) as
+    (nested) Python lists: its one read on the host (a CUDA tensor: one device→host copy). Anything else as
+    given; in a traced graph, reading a tensor's values breaks the graph (give Python ints there)."""
+    if kind in _INTEGER_ARRAYS and hasattr(value, "tolist") and not isinstance(value, (list, tuple)):
+        return value.tolist()
+    return value
+
+
+def _host_integers(name: str, value, pairs: bool) -> tuple:
+    """A flat sequence of ints, or of (H, W) int pairs, as (nested) tuples by deformcp's rules (no bools or floats;
+    symbolic sizes kept), else an error naming ``name``: what a schema int list can hold."""
+    items = _validate.host_integers(name, value, None)
+    rows = items if pairs else (items,)
+    if any(not isinstance(row, tuple) or any(isinstance(i, tuple) for i in row) or (pairs and len(row) != 2)
+           for row in rows):
+        raise ValueError(f"{name}: expected {'rows (H_l, W_l) of two ints' if pairs else 'a flat sequence of ints'}"
+                         f", got {value!r}")
+    return items
 
 
 def _schema_value(name: str, kind, value):
-    """An option as its schema type (an int pair as a list of two ints, NumPy scalars as Python's), its type
-    checked by deformcp's rules, also in a traced call (where the arrays' checks run in the fake kernel), so that
-    the schema never coerces it (an int given for a bool); ranges are checked with the arrays."""
+    """An option as its schema type (an int pair as a list of two ints, NumPy scalars as Python's, level shapes
+    as one flat list (H_0, W_0, H_1, ...), integer arrays as lists), its type checked by deformcp's rules, also in a
+    traced call (where the arrays' checks run in the fake kernel), so that the schema never coerces it (an int
+    given for a bool); ranges are checked with the arrays."""
+    value = _listed(kind, value)
     if kind is Sequence[int]:  # sizes, symbolic in a traced graph: checked with the arrays
         return list(value)
+    if kind is LevelShapes:
+        return [size for row in _host_integers(name, value, pairs=True) for size in row]
+    if kind == Optional[Sequence[int]]:
+        return None if value is None else list(_host_integers(name, value, pairs=False))
     if kind is IntPair:
         return list(_validate.pair(name, value, minimum=0, maximum=2**63 - 1))
     if kind is bool:
@@ -169,14 +202,29 @@ def _array_schema(spec) -> str:
     return ", ".join(f"Tensor{'?' if defaults[name].default is None else ''} {name}" for name in spec.arrays)
 
 
+#: Each op's (option, annotation) pairs in signature order, read once (OpSpec.option_types reads the type hints).
+_KINDS = {name: tuple(spec.option_types.items()) for name, spec in SPECS.items()}
+
+
 def _option_schema(spec) -> str:
-    return "".join(f", {_SCHEMA_TYPES[kind]} {name}" for name, kind in spec.option_types.items())
+    return "".join(f", {_SCHEMA_TYPES[kind]} {name}" for name, kind in _KINDS[spec.name])
+
+
+def _from_schema(name: str, kind, value):
+    """An option as the op's schema holds it, back in deformcp's form: level shapes' flat list as (H, W) pairs."""
+    if kind is not LevelShapes:
+        return value
+    if len(value) % 2:
+        raise ValueError(f"{name}: expected (H_l, W_l) pairs, flattened, got {len(value)} values: {value!r}")
+    return tuple(zip(value[0::2], value[1::2]))
 
 
 def _split(spec, args) -> tuple[dict, dict]:
-    """An op's positional arguments (arrays, then options) as (arrays by name, options by name)."""
+    """An op's positional arguments (arrays, then options in their schema form) as (arrays by name, options by
+    name in deformcp's form)."""
     n = len(spec.arrays)
-    return dict(zip(spec.arrays, args[:n])), dict(zip(spec.options, args[n:n + len(spec.options)]))
+    options = zip(_KINDS[spec.name], args[n:])
+    return dict(zip(spec.arrays, args[:n])), {name: _from_schema(name, kind, value) for (name, kind), value in options}
 
 
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
@@ -264,8 +312,8 @@ def _register(library, spec):
 
 def _save(ctx, spec, args):
     """The autograd context of op ``spec`` called with ``args`` (arrays, then options)."""
-    tensors, values = _split(spec, args)
-    ctx.spec, ctx.options = spec, tuple(values.values())
+    tensors = _split(spec, args)[0]
+    ctx.spec, ctx.options = spec, tuple(args[len(spec.arrays):])  # in their schema form, for the backward op
     ctx.save_for_backward(*tensors.values())
     _remember(ctx)
 
@@ -329,7 +377,7 @@ class _Entry(NamedTuple):
 
 
 _LIBRARY = torch.library.Library("deformcp", "DEF")
-_OPS = {name: _Entry(_register(_LIBRARY, spec), spec, spec.arrays, tuple(spec.option_types.items()))
+_OPS = {name: _Entry(_register(_LIBRARY, spec), spec, spec.arrays, _KINDS[name])
         for name, spec in SPECS.items()}
 
 
@@ -359,9 +407,10 @@ def _apply(name: str, arguments: dict):
     if boxes and isinstance(tensors[boxes], (list, tuple)):
         tensors[boxes] = _validate.boxes_to_rois(boxes, tensors[boxes], tensors["input"])
     tensors = _autocast(tensors, entry.arrays[0])
+    options = {option: _listed(kind, arguments[option]) for option, kind in entry.kinds}
     if not _tracing(*tensors.values()):
-        _output_shape(entry.spec, tensors, {option: arguments[option] for option, _ in entry.kinds})
-    args = (*tensors.values(), *(_schema_value(option, kind, arguments[option]) for option, kind in entry.kinds))
+        _output_shape(entry.spec, tensors, options)
+    args = (*tensors.values(), *(_schema_value(option, kind, options[option]) for option, kind in entry.kinds))
     # compiled graphs call the op itself (AOTAutograd differentiates it by its registered formula)
     return entry.op(*args) if torch.compiler.is_compiling() else _Function.apply(name, *args)
 
@@ -495,9 +544,52 @@ def mimic_loss(f_a, f_b):
     return _apply("mimic_loss", locals())
 
 
+def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, im2col_step=None,
+                   *, points_per_level=None, method="default"):
+    """Differentiable :func:`deformcp.ms_deform_attn`, multi-scale deformable attention, called as Deformable DETR's
+    ``MSDeformAttnFunction.apply(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+    im2col_step)``.
+
+    Args:
+        value (Tensor[N, S, M, D]): the L levels' features, level-major along S, each row-major; M heads of D.
+        spatial_shapes (list of L pairs (H_l, W_l), or integer Tensor[L, 2]): S = ΣH_l·W_l. A tensor is read
+            once with ``.tolist()`` (from a GPU: one device→host copy); a Python list reads nothing, and is
+            what torch.compile(fullgraph=True) and torch.export need.
+        level_start_index (list of L int, integer Tensor[L] or None): the first row of each level in S, checked;
+            None computes it.
+        sampling_locations (Tensor[N, Lq, M, L, P, 2]): normalised (x, y) in [0, 1]; with points_per_level,
+            Tensor[N, Lq, M, ΣP_l, 2].
+        attention_weights (Tensor[N, Lq, M, L, P] or [N, Lq, M, ΣP_l]): used as given (no softmax).
+        im2col_step (any): accepted for Deformable DETR's signature and ignored (any batch size runs).
+        points_per_level (list of L int, integer Tensor[L] or None): P_l per level (RT-DETRv2). Default: None.
+        method (str): "default" (bilinear) or "discrete" (RT-DETRv2's nearest). Default: "default".
+
+    Returns:
+        Tensor[N, Lq, M·D]. Gradients: value, sampling_locations, attention_weights.
+    """
+    return _apply("ms_deform_attn", locals())
+
+
+def flash_deform_attn(value, spatial_shapes, level_start_index, sampling_loc_attn, num_points, im2col_step=None):
+    """Differentiable :func:`deformcp.flash_deform_attn` (DCNv4's FlashDeformAttn: the softmax over each head's
+    L·P logits inside the op).
+
+    Args:
+        value (Tensor[N, S, M, D]), spatial_shapes, level_start_index: as :func:`ms_deform_attn`.
+        sampling_loc_attn (Tensor[N, Lq, M, L·P·3]): per head, L·P (x, y) pairs (level-major, then point), then
+            the L·P attention logits in the same order.
+        num_points (int): P, the points per level.
+        im2col_step (any): accepted, as in :func:`ms_deform_attn`, and ignored.
+
+    Returns:
+        Tensor[N, Lq, M·D]. Gradients: value, sampling_loc_attn.
+    """
+    return _apply("flash_deform_attn", locals())
+
+
 # torch.fx.symbolic_trace records a call of each function as one node (its arguments may be Proxies).
 for _function in ("affine_grid", "grid_sample", "roi_align", "ps_roi_align", "deform_conv2d", "deform_roi_pool",
-                  "deform_ps_roi_pool", "mimic_loss"):
+                  "deform_ps_roi_pool", "mimic_loss", "ms_deform_attn", "flash_deform_attn"):
     torch.fx.wrap(_function)
 
 
@@ -833,3 +925,98 @@ class SpatialTransformer(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, output_size={self.output_size}, mode={self.mode!r}, "
                 f"padding_mode={self.padding_mode!r}, align_corners={self.align_corners}")
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention (Zhu et al., Deformable DETR, https://arxiv.org/abs/2010.04159, eq. 3) with
+    Deformable DETR's parameters (names, shapes, initialisation: its state_dicts load either way).
+
+    Per query and head m: ``Σ_l Σ_p A_mlp · W_m x_l(φ_l(p̂_q) + Δp_mlp)``, the offsets Δp_mlp and the logits of
+    A_mlp (soft-maxed over the L·P points of each head) linear in the query, the values ``value_proj`` of the input,
+    the heads concatenated and mapped by ``output_proj``.
+
+    Args:
+        d_model (int): C, the channels of queries and inputs; a multiple of n_heads. Default: 256.
+        n_levels (int): L. Default: 4.
+        n_heads (int): M. Default: 8.
+        n_points (int): P, sampling points per head and level. Default: 4.
+
+    Parameters: ``sampling_offsets`` Linear(C, M·L·P·2) (weight 0, bias: head m's direction (cos, sin)(2πm/M)
+    scaled to max-norm 1, times p + 1 for point p); ``attention_weights`` Linear(C, M·L·P) (0 and 0: uniform
+    attention); ``value_proj`` and ``output_proj`` Linear(C, C) (Xavier-uniform weights, bias 0).
+
+    forward(query, reference_points, input_flatten, input_spatial_shapes, input_level_start_index,
+    input_padding_mask=None):
+        query (Tensor[N, Lq, C]); reference_points (Tensor[N, Lq, L, 2]: normalised (x, y), the offsets divided by
+        (W_l, H_l); or Tensor[N, Lq, L, 4]: boxes (x, y, w, h), the offsets times (w, h) / (2P));
+        input_flatten (Tensor[N, S, C]), the levels level-major, each row-major; input_spatial_shapes (list of L
+        pairs (H_l, W_l) or integer Tensor[L, 2]), input_level_start_index (list, integer Tensor[L] or None): as
+        :func:`ms_deform_attn`; input_padding_mask (bool Tensor[N, S] or None): True where the input is padding
+        (its values are 0) → Tensor[N, Lq, C].
+    """
+
+    def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4):
+        super().__init__()
+        d_model = _validate.integer("d_model", d_model, minimum=1)
+        n_levels = _validate.integer("n_levels", n_levels, minimum=1)
+        n_heads = _validate.integer("n_heads", n_heads, minimum=1)
+        n_points = _validate.integer("n_points", n_points, minimum=1)
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model: expected a multiple of n_heads = {n_heads}, got {d_model}")
+        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        nn.init.zeros_(self.sampling_offsets.weight)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(self._initial_offsets().flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        for linear in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def _initial_offsets(self):
+        """Tensor[M, L, P, 2]: head m's direction (cos, sin)(2πm/M), scaled to max-norm 1, times p + 1 (computed in
+        float32, as Deformable DETR does)."""
+        angles = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        directions = torch.stack([angles.cos(), angles.sin()], -1)
+        directions = directions / directions.abs().amax(-1, keepdim=True)
+        scale = torch.arange(1, self.n_points + 1, dtype=torch.float32)
+        return (directions[:, None, None, :] * scale[None, None, :, None]).repeat(1, self.n_levels, 1, 1)
+
+    def forward(self, query, reference_points, input_flatten, input_spatial_shapes, input_level_start_index,
+                input_padding_mask=None):
+        N, Lq, _ = query.shape
+        S = input_flatten.shape[1]
+        M, L, P = self.n_heads, self.n_levels, self.n_points
+        value = self.value_proj(input_flatten)
+        if input_padding_mask is not None:
+            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        value = value.view(N, S, M, self.d_model // M)
+        offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2)
+        weights = torch.softmax(self.attention_weights(query).view(N, Lq, M, L * P), -1).view(N, Lq, M, L, P)
+        locations = self._locations(reference_points, offsets, input_spatial_shapes)
+        out = ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations, weights)
+        return self.output_proj(out)
+
+    def _locations(self, reference_points, offsets, spatial_shapes):
+        """Tensor[N, Lq, M, L, P, 2]: the sampling locations of offsets (Tensor[N, Lq, M, L, P, 2]) around
+        reference_points (Tensor[N, Lq, L, 2 or 4])."""
+        N, Lq, M, L = offsets.shape[:4]
+        if (reference_points.ndim != 4 or tuple(reference_points.shape[:3]) != (N, Lq, L)
+                or reference_points.shape[-1] not in (2, 4)):
+            raise ValueError(f"reference_points: expected ({N}, {Lq}, {L}, 2) points or ({N}, {Lq}, {L}, 4) boxes "
+                             f"(N, Lq, L, ·), got shape {tuple(reference_points.shape)}")
+        centre = reference_points[:, :, None, :, None, :2]
+        if reference_points.shape[-1] == 2:
+            shapes = torch.as_tensor(spatial_shapes, dtype=offsets.dtype, device=offsets.device)
+            return centre + offsets / shapes.flip(-1)[None, None, None, :, None, :]  # (W_l, H_l)
+        return centre + offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, n_levels={self.n_levels}, n_heads={self.n_heads}, n_points={self.n_points}"

@@ -32,13 +32,17 @@ def arrays():
         sampled=rng.standard_normal((1, 4, 3, 3)).astype(f), boxes=np.array([[0, 1, 1, 4, 5]], f),
         pooled=rng.standard_normal((1, 4, 2, 2)).astype(f), ps_pooled=rng.standard_normal((1, 1, 2, 2)).astype(f),
         offset=np.zeros((1, 2, 2, 2), f), conv_offset=np.zeros((1, 18, 6, 6), f),
-        weight=rng.standard_normal((2, 4, 3, 3)).astype(f), conv_out=rng.standard_normal((1, 2, 6, 6)).astype(f))
+        weight=rng.standard_normal((2, 4, 3, 3)).astype(f), conv_out=rng.standard_normal((1, 2, 6, 6)).astype(f),
+        value=rng.standard_normal((1, 26, 2, 3)).astype(f), locations=rng.uniform(0, 1, (1, 3, 2, 2, 2, 2)).astype(f),
+        attention=rng.uniform(0, 1, (1, 3, 2, 2, 2)).astype(f), loc_attn=rng.uniform(0, 1, (1, 3, 2, 12)).astype(f),
+        attn_out=rng.standard_normal((1, 3, 6)).astype(f))
 
 
 A = arrays()
 
 
 CONV = dict(stride=1, padding=1, dilation=1)
+LEVELS = dict(spatial_shapes=((4, 5), (2, 3)), level_start_index=None)  # S = 26 rows of value
 DPS = dict(output_dim=1, group_size=2, pooled_size=2, part_size=2, sample_per_part=2, trans_std=0.1, no_trans=False)
 
 
@@ -53,6 +57,10 @@ def forward_calls(ns, a):
         "deform_conv2d": lambda **o: ns.deform_conv2d(a["x"], a["conv_offset"], a["weight"], **{**CONV, **o}),
         "deform_roi_pool": lambda **o: ns.deform_roi_pool(a["x"], a["boxes"], a["offset"], **{"output_size": 2, **o}),
         "deform_ps_roi_pool": lambda **o: ns.deform_ps_roi_pool(a["x"], a["boxes"], a["offset"], **{**DPS, **o}),
+        "ms_deform_attn": lambda **o: ns.ms_deform_attn(a["value"], sampling_locations=a["locations"],
+                                                        attention_weights=a["attention"], **{**LEVELS, **o}),
+        "flash_deform_attn": lambda **o: ns.flash_deform_attn(a["value"], sampling_loc_attn=a["loc_attn"],
+                                                              **{**LEVELS, "num_points": 2, **o}),
     }
 
 
@@ -76,6 +84,11 @@ def plain_calls():
             a["ps_pooled"], a["x"], a["boxes"], a["offset"], **{**DPS, **o}),
         "mimic_loss_backward": lambda **o: deformcp.mimic_loss_backward(np.float32(1.0), a["sampled"][0, 0],
                                                                         a["sampled"][0, 1], **o),
+        "ms_deform_attn_backward": lambda **o: deformcp.ms_deform_attn_backward(
+            a["attn_out"], a["value"], sampling_locations=a["locations"], attention_weights=a["attention"],
+            **{**LEVELS, **o}),
+        "flash_deform_attn_backward": lambda **o: deformcp.flash_deform_attn_backward(
+            a["attn_out"], a["value"], sampling_loc_attn=a["loc_attn"], **{**LEVELS, "num_points": 2, **o}),
     }
 
 
@@ -93,6 +106,8 @@ def module_calls():
         "ModulatedDeformRoIPool": lambda **o: dtorch.ModulatedDeformRoIPool(
             **{"output_size": 2, "output_channels": 4, "deform_fc_channels": 8, **o}),
         "SpatialTransformer": lambda **o: dtorch.SpatialTransformer(**{"in_channels": 3, **o}),
+        "MSDeformAttn": lambda **o: dtorch.MSDeformAttn(**{"d_model": 8, "n_levels": 2, "n_heads": 2, "n_points": 2,
+                                                           **o}),
     }
 
 
@@ -106,7 +121,8 @@ FLAGS = {
               "roi_align": ["aligned"], "roi_align_backward": ["aligned", "deterministic"],
               "ps_roi_align_backward": ["deterministic"], "deform_conv2d_backward": ["deterministic"],
               "deform_roi_pool_backward": ["deterministic"], "deform_ps_roi_pool": ["no_trans"],
-              "deform_ps_roi_pool_backward": ["no_trans", "deterministic"]},
+              "deform_ps_roi_pool_backward": ["no_trans", "deterministic"],
+              "ms_deform_attn_backward": ["deterministic"], "flash_deform_attn_backward": ["deterministic"]},
     "torch": {"affine_grid": ["align_corners"], "grid_sample": ["align_corners"], "roi_align": ["aligned"],
               "deform_ps_roi_pool": ["no_trans"]},
     "torch module": {"RoIAlign": ["aligned"], "DeformConv2d": ["bias"], "DeformConv2dPack": ["bias"],
@@ -114,14 +130,17 @@ FLAGS = {
     "jax": {"affine_grid": ["align_corners"], "grid_sample": ["align_corners", "deterministic"],
             "roi_align": ["aligned", "deterministic"], "ps_roi_align": ["deterministic"],
             "deform_conv2d": ["deterministic"], "deform_roi_pool": ["deterministic"],
-            "deform_ps_roi_pool": ["no_trans", "deterministic"]},
+            "deform_ps_roi_pool": ["no_trans", "deterministic"], "ms_deform_attn": ["deterministic"],
+            "flash_deform_attn": ["deterministic"]},
 }
 # ints (positive unless listed in SIGNED) and ints-or-pairs
 _ROI_INTS = {"output_size": "pair", "sampling_ratio": "int"}
 _CONV_PAIRS = {"stride": "pair", "padding": "pair", "dilation": "pair"}
 _DPS_INTS = {name: "int" for name in ("output_dim", "group_size", "pooled_size", "part_size", "sample_per_part")}
 _FUNCTION_INTS = {"affine_grid": {"size": "sizes"}, "roi_align": _ROI_INTS, "ps_roi_align": _ROI_INTS,
-                  "deform_conv2d": _CONV_PAIRS, "deform_roi_pool": _ROI_INTS, "deform_ps_roi_pool": _DPS_INTS}
+                  "deform_conv2d": _CONV_PAIRS, "deform_roi_pool": _ROI_INTS, "deform_ps_roi_pool": _DPS_INTS,
+                  "ms_deform_attn": {"spatial_shapes": "level shapes"},
+                  "flash_deform_attn": {"spatial_shapes": "level shapes", "num_points": "int"}}
 INTS = {
     "numpy": {**_FUNCTION_INTS, **{f"{op}_backward": kinds for op, kinds in _FUNCTION_INTS.items()}},
     "torch": _FUNCTION_INTS,
@@ -133,7 +152,8 @@ INTS = {
         "DeformRoIPool": {"output_size": "pair", "output_channels": "int", "deform_fc_channels": "int",
                           "sampling_ratio": "int"},
         "ModulatedDeformRoIPool": {"output_size": "pair", "output_channels": "int", "deform_fc_channels": "int"},
-        "SpatialTransformer": {"in_channels": "int", "output_size": "pair", "hidden_channels": "int"}},
+        "SpatialTransformer": {"in_channels": "int", "output_size": "pair", "hidden_channels": "int"},
+        "MSDeformAttn": {name: "int" for name in ("d_model", "n_levels", "n_heads", "n_points")}},
     "jax": _FUNCTION_INTS,
 }
 #: (door, op, argument) where None is allowed (and so not a bad value).
@@ -151,6 +171,7 @@ class Bad(NamedTuple):
     value: object
     error: type
     shown: str    # what the message must show of the value that came
+    named: str = ""  # the name the message starts with, where not the argument's (an item of it: "name[0]")
 
 
 def bad_flags(door, op, argument):
@@ -168,6 +189,11 @@ def bad_ints(door, op, argument, kind):
         return ([Bad(argument, (1, 1, v, 4), TypeError, repr(v)) for v in (True, 5.7, "3", None)]
                 + [Bad(argument, None, TypeError, "None"), Bad(argument, (True, 1, 4, 4), TypeError, "True")]
                 + [Bad(argument, (1, 1, v, 4), ValueError, str(v)) for v in HUGE])
+    if kind == "level shapes":  # ms_deform_attn's (H_l, W_l) rows: W_0 is the bad one
+        return ([Bad(argument, ((4, v), (2, 3)), TypeError, shown, f"{argument}[0]")
+                 for v, shown in ((True, "True"), (np.True_, "True"), (5.7, "5.7"), ("3", "'3'"), (None, "None"))]
+                + [Bad(argument, None, TypeError, "None")]
+                + [Bad(argument, ((4, v), (2, 3)), ValueError, str(v)) for v in HUGE])
     cases = [Bad(argument, v, TypeError, shown) for v, shown in ((True, "True"), (np.True_, "True"), (5.7, "5.7"),
                                                                   ("3", "'3'"))]
     if (door, op, argument) not in NONE_ALLOWED:
@@ -196,7 +222,7 @@ def cases():
 
 @pytest.mark.parametrize("door, op, bad", list(cases()))
 def test_bad_flags_and_sizes_are_named_errors(door, op, bad):
-    pattern = rf"^{re.escape(bad.argument)}: expected .*got .*{re.escape(bad.shown)}"
+    pattern = rf"^{re.escape(bad.named or bad.argument)}: expected .*got .*{re.escape(bad.shown)}"
     with pytest.raises(bad.error, match=pattern):
         DOORS[door][op](**{bad.argument: bad.value})
 

@@ -368,17 +368,28 @@ def test_opsets(rng, tmp_path, opset_version):
 
 def _unsupported_cases():
     x, rois = torch.randn(1, 8, 6, 6), torch.tensor([[0, 1.0, 1.0, 4.0, 4.0]])
+    levels = [(2, 3), (1, 1)]  # (H_l, W_l): value has 7 rows
     return {
         "ps_roi_align": (Call(dtorch.ps_roi_align, output_size=2), (x, rois)),
         "deform_roi_pool": (Call(dtorch.deform_roi_pool, output_size=2), (x, rois, torch.zeros(1, 2, 2, 2))),
         "deform_ps_roi_pool": (Call(dtorch.deform_ps_roi_pool, output_dim=2, group_size=2, pooled_size=2),
                                (x, rois, torch.zeros(1, 2, 2, 2))),
         "mimic_loss": (Call(dtorch.mimic_loss), (torch.randn(3, 4), torch.randn(3, 4))),
+        "ms_deform_attn": (Call(lambda v, loc, w: dtorch.ms_deform_attn(v, levels, [0, 6], loc, w)),
+                           (torch.randn(1, 7, 2, 3), torch.rand(1, 4, 2, 2, 2, 2), torch.rand(1, 4, 2, 2, 2))),
+        "flash_deform_attn": (Call(lambda v, packed: dtorch.flash_deform_attn(v, levels, None, packed, 2)),
+                              (torch.randn(1, 7, 2, 3), torch.rand(1, 4, 2, 12))),
     }
 
 
 @needs_onnx
-@pytest.mark.parametrize("name", ["ps_roi_align", "deform_roi_pool", "deform_ps_roi_pool", "mimic_loss"])
+def test_every_unsupported_op_has_a_case():
+    assert set(_unsupported_cases()) == set(donnx.UNSUPPORTED)
+
+
+@needs_onnx
+@pytest.mark.parametrize("name", ["ps_roi_align", "deform_roi_pool", "deform_ps_roi_pool", "mimic_loss",
+                                  "ms_deform_attn", "flash_deform_attn"])
 def test_unsupported_op_raises_naming_it(name):
     model, args = _unsupported_cases()[name]
     with pytest.raises(donnx.UnsupportedExportError, match=rf"deformcp\.{name} cannot be exported to ONNX"):

@@ -53,6 +53,10 @@ KINKED = {
                                      "borders, jumps where samples are skipped (half a pixel out)"},
     "mimic_loss-zero-rows-and-scaled-rows": dict.fromkeys(("f_a", "f_b"), "the case's all-zero rows: cos jumps "
                                                                           "there (taken as 0 at a zero row)"),
+    "ms_deform_attn": {"sampling_locations": "sample coordinates: bilinear kinks at integer pixels and where "
+                                             "samples leave a level, nearest's jumps (method discrete)"},
+    "flash_deform_attn": {"sampling_loc_attn": "its sample coordinates: bilinear kinks at integer pixels and where "
+                                               "samples leave a level"},
 }
 
 
@@ -136,6 +140,39 @@ def case_deform_ps_roi_pool(rng):
                                               sample_per_part=2, spatial_scale=1.0, trans_std=trans_std)
 
 
+def level_locations(rng, shape, H, W):
+    """(*shape, 2) normalised (x, y) on an H×W level whose pixel coordinates x·W − 0.5 and y·H − 0.5 are an integer
+    from −1 to the size plus a fraction in [0.2, 0.8]: away from bilinear kinks and from nearest's jumps (at the
+    same integers), some samples outside the level."""
+    px = rng.integers(-1, W + 1, shape) + rng.uniform(0.2, 0.8, shape)
+    py = rng.integers(-1, H + 1, shape) + rng.uniform(0.2, 0.8, shape)
+    return np.stack([(px + 0.5) / W, (py + 0.5) / H], axis=-1)
+
+
+def case_ms_deform_attn(rng, points_per_level=None, method="default"):
+    """Levels 3×4, 1×1 and 2×3; 2 points per level or points_per_level."""
+    N, Lq, M, D, shapes = 2, 3, 2, 3, ((3, 4), (1, 1), (2, 3))
+    points = points_per_level or (2,) * len(shapes)
+    locations = np.concatenate([level_locations(rng, (N, Lq, M, P), H, W) for (H, W), P in zip(shapes, points)], 3)
+    weights = rng.uniform(-1, 1, (N, Lq, M, sum(points)))
+    if points_per_level is None:
+        locations, weights = locations.reshape(N, Lq, M, len(shapes), 2, 2), weights.reshape(N, Lq, M, len(shapes), 2)
+    arrays = {"value": rng.standard_normal((N, sum(H * W for H, W in shapes), M, D)),
+              "sampling_locations": locations, "attention_weights": weights}
+    return "ms_deform_attn", arrays, dict(spatial_shapes=shapes, level_start_index=None,
+                                          points_per_level=points_per_level, method=method)
+
+
+def case_flash_deform_attn(rng):
+    """Levels 3×4 and 2×3, P = 2: per head 4 (x, y) pairs, then 4 logits."""
+    N, Lq, M, D, P, shapes = 2, 3, 2, 3, 2, ((3, 4), (2, 3))
+    locations = np.concatenate([level_locations(rng, (N, Lq, M, P), H, W) for H, W in shapes], 3)
+    logits = 2 * rng.standard_normal((N, Lq, M, len(shapes) * P))
+    arrays = {"value": rng.standard_normal((N, sum(H * W for H, W in shapes), M, D)),
+              "sampling_loc_attn": np.concatenate([locations.reshape(N, Lq, M, -1), logits], -1)}
+    return "flash_deform_attn", arrays, dict(spatial_shapes=shapes, level_start_index=None, num_points=P)
+
+
 def case_mimic_loss(rng):
     return "mimic_loss", {"f_a": rng.standard_normal((4, 5)), "f_b": rng.standard_normal((4, 5))}, {}
 
@@ -155,6 +192,10 @@ SMOOTH_CASES = {
     "deform_roi_pool-mask": lambda rng: case_deform_roi_pool(rng),
     "deform_ps_roi_pool": lambda rng: case_deform_ps_roi_pool(rng),
     "mimic_loss": lambda rng: case_mimic_loss(rng),
+    "ms_deform_attn": lambda rng: case_ms_deform_attn(rng),
+    "ms_deform_attn-points_per_level": lambda rng: case_ms_deform_attn(rng, points_per_level=(3, 1, 2)),
+    "ms_deform_attn-discrete": lambda rng: case_ms_deform_attn(rng, method="discrete"),
+    "flash_deform_attn": lambda rng: case_flash_deform_attn(rng),
 }
 
 
@@ -193,15 +234,23 @@ def gradcheck(op, args, options, names, fast_mode=False):
 
 # ------------------------------------------------------------------------------------------------ tests
 
+#: Parameters of a deformcp.torch function that the deformcp function does not have, accepted for drop-in use with
+#: the anchor's call and ignored: Deformable DETR's MSDeformAttnFunction.apply(..., im2col_step).
+EXTRA_PARAMETERS = {"ms_deform_attn": ["im2col_step"], "flash_deform_attn": ["im2col_step"]}
+
+
 def test_every_spec_has_a_torch_function():
     """An op added to SPECS needs its function in deformcp.torch, with the deformcp function's arguments (names
-    and order: _apply passes them on by name; defaults may follow torch, e.g. align_corners=None)."""
+    and order: _apply passes them on by name; defaults may follow torch, e.g. align_corners=None), and only the
+    EXTRA_PARAMETERS besides, each defaulting to None."""
     assert set(SPECS) <= set(dtorch.__all__)
     for name, spec in SPECS.items():
         function = getattr(dtorch, name)
         assert callable(function) and not isinstance(function, type), name
-        assert list(inspect.signature(function).parameters) == list(inspect.signature(spec.function).parameters), \
-            name
+        parameters = inspect.signature(function).parameters
+        extra = EXTRA_PARAMETERS.get(name, [])
+        assert [p for p in parameters if p not in extra] == list(inspect.signature(spec.function).parameters), name
+        assert all(parameters[p].default is None for p in extra), name
     for name in set(dtorch.__all__) - set(SPECS):
         assert issubclass(getattr(dtorch, name), torch.nn.Module), name
 

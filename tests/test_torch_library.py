@@ -49,6 +49,12 @@ EMPTY = {
                                    {"output_dim": 2, "group_size": 2, "pooled_size": 2, "part_size": 2,
                                     "sample_per_part": 2, "spatial_scale": 1.0, "trans_std": 0.1, "no_trans": False}),
     "mimic_loss": lambda: ({"f_a": torch.zeros(0, 5), "f_b": torch.zeros(0, 5)}, {}),
+    "ms_deform_attn": lambda: ({"value": torch.zeros(0, 7, 2, 3), "sampling_locations": torch.zeros(0, 4, 2, 2, 3, 2),
+                                "attention_weights": torch.zeros(0, 4, 2, 2, 3)},
+                               {"spatial_shapes": [(2, 3), (1, 1)], "level_start_index": [0, 6],
+                                "points_per_level": None, "method": "default"}),
+    "flash_deform_attn": lambda: ({"value": torch.randn(1, 7, 2, 3), "sampling_loc_attn": torch.zeros(1, 0, 2, 18)},
+                                  {"spatial_shapes": [(2, 3), (1, 1)], "level_start_index": None, "num_points": 3}),
 }
 
 
