@@ -18,7 +18,7 @@ import concurrent.futures
 import functools
 import math
 import os
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import scipy.sparse
@@ -32,17 +32,18 @@ class Corners(NamedTuple):
 
     index: np.ndarray       # y·W + x of each corner (int64); H·W (the image's zero row) where outside
     weight: np.ndarray      # interpolation weight, 0 where the corner is outside
-    dweight_dy: np.ndarray  # derivative of weight with respect to y (from the right at integers)
-    dweight_dx: np.ndarray  # derivative of weight with respect to x
+    dweight_dy: Optional[np.ndarray]  # derivative of weight with respect to y (from the right at integers)
+    dweight_dx: Optional[np.ndarray]  # derivative of weight with respect to x; both None without derivatives
 
 
-def corners(y: np.ndarray, x: np.ndarray, H: int, W: int, closed_below: bool = False) -> Corners:
-    """Bilinear corners of the samples at (y, x) over an H×W image.
+def corners(y: np.ndarray, x: np.ndarray, H, W, closed_below: bool = False, derivatives: bool = True) -> Corners:
+    """Bilinear corners of the samples at (y, x) over an H×W image (H and W ints, or int arrays broadcasting
+    against y's shape: a size per sample).
 
     A sample is zero unless -1 < y < H and -1 < x < W (NaN and ±inf fall in "unless"); inside that
     range corners outside the image read zero. With ``closed_below``, samples at exactly -1 are set up
     too (they read 0 · row 0, with row 0's derivative from the right: torch's grid_sample). Same rule as
-    ``bilinear_setup`` in the kernels.
+    ``bilinear_setup`` in the kernels. Without ``derivatives`` the weights' derivatives are not computed.
     """
     above = ((y >= -1) & (x >= -1)) if closed_below else ((y > -1) & (x > -1))
     valid = above & (y < H) & (x < W)
@@ -51,24 +52,24 @@ def corners(y: np.ndarray, x: np.ndarray, H: int, W: int, closed_below: bool = F
     fy, fx = np.floor(y), np.floor(x)
     ly, lx = y - fy, x - fx
     y0, x0 = fy.astype(np.int64), fx.astype(np.int64)
-    # per axis: whether the lower/upper row (column) is inside, its weight and the weight's derivative
-    in_y = (valid & (y0 >= 0), valid & (y0 < H - 1))
-    in_x = (x0 >= 0, x0 < W - 1)
-    wy = (np.where(in_y[0], 1 - ly, 0), np.where(in_y[1], ly, 0))
-    wx = (np.where(in_x[0], 1 - lx, 0), np.where(in_x[1], lx, 0))
-    dy = (-in_y[0].astype(ly.dtype), in_y[1].astype(ly.dtype))
-    dx = (-in_x[0].astype(lx.dtype), in_x[1].astype(lx.dtype))
-    rows, columns = (y0 * W, y0 * W + W), (x0, x0 + 1)
-    pairs = ((0, 0), (0, 1), (1, 0), (1, 1))
+    # per axis (last axis: lower, upper row or column): whether it is inside, its weight, the weight's derivative
+    in_y = np.stack([valid & (y0 >= 0), valid & (y0 < H - 1)], axis=-1)
+    in_x = np.stack([x0 >= 0, x0 < W - 1], axis=-1)
+    wy = np.where(in_y, np.stack([1 - ly, ly], axis=-1), 0)
+    wx = np.where(in_x, np.stack([1 - lx, lx], axis=-1), 0)
 
-    def stack(values):
-        return np.stack(values, axis=-1)
+    def pairs(a, b):
+        """(…, 2) × (…, 2) → (…, 4): a[i] · b[j] in the corner order (i, j) = (0, 0), (0, 1), (1, 0), (1, 1)."""
+        return (a[..., :, None] * b[..., None, :]).reshape(*a.shape[:-1], 4)
 
-    return Corners(
-        index=stack([np.where(in_y[a] & in_x[b], rows[a] + columns[b], H * W) for a, b in pairs]),
-        weight=stack([wy[a] * wx[b] for a, b in pairs]),
-        dweight_dy=stack([dy[a] * wx[b] for a, b in pairs]),
-        dweight_dx=stack([wy[a] * dx[b] for a, b in pairs]))
+    base = y0 * W + x0
+    inside = (in_y[..., :, None] & in_x[..., None, :]).reshape(*base.shape, 4)
+    index = np.where(inside, np.stack([base, base + 1, base + W, base + W + 1], axis=-1),
+                     np.asarray(H * W)[..., None])
+    if not derivatives:
+        return Corners(index, pairs(wy, wx), None, None)
+    sign = np.array([-1, 1], ly.dtype)
+    return Corners(index, pairs(wy, wx), dweight_dy=pairs(in_y * sign, wx), dweight_dx=pairs(wy, in_x * sign))
 
 
 @functools.lru_cache(maxsize=None)

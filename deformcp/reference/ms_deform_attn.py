@@ -1,15 +1,14 @@
 """The NumPy path of multi-scale deformable attention (ms_deform_attn, flash_deform_attn): the float64 reference
 of kernels/ms_deform_attn.cu. ``cfg`` is the op's checked configuration (deformcp.ops.ms_deform_attn).
 
-The sparse bilinear formulation. value (N, S, M, D) is laid out as one block per image and head, its S pixels as
-rows and then a row of zeros: X (N, M, S + 1, D). For one image and head, a chunk of queries' sampling points
-form a sampling matrix with one row per query holding its points' bilinear corner weights times their attention
-weights (one corner, weight 1, for nearest sampling) at their rows of the block — the levels side by side, a
-corner outside its level at the zero row — so the forward is ``A @ X[n, m]`` and the value gradient
-``A.T @ G``. The weights and locations get their gradients from each corner's value dotted with the output
-gradient. Work goes by chunks of one image's queries (a loop over levels and heads inside, none over queries
-or points), on the thread pool: forward chunks all at once, backward chunks one image at a time each, adding
-to the image's value gradient in order, so every result is deterministic.
+The sparse bilinear formulation. value (N, S, M, D) is laid out per image as one block per head, its S pixels as
+rows and then a row of zeros: X (N, M·(S + 1), D). A chunk of one image's queries has one sampling matrix with a
+row per (query, head), holding its points' bilinear corner weights times their attention weights (one corner,
+weight 1, for nearest sampling) at their rows of the head's block — all levels at once, a corner outside its
+level at the zero row — so the forward is ``A @ X[n]`` and the value gradient ``A.T @ G``. The weights and
+locations get their gradients from each corner's value dotted with the output gradient. Chunks run on the
+thread pool: in the forward all at once, in the backward one image at a time each, adding to the image's value
+gradient in order, so every result is deterministic.
 """
 from __future__ import annotations
 
@@ -23,40 +22,46 @@ from . import _bilinear
 
 
 class _Plan(NamedTuple):
-    """The corners of a chunk's points, (M, B, T, k) with k = 4 (bilinear) or 1 (nearest)."""
+    """The corners of a chunk's points, (B, M, T, k) with k = 4 (bilinear) or 1 (nearest)."""
 
-    rows: np.ndarray        # rows of the head's block of X (int64): S, the zero row, for corners outside
+    rows: np.ndarray        # rows of the image's X (int64): the head's zero row for corners outside
     weight: np.ndarray      # interpolation weights, 0 for corners outside
     dweight_dx: np.ndarray  # derivatives of the weights with respect to the normalised x and y (0 for nearest)
     dweight_dy: np.ndarray
 
 
+def _point_levels(cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(H, W, start) of each point's level, (T,) int64 each."""
+    def per_point(values):
+        return np.repeat(np.array(values, np.int64), cfg.points)
+
+    return per_point([h for h, _ in cfg.shapes]), per_point([w for _, w in cfg.shapes]), per_point(cfg.starts)
+
+
 @np.errstate(invalid="ignore", over="ignore")  # NaN and ±inf locations are valid input
-def _plan(locations: np.ndarray, cfg) -> _Plan:
-    """The plan of locations (M, B, T, 2)."""
-    M, B = locations.shape[:2]
-    k = 1 if cfg.method == "discrete" else 4
-    shape = (M, B, cfg.T, k)
-    rows = np.empty(shape, np.int64)
-    weight, dweight_dx, dweight_dy = (np.zeros(shape, locations.dtype) for _ in range(3))
-    t0 = 0
-    for (H, W), start, P in zip(cfg.shapes, cfg.starts, cfg.points):
-        x, y = locations[:, :, t0:t0 + P, 0], locations[:, :, t0:t0 + P, 1]
-        level = slice(t0, t0 + P)
-        if k == 1:
-            finite = np.isfinite(x) & np.isfinite(y)
-            column = np.clip(np.floor(np.where(finite, x, 0) * W + 0.5), 0, W - 1).astype(np.int64)
-            row = np.clip(np.floor(np.where(finite, y, 0) * H + 0.5), 0, H - 1).astype(np.int64)
-            rows[:, :, level, 0] = np.where(finite, start + row * W + column, cfg.S)
-            weight[:, :, level, 0] = finite
-        else:
-            c = _bilinear.corners(y * H - 0.5, x * W - 0.5, H, W, closed_below=True)
-            rows[:, :, level] = np.where(c.index == H * W, cfg.S, start + c.index)
-            weight[:, :, level] = c.weight
-            dweight_dx[:, :, level] = c.dweight_dx * W
-            dweight_dy[:, :, level] = c.dweight_dy * H
-        t0 += P
-    return _Plan(rows, weight, dweight_dx, dweight_dy)
+def _plan(locations: np.ndarray, cfg, derivatives: bool) -> _Plan:
+    """The plan of locations (B, M, T, 2), every level at once (the weights' derivatives None without
+    ``derivatives``, or 0 for nearest sampling)."""
+    M = locations.shape[1]
+    H, W, start = _point_levels(cfg)
+    Hf, Wf = H.astype(locations.dtype), W.astype(locations.dtype)  # scaling in the locations' dtype
+    x, y = locations[..., 0], locations[..., 1]
+    zero_row = cfg.S
+    if cfg.method == "discrete":
+        finite = np.isfinite(x) & np.isfinite(y)
+        column = np.clip(np.floor(np.where(finite, x, 0) * Wf + 0.5), 0, W - 1).astype(np.int64)
+        row = np.clip(np.floor(np.where(finite, y, 0) * Hf + 0.5), 0, H - 1).astype(np.int64)
+        pixel = np.where(finite, start + row * W + column, zero_row)[..., None]
+        weight = finite[..., None].astype(locations.dtype)
+        dweight_dx = dweight_dy = np.zeros_like(weight) if derivatives else None
+    else:
+        c = _bilinear.corners(y * Hf - 0.5, x * Wf - 0.5, H, W, closed_below=True, derivatives=derivatives)
+        pixel = np.where(c.index == (H * W)[:, None], zero_row, start[:, None] + c.index)
+        weight, dweight_dx, dweight_dy = c.weight, c.dweight_dx, c.dweight_dy
+        if derivatives:  # per pixel → per normalised coordinate
+            dweight_dx, dweight_dy = dweight_dx * Wf[:, None], dweight_dy * Hf[:, None]
+    head_block = (np.arange(M) * (cfg.S + 1))[:, None, None]
+    return _Plan(pixel + head_block, weight, dweight_dx, dweight_dy)
 
 
 def _split(locations, weights, cfg, dtype):
@@ -72,18 +77,18 @@ def _split(locations, weights, cfg, dtype):
 
 @np.errstate(invalid="ignore", over="ignore")
 def _softmax(logits: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis (a non-finite logit gives NaN for its whole head)."""
+    """Softmax over the last axis (a NaN or +inf logit gives NaN for its whole head, −inf weight 0)."""
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
 def _pixels(value: np.ndarray, dtype) -> np.ndarray:
-    """value (N, S, M, D) → X (N, M, S + 1, D): each image and head's pixels as rows, then a row of zeros."""
+    """value (N, S, M, D) → X (N, M·(S + 1), D): each image's heads' pixels as rows, each head's then a zero row."""
     N, S, M, D = value.shape
     X = np.empty((N, M, S + 1, D), dtype)
     X[:, :, S] = 0
     np.copyto(X[:, :, :S], value.transpose(0, 2, 1, 3))
-    return X
+    return X.reshape(N, M * (S + 1), D)
 
 
 def _query_ranges(cfg) -> list[tuple[int, int]]:
@@ -92,26 +97,26 @@ def _query_ranges(cfg) -> list[tuple[int, int]]:
     return _workspace.ranges(cfg.Lq, max(1, _workspace.MSDA_CHUNK_BYTES // per_query))
 
 
-def _matrix(plan: _Plan, weights: np.ndarray, m: int, columns: int):
-    """Head m's sampling matrix: rows the chunk's queries, columns the rows of the head's block of X."""
-    _, B, T, k = plan.rows.shape
-    values = plan.weight[m] * weights[m][..., None]
-    return _bilinear.sampling_matrix(plan.rows[m].reshape(B, T * k), values.reshape(B, T * k), columns)
+def _matrix(plan: _Plan, weights: np.ndarray, columns: int):
+    """The chunk's sampling matrix: a row per (query, head), columns the rows of the image's X."""
+    B, M, T, k = plan.rows.shape
+    values = plan.weight * weights[..., None]
+    return _bilinear.sampling_matrix(plan.rows.reshape(B * M, T * k), values.reshape(B * M, T * k), columns)
 
 
 def _corner_dots(X, rows, G):
-    """dots (B, T, k): row rows[b, t, c] of X (a head's block) dotted with G[b]. Gathered in blocks of about
-    MSDA_GATHER_BYTES into one reused buffer, so that the corner values stay in cache."""
-    B, T, k = rows.shape
-    D = X.shape[1]
-    rows = rows.reshape(B, T * k)
-    dots = np.empty((B, T * k), X.dtype)
-    step = max(1, _workspace.MSDA_GATHER_BYTES // max(1, T * k * D * X.itemsize))
-    buffer = np.empty((min(step, B), T * k, D), X.dtype)
-    for b0, b1 in _workspace.ranges(B, step):
-        gathered = np.take(X, rows[b0:b1], axis=0, out=buffer[:b1 - b0], mode="clip")
-        np.vecdot(gathered, G[b0:b1, None, :], out=dots[b0:b1])
-    return dots.reshape(B, T, k)
+    """dots (B, M, T, k): row rows[b, m, t, c] of X (an image's) dotted with G[b·M + m]. Gathered in blocks of
+    about MSDA_GATHER_BYTES into one reused buffer, so that the corner values stay in cache."""
+    shape = rows.shape
+    heads, D = shape[0] * shape[1], X.shape[1]
+    rows = rows.reshape(heads, -1)
+    dots = np.empty(rows.shape, X.dtype)
+    step = max(1, _workspace.MSDA_GATHER_BYTES // max(1, rows.shape[1] * D * X.itemsize))
+    buffer = np.empty((min(step, heads), rows.shape[1], D), X.dtype)
+    for h0, h1 in _workspace.ranges(heads, step):
+        gathered = np.take(X, rows[h0:h1], axis=0, out=buffer[:h1 - h0], mode="clip")
+        np.vecdot(gathered, G[h0:h1, None, :], out=dots[h0:h1])
+    return dots.reshape(shape)
 
 
 def forward(value, locations, weights, cfg):
@@ -121,16 +126,14 @@ def forward(value, locations, weights, cfg):
     locations, weights = _split(locations, weights, cfg, dtype)
     if cfg.fused:
         weights = _softmax(weights)
-    out = np.empty((cfg.N, cfg.Lq, cfg.M, cfg.D), dtype)
+    out = np.empty((cfg.N, cfg.Lq, cfg.M * cfg.D), dtype)
 
     def work(n, q0, q1):
-        plan = _plan(locations[n, q0:q1].transpose(1, 0, 2, 3), cfg)
-        chunk_weights = weights[n, q0:q1].transpose(1, 0, 2)
-        for m in range(cfg.M):
-            out[n, q0:q1, m] = _matrix(plan, chunk_weights, m, cfg.S + 1) @ X[n, m]
+        plan = _plan(locations[n, q0:q1], cfg, derivatives=False)
+        out[n, q0:q1] = (_matrix(plan, weights[n, q0:q1], X.shape[1]) @ X[n]).reshape(q1 - q0, cfg.M * cfg.D)
 
     _bilinear.for_each_chunk(work, [(n, q0, q1) for n in range(cfg.N) for q0, q1 in _query_ranges(cfg)])
-    return out.reshape(cfg.N, cfg.Lq, cfg.M * cfg.D).astype(value.dtype, copy=False)
+    return out.astype(value.dtype, copy=False)
 
 
 def backward(grad_output, value, locations, weights, cfg, want_value, want_locations, want_weights):
@@ -143,32 +146,31 @@ def backward(grad_output, value, locations, weights, cfg, want_value, want_locat
     if cfg.fused:
         weights = _softmax(weights)
         want_weights = want_locations
-    G = grad_output.astype(dtype, copy=False).reshape(N, cfg.Lq, M, D)
-    grad_X = np.zeros((N, M, S + 1, D), dtype) if want_value else None
+    G = grad_output.astype(dtype, copy=False).reshape(N, cfg.Lq * M, D)
+    grad_X = np.zeros(X.shape, dtype) if want_value else None
     grad_locations = np.zeros((N, cfg.Lq, M, T, 2), dtype) if want_locations else None
     grad_weights = np.zeros((N, cfg.Lq, M, T), dtype) if want_weights else None
     bilinear = cfg.method != "discrete"
 
     def image(n):
         for q0, q1 in _query_ranges(cfg):
-            plan = _plan(locations[n, q0:q1].transpose(1, 0, 2, 3), cfg)
-            chunk_weights = weights[n, q0:q1].transpose(1, 0, 2)
-            for m in range(M):
-                G_head = G[n, q0:q1, m]
-                if want_value:  # chunk after chunk, in order: deterministic
-                    grad_X[n, m] += _matrix(plan, chunk_weights, m, S + 1).T @ G_head
-                if not (want_locations or want_weights):
-                    continue
-                dots = _corner_dots(X[n, m], plan.rows[m], G_head)
-                if want_weights:
-                    grad_weights[n, q0:q1, m] = np.vecdot(dots, plan.weight[m])
-                if want_locations and bilinear:
-                    grad_locations[n, q0:q1, m, :, 0] = np.vecdot(dots, plan.dweight_dx[m]) * chunk_weights[m]
-                    grad_locations[n, q0:q1, m, :, 1] = np.vecdot(dots, plan.dweight_dy[m]) * chunk_weights[m]
+            plan = _plan(locations[n, q0:q1], cfg, derivatives=want_locations and bilinear)
+            chunk_weights = weights[n, q0:q1]
+            G_chunk = G[n, q0 * M:q1 * M]
+            if want_value:  # chunk after chunk, in order: deterministic
+                grad_X[n] += _matrix(plan, chunk_weights, X.shape[1]).T @ G_chunk
+            if not (want_locations or want_weights):
+                continue
+            dots = _corner_dots(X[n], plan.rows, G_chunk)
+            if want_weights:
+                grad_weights[n, q0:q1] = np.vecdot(dots, plan.weight)
+            if want_locations and bilinear:
+                grad_locations[n, q0:q1, ..., 0] = np.vecdot(dots, plan.dweight_dx) * chunk_weights
+                grad_locations[n, q0:q1, ..., 1] = np.vecdot(dots, plan.dweight_dy) * chunk_weights
 
     if want_value or want_locations or want_weights:
         _bilinear.for_each_chunk(image, [(n,) for n in range(N)])
-    grad_value = None if grad_X is None else grad_X[:, :, :S].transpose(0, 2, 1, 3)
+    grad_value = None if grad_X is None else grad_X.reshape(N, M, S + 1, D)[:, :, :S].transpose(0, 2, 1, 3)
     if cfg.fused and want_locations:
         # softmax backward: dL/dlogit = a ⊙ (g − Σ a·g)
         grad_logits = weights * (grad_weights - (weights * grad_weights).sum(axis=-1, keepdims=True))
