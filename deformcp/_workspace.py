@@ -10,7 +10,7 @@ bounded extra memory. Set it for a block of code:
 
 The NumPy path of the other ops splits its work by the fixed sizes below, into ranges (start, stop) of images,
 channels, RoIs or bins (:func:`ranges` and the helpers after it), which run on its thread pool
-(``_bilinear.for_each_chunk``).
+(``_bilinear.for_each_chunk``); deform_conv2d's chunks run there too, as tasks of cache-sized blocks.
 """
 from __future__ import annotations
 
@@ -47,6 +47,12 @@ MSDA_CHUNK_BYTES = 16 << 20
 MSDA_GATHER_BYTES = 256 << 10
 #: ps_roi_align: tasks its bin positions are split into (:func:`even_ranges`).
 BIN_GROUPS = 4
+#: deform_conv2d: bytes of one block's columns (output rows or whole images sampled and multiplied at once).
+DEFORM_CONV_BLOCK_BYTES = 4 << 20
+#: deform_conv2d: tasks each chunk's blocks are split into (consecutive blocks; one weight gradient each).
+DEFORM_CONV_TASKS = 8
+#: deform_conv2d: bytes of channels-last pixels transposed at a time (kept in cache).
+TRANSPOSE_BLOCK_BYTES = 256 << 10
 
 
 @contextlib.contextmanager

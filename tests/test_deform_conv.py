@@ -305,6 +305,34 @@ def test_fpn_level_image_runs_under_the_default_workspace_limit(rng, recorded_ch
     assert_close(split[3], reference, "float32")
 
 
+@pytest.mark.parametrize("block_bytes, tasks", [(1, 1), (1, 3), (2000, 2)])
+def test_numpy_path_blocks_and_tasks_give_the_same_results(rng, monkeypatch, block_bytes, tasks):
+    """The NumPy path's blocks (one output row each with a 1-byte block size, or a few rows, or whole images) and
+    tasks (each with its own weight gradient) give the results of the default ones, irregular configuration."""
+    arrays, conv = make_inputs(rng, 3, H=13, W=11)
+    grad_output = rng.standard_normal((3, 4, *output_size(13, 11, 3, 2, **conv)))
+    whole = conv_outputs(arrays, conv, grad_output)
+    monkeypatch.setattr(_workspace, "DEFORM_CONV_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(_workspace, "DEFORM_CONV_TASKS", tasks)
+    for name, got, want in zip(("output", "input", "offset", "weight", "bias", "mask"),
+                               conv_outputs(arrays, conv, grad_output), whole):
+        np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13, err_msg=name)
+
+
+def test_numpy_path_results_do_not_depend_on_the_threads(rng, monkeypatch):
+    """One thread or three: the same blocks and tasks, bitwise the same forward and gradients (float32)."""
+    arrays, conv = make_inputs(rng, 2, H=21, W=17)
+    arrays = {k: v.astype(np.float32) for k, v in arrays.items()}
+    grad_output = rng.standard_normal((2, 4, *output_size(21, 17, 3, 2, **conv))).astype(np.float32)
+    monkeypatch.setattr(_workspace, "DEFORM_CONV_BLOCK_BYTES", 1)  # a block per output row: several tasks
+    runs = []
+    for threads in ("1", "3"):
+        monkeypatch.setenv("DEFORMCP_NUM_THREADS", threads)
+        runs.append(conv_outputs(arrays, conv, grad_output))
+    for name, a, b in zip(("output", "input", "offset", "weight", "bias", "mask"), *runs):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
 @needs_compiler
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_host_kernels_over_row_ranges_are_bitwise_one_launch(rng, dtype):
