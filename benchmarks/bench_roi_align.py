@@ -1,16 +1,21 @@
 """Benchmark: roi_align and ps_roi_align (Mask R-CNN / R-FCN RoI pooling), deformcp against torchvision.
 
 Run as ``python benchmarks/bench_roi_align.py`` (``--quick``: a smoke run at tiny sizes; harness.py: how
-every benchmark runs). Options beyond every benchmark's: --ops roi_align ps_roi_align, --shape N C H W,
---boxes K, --dtype, --deterministic.
+every benchmark runs). Options beyond every benchmark's: --ops roi_align ps_roi_align, --cases
+sampling_ratio=2 adaptive, --shape N C H W and --boxes K (for every case), --dtype, --deterministic,
+--max-row-time S (fewer timed calls, at least 5, where one call is slow; default 30 s a row).
 
-What is timed (the case of the issue):
+What is timed (the cases of the issues):
 
-- roi_align:    input 2×256×100×152 float32 (--device cuda: 2×256×200×304), 512 boxes (cuda: 1024),
-                output 7×7, sampling_ratio 2, aligned=True, spatial_scale 1, pool_mode "avg"
-- ps_roi_align: the same with 245 = 5·7·7 input channels (5 output channels), sampling_ratio 2,
-                spatial_scale 1 (ps_roi_align has no ``aligned``: it always shifts by half a pixel)
-- --quick: input 2×4×12×16 (ps_roi_align: 2×245×12×16), 6 boxes
+- sampling_ratio=2, roi_align: input 2×256×100×152 float32 (--device cuda: 2×256×200×304), 512 boxes
+                (cuda: 1024), output 7×7, sampling_ratio 2, aligned=True, spatial_scale 1, pool_mode "avg"
+- sampling_ratio=2, ps_roi_align: the same with 245 = 5·7·7 input channels (5 output channels),
+                sampling_ratio 2, spatial_scale 1 (ps_roi_align has no ``aligned``: it always shifts by half
+                a pixel)
+- adaptive, roi_align: input 2×256×200×304 float32 (every device), 1000 boxes, sampling_ratio 0
+                (detectron2's default: ceil(bin size) samples per bin and axis, so about 8×8 per bin here),
+                otherwise as above
+- --quick: input 2×4×12×16 (ps_roi_align: 2×245×12×16), 6 boxes, both cases
 
 Boxes (K, 5) rows (batch index, x1, y1, x2, y2), in the input's dtype: batch index uniform in {0 … N−1},
 width and height uniform in [8, 100] pixels (at most the image's size), placed uniformly inside the
@@ -47,17 +52,30 @@ torch, torchvision = harness.optional_torchvision()
 OPS = ("roi_align", "ps_roi_align")            # the ops of deformcp.ops.SPECS timed here (--ops: some)
 PHASES = ("forward", "forward+backward")
 OUTPUT_SIZE = (7, 7)
-SAMPLING_RATIO, ALIGNED, SPATIAL_SCALE, POOL_MODE = 2, True, 1.0, "avg"
+ALIGNED, SPATIAL_SCALE, POOL_MODE = True, 1.0, "avg"
 PS_GROUPS = 5                                   # ps_roi_align output channels: C = 5 · 7 · 7 = 245
 BOX_SIDE = (8.0, 100.0)                         # box width and height range, pixels
-DEFAULTS = {"cpu": {"shape": (2, 256, 100, 152), "boxes": 512},
-            "cuda": {"shape": (2, 256, 200, 304), "boxes": 1024},
-            "quick": {"shape": (2, 4, 12, 16), "boxes": 6}}
-#: max_ratio: the most deformcp time / torchvision time may be; target: what the issue asks. Default case.
-TARGETS = ({"op": "roi_align", "impl": "deformcp numpy", "phase": "forward", "max_ratio": 0.5,
-            "target": "at least 2× faster than torchvision forward"},
-           {"op": "roi_align", "impl": "deformcp numpy", "phase": "forward+backward", "max_ratio": 0.25,
-            "target": "at least 4× faster than torchvision forward+backward"})
+#: The cases (--cases: some): their ops, sampling_ratio, and per device (and --quick) the input shape and boxes.
+CASES = {
+    "sampling_ratio=2": {"ops": OPS, "sampling_ratio": 2,
+                         "sizes": {"cpu": {"shape": (2, 256, 100, 152), "boxes": 512},
+                                   "cuda": {"shape": (2, 256, 200, 304), "boxes": 1024},
+                                   "quick": {"shape": (2, 4, 12, 16), "boxes": 6}}},
+    "adaptive": {"ops": ("roi_align",), "sampling_ratio": 0,
+                 "sizes": {"cpu": {"shape": (2, 256, 200, 304), "boxes": 1000},
+                           "cuda": {"shape": (2, 256, 200, 304), "boxes": 1000},
+                           "quick": {"shape": (2, 4, 12, 16), "boxes": 6}}},
+}
+MAX_ROW_TIME = 30.0                             # seconds of timed calls a row (the host backend's adaptive rows)
+#: max_ratio: the most deformcp time / torchvision time may be; target: what the issue asks. Default sizes.
+TARGETS = ({"op": "roi_align", "case": "sampling_ratio=2", "impl": "deformcp numpy", "phase": "forward",
+            "max_ratio": 0.5, "target": "at least 2× faster than torchvision forward"},
+           {"op": "roi_align", "case": "sampling_ratio=2", "impl": "deformcp numpy", "phase": "forward+backward",
+            "max_ratio": 0.25, "target": "at least 4× faster than torchvision forward+backward"},
+           {"op": "roi_align", "case": "adaptive", "impl": "deformcp numpy", "phase": "forward",
+            "max_ratio": 0.5, "target": "at least 2× faster than torchvision forward"},
+           {"op": "roi_align", "case": "adaptive", "impl": "deformcp numpy", "phase": "forward+backward",
+            "max_ratio": 0.5, "target": "at least 2× faster than torchvision forward+backward"})
 TOLERANCE = {"float32": 1e-4, "float64": 1e-10}
 REFERENCE = "torchvision cpu" if torchvision is not None else "deformcp numpy float64"
 
@@ -65,12 +83,13 @@ REFERENCE = "torchvision cpu" if torchvision is not None else "deformcp numpy fl
 class Problem(harness.ArrayCase):
     """One op's arrays, NumPy: input (N, C, H, W), boxes (K, 5), grad_output (K, C_out, 7, 7)."""
 
-    def __init__(self, op, shape, K, dtype, seed):
+    def __init__(self, op, case, shape, K, dtype, seed):
         rng = np.random.default_rng([seed, OPS.index(op)])
         N, C, H, W = shape
         if op == "ps_roi_align":
             C = PS_GROUPS * OUTPUT_SIZE[0] * OUTPUT_SIZE[1]
-        self.op, self.shape = op, (N, C, H, W)
+        self.op, self.case, self.shape = op, case, (N, C, H, W)
+        self.sampling_ratio = CASES[case]["sampling_ratio"]
         c_out = C // (OUTPUT_SIZE[0] * OUTPUT_SIZE[1]) if op == "ps_roi_align" else C
         self.set_arrays({"input": rng.standard_normal(self.shape),
                          "boxes": harness.random_rois(rng, K, N, H, W, BOX_SIDE, SPATIAL_SCALE),
@@ -79,14 +98,15 @@ class Problem(harness.ArrayCase):
     @property
     def kwargs(self) -> dict:
         if self.op == "ps_roi_align":
-            return {"spatial_scale": SPATIAL_SCALE, "sampling_ratio": SAMPLING_RATIO}
-        return {"spatial_scale": SPATIAL_SCALE, "sampling_ratio": SAMPLING_RATIO, "aligned": ALIGNED}
+            return {"spatial_scale": SPATIAL_SCALE, "sampling_ratio": self.sampling_ratio}
+        return {"spatial_scale": SPATIAL_SCALE, "sampling_ratio": self.sampling_ratio, "aligned": ALIGNED}
 
     def describe(self) -> str:
         K = self.arrays["boxes"].shape[0]
-        text = (f"{self.op}: input {'×'.join(map(str, self.shape))} {self.dtype}, {K} boxes "
+        adaptive = " (adaptive)" if self.sampling_ratio <= 0 else ""
+        text = (f"{self.case}, {self.op}: input {'×'.join(map(str, self.shape))} {self.dtype}, {K} boxes "
                 f"(sides {BOX_SIDE[0]:g}–{BOX_SIDE[1]:g} px, inside the image), output "
-                f"{OUTPUT_SIZE[0]}×{OUTPUT_SIZE[1]}, sampling_ratio {SAMPLING_RATIO}, "
+                f"{OUTPUT_SIZE[0]}×{OUTPUT_SIZE[1]}, sampling_ratio {self.sampling_ratio}{adaptive}, "
                 f"spatial_scale {SPATIAL_SCALE:g}")
         return text + (f", aligned={ALIGNED}, pool_mode {POOL_MODE}" if self.op == "roi_align" else "")
 
@@ -112,17 +132,20 @@ def torchvision_op(device, problem: Problem) -> harness.TorchOp:
 # ------------------------------------------------------------------------------------------- the benchmark
 
 def parser():
-    parser = harness.make_parser(__doc__, "roi_align")
+    parser = harness.make_parser(__doc__, "roi_align", max_row_time=MAX_ROW_TIME)
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS))
-    harness.add_case_arguments(parser, "roi_align input shape (default 2 256 100 152; cuda 2 256 200 304; --quick 2 "
-                                       "4 12 16); ps_roi_align uses C = 245",
-                               ("--boxes", "number of boxes (default 512; cuda 1024; --quick 6)"))
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    harness.add_case_arguments(parser, "roi_align input shape of every case (default sampling_ratio=2: 2 256 100 152, "
+                                       "cuda 2 256 200 304; adaptive: 2 256 200 304; --quick 2 4 12 16); "
+                                       "ps_roi_align uses C = 245",
+                               ("--boxes", "number of boxes of every case (default sampling_ratio=2: 512, cuda "
+                                           "1024; adaptive: 1000; --quick 6)"))
     return parser
 
 
 def problems(args) -> list[Problem]:
-    shape, K = harness.case_size(args, DEFAULTS, "boxes")
-    return [Problem(op, shape, K, args.dtype, args.seed) for op in OPS if op in args.ops]
+    return [Problem(op, case, *harness.case_size(args, CASES[case]["sizes"], "boxes"), args.dtype, args.seed)
+            for case in CASES if case in args.cases for op in CASES[case]["ops"] if op in args.ops]
 
 
 def build(setup: harness.DeviceSetup, problem: Problem, args) -> dict:
@@ -141,22 +164,25 @@ def verify(setup, problem: Problem, impls: dict, args, notes: list) -> dict:
     reference = (torchvision_op("cpu", problem) if torchvision is not None
                  else Deformcp("numpy", problem.astype(np.float64)))
     checks = [(name, impl, problem.dtype, name.startswith("deformcp")) for name, impl in impls.items()]
-    return harness.verify(problem.op, REFERENCE, reference, checks, TOLERANCE, notes, timed=impls)
+    return harness.verify(f"{problem.case} {problem.op}", REFERENCE, reference, checks, TOLERANCE, notes, timed=impls)
 
 
 def report(run: harness.Run, problems: list[Problem]) -> tuple[str, list]:
-    ops, baseline, records = [p.op for p in problems], run.baseline, run.records
-    headers = ["op", "phase", "implementation", *harness.timing_headers(baseline)]
-    rows = [[r.extra["op"], r.phase, r.impl, *harness.timing_cells(records, r, baseline)] for r in records]
-    default_case = (harness.case_size(run.args, DEFAULTS, "boxes") == tuple(DEFAULTS[run.args.device].values())
-                    and run.args.dtype == "float32")
-    targets = harness.evaluate_targets([t for t in TARGETS if t["op"] in ops], records, baseline, default_case,
-                                       missing="no torchvision")
-    if "ps_roi_align" in ops and baseline:  # roi_align's bar, shown for ps_roi_align too (not a target)
-        for t in TARGETS:
-            value = harness.ratio(records, baseline, t["impl"], t["phase"], op="ps_roi_align")
+    baseline, records = run.baseline, run.records
+    timed = {(p.op, p.case) for p in problems}
+    headers = ["case", "op", "phase", "implementation", *harness.timing_headers(baseline)]
+    rows = [[r.extra["case"], r.extra["op"], r.phase, r.impl, *harness.timing_cells(records, r, baseline)]
+            for r in records]
+    default_case = run.args.dtype == "float32" and all(
+        harness.case_size(run.args, CASES[p.case]["sizes"], "boxes")
+        == tuple(CASES[p.case]["sizes"][run.args.device].values()) for p in problems)
+    targets = harness.evaluate_targets([t for t in TARGETS if (t["op"], t["case"]) in timed], records, baseline,
+                                       default_case, missing="no torchvision")
+    if ("ps_roi_align", "sampling_ratio=2") in timed and baseline:  # roi_align's bar, for ps_roi_align too
+        for t in TARGETS[:2]:
+            value = harness.ratio(records, baseline, t["impl"], t["phase"], op="ps_roi_align", case=t["case"])
             if value is not None:
-                targets.append({"op": "ps_roi_align", "impl": t["impl"], "phase": t["phase"],
+                targets.append({"op": "ps_roi_align", "case": t["case"], "impl": t["impl"], "phase": t["phase"],
                                 "max_ratio": t["max_ratio"], "ratio": value, "status": "information only (" +
                                 ("within" if value <= t["max_ratio"] else "beyond") + " roi_align's bar)",
                                 "target": t["target"]})
@@ -167,7 +193,7 @@ def report(run: harness.Run, problems: list[Problem]) -> tuple[str, list]:
                     "over the batch, sides uniform in [8, 100] px, wholly inside the image; fixed seed. "
                     "forward+backward = forward, then the input gradient for a random grad_output "
                     "(torchvision: autograd)."],
-        run=run, compared="op and phase", no_baseline=harness.no_baseline("torchvision", torchvision),
+        run=run, compared="case, op and phase", no_baseline=harness.no_baseline("torchvision", torchvision),
         headers=headers, rows=rows, targets=targets, verification=f"relative errors against {REFERENCE}")
     return markdown, targets
 
@@ -178,17 +204,19 @@ def main(argv=None) -> int:
         return 2
     cases = problems(run.args)
     for problem in cases:
-        if not run.measure(problem, build(run.setup, problem, run.args), verify, PHASES, extra={"op": problem.op},
-                           label=f"{problem.op:<13} "):
+        if not run.measure(problem, build(run.setup, problem, run.args), verify, PHASES,
+                           extra={"op": problem.op, "case": problem.case}, label=f"{problem.case} {problem.op:<13} "):
             return 1
     run.finish()
     markdown, targets = report(run, cases)
-    shape, K = harness.case_size(run.args, DEFAULTS, "boxes")
     run.save("roi_align", markdown, {
-        "cases": [p.describe() for p in cases], "ops": [p.op for p in cases], "shape": shape, "boxes": K,
-        "dtype": run.args.dtype, "output_size": OUTPUT_SIZE, "sampling_ratio": SAMPLING_RATIO, "aligned": ALIGNED,
-        "spatial_scale": SPATIAL_SCALE, "pool_mode": POOL_MODE, "ps_channels": PS_GROUPS * np.prod(OUTPUT_SIZE),
-        "box_side_px": BOX_SIDE}, targets, compared="op and phase")
+        "cases": [p.describe() for p in cases], "ops": [p.op for p in cases],
+        "sizes": {c: dict(zip(("shape", "boxes"), harness.case_size(run.args, CASES[c]["sizes"], "boxes")))
+                  for c in run.args.cases},
+        "sampling_ratio": {c: CASES[c]["sampling_ratio"] for c in run.args.cases},
+        "dtype": run.args.dtype, "output_size": OUTPUT_SIZE, "aligned": ALIGNED, "spatial_scale": SPATIAL_SCALE,
+        "pool_mode": POOL_MODE, "ps_channels": PS_GROUPS * np.prod(OUTPUT_SIZE), "box_side_px": BOX_SIDE,
+        "max_row_time_s": run.args.max_row_time}, targets, compared="case, op and phase")
     return 0
 
 

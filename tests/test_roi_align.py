@@ -250,6 +250,78 @@ def test_deterministic_backward_is_bitwise_reproducible(backend, rng):
         np.testing.assert_array_equal(other, runs[0])
 
 
+# -------------------------------------------------------------- separable average against per-sample rows
+
+def mixed_boxes(rng, N, H, W, K, spatial_scale):
+    """random_boxes' kinds (inside, across, outside, zero-size, inverted) plus tiny (sub-pixel) and large
+    boxes, NaN / ±inf / huge ones, and half-pixel coordinates (samples on integers: corners of weight 0)."""
+    boxes = random_boxes(rng, N, H, W, K)
+    boxes[1::6, 3:] = boxes[1::6, 1:3] + rng.uniform(0, 0.7, (len(boxes[1::6]), 2)) / spatial_scale  # tiny
+    boxes[2::6, 1:] = np.round(boxes[2::6, 1:] * 2) / 2
+    special = np.array([[0, np.nan, 1, 4, 5], [1, 1, np.inf, 4, 5], [0, -1e30, -1e30, 1e30, 1e30],
+                        [1, -3 * W, -3 * H, 5 * W, 5 * H], [0, 0, 0, W / spatial_scale, H / spatial_scale]])
+    return np.concatenate([boxes, special])
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [-1, 0, 1, 2, 5])
+def test_separable_average_matrix_equals_the_per_sample_matrix(rng, dtype, aligned, sampling_ratio):
+    """The average's matrix built from per-axis weights (a_y[r]·a_x[c] / count) equals the per-sample matrix
+    (4 corners a sample) with its duplicates summed, entry for entry, with the same touched pixels (so NaN in
+    the input reaches the same bins)."""
+    from deformcp.reference import roi_align as module
+    N, H, W, spatial_scale = 2, int(rng.integers(1, 13)), int(rng.integers(1, 13)), float(rng.choice([1, 0.5]))
+    PH, PW = int(rng.integers(1, 5)), int(rng.integers(1, 5))
+    rois = mixed_boxes(rng, N, H, W, 24, spatial_scale).astype(dtype)
+    geometry = (H, W, PH, PW, spatial_scale, sampling_ratio, aligned, np.dtype(dtype))
+    n_columns = N * (H * W + 1)
+    old = module._bin_matrix(module._samples(rois, *geometry), n_columns)
+    new = module._average_matrix(rois, *geometry, n_columns)
+    assert new.dtype == old.dtype == np.dtype(dtype)
+    np.testing.assert_allclose(new.toarray(), old.toarray(), rtol=0, atol=1e-15 if dtype == "float64" else 1e-6)
+    old.sum_duplicates()
+    image_zero_rows = old.indices % (H * W + 1) == H * W   # corners outside the image: weight 0, read 0
+    touched_old = {(r, c) for r, c, zero in zip(np.repeat(np.arange(old.shape[0]), np.diff(old.indptr)),
+                                                old.indices, image_zero_rows) if not zero}
+    touched_new = set(zip(np.repeat(np.arange(new.shape[0]), np.diff(new.indptr)), new.indices))
+    assert touched_new == touched_old
+    assert new.nnz <= old.nnz
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("aligned", [False, True])
+def test_average_pooling_equals_the_per_sample_reference(rng, dtype, aligned):
+    """roi_align avg and its gradient (per-image box lists, NaN pixels, empty boxes) against the per-sample
+    matrix in float64; deterministic."""
+    from deformcp.reference import _bilinear
+    from deformcp.reference import roi_align as module
+    N, C, H, W = 3, 4, int(rng.integers(5, 16)), int(rng.integers(5, 16))
+    x = rng.standard_normal((N, C, H, W))
+    sampling_ratio = int(rng.choice([-1, 0, 2]))
+    per_image = [mixed_boxes(rng, N, H, W, 12, 0.5)[:, 1:], np.zeros((0, 4)), mixed_boxes(rng, N, H, W, 6, 0.5)[:, 1:]]
+    rois = np.concatenate([np.concatenate([np.full((len(b), 1), i), b], axis=1) for i, b in enumerate(per_image)])
+    kwargs = dict(output_size=(3, 2), spatial_scale=0.5, sampling_ratio=sampling_ratio, aligned=aligned)
+    grad_output = rng.standard_normal((len(rois), C, 3, 2))
+    S = module._bin_matrix(module._samples(rois, H, W, 3, 2, 0.5, sampling_ratio, aligned, np.dtype(np.float64)),
+                           N * (H * W + 1))
+    read = S.indices[S.indices < H * W]  # pixels of image 0 that some sample reads (a corner of weight 0 too)
+    x[0, 1].flat[rng.choice(read)] = np.nan
+    expected = (S @ _bilinear.pixels_last(x, np.float64)).reshape(-1, 3, 2, C).transpose(0, 3, 1, 2)
+    expected_grad = (S.T @ grad_output.transpose(0, 2, 3, 1).reshape(-1, C)).reshape(N, H * W + 1, C)
+    expected_grad = expected_grad[:, :H * W].transpose(0, 2, 1).reshape(N, C, H, W)
+    cast = [a.astype(dtype) for a in per_image]
+    out = deformcp.roi_align(x.astype(dtype), cast, **kwargs)
+    assert np.isnan(expected).any()
+    assert_close(out, expected, dtype)
+    grads = [deformcp.roi_align_backward(grad_output.astype(dtype), x.astype(dtype), cast, **kwargs).input
+             for _ in range(2)]
+    assert_close(grads[0], expected_grad, dtype)
+    np.testing.assert_array_equal(grads[1], grads[0])
+    np.testing.assert_array_equal(deformcp.roi_align(x.astype(dtype), cast, **kwargs), out)
+    assert deformcp.roi_align(x, np.zeros((0, 5)), **kwargs).shape == (0, C, 3, 2)
+
+
 # ------------------------------------------------------------------------------------------- bad input
 
 def test_rejects_bad_input(rng):
@@ -309,7 +381,8 @@ def test_numpy_path_chunks_do_not_change_results(rng, monkeypatch, pool_mode):
     kwargs = dict(output_size=(2, 3), spatial_scale=0.5, sampling_ratio=-1, pool_mode=pool_mode)
     whole = deformcp.roi_align(x, boxes, **kwargs), deformcp.roi_align_backward(grad_output, x, boxes, **kwargs).input
     monkeypatch.setattr(_workspace, "ROI_SAMPLES_PER_CHUNK", 10)
-    assert len(module._roi_chunks(boxes, 9, 7, 2, 3, 0.5, -1, False, np.dtype(np.float64))) > 3
+    assert len(module._roi_chunks(boxes, 9, 7, 2, 3, 0.5, -1, False, np.dtype(np.float64),
+                                  separable=pool_mode == "avg")) > 3
     chunked = deformcp.roi_align(x, boxes, **kwargs), deformcp.roi_align_backward(grad_output, x, boxes, **kwargs).input
     np.testing.assert_allclose(chunked[0], whole[0], rtol=0, atol=1e-15)
     np.testing.assert_allclose(chunked[1], whole[1], rtol=0, atol=1e-14)

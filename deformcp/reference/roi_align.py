@@ -1,5 +1,11 @@
 """The NumPy path of RoIAlign (average and max), PS-RoIAlign and deformable RoI pooling: the float64 reference
-of kernels/roi_align.cu. ``cfg`` is the op's checked configuration (deformcp.ops.roi_align)."""
+of kernels/roi_align.cu. ``cfg`` is the op's checked configuration (deformcp.ops.roi_align).
+
+Average pooling (RoIAlign, PS-RoIAlign) is separable: a bin's mean over its regular grid of samples is
+a_yᵀ · X · a_x / count, where a_y sums the bilinear row weights of the bin's y-samples and a_x the column
+weights of its x-samples (:func:`_axis_weights`). Its matrix (:func:`_average_matrix`) has one entry per
+touched pixel instead of 4 corners per sample — the per-sample matrix (:func:`_bin_matrix`, still used by
+deformable RoI pooling) with its duplicates summed, built from per-axis samples only."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -127,16 +133,109 @@ def _samples(rois, H, W, PH, PW, spatial_scale, sampling_ratio, aligned, dtype, 
                     finite=finite.reshape(-1))
 
 
-def _roi_chunks(rois, H, W, PH, PW, spatial_scale, sampling_ratio, aligned, dtype):
-    """Ranges of RoIs whose samples number about _workspace.ROI_SAMPLES_PER_CHUNK (a RoI is never split)."""
+def _roi_chunks(rois, H, W, PH, PW, spatial_scale, sampling_ratio, aligned, dtype, separable=False):
+    """Ranges of RoIs whose samples number about _workspace.ROI_SAMPLES_PER_CHUNK (a RoI is never split); with
+    ``separable``, whose :func:`_average_matrix` entries number about ENTRIES_PER_SAMPLE times that."""
     if not len(rois):
         return []
     g = _geometry(rois, PH, PW, spatial_scale, sampling_ratio, aligned, dtype)
+    if separable:
+        cost = _separable_cost(g, H, W, PH, PW, dtype)
+        return _workspace.cost_ranges(cost, ENTRIES_PER_SAMPLE * _workspace.ROI_SAMPLES_PER_CHUNK)
     with np.errstate(invalid="ignore", over="ignore"):
         span_y = np.minimum(np.where(g.samples_y >= 1, g.samples_y, 0), 2 * H + 6)
         span_x = np.minimum(np.where(g.samples_x >= 1, g.samples_x, 0), 2 * W + 6)
     estimate = np.where(g.finite, span_y * span_x * PH * PW, 0)
     return _workspace.cost_ranges(estimate, _workspace.ROI_SAMPLES_PER_CHUNK)
+
+
+#: Entries of :func:`_average_matrix` per sample of ROI_SAMPLES_PER_CHUNK: as many as the per-sample matrix has
+#: (4 corners). An entry takes about 40 bytes at the peak of its construction, a sample of :func:`_samples` about
+#: 400; 8 instead of 4 made the 1000-box adaptive case one chunk instead of two and was not faster (~450 ms).
+ENTRIES_PER_SAMPLE = 4
+
+
+@np.errstate(invalid="ignore", over="ignore", divide="ignore")  # non-finite RoIs and empty bins are masked out
+def _bin_starts(g: _RoIGrid, PH, PW, dtype):
+    """(y_start (K, PH), x_start (K, PW)): where each bin starts, as in _samples."""
+    return (g.start_y[:, None] + np.arange(PH, dtype=dtype) * g.bin_h[:, None],
+            g.start_x[:, None] + np.arange(PW, dtype=dtype) * g.bin_w[:, None])
+
+
+@np.errstate(invalid="ignore", over="ignore", divide="ignore")
+def _separable_cost(g: _RoIGrid, H, W, PH, PW, dtype):
+    """Per RoI, a bound on the entries of its :func:`_average_matrix` rows and on its per-axis samples."""
+    total = np.zeros(len(g.finite))
+    touched = []
+    for start, bin_size, n, size in zip(_bin_starts(g, PH, PW, dtype), (g.bin_h, g.bin_w), (g.samples_y, g.samples_x),
+                                        (H, W)):
+        step = (bin_size / n)[:, None]
+        first, end = _span(start, step, n[:, None], size)
+        count = np.where(g.finite[:, None], end - first, 0).astype(np.float64)
+        # the samples of a bin lie within (count − 1)·|step|: at most that + 2 pixels, 2 per sample
+        pixels = np.minimum(2 * count, np.ceil(np.maximum(count - 1, 0) * np.abs(step)) + 2)
+        touched.append(np.where(count > 0, pixels, 0).sum(axis=1))
+        total += count.sum(axis=1)
+    return total + touched[0] * touched[1]
+
+
+@np.errstate(invalid="ignore", over="ignore", divide="ignore")  # non-finite RoIs are masked by `finite`
+def _axis_weights(start, bin_size, samples, finite, size, dtype):
+    """One axis of the separable average: for bins start (K, P) of RoIs with bin_size, samples (K,), the sum
+    over each bin's samples along the axis of their bilinear weights in RoIAlign's read (zero outside
+    [−1, size], clamped into the image inside). Returns (indptr (K·P + 1,), pixel, weight): bin b touches
+    pixel[indptr[b]:indptr[b + 1]] (ascending; corners of weight 0 included, as in _samples) with those
+    weights (float64)."""
+    K, P = start.shape
+    first, end = _span(start, (bin_size / samples)[:, None], samples[:, None], size)
+    n = np.where(finite[:, None] & (size > 0), end - first, 0).reshape(-1)
+    b = np.repeat(np.arange(K * P), n)  # each sample's bin and index i along the axis
+    i = _ragged_arange(first.reshape(-1), n)
+    k = b // P
+    y = start.reshape(-1)[b] + (i.astype(dtype) + dtype.type(0.5)) * bin_size[k] / samples[k]
+    keep = (y >= -1) & (y <= size)
+    b, y = b[keep], y[keep]
+    y = np.where(y <= 0, 0, np.where(y >= size - 1, size - 1, y)).astype(dtype)
+    low = np.floor(y)
+    fraction = y - low
+    low = low.astype(np.int64)
+    upper = low < size - 1  # the upper corner is outside the image at the last row
+    keys, inverse = np.unique(np.concatenate([b * size + low, (b * size + low + 1)[upper]]), return_inverse=True)
+    weight = np.bincount(inverse, np.concatenate([1 - fraction, fraction[upper]]), minlength=len(keys))
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(keys // size, minlength=K * P))])
+    return indptr, keys % size, weight
+
+
+def _ragged_arange(starts, lengths):
+    """Concatenated ranges [starts[i], starts[i] + lengths[i])."""
+    offsets = np.cumsum(lengths) - lengths
+    return np.repeat(starts - offsets, lengths) + np.arange(lengths.sum())
+
+
+@np.errstate(invalid="ignore", over="ignore", divide="ignore")  # non-finite RoIs are masked by `finite`
+def _average_matrix(rois, H, W, PH, PW, spatial_scale, sampling_ratio, aligned, dtype, n_columns):
+    """CSR matrix of the average pooling of rois (K, 5), rows = bins (k, ph, pw), columns = rows of
+    _bilinear.pixels_last(input): entry (r, c) of bin (k, ph, pw) is a_y[r]·a_x[c] / count (:func:`_axis_weights`).
+    Equal to :func:`_bin_matrix` of :func:`_samples` with its duplicate entries summed."""
+    K = len(rois)
+    g = _geometry(rois, PH, PW, spatial_scale, sampling_ratio, aligned, dtype)
+    y_start, x_start = _bin_starts(g, PH, PW, dtype)
+    ptr_y, row, weight_y = _axis_weights(y_start, g.bin_h, g.samples_y, g.finite, H, dtype)
+    ptr_x, column, weight_x = _axis_weights(x_start, g.bin_w, g.samples_x, g.finite, W, dtype)
+    rows_per_bin, columns_per_bin = np.diff(ptr_y).reshape(K, PH, 1), np.diff(ptr_x).reshape(K, 1, PW)
+    # one segment of entries per (bin, touched row), bins in (k, ph, pw) order: that row times the bin's columns
+    n_rows = np.broadcast_to(rows_per_bin, (K, PH, PW)).reshape(-1)
+    segment_y = _ragged_arange(np.broadcast_to(ptr_y[:-1].reshape(K, PH, 1), (K, PH, PW)).reshape(-1), n_rows)
+    bin_of = np.repeat(np.arange(K * PH * PW), n_rows)
+    k_of = bin_of // (PH * PW)
+    segment_x = k_of * PW + bin_of % PW  # the bin's column axis bin (k, pw)
+    n_columns_of = np.diff(ptr_x)[segment_x]
+    base = rois[k_of, 0].astype(np.int64) * (H * W + 1) + row[segment_y] * W
+    scale = weight_y[segment_y] / g.count[k_of].astype(np.float64)
+    x = _ragged_arange(ptr_x[:-1][segment_x], n_columns_of)
+    values = (np.repeat(scale, n_columns_of) * weight_x[x]).astype(dtype)
+    indptr = np.concatenate([[0], np.cumsum((rows_per_bin * columns_per_bin).reshape(-1))])
+    return _bilinear.sparse_rows(values, np.repeat(base, n_columns_of) + column[x], indptr, n_columns)
 
 
 def _bin_matrix(s: _Samples, n_columns: int):
@@ -178,20 +277,24 @@ def roi_align(input, rois, cfg):
     C_out = C // bins if position_sensitive else C
     out = np.zeros((K, C_out, PH, PW), dtype)
     n_columns = N * (H * W + 1)
-    for k0, k1 in _roi_chunks(rois, H, W, PH, PW, spatial_scale, sampling_ratio, aligned, dtype):
-        s = _samples(rois[k0:k1], H, W, PH, PW, spatial_scale, sampling_ratio, aligned, dtype)
+    average = pool_mode == "avg"
+    geometry = (H, W, PH, PW, spatial_scale, sampling_ratio, aligned, dtype)
+    for k0, k1 in _roi_chunks(rois, *geometry, separable=average):
+        if average:
+            S = _average_matrix(rois[k0:k1], *geometry, n_columns)
+        else:  # one row per sample
+            s = _samples(rois[k0:k1], *geometry)
+            S = _bilinear.sparse_rows(s.weights.reshape(-1), s.rows.reshape(-1), np.arange(0, 4 * len(s.rows) + 1, 4),
+                                      n_columns)
         if position_sensitive:  # bin b = (ph, pw) reads input channels c·PH·PW + b
-            S_all = _bin_matrix(s, n_columns)
 
             def work(b0, b1):
                 for b in range(b0, b1):
-                    S = S_all[np.arange(b, (k1 - k0) * bins, bins)]
-                    out[k0:k1, :, b // PW, b % PW] = S @ _bilinear.pixels_last(input[:, b::bins], dtype)
+                    out[k0:k1, :, b // PW, b % PW] = (S[np.arange(b, (k1 - k0) * bins, bins)]
+                                                      @ _bilinear.pixels_last(input[:, b::bins], dtype))
 
             _bilinear.for_each_chunk(work, _workspace.even_ranges(bins, _workspace.BIN_GROUPS))
             continue
-        S = _bin_matrix(s, n_columns) if pool_mode == "avg" else _bilinear.sparse_rows(
-            s.weights.reshape(-1), s.rows.reshape(-1), np.arange(0, 4 * len(s.rows) + 1, 4), n_columns)
 
         def work(c0, c1):
             values = S @ _bilinear.pixels_last(input[:, c0:c1], dtype)
@@ -219,22 +322,25 @@ def roi_align_backward(grad_output, input, rois, cfg, wanted):
         c = rows.shape[1]
         grad[:, channels] += rows.reshape(N, H * W + 1, c)[:, :H * W].transpose(0, 2, 1).reshape(N, c, H, W)
 
-    for k0, k1 in _roi_chunks(rois, H, W, PH, PW, spatial_scale, sampling_ratio, aligned, dtype):
-        s = _samples(rois[k0:k1], H, W, PH, PW, spatial_scale, sampling_ratio, aligned, dtype)
+    average = pool_mode == "avg"
+    geometry = (H, W, PH, PW, spatial_scale, sampling_ratio, aligned, dtype)
+    for k0, k1 in _roi_chunks(rois, *geometry, separable=average):
         g = grad_output[k0:k1]
+        if average:
+            S = _average_matrix(rois[k0:k1], *geometry, n_columns)
+        else:
+            s = _samples(rois[k0:k1], *geometry)
         if position_sensitive:
-            S_all = _bin_matrix(s, n_columns)
 
             def work(b0, b1):
                 for b in range(b0, b1):
-                    S = S_all[np.arange(b, (k1 - k0) * bins, bins)]
-                    add_rows(S.T @ g[:, :, b // PW, b % PW], slice(b, None, bins))
+                    add_rows(S[np.arange(b, (k1 - k0) * bins, bins)].T @ g[:, :, b // PW, b % PW],
+                             slice(b, None, bins))
 
             _bilinear.for_each_chunk(work, _workspace.even_ranges(bins, _workspace.BIN_GROUPS))
             continue
         G = g.transpose(0, 2, 3, 1).reshape((k1 - k0) * bins, C)
-        if pool_mode == "avg":
-            S = _bin_matrix(s, n_columns)
+        if average:
 
             def work(c0, c1):
                 add_rows(S.T @ np.ascontiguousarray(G[:, c0:c1]), slice(c0, c1))
@@ -272,11 +378,14 @@ def deform_roi_pool(input, rois, offset, mask, cfg):
     rois = rois.astype(dtype)
     out = np.zeros((len(rois), C, PH, PW), dtype)
     n_columns = N * (H * W + 1)
-    for k0, k1 in _roi_chunks(rois, H, W, PH, PW, spatial_scale, sampling_ratio, True, dtype):
-        shift = None if offset is None else _shift(rois[k0:k1], offset[k0:k1], PH, PW, spatial_scale, sampling_ratio,
-                                                   gamma, dtype)
-        S = _bin_matrix(_samples(rois[k0:k1], H, W, PH, PW, spatial_scale, sampling_ratio, True, dtype, shift),
-                        n_columns)
+    geometry = (H, W, PH, PW, spatial_scale, sampling_ratio, True, dtype)
+    plain = offset is None or not np.any(offset)  # aligned RoIAlign (mmcv initialises the offsets to 0)
+    for k0, k1 in _roi_chunks(rois, *geometry, separable=plain):
+        if plain:
+            S = _average_matrix(rois[k0:k1], *geometry, n_columns)
+        else:
+            shift = _shift(rois[k0:k1], offset[k0:k1], PH, PW, spatial_scale, sampling_ratio, gamma, dtype)
+            S = _bin_matrix(_samples(rois[k0:k1], *geometry, shift), n_columns)
 
         def work(c0, c1):
             values = S @ _bilinear.pixels_last(input[:, c0:c1], dtype)
