@@ -3,6 +3,8 @@ and what came (DEFORMCP_NUM_THREADS, DEFORMCP_CACHE_DIR, CXX), and a compiler th
 import os
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -103,6 +105,33 @@ def test_blas_runs_one_thread_while_the_pool_works(monkeypatch):
     assert before and set(before) == {2}, before
     assert inside == [[1] * len(before)] * 4
     assert after == before
+
+
+def test_a_blas_loaded_after_the_pool_first_ran_is_held_too():
+    """A fresh process runs the pool, then imports scipy.linalg (its own OpenBLAS): inside the pool's next run both
+    BLAS libraries run one thread (the libraries are looked up again once modules were imported)."""
+    code = """if True:
+        import os
+        os.environ["DEFORMCP_NUM_THREADS"] = "2"
+        import threadpoolctl
+        from deformcp.reference import _bilinear
+        def blas():
+            return [info["num_threads"] for info in threadpoolctl.threadpool_info() if info["user_api"] == "blas"]
+        _bilinear.for_each_chunk(lambda a, b: None, [(0, 1), (1, 2)])
+        before = len(blas())
+        import scipy.linalg
+        inside = []
+        _bilinear.for_each_chunk(lambda a, b: inside.append(blas()), [(0, 1), (1, 2)])
+        print(before, len(blas()), inside)
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(deformcp.__file__)),
+                                                          os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    before, after, inside = result.stdout.split(" ", 2)
+    if int(after) <= int(before):
+        pytest.skip("scipy.linalg loaded no BLAS of its own here")
+    assert inside.strip() == str([[1] * int(after)] * 2)
 
 
 @needs_compiler

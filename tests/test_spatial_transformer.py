@@ -8,6 +8,7 @@ import pytest
 import deformcp
 from deformcp import testing
 from deformcp.ops.spatial_transformer import MODES, PADDING_MODES
+from deformcp.reference import spatial_transformer as reference
 
 from conftest import assert_close, directional_derivative, run_both, to_backend
 
@@ -271,6 +272,96 @@ def test_nonfinite_grid(backend, rng, mode, padding, align):
     for got, want in zip(grads, expected_grads):
         assert np.all(np.isfinite(want))
         assert_close(got, want, "float64")
+
+
+# ------------------------------------------------------------ the NumPy path's two formulations and its chunks
+
+def grid_with_special_values(rng, shape, H, W, align, huge=True):
+    """grid_away_from_kinks with about one value in eight NaN, ±inf or (huge) ±1e30."""
+    grid = grid_away_from_kinks(rng, shape, H, W, align)
+    special = rng.random(grid.shape) < 0.125
+    grid[special] = rng.choice([np.nan, np.inf, -np.inf] + [1e30, -1e30] * huge, int(special.sum()))
+    return grid
+
+
+def numpy_path(x, grid, grad_output, mode, padding, align):
+    """Output and both gradients on the NumPy path."""
+    return (deformcp.grid_sample(x, grid, mode, padding, align),
+            *deformcp.grid_sample_backward(grad_output, x, grid, mode, padding, align))
+
+
+@pytest.mark.parametrize("mode, padding, align", CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("split", ["whole batch", "images in two chunks", "every image in pieces"])
+def test_direct_and_sparse_formulations_agree(rng, monkeypatch, mode, padding, align, split):
+    """The direct gather (few channels) and the sparse matrix (many) on the same inputs: the same output and gradients
+    to rounding in float64 (grid values NaN, ±inf, ±1e30 included), and in float32 each within float32's tolerance of
+    float64 (NaN and ±inf: where reflection takes 1e30 depends on the dtype's rounding); batches in one chunk, or each
+    image's points split over several (the backward adds an image's chunks in order)."""
+    N, C, H, W = 3, 5, 6, 7
+    x = rng.standard_normal((N, C, H, W))
+    grad_output = rng.standard_normal((N, C, 4, 9))
+    grids = {huge: grid_with_special_values(rng, (N, 4, 9), H, W, align, huge) for huge in (True, False)}
+    if split == "images in two chunks":  # (float64: 80 points a chunk; images 0-1 and 2)
+        monkeypatch.setattr(reference, "POINT_CHUNK_BYTES", 80 * (160 + 12 * C * 8))
+        monkeypatch.setattr(deformcp._workspace, "IMAGE_CHUNK_BYTES", 2 * C * (H * W + 1) * 8)
+    elif split != "whole batch":
+        monkeypatch.setattr(reference, "POINT_CHUNK_BYTES", 1000)  # a few points a chunk
+        monkeypatch.setattr(deformcp._workspace, "IMAGE_CHUNK_BYTES", 1)  # one image a chunk
+    results = {}
+    for formulation, direct_max_channels in (("direct", C), ("sparse", C - 1)):
+        monkeypatch.setattr(reference, "DIRECT_MAX_CHANNELS", direct_max_channels)
+        for dtype, huge in (("float64", True), ("float64", False), ("float32", False)):
+            arrays = (a.astype(dtype) for a in (x, grids[huge], grad_output))
+            results[formulation, dtype, huge] = numpy_path(*arrays, mode, padding, align)
+    names = ("output", "grad input", "grad grid")
+    for huge in (True, False):
+        for got, want, name in zip(results["direct", "float64", huge], results["sparse", "float64", huge], names):
+            assert np.all(np.isfinite(want)), name
+            assert testing.relative_error(got, want) <= 1e-12, name
+    for formulation in ("direct", "sparse"):
+        for got, want, name in zip(results[formulation, "float32", False], results[formulation, "float64", False],
+                                   names):
+            assert got.dtype == np.float32, name
+            assert_close(got, want, "float32")
+
+
+@pytest.mark.parametrize("formulation", ["direct", "sparse"])
+def test_threads_do_not_change_results_of_either_formulation(rng, monkeypatch, formulation):
+    """Points of one image split over chunks that run on the thread pool: bitwise the same as one thread."""
+    monkeypatch.setattr(reference, "DIRECT_MAX_CHANNELS", 3 if formulation == "direct" else 2)
+    monkeypatch.setattr(reference, "POINT_CHUNK_BYTES", 20000)
+    monkeypatch.setattr(deformcp._workspace, "IMAGE_CHUNK_BYTES", 1)
+    x = rng.standard_normal((3, 3, 30, 40))
+    grid = rng.uniform(-1.1, 1.1, (3, 25, 35, 2))
+    grad_output = rng.standard_normal((3, 3, 25, 35))
+    threaded = numpy_path(x, grid, grad_output, "bilinear", "zeros", False)
+    monkeypatch.setenv("DEFORMCP_NUM_THREADS", "1")
+    serial = numpy_path(x, grid, grad_output, "bilinear", "zeros", False)
+    for a, b in zip(threaded, serial):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_backward_plans_again_for_a_grid_changed_after_the_forward(rng, monkeypatch):
+    """The backward reads the last forward's plans only for a grid equal to that forward's bit for bit: changed in
+    place, of another dtype, or another grid, it plans again (checked against a NumPy path that keeps no plans)."""
+    x = rng.standard_normal((2, 3, 5, 6))
+    grad_output = rng.standard_normal((2, 3, 4, 4))
+    grid = rng.uniform(-1.2, 1.2, (2, 4, 4, 2))
+    deformcp.grid_sample(x, grid)
+    kept = deformcp.grid_sample_backward(grad_output, x, grid)
+    grid[1, 2, 3, 0] += 0.5   # after the forward, in place
+    changed = deformcp.grid_sample_backward(grad_output, x, grid)
+    deformcp.grid_sample(x.astype(np.float32), grid.astype(np.float32))
+    after_float32 = deformcp.grid_sample_backward(grad_output, x, grid)
+    monkeypatch.setattr(reference, "PLAN_CACHE_POINTS", 0)  # nothing kept from here on
+    monkeypatch.setattr(reference, "_last_plans", ((), None, {}))
+    for got, grid_then in ((changed, grid), (after_float32, grid)):
+        for a, b in zip(got, deformcp.grid_sample_backward(grad_output, x, grid_then)):
+            np.testing.assert_array_equal(a, b)
+    grid[1, 2, 3, 0] -= 0.5
+    for a, b in zip(kept, deformcp.grid_sample_backward(grad_output, x, grid)):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(kept.grid, changed.grid)
 
 
 # ------------------------------------------------------------------------------------------- bad input

@@ -18,6 +18,7 @@ import concurrent.futures
 import functools
 import math
 import os
+import sys
 from typing import Callable, NamedTuple, Optional
 
 import numpy as np
@@ -81,10 +82,11 @@ def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
 os.register_at_fork(after_in_child=_pool.cache_clear)
 
 
-@functools.lru_cache(maxsize=None)
-def _blas() -> threadpoolctl.ThreadpoolController:
-    """The BLAS libraries loaded when the pool first runs (NumPy's, which the NumPy path calls), found once:
-    finding them takes about 0.5 ms, limiting them then about 10 µs."""
+@functools.lru_cache(maxsize=1)
+def _blas(modules: int) -> threadpoolctl.ThreadpoolController:
+    """The BLAS libraries loaded (NumPy's, which the NumPy path calls, and any other), found again when modules were
+    imported since the last call (``modules``: len(sys.modules); an import, scipy.linalg's say, may load another
+    BLAS): finding them takes about 0.5 ms, limiting them then about 10 µs."""
     return threadpoolctl.ThreadpoolController().select(user_api="blas")
 
 
@@ -97,7 +99,7 @@ def for_each_chunk(work: Callable[..., None], chunks) -> None:
         for chunk in chunks:
             work(*chunk)
         return
-    with _blas().limit(limits=1, user_api="blas"):
+    with _blas(len(sys.modules)).limit(limits=1, user_api="blas"):
         for done in _pool(threads).map(lambda chunk: work(*chunk), chunks):
             del done  # map re-raises a worker's exception here
 

@@ -1,7 +1,19 @@
 """The NumPy path of the Spatial Transformer ops (affine_grid, grid_sample): the float64 reference of
-kernels/spatial_transformer.cu. ``cfg`` is the op's checked configuration (deformcp.ops.spatial_transformer)."""
+kernels/spatial_transformer.cu. ``cfg`` is the op's checked configuration (deformcp.ops.spatial_transformer).
+
+grid_sample reads images padded with PAD zero pixels on every side (:func:`padded`), its sample coordinates clamped
+to [-PAD, size] first: every corner of a bilinear sample with -1 ≤ x < W and -1 ≤ y < H is a pixel of the padded
+image (0 outside the image), and a sample the clamp moved reads only zeros, as it should. A chunk's samples are then
+planned (:func:`plan`) as flat pixel indices and weights, with no mask per corner. Two formulations read a plan:
+the direct gather of each sample's pixels from the channels-first images (:func:`sample`, :func:`scatter`), for
+nearest sampling and for few channels (DIRECT_MAX_CHANNELS), and the sparse sampling matrix S against the
+channels-last images (S @ X, S.T @ G: _bilinear), whose cost of building is shared by many channels. Both add a
+sample's corner products in the same order. Chunks run on the thread pool (_bilinear.for_each_chunk); the backward
+adds an image's chunks into its input gradient in order, so results do not depend on the threads.
+"""
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -10,151 +22,356 @@ from .. import _workspace
 from .._kernels import compute_dtype
 from . import _bilinear
 
+#: Channels up to which grid_sample's NumPy path samples bilinearly by the direct gather, above which by the
+#: sparse matrix. Measured on the 2-core AMD EPYC VM, one thread, float32, CPU time of direct ÷ sparse, forward /
+#: forward+backward: 8×C×56×56: C = 4 0.40 / 0.69, C = 8 0.66 / 0.96, C = 12 0.97 / 1.15, C = 16 1.23 / 1.15,
+#: C = 24 1.31 / 1.31; 2×C×128×128: C = 8 0.99 / 0.97, C = 12 1.12 / 1.05; 32×C×28×28: C = 8 1.03 / 1.01,
+#: C = 12 1.19 / 1.14. Nearest sampling always gathers directly: 0.5–0.9× the sparse product's time at every C from
+#: 1 to 128 (8×C×56×56 and 1×C×256×256).
+DIRECT_MAX_CHANNELS = 8
+#: Bytes of one chunk of samples on the direct path (an estimate: their plan, and their pixels' values and
+#: products). Of 0.25, 1, 4 and 16 MiB, 4 MiB was within 20 % of the fastest for each of 32×1×28×28, 8×3×56×56,
+#: 1×3×1024×1024 and 1×1×2048×2048 (one thread, forward and forward+backward); smaller chunks cost NumPy's
+#: per-call time, larger ones give the thread pool fewer chunks.
+POINT_CHUNK_BYTES = 4 << 20
+#: grid_sample's NumPy path keeps the plans of its last forward on a grid of at most PLAN_CACHE_POINTS points (at
+#: most 8 MiB, with a copy of the grid): a backward on a bitwise-equal grid and the same options (autograd's, after
+#: its forward) reads them instead of planning again.
+PLAN_CACHE_POINTS = 1 << 16
+_last_plans: tuple = ((), None, {})  # ((options, direct), grid copy, {chunk: Plan})
 
-def _base_grid(H: int, W: int, align_corners: bool, dtype) -> np.ndarray:
-    """(H·W, 3) rows [x, y, 1]: affine_grid's normalised pixel coordinates."""
-    def axis(n):
-        if n <= 1:
-            return np.zeros(n, dtype)
-        return (2 * np.arange(n, dtype=dtype) - (n - 1)) / (n - 1 if align_corners else n)
 
-    y, x = np.meshgrid(axis(H), axis(W), indexing="ij")
-    return np.stack([x.ravel(), y.ravel(), np.ones(H * W, dtype)], axis=1)
+def _base_axis(n: int, align_corners: bool, dtype) -> np.ndarray:
+    """(n,) normalised coordinates of the pixels along one axis of affine_grid's base grid."""
+    if n <= 1:
+        return np.zeros(n, dtype)
+    return (2 * np.arange(n, dtype=dtype) - (n - 1)) / (n - 1 if align_corners else n)
 
 
 def affine_grid(theta, cfg):
-    """theta (N, 2, 3) → grid (N, H, W, 2)."""
+    """theta (N, 2, 3) → grid (N, H, W, 2): (θ_r0 · x + θ_r1 · y) + θ_r2, in the kernels' order. The terms are
+    made per column and per row, and added as complex numbers x + iy, which NumPy adds part by part: one
+    broadcast sum writes the (x, y) pairs."""
     N, H, W = cfg.N, cfg.H, cfg.W
     if N == 0:  # no base grid to build
         return np.empty((0, H, W, 2), theta.dtype)
     dtype = compute_dtype(theta.dtype)
-    base = _base_grid(H, W, cfg.align_corners, dtype)
-    grid = base @ theta.astype(dtype).transpose(0, 2, 1)
-    return grid.reshape(N, H, W, 2).astype(theta.dtype, copy=False)
+    t = theta.astype(dtype, copy=False)
+    pair = np.dtype(np.complex64 if dtype == np.float32 else np.complex128)
+    x = np.multiply(_base_axis(W, cfg.align_corners, dtype)[:, None], t[:, None, :, 0], order="C").view(pair)
+    y = np.multiply(_base_axis(H, cfg.align_corners, dtype)[:, None], t[:, None, :, 1], order="C").view(pair)
+    grid = np.add(x[:, None, :, 0], y, order="C")  # (N, 1, W) + (N, H, 1)
+    grid += np.ascontiguousarray(t[:, :, 2]).view(pair)[:, :, None]
+    return grid.view(dtype).reshape(N, H, W, 2).astype(theta.dtype, copy=False)
 
 
 def affine_grid_backward(grad_output, theta, cfg, wanted):
-    """grad_output (N, H, W, 2) → (grad_theta (N, 2, 3),)."""
+    """grad_output (N, H, W, 2) → (grad_theta (N, 2, 3),): Σ over the grid of grad_output · (x, y, 1). One product
+    sums over the rows, weighted by 1 and by y, then the columns are summed, weighted by x and by 1."""
     N, H, W = cfg.N, cfg.H, cfg.W
     if N == 0:
         return (np.empty((0, 2, 3), theta.dtype),)
     dtype = compute_dtype(theta.dtype)
-    base = _base_grid(H, W, cfg.align_corners, dtype)
-    g = grad_output.astype(dtype).reshape(N, H * W, 2)
-    return ((g.transpose(0, 2, 1) @ base).astype(theta.dtype, copy=False),)
+    rows = np.stack([np.ones(H, dtype), _base_axis(H, cfg.align_corners, dtype)])
+    over_rows = (rows @ grad_output.astype(dtype, copy=False).reshape(N, H, W * 2)).reshape(N, 2, W, 2)
+    x = _base_axis(W, cfg.align_corners, dtype) @ over_rows[:, 0]
+    y, one = over_rows[:, 1].sum(axis=1), over_rows[:, 0].sum(axis=1)
+    return (np.stack([x, y, one], axis=-1).astype(theta.dtype, copy=False),)
 
 
-def _source_coordinate(g, size: int, padding_mode: str, align_corners: bool):
-    """Pixel coordinate sampled for normalised grid values g along an axis of `size` pixels, and its
-    derivative with respect to g (the kernels' grid_source_coordinate)."""
+# ---------------------------------------------------------------------------------------- grid_sample
+
+def _source_coordinate(g, size, padding_mode: str, align_corners: bool):
+    """Pixel coordinates sampled for normalised grid values g (2, k), rows x and y, overwritten, over an image of
+    ``size`` (2, 1) [[W], [H]] in g's dtype, and their derivatives with respect to g, (2, 1) or (2, k) (the kernels'
+    grid_source_coordinate)."""
+    x = g
+    x += 1
     if align_corners:
-        x, d = (g + 1) / 2 * (size - 1), (size - 1) / 2
+        x /= 2
+        x *= size - 1
+        d = (size - 1) / 2
     else:
-        x, d = ((g + 1) * size - 1) / 2, size / 2
-    d = np.full_like(x, d)
+        x *= size
+        x -= 1
+        x /= 2
+        d = size / 2
     if padding_mode == "reflection":
         twice_low, twice_high = (0, 2 * (size - 1)) if align_corners else (-1, 2 * size - 1)
-        if twice_low == twice_high:
-            x, d = np.zeros_like(x), np.zeros_like(d)
-        else:
-            low, span = twice_low / 2, (twice_high - twice_low) / 2
-            distance = x - low
-            sign = np.where(distance < 0, -1, 1).astype(x.dtype)
-            distance = np.abs(distance)
-            extra = np.fmod(distance, span)
-            even = np.fmod(np.floor(distance / span), 2) == 0
-            x = np.where(even, extra + low, span - extra + low)
-            d = d * np.where(even, sign, -sign)
+        low, span = twice_low / 2, (twice_high - twice_low) / 2
+        distance = x - low
+        sign = np.where(distance < 0, -1, 1).astype(x.dtype)
+        distance = np.abs(distance)
+        extra = np.fmod(distance, span)
+        even = np.fmod(np.floor(distance / span), 2) == 0
+        x = np.where(even, extra + low, span - extra + low)
+        d = d * np.where(even, sign, -sign)
+        one_pixel = span == 0  # align_corners over a 1-pixel axis: always that pixel
+        x, d = np.where(one_pixel, 0, x), np.where(one_pixel, 0, d)
     if padding_mode != "zeros":
         low, high = x <= 0, x >= size - 1
-        x = np.where(low, 0, np.where(high, size - 1, x)).astype(d.dtype)
-        d = np.where(low | high, 0, d)
+        x = np.where(low, 0, np.where(high, size - 1, x)).astype(g.dtype)
+        d = np.where(low | high, 0, d).astype(g.dtype)
     return x, d
 
 
-class _SamplingPlan(NamedTuple):
-    """Where each grid location reads (NumPy path): k = 4 (bilinear) or 1 (nearest) rows of
-    _bilinear.pixels_last(chunk of images) per location, weights and their derivatives."""
+#: Zero pixels around each image on grid_sample's NumPy path (:func:`padded`), on every side: two, so that the
+#: corners of a sample clamped to -PAD or to size are all zeros.
+PAD = 2
 
-    rows: np.ndarray                  # (N, H_out·W_out, k)
-    weight: np.ndarray                # (N, H_out·W_out, k)
-    dweight_dy: Optional[np.ndarray]  # (N, H_out·W_out, k); None for nearest
-    dweight_dx: Optional[np.ndarray]
-    dx_dg: np.ndarray                 # (N, H_out·W_out): derivatives of the source coordinates wrt grid
-    dy_dg: np.ndarray
+
+def padded(images: np.ndarray, dtype, channels_last: bool) -> np.ndarray:
+    """(n, C, H, W) images in dtype with PAD zero pixels on every side, each image's (H + 2·PAD)·(W + 2·PAD)
+    pixels flat: (C, n·(H + 2·PAD)·(W + 2·PAD)), or with channels_last (n·(H + 2·PAD)·(W + 2·PAD), C)."""
+    n, C, H, W = images.shape
+    inner = (slice(PAD, H + PAD), slice(PAD, W + PAD))
+    if channels_last:
+        X = np.zeros((n, H + 2 * PAD, W + 2 * PAD, C), dtype)
+        np.copyto(X[(slice(None), *inner)], images.transpose(0, 2, 3, 1))
+        return X.reshape(-1, C)
+    X = np.zeros((C, n, H + 2 * PAD, W + 2 * PAD), dtype)
+    np.copyto(X[(slice(None), slice(None), *inner)], images.transpose(1, 0, 2, 3))
+    return X.reshape(C, -1)
+
+
+def interior(X: np.ndarray, out: np.ndarray, channels_last: bool) -> None:
+    """Write :func:`padded` images X without their borders into out (n, C, H, W)."""
+    n, C, H, W = out.shape
+    inner = (slice(PAD, H + PAD), slice(PAD, W + PAD))
+    if channels_last:
+        np.copyto(out, X.reshape(n, H + 2 * PAD, W + 2 * PAD, C)[(slice(None), *inner)].transpose(0, 3, 1, 2))
+    else:
+        np.copyto(out, X.reshape(C, n, H + 2 * PAD, W + 2 * PAD)[(slice(None), slice(None), *inner)].transpose(
+            1, 0, 2, 3))
+
+
+class Plan(NamedTuple):
+    """Where the k samples of a chunk read in :func:`padded` images, and with what weights."""
+
+    index: np.ndarray                  # (q, k) flat indices of the pixels each sample reads: the corners (y0, x0),
+                                       # (y0, x1), (y1, x0), (y1, x1) (bilinear, q = 4) or the nearest pixel (q = 1)
+    weight: Optional[np.ndarray]       # (4, k) bilinear weights of the corners; None: nearest, weight 1
+    axis_weight: Optional[np.ndarray]  # (2, 2, k) [x; y] × [lower; upper] weights, whose products are weight
+    slope: np.ndarray                  # (2, 1) or (2, k) derivatives of the pixel coordinates (x; y) wrt the grid
 
 
 @np.errstate(invalid="ignore")  # NaN and ±inf grid values are valid input
-def _sampling_plan(grid, H, W, mode, padding_mode, align_corners, images_per_chunk) -> _SamplingPlan:
-    """The plan of grid (N, H_out, W_out, 2) over N images of H×W pixels, processed in chunks of
-    images_per_chunk images. Built for the whole batch at once: many small NumPy calls per chunk
-    would cost more than the work."""
-    N = grid.shape[0]
-    grid = grid.reshape(N, grid.shape[1] * grid.shape[2], 2)
-    x, dx_dg = _source_coordinate(grid[..., 0], W, padding_mode, align_corners)
-    y, dy_dg = _source_coordinate(grid[..., 1], H, padding_mode, align_corners)
-    image_start = (np.arange(N) % images_per_chunk * (H * W + 1)).reshape(N, 1, 1)
+def plan(grid: np.ndarray, first_image: int, H: int, W: int, mode: str, padding_mode: str,
+         align_corners: bool) -> Plan:
+    """The plan of grid (n, k, 2), the points of images first_image … first_image + n − 1 of the padded images.
+
+    A bilinear sample is zero unless -1 ≤ x < W and -1 ≤ y < H (NaN and ±inf fall in "unless"); at exactly -1
+    it reads 0 · the first row (column), whose weight's derivative is taken from the right: torch's rule, and the
+    kernels' bilinear_setup. A nearest sample rounds half to even and is zero outside the image. Coordinates are
+    clamped to [-PAD, size] (NaN to -PAD) first: the samples that the clamp moves read only the zeros around the
+    image, so no sample needs a mask."""
+    n, k = grid.shape[:2]
+    size = np.array([[W], [H]], grid.dtype)
+    g = grid.reshape(n * k, 2).T.copy()  # C order: the ufuncs' inner loops then run along the points
+    x, slope = _source_coordinate(g, size, padding_mode, align_corners)
+    np.clip(x, -PAD, size, out=x)
+    np.copyto(x, -PAD, where=np.isnan(x))
     if mode == "nearest":
-        ry, rx = np.rint(y), np.rint(x)
-        inside = (ry >= 0) & (ry < H) & (rx >= 0) & (rx < W)
-        # the flat index in integers: ry · W + rx in float32 is off by one past 2**24 pixels
-        ry, rx = (np.where(inside, r, 0).astype(np.int64) for r in (ry, rx))
-        index = np.where(inside, ry * W + rx, H * W)[..., None]
-        return _SamplingPlan(index + image_start, inside[..., None].astype(grid.dtype), None, None, dx_dg, dy_dg)
-    c = _bilinear.corners(y, x, H, W, closed_below=True)
-    return _SamplingPlan(c.index + image_start, c.weight, c.dweight_dy, c.dweight_dx, dx_dg, dy_dg)
+        i = np.rint(x).astype(np.int64)  # the flat index in integers: exact past 2**24 pixels
+        return Plan(_flat_index(i, first_image, n, H, W)[None], None, None, slope)
+    lower = np.floor(x)
+    i = lower.astype(np.int64)
+    upper = np.subtract(x, lower, out=x)  # the weight of the upper corner along each axis
+    axis_weight = np.stack((1 - upper, upper), axis=1)
+    weight = (axis_weight[1, :, None] * axis_weight[0, None, :]).reshape(4, n * k)
+    stride = W + 2 * PAD
+    index = _flat_index(i, first_image, n, H, W) + np.array([[0], [1], [stride], [stride + 1]])
+    return Plan(index, weight, axis_weight, slope)
+
+
+def _flat_index(i: np.ndarray, first_image: int, n: int, H: int, W: int) -> np.ndarray:
+    """Flat indices (n·k,) of the pixels i (2, n·k) [x; y] in n padded images from first_image on."""
+    stride = W + 2 * PAD
+    first = (first_image * (H + 2 * PAD) + PAD) * stride + PAD  # where pixel (0, 0) of the first image is
+    index = i[1] * stride
+    index += i[0]
+    if n == 1:
+        index += first
+        return index
+    index.reshape(n, -1)[...] += first + np.arange(n).reshape(n, 1) * ((H + 2 * PAD) * stride)
+    return index
+
+
+def gather(X: np.ndarray, plan: Plan) -> np.ndarray:
+    """The values (C, q, k) that the samples read from the padded images X (C, ·)."""
+    return X.take(plan.index, axis=1, mode="wrap")  # "wrap" skips the bounds check: the plan's are inside
+
+
+def sample(X: np.ndarray, plan: Plan) -> np.ndarray:
+    """The samples (C, k) of the padded images X (C, ·)."""
+    values = gather(X, plan)
+    if plan.weight is None:
+        return values[:, 0]
+    return (values * plan.weight).sum(axis=1)  # the corners added in order, as S @ X does
+
+
+def scatter(grad_X: np.ndarray, plan: Plan, G: np.ndarray) -> None:
+    """Add the samples' gradients G (C, k) into the padded images' gradient grad_X (C, ·), in order."""
+    values = G[:, None] if plan.weight is None else G[:, None] * plan.weight  # (C, q, k)
+    index = plan.index.reshape(-1)
+    for grad, value in zip(grad_X, values):  # np.add.at is fast for 1-D arrays only
+        np.add.at(grad, index, value.reshape(-1))
+
+
+def grid_gradient(dots: np.ndarray, plan: Plan, out: np.ndarray) -> None:
+    """Write the grid's gradient into out (k, 2), from each corner's values dotted with the output gradient,
+    dots (4, k): the weights' derivatives are ±1 times the other axis's weights."""
+    wx, wy = plan.axis_weight
+    d = dots.reshape(2, 2, -1)  # [y0; y1] × [x0; x1]
+    np.multiply((wy * (d[:, 1] - d[:, 0])).sum(axis=0), plan.slope[0], out=out[:, 0])
+    np.multiply((wx * (d[1] - d[0])).sum(axis=0), plan.slope[1], out=out[:, 1])
+
+
+def sampling_matrix(plan: Plan, n_columns: int):
+    """A bilinear plan as a CSR matrix over the rows of channels-last padded images (the sparse formulation)."""
+    return _bilinear.sampling_matrix(plan.index.T, plan.weight.T, n_columns)
+
+
+def point_chunks(N: int, P: int, per_point: int) -> list[tuple[int, int, int, int]]:
+    """Chunks (n0, n1, p0, p1), images [n0, n1) and points [p0, p1) of each, of at most about POINT_CHUNK_BYTES at
+    per_point bytes a point and near-equal: whole images where one fits, else ranges of one image's points."""
+    points = max(1, POINT_CHUNK_BYTES // per_point)
+    if P <= points:
+        return [(n0, n1, 0, P) for n0, n1 in _workspace.even_ranges(N, max(1, -(-N * P // points)))]
+    return [(n, n + 1, p0, p1) for n in range(N) for p0, p1 in _workspace.even_ranges(P, -(-P // points))]
+
+
+class _Setup(NamedTuple):
+    """What both passes of grid_sample's NumPy path start from."""
+
+    grid: np.ndarray  # (N, P, 2) in the compute dtype
+    dtype: np.dtype   # the compute dtype
+    direct: bool      # the direct gather (nearest, few channels), else the sparse matrix
+    chunks: list      # (n0, n1, p0, p1): images [n0, n1), points [p0, p1) of each (all of them: sparse)
+    options: tuple    # H, W, mode, padding_mode, align_corners for plan()
+
+    def plan(self, chunk, known: dict, keep: Optional[dict] = None) -> Plan:
+        """The plan of a chunk: known[chunk] where there is one, else made now, and put in keep where given and the
+        grid has at most PLAN_CACHE_POINTS points."""
+        found = known.get(chunk)
+        if found is None:
+            n0, n1, p0, p1 = chunk  # the direct path's padded images are the whole batch, the sparse path's the chunk's
+            found = plan(self.grid[n0:n1, p0:p1], n0 if self.direct else 0, *self.options)
+            if keep is not None and self.grid.shape[0] * self.grid.shape[1] <= PLAN_CACHE_POINTS:
+                keep[chunk] = found
+        return found
+
+
+def _setup(input, grid, cfg) -> _Setup:
+    N, C, H, W = input.shape
+    dtype = compute_dtype(input.dtype)
+    grid = grid.reshape(N, cfg.H_out * cfg.W_out, 2).astype(dtype, copy=False)
+    direct = cfg.mode == "nearest" or C <= DIRECT_MAX_CHANNELS
+    P = grid.shape[1]
+    chunks = (point_chunks(N, P, 160 + 12 * C * dtype.itemsize) if direct
+              else [(n0, n1, 0, P) for n0, n1 in _workspace.image_chunks(N, C, H, W, dtype.itemsize)])
+    return _Setup(grid, dtype, direct, chunks, (H, W, cfg.mode, cfg.padding_mode, cfg.align_corners))
+
+
+def _known_plans(s: _Setup) -> dict:
+    """The last forward's plans where its options and grid are s's, bit for bit; else none."""
+    options, grid, plans = _last_plans
+    if options != (s.options, s.direct) or grid is None or grid.shape != s.grid.shape or grid.dtype != s.grid.dtype:
+        return {}
+    bits = f"i{grid.dtype.itemsize}"
+    return plans if np.array_equal(grid.view(bits), s.grid.view(bits)) else {}
+
+
+def _keep_plans(s: _Setup, plans: dict) -> None:
+    """Keep a forward's plans (all of its chunks', or none) for the next backward."""
+    global _last_plans
+    if len(plans) == len(s.chunks):
+        _last_plans = ((s.options, s.direct), s.grid.copy(), plans)
 
 
 def grid_sample(input, grid, cfg):
     """input (N, C, H, W) sampled at grid (N, H_out, W_out, 2) → (N, C, H_out, W_out)."""
-    mode, padding_mode, align_corners = cfg.mode, cfg.padding_mode, cfg.align_corners
     N, C, H, W = input.shape
-    dtype = compute_dtype(input.dtype)
-    chunks = _workspace.image_chunks(N, C, H, W, dtype.itemsize)
-    plan = _sampling_plan(grid.astype(dtype, copy=False), H, W, mode, padding_mode, align_corners,
-                          chunks[0][1] if chunks else 1)
-    out = np.empty((N, C) + grid.shape[1:3], dtype)
+    s = _setup(input, grid, cfg)
+    out = np.empty((N, C, cfg.H_out * cfg.W_out), s.dtype)
+    if out.size == 0:
+        return out.reshape(N, C, cfg.H_out, cfg.W_out).astype(input.dtype)
+    plans = {}  # kept for the next backward
+    if s.direct:
+        X = padded(input, s.dtype, channels_last=False)
 
-    def work(a, b):
-        S = _bilinear.sampling_matrix(plan.rows[a:b], plan.weight[a:b], (b - a) * (H * W + 1))
-        _bilinear.to_channels_first(S @ _bilinear.pixels_last(input[a:b], dtype), out[a:b])
+        def work(*chunk):
+            n0, n1, p0, p1 = chunk
+            samples = sample(X, s.plan(chunk, {}, plans))
+            out[n0:n1, :, p0:p1] = samples.reshape(C, n1 - n0, p1 - p0).transpose(1, 0, 2)
+    else:
+        def work(*chunk):
+            X = padded(input[chunk[0]:chunk[1]], s.dtype, channels_last=True)
+            S = sampling_matrix(s.plan(chunk, {}, plans), X.shape[0])
+            _bilinear.to_channels_first(S @ X, out[chunk[0]:chunk[1]])
 
-    _bilinear.for_each_chunk(work, chunks)
-    return out.astype(input.dtype, copy=False)
+    _bilinear.for_each_chunk(work, s.chunks)
+    _keep_plans(s, plans)
+    return out.reshape(N, C, cfg.H_out, cfg.W_out).astype(input.dtype, copy=False)
 
 
 def grid_sample_backward(grad_output, input, grid, cfg, wanted):
     """(grad_input, grad_grid), None where not wanted."""
-    mode, padding_mode, align_corners = cfg.mode, cfg.padding_mode, cfg.align_corners
     want_input, want_grid = wanted
     N, C, H, W = input.shape
-    dtype = compute_dtype(input.dtype)
-    chunks = _workspace.image_chunks(N, C, H, W, dtype.itemsize)
-    plan = _sampling_plan(grid.astype(dtype, copy=False), H, W, mode, padding_mode, align_corners,
-                          chunks[0][1] if chunks else 1)
-    grad_input = np.empty(input.shape, dtype) if want_input else None
-    grad_grid = np.zeros(grid.shape, dtype) if want_grid else None
-    want_grid = want_grid and mode == "bilinear"  # nearest: the grid gradient is 0
-
-    def work(a, b):
-        locations = plan.rows.shape[1]
-        P = (b - a) * locations
-        G = grad_output[a:b].reshape(b - a, C, locations).transpose(0, 2, 1).reshape(P, C)
-        G = G.astype(dtype, copy=False)
-        if want_input:
-            S = _bilinear.sampling_matrix(plan.rows[a:b], plan.weight[a:b], (b - a) * (H * W + 1))
-            _bilinear.to_channels_first(S.T @ G, grad_input[a:b])
-        if want_grid:
-            # each corner's value dotted with the location's output gradient, then the weights' derivatives
-            X = _bilinear.pixels_last(input[a:b], dtype)
-            corners = X.take(plan.rows[a:b].reshape(-1), axis=0).reshape(P, 4, C)
-            corner_dots = np.matmul(corners, G[:, :, None]).reshape(P, 4)  # matmul: the fastest (P, 4) here
-            gx = np.vecdot(corner_dots, plan.dweight_dx[a:b].reshape(P, 4)) * plan.dx_dg[a:b].reshape(P)
-            gy = np.vecdot(corner_dots, plan.dweight_dy[a:b].reshape(P, 4)) * plan.dy_dg[a:b].reshape(P)
-            grad_grid[a:b] = np.stack([gx, gy], axis=-1).reshape(grad_grid[a:b].shape)
-
-    if want_input or want_grid:
-        _bilinear.for_each_chunk(work, chunks)
-    return tuple(None if g is None else g.astype(input.dtype, copy=False) for g in (grad_input, grad_grid))
+    s = _setup(input, grid, cfg)
+    P = cfg.H_out * cfg.W_out
+    grad_output = grad_output.reshape(N, C, P)
+    grad_input = np.zeros(input.shape, s.dtype) if want_input else None
+    grad_grid = np.zeros((N, P, 2), s.dtype) if want_grid else None
+    want_grid = want_grid and cfg.mode == "bilinear"  # nearest: the grid gradient is 0
+    if (want_input or want_grid) and grad_output.size:
+        (_direct_backward if s.direct else _sparse_backward)(s, _known_plans(s), grad_output, input, grad_input,
+                                                             grad_grid if want_grid else None)
+    return tuple(None if g is None else g.reshape(shape).astype(input.dtype, copy=False)
+                 for g, shape in ((grad_input, input.shape), (grad_grid, grid.shape)))
 
 
+def _direct_backward(s: _Setup, known: dict, grad_output, input, grad_input, grad_grid) -> None:
+    """The direct formulation's gradients, written into grad_input and grad_grid (None: not wanted). The input
+    gradient of an image is added chunk by chunk in order: images run in parallel, each one's chunks in turn."""
+    N, C, H, W = input.shape
+    X = padded(input, s.dtype, channels_last=False) if grad_grid is not None else None
+    grad_X = np.zeros((C, N * (H + 2 * PAD) * (W + 2 * PAD)), s.dtype) if grad_input is not None else None
+
+    def work(*chunk):
+        n0, n1, p0, p1 = chunk
+        p = s.plan(chunk, known)
+        G = grad_output[n0:n1, :, p0:p1].transpose(1, 0, 2).reshape(C, -1).astype(s.dtype, copy=False)
+        if grad_X is not None:
+            scatter(grad_X, p, G)
+        if X is not None:
+            dots = (gather(X, p) * G[:, None]).sum(axis=0)
+            grid_gradient(dots, p, grad_grid[n0:n1, p0:p1].reshape(-1, 2))
+
+    def same_images(*chunks):
+        for chunk in chunks:
+            work(*chunk)
+
+    groups = [tuple(group) for _, group in itertools.groupby(s.chunks, lambda chunk: chunk[:2])]
+    _bilinear.for_each_chunk(same_images, groups)
+    if grad_input is not None:
+        interior(grad_X, grad_input, channels_last=False)
+
+
+def _sparse_backward(s: _Setup, known: dict, grad_output, input, grad_input, grad_grid) -> None:
+    """The sparse formulation's gradients, written into grad_input and grad_grid (None: not wanted)."""
+    C = input.shape[1]
+
+    def work(*chunk):
+        a, b = chunk[:2]
+        p = s.plan(chunk, known)
+        G = grad_output[a:b].transpose(0, 2, 1).reshape(-1, C).astype(s.dtype, copy=False)
+        X = padded(input[a:b], s.dtype, channels_last=True)
+        if grad_input is not None:
+            interior(sampling_matrix(p, X.shape[0]).T @ G, grad_input[a:b], channels_last=True)
+        if grad_grid is not None:
+            dots = np.vecdot(X.take(p.index, axis=0), G)  # (4, k): each corner's values · G
+            grid_gradient(dots, p, grad_grid[a:b].reshape(-1, 2))
+
+    _bilinear.for_each_chunk(work, s.chunks)
