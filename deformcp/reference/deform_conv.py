@@ -88,9 +88,11 @@ def _pixels(input, n0, n1, geo, dtype) -> list:
     return [_bilinear.pixels_last(input[n0:n1, g * Cg:(g + 1) * Cg], dtype) for g in range(geo.offset_groups)]
 
 
-def _add_transposed(target, rows) -> None:
-    """target (C, P) += rows (P, C): a block of channels-last pixels, small enough to be transposed in cache."""
-    target += rows.T
+def _add_transposed(target, rows, step: int) -> None:
+    """target (C, P) += rows[:P] (rows (≥ P, C): channels-last pixels), step pixels at a time (transposed in
+    cache)."""
+    for a, b in _workspace.ranges(target.shape[1], step):
+        target[:, a:b] += rows[a:b].T
 
 
 def _workspace_bytes(geo, dtype, backward: bool) -> tuple[int, int]:
@@ -227,21 +229,17 @@ def deform_conv2d_backward(grad_output, input, offset, weight, bias, mask, geo, 
         for partial in partials or ():
             for q in range(groups):
                 grad_weight[q] += partial[q]
+        step = max(1, _workspace.TRANSPOSE_BLOCK_BYTES // (Cg * dtype.itemsize))
         for g in range(G if want_input else 0):  # the column gradient scattered onto the pixels, image by image
             gg = np.ascontiguousarray(grad_cols[:, :, g * Cg:(g + 1) * Cg]).reshape(n_chunk, P_chunk * K, Cg)
             corner_rows, corner_weights = (a.reshape(n_chunk, P_chunk * K, 4) for a in plan[g])
-            pixels = [None] * n_chunk
 
-            def scatter(i):  # each pixel adds its samples' terms in the order of the samples
-                S = _bilinear.sampling_matrix(corner_rows[i] - i * HW1, corner_weights[i], HW1)
-                pixels[i] = S.T @ gg[i]
+            def scatter(i0, i1):  # each pixel adds its samples' terms in the order of the samples
+                for i in range(i0, i1):
+                    S = _bilinear.sampling_matrix(corner_rows[i] - i * HW1, corner_weights[i], HW1)
+                    _add_transposed(_view(grad_input[n0 + i, g * Cg:(g + 1) * Cg], (Cg, HW)), S.T @ gg[i], step)
 
-            _bilinear.for_each_chunk(scatter, [(i,) for i in range(n_chunk)])
-            step = max(1, _workspace.TRANSPOSE_BLOCK_BYTES // (Cg * dtype.itemsize))
-            pieces = [(_view(grad_input[n0 + i, g * Cg:(g + 1) * Cg], (Cg, HW))[:, a:b], pixels[i][a:b])
-                      for i in range(n_chunk) for a, b in _workspace.ranges(HW, step)]
-            _bilinear.for_each_chunk(_add_transposed, pieces)
-            pixels.clear(), pieces.clear()  # before the next chunk allocates its own
+            _bilinear.for_each_chunk(scatter, _workspace.even_ranges(n_chunk, _workspace.DEFORM_CONV_TASKS))
     if want_weight:
         grad_weight = np.concatenate([w.reshape(Cq_out, K, Cq).transpose(0, 2, 1) for w in grad_weight]).reshape(
             weight.shape)
