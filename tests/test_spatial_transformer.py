@@ -301,8 +301,8 @@ def test_direct_and_sparse_formulations_agree(rng, monkeypatch, mode, padding, a
     x = rng.standard_normal((N, C, H, W))
     grad_output = rng.standard_normal((N, C, 4, 9))
     grids = {huge: grid_with_special_values(rng, (N, 4, 9), H, W, align, huge) for huge in (True, False)}
-    if split == "images in two chunks":  # (float64: 80 points a chunk; images 0-1 and 2)
-        monkeypatch.setattr(reference, "POINT_CHUNK_BYTES", 80 * (160 + 12 * C * 8))
+    if split == "images in two chunks":  # (bilinear float64: 80 points a chunk; images 0-1 and 2)
+        monkeypatch.setattr(reference, "POINT_CHUNK_BYTES", 80 * (160 + 3 * 4 * C * 8))
         monkeypatch.setattr(deformcp._workspace, "IMAGE_CHUNK_BYTES", 2 * C * (H * W + 1) * 8)
     elif split != "whole batch":
         monkeypatch.setattr(reference, "POINT_CHUNK_BYTES", 1000)  # a few points a chunk

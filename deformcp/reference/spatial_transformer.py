@@ -29,8 +29,8 @@ from . import _bilinear
 #: C = 12 1.19 / 1.14. Nearest sampling always gathers directly: 0.5–0.9× the sparse product's time at every C from
 #: 1 to 128 (8×C×56×56 and 1×C×256×256).
 DIRECT_MAX_CHANNELS = 8
-#: Bytes of one chunk of samples on the direct path (an estimate: their plan, and their pixels' values and
-#: products). Of 0.25, 1, 4 and 16 MiB, 4 MiB was within 20 % of the fastest for each of 32×1×28×28, 8×3×56×56,
+#: Bytes of one chunk of samples on the direct path (an estimate: their plan, and their pixels' values, products
+#: and results). Of 0.25, 1, 4 and 16 MiB, 4 MiB was within 20 % of the fastest for each of 32×1×28×28, 8×3×56×56,
 #: 1×3×1024×1024 and 1×1×2048×2048 (one thread, forward and forward+backward); smaller chunks cost NumPy's
 #: per-call time, larger ones give the thread pool fewer chunks.
 POINT_CHUNK_BYTES = 4 << 20
@@ -268,7 +268,8 @@ def _setup(input, grid, cfg) -> _Setup:
     grid = grid.reshape(N, cfg.H_out * cfg.W_out, 2).astype(dtype, copy=False)
     direct = cfg.mode == "nearest" or C <= DIRECT_MAX_CHANNELS
     P = grid.shape[1]
-    chunks = (point_chunks(N, P, 160 + 12 * C * dtype.itemsize) if direct
+    pixels = 1 if cfg.mode == "nearest" else 4  # read per sample and channel
+    chunks = (point_chunks(N, P, 160 + 3 * pixels * C * dtype.itemsize) if direct
               else [(n0, n1, 0, P) for n0, n1 in _workspace.image_chunks(N, C, H, W, dtype.itemsize)])
     return _Setup(grid, dtype, direct, chunks, (H, W, cfg.mode, cfg.padding_mode, cfg.align_corners))
 
