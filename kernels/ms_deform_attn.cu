@@ -65,6 +65,30 @@ struct msda_weights {
   }
 };
 
+// value_grad[pixel · stride] += a_t · weight_k · g for every corner of one head's points (value_grad: pixel 0 of
+// the head's channel in image n; pixels stride apart): atomically, or with plain adds where the calling thread
+// alone writes this channel of this head (the deterministic backward).
+template <typename A, typename T, typename I>
+__device__ __forceinline__ void msda_scatter_head(A* value_grad, const long long* levels, const T* loc,
+                                                  const msda_weights<A, T, I>& a, A g, I stride, I L, int method,
+                                                  bool atomic) {
+  I t = 0;
+  for (I l = 0; l < L; ++l) {
+    const I H = (I)levels[4 * l], W = (I)levels[4 * l + 1], start = (I)levels[4 * l + 2], P = (I)levels[4 * l + 3];
+    A* plane = value_grad + start * stride;
+    for (I p = 0; p < P; ++p, ++t) {
+      bilinear_corners<A, I> c;
+      if (!msda_setup(load_acc(loc[2 * t]), load_acc(loc[2 * t + 1]), H, W, method, c)) continue;
+      const A ag = a[t] * g;
+      for (int k = 0; k < 4; ++k) {
+        if (!c.inside[k]) continue;
+        if (atomic) atomic_add(plane + c.index[k] * stride, c.weight[k] * ag);
+        else plane[c.index[k] * stride] += c.weight[k] * ag;
+      }
+    }
+  }
+}
+
 // out[n, q, m, d] = Σ_t a_t · sample_t; one thread per output element.
 template <typename T, typename I>
 __global__ void ms_deform_attn_forward(const T* value, const long long* levels, const T* locations, const T* weights,
@@ -104,19 +128,8 @@ __global__ void ms_deform_attn_backward_value(const T* grad_output, const long l
     const I d = index % D, head = index / D, m = head % M, n = head / (M * Lq);
     const T* loc = locations + head * loc_stride;
     const msda_weights<A, T, I> a(weights + head * w_stride + w_offset, Tn, fused);
-    const A g = load_acc(grad_output[index]);
-    I t = 0;
-    for (I l = 0; l < L; ++l) {
-      const I H = (I)levels[4 * l], W = (I)levels[4 * l + 1], start = (I)levels[4 * l + 2], P = (I)levels[4 * l + 3];
-      A* plane = grad_value + ((n * S + start) * M + m) * D + d;
-      for (I p = 0; p < P; ++p, ++t) {
-        bilinear_corners<A, I> c;
-        if (!msda_setup(load_acc(loc[2 * t]), load_acc(loc[2 * t + 1]), H, W, method, c)) continue;
-        const A ag = a[t] * g;
-        for (int k = 0; k < 4; ++k)
-          if (c.inside[k]) atomic_add(plane + c.index[k] * M * D, c.weight[k] * ag);
-      }
-    }
+    msda_scatter_head(grad_value + (n * S * M + m) * D + d, levels, loc, a, (A)load_acc(grad_output[index]), M * D, L,
+                      method, true);
   }
 }
 
@@ -135,20 +148,8 @@ __global__ void ms_deform_attn_backward_value_deterministic(const T* grad_output
       const I head = (n * Lq + q) * M + m;
       const T* loc = locations + head * loc_stride;
       const msda_weights<A, T, I> a(weights + head * w_stride + w_offset, Tn, fused);
-      const A g = load_acc(grad_output[head * D + d]);
-      I t = 0;
-      for (I l = 0; l < L; ++l) {
-        const I H = (I)levels[4 * l], W = (I)levels[4 * l + 1], start = (I)levels[4 * l + 2];
-        const I P = (I)levels[4 * l + 3];
-        A* plane = grad_value + ((n * S + start) * M + m) * D + d;
-        for (I p = 0; p < P; ++p, ++t) {
-          bilinear_corners<A, I> c;
-          if (!msda_setup(load_acc(loc[2 * t]), load_acc(loc[2 * t + 1]), H, W, method, c)) continue;
-          const A ag = a[t] * g;
-          for (int k = 0; k < 4; ++k)
-            if (c.inside[k]) plane[c.index[k] * M * D] += c.weight[k] * ag;
-        }
-      }
+      msda_scatter_head(grad_value + (n * S * M + m) * D + d, levels, loc, a, (A)load_acc(grad_output[head * D + d]),
+                        M * D, L, method, false);
     }
   }
 }
