@@ -421,6 +421,32 @@ def test_host_ms_deform_attn_special_weights_and_values(rng, dtype, method):
                     (locations, weights.astype(dtype)), {"method": method}, dtype, rng, finite=False)
 
 
+@pytest.mark.parametrize("method", ["default", "discrete"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_host_ms_deform_attn_unread_non_finite_values(rng, dtype, method):
+    """NaN and inf value pixels that no point reads (each level's first pixel, where the NumPy path clamps the
+    corners of points outside their level or with a non-finite location), and NaN output gradients of queries that
+    sample nothing: every result finite and the same on both paths."""
+    value = rng.standard_normal((2, 27, 2, 3))
+    starts = np.cumsum([0] + [h * w for h, w in ATTENTION_LEVELS])[:-1]
+    value[0, starts], value[1, starts] = np.nan, np.inf
+    locations = np.full((2, 13, 2, 3, 4, 2), np.nan)  # not sampled
+    if method == "default":  # outside every level (nearest sampling clamps these into the level)
+        locations[:, :, :, :, ::2] = rng.uniform(1.5, 3, (2, 13, 2, 3, 2, 2))
+    locations[:, :7, :, 0] = rng.uniform(0.6, 0.9, (2, 7, 2, 4, 2))  # level 0, away from its first pixel
+    weights = rng.uniform(-1, 1, locations.shape[:-1])
+    arrays = (locations.astype(dtype), weights.astype(dtype))
+    out, expected = run_both("host", deformcp.ms_deform_attn, value.astype(dtype), ATTENTION_LEVELS, None, *arrays,
+                             method=method)
+    check(out, expected, dtype)
+    grad_output = rng.standard_normal(expected.shape)
+    grad_output[:, 7:] = np.nan  # queries 7…12 sample nothing
+    grads, expected_grads = run_both("host", deformcp.ms_deform_attn_backward, grad_output.astype(dtype),
+                                     value.astype(dtype), ATTENTION_LEVELS, None, *arrays, method=method)
+    for got, want in zip(grads, expected_grads):
+        check(got, want, dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_host_ms_deform_attn_infinite_weights(rng, dtype):
     """An infinite attention weight makes its (query, head) output non-finite on both paths — which non-finite

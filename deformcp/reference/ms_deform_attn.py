@@ -1,14 +1,14 @@
 """The NumPy path of multi-scale deformable attention (ms_deform_attn, flash_deform_attn): the float64 reference
 of kernels/ms_deform_attn.cu. ``cfg`` is the op's checked configuration (deformcp.ops.ms_deform_attn).
 
-The sparse bilinear formulation. value (N, S, M, D) is laid out per image as one block per head, its S pixels as
-rows and then a row of zeros: X (N, M·(S + 1), D). A chunk of one image's queries has one sampling matrix with a
-row per (query, head), holding its points' bilinear corner weights times their attention weights (one corner,
-weight 1, for nearest sampling) at their rows of the head's block — all levels at once, a corner outside its
-level at the zero row — so the forward is ``A @ X[n]`` and the value gradient ``A.T @ G``. The weights and
-locations get their gradients from each corner's value dotted with the output gradient. Chunks run on the
-thread pool: in the forward all at once, in the backward one image at a time each, adding to the image's value
-gradient in order, so every result is deterministic.
+The sparse bilinear formulation, reading value in place: one image's value (S, M, D) is the matrix V (S·M, D),
+a row per (pixel, head). A chunk of one image's queries has one sampling matrix with a row per (query, head),
+holding its points' bilinear corner weights times their attention weights (one corner, weight 1, for nearest
+sampling) at the corners' rows of V — all levels at once; a corner outside its level is clamped into it with
+weight 0 — so the forward is ``A @ V`` and the value gradient ``A.T @ G``. Weights and locations get their
+gradients from each corner's value dotted with the output gradient. Chunks run on the thread pool: in the
+forward all at once, in the backward one image at a time each, adding to the image's value gradient in order,
+so every result is deterministic.
 """
 from __future__ import annotations
 
@@ -22,12 +22,15 @@ from . import _bilinear
 
 
 class _Plan(NamedTuple):
-    """The corners of a chunk's points, (B, M, T, k) with k = 4 (bilinear) or 1 (nearest)."""
+    """The corners of a chunk's points (B queries, M heads, T points). Corner (i, j) is row y_i and column x_j
+    of the point's level, (i, j) = (0, 0), (0, 1), (1, 0), (1, 1) for bilinear sampling, (0, 0) alone for
+    nearest; its weight is wy[i] · wx[j]."""
 
-    rows: np.ndarray        # rows of the image's X (int64): the head's zero row for corners outside
-    weight: np.ndarray      # interpolation weights, 0 for corners outside
-    dweight_dx: np.ndarray  # derivatives of the weights with respect to the normalised x and y (0 for nearest)
-    dweight_dy: np.ndarray
+    rows: np.ndarray  # (B, M, corners, T): each corner's row of V (clamped into the level)
+    wy: np.ndarray    # (2 or 1, B, M, T): weight of the point's row y_i (0 outside, or not sampled)
+    wx: np.ndarray    # (2 or 1, B, M, T): weight of the point's column x_j
+    in_y: tuple       # (B, M, T) bool each: whether row y_i is read (inside the level, the point sampled)
+    in_x: tuple       # (B, M, T) bool each: whether column x_j is inside the level
 
 
 def _point_levels(cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -39,29 +42,41 @@ def _point_levels(cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 @np.errstate(invalid="ignore", over="ignore")  # NaN and ±inf locations are valid input
-def _plan(locations: np.ndarray, cfg, derivatives: bool) -> _Plan:
-    """The plan of locations (B, M, T, 2), every level at once (the weights' derivatives None without
-    ``derivatives``, or 0 for nearest sampling)."""
-    M = locations.shape[1]
+def _plan(locations: np.ndarray, cfg) -> _Plan:
+    """The plan of locations (B, M, T, 2), every level at once."""
+    B, M, T = locations.shape[:3]
     H, W, start = _point_levels(cfg)
+    index = np.int32 if cfg.S * M < 2**31 else np.int64
+    H, W, start = H.astype(index), W.astype(index), start.astype(index)
     Hf, Wf = H.astype(locations.dtype), W.astype(locations.dtype)  # scaling in the locations' dtype
+    head = np.arange(M, dtype=index)[:, None]
     x, y = locations[..., 0], locations[..., 1]
-    zero_row = cfg.S
-    if cfg.method == "discrete":
+    if cfg.method == "discrete":  # nearest pixel, clamped per axis; a non-finite location reads nothing
         finite = np.isfinite(x) & np.isfinite(y)
-        column = np.clip(np.floor(np.where(finite, x, 0) * Wf + 0.5), 0, W - 1).astype(np.int64)
-        row = np.clip(np.floor(np.where(finite, y, 0) * Hf + 0.5), 0, H - 1).astype(np.int64)
-        pixel = np.where(finite, start + row * W + column, zero_row)[..., None]
-        weight = finite[..., None].astype(locations.dtype)
-        dweight_dx = dweight_dy = np.zeros_like(weight) if derivatives else None
-    else:
-        c = _bilinear.corners(y * Hf - 0.5, x * Wf - 0.5, H, W, closed_below=True, derivatives=derivatives)
-        pixel = np.where(c.index == (H * W)[:, None], zero_row, start[:, None] + c.index)
-        weight, dweight_dx, dweight_dy = c.weight, c.dweight_dx, c.dweight_dy
-        if derivatives:  # per pixel → per normalised coordinate
-            dweight_dx, dweight_dy = dweight_dx * Wf[:, None], dweight_dy * Hf[:, None]
-    head_block = (np.arange(M) * (cfg.S + 1))[:, None, None]
-    return _Plan(pixel + head_block, weight, dweight_dx, dweight_dy)
+        column = np.clip(np.floor(np.where(finite, x, 0) * Wf + 0.5), 0, W - 1).astype(index)
+        row = np.clip(np.floor(np.where(finite, y, 0) * Hf + 0.5), 0, H - 1).astype(index)
+        rows = ((start + row * W + column) * M + head)[:, :, None]
+        weight = finite[None].astype(locations.dtype)
+        return _Plan(rows, weight, np.ones_like(weight), (finite,), (finite,))
+    # pixel coordinates; sampled where -1 <= y < H and -1 <= x < W (at exactly -1: torch's grid_sample)
+    y, x = y * Hf - 0.5, x * Wf - 0.5
+    sampled = (y >= -1) & (x >= -1) & (y < H) & (x < W)
+    y, x = np.where(sampled, y, 0), np.where(sampled, x, 0)
+    fy, fx = np.floor(y), np.floor(x)
+    ly, lx = y - fy, x - fx
+    y0, x0 = fy.astype(index), fx.astype(index)
+    in_y = (sampled & (y0 >= 0), sampled & (y0 < H - 1))  # rows y0 and y0 + 1 inside the level
+    in_x = (x0 >= 0, x0 < W - 1)
+    wy, wx = np.empty((2, B, M, T), ly.dtype), np.empty((2, B, M, T), lx.dtype)
+    for w, fraction, inside in ((wy, ly, in_y), (wx, lx, in_x)):
+        np.multiply(1 - fraction, inside[0], out=w[0])
+        np.multiply(fraction, inside[1], out=w[1])
+    row_start = [(start + np.maximum(y0, 0) * W) * M + head, (start + np.minimum(y0 + 1, H - 1) * W) * M + head]
+    column = [np.maximum(x0, 0) * M, np.minimum(x0 + 1, W - 1) * M]
+    rows = np.empty((B, M, 4, T), index)
+    for c in range(4):
+        np.add(row_start[c // 2], column[c % 2], out=rows[:, :, c])
+    return _Plan(rows, wy, wx, in_y, in_x)
 
 
 def _split(locations, weights, cfg, dtype):
@@ -82,95 +97,124 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
-def _pixels(value: np.ndarray, dtype) -> np.ndarray:
-    """value (N, S, M, D) → X (N, M·(S + 1), D): each image's heads' pixels as rows, each head's then a zero row."""
-    N, S, M, D = value.shape
-    X = np.empty((N, M, S + 1, D), dtype)
-    X[:, :, S] = 0
-    np.copyto(X[:, :, :S], value.transpose(0, 2, 1, 3))
-    return X.reshape(N, M * (S + 1), D)
-
-
-def _query_ranges(cfg) -> list[tuple[int, int]]:
-    """Ranges of one image's Lq queries, each about MSDA_CHUNK_BYTES of plan (four 8-byte values per corner)."""
+def _query_ranges(cfg, chunk_bytes: int) -> list[tuple[int, int]]:
+    """Ranges of one image's Lq queries, each about chunk_bytes of plan (about 32 bytes a corner)."""
     per_query = max(1, cfg.M * cfg.T * 4 * 32)  # T = 0 (no points): one range
-    return _workspace.ranges(cfg.Lq, max(1, _workspace.MSDA_CHUNK_BYTES // per_query))
+    return _workspace.ranges(cfg.Lq, max(1, chunk_bytes // per_query))
 
 
-def _matrix(plan: _Plan, weights: np.ndarray, columns: int):
-    """The chunk's sampling matrix: a row per (query, head), columns the rows of the image's X."""
-    B, M, T, k = plan.rows.shape
-    values = plan.weight * weights[..., None]
-    return _bilinear.sampling_matrix(plan.rows.reshape(B * M, T * k), values.reshape(B * M, T * k), columns)
+def _matrix(plan: _Plan, weights: np.ndarray, rows: np.ndarray, n_columns: int):
+    """The chunk's sampling matrix (weights (B, M, T): the attention weights): a row per (query, head), its corners'
+    weights at the columns ``rows`` (B, M, k, T): the plan's, or those with the corners not read moved to a column
+    of their own (:func:`_read`)."""
+    B, M, k, T = rows.shape
+    values = np.empty(rows.shape, weights.dtype)
+    weighted_wy = plan.wy * weights
+    for c in range(k):
+        np.multiply(weighted_wy[c // 2], plan.wx[c % 2], out=values[:, :, c])
+    return _bilinear.sampling_matrix(rows.reshape(B * M, k * T), values.reshape(B * M, k * T), n_columns)
 
 
-def _corner_dots(X, rows, G):
-    """dots (B, M, T, k): row rows[b, m, t, c] of X (an image's) dotted with G[b·M + m]. Gathered in blocks of
+def _read(plan: _Plan) -> np.ndarray:
+    """(B, M, k, T) bool: whether each corner is read (inside its level, its point sampled)."""
+    inside = np.empty(plan.rows.shape, bool)
+    for c in range(inside.shape[2]):
+        np.logical_and(plan.in_y[c // 2], plan.in_x[c % 2], out=inside[:, :, c])
+    return inside
+
+
+def _corner_dots(V, rows, G):
+    """dots (B, M, k, T): row rows[b, m, c, t] of V (an image's) dotted with G[b·M + m]. Gathered in blocks of
     about MSDA_GATHER_BYTES into one reused buffer, so that the corner values stay in cache."""
     shape = rows.shape
-    heads, D = shape[0] * shape[1], X.shape[1]
+    heads, D = shape[0] * shape[1], V.shape[1]
     rows = rows.reshape(heads, -1)
-    dots = np.empty(rows.shape, X.dtype)
-    step = max(1, _workspace.MSDA_GATHER_BYTES // max(1, rows.shape[1] * D * X.itemsize))
-    buffer = np.empty((min(step, heads), rows.shape[1], D), X.dtype)
+    dots = np.empty((*rows.shape, 1), V.dtype)
+    step = max(1, _workspace.MSDA_GATHER_BYTES // max(1, rows.shape[1] * D * V.itemsize))
+    buffer = np.empty((min(step, heads), rows.shape[1], D), V.dtype)
     for h0, h1 in _workspace.ranges(heads, step):
-        gathered = np.take(X, rows[h0:h1], axis=0, out=buffer[:h1 - h0], mode="clip")
-        np.vecdot(gathered, G[h0:h1, None, :], out=dots[h0:h1])
+        gathered = np.take(V, rows[h0:h1], axis=0, out=buffer[:h1 - h0], mode="clip")
+        np.matmul(gathered, G[h0:h1, :, None], out=dots[h0:h1])
     return dots.reshape(shape)
+
+
+def _images(value, cfg, dtype) -> np.ndarray:
+    """value (N, S, M, D) as N matrices V (S·M, D) in dtype (a view where it already is one)."""
+    return np.ascontiguousarray(value, dtype).reshape(cfg.N, cfg.S * cfg.M, cfg.D)
 
 
 def forward(value, locations, weights, cfg):
     """(N, Lq, M·D) from value and either locations (…, T, 2) and weights (…, T), or the packed array."""
     dtype = compute_dtype(value.dtype)
-    X = _pixels(value, dtype)
+    V = _images(value, cfg, dtype)
     locations, weights = _split(locations, weights, cfg, dtype)
     if cfg.fused:
         weights = _softmax(weights)
     out = np.empty((cfg.N, cfg.Lq, cfg.M * cfg.D), dtype)
 
     def work(n, q0, q1):
-        plan = _plan(locations[n, q0:q1], cfg, derivatives=False)
-        out[n, q0:q1] = (_matrix(plan, weights[n, q0:q1], X.shape[1]) @ X[n]).reshape(q1 - q0, cfg.M * cfg.D)
+        plan = _plan(locations[n, q0:q1], cfg)
+        a = weights[n, q0:q1]
+        chunk = (_matrix(plan, a, plan.rows, V.shape[1]) @ V[n]).reshape(q1 - q0, cfg.M, cfg.D)
+        if not np.isfinite(chunk).all():
+            # perhaps a NaN or inf in V met with weight 0 at a corner that is not read: read a zero row there instead,
+            # but in heads with a non-finite attention weight, which are not finite either way (weight · 0 is NaN)
+            V_read = np.concatenate([V[n], np.zeros((1, cfg.D), dtype)])
+            A = _matrix(plan, a, np.where(_read(plan), plan.rows, V.shape[1]), len(V_read))
+            exact = (A @ V_read).reshape(chunk.shape)
+            chunk = np.where(np.isfinite(a).all(axis=-1)[..., None], exact, chunk)
+        out[n, q0:q1] = chunk.reshape(q1 - q0, cfg.M * cfg.D)
 
-    _bilinear.for_each_chunk(work, [(n, q0, q1) for n in range(cfg.N) for q0, q1 in _query_ranges(cfg)])
+    chunks = [(n, q0, q1) for n in range(cfg.N) for q0, q1 in _query_ranges(cfg, _workspace.MSDA_CHUNK_BYTES)]
+    _bilinear.for_each_chunk(work, chunks)
     return out.astype(value.dtype, copy=False)
 
 
 def backward(grad_output, value, locations, weights, cfg, want_value, want_locations, want_weights):
     """(grad_value, grad_locations, grad_weights), None where not wanted; for flash_deform_attn grad_locations
     is the packed array's gradient (locations and logits) and grad_weights None."""
-    N, S, M, D, T = cfg.N, cfg.S, cfg.M, cfg.D, cfg.T
+    N, M, D, T = cfg.N, cfg.M, cfg.D, cfg.T
     dtype = compute_dtype(value.dtype)
-    X = _pixels(value, dtype)
+    V = _images(value, cfg, dtype)
     locations, weights = _split(locations, weights, cfg, dtype)
     if cfg.fused:
         weights = _softmax(weights)
         want_weights = want_locations
     G = grad_output.astype(dtype, copy=False).reshape(N, cfg.Lq * M, D)
-    grad_X = np.zeros(X.shape, dtype) if want_value else None
+    grad_V = np.zeros(V.shape, dtype) if want_value else None
     grad_locations = np.zeros((N, cfg.Lq, M, T, 2), dtype) if want_locations else None
     grad_weights = np.zeros((N, cfg.Lq, M, T), dtype) if want_weights else None
     bilinear = cfg.method != "discrete"
+    H, W, _ = _point_levels(cfg)
+    Hf, Wf = H.astype(dtype), W.astype(dtype)  # pixels per unit of the normalised y and x
 
     def image(n):
-        for q0, q1 in _query_ranges(cfg):
-            plan = _plan(locations[n, q0:q1], cfg, derivatives=want_locations and bilinear)
-            chunk_weights = weights[n, q0:q1]
+        for q0, q1 in _query_ranges(cfg, _workspace.MSDA_BACKWARD_CHUNK_BYTES):
+            plan = _plan(locations[n, q0:q1], cfg)
+            a = weights[n, q0:q1]
             G_chunk = G[n, q0 * M:q1 * M]
-            if want_value:  # chunk after chunk, in order: deterministic
-                grad_X[n] += _matrix(plan, chunk_weights, X.shape[1]).T @ G_chunk
+            read = _read(plan)
+            if want_value:  # chunk after chunk, in order: deterministic; corners not read add to a column dropped
+                A = _matrix(plan, a, np.where(read, plan.rows, V.shape[1]), V.shape[1] + 1)
+                grad_V[n] += (A.T @ G_chunk)[:-1]
             if not (want_locations or want_weights):
                 continue
-            dots = _corner_dots(X[n], plan.rows, G_chunk)
+            # (B, M, k, T): corner (i, j) at k = 2·i + j, 0 where it is not read
+            v = np.where(read, _corner_dots(V[n], plan.rows, G_chunk), 0)
+            if not bilinear:  # nearest: the location gradient is 0
+                if want_weights:
+                    grad_weights[n, q0:q1] = plan.wy[0] * v[:, :, 0]
+                continue
+            (wy0, wy1), (wx0, wx1), (v00, v01, v10, v11) = plan.wy, plan.wx, v.transpose(2, 0, 1, 3)
             if want_weights:
-                grad_weights[n, q0:q1] = np.vecdot(dots, plan.weight)
-            if want_locations and bilinear:
-                grad_locations[n, q0:q1, ..., 0] = np.vecdot(dots, plan.dweight_dx) * chunk_weights
-                grad_locations[n, q0:q1, ..., 1] = np.vecdot(dots, plan.dweight_dy) * chunk_weights
+                grad_weights[n, q0:q1] = wy0 * (wx0 * v00 + wx1 * v01) + wy1 * (wx0 * v10 + wx1 * v11)
+            if want_locations:  # a corner's weight changes by ±(the other axis' weight) a pixel; 0 where not read
+                grad_locations[n, q0:q1, ..., 0] = (wy0 * (v01 - v00) + wy1 * (v11 - v10)) * a * Wf
+                grad_locations[n, q0:q1, ..., 1] = (wx0 * (v10 - v00) + wx1 * (v11 - v01)) * a * Hf
 
     if want_value or want_locations or want_weights:
         _bilinear.for_each_chunk(image, [(n,) for n in range(N)])
-    grad_value = None if grad_X is None else grad_X.reshape(N, M, S + 1, D)[:, :, :S].transpose(0, 2, 1, 3)
+    grad_value = None if grad_V is None else grad_V.reshape(value.shape)
     if cfg.fused and want_locations:
         # softmax backward: dL/dlogit = a ⊙ (g − Σ a·g)
         grad_logits = weights * (grad_weights - (weights * grad_weights).sum(axis=-1, keepdims=True))
