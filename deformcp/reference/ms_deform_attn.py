@@ -182,7 +182,10 @@ def backward(grad_output, value, locations, weights, cfg, want_value, want_locat
         want_weights = want_locations
     G = grad_output.astype(dtype, copy=False).reshape(N, cfg.Lq * M, D)
     grad_V = np.zeros(V.shape, dtype) if want_value else None
-    grad_locations = np.zeros((N, cfg.Lq, M, T, 2), dtype) if want_locations else None
+    # flash_deform_attn: the packed array's gradient, its locations' part written in place
+    grad_packed = np.zeros((N, cfg.Lq, M, 3 * T), dtype) if cfg.fused and want_locations else None
+    grad_locations = (None if not want_locations else np.zeros((N, cfg.Lq, M, T, 2), dtype) if grad_packed is None
+                      else grad_packed[..., :2 * T].reshape(N, cfg.Lq, M, T, 2))
     grad_weights = np.zeros((N, cfg.Lq, M, T), dtype) if want_weights else None
     bilinear = cfg.method != "discrete"
     H, W, _ = _point_levels(cfg)
@@ -217,9 +220,8 @@ def backward(grad_output, value, locations, weights, cfg, want_value, want_locat
     grad_value = None if grad_V is None else grad_V.reshape(value.shape)
     if cfg.fused and want_locations:
         # softmax backward: dL/dlogit = a ⊙ (g − Σ a·g)
-        grad_logits = weights * (grad_weights - (weights * grad_weights).sum(axis=-1, keepdims=True))
-        grad_locations = np.concatenate([grad_locations.reshape(N, cfg.Lq, M, 2 * T), grad_logits], axis=-1)
-        grad_weights = None
+        grad_packed[..., 2 * T:] = weights * (grad_weights - (weights * grad_weights).sum(axis=-1, keepdims=True))
+        grad_locations, grad_weights = grad_packed, None
     return tuple(None if g is None else np.ascontiguousarray(g).astype(value.dtype, copy=False)
                  for g in (grad_value, grad_locations, grad_weights))
 
