@@ -31,6 +31,7 @@ Every benchmark takes --device, --repeat, --warmup, --quick (tiny sizes, no file
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import dataclasses
 import datetime
@@ -751,6 +752,9 @@ def add_arguments(parser: argparse.ArgumentParser, results_name: Optional[str] =
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch.set_num_threads(N) first (default: torch's own choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--background-load", type=int, default=0, metavar="N",
+                        help="keep N other processes busy (one CPU each, a plain Python loop) while this one "
+                             "runs: timings under a concurrent load (default 0)")
     if results_name is None:
         parser.add_argument("--output", default=None, metavar="FOLDER",
                             help="write FOLDER/<benchmark>.{json,md} (default: no files)")
@@ -799,7 +803,7 @@ def case_size(args: argparse.Namespace, defaults: dict, count: str) -> tuple[tup
 def forwarded(args: argparse.Namespace) -> list[str]:
     """:func:`add_arguments`' options in ``args`` as a command line for a benchmark (not --output)."""
     argv = ["--device", args.device, "--seed", str(args.seed)]
-    for option in ("repeat", "warmup", "torch_threads"):
+    for option in ("repeat", "warmup", "torch_threads", "background_load"):
         if getattr(args, option) is not None:
             argv += [f"--{option.replace('_', '-')}", str(getattr(args, option))]
     return argv + [f"--{flag}" for flag in ("quick", "interleave") if getattr(args, flag)]
@@ -866,6 +870,9 @@ def start(parser: argparse.ArgumentParser, args: argparse.Namespace, torch=None)
         if torch is not None:
             torch.set_num_threads(args.torch_threads)
     warn_blas()
+    if args.background_load < 0:
+        parser.error("--background-load must be at least 0")
+    start_background_load(args.background_load)
     if args.device == "cuda":
         problem = gpu_problem()
         if problem:
@@ -873,6 +880,17 @@ def start(parser: argparse.ArgumentParser, args: argparse.Namespace, torch=None)
             return None
     return Plan(repeat, warmup, 0.0 if args.quick else 0.25, args.interleave,
                 getattr(args, "max_row_time", None), args.quick)
+
+
+#: A process of --background-load: busy until killed when the benchmark exits, and for an hour at most.
+SPIN = "import time\nend = time.monotonic() + 3600\nwhile time.monotonic() < end:\n    pass"
+
+
+def start_background_load(processes: int) -> None:
+    """Start ``processes`` processes that keep a CPU busy each until this process exits."""
+    spinners = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(processes)]
+    if spinners:
+        atexit.register(lambda: [spinner.kill() for spinner in spinners])
 
 
 def gpu_problem() -> Optional[str]:

@@ -12,6 +12,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -147,6 +148,31 @@ def test_bench_script_runs_from_the_checkout(tmp_path):
     payload = _strict_json((tmp_path / "run.json").read_text())
     assert payload["benchmark"] == "run" and "bench_deform_roi_pool.py --quick" in payload["command"]
     assert f"wrote {tmp_path / 'run.json'}" in result.stdout
+
+
+def test_background_load_keeps_cpus_busy_while_the_benchmark_runs(tmp_path):
+    """--background-load 2: two other processes busy during the run (the harness's measure of other load sees
+    them), gone when it exits."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(PACKAGE_ROOT / 'benchmarks')!r})\n"
+        "import argparse, harness\n"
+        "parser = argparse.ArgumentParser(); harness.add_arguments(parser, 'probe')\n"
+        "args = parser.parse_args(['--background-load', '2'])\n"
+        "harness.start(parser, args)\n"
+        "load = harness.OtherLoad().start(); time.sleep(1.0)\n"
+        "print(load.stop())\n")
+    result = _subprocess([str(probe)], tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    busy = float(result.stdout.split()[-1])
+    assert busy > 0.5 * min(2, os.cpu_count()) / os.cpu_count()
+    for _ in range(50):  # killed at exit: gone within moments
+        spinning = subprocess.run(["pgrep", "-f", "end = time.monotonic"], capture_output=True, text=True)
+        if not spinning.stdout.strip():
+            break
+        time.sleep(0.1)
+    assert spinning.stdout.strip() == ""
 
 
 def test_interleaved_timing_takes_turns_and_reports_quartiles():
