@@ -138,6 +138,17 @@ def num_threads() -> int:
     return threads
 
 
+def host_atomics() -> bool:
+    """Whether the host backend's backward runs its atomic kernels where ``deterministic=False`` — those the CUDA
+    backend runs — as ``DEFORMCP_HOST_ATOMICS=1`` asks (the tests do, so that every kernel runs). By default it
+    runs the deterministic kernels, which are the faster ones on the CPU, where atomics are compare-and-swap
+    loops."""
+    value = os.environ.get("DEFORMCP_HOST_ATOMICS", "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"DEFORMCP_HOST_ATOMICS: expected 0 or 1 (or unset, for 0), got {value!r}")
+    return value == "1"
+
+
 def available_cpus() -> int:
     """The CPUs this process may use: those of its affinity mask, at most its cgroup's CPU quota rounded up (a
     container limited to 2 CPUs on a 64-core machine gets 2)."""

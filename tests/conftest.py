@@ -6,6 +6,10 @@ import pytest
 
 from deformcp import _dispatch, _host, testing
 
+#: The host backend runs its atomic backward kernels where a test asks for deterministic=False, as the CUDA backend
+#: does (by default it runs the deterministic ones, faster on the CPU), so that every kernel runs in the tests.
+os.environ.setdefault("DEFORMCP_HOST_ATOMICS", "1")
+
 #: One seed per test session, fresh each run; set DEFORMCP_TEST_SEED to replay a run.
 SEED = int(os.environ.get("DEFORMCP_TEST_SEED") or np.random.SeedSequence().entropy % 2**32)
 

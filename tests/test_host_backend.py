@@ -112,3 +112,39 @@ def test_num_threads_sets_the_openmp_threads(thread_probe, monkeypatch, threads)
     out = np.zeros(64)
     thread_probe((64,), (32,), (out, np.int32(64)))
     assert out.all() and len(set(out)) == threads
+
+
+@pytest.mark.parametrize("atomics, deterministic", [("", True), ("0", True), ("1", False)])
+def test_the_backward_runs_the_deterministic_kernels_unless_asked_for_atomics(rng, monkeypatch, atomics,
+                                                                              deterministic):
+    """deterministic=False on the host backend: the deterministic kernels (faster on the CPU) unless
+    DEFORMCP_HOST_ATOMICS=1 asks for the atomic ones that CUDA runs; the gradients equal either way."""
+    import deformcp
+
+    launched = []
+    real_launch = _kernels.launch
+
+    def recording_launch(backend, family, name, *args, **kwargs):
+        launched.append(name)
+        return real_launch(backend, family, name, *args, **kwargs)
+
+    monkeypatch.setattr(_kernels, "launch", recording_launch)
+    monkeypatch.setenv("DEFORMCP_HOST_ATOMICS", atomics)
+    x, grid = rng.standard_normal((2, 3, 5, 6)), rng.uniform(-1.2, 1.2, (2, 4, 3, 2))
+    grad_output = rng.standard_normal((2, 3, 4, 3))
+    with deformcp.backend("host"):
+        grads = deformcp.grid_sample_backward(grad_output, x, grid)
+    expected_grads = deformcp.grid_sample_backward(grad_output, x, grid)
+    # the input gradient: scattered by grid_sample_backward (with the grid's), or gathered per plane
+    assert ("grid_sample_backward_input_deterministic" in launched) == deterministic
+    for got, want in zip(grads, expected_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_host_atomics_refuses_other_values(monkeypatch, rng):
+    import deformcp
+
+    monkeypatch.setenv("DEFORMCP_HOST_ATOMICS", "yes")
+    x, grid = rng.standard_normal((1, 1, 3, 3)), rng.uniform(-1, 1, (1, 2, 2, 2))
+    with deformcp.backend("host"), pytest.raises(ValueError, match="DEFORMCP_HOST_ATOMICS: expected 0 or 1"):
+        deformcp.grid_sample_backward(np.ones((1, 1, 2, 2)), x, grid)

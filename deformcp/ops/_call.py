@@ -3,7 +3,7 @@
 The public functions are ``return forward(SPEC, locals())`` and ``return backward(SPEC, locals())``."""
 from __future__ import annotations
 
-from .. import _dispatch, _validate
+from .. import _dispatch, _validate, _workspace
 from ._spec import OpSpec
 
 #: The backward's own arguments (not the forward's options).
@@ -57,7 +57,9 @@ def run_backward(spec: OpSpec, grad_output, arrays: dict, options: dict, needs_i
     asked = _validate.needs_grad(needs_input_grad, fields)
     named = dict(zip(spec.arrays, arrays))
     wanted = tuple(w and named[field] is not None for w, field in zip(asked, fields))
-    deterministic = _validate.flag("deterministic", deterministic)
+    # the host backend's deterministic kernels are also its faster ones (_workspace.host_atomics)
+    deterministic = _validate.flag("deterministic", deterministic) or (call.backend == "host"
+                                                                       and not _workspace.host_atomics())
     shape, layout = spec.output(config)
     _validate.grad_output(grad_output, shape, layout, **{spec.arrays[0]: arrays[0]})
     if not any(wanted):
