@@ -1,15 +1,23 @@
 """JAX bindings for deformcp: every op as a differentiable function that works under ``jax.grad`` and ``jax.jit``.
 
-Import it explicitly (``import deformcp`` never imports JAX)::
+Import it explicitly (``import deformcp`` never imports JAX):
 
-    import jax
-    import deformcp.jax as djax
-
-    grid = djax.affine_grid(theta, x.shape)
-    loss = lambda x, theta: djax.grid_sample(x, djax.affine_grid(theta, x.shape)).sum()
-    g_theta = jax.jit(jax.grad(loss, argnums=1))(x, theta)
-    conv = jax.jit(djax.deform_conv2d, static_argnames=("stride", "padding", "dilation"))
-    y = conv(x, offset, weight, bias, padding=1, mask=mask)
+>>> import jax, jax.numpy as jnp, deformcp.jax as djax
+>>> x = jnp.arange(16.0).reshape(1, 1, 4, 4)
+>>> theta = jnp.array([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])       # identity
+>>> loss = lambda x, theta: djax.grid_sample(x, djax.affine_grid(theta, x.shape)).sum()
+>>> g_x, g_theta = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, theta)
+>>> print(g_x[0, 0])                                               # every pixel read once, with weight 1
+[[1. 1. 1. 1.]
+ [1. 1. 1. 1.]
+ [1. 1. 1. 1.]
+ [1. 1. 1. 1.]]
+>>> g_theta.shape
+(1, 2, 3)
+>>> conv = jax.jit(djax.deform_conv2d, static_argnames=("stride", "padding", "dilation"))
+>>> weight, offset = jnp.ones((2, 1, 3, 3)), jnp.zeros((1, 2 * 9, 4, 4))
+>>> float(conv(x, offset, weight, padding=1)[0, 0, 1, 1])         # zero offsets: the 3×3 sum around (1, 1)
+45.0
 
 Functions: affine_grid, grid_sample, roi_align, ps_roi_align, deform_conv2d, deform_roi_pool,
 deform_ps_roi_pool, mimic_loss, ms_deform_attn and flash_deform_attn, with the names, argument order and

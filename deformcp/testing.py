@@ -2,9 +2,14 @@
 available backend on fresh random inputs, against the float64 NumPy reference.
 
 >>> from deformcp import testing
->>> results = testing.check()                 # what ``python -m deformcp check`` runs
->>> print(testing.format_results(results))
->>> assert all(r.ok for r in results)
+>>> results = testing.check(ops=["roi_align"], backends=["numpy"], seed=0)   # check(): every op and backend
+>>> print(testing.format_results(results))    # what ``python -m deformcp check`` prints
+op         backend  dtype     forward err  backward err  tolerance
+roi_align  numpy    float32   ...          ...           1e-05      ok
+roi_align  numpy    float64   ...          ...           1e-12      ok
+...
+>>> all(r.ok for r in results)
+True
 
 The ops and their parity configurations are those of the spec table, ``deformcp.ops.SPECS``.
 """
@@ -53,25 +58,56 @@ def gpu_available() -> str | None:
 
         count = cupy.cuda.runtime.getDeviceCount()
     except Exception as e:  # no driver, no runtime library, ...
-        return f"no usable CUDA device ({type(e).__name__}: {e})"
+        return f"no usable CUDA device: {type(e).__name__}: {e}"
     return None if count > 0 else "no CUDA device"
+
+
+#: Backends besides the NumPy reference, in the order check runs them.
+BACKENDS = ("host", "cuda")
+#: Dtypes check runs where nothing rules them out (see :func:`dtype_problem`).
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+
+def backend_problem(backend: str) -> str | None:
+    """None when ``backend`` ("host" or "cuda") can run here, else why not."""
+    from . import _host
+
+    problems = {"host": _host.available, "cuda": gpu_available}
+    if backend not in problems:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    return problems[backend]()
 
 
 def available_backends() -> list[str]:
     """Backends besides the NumPy reference that can run here: "host" and/or "cuda"."""
-    from . import _host
+    return [b for b in BACKENDS if backend_problem(b) is None]
 
-    backends = ["host"] if _host.available() is None else []
-    return backends + (["cuda"] if gpu_available() is None else [])
+
+def dtype_problem(dtype: str, backend: str | None = None) -> str | None:
+    """None when ``dtype`` is checked on ``backend``, else why not: bfloat16 needs ml_dtypes (NumPy's
+    bfloat16), and "cuda" has none (CuPy has no bfloat16 array type; the kernels are compiled for it all the
+    same)."""
+    if dtype != "bfloat16":
+        return None
+    if backend == "cuda":
+        return "CuPy has no bfloat16 arrays"
+    if importlib.util.find_spec("ml_dtypes") is None:
+        return "ml_dtypes is not installed"
+    import ml_dtypes  # noqa: F401  (registers "bfloat16" with NumPy)
+    return None
 
 
 def dtypes(backend: str | None = None) -> tuple[str, ...]:
-    """Dtypes checked: float32, float64, float16, and bfloat16 where ml_dtypes makes it a NumPy dtype —
-    except on "cuda": CuPy has no bfloat16 array type (the kernels are compiled for it all the same)."""
-    if backend == "cuda" or importlib.util.find_spec("ml_dtypes") is None:
-        return ("float32", "float64", "float16")
-    import ml_dtypes  # noqa: F401  (registers "bfloat16" with NumPy)
-    return ("float32", "float64", "float16", "bfloat16")
+    """Dtypes checked on ``backend``: those of :data:`DTYPES` that :func:`dtype_problem` allows."""
+    return tuple(d for d in DTYPES if dtype_problem(d, backend) is None)
+
+
+def skipped(backends) -> list[str]:
+    """What :func:`check` over ``backends`` leaves out, one line each with why: the backends of
+    :data:`BACKENDS` that are not in ``backends`` and cannot run here, and the dtypes ruled out on those run."""
+    lines = [f"{b}: skipped ({backend_problem(b)})" for b in BACKENDS if b not in backends and backend_problem(b)]
+    return lines + [f"{d} on {b}: skipped ({dtype_problem(d, b)})"
+                    for b in backends for d in DTYPES if dtype_problem(d, b)]
 
 
 def relative_error(actual, reference) -> float:
@@ -125,16 +161,23 @@ def _check_one(spec: OpSpec, backend: str, dtype: str, rng: np.random.Generator)
     return CheckResult(spec.name, backend, dtype, forward_error, backward_error, TOLERANCE[dtype])
 
 
-def check(ops=None, backends=None, seed=None) -> list[CheckResult]:
-    """Run the parity cases of the ops (all, or those named in ops) on backends (default: all available)."""
+def check(ops=None, backends=None, seed=None, progress=None) -> list[CheckResult]:
+    """Run the parity cases of the ops (all, or those named in ops) on backends (default: all available).
+
+    ``progress(n, total, label)``, where given, is called before each op × backend ("grid_sample/host"),
+    n counting from 1."""
     rng = np.random.default_rng(seed)
     unknown = set(ops or ()) - set(SPECS)
     if unknown:
         raise ValueError(f"ops: unknown {sorted(unknown)}; known: {sorted(SPECS)}")
     selected = [SPECS[name] for name in (ops or SPECS)]
-    return [_check_one(spec, backend, dtype, rng)
-            for spec, backend in itertools.product(selected, backends or available_backends())
-            for dtype in dtypes(backend)]
+    pairs = list(itertools.product(selected, backends or available_backends()))
+    results = []
+    for n, (spec, backend) in enumerate(pairs, 1):
+        if progress is not None:
+            progress(n, len(pairs), f"{spec.name}/{backend}")
+        results += [_check_one(spec, backend, dtype, rng) for dtype in dtypes(backend)]
+    return results
 
 
 def format_results(results) -> str:

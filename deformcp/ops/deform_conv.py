@@ -247,11 +247,16 @@ def deform_conv2d(input, offset, weight, bias=None, stride: IntPair = 1, padding
     outside the image reading 0. The work is done in chunks under :func:`deformcp.workspace_limit`: several
     whole images, or ranges of output rows of one image when an image alone does not fit.
 
-    >>> x = np.random.rand(2, 8, 10, 10).astype(np.float32)
-    >>> w = np.random.rand(16, 8, 3, 3).astype(np.float32)
-    >>> offset = np.random.randn(2, 2 * 9, 10, 10).astype(np.float32)
+    >>> import numpy as np, deformcp
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.random((2, 8, 10, 10), np.float32)
+    >>> w = rng.random((16, 8, 3, 3), np.float32)
+    >>> offset = rng.standard_normal((2, 2 * 9, 10, 10), np.float32)
     >>> deformcp.deform_conv2d(x, offset, w, padding=1).shape
     (2, 16, 10, 10)
+    >>> shifted = deformcp.deform_conv2d(x, np.ones_like(offset), w, padding=1)   # every tap moved by (1, 1)
+    >>> bool(np.allclose(shifted[:, :, :-1, :-1], deformcp.deform_conv2d(x, 0 * offset, w, padding=1)[:, :, 1:, 1:]))
+    True
 
     Every rule in full, with the border cases: docs/conventions.md.
     """

@@ -189,9 +189,11 @@ def deform_ps_roi_pool(input, rois, offset, output_dim: int, group_size: int, po
     Dai et al., "Deformable Convolutional Networks", ICCV 2017, https://arxiv.org/abs/1703.06211 (section
     2.2, deformable position-sensitive RoI pooling).
 
-    >>> x = np.random.rand(2, 3 * 7 * 7, 32, 32).astype(np.float32)
+    >>> import numpy as np, deformcp
+    >>> rng = np.random.default_rng(0)
+    >>> x = rng.random((2, 3 * 7 * 7, 32, 32), np.float32)
     >>> rois = np.array([[0, 2, 3, 20, 18], [1, 0, 0, 31, 31]], np.float32)
-    >>> offset = 0.1 * np.random.randn(2, 2, 7, 7).astype(np.float32)
+    >>> offset = 0.1 * rng.standard_normal((2, 2, 7, 7), np.float32)
     >>> deformcp.deform_ps_roi_pool(x, rois, offset, 3, 7, 7, trans_std=0.1).shape
     (2, 3, 7, 7)
 

@@ -92,6 +92,7 @@ def mimic_loss(f_a, f_b):
     so results are deterministic. Zhu et al., "Deformable ConvNets v2: More Deformable, Better Results",
     CVPR 2019, https://arxiv.org/abs/1811.11168 (section 3.3).
 
+    >>> import numpy as np, deformcp
     >>> f_a = np.array([[1.0, 0.0], [1.0, 2.0], [0.0, 0.0]])
     >>> f_b = np.array([[0.0, 3.0], [2.0, 4.0], [5.0, 6.0]])
     >>> float(deformcp.mimic_loss(f_a, f_b))     # orthogonal 1 + parallel 0 + zero row 1
@@ -118,7 +119,12 @@ def mimic_loss_backward(grad_output, f_a, f_b, needs_input_grad=(True, True)):
         taken as 0, a constant); a row with a NaN or ±inf entry gets NaN. Deterministic on every backend
         (each row's gradients are written by one thread, no atomics).
 
+    >>> import numpy as np, deformcp
+    >>> f_a, f_b = np.array([[1.0, 0.0], [0.0, 0.0]]), np.array([[1.0, 1.0], [5.0, 6.0]])
     >>> g = deformcp.mimic_loss_backward(np.array(1.0), f_a, f_b)   # g.f_a, g.f_b: (K, D)
+    >>> print(g.f_a)                                                 # the zero row gets 0
+    [[ 0.         -0.70710678]
+     [ 0.          0.        ]]
     """
     return backward(MIMIC_LOSS, locals())
 

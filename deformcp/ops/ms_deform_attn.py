@@ -278,11 +278,19 @@ def ms_deform_attn(value, spatial_shapes: LevelShapes, level_start_index: Option
     head's output non-finite (NaN or ±inf: which one may differ between backends). Any batch size (no
     ``im2col_step``). https://arxiv.org/abs/2010.04159 (eq. 3).
 
+    >>> import numpy as np, deformcp
+    >>> rng = np.random.default_rng(0)
     >>> shapes = [(32, 32), (16, 16)]
-    >>> value = np.random.rand(2, 32 * 32 + 16 * 16, 8, 32)
-    >>> locations = np.random.rand(2, 100, 8, 2, 4, 2)
-    >>> weights = np.random.rand(2, 100, 8, 2, 4)
-    >>> out = deformcp.ms_deform_attn(value, shapes, None, locations, weights)   # (2, 100, 256)
+    >>> value = rng.random((2, 32 * 32 + 16 * 16, 8, 32))
+    >>> locations = rng.random((2, 100, 8, 2, 4, 2))
+    >>> weights = rng.random((2, 100, 8, 2, 4))
+    >>> out = deformcp.ms_deform_attn(value, shapes, None, locations, weights)
+    >>> out.shape
+    (2, 100, 256)
+    >>> ones = np.ones_like(value)                                   # constant value: out = Σ weights
+    >>> bool(np.allclose(deformcp.ms_deform_attn(ones, shapes, None, 0.5 + 0 * locations, weights)[..., 0],
+    ...                  weights.sum(axis=(3, 4))[..., 0]))
+    True
     """
     return forward(MS_DEFORM_ATTN, locals())
 

@@ -146,10 +146,14 @@ def roi_align(input, boxes, output_size: IntPair, spatial_scale: float = 1.0, sa
     coordinates in [−1, 0] read row/column 0. A box with a NaN or ±inf coordinate pools to 0 and gets no
     gradient; a bin without samples pools to 0; max pooling: NaN wins, ties go to the first sample.
 
-    >>> x = np.random.rand(2, 16, 32, 32).astype(np.float32)
+    >>> import numpy as np, deformcp
+    >>> x = np.random.default_rng(0).random((2, 16, 32, 32), np.float32)
     >>> boxes = np.array([[0, 2.0, 3.0, 20.0, 18.5], [1, 0.0, 0.0, 31.0, 31.0]], np.float32)
     >>> deformcp.roi_align(x, boxes, 7, sampling_ratio=2, aligned=True).shape
     (2, 16, 7, 7)
+    >>> ramp = np.arange(16.0).reshape(1, 1, 4, 4)                # value = 4·row + column
+    >>> deformcp.roi_align(ramp, np.array([[0, 0.0, 0.0, 4.0, 4.0]]), 1, aligned=True)[0, 0]   # its mean
+    array([[7.5]])
 
     Every rule in full, with the border cases: docs/conventions.md.
     """
@@ -187,7 +191,8 @@ def ps_roi_align(input, boxes, output_size: IntPair, spatial_scale: float = 1.0,
 
     Dai et al., "R-FCN", NeurIPS 2016, https://arxiv.org/abs/1605.06409.
 
-    >>> x = np.random.rand(1, 2 * 3 * 3, 16, 16)
+    >>> import numpy as np, deformcp
+    >>> x = np.random.default_rng(0).random((1, 2 * 3 * 3, 16, 16))
     >>> deformcp.ps_roi_align(x, np.array([[0, 1.0, 1.0, 12.0, 9.0]]), 3).shape
     (1, 2, 3, 3)
 
@@ -306,11 +311,16 @@ def deform_roi_pool(input, rois, offset=None, output_size: IntPair = 7, spatial_
     are counted. A NaN or ±inf box or offset makes the bin pool to 0 with no gradient. Same as
     mmcv.ops.deform_roi_pool (times the mask for ModulatedDeformRoIPool).
 
-    >>> x = np.random.rand(1, 8, 16, 16).astype(np.float32)
+    >>> import numpy as np, deformcp
+    >>> x = np.random.default_rng(0).random((1, 8, 16, 16), np.float32)
     >>> rois = np.array([[0, 2.0, 2.0, 12.0, 10.0]], np.float32)
     >>> offset = np.zeros((1, 2, 3, 3), np.float32)
-    >>> deformcp.deform_roi_pool(x, rois, offset, 3, sampling_ratio=2).shape
+    >>> y = deformcp.deform_roi_pool(x, rois, offset, 3, sampling_ratio=2)
+    >>> y.shape
     (1, 8, 3, 3)
+    >>> aligned = deformcp.roi_align(x, rois, 3, sampling_ratio=2, aligned=True)   # zero offsets: RoIAlign
+    >>> bool(np.allclose(y, aligned))
+    True
 
     Every rule in full, with the border cases: docs/conventions.md.
     """

@@ -90,8 +90,13 @@ def affine_grid(theta, size: Sequence[int], align_corners: bool = False):
     Same as torch.nn.functional.affine_grid for 4-D sizes. Jaderberg et al., "Spatial Transformer
     Networks", NeurIPS 2015, https://arxiv.org/abs/1506.02025 (eq. 1).
 
+    >>> import numpy as np, deformcp
     >>> theta = np.array([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])   # identity
-    >>> grid = deformcp.affine_grid(theta, (1, 3, 4, 5))          # (1, 4, 5, 2)
+    >>> grid = deformcp.affine_grid(theta, (1, 3, 4, 5))
+    >>> grid.shape
+    (1, 4, 5, 2)
+    >>> print(grid[0, 0, 0], grid[0, -1, -1])                     # (x, y) of the corner pixels' centres
+    [-0.8  -0.75] [0.8  0.75]
 
     Every rule in full, with the border cases: docs/conventions.md.
     """
@@ -212,9 +217,15 @@ def grid_sample(input, grid, mode: str = "bilinear", padding_mode: str = "zeros"
     torch.nn.functional.grid_sample for 4-D input. Jaderberg et al., "Spatial Transformer Networks",
     NeurIPS 2015, https://arxiv.org/abs/1506.02025 (eq. 5, the bilinear kernel).
 
-    >>> x = np.random.rand(1, 3, 8, 8)
+    >>> import numpy as np, deformcp
+    >>> x = np.random.default_rng(0).random((1, 3, 8, 8))
     >>> theta = np.array([[[0.5, 0.0, 0.0], [0.0, 0.5, 0.0]]])     # zoom in 2×
     >>> out = deformcp.grid_sample(x, deformcp.affine_grid(theta, x.shape))
+    >>> out.shape
+    (1, 3, 8, 8)
+    >>> identity = np.array([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])  # samples every pixel's centre
+    >>> bool(np.allclose(deformcp.grid_sample(x, deformcp.affine_grid(identity, x.shape)), x))
+    True
 
     Every rule in full, with the border cases: docs/conventions.md.
     """
