@@ -20,8 +20,10 @@ backward passes ``deterministic=torch.are_deterministic_algorithms_enabled()``, 
 ``torch.use_deterministic_algorithms(True)`` makes the gradients bitwise reproducible on every backend.
 
 Double backward is not supported: the gradients that these functions return cannot be differentiated
-again. Under ``create_graph=True`` they are marked, and differentiating them raises a RuntimeError
-that says so (rather than silently dropping the second-order terms).
+again. Under ``create_graph=True`` (and torch.func.grad) they are tied to the op's inputs and grad_output, and
+differentiating them with respect to any of those (``torch.autograd.grad``, also with ``allow_unused=True``,
+``backward()``, nested ``torch.func.grad``) raises a RuntimeError that says so, rather than silently dropping
+the second-order terms.
 
 Under ``torch.autocast`` the floating arrays of a call take the dtype of its first array (the input's); outside
 it, mixed dtypes are an error. The backend and workspace limit of the forward are those in force when an eager
@@ -94,13 +96,15 @@ def _deterministic() -> bool:
 
 
 class _DoubleBackwardError(torch.autograd.Function):
-    """Identity on gradients computed under create_graph=True; differentiating them raises."""
+    """``apply(name, count, *grads, *sources)``: the first ``count`` tensors (gradients computed under
+    create_graph=True) as they are, attached to ``sources`` (what the gradients depend on: the op's inputs and
+    grad_output), so that differentiating them with respect to any of those raises."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(name, *grads):
-        return tuple(g.view_as(g) for g in grads)
+    def forward(name, count, *tensors):
+        return tuple(g.view_as(g) for g in tensors[:count])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -115,9 +119,11 @@ class _DoubleBackwardError(torch.autograd.Function):
 
 def _first_order(backward):
     """Decorate a Function's backward: run it without building a graph, and, under create_graph=True,
-    mark the gradients so that differentiating them raises a clear error (like
-    torch.autograd.function.once_differentiable, but also where grad_output does not require grad, so
-    that second-order terms through this op are never silently dropped)."""
+    attach the gradients to the op's inputs and grad_output through a node whose backward raises a clear
+    error (like torch.autograd.function.once_differentiable, but also where grad_output does not require
+    grad). The gradients computed without a graph have no history: left so, differentiating them with
+    respect to the op's inputs would find no path (torch's "appears to not have been used in the graph",
+    or a silent None with allow_unused=True) and second-order terms through this op would be dropped."""
     @functools.wraps(backward)
     def wrapper(ctx, *grad_outputs):
         with torch.no_grad():
@@ -125,12 +131,10 @@ def _first_order(backward):
         if not torch.is_grad_enabled():
             return grads
         present = [i for i, g in enumerate(grads) if isinstance(g, torch.Tensor)]
+        sources = [t for t in (*ctx.saved_tensors, *grad_outputs) if isinstance(t, torch.Tensor) and t.requires_grad]
         if not present:
             return grads
-        # under torch.func transforms a tensor's grad tracking is the transform's: mark the gradients as they are
-        functorch = torch._C._functorch.is_functorch_wrapped_tensor(grads[present[0]])
-        marked = _DoubleBackwardError.apply(
-            ctx.spec.name, *(grads[i] if functorch else grads[i].detach().requires_grad_() for i in present))
+        marked = _DoubleBackwardError.apply(ctx.spec.name, len(present), *(grads[i] for i in present), *sources)
         grads = list(grads)
         for i, g in zip(present, marked):
             grads[i] = g

@@ -399,21 +399,44 @@ def test_an_empty_list_of_boxes_gives_an_empty_result(dtype, rng):
 
 # ---------------------------------------------------------------------------------- no double backward
 
-def test_double_backward_raises(rng):
-    op, arrays, options = case_grid_sample(rng)
-    args = tensors(arrays, ("input", "grid"))
-    x = args["input"]
-    # grad_output that requires grad (a square), and one that does not (a plain sum) while another path to
-    # x does: in both, differentiating the gradient must raise rather than drop this op's second-order terms.
-    for loss in (lambda: (call_torch(op, args, options) ** 2).sum(),
-                 lambda: call_torch(op, args, options).sum() + (x ** 3).sum()):
-        g, = torch.autograd.grad(loss(), x, create_graph=True)
-        with pytest.raises(RuntimeError, match="deformcp.torch.grid_sample: double backward is not supported"):
-            g.sum().backward()
-    # First-order use under create_graph=True still works and gives the right value.
-    g, = torch.autograd.grad(call_torch(op, args, options).sum(), x, create_graph=True)
-    expected, = torch.autograd.grad(call_torch(op, args, options).sum(), x)
-    torch.testing.assert_close(g.detach(), expected, rtol=0, atol=0)
+@pytest.mark.parametrize("spec", SPECS.values(), ids=SPECS)
+def test_double_backward_raises(spec, rng):
+    """Differentiating a gradient of any op (computed with create_graph=True) raises at the point of use, with
+    respect to any of the op's differentiable inputs or grad_output, whether grad_output requires grad or not, by
+    torch.autograd.grad (also with allow_unused=True), backward() and nested torch.func.grad; the gradient itself
+    is the first-order one."""
+    case = spec.cases[0]
+    arrays, differentiable = make(spec, case, rng)
+    args = tensors(arrays, differentiable)
+    inputs = [args[name] for name in differentiable]
+    out = call_torch(spec.name, args, case.options)
+    cotangent = torch.from_numpy(rng.standard_normal(out.shape))
+    expected = torch.autograd.grad(out, inputs, cotangent, retain_graph=True)
+    message = f"deformcp.torch.{spec.name}: double backward is not supported"
+    for grad_output in (cotangent, cotangent.clone().requires_grad_()):
+        grads = torch.autograd.grad(out, inputs, grad_output, create_graph=True, retain_graph=True)
+        for name, g, want in zip(differentiable, grads, expected):
+            torch.testing.assert_close(g.detach(), want, rtol=0, atol=0, msg=name)
+            targets = inputs + [grad_output] * grad_output.requires_grad
+            for target in targets:
+                with pytest.raises(RuntimeError, match=message):
+                    torch.autograd.grad(g.sum(), target, retain_graph=True)
+                with pytest.raises(RuntimeError, match=message):
+                    torch.autograd.grad(g.sum(), target, retain_graph=True, allow_unused=True)
+            with pytest.raises(RuntimeError, match=message):
+                g.sum().backward(retain_graph=True)
+    # the gradient of a sum with another path to the input: this op's second-order terms are never dropped
+    first = inputs[0]
+    g, = torch.autograd.grad(call_torch(spec.name, args, case.options).sum() + (first ** 3).sum(), first,
+                             create_graph=True)
+    with pytest.raises(RuntimeError, match=message):
+        torch.autograd.grad(g.sum(), first)
+
+    def loss(t):
+        return (call_torch(spec.name, {**args, differentiable[0]: t}, case.options) * cotangent).sum()
+
+    with pytest.raises(RuntimeError, match=message):
+        torch.func.grad(lambda t: torch.func.grad(loss)(t).sum())(first.detach())
 
 
 # ------------------------------------------------------------------------------- settings and plain API
