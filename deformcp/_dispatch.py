@@ -10,7 +10,10 @@ cupy.ndarray, or DLPack arrays on a CUDA device        "cuda"     kernels/*.cu t
 
 DLPack arrays (PyTorch tensors, JAX arrays, ...) are imported without a copy and results are handed back
 in the caller's framework, also without a copy. NumPy arrays in non-native byte order are copied once into
-native order on entry (:func:`native_byte_order`); results are always in native order. Namespaces are told
+native order on entry (:func:`native_byte_order`); results are always in native order. Anything else that
+numpy.asarray makes a numeric array of (lists, tuples, memoryviews, objects with ``__array__``) is that NumPy
+array (a list of floats is float64), then judged by the op's dtype rules; traced JAX values (inside jax.jit,
+grad or vmap) are refused, naming deformcp.jax, which traces (:func:`_as_array`). Namespaces are told
 apart with array-api-compat, which never imports CuPy, PyTorch or JAX itself.
 
 bfloat16 (:func:`_bfloat16_import`, :func:`_bfloat16_export`). NumPy's bfloat16 is ml_dtypes' (without it a
@@ -29,7 +32,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Any, Callable, NamedTuple
+import sys
+from typing import Any, Callable, NamedTuple, Optional
 
 import array_api_compat as compat
 import numpy as np
@@ -85,7 +89,18 @@ def _describe(x) -> str:
     return f"{type(x).__module__}.{type(x).__qualname__}"
 
 
-def _framework(name: str, x) -> str:
+#: What an array argument may be, for messages.
+_EXPECTED_ARRAY = ("expected an array (numpy.ndarray, cupy.ndarray, an array supporting DLPack, or what numpy.asarray "
+                   "makes a numeric array of)")
+
+#: NumPy dtype kinds that an array-like may become (bool, ints, floats, complex): the op's dtype rules then judge
+#: them, as they judge arrays.
+_NUMERIC_KINDS = "biufc"
+
+
+def _framework(x) -> Optional[str]:
+    """The framework of an array that deformcp imports (NumPy, CuPy, or any array supporting DLPack); None for
+    anything else."""
     if compat.is_numpy_array(x):
         return "numpy"
     if compat.is_cupy_array(x):
@@ -96,8 +111,27 @@ def _framework(name: str, x) -> str:
         return "jax"
     if hasattr(x, "__dlpack__") and hasattr(x, "__dlpack_device__"):
         return type(x).__module__.split(".")[0]
-    raise TypeError(f"{name}: expected an array (numpy.ndarray, cupy.ndarray or an array supporting "
-                    f"DLPack), got {_describe(x)}")
+    return None
+
+
+def _as_array(name: str, x):
+    """x itself if deformcp imports it (:func:`_framework`), else ``numpy.asarray(x)`` (lists, tuples, memoryviews,
+    objects with ``__array__``, scalars) if that is numeric. TypeError naming the argument for a traced JAX value
+    (the array functions run on concrete arrays: deformcp.jax traces) and for what NumPy cannot make a numeric
+    array of (strings, ragged sequences, objects)."""
+    if compat.is_jax_array(x) and isinstance(x, sys.modules["jax"].core.Tracer):
+        raise TypeError(f"{name}: a traced JAX value (inside jax.jit, grad or vmap); call the function of the same "
+                        "name in deformcp.jax instead (e.g. deformcp.jax.grid_sample for deformcp.grid_sample)")
+    if _framework(x) is not None:
+        return x
+    try:
+        array = np.asarray(x)
+    except Exception as error:  # NumPy's ValueError for ragged sequences, or whatever an __array__ raises
+        raise TypeError(f"{name}: {_EXPECTED_ARRAY}, got {_describe(x)} (numpy.asarray: {error})") from None
+    if array.dtype.kind not in _NUMERIC_KINDS and not _is_bfloat16(array):
+        raise TypeError(f"{name}: {_EXPECTED_ARRAY}, got {_describe(x)} {x!r:.50} (numpy.asarray: dtype "
+                        f"{array.dtype})")
+    return array
 
 
 def _device(framework: str, x) -> tuple[str, int]:
@@ -220,25 +254,28 @@ def _bfloat16_export(result: np.ndarray, template, namespace):
 
 
 def prepare(**named) -> Call:
-    """Import the named arrays of one call (None values pass through) and choose its backend.
+    """Import the named arrays of one call (None values pass through) and choose its backend. Array-likes
+    become NumPy arrays (:func:`_as_array`).
 
-    Raises TypeError for non-arrays and mixed frameworks, ValueError for arrays on different devices.
+    Raises TypeError for non-arrays, traced JAX values and mixed frameworks, ValueError for arrays on different
+    devices.
     """
-    present = {name: x for name, x in named.items() if x is not None}
-    frameworks = {name: _framework(name, x) for name, x in present.items()}
+    given = {name: x for name, x in named.items() if x is not None}
+    if not given:
+        raise TypeError(f"{next(iter(named))}: expected an array, got None")
+    present = {name: _as_array(name, x) for name, x in given.items()}
+    frameworks = {name: _framework(x) for name, x in present.items()}
     if len(set(frameworks.values())) > 1:
-        listing = ", ".join(f"{name} is {_describe(present[name])}" for name in frameworks)
+        listing = ", ".join(f"{name} is {_describe(given[name])}" for name in frameworks)
         raise TypeError(f"all arrays of one call must come from one framework: {listing}")
     devices = {name: _device(frameworks[name], x) for name, x in present.items()}
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{name} on {kind}:{index}" for name, (kind, index) in devices.items())
         raise ValueError(f"all arrays of one call must be on one device: {listing}")
-    if not present:
-        raise TypeError(f"{next(iter(named))}: expected an array, got None")
     first = next(iter(present))
     framework, (device, device_id) = frameworks[first], devices[first]
     to_bfloat16 = device == "cuda" and _bfloat16_on_cuda(present)
-    arrays = tuple(None if x is None else _import(name, x, framework, device) for name, x in named.items())
+    arrays = tuple(_import(name, present[name], framework, device) if name in present else None for name in named)
     if device == "cuda":
         import cupy
         return Call("cuda", cupy, arrays, _exporter(framework, present[first], to_bfloat16),

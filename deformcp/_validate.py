@@ -218,12 +218,12 @@ def host_integers(name: str, value, call):
                 raise TypeError(f"{name}: expected integers, got {type(item).__name__} {item!r} at index {i}")
             items.append(number)
         return tuple(items)
-    if call is None or not (compat.is_array_api_obj(value) or hasattr(value, "__dlpack__")):
+    framework = _dispatch._framework(value)
+    if call is None or framework is None:
         raise TypeError(f"{name}: expected an integer array or a sequence of ints, got {type(value).__name__}")
     if compat.is_cupy_array(value):
         value = value.get()
     elif not compat.is_numpy_array(value):
-        framework = _dispatch._framework(name, value)
         if _dispatch._device(framework, value)[0] == "cuda":
             import cupy
             value = cupy.from_dlpack(value).get()

@@ -4,6 +4,7 @@ import pytest
 
 import deformcp
 from deformcp import _dispatch
+from deformcp.ops import SPECS
 
 
 class FakeDLPack:
@@ -77,6 +78,86 @@ def test_cuda_bfloat16_mixed_with_another_float_rejected():
 def test_non_arrays_rejected():
     with pytest.raises(TypeError, match=r"theta: expected an array .*got builtins.str"):
         deformcp.affine_grid("theta", (1, 1, 2, 2))
+
+
+class HasArray:
+    """An object that NumPy converts through ``__array__``."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def __array__(self, dtype=None, copy=None):
+        return self.array
+
+
+#: Array-likes of a float64 NumPy array, as NumPy converts them.
+ARRAY_LIKES = {"list": np.ndarray.tolist, "tuple": lambda a: tuple(a.tolist()) if a.ndim else a.item(),
+               "memoryview": memoryview, "__array__": HasArray}
+
+
+@pytest.mark.parametrize("kind", ARRAY_LIKES)
+@pytest.mark.parametrize("name", SPECS)
+def test_array_likes_are_what_numpy_asarray_makes_of_them(name, kind, rng):
+    """Every op takes, for each array argument, what numpy.asarray takes (a nested list of floats is float64), with
+    the results of the NumPy arrays, forward and backward. A RoI op's boxes stay an array: a list of boxes is a list
+    of per-image arrays (test_per_image_boxes_may_be_array_likes)."""
+    spec = SPECS[name]
+    case = spec.cases[0]
+    arrays = case.make(rng)
+    convert = ARRAY_LIKES[kind]
+    likes = {k: v if k == spec.boxes else convert(v) for k, v in arrays.items()}
+    expected = spec.function(**arrays, **case.options)
+    out = spec.function(**likes, **case.options)
+    assert type(out) is np.ndarray and out.dtype == np.float64
+    np.testing.assert_array_equal(out, expected)
+    grad_output = rng.standard_normal(np.shape(expected))
+    got = spec.backward(convert(grad_output), **likes, **case.options)
+    for field, want in zip(spec.differentiable, spec.backward(grad_output, **arrays, **case.options)):
+        np.testing.assert_array_equal(getattr(got, field), want, err_msg=field)
+
+
+def test_per_image_boxes_may_be_array_likes(rng):
+    x = rng.standard_normal((2, 3, 5, 6))
+    per_image = [rng.uniform(0, 4, (2, 4)), rng.uniform(0, 4, (1, 4))]
+    expected = deformcp.roi_align(x, per_image, 2)
+    np.testing.assert_array_equal(deformcp.roi_align(x.tolist(), [b.tolist() for b in per_image], 2), expected)
+
+
+def test_array_likes_meet_the_dtype_rules():
+    """ints and bools stay ints and bools, which the floating ops refuse by their dtype rule; a float32 array and a
+    list of floats (float64) are mixed dtypes; a list beside a tensor is a mixed call."""
+    grid = np.zeros((1, 1, 1, 2))
+    with pytest.raises(TypeError, match=r"^input: expected a floating-point array \(.*\), got dtype int64$"):
+        deformcp.grid_sample([[[[1, 2]]]], grid)
+    with pytest.raises(TypeError, match=r"^input: expected a floating-point array \(.*\), got dtype bool$"):
+        deformcp.grid_sample([[[[True]]]], grid)
+    with pytest.raises(TypeError, match="one dtype: input is float32, grid is float64"):
+        deformcp.grid_sample(np.zeros((1, 1, 2, 2), np.float32), grid.tolist())
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="one framework: input is torch.Tensor, grid is builtins.list"):
+        deformcp.grid_sample(torch.zeros(1, 1, 2, 2, dtype=torch.float64), grid.tolist())
+
+
+class BadArray:
+    def __array__(self, dtype=None, copy=None):
+        raise RuntimeError("no values here")
+
+
+@pytest.mark.parametrize("value, got", [
+    ("abc", r"builtins.str 'abc' \(numpy.asarray: dtype <U3\)"),
+    (b"ab", r"builtins.bytes b'ab' \(numpy.asarray: dtype \|S2\)"),
+    ([[1.0, 2.0], [3.0]], r"builtins.list \(numpy.asarray: setting an array element with a sequence.*inhomogeneous"),
+    ([1.0, None], r"builtins.list \[1.0, None\] \(numpy.asarray: dtype object\)"),
+    (object(), r"builtins.object <object object at .*\(numpy.asarray: dtype object\)"),
+    (BadArray(), r"test_dispatch.BadArray \(numpy.asarray: no values here\)"),
+])
+def test_what_numpy_cannot_make_a_numeric_array_of_is_refused(value, got):
+    expected = (r"expected an array \(numpy.ndarray, cupy.ndarray, an array supporting DLPack, or what numpy.asarray "
+                r"makes a numeric array of\), got ")
+    with pytest.raises(TypeError, match="^grid: " + expected + got):
+        deformcp.grid_sample(np.zeros((1, 1, 2, 2)), value)
+    with pytest.raises(TypeError, match="^boxes\\[0\\]: " + expected + got):
+        deformcp.roi_align(np.zeros((1, 1, 2, 2)), [value], 2)
 
 
 def test_dispatch_prepare_passes_none_through(rng):

@@ -300,6 +300,34 @@ def test_bad_arguments_raise_deformcp_errors_at_trace_time(rng):
         jax.jit(lambda x, b, s: djax.roi_align(x, b, 2, spatial_scale=s))(input, random_boxes(rng, 2, 5, 6, 3), 0.5)
 
 
+@pytest.mark.parametrize("name", SPECS)
+def test_the_array_functions_refuse_traced_values_by_name(name, rng):
+    """deformcp's array functions (deformcp.<op>, deformcp.<op>_backward) run on concrete arrays: a traced value
+    (jax.jit, jax.grad) is a TypeError naming the argument and pointing at deformcp.jax, never a raw
+    AttributeError, whichever array argument is traced."""
+    inputs = example(name, rng)
+
+    def message(argument):
+        return (rf"^{argument}: a traced JAX value \(inside jax.jit, grad or vmap\); call the function of the same "
+                r"name in deformcp.jax instead")
+
+    for i, traced in enumerate(inputs.names):
+        def loss(x, i=i):  # the other arrays concrete (NumPy): the traced one is named first
+            arrays = list(inputs.arrays)
+            arrays[i] = x
+            return jnp.sum(inputs.numpy_fn(*arrays))
+
+        with pytest.raises(TypeError, match=message(traced)):
+            jax.jit(loss)(inputs.jax_arrays[i])
+        if i in inputs.diff:
+            with pytest.raises(TypeError, match=message(traced)):
+                jax.grad(loss)(inputs.jax_arrays[i])
+    grad_output = jnp.asarray(inputs.numpy_fn(*inputs.arrays))
+    with pytest.raises(TypeError, match=message("grad_output")):
+        jax.jit(lambda g: inputs.spec.backward(g, **dict(zip(inputs.names, inputs.arrays)), **inputs.options))(
+            grad_output)
+
+
 def test_value_errors_come_from_the_callback(rng):
     input = rng.standard_normal((2, 3, 5, 6))
     boxes = random_boxes(rng, 2, 5, 6, 3)
