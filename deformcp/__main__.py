@@ -1,11 +1,45 @@
-"""python -m deformcp info [--kernels] | check [--op NAME] [--backend NAME] [--seed N] | bench [...] | viz [...]"""
+"""python -m deformcp [--version] info [--kernels] | check [--op NAME] [--backend NAME] [--seed N] | bench [...] |
+viz [...]"""
 from __future__ import annotations
 
 import argparse
 import platform
+import shutil
 import sys
 
 import numpy as np
+
+import deformcp
+
+
+class Progress:
+    """``progress(n, total, label)`` before item n (from 1) of total, on stderr: on a terminal one line rewritten
+    in place (a bar, n/total, the item), elsewhere one line per item. Leaving it as a context clears the bar."""
+
+    BAR = 20
+
+    def __init__(self, title: str):
+        self.title, self.stream = title, sys.stderr
+        self.shown = 0  # characters written on the line
+
+    def __call__(self, n: int, total: int, label: str) -> None:
+        if not self.stream.isatty():
+            print(f"{self.title} {n}/{total}: {label}", file=self.stream, flush=True)
+            return
+        filled = self.BAR * (n - 1) // total
+        line = f"{self.title} [{'#' * filled}{'.' * (self.BAR - filled)}] {n}/{total} {label}"
+        line = line[:shutil.get_terminal_size().columns - 1]  # a wrapped line cannot be rewritten
+        self.stream.write("\r" + line.ljust(self.shown))
+        self.stream.flush()
+        self.shown = max(self.shown, len(line))  # what is on the terminal, padding included
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.shown:
+            self.stream.write("\r" + " " * self.shown + "\r")
+            self.stream.flush()
 
 
 def _version(module: str) -> str:
@@ -17,7 +51,6 @@ def _version(module: str) -> str:
 
 
 def info(kernels: bool) -> int:
-    import deformcp
     from deformcp import _host, _nvrtc, _sources, testing
 
     gpu_problem = testing.gpu_available()
@@ -53,8 +86,10 @@ def info(kernels: bool) -> int:
         if nvrtc_problem:
             print(f"\nkernel report unavailable: {nvrtc_problem}")
             return 1
+        with Progress("kernels") as progress:
+            reports = _nvrtc.check_all(progress=progress)
         print("\nptxas report (NVRTC, no GPU needed):")
-        print(_nvrtc.format_report(_nvrtc.check_all()))
+        print(_nvrtc.format_report(reports))
     return 0
 
 
@@ -65,21 +100,27 @@ def _nvrtc_version() -> str:
 
 
 def check(ops, backends, seed) -> int:
-    from deformcp import _host, testing
+    from deformcp import testing
 
+    for backend in backends or ():
+        problem = testing.backend_problem(backend)
+        if problem:
+            print(f"check --backend {backend}: {problem}. Nothing checked; run without --backend {backend} to "
+                  "check the other backends.", file=sys.stderr)
+            return 2
     backends = backends or testing.available_backends()
     if not backends:
-        print(f"no backend besides the NumPy reference is available: host: {_host.available()}; "
-              f"cuda: {testing.gpu_available()}")
+        print("no backend besides the NumPy reference is available:", *testing.skipped(backends), sep="\n")
         return 1
     try:
-        results = testing.check(ops=ops, backends=backends, seed=seed)
+        with Progress("check") as progress:
+            results = testing.check(ops=ops, backends=backends, seed=seed, progress=progress)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(testing.format_results(results))
     failed = [r for r in results if not r.ok]
-    print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
+    print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed", *testing.skipped(backends), sep="\n")
     return 1 if failed else 0
 
 
@@ -108,6 +149,7 @@ def bench(argv) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deformcp", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"deformcp {deformcp.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     info_parser = commands.add_parser("info", help="versions, backends, compilers, caches")
     info_parser.add_argument("--kernels", action="store_true",

@@ -7,12 +7,18 @@ templates ``name<T, I>``: ``T`` the storage type (:data:`C_TYPES`), ``I`` the in
 ``long long`` once an index can pass 2**31 - 1). Shapes are run-time arguments, never baked into the
 source. A module is compiled once per (family, dtype, index type, device) and memoised; CuPy caches the
 CUDA binaries on disk, :mod:`deformcp._host` caches the host shared libraries.
+
+Compilations are logged to the ``deformcp.kernels`` logger: INFO for a build, DEBUG for a module loaded from a
+cache (the library configures no handler: ``logging.basicConfig(level=logging.INFO)`` shows them).
 """
 from __future__ import annotations
 
 import contextvars
 import functools
+import logging
 import math
+import os
+import time
 
 import numpy as np
 
@@ -27,6 +33,7 @@ INT32_MAX = 2**31 - 1
 NULL = np.uint64(0)
 #: When set, :func:`empty` fills new kernel outputs with NaN (see deformcp.testing.poisoned_outputs).
 POISON_OUTPUTS = contextvars.ContextVar("deformcp_poison_outputs", default=False)
+log = logging.getLogger("deformcp.kernels")
 
 
 def empty(xp, shape, dtype):
@@ -93,13 +100,30 @@ def nvrtc_options() -> tuple[str, ...]:
     return tuple(options)
 
 
+def _cupy_cache_entries() -> set[str]:
+    """The files of CuPy's on-disk kernel cache (``CUPY_CACHE_DIR``, by default ``~/.cupy/kernel_cache``)."""
+    try:
+        return set(os.listdir(os.environ.get("CUPY_CACHE_DIR") or os.path.expanduser("~/.cupy/kernel_cache")))
+    except OSError:
+        return set()
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_module(family: str, dtype: str, index64: bool, device_id: int):
     import cupy
 
     names = [name_expression(k, dtype, index64) for k in _sources.kernel_names(family)]
+    cached, start = _cupy_cache_entries(), time.perf_counter()
     with cupy.cuda.Device(device_id):
-        return cupy.RawModule(code=_sources.source(family), options=nvrtc_options(), name_expressions=names)
+        module = cupy.RawModule(code=_sources.source(family), options=nvrtc_options(), name_expressions=names)
+        module.compile()
+    seconds = time.perf_counter() - start
+    # NVRTC ran when CuPy wrote a new cache entry, or always when CuPy caches in memory only
+    built = bool(_cupy_cache_entries() - cached) or os.environ.get("CUPY_CACHE_IN_MEMORY", "0") != "0"
+    log.log(logging.INFO if built else logging.DEBUG, "cuda: %s %s for device %d in %.2f s",
+            "built by NVRTC" if built else "loaded from CuPy's cache", name_expression(family, dtype, index64),
+            device_id, seconds)
+    return module
 
 
 def get_function(backend: str, family: str, name: str, dtype, index64: bool):

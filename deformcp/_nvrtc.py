@@ -3,13 +3,16 @@
 Each (family, dtype, index type, architecture) is compiled to a CUBIN with ``ptxas -v``, whose report
 gives the registers, spills and stack frame of every kernel. Only NVRTC itself is needed (CuPy's
 ``cupy_backends`` bindings and the NVRTC library), neither a driver nor a device; CuPy is imported
-here lazily, so that importing :mod:`deformcp` never requires it.
+here lazily, so that importing :mod:`deformcp` never requires it. Each compilation is logged (INFO) to the
+``deformcp.kernels`` logger.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import itertools
 import re
+import time
 
 from . import _kernels, _sources
 
@@ -105,19 +108,26 @@ def _compile(family: str, source: str, expressions: list[str], arch: str) -> lis
 def compile_family(family: str, dtype_name: str, index64: bool, arch: str) -> list[KernelReport]:
     """Compile every kernel of ``family`` for one dtype name (a key of ``C_TYPES``) and index type."""
     expressions = [_kernels.name_expression(k, dtype_name, index64) for k in _sources.kernel_names(family)]
-    return _compile(family, _sources.source(family), expressions, arch)
+    start = time.perf_counter()
+    reports = _compile(family, _sources.source(family), expressions, arch)
+    _kernels.log.info("nvrtc check: built %s for %s in %.2f s", _kernels.name_expression(family, dtype_name, index64),
+                      arch, time.perf_counter() - start)
+    return reports
 
 
-def check_all(architectures=ARCHITECTURES) -> list[KernelReport]:
-    """Compile every family × dtype × index type × architecture; RuntimeError at the first failure."""
-    return [
-        report
-        for arch in architectures
-        for family in _sources.families()
-        for dtype_name in _kernels.C_TYPES
-        for index64 in (False, True)
-        for report in compile_family(family, dtype_name, index64, arch)
-    ]
+def check_all(architectures=ARCHITECTURES, progress=None) -> list[KernelReport]:
+    """Compile every family × dtype × index type × architecture; RuntimeError at the first failure.
+
+    ``progress(n, total, label)``, where given, is called before each architecture × family ("deform_conv
+    sm_80"), n counting from 1."""
+    pairs = list(itertools.product(architectures, _sources.families()))
+    reports = []
+    for n, (arch, family) in enumerate(pairs, 1):
+        if progress is not None:
+            progress(n, len(pairs), f"{family} {arch}")
+        reports += [report for dtype_name in _kernels.C_TYPES for index64 in (False, True)
+                    for report in compile_family(family, dtype_name, index64, arch)]
+    return reports
 
 
 def format_report(reports) -> str:

@@ -7,7 +7,8 @@ convention of ``cuLaunchKernel`` — and the number of threads, so a host kernel
 Shared libraries are cached on disk under :func:`cache_dir`, named by a hash of the translation unit,
 the compiler and its flags, each beside the ``.cpp`` it was built from and the SHA-256 of the library as
 built (``.sha256``): a library whose bytes no longer match (truncated, overwritten) is built again before
-dlopen sees it. Several modules live in one process side by side.
+dlopen sees it. Several modules live in one process side by side. Builds are logged (INFO) to the
+``deformcp.kernels`` logger, libraries found in the cache at DEBUG.
 
 A launch spreads its blocks over :func:`threads` OpenMP threads. GNU OpenMP's threads do not survive fork: in
 a process forked from one that had libgomp loaded (by a host library, or by torch, whose copy the host
@@ -32,11 +33,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import pathlib
 import shutil
 import subprocess
 import tempfile
+import time
 
 import numpy as np
 
@@ -49,6 +52,8 @@ BASE_FLAGS = ("-std=c++17", "-O3", "-fPIC", "-shared", "-fopenmp", "-w")
 DEFAULT_COMPILERS = ("c++", "g++", "clang++")
 NO_COMPILER = (f"the host backend needs a C++ compiler: none of {', '.join(DEFAULT_COMPILERS)} is on PATH "
                f"(install one, or set CXX to a C++ compiler)")
+
+log = logging.getLogger("deformcp.kernels")
 
 #: Whether OpenMP must not be called here: a process forked from one that had GNU OpenMP loaded.
 _openmp_lost = False
@@ -227,11 +232,13 @@ def _build(unit: str, stem: str) -> pathlib.Path:
     if cxx is None:
         raise RuntimeError(NO_COMPILER)
     _check_asan_runtime()
+    start = time.perf_counter()
     version = _run([cxx, "--version"]).stdout
     key = hashlib.sha256("\0".join([unit, cxx, version, *flags()]).encode()).hexdigest()[:20]
     folder = cache_dir()
     target = folder / f"{stem}-{key}.so"
     if _intact(target):
+        log.debug("host: loaded %s from the cache in %.2f s (%s)", stem, time.perf_counter() - start, target)
         return target
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -252,6 +259,7 @@ def _build(unit: str, stem: str) -> pathlib.Path:
             os.replace(built, target)
     except OSError as error:  # the compiler's own failures are RuntimeErrors, above
         raise _unwritable(folder, error) from error
+    log.info("host: built %s by %s in %.2f s (%s)", stem, cxx, time.perf_counter() - start, target)
     return target
 
 
