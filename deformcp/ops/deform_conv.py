@@ -278,8 +278,8 @@ def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride
             path is deterministic. Default: False.
 
     Returns:
-        DeformConv2dGrads(input, offset, weight, bias, mask): None for an absent bias or mask and for
-        gradients not asked for.
+        DeformConv2dGrads: ``input``, ``offset``, ``weight``, ``bias`` and ``mask``, None for an absent bias
+        or mask and for gradients not asked for.
 
     The offset gradient is the derivative of the bilinear sample: at an integer coordinate it is taken
     from the right (the cell whose lower corner the sample is on); it is 0 where the sample is 0, i.e. at

@@ -209,8 +209,7 @@ def deform_ps_roi_pool_backward(grad_output, input, rois, offset, output_dim, gr
 
     Args:
         grad_output (array[K, output_dim, P, P]): gradient of the loss with respect to the output.
-        input, rois, offset, output_dim, group_size, pooled_size, part_size, sample_per_part,
-            spatial_scale, trans_std, no_trans: as given to :func:`deform_ps_roi_pool`.
+        input, rois, offset and the options: as given to :func:`deform_ps_roi_pool`.
         needs_input_grad (pair of bool): which of (input, offset) to compute. Default: both.
         deterministic (bool): on the host and CUDA backends, False scatter-adds with atomics (float sums may
             differ in the last bits between runs); True gives each input plane, and each offset pair, to one

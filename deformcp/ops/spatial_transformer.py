@@ -200,7 +200,7 @@ def grid_sample(input, grid, mode: str = "bilinear", padding_mode: str = "zeros"
         input (array[N, C, H, W]): the images.
         grid (array[N, H_out, W_out, 2]): sampling locations, last axis (x, y), normalised so that -1 and
             1 are the left/top and right/bottom of the image (see align_corners). Same dtype as input.
-        mode (str): "bilinear" (k(d) = max(0, 1 − |d|)) or "nearest" (round half to even).
+        mode (str): "bilinear" (k(d) = max(0, 1 − abs(d))) or "nearest" (round half to even).
             Default: "bilinear".
         padding_mode (str): what locations outside the image read. "zeros": 0 (bilinear corners outside
             the image read 0); "border": the coordinate is clamped to the image; "reflection": it is
