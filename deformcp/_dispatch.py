@@ -38,6 +38,9 @@ from typing import Any, Callable, NamedTuple, Optional
 import array_api_compat as compat
 import numpy as np
 
+#: How to install PyTorch's CPU build (PyPI's Linux wheels bring several GB of CUDA libraries), for install hints.
+TORCH_CPU_INSTALL = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+
 BACKENDS = ("numpy", "host")
 _CPU_BACKEND = contextvars.ContextVar("deformcp_cpu_backend", default="numpy")
 

@@ -61,15 +61,18 @@ from typing import Callable
 try:
     import torch
 except ImportError as _error:  # pragma: no cover - exercised in a subprocess by the tests
-    raise ImportError(f"deformcp.onnx needs PyTorch, which could not be imported ({_error}); install it "
-                      "(pip install torch onnx onnxscript; onnxruntime runs the exported models)") from _error
+    from deformcp._dispatch import TORCH_CPU_INSTALL
+    raise ImportError(f"deformcp.onnx needs PyTorch, which could not be imported ({_error}); install it with "
+                      f"pip install 'deformcp[torch,onnx]', or PyTorch's CPU build (without the CUDA libraries, "
+                      f"several GB) with {TORCH_CPU_INSTALL}, then pip install 'deformcp[onnx]' (onnx, onnxscript, "
+                      "and onnxruntime, which runs the exported models)") from _error
 try:
     import onnxscript
     from onnxscript import ir
 except ImportError as _error:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError("deformcp.onnx needs onnxscript (and onnx), which could not be imported "
-                      f"({_error}); install them (pip install onnx onnxscript; onnxruntime runs the exported "
-                      "models)") from _error
+                      f"({_error}); install them with pip install 'deformcp[onnx]' (onnx, onnxscript, and "
+                      "onnxruntime, which runs the exported models)") from _error
 
 import deformcp.torch  # noqa: F401  (registers torch.ops.deformcp.<op>)
 

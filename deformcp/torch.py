@@ -49,9 +49,11 @@ try:
     import torch
     from torch import nn
 except ImportError as _error:  # pragma: no cover - exercised in a subprocess by the tests
-    raise ImportError("deformcp.torch needs PyTorch, which could not be imported "
-                      f"({_error}); install it (pip install torch), or use deformcp's array functions "
-                      "(import deformcp), which work without it") from _error
+    from deformcp._dispatch import TORCH_CPU_INSTALL
+    raise ImportError(f"deformcp.torch needs PyTorch, which could not be imported ({_error}); install it with "
+                      f"pip install 'deformcp[torch]', or its CPU build (without the CUDA libraries, several GB) with "
+                      f"{TORCH_CPU_INSTALL}; or use deformcp's array functions (import deformcp), which work "
+                      "without it") from _error
 
 import deformcp as _dc
 from deformcp import _validate

@@ -85,23 +85,31 @@ def _attributes(node):
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
-def test_import_error_names_what_to_install(tmp_path):
-    """Without onnxscript, import deformcp.onnx raises an ImportError that says what to install."""
-    code = textwrap.dedent("""
+@pytest.mark.parametrize("missing, expected", [
+    ("onnxscript", ["deformcp.onnx needs onnxscript", "pip install 'deformcp[onnx]'"]),
+    ("torch", ["deformcp.onnx needs PyTorch", "pip install 'deformcp[torch,onnx]'",
+               "pip install torch --index-url https://download.pytorch.org/whl/cpu, then pip install "
+               "'deformcp[onnx]'"]),
+])
+def test_import_error_names_what_to_install(missing, expected, tmp_path):
+    """Without onnxscript or torch, import deformcp.onnx raises an ImportError that says what to install (for torch,
+    also its CPU build: a bare pip install torch brings several GB of CUDA libraries on Linux)."""
+    code = textwrap.dedent(f"""
         import sys
-        sys.modules["onnxscript"] = None
+        sys.modules[{missing!r}] = None
         try:
             import deformcp.onnx
         except ImportError as error:
             print(error)
         else:
-            raise AssertionError("import deformcp.onnx worked without onnxscript")
+            raise AssertionError("import deformcp.onnx worked without {missing}")
     """)
     env = {"PYTHONPATH": str(Path(deformcp.__file__).parent.parent), "PATH": "/usr/bin:/bin"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
                             timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "deformcp.onnx needs onnxscript" in result.stdout and "pip install onnx onnxscript" in result.stdout
+    for text in expected:
+        assert text in result.stdout, (text, result.stdout)
 
 
 @needs_onnx

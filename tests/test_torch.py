@@ -515,7 +515,10 @@ def test_import_rules(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
                             timeout=60)
     assert result.returncode == 0, result.stderr
-    assert "deformcp.torch needs PyTorch" in result.stdout and "pip install torch" in result.stdout
+    assert "deformcp.torch needs PyTorch" in result.stdout
+    # the extra, and the CPU build (a bare pip install torch brings several GB of CUDA libraries on Linux)
+    assert "pip install 'deformcp[torch]'" in result.stdout
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu;" in result.stdout
 
 
 # ------------------------------------------------------------------------------------------------ modules
