@@ -5,6 +5,7 @@ The builds run on a copy of the checkout's build inputs in a temporary folder (s
 and *.egg-info next to the sources), offline: ``python -m build --no-isolation`` and pip's
 ``--no-build-isolation`` use the setuptools of this environment (the ``test`` extra lists both).
 """
+import email.parser
 import json
 import os
 import pathlib
@@ -93,6 +94,37 @@ def test_sdist_and_wheel_contain_kernels_and_prelude(built):
     assert {n.partition("/")[0] for n in names} == {sdist.name[: -len(".tar.gz")]}
     members = {n.partition("/")[2] for n in names}
     assert not want_sdist - members, f"missing from {sdist.name}: {sorted(want_sdist - members)}"
+
+
+#: Classifiers the metadata must carry (setup.cfg).
+CLASSIFIERS = {
+    "License :: OSI Approved :: BSD License", "Development Status :: 3 - Alpha",
+    "Intended Audience :: Science/Research", "Operating System :: POSIX :: Linux",
+    *(f"Programming Language :: Python :: 3.{minor}" for minor in range(10, 14)),
+}
+
+
+def test_license_changelog_and_classifiers_are_shipped(built):
+    """LICENSE in the sdist and the wheel's dist-info, CHANGELOG.md in the sdist, the classifiers and the license
+    in both archives' metadata."""
+    src, sdist, wheel = built
+    top = sdist.name[: -len(".tar.gz")]
+    with tarfile.open(sdist) as archive:
+        read = {name: archive.extractfile(f"{top}/{name}").read().decode() for name in
+                ("LICENSE", "CHANGELOG.md", "PKG-INFO")}
+    assert read["LICENSE"] == (src / "LICENSE").read_text() and "BSD 3-Clause License" in read["LICENSE"]
+    assert read["CHANGELOG.md"] == (src / "CHANGELOG.md").read_text() and "## [Unreleased]" in read["CHANGELOG.md"]
+    with zipfile.ZipFile(wheel) as archive:
+        (license_file,) = [n for n in archive.namelist() if n.endswith((".dist-info/licenses/LICENSE",
+                                                                        ".dist-info/LICENSE"))]
+        (metadata_file,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+        assert archive.read(license_file).decode() == read["LICENSE"]
+        metadata = archive.read(metadata_file).decode()
+    for text in (read["PKG-INFO"], metadata):
+        fields = email.parser.Parser().parsestr(text)
+        assert not CLASSIFIERS - set(fields.get_all("Classifier")), fields.get_all("Classifier")
+        assert fields.get_all("License-File") == ["LICENSE"]
+        assert "BSD-3-Clause" in (fields["License-Expression"], fields["License"])
 
 
 INSTALLED_CHECK = textwrap.dedent("""
