@@ -4,9 +4,12 @@
 //   theta (N, 2, 3); grid (N, Ho, Wo, 2) with last axis (x, y); input (N, C, H, W);
 //   output (N, C, Ho, Wo).
 // Bilinear samples are set up on [-1, H) × [-1, W) (closed_below: torch's derivative at exactly -1).
+// Bicubic samples (torch's: Keys' kernel with A = -0.75 over the 4×4 taps around the unpadded coordinate, the
+// padding mode applied to each tap) read 0 at a NaN coordinate, and at ±inf but with border padding.
 
 #define DEFORMCP_MODE_BILINEAR 0
 #define DEFORMCP_MODE_NEAREST 1
+#define DEFORMCP_MODE_BICUBIC 2
 #define DEFORMCP_PADDING_ZEROS 0
 #define DEFORMCP_PADDING_BORDER 1
 #define DEFORMCP_PADDING_REFLECTION 2
@@ -73,6 +76,109 @@ __device__ __forceinline__ I nearest_pixel(A y, A x, I H, I W) {
   return (I)ry * W + (I)rx;
 }
 
+// Keys' cubic convolution weights (A = -0.75, as torch) of the taps floor(x) - 1 … floor(x) + 2 at t = x - floor(x),
+// written as torch writes them, and their derivatives with respect to t.
+template <typename A>
+__device__ __forceinline__ void cubic_weights(A t, A* w, A* dw) {
+  const A a = (A)-0.75, d0 = t + 1, d1 = t, d2 = 1 - t, d3 = d2 + 1;
+  w[0] = ((a * d0 - 5 * a) * d0 + 8 * a) * d0 - 4 * a;
+  w[1] = ((a + 2) * d1 - (a + 3)) * d1 * d1 + 1;
+  w[2] = ((a + 2) * d2 - (a + 3)) * d2 * d2 + 1;
+  w[3] = ((a * d3 - 5 * a) * d3 + 8 * a) * d3 - 4 * a;
+  dw[0] = (3 * a * d0 - 10 * a) * d0 + 8 * a;
+  dw[1] = (3 * (a + 2) * d1 - 2 * (a + 3)) * d1;
+  dw[2] = -((3 * (a + 2) * d2 - 2 * (a + 3)) * d2);
+  dw[3] = -((3 * a * d3 - 10 * a) * d3 + 8 * a);
+}
+
+// The pixel that the tap at integer coordinate c (in A) reads along an axis of `size` pixels after the padding
+// mode, or -1 where it reads 0.
+template <typename A, typename I>
+__device__ __forceinline__ I cubic_tap(A c, I size, int padding, int align_corners) {
+  A unused;
+  if (padding == DEFORMCP_PADDING_REFLECTION)
+    c = align_corners ? reflect_coordinate(c, (A)0, (A)(2 * (size - 1)), &unused)
+                      : reflect_coordinate(c, (A)-1, (A)(2 * size - 1), &unused);
+  if (padding != DEFORMCP_PADDING_ZEROS) c = clip_coordinate(c, (A)(size - 1), &unused);
+  return c >= (A)0 && c <= (A)(size - 1) ? (I)c : (I)-1;
+}
+
+// The 4×4 taps of a bicubic sample: row[j] and column[i] (-1: reads 0), weights wy[j] · wx[i], and the weights'
+// derivatives with respect to y and x.
+template <typename A, typename I>
+struct cubic_taps {
+  I row[4], column[4];
+  A wy[4], wx[4], dwy[4], dwx[4];
+};
+
+// Sets up the bicubic sample at the unpadded pixel coordinate (y, x); false where it reads 0 (a NaN coordinate,
+// or ±inf but with border padding, where a coordinate beyond the taps' reach reads the border pixels).
+template <typename A, typename I>
+__device__ __forceinline__ bool cubic_setup(A y, A x, I H, I W, int padding, int align_corners,
+                                            cubic_taps<A, I>& c) {
+  if (padding == DEFORMCP_PADDING_BORDER) {  // NaN stays NaN
+    x = x < (A)-2 ? (A)-2 : (x > (A)(W + 1) ? (A)(W + 1) : x);
+    y = y < (A)-2 ? (A)-2 : (y > (A)(H + 1) ? (A)(H + 1) : y);
+  }
+  if (!(is_finite(x) && is_finite(y))) return false;
+  const A fx = floor(x), fy = floor(y);
+  cubic_weights(x - fx, c.wx, c.dwx);
+  cubic_weights(y - fy, c.wy, c.dwy);
+  for (int i = 0; i < 4; ++i) {
+    c.column[i] = cubic_tap(fx + (A)(i - 1), W, padding, align_corners);
+    c.row[i] = cubic_tap(fy + (A)(i - 1), H, padding, align_corners);
+  }
+  return true;
+}
+
+// Σ_j wy[j] · Σ_i wx[i] · plane[row[j], column[i]] over the taps that read the plane (torch's order)
+template <typename A, typename T, typename I>
+__device__ __forceinline__ A cubic_gather(const T* plane, I W, const cubic_taps<A, I>& c) {
+  A v = 0;
+  for (int j = 0; j < 4; ++j) {
+    A along_row = 0;
+    for (int i = 0; i < 4; ++i)
+      if (c.row[j] >= 0 && c.column[i] >= 0) along_row += c.wx[i] * (A)load_acc(plane[c.row[j] * W + c.column[i]]);
+    v += c.wy[j] * along_row;
+  }
+  return v;
+}
+
+// plane[row[j], column[i]] += wx[i] · wy[j] · g for the taps that read the plane: atomically, or with a plain add
+// where the calling thread alone writes this plane
+template <typename A, typename I>
+__device__ __forceinline__ void cubic_scatter(A* plane, I W, const cubic_taps<A, I>& c, A g, bool atomic = true) {
+  for (int j = 0; j < 4; ++j)
+    for (int i = 0; i < 4; ++i) {
+      if (c.row[j] < 0 || c.column[i] < 0) continue;
+      A* at = plane + c.row[j] * W + c.column[i];
+      if (atomic) atomic_add(at, g * c.wx[i] * c.wy[j]);
+      else *at += g * c.wx[i] * c.wy[j];
+    }
+}
+
+// d/dy and d/dx of the bicubic sample, accumulated into *gy and *gx (scaled by g)
+template <typename A, typename T, typename I>
+__device__ __forceinline__ void cubic_coordinate_grad(const T* plane, I W, const cubic_taps<A, I>& c, A g, A* gy,
+                                                      A* gx) {
+  for (int j = 0; j < 4; ++j)
+    for (int i = 0; i < 4; ++i) {
+      if (c.row[j] < 0 || c.column[i] < 0) continue;
+      const A v = (A)load_acc(plane[c.row[j] * W + c.column[i]]) * g;
+      *gx += v * c.dwx[i] * c.wy[j];
+      *gy += v * c.wx[i] * c.dwy[j];
+    }
+}
+
+// The pixel coordinate that `mode` samples for the normalised grid value g along an axis of `size` pixels: after
+// the padding mode, but for bicubic sampling, which pads each tap instead. *dsource_dg: its derivative.
+template <typename A>
+__device__ __forceinline__ A mode_source_coordinate(A g, long long size, int mode, int padding, int align_corners,
+                                                    A* dsource_dg) {
+  return grid_source_coordinate(g, size, mode == DEFORMCP_MODE_BICUBIC ? DEFORMCP_PADDING_ZEROS : padding,
+                                align_corners, dsource_dg);
+}
+
 // grid (N, H, W, 2) = base (H, W, [x, y, 1]) · theta[n]ᵀ
 template <typename T, typename I>
 __global__ void affine_grid_forward(const T* theta, T* grid, I N, I H, I W, int align_corners) {
@@ -116,8 +222,9 @@ __global__ void grid_sample_forward(const T* input, const T* grid, T* output, I 
   DEFORMCP_GRID_STRIDE_LOOP(I, p, N * out_plane) {
     const I n = p / out_plane, hw = p % out_plane;
     A unused;
-    const A x = grid_source_coordinate(load_acc(grid[2 * p]), (long long)W, padding, align_corners, &unused);
-    const A y = grid_source_coordinate(load_acc(grid[2 * p + 1]), (long long)H, padding, align_corners, &unused);
+    const A x = mode_source_coordinate(load_acc(grid[2 * p]), (long long)W, mode, padding, align_corners, &unused);
+    const A y = mode_source_coordinate(load_acc(grid[2 * p + 1]), (long long)H, mode, padding, align_corners,
+                                       &unused);
     const T* in = input + n * C * in_plane;
     T* out = output + n * C * out_plane + hw;
     if (mode == DEFORMCP_MODE_BILINEAR) {
@@ -125,6 +232,11 @@ __global__ void grid_sample_forward(const T* input, const T* grid, T* output, I 
       const bool sampled = bilinear_setup(y, x, H, W, corners, true);
       for (I c = 0; c < C; ++c)
         out[c * out_plane] = store_as<T>(sampled ? bilinear_gather(in + c * in_plane, corners) : (A)0);
+    } else if (mode == DEFORMCP_MODE_BICUBIC) {
+      cubic_taps<A, I> taps;
+      const bool sampled = cubic_setup(y, x, H, W, padding, align_corners, taps);
+      for (I c = 0; c < C; ++c)
+        out[c * out_plane] = store_as<T>(sampled ? cubic_gather(in + c * in_plane, W, taps) : (A)0);
     } else {
       const I pixel = nearest_pixel(y, x, H, W);
       for (I c = 0; c < C; ++c)
@@ -144,8 +256,9 @@ __global__ void grid_sample_backward(const T* grad_output, const T* input, const
   DEFORMCP_GRID_STRIDE_LOOP(I, p, N * out_plane) {
     const I n = p / out_plane, hw = p % out_plane;
     A dx_dg, dy_dg;
-    const A x = grid_source_coordinate(load_acc(grid[2 * p]), (long long)W, padding, align_corners, &dx_dg);
-    const A y = grid_source_coordinate(load_acc(grid[2 * p + 1]), (long long)H, padding, align_corners, &dy_dg);
+    const A x = mode_source_coordinate(load_acc(grid[2 * p]), (long long)W, mode, padding, align_corners, &dx_dg);
+    const A y = mode_source_coordinate(load_acc(grid[2 * p + 1]), (long long)H, mode, padding, align_corners,
+                                       &dy_dg);
     const T* in = input + n * C * in_plane;
     const T* gout = grad_output + n * C * out_plane + hw;
     A gx = 0, gy = 0;
@@ -156,6 +269,15 @@ __global__ void grid_sample_backward(const T* grad_output, const T* input, const
           const A g = load_acc(gout[c * out_plane]);
           if (grad_input != nullptr) bilinear_scatter(grad_input + (n * C + c) * in_plane, corners, g);
           if (grad_grid != nullptr) bilinear_coordinate_grad(in + c * in_plane, corners, g, &gy, &gx);
+        }
+      }
+    } else if (mode == DEFORMCP_MODE_BICUBIC) {
+      cubic_taps<A, I> taps;
+      if (cubic_setup(y, x, H, W, padding, align_corners, taps)) {
+        for (I c = 0; c < C; ++c) {
+          const A g = load_acc(gout[c * out_plane]);
+          if (grad_input != nullptr) cubic_scatter(grad_input + (n * C + c) * in_plane, W, taps, g);
+          if (grad_grid != nullptr) cubic_coordinate_grad(in + c * in_plane, W, taps, g, &gy, &gx);
         }
       }
     } else if (grad_input != nullptr) {
@@ -187,12 +309,17 @@ __global__ void grid_sample_backward_input_deterministic(const T* grad_output, c
     for (I hw = 0; hw < out_plane; ++hw) {
       const I p = n * out_plane + hw;
       A unused;
-      const A x = grid_source_coordinate(load_acc(grid[2 * p]), (long long)W, padding, align_corners, &unused);
-      const A y = grid_source_coordinate(load_acc(grid[2 * p + 1]), (long long)H, padding, align_corners, &unused);
+      const A x = mode_source_coordinate(load_acc(grid[2 * p]), (long long)W, mode, padding, align_corners,
+                                         &unused);
+      const A y = mode_source_coordinate(load_acc(grid[2 * p + 1]), (long long)H, mode, padding, align_corners,
+                                         &unused);
       const A g = load_acc(gout[hw]);
       if (mode == DEFORMCP_MODE_BILINEAR) {
         bilinear_corners<A, I> corners;
         if (bilinear_setup(y, x, H, W, corners, true)) bilinear_scatter(gin, corners, g, false);
+      } else if (mode == DEFORMCP_MODE_BICUBIC) {
+        cubic_taps<A, I> taps;
+        if (cubic_setup(y, x, H, W, padding, align_corners, taps)) cubic_scatter(gin, W, taps, g, false);
       } else {
         const I pixel = nearest_pixel(y, x, H, W);
         if (pixel >= 0) gin[pixel] += g;

@@ -15,7 +15,7 @@ from ._call import backward, forward
 from ._spec import Case, OpSpec
 
 FAMILY = "spatial_transformer"
-MODES = ("bilinear", "nearest")
+MODES = ("bilinear", "nearest", "bicubic")
 PADDING_MODES = ("zeros", "border", "reflection")
 
 
@@ -200,20 +200,22 @@ def grid_sample(input, grid, mode: str = "bilinear", padding_mode: str = "zeros"
         input (array[N, C, H, W]): the images.
         grid (array[N, H_out, W_out, 2]): sampling locations, last axis (x, y), normalised so that -1 and
             1 are the left/top and right/bottom of the image (see align_corners). Same dtype as input.
-        mode (str): "bilinear" (k(d) = max(0, 1 − abs(d))) or "nearest" (round half to even).
+        mode (str): "bilinear" (k(d) = max(0, 1 − abs(d))), "nearest" (round half to even) or "bicubic"
+            (Keys' cubic convolution with A = −0.75 over the 4×4 pixels around the location, as torch).
             Default: "bilinear".
-        padding_mode (str): what locations outside the image read. "zeros": 0 (bilinear corners outside
-            the image read 0); "border": the coordinate is clamped to the image; "reflection": it is
-            reflected at the border (at the corner pixels' centres with align_corners, else their edges),
-            then clamped. Default: "zeros".
+        padding_mode (str): what locations outside the image read. "zeros": 0 (bilinear corners and
+            bicubic taps outside the image read 0); "border": the coordinate is clamped to the image;
+            "reflection": it is reflected at the border (at the corner pixels' centres with align_corners,
+            else their edges), then clamped. Bicubic sampling pads each of its 16 taps, not the location,
+            as torch does. Default: "zeros".
         align_corners (bool): True: x = (g + 1) / 2 · (W − 1), -1 and 1 are the corner pixels' centres;
             False: x = ((g + 1) · W − 1) / 2, they are the corner pixels' outer edges. Default: False.
 
     Returns:
         array[N, C, H_out, W_out], input's dtype and framework.
 
-    A grid value that is NaN samples 0 (and gets gradient 0) in every padding mode; ±inf samples 0 with
-    zeros and reflection padding and the border pixel with border padding. Same as
+    A grid value that is NaN samples 0 (and gets gradient 0) in every mode and padding mode; ±inf samples 0
+    with zeros and reflection padding and the border pixels with border padding. Same as
     torch.nn.functional.grid_sample for 4-D input. Jaderberg et al., "Spatial Transformer Networks",
     NeurIPS 2015, https://arxiv.org/abs/1506.02025 (eq. 5, the bilinear kernel).
 
@@ -248,7 +250,7 @@ def grid_sample_backward(grad_output, input, grid, mode="bilinear", padding_mode
     Returns:
         GridSampleGrads: ``input`` (array[N, C, H, W]) and ``grid`` (array[N, H_out, W_out, 2]), None
         where not asked for. The grid gradient is 0 for mode "nearest", where a coordinate is clamped
-        by the padding, and at NaN locations. The bilinear weights' derivative at an integer coordinate
+        by the padding (bilinear), and at NaN locations. The bilinear weights' derivative at an integer coordinate
         is taken from the right (the cell whose lower corner it is), as in PyTorch.
 
     """

@@ -96,6 +96,12 @@ def _source_coordinate(g, size, padding_mode: str, align_corners: bool):
         x -= 1
         x /= 2
         d = size / 2
+    return _pad(x, d, size, padding_mode, align_corners)
+
+
+def _pad(x, d, size, padding_mode: str, align_corners: bool):
+    """Pixel coordinates x over an image of ``size`` pixels (broadcasting) after the padding mode (reflected, then
+    clamped), and d times the padding's derivative (the kernels' grid_source_coordinate, cubic_tap)."""
     if padding_mode == "reflection":
         twice_low, twice_high = (0, 2 * (size - 1)) if align_corners else (-1, 2 * size - 1)
         low, span = twice_low / 2, (twice_high - twice_low) / 2
@@ -110,8 +116,8 @@ def _source_coordinate(g, size, padding_mode: str, align_corners: bool):
         x, d = np.where(one_pixel, 0, x), np.where(one_pixel, 0, d)
     if padding_mode != "zeros":
         low, high = x <= 0, x >= size - 1
-        x = np.where(low, 0, np.where(high, size - 1, x)).astype(g.dtype)
-        d = np.where(low | high, 0, d).astype(g.dtype)
+        x = np.where(low, 0, np.where(high, size - 1, x)).astype(x.dtype)
+        d = np.where(low | high, 0, d).astype(x.dtype)
     return x, d
 
 
@@ -148,11 +154,13 @@ def interior(X: np.ndarray, out: np.ndarray, channels_last: bool) -> None:
 class Plan(NamedTuple):
     """Where the k samples of a chunk read in :func:`padded` images, and with what weights."""
 
-    index: np.ndarray                  # (q, k) flat indices of the pixels each sample reads: the corners (y0, x0),
-                                       # (y0, x1), (y1, x0), (y1, x1) (bilinear, q = 4) or the nearest pixel (q = 1)
-    weight: Optional[np.ndarray]       # (4, k) bilinear weights of the corners; None: nearest, weight 1
-    axis_weight: Optional[np.ndarray]  # (2, 2, k) [x; y] × [lower; upper] weights, whose products are weight
-    slope: np.ndarray                  # (2, 1) or (2, k) derivatives of the pixel coordinates (x; y) wrt the grid
+    index: np.ndarray                      # (q, k) flat indices of the pixels each sample reads: q = m·m taps, row
+                                           # tap j × column tap i (bilinear: m = 2, the corners (y0, x0), (y0, x1),
+                                           # (y1, x0), (y1, x1); bicubic: m = 4), or the nearest pixel (q = 1)
+    weight: Optional[np.ndarray]           # (q, k) weights of the taps; None: nearest, weight 1
+    axis_weight: Optional[np.ndarray]      # (2, m, k) [x; y] × tap weights, whose products are weight
+    axis_derivative: Optional[np.ndarray]  # (2, m, k) or (2, m, 1): their derivatives wrt the pixel coordinates
+    slope: np.ndarray                      # (2, 1) or (2, k) derivatives of the pixel coordinates (x; y) wrt the grid
 
 
 @np.errstate(invalid="ignore")  # NaN and ±inf grid values are valid input
@@ -164,16 +172,18 @@ def plan(grid: np.ndarray, first_image: int, H: int, W: int, mode: str, padding_
     it reads 0 · the first row (column), whose weight's derivative is taken from the right: torch's rule, and the
     kernels' bilinear_setup. A nearest sample rounds half to even and is zero outside the image. Coordinates are
     clamped to [-PAD, size] (NaN to -PAD) first: the samples that the clamp moves read only the zeros around the
-    image, so no sample needs a mask."""
+    image, so no sample needs a mask. Bicubic: :func:`_cubic_plan`."""
     n, k = grid.shape[:2]
     size = np.array([[W], [H]], grid.dtype)
     g = grid.reshape(n * k, 2).T.copy()  # C order: the ufuncs' inner loops then run along the points
-    x, slope = _source_coordinate(g, size, padding_mode, align_corners)
+    x, slope = _source_coordinate(g, size, "zeros" if mode == "bicubic" else padding_mode, align_corners)
+    if mode == "bicubic":
+        return _cubic_plan(x, slope, size, _image_starts(first_image, n, k, H, W), padding_mode, align_corners)
     np.clip(x, -PAD, size, out=x)
     np.copyto(x, -PAD, where=np.isnan(x))
     if mode == "nearest":
         i = np.rint(x).astype(np.int64)  # the flat index in integers: exact past 2**24 pixels
-        return Plan(_flat_index(i, first_image, n, H, W)[None], None, None, slope)
+        return Plan(_flat_index(i, first_image, n, H, W)[None], None, None, None, slope)
     lower = np.floor(x)
     i = lower.astype(np.int64)
     upper = np.subtract(x, lower, out=x)  # the weight of the upper corner along each axis
@@ -181,7 +191,55 @@ def plan(grid: np.ndarray, first_image: int, H: int, W: int, mode: str, padding_
     weight = (axis_weight[1, :, None] * axis_weight[0, None, :]).reshape(4, n * k)
     stride = W + 2 * PAD
     index = _flat_index(i, first_image, n, H, W) + np.array([[0], [1], [stride], [stride + 1]])
-    return Plan(index, weight, axis_weight, slope)
+    return Plan(index, weight, axis_weight, _BILINEAR_DERIVATIVE.astype(x.dtype), slope)
+
+
+#: The bilinear weights' derivatives, (1 − t, t) → (−1, 1), along both axes.
+_BILINEAR_DERIVATIVE = np.array([[[-1], [1]], [[-1], [1]]])
+
+
+def _cubic_weights(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keys' cubic convolution weights (A = −0.75, as torch) of the taps floor(x) − 1 … floor(x) + 2 at
+    t = x − floor(x) (any shape), and their derivatives with respect to t: two arrays (4, *t.shape)."""
+    a, d0, d1, d2 = -0.75, t + 1, t, 1 - t
+    d3 = d2 + 1
+    weight = np.stack([((a * d0 - 5 * a) * d0 + 8 * a) * d0 - 4 * a, ((a + 2) * d1 - (a + 3)) * d1 * d1 + 1,
+                       ((a + 2) * d2 - (a + 3)) * d2 * d2 + 1, ((a * d3 - 5 * a) * d3 + 8 * a) * d3 - 4 * a])
+    derivative = np.stack([(3 * a * d0 - 10 * a) * d0 + 8 * a, (3 * (a + 2) * d1 - 2 * (a + 3)) * d1,
+                           -((3 * (a + 2) * d2 - 2 * (a + 3)) * d2), -((3 * a * d3 - 10 * a) * d3 + 8 * a)])
+    return weight.astype(t.dtype, copy=False), derivative.astype(t.dtype, copy=False)
+
+
+@np.errstate(invalid="ignore")
+def _cubic_plan(x: np.ndarray, slope, size, starts: np.ndarray, padding_mode: str, align_corners: bool) -> Plan:
+    """The bicubic plan at pixel coordinates x (2, k) [x; y], not padded, of the padded images whose pixel (0, 0)
+    is at the flat indices starts (k,): the 4×4 taps floor(x) − 1 … floor(x) + 2 per axis, each padded by the
+    padding mode (torch's rule; the kernels' cubic_setup). A tap outside the image, and every tap of a sample at a
+    NaN coordinate (or ±inf but with border padding, where a coordinate beyond the taps' reach reads the border
+    pixels), reads a zero pixel of the padding."""
+    if padding_mode == "border":
+        np.clip(x, -2, size + 1, out=x)  # NaN stays NaN
+    sampled = np.isfinite(x).all(axis=0)
+    x = np.where(sampled, x, 0)
+    base = np.floor(x)
+    axis_weight, axis_derivative = (w.transpose(1, 0, 2) for w in _cubic_weights(x - base))  # (2, 4, k)
+    taps, _ = _pad(base[:, None] + np.arange(-1, 3, dtype=x.dtype)[:, None], 0, size[:, :, None], padding_mode,
+                   align_corners)
+    inside = (taps >= 0) & (taps <= size[:, :, None] - 1)  # NaN: False
+    column, row = np.where(inside, taps, 0).astype(np.int64)
+    stride = size[0, 0].astype(np.int64) + 2 * PAD
+    index = (row[:, None] * stride + column[None, :]).reshape(16, -1) + starts
+    read = (inside[1][:, None] & inside[0][None, :]).reshape(16, -1) & sampled
+    np.copyto(index, starts - PAD * (stride + 1), where=~read)  # the padded image's first pixel: a zero
+    weight = (axis_weight[1][:, None] * axis_weight[0][None, :]).reshape(16, -1)
+    return Plan(index, weight, axis_weight, axis_derivative, slope)
+
+
+def _image_starts(first_image: int, n: int, k: int, H: int, W: int) -> np.ndarray:
+    """Flat indices (n·k,) of pixel (0, 0) of each point's padded image, k points of n images from first_image on."""
+    stride = W + 2 * PAD
+    first = (first_image * (H + 2 * PAD) + PAD) * stride + PAD
+    return np.repeat(first + np.arange(n) * ((H + 2 * PAD) * stride), k)
 
 
 def _flat_index(i: np.ndarray, first_image: int, n: int, H: int, W: int) -> np.ndarray:
@@ -219,12 +277,13 @@ def scatter(grad_X: np.ndarray, plan: Plan, G: np.ndarray) -> None:
 
 
 def grid_gradient(dots: np.ndarray, plan: Plan, out: np.ndarray) -> None:
-    """Write the grid's gradient into out (k, 2), from each corner's values dotted with the output gradient,
-    dots (4, k): the weights' derivatives are ±1 times the other axis's weights."""
-    wx, wy = plan.axis_weight
-    d = dots.reshape(2, 2, -1)  # [y0; y1] × [x0; x1]
-    np.multiply((wy * (d[:, 1] - d[:, 0])).sum(axis=0), plan.slope[0], out=out[:, 0])
-    np.multiply((wx * (d[1] - d[0])).sum(axis=0), plan.slope[1], out=out[:, 1])
+    """Write the grid's gradient into out (k, 2), from each tap's values dotted with the output gradient,
+    dots (m·m, k): a tap's weight's derivative along an axis is that axis's weight's derivative times the other
+    axis's weight."""
+    (wx, wy), (dx, dy) = plan.axis_weight, plan.axis_derivative
+    d = dots.reshape(len(wx), len(wx), -1)  # [row tap] × [column tap]
+    np.multiply((wy * (d * dx).sum(axis=1)).sum(axis=0), plan.slope[0], out=out[:, 0])
+    np.multiply((wx * (d * dy[:, None]).sum(axis=0)).sum(axis=0), plan.slope[1], out=out[:, 1])
 
 
 def sampling_matrix(plan: Plan, n_columns: int):
@@ -268,8 +327,8 @@ def _setup(input, grid, cfg) -> _Setup:
     grid = grid.reshape(N, cfg.H_out * cfg.W_out, 2).astype(dtype, copy=False)
     direct = cfg.mode == "nearest" or C <= DIRECT_MAX_CHANNELS
     P = grid.shape[1]
-    pixels = 1 if cfg.mode == "nearest" else 4  # read per sample and channel
-    chunks = (point_chunks(N, P, 160 + 3 * pixels * C * dtype.itemsize) if direct
+    pixels = {"nearest": 1, "bilinear": 4, "bicubic": 16}[cfg.mode]  # read per sample and channel
+    chunks = (point_chunks(N, P, 40 * max(4, pixels) + 3 * pixels * C * dtype.itemsize) if direct
               else [(n0, n1, 0, P) for n0, n1 in _workspace.image_chunks(N, C, H, W, dtype.itemsize)])
     return _Setup(grid, dtype, direct, chunks, (H, W, cfg.mode, cfg.padding_mode, cfg.align_corners))
 
@@ -325,7 +384,7 @@ def grid_sample_backward(grad_output, input, grid, cfg, wanted):
     grad_output = grad_output.reshape(N, C, P)
     grad_input = np.zeros(input.shape, s.dtype) if want_input else None
     grad_grid = np.zeros((N, P, 2), s.dtype) if want_grid else None
-    want_grid = want_grid and cfg.mode == "bilinear"  # nearest: the grid gradient is 0
+    want_grid = want_grid and cfg.mode != "nearest"  # nearest: the grid gradient is 0
     if (want_input or want_grid) and grad_output.size:
         (_direct_backward if s.direct else _sparse_backward)(s, _known_plans(s), grad_output, input, grad_input,
                                                              grad_grid if want_grid else None)
