@@ -180,17 +180,18 @@ def grid_away_from_kinks(rng, shape, H, W, align):
     return np.stack([axis(W, n), axis(H, n)], axis=-1).reshape(*shape, 2)
 
 
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
 @pytest.mark.parametrize("padding", PADDING_MODES)
 @pytest.mark.parametrize("align", [False, True])
 @pytest.mark.parametrize("trial", range(3))
-def test_grid_sample_finite_differences(rng, padding, align, trial):
+def test_grid_sample_finite_differences(rng, mode, padding, align, trial):
     x = rng.standard_normal((2, 3, 4, 5))
     grid = grid_away_from_kinks(rng, (2, 3, 6), 4, 5, align)
     grad_output = rng.standard_normal((2, 3, 3, 6))
-    grads = deformcp.grid_sample_backward(grad_output, x, grid, "bilinear", padding, align)
+    grads = deformcp.grid_sample_backward(grad_output, x, grid, mode, padding, align)
 
     def loss(x, grid):
-        return np.sum(grad_output * deformcp.grid_sample(x, grid, "bilinear", padding, align))
+        return np.sum(grad_output * deformcp.grid_sample(x, grid, mode, padding, align))
 
     for index, grad in enumerate(grads):
         direction = rng.standard_normal(grad.shape)
