@@ -18,6 +18,7 @@ Cases (--cases; --device cpu runs them all, --device cuda the STN case only):
 - ``large-image``: grid_sample alone, 1×3×1024×1024 bilinear (the grid: affine_grid of a theta as above, made
   once), forward and forward+backward (input and grid gradients), against torch.
 - ``nearest``: grid_sample alone, 8×64×56×56, mode "nearest", forward, against torch.
+- ``bicubic``: grid_sample alone, 8×64×56×56, mode "bicubic", forward and forward+backward, against torch.
 - ``warp``: an affine warp of one 2048×2048 float32 image (bilinear, zeros outside), deformcp's affine_grid +
   grid_sample against scipy.ndimage.affine_transform(order=1, mode="grid-constant") of the same warp: theta
   (normalised coordinates, x first) is converted to SciPy's matrix and offset (pixel indices, row first), and the
@@ -73,16 +74,18 @@ PHASES = ("forward", "backward", "forward+backward")
 GRADS = ("input", "theta")
 SHAPES = {"cpu": (8, 64, 56, 56), "cuda": (8, 64, 56, 56), "quick": (2, 3, 9, 11)}
 #: The cases, in the order they run (see the module's docstring).
-CASES = ("stn", "stn-mnist", "large-image", "nearest", "warp", "tiny")
+CASES = ("stn", "stn-mnist", "large-image", "nearest", "bicubic", "warp", "tiny")
 #: Each case's shape (N, C, H, W) by size: the device's, or --quick's.
 SIZES = {"stn-mnist": {"cpu": (32, 1, 28, 28), "quick": (4, 1, 7, 6)},
          "large-image": {"cpu": (1, 3, 1024, 1024), "quick": (1, 3, 17, 19)},
          "nearest": {"cpu": (8, 64, 56, 56), "quick": (2, 5, 9, 11)},
+         "bicubic": {"cpu": (8, 64, 56, 56), "quick": (2, 5, 9, 11)},
          "warp": {"cpu": (1, 1, 2048, 2048), "quick": (1, 1, 23, 29)},
          "tiny": {"cpu": (1, 4, 8, 8), "quick": (1, 4, 8, 8)}}
 #: The phases each case times.
 CASE_PHASES = {"stn": ("forward", "backward", "forward+backward"), "stn-mnist": ("forward+backward",),
-               "large-image": ("forward", "forward+backward"), "nearest": ("forward",), "warp": ("forward",),
+               "large-image": ("forward", "forward+backward"), "nearest": ("forward",),
+               "bicubic": ("forward", "forward+backward"), "warp": ("forward",),
                "tiny": ("forward", "forward+backward")}
 #: max_ratio: the most deformcp numpy's time / the anchor's time may be; target: what the issue asks. Default sizes.
 TARGETS = tuple({"case": case, "impl": "deformcp numpy", "phase": phase, "max_ratio": ratio, "target": target}
@@ -348,7 +351,8 @@ def problems(args) -> list:
             made.append(WarpProblem(SIZES[case][size], args.dtype, args.seed))
         else:
             made.append(GridSampleProblem(case, SIZES[case][size], args.dtype, args.seed,
-                                          mode="nearest" if case == "nearest" else "bilinear", uniform=case == "tiny"))
+                                          mode=case if case in ("nearest", "bicubic") else "bilinear",
+                                          uniform=case == "tiny"))
     return made
 
 
