@@ -5,8 +5,12 @@ processes its batch in chunks whose scratch memory stays under the limit: severa
 else a range of output rows of one image (:func:`chunks`), so any batch size and any image size works with
 bounded extra memory. Set it for a block of code:
 
+>>> import numpy as np, deformcp
+>>> x, offset, weight = np.ones((1, 2, 6, 6)), np.zeros((1, 18, 6, 6)), np.ones((3, 2, 3, 3))
 >>> with deformcp.workspace_limit(64 * 2**20):    # 64 MiB
-...     out = deformcp.deform_conv2d(x, offset, weight)
+...     out = deformcp.deform_conv2d(x, offset, weight, padding=1)
+>>> out.shape
+(1, 3, 6, 6)
 
 The NumPy path of the other ops splits its work by the fixed sizes below, into ranges (start, stop) of images,
 channels, RoIs or bins (:func:`ranges` and the helpers after it), which run on its thread pool

@@ -26,7 +26,6 @@ def _public_modules() -> list[str]:
 #: Modules whose examples fail for a reason outside this file's reach, with the reason.
 KNOWN_FAILURES = {
     "deformcp._dispatch": "backend()'s example uses x and grid without defining them",
-    "deformcp._workspace": "workspace_limit's example uses x, offset and weight without defining them",
 }
 
 
