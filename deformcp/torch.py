@@ -601,23 +601,40 @@ for _function in ("affine_grid", "grid_sample", "roi_align", "ps_roi_align", "de
 
 # ---------------------------------------------------------------------------------------------- modules
 
+def _offset_groups(offset_groups, deform_groups, in_channels: int) -> Optional[int]:
+    """The offset groups G of a deformable convolution module, given as offset_groups or by mmcv's name,
+    deform_groups (not both), checked (a divisor of in_channels); None if neither is given."""
+    if offset_groups is not None and deform_groups is not None:
+        raise TypeError(f"offset_groups, deform_groups: expected one of them (deform_groups is mmcv's name for "
+                        f"offset_groups), got both: offset_groups={offset_groups!r}, deform_groups={deform_groups!r}")
+    name, value = ("offset_groups", offset_groups) if deform_groups is None else ("deform_groups", deform_groups)
+    if value is None:
+        return None
+    value = _validate.integer(name, value, minimum=1)
+    if in_channels % value != 0:
+        raise ValueError(f"in_channels: expected a multiple of {name} = {value}, got {in_channels}")
+    return value
+
+
 class DeformConv2d(nn.Module):
     """Deformable convolution with the parameters of ``torchvision.ops.DeformConv2d`` (``weight``
     [C_out, C_in / groups, kh, kw] and ``bias`` [C_out] or None, same initialisation), so state_dicts load
-    either way.
+    either way, and mmcv's ``DeformConv2d`` (``weight`` only) too: a state_dict without ``bias`` loads into a
+    layer built with one, which then drops its bias (load before making the optimiser).
 
     Args:
         in_channels, out_channels (int), kernel_size, stride, padding, dilation (int or pair of int),
         groups (int), bias (bool): as torch.nn.Conv2d.
+        offset_groups (int or None): G, checked against offset's shape in forward; None reads it from there.
+            Default: None. mmcv's name, ``deform_groups=``, is accepted too (not both).
 
     forward(input, offset, mask=None):
         input (Tensor[N, C_in, H, W]), offset (Tensor[N, 2·G·kh·kw, H_out, W_out]), mask (Tensor[N,
-        G·kh·kw, H_out, W_out] or None) → Tensor[N, C_out, H_out, W_out]. The number of offset groups G
-        is read from offset's shape.
+        G·kh·kw, H_out, W_out] or None) → Tensor[N, C_out, H_out, W_out].
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 bias=True):
+                 bias=True, offset_groups=None, *, deform_groups=None):
         super().__init__()
         in_channels = _validate.integer("in_channels", in_channels, minimum=1)
         out_channels = _validate.integer("out_channels", out_channels, minimum=1)
@@ -629,6 +646,7 @@ class DeformConv2d(nn.Module):
             raise ValueError(f"in_channels: expected a multiple of groups = {groups}, got {in_channels}")
         if out_channels % groups != 0:
             raise ValueError(f"out_channels: expected a multiple of groups = {groups}, got {out_channels}")
+        self.offset_groups = _offset_groups(offset_groups, deform_groups, in_channels)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.groups = groups
@@ -646,7 +664,16 @@ class DeformConv2d(nn.Module):
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        if self.bias is not None and prefix + "weight" in state_dict and prefix + "bias" not in state_dict:
+            self.bias = None  # a bias-free layer's state_dict (mmcv's DeformConv2d, DeformConv2dPack)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def forward(self, input, offset, mask=None):
+        taps = self.kernel_size[0] * self.kernel_size[1]
+        if self.offset_groups is not None and not _tracing(offset) and offset.shape[1] != 2 * self.offset_groups * taps:
+            raise ValueError(f"offset: expected 2·offset_groups·kh·kw = {2 * self.offset_groups * taps} channels "
+                             f"(offset_groups = {self.offset_groups}), got shape {tuple(offset.shape)}")
         return deform_conv2d(input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
 
     def extra_repr(self) -> str:
@@ -655,11 +682,13 @@ class DeformConv2d(nn.Module):
         s += f", dilation={self.dilation}" if self.dilation != (1, 1) else ""
         s += f", groups={self.groups}" if self.groups != 1 else ""
         s += ", bias=False" if self.bias is None else ""
+        s += f", offset_groups={self.offset_groups}" if self.offset_groups not in (None, 1) else ""
         return s
 
 
 class DeformConv2dPack(DeformConv2d):
-    """Deformable convolution v1 that predicts its own offsets (mmcv's DeformConv2dPack).
+    """Deformable convolution v1 that predicts its own offsets (mmcv's DeformConv2dPack: its state_dicts, which
+    have no ``bias``, load as they are; see :class:`DeformConv2d`).
 
     ``conv_offset`` is a regular nn.Conv2d (same kernel size, stride, padding and dilation as the deformable
     one) mapping the input to 2·G·kh·kw offset channels; it is zero-initialised, so the layer starts as the
@@ -667,8 +696,8 @@ class DeformConv2dPack(DeformConv2d):
     groups)``. ``weight`` and ``bias`` are :class:`DeformConv2d`'s (torchvision's names).
 
     Args:
-        as :class:`DeformConv2d`, and offset_groups (int): G, offset groups (mmcv's deform_groups); divides
-            in_channels. Default: 1.
+        as :class:`DeformConv2d`, and offset_groups (int): G, offset groups (mmcv's ``deform_groups=``, accepted
+            too, not both); divides in_channels. Default: 1.
 
     forward(input): Tensor[N, C_in, H, W] → Tensor[N, C_out, H_out, W_out].
     """
@@ -676,14 +705,12 @@ class DeformConv2dPack(DeformConv2d):
     mask_channels_per_tap = 0
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 bias=True, offset_groups=1):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias)
-        offset_groups = _validate.integer("offset_groups", offset_groups, minimum=1)
-        if self.in_channels % offset_groups != 0:
-            raise ValueError(f"in_channels: expected a multiple of offset_groups = {offset_groups}, got "
-                             f"{self.in_channels}")
-        self.offset_groups = offset_groups
-        taps = offset_groups * self.kernel_size[0] * self.kernel_size[1]
+                 bias=True, offset_groups=None, *, deform_groups=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         offset_groups, deform_groups=deform_groups)
+        if self.offset_groups is None:
+            self.offset_groups = 1
+        taps = self.offset_groups * self.kernel_size[0] * self.kernel_size[1]
         self.conv_offset = nn.Conv2d(in_channels, (2 + self.mask_channels_per_tap) * taps, self.kernel_size,
                                      self.stride, self.padding, self.dilation, bias=True)
         self.init_offset()
@@ -701,9 +728,6 @@ class DeformConv2dPack(DeformConv2d):
     def forward(self, input):
         return deform_conv2d(input, self.conv_offset(input), self.weight, self.bias, self.stride, self.padding,
                              self.dilation)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + (f", offset_groups={self.offset_groups}" if self.offset_groups != 1 else "")
 
 
 class ModulatedDeformConv2dPack(DeformConv2dPack):

@@ -147,8 +147,8 @@ INTS = {
     "torch module": {
         "RoIAlign": _ROI_INTS, "PSRoIAlign": _ROI_INTS,
         "DeformConv2d": {"in_channels": "int", "out_channels": "int", "kernel_size": "pair", **_CONV_PAIRS,
-                         "groups": "int"},
-        "DeformConv2dPack": {"offset_groups": "int"},
+                         "groups": "int", "offset_groups": "int", "deform_groups": "int"},
+        "DeformConv2dPack": {"offset_groups": "int", "deform_groups": "int"},
         "DeformRoIPool": {"output_size": "pair", "output_channels": "int", "deform_fc_channels": "int",
                           "sampling_ratio": "int"},
         "ModulatedDeformRoIPool": {"output_size": "pair", "output_channels": "int", "deform_fc_channels": "int"},
@@ -161,7 +161,9 @@ NONE_ALLOWED = {("torch", "affine_grid", "align_corners"), ("torch", "grid_sampl
                 ("torch module", "SpatialTransformer", "align_corners"),
                 ("torch module", "SpatialTransformer", "output_size"),
                 ("numpy", "deform_ps_roi_pool", "part_size"), ("numpy", "deform_ps_roi_pool_backward", "part_size"),
-                ("torch", "deform_ps_roi_pool", "part_size"), ("jax", "deform_ps_roi_pool", "part_size")}
+                ("torch", "deform_ps_roi_pool", "part_size"), ("jax", "deform_ps_roi_pool", "part_size"),
+                *(("torch module", module, groups) for module in ("DeformConv2d", "DeformConv2dPack")
+                  for groups in ("offset_groups", "deform_groups"))}
 
 
 
@@ -301,6 +303,6 @@ def test_module_constructors_check_what_they_store():
     with pytest.raises(ValueError, match=r"^pool_mode: expected one of \('avg', 'max'\), got 'sum'"):
         dtorch.RoIAlign(2, pool_mode="sum")
     with pytest.raises(ValueError, match=r"^mode: expected one of"):
-        dtorch.SpatialTransformer(3, mode="bicubic")
+        dtorch.SpatialTransformer(3, mode="area")
     with pytest.raises(ValueError, match=r"^gamma: expected a finite number, got nan"):
         dtorch.DeformRoIPool(2, 4, gamma=float("nan"))
