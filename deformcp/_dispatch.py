@@ -54,8 +54,12 @@ def backend(name: str):
     ``"numpy"`` (the default) is the vectorised NumPy path; ``"host"`` runs the CUDA sources of
     kernels/ compiled by the host C++ compiler. CuPy and CUDA DLPack arrays always run on the GPU.
 
-    >>> with deformcp.backend("host"):
-    ...     out = deformcp.grid_sample(x, grid)
+    >>> import deformcp
+    >>> with deformcp.backend("host"):        # deformcp.grid_sample(x, grid) here runs the host kernels
+    ...     deformcp.current_backend()
+    'host'
+    >>> deformcp.current_backend()
+    'numpy'
     """
     if name not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {name!r}")

@@ -10,6 +10,17 @@ Import it explicitly (it needs PyTorch, onnxscript and onnx; onnxruntime runs th
     torch.onnx.export(model.eval(), (x,), "model.onnx", dynamo=True, opset_version=20,
                       custom_translation_table=deformcp.onnx.TRANSLATIONS)
 
+Which ops become which ONNX operator, from which opset, and which have none:
+
+>>> import torch
+>>> import deformcp.onnx
+>>> deformcp.onnx.MIN_OPSET["deform_conv2d"]
+('DeformConv', 19)
+>>> torch.ops.deformcp.grid_sample.default in deformcp.onnx.TRANSLATIONS
+True
+>>> deformcp.onnx.UNSUPPORTED["ms_deform_attn"]
+'multi-scale deformable attention has no ONNX operator'
+
 :func:`export` is ``torch.onnx.export(..., dynamo=True, custom_translation_table=TRANSLATIONS)`` (your own
 ``custom_translation_table`` entries are added to it, and win), with two differences: ``opset_version`` defaults
 to 20 (AffineGrid's) and must be at least 16, and an op or mode that has no ONNX equivalent raises

@@ -1,11 +1,20 @@
 """PyTorch autograd for deformcp: functions with torch.nn.functional's and torchvision's names, and nn.Modules.
 
-Import it explicitly (``import deformcp`` never imports torch)::
+Import it explicitly (``import deformcp`` never imports torch):
 
-    import deformcp.torch as dtorch
-
-    out = dtorch.deform_conv2d(x, offset, weight, bias, padding=1, mask=mask)   # differentiable
-    layer = dtorch.ModulatedDeformConv2dPack(64, 64, 3, padding=1)              # DCNv2 layer
+>>> import torch
+>>> import deformcp.torch as dtorch
+>>> layer = dtorch.ModulatedDeformConv2dPack(4, 8, 3, padding=1)           # DCNv2 layer (mmcv's)
+>>> x = torch.randn(2, 4, 16, 16, requires_grad=True)
+>>> layer(x).shape
+torch.Size([2, 8, 16, 16])
+>>> offset, mask = torch.zeros(2, 18, 16, 16), torch.ones(2, 9, 16, 16)   # no deformation, no modulation
+>>> out = dtorch.deform_conv2d(x, offset, layer.weight, layer.bias, padding=1, mask=mask)  # differentiable
+>>> torch.allclose(out, torch.nn.functional.conv2d(x, layer.weight, layer.bias, padding=1), atol=1e-5)
+True
+>>> out.sum().backward()
+>>> x.grad.shape
+torch.Size([2, 4, 16, 16])
 
 Every op and its backward are torch.library ops generated from the op table (``deformcp.ops.SPECS``):
 ``torch.ops.deformcp.<op>`` and ``torch.ops.deformcp.<op>_backward``, with fake kernels (torch.compile,
@@ -695,9 +704,11 @@ class DeformConv2dPack(DeformConv2d):
     regular convolution ``torch.nn.functional.conv2d(input, weight, bias, stride, padding, dilation,
     groups)``. ``weight`` and ``bias`` are :class:`DeformConv2d`'s (torchvision's names).
 
+    The arguments are :class:`DeformConv2d`'s, but for offset_groups' default.
+
     Args:
-        as :class:`DeformConv2d`, and offset_groups (int): G, offset groups (mmcv's ``deform_groups=``, accepted
-            too, not both); divides in_channels. Default: 1.
+        offset_groups (int): G, offset groups (mmcv's ``deform_groups=``, accepted too, not both); divides
+            in_channels. Default: 1.
 
     forward(input): Tensor[N, C_in, H, W] → Tensor[N, C_out, H_out, W_out].
     """
@@ -977,12 +988,12 @@ class MSDeformAttn(nn.Module):
 
     forward(query, reference_points, input_flatten, input_spatial_shapes, input_level_start_index,
     input_padding_mask=None):
-        query (Tensor[N, Lq, C]); reference_points (Tensor[N, Lq, L, 2]: normalised (x, y), the offsets divided by
-        (W_l, H_l); or Tensor[N, Lq, L, 4]: boxes (x, y, w, h), the offsets times (w, h) / (2P));
-        input_flatten (Tensor[N, S, C]), the levels level-major, each row-major; input_spatial_shapes (list of L
-        pairs (H_l, W_l) or integer Tensor[L, 2]), input_level_start_index (list, integer Tensor[L] or None): as
-        :func:`ms_deform_attn`; input_padding_mask (bool Tensor[N, S] or None): True where the input is padding
-        (its values are 0) → Tensor[N, Lq, C].
+    query (Tensor[N, Lq, C]); reference_points (Tensor[N, Lq, L, 2]: normalised (x, y), the offsets divided by
+    (W_l, H_l); or Tensor[N, Lq, L, 4]: boxes (x, y, w, h), the offsets times (w, h) / (2P));
+    input_flatten (Tensor[N, S, C]), the levels level-major, each row-major; input_spatial_shapes (list of L
+    pairs (H_l, W_l) or integer Tensor[L, 2]), input_level_start_index (list, integer Tensor[L] or None): as
+    :func:`ms_deform_attn`; input_padding_mask (bool Tensor[N, S] or None): True where the input is padding
+    (its values are 0) → Tensor[N, Lq, C].
     """
 
     def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4):
