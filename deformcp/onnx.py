@@ -32,8 +32,9 @@ options. The legacy TorchScript exporter (``dynamo=False``) is not supported.
 
 What each op becomes (opset: the least ``opset_version`` that the export accepts):
 
-- ``grid_sample`` → ``GridSample`` (opset ≥ 16). mode "bilinear" → "bilinear" (opsets 16–19) or "linear"
-  (opset ≥ 20, where ONNX renamed it), "nearest" → "nearest"; padding_mode as is; align_corners → 0/1.
+- ``grid_sample`` → ``GridSample`` (opset ≥ 16; volumes, 5-D input, from opset 20). mode "bilinear" → "bilinear"
+  (opsets 16–19) or "linear" (opset ≥ 20, where ONNX renamed it), "bicubic" → "bicubic" or "cubic" (the same
+  kernel, A = −0.75), "nearest" → "nearest"; padding_mode as is; align_corners → 0/1.
   ONNX and onnxruntime round "nearest" half to even, as deformcp and PyTorch.
 - ``affine_grid`` → ``AffineGrid`` (opset ≥ 20); size becomes an int64 tensor, align_corners 0/1. With
   align_corners=True a 1-pixel axis (H or W = 1) has no agreed base coordinate (torch and deformcp: 0,
@@ -137,23 +138,28 @@ def _static(name: str, what: str, value) -> int:
 
 def _grid_sample(input, grid, mode: str, padding_mode: str, align_corners: bool):
     op = _opset("grid_sample")
-    if mode == "bilinear" and op.version >= 20:
-        mode = "linear"  # GridSample-20 renamed it
+    if len(input.shape) == 5 and op.version < 20:
+        raise UnsupportedExportError("deformcp.grid_sample of a volume (5-D input) exports as ONNX GridSample, "
+                                     f"which takes volumes from opset 20; the graph is being built at opset "
+                                     f"{op.version}")
+    if op.version >= 20:  # GridSample-20 renamed them
+        mode = {"bilinear": "linear", "bicubic": "cubic"}.get(mode, mode)
     return op.GridSample(input, grid, mode=mode, padding_mode=padding_mode, align_corners=int(align_corners))
 
 
 def _affine_grid(theta, size, align_corners: bool):
     op = _opset("affine_grid")
     if align_corners:
-        theta = _one_pixel_axes(op, theta, size[3], size[2])
+        theta = _one_pixel_axes(op, theta, size[2:][::-1])
     return op.AffineGrid(theta, list(size), align_corners=int(align_corners))
 
 
-def _one_pixel_axes(op, theta, W, H):
+def _one_pixel_axes(op, theta, spatial):
     """theta for ONNX's AffineGrid with align_corners=1, whose base grid has no agreed value on a 1-pixel axis
     (torch and deformcp put it at 0; onnxruntime at +1, ONNX's reference implementation at −1): theta's column
-    for each such axis is zeroed, which makes the grid independent of that value, as it is where the value is 0."""
-    keep = [_static("affine_grid", "size (with align_corners=True)", d) != 1 for d in (W, H)]
+    for each such axis (spatial: the sizes W, H, (D)) is zeroed, which makes the grid independent of that value,
+    as it is where the value is 0."""
+    keep = [_static("affine_grid", "size (with align_corners=True)", d) != 1 for d in spatial]
     return theta if all(keep) else op.Mul(theta, [float(k) for k in keep] + [1.0])
 
 

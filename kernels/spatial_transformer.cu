@@ -327,3 +327,196 @@ __global__ void grid_sample_backward_input_deterministic(const T* grad_output, c
     }
   }
 }
+
+// ---- volumes: theta (N, 3, 4); grid (N, Do, Ho, Wo, 3) with last axis (x, y, z); input (N, C, D, H, W);
+// output (N, C, Do, Ho, Wo). Trilinear samples follow the bilinear rule along each axis (set up on [-1, size)).
+
+// The eight corners of a trilinear sample, in torch's order: (z0, y0, x0), (z0, y0, x1), (z0, y1, x0), …, (z1, y1, x1)
+// (corner k: z0 + (k >> 2), y0 + (k >> 1 & 1), x0 + (k & 1)); the fields are 0 where the corner is outside.
+template <typename A, typename I>
+struct trilinear_corners {
+  bool inside[8];
+  I index[8];  // (z · H + y) · W + x
+  A weight[8], dweight_dz[8], dweight_dy[8], dweight_dx[8];
+};
+
+template <typename A, typename I>
+__device__ __forceinline__ bool trilinear_setup(A z, A y, A x, I D, I H, I W, trilinear_corners<A, I>& c) {
+  if (!(z >= (A)-1 && y >= (A)-1 && x >= (A)-1 && z < (A)D && y < (A)H && x < (A)W)) return false;
+  const A fz = floor(z), fy = floor(y), fx = floor(x);
+  const I z0 = (I)fz, y0 = (I)fy, x0 = (I)fx;
+  const A l[3] = {z - fz, y - fy, x - fx};     // upper corner's weight along z, y, x
+  for (int k = 0; k < 8; ++k) {
+    const int bit[3] = {k >> 2, k >> 1 & 1, k & 1};
+    const I cz = z0 + bit[0], cy = y0 + bit[1], cx = x0 + bit[2];
+    A w[3], dw[3];
+    for (int a = 0; a < 3; ++a) { w[a] = bit[a] ? l[a] : (A)1 - l[a]; dw[a] = bit[a] ? (A)1 : (A)-1; }
+    const bool inside = cz >= 0 && cz < D && cy >= 0 && cy < H && cx >= 0 && cx < W;
+    c.inside[k] = inside;
+    c.index[k] = inside ? (cz * H + cy) * W + cx : 0;
+    c.weight[k] = inside ? w[0] * w[1] * w[2] : (A)0;
+    c.dweight_dz[k] = inside ? dw[0] * w[1] * w[2] : (A)0;
+    c.dweight_dy[k] = inside ? w[0] * dw[1] * w[2] : (A)0;
+    c.dweight_dx[k] = inside ? w[0] * w[1] * dw[2] : (A)0;
+  }
+  return true;
+}
+
+// Flat index (z · H + y) · W + x of the voxel nearest to (z, y, x) (ties to even), or -1 outside the volume.
+template <typename A, typename I>
+__device__ __forceinline__ I nearest_voxel(A z, A y, A x, I D, I H, I W) {
+  const A rz = rint(z);
+  const I pixel = nearest_pixel(y, x, H, W);
+  if (!(rz >= (A)0 && rz < (A)D) || pixel < 0) return -1;
+  return (I)rz * H * W + pixel;
+}
+
+// grid (N, D, H, W, 3) = base (D, H, W, [x, y, z, 1]) · theta[n]ᵀ
+template <typename T, typename I>
+__global__ void affine_grid_3d_forward(const T* theta, T* grid, I N, I D, I H, I W, int align_corners) {
+  typedef typename acc_type<T>::type A;
+  DEFORMCP_GRID_STRIDE_LOOP(I, p, N * D * H * W) {
+    const I n = p / (D * H * W), d = p / (H * W) % D, h = p / W % H, w = p % W;
+    const A b[3] = {base_grid_coordinate<A>(w, W, align_corners), base_grid_coordinate<A>(h, H, align_corners),
+                    base_grid_coordinate<A>(d, D, align_corners)};
+    const T* t = theta + 12 * n;
+    for (int r = 0; r < 3; ++r)
+      grid[3 * p + r] = store_as<T>(load_acc(t[4 * r]) * b[0] + load_acc(t[4 * r + 1]) * b[1] +
+                                    load_acc(t[4 * r + 2]) * b[2] + load_acc(t[4 * r + 3]));
+  }
+}
+
+// grad_theta[n, r, k] = Σ_{d,h,w} grad_grid[n, d, h, w, r] · base[d, h, w, k]; one thread per element, in order.
+template <typename T, typename I>
+__global__ void affine_grid_3d_backward(const T* grad_grid, T* grad_theta, I N, I D, I H, I W, int align_corners) {
+  typedef typename acc_type<T>::type A;
+  DEFORMCP_GRID_STRIDE_LOOP(I, q, N * 12) {
+    const I n = q / 12, r = q % 12 / 4, k = q % 4;
+    const T* g = grad_grid + n * D * H * W * 3 + r;
+    A sum = 0;
+    for (I d = 0; d < D; ++d) {
+      const A bz = base_grid_coordinate<A>(d, D, align_corners);
+      for (I h = 0; h < H; ++h) {
+        const A by = base_grid_coordinate<A>(h, H, align_corners);
+        for (I w = 0; w < W; ++w) {
+          const A base = k == 0 ? base_grid_coordinate<A>(w, W, align_corners) : k == 1 ? by : k == 2 ? bz : (A)1;
+          sum += load_acc(g[3 * ((d * H + h) * W + w)]) * base;
+        }
+      }
+    }
+    grad_theta[q] = store_as<T>(sum);
+  }
+}
+
+// The sample's source coordinates (x, y, z) of grid point p, after the padding mode, and their derivatives.
+template <typename T, typename A, typename I>
+__device__ __forceinline__ void volume_source(const T* grid, I p, I D, I H, I W, int padding, int align_corners,
+                                              A* s, A* ds) {
+  const I size[3] = {W, H, D};
+  for (int a = 0; a < 3; ++a)
+    s[a] = grid_source_coordinate(load_acc(grid[3 * p + a]), (long long)size[a], padding, align_corners, ds + a);
+}
+
+// output[n, c, do, ho, wo] = input[n, c] sampled at grid[n, do, ho, wo]; one thread per output location.
+template <typename T, typename I>
+__global__ void grid_sample_3d_forward(const T* input, const T* grid, T* output, I N, I C, I D, I H, I W, I Do,
+                                       I Ho, I Wo, int mode, int padding, int align_corners) {
+  typedef typename acc_type<T>::type A;
+  const I out_volume = Do * Ho * Wo, in_volume = D * H * W;
+  DEFORMCP_GRID_STRIDE_LOOP(I, p, N * out_volume) {
+    const I n = p / out_volume;
+    A s[3], unused[3];
+    volume_source(grid, p, D, H, W, padding, align_corners, s, unused);
+    const T* in = input + n * C * in_volume;
+    T* out = output + n * C * out_volume + p % out_volume;
+    if (mode == DEFORMCP_MODE_BILINEAR) {
+      trilinear_corners<A, I> c;
+      const bool sampled = trilinear_setup(s[2], s[1], s[0], D, H, W, c);
+      for (I ch = 0; ch < C; ++ch) {
+        A v = 0;
+        for (int k = 0; sampled && k < 8; ++k)
+          if (c.inside[k]) v += c.weight[k] * (A)load_acc(in[ch * in_volume + c.index[k]]);
+        out[ch * out_volume] = store_as<T>(v);
+      }
+    } else {
+      const I voxel = nearest_voxel(s[2], s[1], s[0], D, H, W);
+      for (I ch = 0; ch < C; ++ch)
+        out[ch * out_volume] = voxel >= 0 ? in[ch * in_volume + voxel] : store_as<T>((A)0);
+    }
+  }
+}
+
+// Gradients of grid_sample_3d_forward: grad_input (in acc_t<T>, zero-filled by the caller; scatter-added with
+// atomics) and grad_grid (written once per location). Either pointer may be null when not wanted.
+template <typename T, typename I>
+__global__ void grid_sample_3d_backward(const T* grad_output, const T* input, const T* grid, acc_t<T>* grad_input,
+                                        T* grad_grid, I N, I C, I D, I H, I W, I Do, I Ho, I Wo, int mode,
+                                        int padding, int align_corners) {
+  typedef typename acc_type<T>::type A;
+  const I out_volume = Do * Ho * Wo, in_volume = D * H * W;
+  DEFORMCP_GRID_STRIDE_LOOP(I, p, N * out_volume) {
+    const I n = p / out_volume;
+    A s[3], ds[3];
+    volume_source(grid, p, D, H, W, padding, align_corners, s, ds);
+    const T* in = input + n * C * in_volume;
+    const T* gout = grad_output + n * C * out_volume + p % out_volume;
+    A gz = 0, gy = 0, gx = 0;
+    if (mode == DEFORMCP_MODE_BILINEAR) {
+      trilinear_corners<A, I> c;
+      if (trilinear_setup(s[2], s[1], s[0], D, H, W, c)) {
+        for (I ch = 0; ch < C; ++ch) {
+          const A g = load_acc(gout[ch * out_volume]);
+          for (int k = 0; k < 8; ++k) {
+            if (!c.inside[k]) continue;
+            if (grad_input != nullptr) atomic_add(grad_input + (n * C + ch) * in_volume + c.index[k], c.weight[k] * g);
+            if (grad_grid != nullptr) {
+              const A v = (A)load_acc(in[ch * in_volume + c.index[k]]) * g;
+              gz += c.dweight_dz[k] * v;
+              gy += c.dweight_dy[k] * v;
+              gx += c.dweight_dx[k] * v;
+            }
+          }
+        }
+      }
+    } else if (grad_input != nullptr) {
+      const I voxel = nearest_voxel(s[2], s[1], s[0], D, H, W);
+      if (voxel >= 0)
+        for (I ch = 0; ch < C; ++ch)
+          atomic_add(grad_input + (n * C + ch) * in_volume + voxel, load_acc(gout[ch * out_volume]));
+    }
+    if (grad_grid != nullptr) {
+      grad_grid[3 * p] = store_as<T>(gx * ds[0]);
+      grad_grid[3 * p + 1] = store_as<T>(gy * ds[1]);
+      grad_grid[3 * p + 2] = store_as<T>(gz * ds[2]);
+    }
+  }
+}
+
+// grad_input of grid_sample_3d_forward, bitwise reproducible: one thread per input volume (n, c) visits every
+// output location of sample n in order and adds with plain stores (grad_input in acc_t<T>, zero-filled).
+template <typename T, typename I>
+__global__ void grid_sample_3d_backward_input_deterministic(const T* grad_output, const T* grid,
+                                                            acc_t<T>* grad_input, I N, I C, I D, I H, I W, I Do,
+                                                            I Ho, I Wo, int mode, int padding, int align_corners) {
+  typedef typename acc_type<T>::type A;
+  const I out_volume = Do * Ho * Wo;
+  DEFORMCP_GRID_STRIDE_LOOP(I, volume, N * C) {
+    const I n = volume / C;
+    const T* gout = grad_output + volume * out_volume;
+    A* gin = grad_input + volume * D * H * W;
+    for (I o = 0; o < out_volume; ++o) {
+      A s[3], unused[3];
+      volume_source(grid, n * out_volume + o, D, H, W, padding, align_corners, s, unused);
+      const A g = load_acc(gout[o]);
+      if (mode == DEFORMCP_MODE_BILINEAR) {
+        trilinear_corners<A, I> c;
+        if (trilinear_setup(s[2], s[1], s[0], D, H, W, c))
+          for (int k = 0; k < 8; ++k)
+            if (c.inside[k]) gin[c.index[k]] += c.weight[k] * g;
+      } else {
+        const I voxel = nearest_voxel(s[2], s[1], s[0], D, H, W);
+        if (voxel >= 0) gin[voxel] += g;
+      }
+    }
+  }
+}

@@ -104,12 +104,17 @@ def with_specials(a, rng, fraction=0.1):
 def case_affine_grid(op, rng, dtype):
     theta = rng.standard_normal((3, 2, 3)).astype(dtype)
     grad = rng.standard_normal((3, 9, 11, 2)).astype(dtype)
+    theta_3d = rng.standard_normal((3, 3, 4)).astype(dtype)
+    grad_3d = rng.standard_normal((3, 4, 5, 6, 3)).astype(dtype)
 
     def run():
         out = {}
         for align in (False, True):
             out[f"affine_grid align={align}"] = op.function(theta, (3, 2, 9, 11), align)
             out[f"affine_grid_backward align={align}"] = op.backward(grad, theta, (3, 2, 9, 11), align).theta
+            out[f"affine_grid 3-D align={align}"] = op.function(theta_3d, (3, 2, 4, 5, 6), align)
+            out[f"affine_grid_backward 3-D align={align}"] = op.backward(grad_3d, theta_3d, (3, 2, 4, 5, 6),
+                                                                         align).theta
         return out
     return run
 
@@ -120,6 +125,9 @@ def case_grid_sample(op, rng, dtype):
     large = rng.uniform(-1.3, 1.3, (2, 20, 20, 2)).astype(dtype)                      # 800: several blocks
     g_small = rng.standard_normal((2, 3, 8, 8)).astype(dtype)
     g_large = rng.standard_normal((2, 3, 20, 20)).astype(dtype)
+    v = rng.standard_normal((2, 3, 4, 5, 6)).astype(dtype)
+    v_grid = with_specials(rng.uniform(-1.3, 1.3, (2, 4, 5, 6, 3)), rng).astype(dtype)
+    v_grad = rng.standard_normal((2, 3, 4, 5, 6)).astype(dtype)
 
     def run():
         out = {}
@@ -134,6 +142,13 @@ def case_grid_sample(op, rng, dtype):
                     out[f"grid_sample_backward input {tag}"], out[f"grid_sample_backward grid {tag}"] = g
                     g = op.backward(g_large, x, large, **o, deterministic=True)
                     out[f"grid_sample_backward det input {tag}"], out[f"grid_sample_backward det grid {tag}"] = g
+        for mode in ("bilinear", "nearest"):  # volumes
+            tag = f"3-D {mode}"
+            out[f"grid_sample {tag}"] = op.function(v, v_grid, mode=mode)
+            g = op.backward(v_grad, v, v_grid, mode=mode)
+            out[f"grid_sample_backward input {tag}"], out[f"grid_sample_backward grid {tag}"] = g
+            g = op.backward(v_grad, v, v_grid, mode=mode, deterministic=True)
+            out[f"grid_sample_backward det input {tag}"], out[f"grid_sample_backward det grid {tag}"] = g
         return out
     return run
 

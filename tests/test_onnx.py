@@ -126,15 +126,34 @@ def test_every_op_is_translated_or_refused():
 @pytest.mark.parametrize("opset_version", [16, 20])
 @pytest.mark.parametrize("align_corners", [False, True])
 @pytest.mark.parametrize("padding_mode", ["zeros", "border", "reflection"])
-@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize("mode", ["bilinear", "nearest", "bicubic"])
 def test_grid_sample(rng, tmp_path, mode, padding_mode, align_corners, opset_version):
     x = _tensor(rng.standard_normal((2, 3, 7, 9)))
     grid = _tensor(rng.uniform(-1.4, 1.4, (2, 5, 6, 2)))  # past the borders: every padding mode matters
     model = Call(dtorch.grid_sample, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
     (node,), _ = _export_and_run(model, (x, grid), "GridSample", tmp_path, opset_version)
-    onnx_mode = "linear" if mode == "bilinear" and opset_version >= 20 else mode
+    onnx_mode = {"bilinear": "linear", "bicubic": "cubic"}.get(mode, mode) if opset_version >= 20 else mode
     assert _attributes(node) == {"mode": onnx_mode.encode(), "padding_mode": padding_mode.encode(),
                                  "align_corners": int(align_corners)}
+
+
+@needs_onnx
+@pytest.mark.parametrize("align_corners", [False, True])
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_volumes(rng, tmp_path, mode, align_corners):
+    """A 3-D spatial transformer (AffineGrid and GridSample of a volume) at opset 20; refused at opset 16."""
+    theta, x = _tensor(rng.standard_normal((2, 3, 4))), _tensor(rng.standard_normal((2, 3, 4, 5, 6)))
+    size = (2, 3, 3, 1, 5) if align_corners else (2, 3, 3, 4, 5)  # a 1-pixel axis: the align_corners rule
+
+    class Transformer(torch.nn.Module):
+        def forward(self, theta, x):
+            return dtorch.grid_sample(x, dtorch.affine_grid(theta, size, align_corners), mode, "border",
+                                      align_corners)
+
+    _export_and_run(Transformer(), (theta, x), "GridSample", tmp_path, 20)
+    grid = _tensor(rng.uniform(-1.2, 1.2, (2, 3, 4, 5, 3)))
+    with pytest.raises(donnx.UnsupportedExportError, match="volume .*from opset 20"):
+        donnx.export(Call(dtorch.grid_sample, mode=mode), (x, grid), str(tmp_path / "v16.onnx"), opset_version=16)
 
 
 @needs_onnx

@@ -167,6 +167,87 @@ def test_matches_torch(rng, mode, padding, align):
     np.testing.assert_allclose(grads.grid, tgrid.grad.numpy(), atol=1e-13)
 
 
+VOLUME_CONFIGS = [c for c in CONFIGS if c[0] != "bicubic"]
+
+
+@pytest.mark.parametrize("mode, padding, align", VOLUME_CONFIGS, ids=[f"{m}-{p}-{a}" for m, p, a in VOLUME_CONFIGS])
+def test_volumes_match_torch(any_backend, rng, mode, padding, align):
+    """5-D affine_grid and grid_sample (trilinear, nearest) against torch's, forward and every gradient, on every
+    backend (deterministic too)."""
+    torch = pytest.importorskip("torch")
+    F = torch.nn.functional
+    theta = rng.standard_normal((2, 3, 4))
+    ttheta = torch.tensor(theta, requires_grad=True)
+    expected_grid = F.affine_grid(ttheta, (2, 3, 4, 5, 6), align_corners=align)
+    grad_grid = rng.standard_normal(expected_grid.shape)
+    expected_grid.backward(torch.tensor(grad_grid))
+    x, grid = rng.standard_normal((2, 3, 5, 4, 6)), rng.uniform(-1.5, 1.5, (2, 4, 5, 6, 3))
+    tx, tgrid = torch.tensor(x, requires_grad=True), torch.tensor(grid, requires_grad=True)
+    out = F.grid_sample(tx, tgrid, mode, padding, align)
+    grad_output = rng.standard_normal(out.shape)
+    out.backward(torch.tensor(grad_output))
+    with deformcp.backend(any_backend):
+        arrays = [to_backend(a, any_backend) for a in (theta, grad_grid, x, grid, grad_output)]
+        results = [deformcp.affine_grid(arrays[0], (2, 3, 4, 5, 6), align),
+                   deformcp.affine_grid_backward(arrays[1], arrays[0], (2, 3, 4, 5, 6), align).theta,
+                   deformcp.grid_sample(arrays[2], arrays[3], mode, padding, align),
+                   *deformcp.grid_sample_backward(arrays[4], arrays[2], arrays[3], mode, padding, align),
+                   deformcp.grid_sample_backward(arrays[4], arrays[2], arrays[3], mode, padding, align,
+                                                 deterministic=True).input]
+    expected = [expected_grid, ttheta.grad, out, tx.grad, tgrid.grad, tx.grad]
+    for got, want in zip(results, expected):
+        np.testing.assert_allclose(testing.to_numpy(got), want.detach().numpy(), atol=1e-12)
+
+
+def test_volume_golden():
+    """Trilinear at the centre of a 2×2×2 volume (align_corners: g = 0 is x = y = z = 0.5): the mean of the eight
+    voxels; with its gradient 0.5 · (upper face − lower face) per axis, times (size − 1) / 2 = 0.5."""
+    x = np.arange(8.0).reshape(1, 1, 2, 2, 2)  # value = 4z + 2y + x
+    out = deformcp.grid_sample(x, np.zeros((1, 1, 1, 1, 3)), align_corners=True)
+    assert out.shape == (1, 1, 1, 1, 1) and out.item() == 3.5
+    grads = deformcp.grid_sample_backward(np.ones_like(out), x, np.zeros((1, 1, 1, 1, 3)), align_corners=True)
+    np.testing.assert_allclose(grads.grid.ravel(), [0.5, 1.0, 2.0])
+    np.testing.assert_allclose(grads.input.ravel(), np.full(8, 0.125))
+
+
+@pytest.mark.parametrize("padding", PADDING_MODES)
+@pytest.mark.parametrize("align", [False, True])
+def test_volume_finite_differences(rng, padding, align):
+    x = rng.standard_normal((2, 2, 3, 4, 5))
+    g = grid_away_from_kinks(rng, (2, 3, 4, 2), 4, 5, align)  # (x, y) away from kinks, then z
+    z = grid_away_from_kinks(rng, (2, 3, 4, 2), 3, 3, align)[..., :1]  # D = 3
+    grid = np.concatenate([g, z], axis=-1)
+    grad_output = rng.standard_normal((2, 2, 3, 4, 2))
+    grads = deformcp.grid_sample_backward(grad_output, x, grid, "bilinear", padding, align)
+
+    def loss(x, grid):
+        return np.sum(grad_output * deformcp.grid_sample(x, grid, "bilinear", padding, align))
+
+    for index, grad in enumerate(grads):
+        direction = rng.standard_normal(grad.shape)
+        numeric = directional_derivative(loss, (x, grid), index, direction)
+        assert np.sum(grad * direction) == pytest.approx(numeric, rel=1e-6, abs=1e-8)
+
+
+def test_volume_bad_input(rng):
+    x, grid = rng.standard_normal((2, 3, 4, 4, 4)), rng.uniform(-1, 1, (2, 3, 3, 3, 3))
+    cases = [
+        (ValueError, r"mode: expected 'bilinear' or 'nearest' for volumes .*got 'bicubic'",
+         lambda: deformcp.grid_sample(x, grid, mode="bicubic")),
+        (ValueError, r"grid: expected a 5-D array \(N, D_out, H_out, W_out, 3\) for input \(N, C, D, H, W\)",
+         lambda: deformcp.grid_sample(x, grid[..., 0, :])),
+        (ValueError, r"grid: expected the last axis to hold \(x, y, z\), size 3",
+         lambda: deformcp.grid_sample(x, grid[..., :2])),
+        (ValueError, r"size: expected 5 integers, got 4",
+         lambda: deformcp.affine_grid(np.zeros((2, 3, 4)), (2, 1, 4, 4))),
+        (ValueError, r"size: expected 4 integers, got 5",
+         lambda: deformcp.affine_grid(np.zeros((2, 2, 3)), (2, 1, 4, 4, 4))),
+    ]
+    for error, message, call in cases:
+        with pytest.raises(error, match=message):
+            call()
+
+
 # ------------------------------------------------------------------------------- finite differences (float64)
 
 def grid_away_from_kinks(rng, shape, H, W, align):
@@ -377,7 +458,8 @@ def test_backward_plans_again_for_a_grid_changed_after_the_forward(rng, monkeypa
 def test_rejects_bad_input(rng):
     x, grid = rng.standard_normal((2, 3, 4, 4)), rng.uniform(-1, 1, (2, 3, 3, 2))
     cases = [
-        (ValueError, r"input: expected a 4-D array \(N, C, H, W\), got shape \(3, 4, 4\)",
+        (ValueError, r"input: expected a 4-D array \(N, C, H, W\) or, for volumes, \(N, C, D, H, W\), "
+                     r"got shape \(3, 4, 4\)",
          lambda: deformcp.grid_sample(x[0], grid)),
         (ValueError, r"grid: expected batch size N = 2 \(input's\), got 1",
          lambda: deformcp.grid_sample(x, grid[:1])),
@@ -395,13 +477,14 @@ def test_rejects_bad_input(rng):
          lambda: deformcp.grid_sample(x, grid, padding_mode="circular")),
         (TypeError, r"align_corners: expected a bool, got NoneType None",
          lambda: deformcp.grid_sample(x, grid, align_corners=None)),
-        (ValueError, r"input: expected non-empty spatial size H, W",
+        (ValueError, r"input: expected non-empty spatial size in \(N, C, H, W\), got \(2, 3, 0, 4\)",
          lambda: deformcp.grid_sample(np.zeros((2, 3, 0, 4)), grid)),
+        (TypeError, r"input: expected an array .*got builtins.str", lambda: deformcp.grid_sample("x", grid)),
         (ValueError, r"grad_output: expected shape \(2, 3, 3, 3\) for \(N, C, H_out, W_out\), got \(2, 3, 3, 4\)",
          lambda: deformcp.grid_sample_backward(np.zeros((2, 3, 3, 4)), x, grid)),
         (ValueError, r"needs_input_grad: expected 2 bools for \('input', 'grid'\)",
          lambda: deformcp.grid_sample_backward(np.zeros((2, 3, 3, 3)), x, grid, needs_input_grad=(True,))),
-        (ValueError, r"theta: expected shape \(\*, 2, 3\) for \(N, 2, 3\), got \(2, 3, 3\)",
+        (ValueError, r"theta: expected shape \(N, 2, 3\) or, for volumes, \(N, 3, 4\), got \(2, 3, 3\)",
          lambda: deformcp.affine_grid(np.zeros((2, 3, 3)), (2, 1, 4, 4))),
         (ValueError, r"size: expected 4 integers, got 5",
          lambda: deformcp.affine_grid(np.zeros((2, 2, 3)), (2, 1, 4, 4, 4))),

@@ -1,12 +1,13 @@
 """Spatial Transformer Networks: the affine grid generator and the grid sampler, forward and backward.
 
 Jaderberg et al., "Spatial Transformer Networks", NeurIPS 2015, https://arxiv.org/abs/1506.02025.
-Semantics are those of torch.nn.functional.affine_grid and grid_sample (2-D). Kernels:
+Semantics are those of torch.nn.functional.affine_grid and grid_sample (2-D images and 3-D volumes). Kernels:
 kernels/spatial_transformer.cu.
 NumPy path: deformcp.reference.spatial_transformer.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Sequence
 
 from .. import _kernels, _validate
@@ -36,58 +37,78 @@ class GridSampleGrads(NamedTuple):
 
 class AffineGridConfig(NamedTuple):
     N: int
+    D: int  # 1 for 2-D grids
     H: int
     W: int
     align_corners: bool
+    volumetric: bool  # theta (N, 3, 4), a grid (N, D, H, W, 3)
+
+    @property
+    def sizes(self) -> tuple:
+        return (self.N, self.D, self.H, self.W) if self.volumetric else (self.N, self.H, self.W)
+
+    @property
+    def kernel(self) -> str:
+        """The kernels' name prefix."""
+        return "affine_grid_3d" if self.volumetric else "affine_grid"
 
 
 def _check_affine_grid(call, theta, size, align_corners) -> AffineGridConfig:
-    _validate.floating("theta", theta, 3, "(N, 2, 3)")
-    _validate.shape("theta", theta, (None, 2, 3), "(N, 2, 3)")
-    size = _validate.sizes("size", size, 4)
+    _validate.floating("theta", theta, 3, "(N, 2, 3) or, for volumes, (N, 3, 4)")
+    volumetric = tuple(theta.shape[1:]) == (3, 4)
+    if not volumetric and tuple(theta.shape[1:]) != (2, 3):
+        raise ValueError(f"theta: expected shape (N, 2, 3) or, for volumes, (N, 3, 4), got {tuple(theta.shape)}")
+    layout = "(N, C, D, H, W)" if volumetric else "(N, C, H, W)"
+    size = _validate.sizes("size", size, 5 if volumetric else 4)
     if size[0] != theta.shape[0]:
-        raise ValueError(f"size: expected N = {theta.shape[0]} (theta's batch) in size (N, C, H, W), "
-                         f"got {size}")
-    _validate.output_fits("size", (size[0], size[2], size[3], 2), theta.dtype)
-    return AffineGridConfig(size[0], size[2], size[3], _validate.flag("align_corners", align_corners))
+        raise ValueError(f"size: expected N = {theta.shape[0]} (theta's batch) in size {layout}, got {size}")
+    cfg = AffineGridConfig(size[0], size[2] if volumetric else 1, size[-2], size[-1],
+                           _validate.flag("align_corners", align_corners), volumetric)
+    _validate.output_fits("size", _affine_grid_output(cfg)[0], theta.dtype)
+    return cfg
 
 
 def _affine_grid_output(cfg: AffineGridConfig):
+    if cfg.volumetric:
+        return (cfg.N, cfg.D, cfg.H, cfg.W, 3), "(N, D, H, W, 3)"
     return (cfg.N, cfg.H, cfg.W, 2), "(N, H, W, 2)"
 
 
 def _affine_grid_kernels(call, theta, cfg: AffineGridConfig):
     xp = call.xp
     theta = xp.ascontiguousarray(theta)
-    out = _kernels.empty(xp, (cfg.N, cfg.H, cfg.W, 2), theta.dtype)
-    _kernels.launch(call.backend, FAMILY, "affine_grid_forward", theta.dtype, cfg.N * cfg.H * cfg.W, (theta, out),
-                    (cfg.N, cfg.H, cfg.W), (cfg.align_corners,))
+    out = _kernels.empty(xp, _affine_grid_output(cfg)[0], theta.dtype)
+    _kernels.launch(call.backend, FAMILY, f"{cfg.kernel}_forward", theta.dtype, cfg.N * cfg.D * cfg.H * cfg.W,
+                    (theta, out), cfg.sizes, (cfg.align_corners,))
     return out
 
 
 def _affine_grid_kernels_backward(call, grad_output, theta, cfg: AffineGridConfig, wanted, deterministic):
     xp = call.xp
     grad_output = xp.ascontiguousarray(grad_output)
-    grad_theta = _kernels.empty(xp, (cfg.N, 2, 3), theta.dtype)
-    _kernels.launch(call.backend, FAMILY, "affine_grid_backward", theta.dtype, cfg.N * 6,
-                    (grad_output, grad_theta), (cfg.N, cfg.H, cfg.W), (cfg.align_corners,))
+    grad_theta = _kernels.empty(xp, theta.shape, theta.dtype)
+    _kernels.launch(call.backend, FAMILY, f"{cfg.kernel}_backward", theta.dtype, theta.size,
+                    (grad_output, grad_theta), cfg.sizes, (cfg.align_corners,))
     return (grad_theta,)
 
 
 def affine_grid(theta, size: Sequence[int], align_corners: bool = False):
-    """Sampling grid of a batch of 2-D affine transforms: ``(x_s, y_s) = theta · (x_t, y_t, 1)``.
+    """Sampling grid of a batch of affine transforms: ``(x_s, y_s) = theta · (x_t, y_t, 1)``, or for volumes
+    ``(x_s, y_s, z_s) = theta · (x_t, y_t, z_t, 1)``.
 
     Args:
-        theta (array[N, 2, 3]): affine matrices mapping output (target) to input (source) coordinates,
-            both normalised to [-1, 1].
-        size (sequence[int] of 4): the output size (N, C, H, W); only N, H and W are used.
+        theta (array[N, 2, 3] or array[N, 3, 4]): affine matrices mapping output (target) to input (source)
+            coordinates, both normalised to [-1, 1].
+        size (sequence[int] of 4 or 5): the output size (N, C, H, W), or (N, C, D, H, W) with theta (N, 3, 4);
+            C is not used.
         align_corners (bool): if True, -1 and 1 are the centres of the corner pixels; if False, their
             outer edges, so the grid is resolution-independent. Default: False.
 
     Returns:
-        array[N, H, W, 2]: the grid, last axis (x, y) — ready for :func:`grid_sample`.
+        array[N, H, W, 2] or array[N, D, H, W, 3]: the grid, last axis (x, y) or (x, y, z) — ready for
+        :func:`grid_sample`.
 
-    Same as torch.nn.functional.affine_grid for 4-D sizes. Jaderberg et al., "Spatial Transformer
+    Same as torch.nn.functional.affine_grid for 4-D and 5-D sizes. Jaderberg et al., "Spatial Transformer
     Networks", NeurIPS 2015, https://arxiv.org/abs/1506.02025 (eq. 1).
 
     >>> import numpy as np, deformcp
@@ -107,11 +128,11 @@ def affine_grid_backward(grad_output, theta, size, align_corners=False):
     """Gradient of :func:`affine_grid` with respect to theta.
 
     Args:
-        grad_output (array[N, H, W, 2]): gradient of the loss with respect to the grid.
-        theta (array[N, 2, 3]), size, align_corners: as given to :func:`affine_grid`.
+        grad_output (array[N, H, W, 2] or array[N, D, H, W, 3]): gradient of the loss with respect to the grid.
+        theta (array[N, 2, 3] or array[N, 3, 4]), size, align_corners: as given to :func:`affine_grid`.
 
     Returns:
-        AffineGridGrads: ``theta`` (array[N, 2, 3]). Deterministic on every backend.
+        AffineGridGrads: ``theta`` (theta's shape). Deterministic on every backend.
     """
     return backward(AFFINE_GRID, locals())
 
@@ -121,17 +142,25 @@ def affine_grid_backward(grad_output, theta, size, align_corners=False):
 class GridSampleConfig(NamedTuple):
     N: int
     C: int
-    H: int
-    W: int
-    H_out: int
-    W_out: int
+    shape: tuple      # the input's spatial shape: (H, W), or (D, H, W) for volumes
+    out_shape: tuple  # the output's: (H_out, W_out) or (D_out, H_out, W_out)
     mode: str
     padding_mode: str
     align_corners: bool
 
     @property
     def sizes(self) -> tuple:
-        return (self.N, self.C, self.H, self.W, self.H_out, self.W_out)
+        return (self.N, self.C, *self.shape, *self.out_shape)
+
+    @property
+    def points(self) -> int:
+        """Output locations: N · Π out_shape."""
+        return self.N * math.prod(self.out_shape)
+
+    @property
+    def kernel(self) -> str:
+        """The kernels' name prefix."""
+        return "grid_sample_3d" if len(self.shape) == 3 else "grid_sample"
 
     @property
     def options(self) -> tuple:
@@ -140,34 +169,47 @@ class GridSampleConfig(NamedTuple):
 
 
 def _check_grid_sample(call, input, grid, mode, padding_mode, align_corners) -> GridSampleConfig:
-    _validate.floating("input", input, 4, "(N, C, H, W)")
-    _validate.floating("grid", grid, 4, "(N, H_out, W_out, 2)")
-    if grid.shape[3] != 2:
-        raise ValueError(f"grid: expected the last axis to hold (x, y), size 2, in (N, H_out, W_out, 2), "
+    volumetric = len(getattr(input, "shape", ())) == 5
+    layout, grid_layout, axes = (("(N, C, D, H, W)", "(N, D_out, H_out, W_out, 3)", "(x, y, z)") if volumetric
+                                 else ("(N, C, H, W)", "(N, H_out, W_out, 2)", "(x, y)"))
+    _validate.floating("input", input, 5 if volumetric else 4, layout if volumetric else "(N, C, H, W) or, for "
+                       "volumes, (N, C, D, H, W)")
+    if volumetric and len(getattr(grid, "shape", (0,) * 5)) != 5:
+        raise ValueError(f"grid: expected a 5-D array {grid_layout} for input {layout} of shape "
+                         f"{tuple(input.shape)}, got shape {tuple(grid.shape)}")
+    _validate.floating("grid", grid, 5 if volumetric else 4, grid_layout)
+    d = len(input.shape) - 2
+    if grid.shape[-1] != d:
+        raise ValueError(f"grid: expected the last axis to hold {axes}, size {d}, in {grid_layout}, "
                          f"got shape {tuple(grid.shape)}")
     if grid.shape[0] != input.shape[0]:
         raise ValueError(f"grid: expected batch size N = {input.shape[0]} (input's), "
                          f"got {grid.shape[0]} in shape {tuple(grid.shape)}")
-    if input.shape[2] == 0 or input.shape[3] == 0:
-        raise ValueError(f"input: expected non-empty spatial size H, W in (N, C, H, W), "
-                         f"got {tuple(input.shape)}")
+    if 0 in input.shape[2:]:
+        raise ValueError(f"input: expected non-empty spatial size in {layout}, got {tuple(input.shape)}")
     _validate.same_dtype(input=input, grid=grid)
     _validate.choice("mode", mode, MODES)
+    if volumetric and mode == "bicubic":
+        raise ValueError(f"mode: expected 'bilinear' or 'nearest' for volumes {layout} (bicubic sampling is 2-D), "
+                         f"got 'bicubic' with input shape {tuple(input.shape)}")
     _validate.choice("padding_mode", padding_mode, PADDING_MODES)
     align_corners = _validate.flag("align_corners", align_corners)
-    return GridSampleConfig(*input.shape, *grid.shape[1:3], mode, padding_mode, align_corners)
+    return GridSampleConfig(*input.shape[:2], tuple(input.shape[2:]), tuple(grid.shape[1:-1]), mode, padding_mode,
+                            align_corners)
 
 
 def _grid_sample_output(cfg: GridSampleConfig):
-    return (cfg.N, cfg.C, cfg.H_out, cfg.W_out), "(N, C, H_out, W_out)"
+    if len(cfg.shape) == 3:
+        return (cfg.N, cfg.C, *cfg.out_shape), "(N, C, D_out, H_out, W_out)"
+    return (cfg.N, cfg.C, *cfg.out_shape), "(N, C, H_out, W_out)"
 
 
 def _grid_sample_kernels(call, input, grid, cfg: GridSampleConfig):
     xp = call.xp
     input, grid = xp.ascontiguousarray(input), xp.ascontiguousarray(grid)
     out = _kernels.empty(xp, _grid_sample_output(cfg)[0], input.dtype)
-    _kernels.launch(call.backend, FAMILY, "grid_sample_forward", input.dtype, cfg.N * cfg.H_out * cfg.W_out,
-                    (input, grid, out), cfg.sizes, cfg.options)
+    _kernels.launch(call.backend, FAMILY, f"{cfg.kernel}_forward", input.dtype, cfg.points, (input, grid, out),
+                    cfg.sizes, cfg.options)
     return out
 
 
@@ -182,11 +224,11 @@ def _grid_sample_kernels_backward(call, grad_output, input, grid, cfg: GridSampl
         grad_grid = _kernels.empty(xp, grid.shape, grid.dtype)
     scattered = None if deterministic or grad_input is None else grad_input
     if scattered is not None or grad_grid is not None:
-        _kernels.launch(call.backend, FAMILY, "grid_sample_backward", input.dtype, cfg.N * cfg.H_out * cfg.W_out,
+        _kernels.launch(call.backend, FAMILY, f"{cfg.kernel}_backward", input.dtype, cfg.points,
                         (grad_output, input, grid, _kernels.NULL if scattered is None else scattered,
                          _kernels.NULL if grad_grid is None else grad_grid), cfg.sizes, cfg.options)
     if deterministic and grad_input is not None:
-        _kernels.launch(call.backend, FAMILY, "grid_sample_backward_input_deterministic", input.dtype,
+        _kernels.launch(call.backend, FAMILY, f"{cfg.kernel}_backward_input_deterministic", input.dtype,
                         cfg.N * cfg.C, (grad_output, grid, grad_input), cfg.sizes, cfg.options)
     if grad_input is not None:
         grad_input = grad_input.astype(input.dtype, copy=False)
@@ -267,13 +309,19 @@ def _grid_sample_inputs(rng):
     return {"input": rng.standard_normal((2, 3, 7, 9)), "grid": rng.uniform(-1.2, 1.2, (2, 5, 6, 2))}
 
 
+def _grid_sample_volume_inputs(rng):
+    return {"input": rng.standard_normal((2, 3, 4, 5, 6)), "grid": rng.uniform(-1.2, 1.2, (2, 3, 4, 5, 3))}
+
+
 AFFINE_GRID = OpSpec(
     name="affine_grid", arrays=("theta",), grads=AffineGridGrads, check=_check_affine_grid,
     output=_affine_grid_output, reference=reference.affine_grid, reference_backward=reference.affine_grid_backward,
     kernels=_affine_grid_kernels, kernels_backward=_affine_grid_kernels_backward, function=affine_grid,
     backward=affine_grid_backward,
     cases=tuple(Case(f"align_corners={o['align_corners']}", lambda rng: {"theta": rng.standard_normal((3, 2, 3))},
-                     o) for o in _align_options(size=(3, 2, 5, 7))))
+                     o) for o in _align_options(size=(3, 2, 5, 7)))
+    + tuple(Case(f"volume-align_corners={o['align_corners']}", lambda rng: {"theta": rng.standard_normal((3, 3, 4))},
+                 o) for o in _align_options(size=(3, 2, 4, 5, 6))))
 
 GRID_SAMPLE = OpSpec(
     name="grid_sample", arrays=("input", "grid"), grads=GridSampleGrads, check=_check_grid_sample,
@@ -282,6 +330,10 @@ GRID_SAMPLE = OpSpec(
     backward=grid_sample_backward,
     cases=tuple(Case(f"{mode}-{padding_mode}-align_corners={o['align_corners']}", _grid_sample_inputs, o)
                 for mode in MODES for padding_mode in PADDING_MODES
-                for o in _align_options(mode=mode, padding_mode=padding_mode)))
+                for o in _align_options(mode=mode, padding_mode=padding_mode))
+    + tuple(Case(f"volume-{mode}-{padding}-align_corners={align}", _grid_sample_volume_inputs,
+                 {"mode": mode, "padding_mode": padding, "align_corners": align})
+            for mode, padding, align in (("bilinear", "zeros", False), ("bilinear", "border", True),
+                                         ("bilinear", "reflection", False), ("nearest", "reflection", True))))
 
 SPECS = (AFFINE_GRID, GRID_SAMPLE)

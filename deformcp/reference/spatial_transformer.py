@@ -51,7 +51,9 @@ def _base_axis(n: int, align_corners: bool, dtype) -> np.ndarray:
 def affine_grid(theta, cfg):
     """theta (N, 2, 3) → grid (N, H, W, 2): (θ_r0 · x + θ_r1 · y) + θ_r2, in the kernels' order. The terms are
     made per column and per row, and added as complex numbers x + iy, which NumPy adds part by part: one
-    broadcast sum writes the (x, y) pairs."""
+    broadcast sum writes the (x, y) pairs. Volumes: :func:`_affine_grid_3d`."""
+    if cfg.volumetric:
+        return _affine_grid_3d(theta, cfg)
     N, H, W = cfg.N, cfg.H, cfg.W
     if N == 0:  # no base grid to build
         return np.empty((0, H, W, 2), theta.dtype)
@@ -65,9 +67,27 @@ def affine_grid(theta, cfg):
     return grid.view(dtype).reshape(N, H, W, 2).astype(theta.dtype, copy=False)
 
 
+def _affine_grid_3d(theta, cfg):
+    """theta (N, 3, 4) → grid (N, D, H, W, 3): ((θ_r0 · x + θ_r1 · y) + θ_r2 · z) + θ_r3, in the kernels' order."""
+    dtype = compute_dtype(theta.dtype)
+    t = theta.astype(dtype, copy=False)
+    x, y, z = (_base_axis(n, cfg.align_corners, dtype)[:, None] * t[:, None, :, axis]  # (N, n, 3)
+               for axis, n in enumerate((cfg.W, cfg.H, cfg.D)))
+    grid = x[:, None, None] + y[:, None, :, None] + z[:, :, None, None] + t[:, None, None, None, :, 3]
+    return grid.astype(theta.dtype, copy=False)
+
+
 def affine_grid_backward(grad_output, theta, cfg, wanted):
     """grad_output (N, H, W, 2) → (grad_theta (N, 2, 3),): Σ over the grid of grad_output · (x, y, 1). One product
-    sums over the rows, weighted by 1 and by y, then the columns are summed, weighted by x and by 1."""
+    sums over the rows, weighted by 1 and by y, then the columns are summed, weighted by x and by 1. Volumes:
+    grad_output (N, D, H, W, 3) → (N, 3, 4), Σ of grad_output · (x, y, z, 1)."""
+    if cfg.volumetric:
+        dtype = compute_dtype(theta.dtype)
+        g = grad_output.astype(dtype, copy=False)
+        x, y, z = (_base_axis(n, cfg.align_corners, dtype) for n in (cfg.W, cfg.H, cfg.D))
+        terms = [np.einsum("ndhwr,w->nr", g, x), np.einsum("ndhwr,h->nr", g, y), np.einsum("ndhwr,d->nr", g, z),
+                 g.sum(axis=(1, 2, 3))]
+        return (np.stack(terms, axis=-1).astype(theta.dtype, copy=False),)
     N, H, W = cfg.N, cfg.H, cfg.W
     if N == 0:
         return (np.empty((0, 2, 3), theta.dtype),)
@@ -127,75 +147,87 @@ PAD = 2
 
 
 def padded(images: np.ndarray, dtype, channels_last: bool) -> np.ndarray:
-    """(n, C, H, W) images in dtype with PAD zero pixels on every side, each image's (H + 2·PAD)·(W + 2·PAD)
-    pixels flat: (C, n·(H + 2·PAD)·(W + 2·PAD)), or with channels_last (n·(H + 2·PAD)·(W + 2·PAD), C)."""
-    n, C, H, W = images.shape
-    inner = (slice(PAD, H + PAD), slice(PAD, W + PAD))
+    """(n, C, *S) images (S: (H, W), or (D, H, W) for volumes) in dtype with PAD zero pixels on every side, each
+    image's Π(S + 2·PAD) pixels flat: (C, n·Π(S + 2·PAD)), or with channels_last (n·Π(S + 2·PAD), C)."""
+    n, C, *S = images.shape
+    inner, full = tuple(slice(PAD, s + PAD) for s in S), tuple(s + 2 * PAD for s in S)
     if channels_last:
-        X = np.zeros((n, H + 2 * PAD, W + 2 * PAD, C), dtype)
-        np.copyto(X[(slice(None), *inner)], images.transpose(0, 2, 3, 1))
+        X = np.zeros((n, *full, C), dtype)
+        np.copyto(X[(slice(None), *inner)], np.moveaxis(images, 1, -1))
         return X.reshape(-1, C)
-    X = np.zeros((C, n, H + 2 * PAD, W + 2 * PAD), dtype)
-    np.copyto(X[(slice(None), slice(None), *inner)], images.transpose(1, 0, 2, 3))
+    X = np.zeros((C, n, *full), dtype)
+    np.copyto(X[(slice(None), slice(None), *inner)], images.swapaxes(0, 1))
     return X.reshape(C, -1)
 
 
 def interior(X: np.ndarray, out: np.ndarray, channels_last: bool) -> None:
-    """Write :func:`padded` images X without their borders into out (n, C, H, W)."""
-    n, C, H, W = out.shape
-    inner = (slice(PAD, H + PAD), slice(PAD, W + PAD))
+    """Write :func:`padded` images X without their borders into out (n, C, *S)."""
+    n, C, *S = out.shape
+    inner, full = tuple(slice(PAD, s + PAD) for s in S), tuple(s + 2 * PAD for s in S)
     if channels_last:
-        np.copyto(out, X.reshape(n, H + 2 * PAD, W + 2 * PAD, C)[(slice(None), *inner)].transpose(0, 3, 1, 2))
+        np.copyto(out, np.moveaxis(X.reshape(n, *full, C)[(slice(None), *inner)], -1, 1))
     else:
-        np.copyto(out, X.reshape(C, n, H + 2 * PAD, W + 2 * PAD)[(slice(None), slice(None), *inner)].transpose(
-            1, 0, 2, 3))
+        np.copyto(out, X.reshape(C, n, *full)[(slice(None), slice(None), *inner)].swapaxes(0, 1))
 
 
 class Plan(NamedTuple):
     """Where the k samples of a chunk read in :func:`padded` images, and with what weights."""
 
-    index: np.ndarray                      # (q, k) flat indices of the pixels each sample reads: q = m·m taps, row
-                                           # tap j × column tap i (bilinear: m = 2, the corners (y0, x0), (y0, x1),
-                                           # (y1, x0), (y1, x1); bicubic: m = 4), or the nearest pixel (q = 1)
+    index: np.ndarray                      # (q, k) flat indices of the pixels each sample reads: q = m^d taps over
+                                           # d axes, the last coordinate's outermost (bilinear: m = 2, the corners
+                                           # (y0, x0), (y0, x1), (y1, x0), (y1, x1), (z0, y0, x0), … for volumes;
+                                           # bicubic: m = 4), or the nearest pixel (q = 1)
     weight: Optional[np.ndarray]           # (q, k) weights of the taps; None: nearest, weight 1
-    axis_weight: Optional[np.ndarray]      # (2, m, k) [x; y] × tap weights, whose products are weight
-    axis_derivative: Optional[np.ndarray]  # (2, m, k) or (2, m, 1): their derivatives wrt the pixel coordinates
-    slope: np.ndarray                      # (2, 1) or (2, k) derivatives of the pixel coordinates (x; y) wrt the grid
+    axis_weight: Optional[np.ndarray]      # (d, m, k) [x; y; (z)] × tap weights, whose products are weight
+    axis_derivative: Optional[np.ndarray]  # (d, m, k) or (d, m, 1): their derivatives wrt the pixel coordinates
+    slope: np.ndarray                      # (d, 1) or (d, k) derivatives of the pixel coordinates (x; y; (z)) wrt
+                                           # the grid
 
 
 @np.errstate(invalid="ignore")  # NaN and ±inf grid values are valid input
-def plan(grid: np.ndarray, first_image: int, H: int, W: int, mode: str, padding_mode: str,
-         align_corners: bool) -> Plan:
-    """The plan of grid (n, k, 2), the points of images first_image … first_image + n − 1 of the padded images.
+def plan(grid: np.ndarray, first_image: int, shape: tuple, mode: str, padding_mode: str, align_corners: bool) -> Plan:
+    """The plan of grid (n, k, d), the points of images first_image … first_image + n − 1 of the padded images of
+    spatial shape ``shape`` ((H, W), or (D, H, W) for volumes, d = 3).
 
     A bilinear sample is zero unless -1 ≤ x < W and -1 ≤ y < H (NaN and ±inf fall in "unless"); at exactly -1
     it reads 0 · the first row (column), whose weight's derivative is taken from the right: torch's rule, and the
     kernels' bilinear_setup. A nearest sample rounds half to even and is zero outside the image. Coordinates are
     clamped to [-PAD, size] (NaN to -PAD) first: the samples that the clamp moves read only the zeros around the
     image, so no sample needs a mask. Bicubic: :func:`_cubic_plan`."""
-    n, k = grid.shape[:2]
-    size = np.array([[W], [H]], grid.dtype)
-    g = grid.reshape(n * k, 2).T.copy()  # C order: the ufuncs' inner loops then run along the points
+    n, k, d = grid.shape
+    size = np.array(shape[::-1], grid.dtype)[:, None]  # [[W], [H], ([D])]
+    g = grid.reshape(n * k, d).T.copy()  # C order: the ufuncs' inner loops then run along the points
     x, slope = _source_coordinate(g, size, "zeros" if mode == "bicubic" else padding_mode, align_corners)
     if mode == "bicubic":
-        return _cubic_plan(x, slope, size, _image_starts(first_image, n, k, H, W), padding_mode, align_corners)
+        return _cubic_plan(x, slope, size, _image_starts(first_image, n, k, shape), padding_mode, align_corners)
     np.clip(x, -PAD, size, out=x)
     np.copyto(x, -PAD, where=np.isnan(x))
     if mode == "nearest":
         i = np.rint(x).astype(np.int64)  # the flat index in integers: exact past 2**24 pixels
-        return Plan(_flat_index(i, first_image, n, H, W)[None], None, None, None, slope)
+        return Plan(_flat_index(i, first_image, n, shape)[None], None, None, None, slope)
     lower = np.floor(x)
     i = lower.astype(np.int64)
     upper = np.subtract(x, lower, out=x)  # the weight of the upper corner along each axis
     axis_weight = np.stack((1 - upper, upper), axis=1)
-    weight = (axis_weight[1, :, None] * axis_weight[0, None, :]).reshape(4, n * k)
-    stride = W + 2 * PAD
-    index = _flat_index(i, first_image, n, H, W) + np.array([[0], [1], [stride], [stride + 1]])
-    return Plan(index, weight, axis_weight, _BILINEAR_DERIVATIVE.astype(x.dtype), slope)
+    strides = _padded_strides(shape)
+    corners = np.array(list(itertools.product((0, 1), repeat=d)))[:, ::-1] @ strides  # the last axis outermost
+    index = _flat_index(i, first_image, n, shape) + corners[:, None]
+    derivative = np.array([-1, 1], x.dtype)[None, :, None].repeat(d, axis=0)  # (1 − t, t) → (−1, 1)
+    return Plan(index, _tap_products(axis_weight), axis_weight, derivative, slope)
 
 
-#: The bilinear weights' derivatives, (1 − t, t) → (−1, 1), along both axes.
-_BILINEAR_DERIVATIVE = np.array([[[-1], [1]], [[-1], [1]]])
+def _tap_products(axis_weight: np.ndarray) -> np.ndarray:
+    """(m^d, k) products of the d axes' (m, k) tap weights (d, m, k), the last axis's taps outermost."""
+    product = axis_weight[-1]
+    for weights in axis_weight[-2::-1]:
+        product = (product[:, None] * weights[None, :]).reshape(-1, product.shape[-1])
+    return product
+
+
+def _padded_strides(shape: tuple) -> np.ndarray:
+    """(d,) int64 flat strides of x, y, (z) in padded images of spatial shape ``shape`` (array order)."""
+    full = [s + 2 * PAD for s in shape[::-1]]  # x first
+    return np.cumprod([1] + full[:-1]).astype(np.int64)
 
 
 def _cubic_weights(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -231,27 +263,28 @@ def _cubic_plan(x: np.ndarray, slope, size, starts: np.ndarray, padding_mode: st
     index = (row[:, None] * stride + column[None, :]).reshape(16, -1) + starts
     read = (inside[1][:, None] & inside[0][None, :]).reshape(16, -1) & sampled
     np.copyto(index, starts - PAD * (stride + 1), where=~read)  # the padded image's first pixel: a zero
-    weight = (axis_weight[1][:, None] * axis_weight[0][None, :]).reshape(16, -1)
-    return Plan(index, weight, axis_weight, axis_derivative, slope)
+    return Plan(index, _tap_products(axis_weight), axis_weight, axis_derivative, slope)
 
 
-def _image_starts(first_image: int, n: int, k: int, H: int, W: int) -> np.ndarray:
-    """Flat indices (n·k,) of pixel (0, 0) of each point's padded image, k points of n images from first_image on."""
-    stride = W + 2 * PAD
-    first = (first_image * (H + 2 * PAD) + PAD) * stride + PAD
-    return np.repeat(first + np.arange(n) * ((H + 2 * PAD) * stride), k)
+def _image_starts(first_image: int, n: int, k: int, shape: tuple) -> np.ndarray:
+    """Flat indices (n·k,) of pixel (0, …, 0) of each point's padded image, k points of n images from first_image on."""
+    strides = _padded_strides(shape)
+    image = int(np.prod([s + 2 * PAD for s in shape]))
+    return np.repeat(first_image * image + PAD * int(strides.sum()) + np.arange(n) * image, k)
 
 
-def _flat_index(i: np.ndarray, first_image: int, n: int, H: int, W: int) -> np.ndarray:
-    """Flat indices (n·k,) of the pixels i (2, n·k) [x; y] in n padded images from first_image on."""
-    stride = W + 2 * PAD
-    first = (first_image * (H + 2 * PAD) + PAD) * stride + PAD  # where pixel (0, 0) of the first image is
-    index = i[1] * stride
-    index += i[0]
+def _flat_index(i: np.ndarray, first_image: int, n: int, shape: tuple) -> np.ndarray:
+    """Flat indices (n·k,) of the pixels i (d, n·k) [x; y; (z)] in n padded images from first_image on."""
+    strides = _padded_strides(shape)
+    index = i[0] * strides[0]
+    for axis in range(1, len(strides)):
+        index += i[axis] * strides[axis]
+    image = int(np.prod([s + 2 * PAD for s in shape]))
+    first = first_image * image + PAD * int(strides.sum())  # where pixel (0, …, 0) of the first image is
     if n == 1:
         index += first
         return index
-    index.reshape(n, -1)[...] += first + np.arange(n).reshape(n, 1) * ((H + 2 * PAD) * stride)
+    index.reshape(n, -1)[...] += first + np.arange(n).reshape(n, 1) * image
     return index
 
 
@@ -277,13 +310,17 @@ def scatter(grad_X: np.ndarray, plan: Plan, G: np.ndarray) -> None:
 
 
 def grid_gradient(dots: np.ndarray, plan: Plan, out: np.ndarray) -> None:
-    """Write the grid's gradient into out (k, 2), from each tap's values dotted with the output gradient,
-    dots (m·m, k): a tap's weight's derivative along an axis is that axis's weight's derivative times the other
-    axis's weight."""
-    (wx, wy), (dx, dy) = plan.axis_weight, plan.axis_derivative
-    d = dots.reshape(len(wx), len(wx), -1)  # [row tap] × [column tap]
-    np.multiply((wy * (d * dx).sum(axis=1)).sum(axis=0), plan.slope[0], out=out[:, 0])
-    np.multiply((wx * (d * dy[:, None]).sum(axis=0)).sum(axis=0), plan.slope[1], out=out[:, 1])
+    """Write the grid's gradient into out (k, d), from each tap's values dotted with the output gradient,
+    dots (m^d, k): a tap's weight's derivative along an axis is that axis's weight's derivative times the other
+    axes' weights."""
+    d, m = plan.axis_weight.shape[:2]
+    taps = dots.reshape((m,) * d + (-1,))  # the last coordinate's taps outermost
+    for axis in range(d):
+        summed = taps
+        for other in reversed(range(d)):  # the outermost tap axis first
+            factor = (plan.axis_derivative if other == axis else plan.axis_weight)[other]
+            summed = (summed * factor.reshape((m,) + (1,) * (summed.ndim - 2) + factor.shape[-1:])).sum(axis=0)
+        np.multiply(summed, plan.slope[axis], out=out[:, axis])
 
 
 def sampling_matrix(plan: Plan, n_columns: int):
@@ -303,11 +340,11 @@ def point_chunks(N: int, P: int, per_point: int) -> list[tuple[int, int, int, in
 class _Setup(NamedTuple):
     """What both passes of grid_sample's NumPy path start from."""
 
-    grid: np.ndarray  # (N, P, 2) in the compute dtype
+    grid: np.ndarray  # (N, P, d) in the compute dtype
     dtype: np.dtype   # the compute dtype
     direct: bool      # the direct gather (nearest, few channels), else the sparse matrix
     chunks: list      # (n0, n1, p0, p1): images [n0, n1), points [p0, p1) of each (all of them: sparse)
-    options: tuple    # H, W, mode, padding_mode, align_corners for plan()
+    options: tuple    # the images' spatial shape, mode, padding_mode, align_corners for plan()
 
     def plan(self, chunk, known: dict, keep: Optional[dict] = None) -> Plan:
         """The plan of a chunk: known[chunk] where there is one, else made now, and put in keep where given and the
@@ -322,15 +359,16 @@ class _Setup(NamedTuple):
 
 
 def _setup(input, grid, cfg) -> _Setup:
-    N, C, H, W = input.shape
+    N, C, *shape = input.shape
     dtype = compute_dtype(input.dtype)
-    grid = grid.reshape(N, cfg.H_out * cfg.W_out, 2).astype(dtype, copy=False)
+    grid = grid.reshape(N, int(np.prod(grid.shape[1:-1])), len(shape)).astype(dtype, copy=False)
     direct = cfg.mode == "nearest" or C <= DIRECT_MAX_CHANNELS
     P = grid.shape[1]
     pixels = {"nearest": 1, "bilinear": 4, "bicubic": 16}[cfg.mode]  # read per sample and channel
     chunks = (point_chunks(N, P, 40 * max(4, pixels) + 3 * pixels * C * dtype.itemsize) if direct
-              else [(n0, n1, 0, P) for n0, n1 in _workspace.image_chunks(N, C, H, W, dtype.itemsize)])
-    return _Setup(grid, dtype, direct, chunks, (H, W, cfg.mode, cfg.padding_mode, cfg.align_corners))
+              else [(n0, n1, 0, P) for n0, n1 in _workspace.image_chunks(N, C, 1, int(np.prod(shape)),
+                                                                          dtype.itemsize)])
+    return _Setup(grid, dtype, direct, chunks, (tuple(shape), cfg.mode, cfg.padding_mode, cfg.align_corners))
 
 
 def _known_plans(s: _Setup) -> dict:
@@ -350,12 +388,13 @@ def _keep_plans(s: _Setup, plans: dict) -> None:
 
 
 def grid_sample(input, grid, cfg):
-    """input (N, C, H, W) sampled at grid (N, H_out, W_out, 2) → (N, C, H_out, W_out)."""
-    N, C, H, W = input.shape
+    """input (N, C, *S) sampled at grid (N, *S_out, d) → (N, C, *S_out); S: (H, W), or (D, H, W) with d = 3."""
+    N, C = input.shape[:2]
+    out_shape = (N, C, *grid.shape[1:-1])
     s = _setup(input, grid, cfg)
-    out = np.empty((N, C, cfg.H_out * cfg.W_out), s.dtype)
+    out = np.empty((N, C, s.grid.shape[1]), s.dtype)
     if out.size == 0:
-        return out.reshape(N, C, cfg.H_out, cfg.W_out).astype(input.dtype)
+        return out.reshape(out_shape).astype(input.dtype)
     plans = {}  # kept for the next backward
     if s.direct:
         X = padded(input, s.dtype, channels_last=False)
@@ -372,18 +411,17 @@ def grid_sample(input, grid, cfg):
 
     _bilinear.for_each_chunk(work, s.chunks)
     _keep_plans(s, plans)
-    return out.reshape(N, C, cfg.H_out, cfg.W_out).astype(input.dtype, copy=False)
+    return out.reshape(out_shape).astype(input.dtype, copy=False)
 
 
 def grid_sample_backward(grad_output, input, grid, cfg, wanted):
     """(grad_input, grad_grid), None where not wanted."""
     want_input, want_grid = wanted
-    N, C, H, W = input.shape
+    N, C = input.shape[:2]
     s = _setup(input, grid, cfg)
-    P = cfg.H_out * cfg.W_out
-    grad_output = grad_output.reshape(N, C, P)
+    grad_output = grad_output.reshape(N, C, s.grid.shape[1])
     grad_input = np.zeros(input.shape, s.dtype) if want_input else None
-    grad_grid = np.zeros((N, P, 2), s.dtype) if want_grid else None
+    grad_grid = np.zeros(s.grid.shape, s.dtype) if want_grid else None
     want_grid = want_grid and cfg.mode != "nearest"  # nearest: the grid gradient is 0
     if (want_input or want_grid) and grad_output.size:
         (_direct_backward if s.direct else _sparse_backward)(s, _known_plans(s), grad_output, input, grad_input,
@@ -395,9 +433,9 @@ def grid_sample_backward(grad_output, input, grid, cfg, wanted):
 def _direct_backward(s: _Setup, known: dict, grad_output, input, grad_input, grad_grid) -> None:
     """The direct formulation's gradients, written into grad_input and grad_grid (None: not wanted). The input
     gradient of an image is added chunk by chunk in order: images run in parallel, each one's chunks in turn."""
-    N, C, H, W = input.shape
+    N, C, *shape = input.shape
     X = padded(input, s.dtype, channels_last=False) if grad_grid is not None else None
-    grad_X = np.zeros((C, N * (H + 2 * PAD) * (W + 2 * PAD)), s.dtype) if grad_input is not None else None
+    grad_X = np.zeros((C, N * int(np.prod([n + 2 * PAD for n in shape]))), s.dtype) if grad_input is not None else None
 
     def work(*chunk):
         n0, n1, p0, p1 = chunk
@@ -407,7 +445,7 @@ def _direct_backward(s: _Setup, known: dict, grad_output, input, grad_input, gra
             scatter(grad_X, p, G)
         if X is not None:
             dots = (gather(X, p) * G[:, None]).sum(axis=0)
-            grid_gradient(dots, p, grad_grid[n0:n1, p0:p1].reshape(-1, 2))
+            grid_gradient(dots, p, grad_grid[n0:n1, p0:p1].reshape(-1, len(shape)))
 
     def same_images(*chunks):
         for chunk in chunks:
@@ -432,6 +470,6 @@ def _sparse_backward(s: _Setup, known: dict, grad_output, input, grad_input, gra
             interior(sampling_matrix(p, X.shape[0]).T @ G, grad_input[a:b], channels_last=True)
         if grad_grid is not None:
             dots = np.vecdot(X.take(p.index, axis=0), G)  # (4, k): each corner's values · G
-            grid_gradient(dots, p, grad_grid[a:b].reshape(-1, 2))
+            grid_gradient(dots, p, grad_grid[a:b].reshape(-1, grad_grid.shape[-1]))
 
     _bilinear.for_each_chunk(work, s.chunks)
