@@ -126,7 +126,8 @@ def _as_array(name: str, x):
     objects with ``__array__``, scalars) if that is numeric. TypeError naming the argument for a traced JAX value
     (the array functions run on concrete arrays: deformcp.jax traces) and for what NumPy cannot make a numeric
     array of (strings, ragged sequences, objects)."""
-    if compat.is_jax_array(x) and isinstance(x, sys.modules["jax"].core.Tracer):
+    jax = sys.modules.get("jax")  # None where it is not imported (or blocked)
+    if jax is not None and isinstance(x, getattr(jax.core, "Tracer", ())):
         raise TypeError(f"{name}: a traced JAX value (inside jax.jit, grad or vmap); call the function of the same "
                         "name in deformcp.jax instead (e.g. deformcp.jax.grid_sample for deformcp.grid_sample)")
     if _framework(x) is not None:

@@ -483,7 +483,7 @@ def test_rejects_bad_input(rng):
         (TypeError, r"offset: expected a floating-point array .*got dtype int64",
          lambda: f(x, rois, offset.astype(np.int64), 2, 2, 2)),
         # a list is per-image boxes, each an array
-        (TypeError, r"rois\[0\]: expected an array", lambda: f(x, rois.tolist(), offset, 2, 2, 2)),
+        (ValueError, r"rois\[0\]: expected a 2-D array \(L, 4\)", lambda: f(x, rois.tolist(), offset, 2, 2, 2)),
         (ValueError, r"input: expected non-empty spatial size H, W in \(N, C, H, W\), got \(2, 8, 0, 5\)",
          lambda: f(np.zeros((2, 8, 0, 5)), rois, offset, 2, 2, 2)),
         (ValueError, r"grad_output: expected shape \(2, 2, 2, 2\) for \(K, output_dim, P, P\), got \(2, 2, 3, 3\)",

@@ -23,12 +23,6 @@ def _public_modules() -> list[str]:
     return sorted({"deformcp", *public, *defining})
 
 
-#: Modules whose examples fail for a reason outside this file's reach, with the reason.
-KNOWN_FAILURES = {
-    "deformcp._dispatch": "backend()'s example uses x and grid without defining them",
-}
-
-
 def _import(name: str):
     """The module, or a skip when an optional framework it needs is not installed."""
     try:
@@ -39,10 +33,7 @@ def _import(name: str):
         raise
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(reason=KNOWN_FAILURES[name], strict=False))
-    if name in KNOWN_FAILURES else name
-    for name in _public_modules()])
+@pytest.mark.parametrize("name", _public_modules())
 def test_docstring_examples(name):
     module = _import(name)
     runner = doctest.DocTestRunner(optionflags=FLAGS)
@@ -57,10 +48,6 @@ def test_sphinx_build(tmp_path):
     pytest.importorskip("sphinx")
     build = subprocess.run([sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", str(DOCS),
                             str(tmp_path)], capture_output=True, text=True)
-    warnings = [line for line in build.stderr.splitlines() if "WARNING" in line or "ERROR" in line]
-    if build.returncode and warnings and all("deformcp/torch.py" in line for line in warnings):
-        pytest.xfail("deformcp/torch.py: DeformConv2dPack's and MSDeformAttn's docstrings are not valid "
-                     "reStructuredText (their Args and forward paragraphs)")
     assert build.returncode == 0, build.stderr
     for page in ("index", "api", "conventions", "frameworks", "benchmarks", "spatial_transformer", "roi_align",
                  "deform_conv", "deform_roi_pool", "ms_deform_attn"):
