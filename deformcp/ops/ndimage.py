@@ -1,0 +1,405 @@
+"""scipy.ndimage's map_coordinates and affine_transform (orders 0 and 1, every SciPy mode), forward and backward.
+
+Conventions are SciPy's: index coordinates, first array axis first, 2-D and 3-D input with no channel or batch
+axis; affine_transform's matrix maps the output index to the input index. Kernels: kernels/ndimage.cu. NumPy path:
+deformcp.reference.ndimage. The public module is deformcp.ndimage.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple, Optional, Sequence
+
+import array_api_compat as compat
+
+from .. import _dispatch, _kernels, _validate
+from ..reference import ndimage as reference
+from ._call import backward, forward
+from ._spec import Case, OpSpec
+
+FAMILY = "ndimage"
+#: SciPy's modes; "grid-mirror" is SciPy's other name of "reflect".
+MODES = ("constant", "nearest", "reflect", "mirror", "wrap", "grid-constant", "grid-wrap", "grid-mirror")
+#: The kernels' mode codes (kernels/ndimage.cu's NDIMAGE_*), by canonical mode name.
+_MODE_CODES = {"constant": 0, "nearest": 1, "reflect": 2, "mirror": 3, "wrap": 4, "grid-constant": 5, "grid-wrap": 6}
+ORDERS = (0, 1)
+INPUT_LAYOUT = "(d0, d1) or (d0, d1, d2), no channel axis"
+#: Points per thread of the affine gradient's deterministic reduction (kernels/ndimage.cu's partial sums).
+AFFINE_CHUNK = 4096
+
+
+class MapCoordinatesGrads(NamedTuple):
+    """Gradients of :func:`map_coordinates`; a field is None where it was not asked for."""
+
+    input: Optional[object]
+    coordinates: Optional[object]
+
+
+class AffineTransformGrads(NamedTuple):
+    """Gradients of :func:`affine_transform`; a field is None where it was not asked for."""
+
+    input: Optional[object]
+    matrix: Optional[object]
+    offset: Optional[object]
+
+
+class NdimageConfig(NamedTuple):
+    shape: tuple       # the input's sizes (d0, d1[, d2])
+    out_shape: tuple   # the output's
+    order: int
+    mode: str          # canonical: "grid-mirror" is "reflect"
+    cval: float
+
+    @property
+    def sizes(self) -> tuple:
+        """The input sizes for the kernels, padded to three."""
+        return tuple(self.shape) + (1,) * (3 - len(self.shape))
+
+    @property
+    def options(self) -> tuple:
+        return (len(self.shape), self.order, _MODE_CODES[self.mode])
+
+
+def _check_input(input) -> None:
+    _validate.floating("input", input, getattr(input, "ndim", 0), INPUT_LAYOUT)
+    if input.ndim not in (2, 3):
+        raise ValueError(f"input: expected a 2-D or 3-D array {INPUT_LAYOUT}, got shape {tuple(input.shape)}")
+    if any(n == 0 for n in input.shape):
+        raise ValueError(f"input: expected non-empty axes in {INPUT_LAYOUT}, got shape {tuple(input.shape)}")
+
+
+def _check_options(order, mode, cval, prefilter) -> tuple:
+    order = _validate.integer("order", order, minimum=0)
+    if order not in ORDERS:
+        raise ValueError(f"order: expected 0 or 1 (SciPy's spline orders 2 to 5 are not implemented), got {order}")
+    _validate.choice("mode", mode, MODES)
+    _validate.flag("prefilter", prefilter)  # no effect at orders 0 and 1, as in SciPy
+    return order, "reflect" if mode == "grid-mirror" else mode, _validate.real("cval", cval)
+
+
+def _like_input(input, value):
+    """A number or (nested) sequence of numbers given for an array (SciPy's offset=0.0, a matrix as lists) as an
+    array of input's framework, device and dtype; anything else as given (checked with the arrays)."""
+    if _dispatch._framework(input) is None or not isinstance(value, (numbers.Real, list, tuple)) \
+            or isinstance(value, bool) or _validate.dtype_name(input.dtype) not in _validate.FLOAT_DTYPES:
+        return value
+    try:
+        return compat.array_namespace(input).asarray(value, dtype=input.dtype, device=compat.device(input))
+    except (TypeError, ValueError):  # ragged or not numbers: the array checks name it
+        return value
+
+
+def _acc_coordinates(xp, coordinates, ndim: int):
+    """coordinates (ndim, ...) as a C-contiguous (ndim, P) array in the compute dtype (the kernels' layout)."""
+    acc = _kernels.compute_dtype(coordinates.dtype)
+    return xp.ascontiguousarray(coordinates.reshape(ndim, -1).astype(acc, copy=False))
+
+
+def _sample_kernels(call, input, coordinates, cfg: NdimageConfig):
+    """input sampled at coordinates (ndim, P) in the compute dtype → (*out_shape) in input's dtype."""
+    xp = call.xp
+    P = coordinates.shape[1]
+    out = _kernels.empty(xp, (P,), input.dtype)
+    _kernels.launch(call.backend, FAMILY, "ndimage_map_forward", input.dtype, P,
+                    (xp.ascontiguousarray(input), coordinates, out), (P, *cfg.sizes), cfg.options, (cfg.cval,))
+    return out.reshape(cfg.out_shape)
+
+
+def _sample_kernels_backward(call, grad_output, input, coordinates, cfg: NdimageConfig, want_input,
+                             want_coordinates, deterministic):
+    """→ (grad_input in input's dtype or None, grad_coordinates (ndim, P) in the compute dtype or None)."""
+    xp = call.xp
+    P = coordinates.shape[1]
+    acc = _kernels.compute_dtype(input.dtype)
+    input, grad_output = xp.ascontiguousarray(input), xp.ascontiguousarray(grad_output.reshape(-1))
+    grad_input = xp.zeros(input.shape, acc) if want_input else None  # summed in float32 for 16-bit input
+    grad_coordinates = _kernels.empty(xp, (len(cfg.shape), P), acc) if want_coordinates else None
+    scattered = None if deterministic else grad_input
+    if scattered is not None or grad_coordinates is not None:
+        _kernels.launch(call.backend, FAMILY, "ndimage_map_backward", input.dtype, P,
+                        (grad_output, input, coordinates, _kernels.NULL if scattered is None else scattered,
+                         _kernels.NULL if grad_coordinates is None else grad_coordinates),
+                        (P, *cfg.sizes), cfg.options, (cfg.cval,))
+    if deterministic and grad_input is not None and P > 0:
+        _kernels.launch(call.backend, FAMILY, "ndimage_map_backward_input_deterministic", input.dtype, 1,
+                        (grad_output, input, coordinates, grad_input), (P, *cfg.sizes), cfg.options, (cfg.cval,))
+    if grad_input is not None:
+        grad_input = grad_input.astype(input.dtype, copy=False)
+    return grad_input, grad_coordinates
+
+
+# ------------------------------------------------------------------------------------------ map_coordinates
+
+def _check_map_coordinates(call, input, coordinates, order, mode, cval, prefilter) -> NdimageConfig:
+    _check_input(input)
+    layout = f"({input.ndim}, ...): one row of indices per input axis"
+    _validate.floating("coordinates", coordinates, getattr(coordinates, "ndim", 0), layout)
+    if coordinates.ndim == 0 or coordinates.shape[0] != input.ndim:
+        raise ValueError(f"coordinates: expected shape {layout} for input of shape {tuple(input.shape)}, "
+                         f"got {tuple(coordinates.shape)}")
+    _validate.same_dtype(input=input, coordinates=coordinates)
+    order, mode, cval = _check_options(order, mode, cval, prefilter)
+    return NdimageConfig(tuple(input.shape), tuple(coordinates.shape[1:]), order, mode, cval)
+
+
+def _map_coordinates_output(cfg: NdimageConfig):
+    return cfg.out_shape, "coordinates.shape[1:]"
+
+
+def _map_coordinates_kernels(call, input, coordinates, cfg: NdimageConfig):
+    return _sample_kernels(call, input, _acc_coordinates(call.xp, coordinates, len(cfg.shape)), cfg)
+
+
+def _map_coordinates_kernels_backward(call, grad_output, input, coordinates, cfg: NdimageConfig, wanted,
+                                      deterministic):
+    want_input, want_coordinates = wanted
+    grad_input, grad_coordinates = _sample_kernels_backward(
+        call, grad_output, input, _acc_coordinates(call.xp, coordinates, len(cfg.shape)), cfg, want_input,
+        want_coordinates, deterministic)
+    if grad_coordinates is not None:
+        grad_coordinates = grad_coordinates.reshape(coordinates.shape).astype(coordinates.dtype, copy=False)
+    return grad_input, grad_coordinates
+
+
+def map_coordinates(input, coordinates, order: int = 1, mode: str = "constant", cval: float = 0.0,
+                    prefilter: bool = True):
+    """Sample ``input`` at index coordinates, as scipy.ndimage.map_coordinates (orders 0 and 1), differentiably.
+
+    Args:
+        input (array[d0, d1] or array[d0, d1, d2]): the image or volume; no channel or batch axis.
+        coordinates (array[ndim, ...]): row a holds the index along input axis a of every output point (first
+            axis first: (row, column) for 2-D input); the output has shape ``coordinates.shape[1:]``. Same dtype
+            as input; a Python list or number is taken in input's dtype.
+        order (int): 0 reads the nearest element (``floor(c + 0.5)``, ties upwards), 1 interpolates linearly
+            along each axis. SciPy's spline orders 2 to 5 are refused (ValueError). Default: 1.
+        mode (str): how coordinates and taps beyond the input are read, SciPy's meanings: "constant" (cval
+            outside [0, n − 1] along any axis, no interpolation beyond the edge), "grid-constant" (taps outside
+            read cval, so samples within one step of the edge blend with it), "nearest" (the edge element),
+            "reflect" = "grid-mirror" (d c b a | a b c d | d c b a), "mirror" (d c b | a b c d | c b a),
+            "grid-wrap" (period n), "wrap" (SciPy's period n − 1: the first and last elements coincide).
+            Default: "constant".
+        cval (float): the value of "constant" and "grid-constant" outside. Default: 0.0.
+        prefilter (bool): SciPy's spline prefilter, which only orders above 1 use; accepted and ignored.
+            Default: True.
+
+    Returns:
+        array[...]: shape ``coordinates.shape[1:]``, input's dtype and framework.
+
+    A NaN or ±inf coordinate gives cval (and gradient 0) in every mode — deformcp's rule; SciPy's result there
+    depends on the mode. Coordinates beyond about 2^53 are folded as precisely as floating point allows.
+
+    >>> import numpy as np, scipy.ndimage, deformcp.ndimage
+    >>> x = np.arange(12.0).reshape(3, 4)
+    >>> c = np.array([[0.5, 2.0, -0.5], [1.25, 3.0, 1.0]])     # rows: axis-0 and axis-1 indices
+    >>> print(deformcp.ndimage.map_coordinates(x, c, mode="grid-constant", cval=10.0))
+    [ 3.25 11.    5.5 ]
+    >>> print(scipy.ndimage.map_coordinates(x, c, order=1, mode="grid-constant", cval=10.0))
+    [ 3.25 11.    5.5 ]
+    """
+    coordinates = _like_input(input, coordinates)
+    return forward(MAP_COORDINATES, locals())
+
+
+def map_coordinates_backward(grad_output, input, coordinates, order=1, mode="constant", cval=0.0, prefilter=True,
+                             needs_input_grad=(True, True), deterministic=False):
+    """Gradients of :func:`map_coordinates` with respect to input and coordinates.
+
+    Args:
+        grad_output (array[...]): gradient of the loss with respect to the output, shape ``coordinates.shape[1:]``.
+        input, coordinates, order, mode, cval, prefilter: as given to :func:`map_coordinates`.
+        needs_input_grad (pair of bool): which of (input, coordinates) to differentiate. Default: both.
+        deterministic (bool): on the host and CUDA backends, False scatter-adds the input gradient with atomics
+            (float sums may differ in the last bits between runs); True adds the points in order in one thread:
+            bitwise identical run to run, and slow on a GPU. The NumPy path is always deterministic. Default: False.
+
+    Returns:
+        MapCoordinatesGrads: ``input`` (input's shape) and ``coordinates`` (coordinates' shape), None where not
+        asked for. The coordinate gradient is 0 at order 0, at non-finite coordinates, where "constant" gives
+        cval, and where "nearest" clamps; a fold of the mode (mirror, reflect) flips its sign. At an integer
+        coordinate the derivative is the one from the right.
+    """
+    coordinates = _like_input(input, coordinates)
+    return backward(MAP_COORDINATES, locals())
+
+
+# ----------------------------------------------------------------------------------------- affine_transform
+
+def _check_affine_transform(call, input, matrix, offset, output_shape, order, mode, cval,
+                            prefilter) -> NdimageConfig:
+    _check_input(input)
+    n = input.ndim
+    forms = f"({n},) diagonal, ({n}, {n}), ({n}, {n + 1}) or ({n + 1}, {n + 1}) homogeneous"
+    _validate.floating("matrix", matrix, getattr(matrix, "ndim", 0), forms)
+    if tuple(matrix.shape) not in ((n,), (n, n), (n, n + 1), (n + 1, n + 1)):
+        raise ValueError(f"matrix: expected shape {forms} for {n}-D input, got {tuple(matrix.shape)}")
+    if call is not None and tuple(matrix.shape) == (n + 1, n + 1):
+        _check_bottom_row(call, matrix)
+    _validate.floating("offset", offset, getattr(offset, "ndim", 0), f"() or ({n},)")
+    if tuple(offset.shape) not in ((), (n,)):
+        raise ValueError(f"offset: expected shape () or ({n},) for {n}-D input, got {tuple(offset.shape)}")
+    _validate.same_dtype(input=input, matrix=matrix, offset=offset)
+    out_shape = tuple(input.shape) if output_shape is None else _validate.sizes("output_shape", output_shape, n)
+    _validate.output_fits("output_shape", out_shape, input.dtype)
+    order, mode, cval = _check_options(order, mode, cval, prefilter)
+    return NdimageConfig(tuple(input.shape), out_shape, order, mode, cval)
+
+
+def _check_bottom_row(call, matrix) -> None:
+    """A homogeneous (n + 1, n + 1) matrix's bottom row must be [0, ..., 0, 1], as SciPy requires (read on the
+    host: one synchronisation)."""
+    n = matrix.shape[0] - 1
+    with call.device:
+        row = [float(v) for v in call.xp.asarray(matrix[n], dtype=_kernels.compute_dtype(matrix.dtype)).tolist()]
+    if row != [0.0] * n + [1.0]:
+        raise ValueError(f"matrix: expected the bottom row {[0] * n + [1]} of a homogeneous ({n + 1}, {n + 1}) "
+                         f"matrix, got {row}")
+
+
+def _affine_transform_output(cfg: NdimageConfig):
+    return cfg.out_shape, "output_shape (input's shape by default)"
+
+
+def _affine_coordinates_kernels(call, matrix, offset, cfg: NdimageConfig):
+    """The sampled coordinates (ndim, P) in the compute dtype, and [M | shift] (kernels/ndimage.cu)."""
+    xp = call.xp
+    ndim, P = len(cfg.shape), math.prod(cfg.out_shape)
+    acc = _kernels.compute_dtype(matrix.dtype)
+    coordinates = _kernels.empty(xp, (ndim, P), acc)
+    _kernels.launch(call.backend, FAMILY, "ndimage_affine_coordinates", matrix.dtype, P,
+                    (reference.transform(xp, matrix, offset, ndim, acc), coordinates),
+                    (P, *cfg.out_shape, *(1,) * (3 - ndim)), (ndim,))
+    return coordinates
+
+
+def _affine_transform_kernels(call, input, matrix, offset, cfg: NdimageConfig):
+    return _sample_kernels(call, input, _affine_coordinates_kernels(call, matrix, offset, cfg), cfg)
+
+
+def _affine_transform_kernels_backward(call, grad_output, input, matrix, offset, cfg: NdimageConfig, wanted,
+                                       deterministic):
+    xp = call.xp
+    want_input, want_matrix, want_offset = wanted
+    coordinates = _affine_coordinates_kernels(call, matrix, offset, cfg)
+    grad_input, gc = _sample_kernels_backward(call, grad_output, input, coordinates, cfg, want_input,
+                                              want_matrix or want_offset, deterministic)
+    if gc is None:
+        return grad_input, None, None
+    ndim, P = gc.shape
+    chunks = -(-P // AFFINE_CHUNK)
+    partials = _kernels.empty(xp, (chunks, ndim * (ndim + 1)), "float64")  # summed in float64
+    _kernels.launch(call.backend, FAMILY, "ndimage_affine_partial_sums", matrix.dtype, chunks, (gc, partials),
+                    (chunks, AFFINE_CHUNK, P, *cfg.out_shape, *(1,) * (3 - ndim)), (ndim,))
+    grad = xp.sum(partials, axis=0).reshape(ndim, ndim + 1)
+    grad_matrix, grad_offset = reference.transform_gradients(xp, grad, matrix, offset)
+    return grad_input, grad_matrix if want_matrix else None, grad_offset if want_offset else None
+
+
+def affine_transform(input, matrix, offset=0.0, output_shape: Optional[Sequence[int]] = None, order: int = 1,
+                     mode: str = "constant", cval: float = 0.0, prefilter: bool = True):
+    """Resample ``input`` under an affine map, as scipy.ndimage.affine_transform (orders 0 and 1), differentiably.
+
+    The output element at index o reads input at ``matrix @ o + offset`` ("pull" resampling: the matrix maps
+    output indices to input indices; give the inverse of a "push" transform).
+
+    Args:
+        input (array[d0, d1] or array[d0, d1, d2]): the image or volume; no channel or batch axis.
+        matrix (array): SciPy's forms, for ndim = input.ndim: (ndim, ndim) the linear map; (ndim,) its diagonal;
+            (ndim + 1, ndim + 1) (bottom row [0, ..., 0, 1], else ValueError) or (ndim, ndim + 1) homogeneous,
+            whose last column is the offset (offset is then ignored). Same dtype as input; a Python list is taken in
+            input's dtype.
+        offset (array[()] or array[ndim]): added to every input index (a scalar: the same on each axis). Same
+            dtype as input; a Python number or list is taken in input's dtype. Default: 0.0.
+        output_shape (sequence of ndim ints, optional): the output's shape. Default: input's shape.
+        order, mode, cval, prefilter: as :func:`map_coordinates` (orders 0 and 1; SciPy's modes).
+
+    Returns:
+        array[output_shape]: input's dtype and framework.
+
+    The coordinates are summed as SciPy sums them (``Σ_l o_l · matrix[h, l]``, then the offset); a diagonal
+    matrix is applied as the full matrix would be, where SciPy's separable path may round differently in the
+    last bit.
+
+    >>> import numpy as np, scipy.ndimage, deformcp.ndimage
+    >>> x = np.arange(12.0).reshape(3, 4)
+    >>> m = np.array([[0.5, 0.25], [0.0, 0.75]])
+    >>> print(deformcp.ndimage.affine_transform(x, m, offset=[0.5, 0.25])[2])
+    [6.25 8.   9.75 0.  ]
+    >>> print(scipy.ndimage.affine_transform(x, m, offset=[0.5, 0.25], order=1)[2])
+    [6.25 8.   9.75 0.  ]
+    """
+    matrix, offset = _like_input(input, matrix), _like_input(input, offset)
+    return forward(AFFINE_TRANSFORM, locals())
+
+
+def affine_transform_backward(grad_output, input, matrix, offset=0.0, output_shape=None, order=1, mode="constant",
+                              cval=0.0, prefilter=True, needs_input_grad=(True, True, True), deterministic=False):
+    """Gradients of :func:`affine_transform` with respect to input, matrix and offset.
+
+    Args:
+        grad_output (array[output_shape]): gradient of the loss with respect to the output.
+        input, matrix, offset, output_shape, order, mode, cval, prefilter: as given to :func:`affine_transform`.
+        needs_input_grad (triple of bool): which of (input, matrix, offset) to differentiate. Default: all.
+        deterministic (bool): as :func:`map_coordinates_backward` (the input gradient's order of addition).
+            Default: False.
+
+    Returns:
+        AffineTransformGrads: ``input``, ``matrix`` and ``offset``, each of the shape it was given in (a diagonal
+        matrix gets the diagonal of the gradient, a scalar offset the sum over the axes, a homogeneous matrix 0 in
+        its last row, and offset 0 where a homogeneous matrix ignores it); None where not asked for. The matrix
+        and offset gradients are the coordinate gradients (as :func:`map_coordinates_backward`) reduced over the
+        output in one deterministic reduction in float64: fixed chunks of points summed in order, then the chunks.
+    """
+    matrix, offset = _like_input(input, matrix), _like_input(input, offset)
+    return backward(AFFINE_TRANSFORM, locals())
+
+
+# ------------------------------------------------------------------------------------------- specs
+
+def _image(rng, ndim):
+    return rng.standard_normal((5, 6) if ndim == 2 else (4, 5, 3))
+
+
+def _map_inputs(ndim):
+    """Coordinates from 1.5 to 4.5 steps before the input to as far past it (non-finite ones: tests/test_ndimage.py)."""
+    def make(rng):
+        input = _image(rng, ndim)
+        coordinates = rng.uniform(-1.5, 1.5, (ndim, 7, 3)) * (1 + 2 * rng.random((ndim, 1, 1))) \
+            + rng.uniform(0, 1, (ndim, 7, 3)) * (max(input.shape) - 1)
+        return {"input": input, "coordinates": coordinates}
+    return make
+
+
+def _affine_inputs(ndim, matrix_shape, offset_shape):
+    """A scalar offset only where its gradient is 0 (order 0, or a homogeneous matrix): its gradient sums every
+    coordinate gradient and cancels, too ill-conditioned in float32 to compare two implementations."""
+    def make(rng):
+        matrix = rng.uniform(-1.2, 1.2, matrix_shape)
+        if len(matrix_shape) == 2 and matrix_shape[0] == ndim + 1:
+            matrix[-1] = [0] * ndim + [1]
+        return {"input": _image(rng, ndim), "matrix": matrix, "offset": rng.uniform(-2, 2, offset_shape)}
+    return make
+
+
+MAP_COORDINATES = OpSpec(
+    name="map_coordinates", arrays=("input", "coordinates"), grads=MapCoordinatesGrads,
+    check=_check_map_coordinates, output=_map_coordinates_output, reference=reference.map_coordinates,
+    reference_backward=reference.map_coordinates_backward, kernels=_map_coordinates_kernels,
+    kernels_backward=_map_coordinates_kernels_backward, function=map_coordinates, backward=map_coordinates_backward,
+    cases=tuple(Case(f"{ndim}d-order={order}-{mode}", _map_inputs(ndim), {"order": order, "mode": mode, "cval": 0.5})
+                for ndim in (2, 3) for order in ORDERS for mode in MODES if mode != "grid-mirror"))
+
+AFFINE_TRANSFORM = OpSpec(
+    name="affine_transform", arrays=("input", "matrix", "offset"), grads=AffineTransformGrads,
+    check=_check_affine_transform, output=_affine_transform_output, reference=reference.affine_transform,
+    reference_backward=reference.affine_transform_backward, kernels=_affine_transform_kernels,
+    kernels_backward=_affine_transform_kernels_backward, function=affine_transform,
+    backward=affine_transform_backward,
+    cases=tuple(Case(f"{ndim}d-matrix{m}-offset{o}-order={order}-{mode}", _affine_inputs(ndim, m, o),
+                     {"order": order, "mode": mode, "cval": -0.5,
+                      "output_shape": (6, 4) if ndim == 2 else (3, 4, 5)})
+                for ndim in (2, 3) for m, o, order, mode in (
+                    ((ndim, ndim), (ndim,), 1, "constant"), ((ndim,), (ndim,), 1, "grid-constant"),
+                    ((ndim, ndim + 1), (), 1, "mirror"), ((ndim + 1, ndim + 1), (ndim,), 1, "grid-wrap"),
+                    ((ndim, ndim), (ndim,), 1, "wrap"), ((ndim, ndim), (), 0, "reflect"))))
+
+SPECS = (MAP_COORDINATES, AFFINE_TRANSFORM)

@@ -1,0 +1,255 @@
+"""The NumPy path of map_coordinates and affine_transform (scipy.ndimage's conventions, orders 0 and 1): the
+float64 reference of kernels/ndimage.cu, vectorised over the points. ``cfg`` is the op's checked configuration
+(deformcp.ops.ndimage).
+
+Each point's taps are planned per axis (:func:`_axis_taps`: SciPy's folding of the coordinate by the mode, the
+order's weights and their derivatives, the taps mapped into the input by the mode) and combined into flat
+indices into the input followed by one cval element, which grid-constant taps outside the input read. The forward
+gathers, the input gradient is a ``numpy.bincount`` of the weighted output gradient over those indices (a gather
+in a fixed order: deterministic), and the coordinate gradient uses the same taps with the weights' derivatives.
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import numpy as np
+
+from .._kernels import compute_dtype
+
+
+class _Taps(NamedTuple):
+    """The taps of every point, shape (P, T) with T = (order + 1)^ndim, in the kernels' order (axis 0 slowest)."""
+
+    valid: np.ndarray      # (P,) False where the sample is cval
+    index: np.ndarray      # flat input index of each tap; input.size (the cval element) where it reads cval
+    weight: np.ndarray     # product of the axes' weights
+    dweight: list          # per axis: the weight with that axis' factor replaced by its derivative
+
+
+def _fold(c: np.ndarray, n: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """SciPy's map_coordinate for the folding modes (mirror, reflect, wrap, grid-wrap): coordinates outside
+    [0, n − 1] folded back, and dc'/dc (±1; 0 where n is 1)."""
+    neg, pos = c < 0, c > n - 1
+    if n <= 1:
+        outside = neg | pos
+        return np.where(outside, 0, c), np.where(outside, 0, 1).astype(c.dtype)
+    one = np.ones_like(c)
+    if mode == "mirror":
+        s2 = 2 * n - 2
+        cn = s2 * np.floor(-c / s2) + c
+        low = cn <= 1 - n
+        neg_c, neg_s = np.where(low, cn + s2, -cn), np.where(low, one, -one)
+        cp = c - s2 * np.floor(c / s2)
+        high = cp >= n
+        pos_c, pos_s = np.where(high, s2 - cp, cp), np.where(high, -one, one)
+    elif mode == "reflect":
+        s2 = 2 * n
+        cn = np.where(c < -s2, s2 * np.floor(-c / s2) + c, c)
+        low = cn < -n
+        neg_c, neg_s = np.where(low, cn + s2, -cn - 1), np.where(low, one, -one)
+        cp = c - s2 * np.floor(c / s2)
+        high = cp >= n
+        pos_c, pos_s = np.where(high, s2 - cp - 1, cp), np.where(high, -one, one)
+    elif mode == "wrap":
+        s = n - 1
+        neg_c, pos_c, neg_s = c + s * (np.floor(-c / s) + 1), c - s * np.floor(c / s), one
+        pos_s = one
+    else:  # grid-wrap
+        neg_c, pos_c, neg_s = c + n * (np.trunc((-1 - c) / n) + 1), c - n * np.floor(c / n), one
+        pos_s = one
+    return np.where(neg, neg_c, np.where(pos, pos_c, c)), np.where(neg, neg_s, np.where(pos, pos_s, one))
+
+
+def _tap_index(i: np.ndarray, n: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Tap indices mapped into [0, n − 1] by the mode, and whether each is inside (False: grid-constant's cval)."""
+    inside = (i >= 0) & (i < n)
+    if mode == "grid-constant":
+        return np.where(inside, i, 0), inside
+    if n <= 1:
+        return np.zeros_like(i), np.ones_like(inside)
+    if mode == "nearest":
+        j = np.clip(i, 0, n - 1)
+    elif mode == "reflect":
+        j = np.where(i < 0, -i - 1, np.where(i >= n, 2 * n - i - 1, i))
+    elif mode == "grid-wrap":
+        j = np.where(i < 0, i + n, np.where(i >= n, i - n, i))
+    else:  # mirror; also constant and wrap, whose taps outside have weight 0
+        j = np.where(i < 0, -i, np.where(i >= n, 2 * n - 2 - i, i))
+    return np.clip(j, 0, n - 1), np.ones_like(inside)
+
+
+@np.errstate(invalid="ignore", over="ignore")
+def _axis_taps(c: np.ndarray, n: int, order: int, mode: str):
+    """One axis: (valid (P,), tap indices (P, K), inside (P, K), weights (P, K), their derivatives (P, K)),
+    K = order + 1; the kernels' ndimage_axis_setup."""
+    valid = np.isfinite(c)
+    slope = np.ones_like(c)
+    if mode == "constant":
+        valid &= (c >= 0) & (c <= n - 1)
+    elif mode in ("nearest", "grid-constant"):
+        far = (c < -2) | (c > n + 1)
+        if mode == "grid-constant":
+            valid &= ~far
+        else:
+            c = np.where(far, np.where(c < 0, -2, n + 1), c)
+            slope = np.where(far, 0, slope)
+    else:
+        c, slope = _fold(c, n, mode)
+        c = np.clip(c, -1, n)
+    c = np.where(valid, c, 0)
+    start = np.floor(c + 0.5) if order == 0 else np.floor(c)
+    t = c - start
+    if order == 0:
+        weight, dweight = np.ones_like(c)[:, None], np.zeros_like(c)[:, None]
+    else:
+        weight, dweight = np.stack([1 - t, t], axis=1), np.stack([-slope, slope], axis=1)
+    index, inside = _tap_index(start.astype(np.int64)[:, None] + np.arange(order + 1), n, mode)
+    if mode == "grid-constant":
+        valid &= inside.any(axis=1)
+    return valid, index, inside, weight, dweight
+
+
+def _taps(coordinates: np.ndarray, shape: tuple, order: int, mode: str) -> _Taps:
+    """coordinates (ndim, P) in the compute dtype → every point's taps over an input of ``shape``."""
+    ndim, P = coordinates.shape
+    K = order + 1
+    axes = [_axis_taps(coordinates[a], n, order, mode) for a, n in enumerate(shape)]
+    strides = np.cumprod((1,) + tuple(shape[:0:-1]))[::-1]
+
+    def spread(a, x):  # (P, K) of axis a → (P, 1, .., K, .., 1), K at position 1 + a
+        return x.reshape((P,) + (1,) * a + (K,) + (1,) * (ndim - 1 - a))
+
+    index = sum(spread(a, ax[1] * strides[a]) for a, ax in enumerate(axes))
+    inside = functools.reduce(np.logical_and, [spread(a, ax[2]) for a, ax in enumerate(axes)])
+    weights = [spread(a, ax[3]) for a, ax in enumerate(axes)]
+    weight = functools.reduce(np.multiply, weights)
+    dweight = []
+    for a, ax in enumerate(axes):
+        factors = weights[:a] + [spread(a, ax[4])] + weights[a + 1:]
+        dweight.append(np.broadcast_to(functools.reduce(np.multiply, factors), (P,) + (K,) * ndim).reshape(P, -1))
+    size = int(np.prod(shape))
+    index = np.broadcast_to(np.where(inside, index, size), (P,) + (K,) * ndim).reshape(P, K ** ndim)
+    valid = functools.reduce(np.logical_and, [ax[0] for ax in axes])
+    return _Taps(valid, index, np.broadcast_to(weight, (P,) + (K,) * ndim).reshape(P, K ** ndim), dweight)
+
+
+def _with_cval(input: np.ndarray, cval: float, dtype) -> np.ndarray:
+    """input flattened in dtype, then one cval element (what grid-constant taps outside read)."""
+    return np.append(input.astype(dtype, copy=False).ravel(), dtype.type(cval))
+
+
+def sample(input, coordinates, cfg):
+    """input (shape), coordinates (ndim, *out) in any float dtype → (*out) in input's dtype."""
+    dtype = compute_dtype(input.dtype)
+    c = coordinates.astype(dtype, copy=False).reshape(len(cfg.shape), -1)
+    taps = _taps(c, cfg.shape, cfg.order, cfg.mode)
+    values = _with_cval(input, cfg.cval, dtype)[taps.index]
+    out = np.where(taps.valid, np.sum(taps.weight * values, axis=1), dtype.type(cfg.cval))
+    return out.reshape(coordinates.shape[1:]).astype(input.dtype)
+
+
+def sample_backward(grad_output, input, coordinates, cfg, want_input: bool, want_coordinates: bool):
+    """→ (grad_input in input's dtype or None, grad_coordinates (ndim, P) in the compute dtype or None)."""
+    dtype = compute_dtype(input.dtype)
+    c = coordinates.astype(dtype, copy=False).reshape(len(cfg.shape), -1)
+    taps = _taps(c, cfg.shape, cfg.order, cfg.mode)
+    g = np.where(taps.valid, grad_output.astype(dtype, copy=False).ravel(), 0)
+    grad_input = grad_coordinates = None
+    if want_input:
+        size = input.size
+        gathered = np.bincount(taps.index.ravel(), (taps.weight * g[:, None]).ravel(), minlength=size + 1)
+        grad_input = gathered[:size].reshape(input.shape).astype(input.dtype)
+    if want_coordinates:
+        values = _with_cval(input, cfg.cval, dtype)[taps.index] * g[:, None]
+        grad_coordinates = np.stack([np.sum(d * values, axis=1) for d in taps.dweight]).astype(dtype, copy=False)
+    return grad_input, grad_coordinates
+
+
+# ----------------------------------------------------------------------------------------- map_coordinates
+
+def map_coordinates(input, coordinates, cfg):
+    return sample(input, coordinates, cfg)
+
+
+def map_coordinates_backward(grad_output, input, coordinates, cfg, wanted):
+    want_input, want_coordinates = wanted
+    grad_input, grad_coordinates = sample_backward(grad_output, input, coordinates, cfg, want_input,
+                                                   want_coordinates)
+    if grad_coordinates is not None:
+        grad_coordinates = grad_coordinates.reshape(coordinates.shape).astype(coordinates.dtype)
+    return grad_input, grad_coordinates
+
+
+# ----------------------------------------------------------------------------------------- affine_transform
+
+def transform(xp, matrix, offset, ndim: int, dtype):
+    """SciPy's forms of (matrix, offset) as one (ndim, ndim + 1) array [M | shift] in dtype (namespace xp): a
+    diagonal (ndim,), a matrix (ndim, ndim) with offset () or (ndim,), or homogeneous (ndim, ndim + 1) and
+    (ndim + 1, ndim + 1), whose last column is the shift (offset ignored)."""
+    matrix, offset = matrix.astype(dtype), offset.astype(dtype)
+    if matrix.ndim == 2 and matrix.shape[1] == ndim + 1:
+        return xp.ascontiguousarray(matrix[:ndim])
+    m = xp.diag(matrix) if matrix.ndim == 1 else matrix
+    shift = xp.broadcast_to(offset, (ndim,))
+    return xp.ascontiguousarray(xp.concatenate([m, shift[:, None]], axis=1))
+
+
+def transform_gradients(xp, grad, matrix, offset):
+    """The gradient of [M | shift] (ndim, ndim + 1) as the gradients of matrix and offset in their forms and
+    dtypes (offset's is 0 where a homogeneous matrix ignores it)."""
+    ndim = grad.shape[0]
+    if matrix.ndim == 2 and matrix.shape[1] == ndim + 1:
+        grad_matrix = grad
+        if matrix.shape[0] == ndim + 1:
+            grad_matrix = xp.concatenate([grad, xp.zeros((1, ndim + 1), grad.dtype)])
+        grad_offset = xp.zeros(offset.shape, grad.dtype)
+    else:
+        grad_matrix = xp.diag(grad[:, :ndim]) if matrix.ndim == 1 else grad[:, :ndim]
+        grad_offset = grad[:, ndim] if offset.ndim == 1 else xp.asarray(xp.sum(grad[:, ndim]))
+    return grad_matrix.astype(matrix.dtype), grad_offset.astype(offset.dtype)
+
+
+def _output_index(axis: int, out_shape: tuple, dtype) -> np.ndarray:
+    """The output index along one axis, shaped to broadcast over out_shape."""
+    shape = [1] * len(out_shape)
+    shape[axis] = out_shape[axis]
+    return np.arange(out_shape[axis], dtype=dtype).reshape(shape)
+
+
+def affine_coordinates(t: np.ndarray, out_shape: tuple) -> np.ndarray:
+    """[M | shift] (ndim, ndim + 1) → coordinates (ndim, *out_shape): Σ_l o_l · M[h, l] + shift[h], summed in
+    SciPy's order (the kernels' ndimage_affine_coordinates)."""
+    ndim = len(out_shape)
+    o = [_output_index(axis, out_shape, t.dtype) for axis in range(ndim)]
+    rows = []
+    for h in range(ndim):
+        c = o[0] * t[h, 0]
+        for axis in range(1, ndim):
+            c = c + o[axis] * t[h, axis]
+        rows.append(np.broadcast_to(c + t[h, ndim], out_shape))
+    return np.stack(rows)
+
+
+def affine_transform(input, matrix, offset, cfg):
+    t = transform(np, matrix, offset, len(cfg.shape), compute_dtype(input.dtype))
+    return sample(input, affine_coordinates(t, cfg.out_shape), cfg)
+
+
+def affine_transform_backward(grad_output, input, matrix, offset, cfg, wanted):
+    want_input, want_matrix, want_offset = wanted
+    dtype = compute_dtype(input.dtype)
+    ndim = len(cfg.shape)
+    t = transform(np, matrix, offset, ndim, dtype)
+    grad_input, gc = sample_backward(grad_output, input, affine_coordinates(t, cfg.out_shape), cfg, want_input,
+                                     want_matrix or want_offset)
+    if gc is None:
+        return grad_input, None, None
+    gc = gc.astype(np.float64).reshape((ndim,) + tuple(cfg.out_shape))  # reduced in float64, as the kernels
+    grad = np.empty((ndim, ndim + 1))
+    for axis, n in enumerate(cfg.out_shape):
+        others = tuple(b + 1 for b in range(ndim) if b != axis)
+        grad[:, axis] = np.sum(gc, axis=others) @ np.arange(n, dtype=np.float64)
+    grad[:, ndim] = np.sum(gc.reshape(ndim, -1), axis=1)
+    grad_matrix, grad_offset = transform_gradients(np, grad, matrix, offset)
+    return grad_input, grad_matrix if want_matrix else None, grad_offset if want_offset else None

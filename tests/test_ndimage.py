@@ -1,0 +1,296 @@
+"""deformcp.ndimage: map_coordinates and affine_transform against scipy.ndimage itself (every order, mode, 2-D and
+3-D, random and lattice coordinates inside and outside the input, every matrix and offset form), non-finite
+coordinates, finite differences of every gradient in float64, the host backend against the NumPy path over the
+specs' cases, deterministic backwards, and bad input."""
+import itertools
+
+import numpy as np
+import pytest
+import scipy.ndimage
+
+import deformcp.ndimage as dn
+from deformcp import testing
+from deformcp.ops import ndimage as ops
+from deformcp.reference.ndimage import affine_coordinates, transform
+
+from conftest import assert_close, directional_derivative, run_both, to_backend
+
+MODES = ops.MODES
+SHAPES = {2: [(5, 7), (1, 6), (4, 1), (2, 2)], 3: [(4, 3, 5), (1, 4, 2), (3, 1, 1)]}
+COORDINATES = ("random", "lattice")
+
+
+def _coordinates(rng, shape, kind, points=60):
+    """Indices from 2.5 sizes before the input to 1.5 past its end along each axis; "lattice": multiples of 1/4,
+    so that integers (constant mode's borders, the folds) and halves (order 0's ties) are hit exactly."""
+    n = np.array(shape, float)[:, None]
+    c = rng.uniform(-2.5, 2.5, (len(shape), points)) * n + rng.uniform(-1, 1, (len(shape), points))
+    c[:, : points // 3] = rng.uniform(-1.5, n + 0.5, (len(shape), points // 3))  # a third near the input
+    return np.round(c * 4) / 4 if kind == "lattice" else c
+
+
+def _scipy_map(x, c, **options):
+    return scipy.ndimage.map_coordinates(x.astype(np.float64), c.astype(np.float64), **options)
+
+
+@pytest.mark.parametrize("kind", COORDINATES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("order", ops.ORDERS)
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_map_coordinates_matches_scipy(any_backend, rng, ndim, order, mode, kind):
+    for shape in SHAPES[ndim]:
+        x = rng.standard_normal(shape)
+        c = _coordinates(rng, shape, kind)
+        options = {"order": order, "mode": mode, "cval": float(rng.uniform(-2, 2))}
+        expected = _scipy_map(x, c, **options)
+        out = testing.run(any_backend, dn.map_coordinates, to_backend(x, any_backend), to_backend(c, any_backend),
+                          **options)
+        np.testing.assert_allclose(testing.to_numpy(out), expected, rtol=1e-13, atol=1e-13, err_msg=f"{shape}")
+        if kind == "random":  # float32: SciPy on the float32-rounded inputs, in float64
+            x32, c32 = x.astype(np.float32), c.astype(np.float32)
+            out32 = testing.run(any_backend, dn.map_coordinates, to_backend(x32, any_backend),
+                                to_backend(c32, any_backend), **options)
+            assert testing.to_numpy(out32).dtype == np.float32
+            np.testing.assert_allclose(testing.to_numpy(out32), _scipy_map(x32, c32, **options), rtol=0,
+                                       atol=2e-5 * (np.abs(x).max() + abs(options["cval"])), err_msg=f"{shape}")
+
+
+def _matrix_forms(rng, ndim):
+    """(matrix, offset) in each of SciPy's forms."""
+    m = rng.uniform(-1.3, 1.3, (ndim, ndim))
+    homogeneous = np.concatenate([m, rng.uniform(-2, 2, (ndim, 1))], axis=1)
+    yield "matrix, vector offset", m, rng.uniform(-2, 2, ndim)
+    yield "matrix, scalar offset", m, np.asarray(rng.uniform(-2, 2))
+    yield "diagonal", rng.uniform(-1.3, 1.3, ndim), rng.uniform(-2, 2, ndim)
+    yield "homogeneous (ndim, ndim + 1)", homogeneous, np.asarray(0.0)
+    yield "homogeneous (ndim + 1, ndim + 1)", np.concatenate([homogeneous, [[0] * ndim + [1]]]), rng.uniform(0, 1, ndim)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("order", ops.ORDERS)
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_affine_transform_matches_scipy(any_backend, rng, ndim, order, mode):
+    x = rng.standard_normal((6, 5) if ndim == 2 else (4, 5, 3))
+    output_shape = (7, 4) if ndim == 2 else (3, 2, 5)
+    for label, matrix, offset in _matrix_forms(rng, ndim):
+        for shape in (None, output_shape):
+            options = {"output_shape": shape, "order": order, "mode": mode, "cval": 0.25}
+            expected = scipy.ndimage.affine_transform(x, matrix, offset, **options)
+            arrays = (to_backend(a, any_backend) for a in (x, matrix, offset))
+            out = testing.run(any_backend, dn.affine_transform, *arrays, **options)
+            np.testing.assert_allclose(testing.to_numpy(out), expected, rtol=1e-13, atol=1e-13, err_msg=label)
+
+
+def test_python_numbers_and_lists_take_the_input_dtype():
+    """SciPy-style calls: offset=0.0 (the default), a matrix or coordinates as lists, with float32 input."""
+    x = np.arange(20, dtype=np.float32).reshape(4, 5)
+    out = dn.affine_transform(x, [[0.5, 0.0], [0.25, 1.0]], offset=1.5)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, scipy.ndimage.affine_transform(x, [[0.5, 0.0], [0.25, 1.0]], 1.5, order=1),
+                               atol=1e-5)
+    out = dn.map_coordinates(x, [[0.5, 3.0], [1.25, 4.0]])
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, [3.75, 19.0])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("order", ops.ORDERS)
+def test_non_finite_coordinates_give_cval_and_no_gradient(any_backend, rng, order, mode):
+    x = rng.standard_normal((3, 4, 5))
+    c = rng.uniform(0, 2, (3, 6))
+    c[0, 0], c[1, 1], c[2, 2], c[0, 3], c[1, 3] = np.nan, np.inf, -np.inf, np.nan, np.inf
+    options = {"order": order, "mode": mode, "cval": 3.5}
+    out = testing.to_numpy(testing.run(any_backend, dn.map_coordinates, to_backend(x, any_backend),
+                                       to_backend(c, any_backend), **options))
+    np.testing.assert_array_equal(out[:4], 3.5)
+    np.testing.assert_allclose(out[4:], _scipy_map(x, c[:, 4:], **options), rtol=1e-13)
+    grads = testing.run(any_backend, dn.map_coordinates_backward, to_backend(np.ones(6), any_backend),
+                        to_backend(x, any_backend), to_backend(c, any_backend), **options)
+    gc = testing.to_numpy(grads.coordinates)
+    assert np.isfinite(gc).all()
+    np.testing.assert_array_equal(gc[:, :4], 0)
+    expected = dn.map_coordinates_backward(np.ones(2), x, c[:, 4:], **options).input
+    np.testing.assert_allclose(testing.to_numpy(grads.input), expected, rtol=1e-13, atol=1e-15)
+
+
+# ----------------------------------------------------------------------------------------- finite differences
+
+def _near_integers(c):
+    """Where a coordinate is within 1e-3 of an integer: every kink (and jump: "constant"'s borders, "wrap"'s
+    seam) of linear interpolation and of the modes' folds lies on one, and central differences across it fail."""
+    return np.abs(c - np.round(c)) < 1e-3
+
+
+def _smooth_forms(rng, ndim, output_shape):
+    """_matrix_forms whose sampled coordinates all stay 1e-3 away from integers (redrawn until they do)."""
+    for number in range(5):
+        while True:
+            label, matrix, offset = list(_matrix_forms(rng, ndim))[number]
+            t = transform(np, matrix, offset, ndim, np.dtype(np.float64))
+            if not _near_integers(affine_coordinates(t, output_shape)).any():
+                break
+        yield label, matrix, offset
+
+
+def _check_gradients(function, backward, arrays: dict, options: dict, rng, zero=()):
+    """Every gradient of backward against central differences of <grad_output, function> along a random
+    direction (float64); the arrays named in ``zero`` must get gradient 0."""
+    out = function(**arrays, **options)
+    g = rng.standard_normal(np.shape(out))
+    grads = backward(g, **arrays, **options)
+    names = list(arrays)
+    for name, grad in zip(grads._fields, grads):
+        assert grad.shape == np.shape(arrays[name]) and grad.dtype == arrays[name].dtype, name
+        if name in zero:
+            np.testing.assert_array_equal(grad, 0, err_msg=name)
+            continue
+        direction = rng.standard_normal(np.shape(arrays[name]))
+
+        def loss(*values):
+            return np.sum(g * function(**dict(zip(names, values)), **options))
+
+        numeric = directional_derivative(loss, list(arrays.values()), names.index(name), direction)
+        np.testing.assert_allclose(np.sum(grad * direction), numeric, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("order", ops.ORDERS)
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_map_coordinates_gradients_by_finite_differences(any_backend, rng, ndim, order, mode):
+    shape = (5, 6) if ndim == 2 else (4, 3, 5)
+    c = _coordinates(rng, shape, "random", 40)
+    arrays = {"input": rng.standard_normal(shape), "coordinates": np.where(_near_integers(c), c + 0.01, c)}
+
+    def on(fn):
+        return lambda *args, **kwargs: testing.to_numpy(testing.run(
+            any_backend, fn, *(to_backend(a, any_backend) for a in args),
+            **{k: to_backend(v, any_backend) if isinstance(v, np.ndarray) else v for k, v in kwargs.items()}))
+
+    def backward(*args, **kwargs):
+        grads = testing.run(any_backend, dn.map_coordinates_backward,
+                            *(to_backend(a, any_backend) for a in args),
+                            **{k: to_backend(v, any_backend) if isinstance(v, np.ndarray) else v
+                               for k, v in kwargs.items()})
+        return type(grads)(*(testing.to_numpy(v) for v in grads))
+
+    _check_gradients(on(dn.map_coordinates), backward, arrays, {"order": order, "mode": mode, "cval": 0.75}, rng,
+                     zero=("coordinates",) if order == 0 else ())
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("order", ops.ORDERS)
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_affine_transform_gradients_by_finite_differences(any_backend, rng, ndim, order, mode):
+    x = rng.standard_normal((5, 6) if ndim == 2 else (4, 3, 5))
+    options = {"output_shape": (6, 5) if ndim == 2 else (3, 4, 4), "order": order, "mode": mode, "cval": -0.5}
+
+    def forward(**arrays):
+        return testing.to_numpy(testing.run(any_backend, dn.affine_transform,
+                                            **{k: to_backend(v, any_backend) for k, v in arrays.items()}, **options))
+
+    def backward(g, **arrays):
+        grads = testing.run(any_backend, dn.affine_transform_backward, to_backend(g, any_backend),
+                            **{k: to_backend(v, any_backend) for k, v in arrays.items()}, **options)
+        return type(grads)(*(testing.to_numpy(v) for v in grads))
+
+    for label, matrix, offset in _smooth_forms(rng, ndim, options["output_shape"]):
+        homogeneous = matrix.ndim == 2 and matrix.shape[1] == ndim + 1
+        zero = ("matrix", "offset") if order == 0 else ("offset",) if homogeneous else ()
+        arrays = {"input": x, "matrix": matrix, "offset": offset}
+        if matrix.shape[0] == ndim + 1:  # the bottom row is fixed at [0, ..., 1]: perturb the rest only
+            grads = backward(rng.standard_normal(options["output_shape"]), **arrays)
+            np.testing.assert_array_equal(grads.matrix[-1], 0, err_msg=label)
+            continue
+        _check_gradients(lambda **a: forward(**a), lambda g, **a: backward(g, **a), arrays, {}, rng, zero=zero)
+
+
+# ------------------------------------------------------------------------ host backend against the NumPy path
+
+CASES = [(spec, case) for spec in ops.SPECS for case in spec.cases]
+
+
+@pytest.mark.parametrize("dtype", testing.dtypes())
+@pytest.mark.parametrize("spec, case", CASES, ids=[f"{s.name}-{c.label}" for s, c in CASES])
+def test_backend_matches_numpy_path(backend, rng, spec, case, dtype):
+    """Forward and every gradient of each parity case, outputs poisoned and inputs checked unmodified, atomic and
+    deterministic backwards."""
+    arrays = {name: a.astype(dtype) for name, a in case.make(rng).items()}
+    names = list(arrays)
+
+    def call(fn, *leading, **extra):
+        return lambda *values: fn(*values[:len(leading)], **dict(zip(names, values[len(leading):])),
+                                  **case.options, **extra)
+
+    out, expected = run_both(backend, call(spec.function), *arrays.values())
+    assert_close(out, expected, dtype)
+    g = rng.standard_normal(np.shape(expected)).astype(dtype)
+    for deterministic in (False, True):
+        grads, expected_grads = run_both(backend, call(spec.backward, g, deterministic=deterministic), g,
+                                         *arrays.values())
+        for got, want in zip(grads, expected_grads):
+            assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("spec", ops.SPECS, ids=lambda s: s.name)
+def test_deterministic_backward_is_bitwise_reproducible(backend, rng, spec):
+    case = spec.cases[-1]
+    arrays = {k: a.astype(np.float32) for k, a in case.make(rng).items()}
+    g = to_backend(rng.standard_normal(np.shape(spec.function(**arrays, **case.options))).astype(np.float32), backend)
+    arrays = {k: to_backend(a, backend) for k, a in arrays.items()}
+    first, second = (testing.run(backend, spec.backward, g, **arrays, **case.options, deterministic=True)
+                     for _ in range(2))
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(testing.to_numpy(a), testing.to_numpy(b))
+
+
+def test_needs_input_grad_subsets():
+    rng = np.random.default_rng(0)
+    spec = ops.AFFINE_TRANSFORM
+    case = spec.cases[0]
+    arrays = case.make(rng)
+    g = rng.standard_normal(case.options["output_shape"])
+    full = dn.affine_transform_backward(g, **arrays, **case.options)
+    for needs in itertools.product((False, True), repeat=3):
+        for backend in ("numpy", "host"):
+            grads = testing.run(backend, dn.affine_transform_backward, g, **arrays, **case.options,
+                                needs_input_grad=needs)
+            for got, want, asked in zip(grads, full, needs):
+                assert (got is None) == (not asked)
+                if asked:
+                    assert_close(got, want, "float64")
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+X = np.zeros((4, 5))
+C = np.zeros((2, 3))
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda: dn.map_coordinates(X, C, order=3), ValueError, ["order", "0 or 1", "got 3"]),
+    (lambda: dn.map_coordinates(X, C, order=True), TypeError, ["order", "int", "True"]),
+    (lambda: dn.map_coordinates(X, C, order=1.0), TypeError, ["order", "int", "1.0"]),
+    (lambda: dn.map_coordinates(X, C, mode="edge"), ValueError, ["mode", "grid-wrap", "'edge'"]),
+    (lambda: dn.map_coordinates(X, C, cval=float("nan")), ValueError, ["cval", "finite", "nan"]),
+    (lambda: dn.map_coordinates(X, C, prefilter=1), TypeError, ["prefilter", "bool", "1"]),
+    (lambda: dn.map_coordinates(np.zeros((2, 3, 4, 5)), C), ValueError, ["input", "2-D or 3-D", "(2, 3, 4, 5)"]),
+    (lambda: dn.map_coordinates(np.zeros((0, 5)), C), ValueError, ["input", "non-empty", "(0, 5)"]),
+    (lambda: dn.map_coordinates(X.astype(int), C), TypeError, ["input", "floating", "int64"]),
+    (lambda: dn.map_coordinates(X, np.zeros((3, 4))), ValueError, ["coordinates", "(2, ...)", "(3, 4)"]),
+    (lambda: dn.map_coordinates(X, np.zeros(())), ValueError, ["coordinates", "(2, ...)", "()"]),
+    (lambda: dn.map_coordinates(X, C.astype(np.float32)), TypeError, ["input is float64", "coordinates is float32"]),
+    (lambda: dn.map_coordinates_backward(np.zeros(4), X, C), ValueError, ["grad_output", "(3,)", "(4,)"]),
+    (lambda: dn.affine_transform(X, np.eye(3)[:2, :2].ravel()), ValueError, ["matrix", "(2, 3)", "(4,)"]),
+    (lambda: dn.affine_transform(X, np.ones((3, 3))), ValueError, ["matrix", "bottom row", "[0, 0, 1]"]),
+    (lambda: dn.affine_transform(X, np.eye(2), np.zeros(3)), ValueError, ["offset", "() or (2,)", "(3,)"]),
+    (lambda: dn.affine_transform(X, np.eye(2), output_shape=(3,)), ValueError, ["output_shape", "2 integers"]),
+    (lambda: dn.affine_transform(X, np.eye(2), output_shape=(3, 2.0)), TypeError, ["output_shape", "2.0"]),
+    (lambda: dn.affine_transform(X, np.eye(2, dtype=np.float32)), TypeError, ["matrix is float32"]),
+    (lambda: dn.affine_transform(X, "eye"), TypeError, ["matrix"]),
+    (lambda: dn.affine_transform_backward(np.zeros((4, 4)), X, np.eye(2)), ValueError, ["grad_output", "(4, 5)"]),
+])
+def test_bad_input_is_named(call, error, words):
+    with pytest.raises(error) as raised:
+        call()
+    for word in words:
+        assert word in str(raised.value), (word, str(raised.value))
