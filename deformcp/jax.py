@@ -253,13 +253,15 @@ def _boxes(input, boxes, name: str):
 
 def affine_grid(theta, size, align_corners=False):
     """Differentiable :func:`deformcp.affine_grid`: the sampling grid (N, H, W, 2) of theta (N, 2, 3) for
-    the output size (N, C, H, W) (static). Gradient: theta."""
+    the output size (N, C, H, W) (static), or (N, D, H, W, 3) of theta (N, 3, 4) for (N, C, D, H, W). Gradient:
+    theta."""
     return _apply("affine_grid", locals())
 
 
 def grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corners=False, *, deterministic=False):
     """Differentiable :func:`deformcp.grid_sample`: input (N, C, H, W) sampled at grid (N, H_out, W_out, 2)
-    → (N, C, H_out, W_out). Gradients: input and grid (0 for the grid with mode "nearest")."""
+    → (N, C, H_out, W_out), or a volume (N, C, D, H, W) at (N, D_out, H_out, W_out, 3) → (N, C, D_out, H_out,
+    W_out). Gradients: input and grid (0 for the grid with mode "nearest")."""
     return _apply("grid_sample", locals())
 
 

@@ -433,32 +433,36 @@ def _apply(name: str, arguments: dict):
 # ------------------------------------------------------------------------------------------- functions
 
 def affine_grid(theta, size, align_corners=None):
-    """Differentiable :func:`deformcp.affine_grid`, as ``torch.nn.functional.affine_grid`` (2-D only).
+    """Differentiable :func:`deformcp.affine_grid`, as ``torch.nn.functional.affine_grid`` (2-D and 3-D).
 
     Args:
-        theta (Tensor[N, 2, 3]): affine matrices mapping output to input coordinates.
-        size (sequence of 4 ints): (N, C, H_out, W_out) of the output image.
+        theta (Tensor[N, 2, 3] or Tensor[N, 3, 4]): affine matrices mapping output to input coordinates.
+        size (sequence of 4 or 5 ints): (N, C, H_out, W_out) of the output image, or (N, C, D_out, H_out, W_out)
+            of the output volume with theta (N, 3, 4).
         align_corners (bool or None): None means False (torch's default, without its warning).
 
     Returns:
-        Tensor[N, H_out, W_out, 2]: normalised (x, y) sampling locations. Gradient: theta.
+        Tensor[N, H_out, W_out, 2] or Tensor[N, D_out, H_out, W_out, 3]: normalised (x, y) or (x, y, z) sampling
+        locations. Gradient: theta.
     """
     align_corners = _align_corners(align_corners)
     return _apply("affine_grid", locals())
 
 
 def grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corners=None):
-    """Differentiable :func:`deformcp.grid_sample`, as ``torch.nn.functional.grid_sample`` (4-D input).
+    """Differentiable :func:`deformcp.grid_sample`, as ``torch.nn.functional.grid_sample`` (4-D and 5-D input).
 
     Args:
-        input (Tensor[N, C, H, W]).
-        grid (Tensor[N, H_out, W_out, 2]): normalised (x, y) in [-1, 1].
-        mode (str): "bilinear" or "nearest" (the grid gets a zero gradient).
+        input (Tensor[N, C, H, W] or Tensor[N, C, D, H, W]).
+        grid (Tensor[N, H_out, W_out, 2] or Tensor[N, D_out, H_out, W_out, 3]): normalised (x, y) or (x, y, z)
+            in [-1, 1].
+        mode (str): "bilinear" (trilinear for volumes), "nearest" (the grid gets a zero gradient) or "bicubic"
+            (4-D input).
         padding_mode (str): "zeros", "border" or "reflection".
         align_corners (bool or None): None means False.
 
     Returns:
-        Tensor[N, C, H_out, W_out]. Gradients: input and grid.
+        Tensor[N, C, H_out, W_out] or Tensor[N, C, D_out, H_out, W_out]. Gradients: input and grid.
     """
     align_corners = _align_corners(align_corners)
     return _apply("grid_sample", locals())
