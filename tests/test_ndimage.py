@@ -294,3 +294,14 @@ def test_bad_input_is_named(call, error, words):
         call()
     for word in words:
         assert word in str(raised.value), (word, str(raised.value))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_huge_coordinates_read_inside_the_input(mode):
+    """Coordinates past 2**53 (folded as precisely as floating point allows): a finite value, the same on the host
+    backend as on the NumPy path (run under the sanitizers too: no read outside the input)."""
+    x = np.arange(12.0).reshape(3, 4)
+    c = np.array([[1e30, -1e30, 1e300, 3e15, 0.5], [0.5, 2.0, -1e300, -3e15, 1e20]])
+    expected = dn.map_coordinates(x, c, mode=mode, cval=-1.0)
+    assert np.isfinite(expected).all()
+    np.testing.assert_array_equal(testing.run("host", dn.map_coordinates, x, c, mode=mode, cval=-1.0), expected)
