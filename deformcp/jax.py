@@ -87,7 +87,8 @@ from deformcp import testing as _testing
 from deformcp.ops import SPECS, OpSpec, _call
 
 __all__ = ["affine_grid", "grid_sample", "roi_align", "ps_roi_align", "deform_conv2d", "deform_roi_pool",
-           "deform_ps_roi_pool", "mimic_loss", "ms_deform_attn", "flash_deform_attn"]
+           "deform_ps_roi_pool", "mimic_loss", "ms_deform_attn", "flash_deform_attn", "map_coordinates",
+           "affine_transform"]
 
 _TRACER = getattr(jax.core, "Tracer", ())
 
@@ -301,6 +302,20 @@ def deform_ps_roi_pool(input, rois, offset, output_dim, group_size, pooled_size,
 def mimic_loss(f_a, f_b):
     """Differentiable :func:`deformcp.mimic_loss`: f_a, f_b (K, D) → a 0-d loss. Gradients: f_a and f_b."""
     return _apply("mimic_loss", locals())
+
+
+def map_coordinates(input, coordinates, order=1, mode="constant", cval=0.0, prefilter=True, *, deterministic=False):
+    """Differentiable :func:`deformcp.ndimage.map_coordinates`: input (2-D or 3-D) at index coordinates
+    (ndim, *output_shape) → output_shape (options static). Gradients: input and coordinates."""
+    return _apply("map_coordinates", locals())
+
+
+def affine_transform(input, matrix, offset=0.0, output_shape=None, order=1, mode="constant", cval=0.0, prefilter=True,
+                     *, deterministic=False):
+    """Differentiable :func:`deformcp.ndimage.affine_transform`: input (2-D or 3-D), matrix and offset (SciPy's
+    forms; offset may be a number) → output_shape (options static). Gradients: input, matrix and offset."""
+    offset = jnp.asarray(offset, dtype=input.dtype)
+    return _apply("affine_transform", locals())
 
 
 def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,

@@ -74,7 +74,8 @@ from deformcp.ops._spec import IntPair, LevelShapes
 
 __all__ = [
     "affine_grid", "grid_sample", "roi_align", "ps_roi_align", "deform_conv2d", "deform_roi_pool",
-    "deform_ps_roi_pool", "mimic_loss", "ms_deform_attn", "flash_deform_attn",
+    "deform_ps_roi_pool", "mimic_loss", "ms_deform_attn", "flash_deform_attn", "map_coordinates",
+    "affine_transform",
     "DeformConv2d", "DeformConv2dPack", "ModulatedDeformConv2dPack", "RoIAlign", "PSRoIAlign",
     "DeformRoIPool", "DeformRoIPoolPack", "ModulatedDeformRoIPool", "ModulatedDeformRoIPoolPack",
     "SpatialTransformer", "MSDeformAttn",
@@ -549,6 +550,22 @@ def deform_ps_roi_pool(input, rois, offset, output_dim, group_size, pooled_size,
         Tensor[K, output_dim, pooled_size, pooled_size]. Gradients: input, offset.
     """
     return _apply("deform_ps_roi_pool", locals())
+
+
+def map_coordinates(input, coordinates, order=1, mode="constant", cval=0.0, prefilter=True):
+    """Differentiable :func:`deformcp.ndimage.map_coordinates` (scipy.ndimage's): input (2-D or 3-D) sampled at
+    index coordinates (ndim, *output_shape) → output_shape. Gradients: input and coordinates."""
+    return _apply("map_coordinates", locals())
+
+
+def affine_transform(input, matrix, offset=0.0, output_shape=None, order=1, mode="constant", cval=0.0,
+                     prefilter=True):
+    """Differentiable :func:`deformcp.ndimage.affine_transform` (scipy.ndimage's): input (2-D or 3-D), matrix in
+    any of SciPy's forms and offset (a tensor, or a number) mapping output to input indices. Gradients: input,
+    matrix and offset (a number's: none)."""
+    if not isinstance(offset, torch.Tensor):
+        offset = torch.as_tensor(offset, dtype=input.dtype, device=input.device)
+    return _apply("affine_transform", locals())
 
 
 def mimic_loss(f_a, f_b):

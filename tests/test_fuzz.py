@@ -105,6 +105,7 @@ from hypothesis import strategies as st  # noqa: E402
 import deformcp  # noqa: E402
 from deformcp import _host, testing  # noqa: E402
 from deformcp.ops import SPECS, OpSpec  # noqa: E402
+from deformcp.ops.ndimage import MODES as NDIMAGE_MODES  # noqa: E402
 
 from conftest import to_backend  # noqa: E402
 
@@ -514,6 +515,52 @@ def flash_deform_attn_cases(draw, dtype):
                 values=("value",))
 
 
+@st.composite
+def ndimage_input(draw):
+    """(input, rng): a 2-D or 3-D image of 1..5 per axis (size-1 axes among them)."""
+    rng = np.random.default_rng(draw(SEEDS))
+    shape = tuple(draw(between(1, 5)) for _ in range(draw(st.sampled_from([2, 3]))))
+    return rng.standard_normal(shape), rng
+
+
+def ndimage_options(draw):
+    """order, mode (every SciPy name), cval (a lattice value) and prefilter."""
+    return {"order": draw(st.sampled_from([0, 1])), "mode": draw(st.sampled_from(list(NDIMAGE_MODES))),
+            "cval": draw(st.sampled_from([0.0, -0.75, 2.5])), "prefilter": draw(st.booleans())}
+
+
+@st.composite
+def map_coordinates_cases(draw, dtype):
+    x, rng = draw(ndimage_input())
+    out = tuple(draw(between(0 if draw(st.booleans()) else 1, 4)) for _ in range(draw(between(1, 2))))
+    # index coordinates on a binary lattice, inside, on the border and outside every axis
+    coordinates = lattice(rng.uniform(-1.5, 1.5, (x.ndim, *out)) * (np.array(x.shape) + 1)[:, None].reshape(
+        (x.ndim,) + (1,) * len(out)) / 2 + (np.array(x.shape) - 1).reshape((x.ndim,) + (1,) * len(out)) / 2,
+                          draw(st.sampled_from([1, 2, 3])))
+    options = ndimage_options(draw)
+    return Case({"input": x, "coordinates": coordinates}, options,
+                labels=(f"{x.ndim}-D", f"order={options['order']}", options["mode"],
+                        *(["empty"] if coordinates.size == 0 else [])), values=("input",))
+
+
+@st.composite
+def affine_transform_cases(draw, dtype):
+    x, rng = draw(ndimage_input())
+    n = x.ndim
+    form = draw(st.sampled_from(["(n, n)", "(n,)", "(n, n + 1)", "(n + 1, n + 1)"]))
+    linear = lattice(rng.uniform(-1.25, 1.25, (n, n)), 2)
+    matrix = {"(n, n)": linear, "(n,)": np.diag(linear).copy(),
+              "(n, n + 1)": np.concatenate([linear, lattice(rng.uniform(-2, 2, (n, 1)), 2)], axis=1),
+              "(n + 1, n + 1)": np.block([[linear, lattice(rng.uniform(-2, 2, (n, 1)), 2)],
+                                          [np.zeros((1, n)), np.ones((1, 1))]])}[form]
+    output_shape = tuple(draw(between(1, 4)) for _ in range(n))
+    options = {**ndimage_options(draw), "output_shape": output_shape}
+    return Case({"input": x, "matrix": matrix, "offset": lattice(rng.uniform(-2, 2, n), 2)}, options,
+                labels=(f"{n}-D", f"matrix {form}", f"order={options['order']}", options["mode"]),
+                broadcast_axes={"matrix": ()} if form == "(n + 1, n + 1)" else {},  # its bottom row is fixed
+                values=("input",))
+
+
 #: op name → strategy(dtype) of its valid calls: what only the op knows (shapes, options, how to judge a mismatch)
 STRATEGIES = {
     "affine_grid": affine_grid_cases,
@@ -526,6 +573,8 @@ STRATEGIES = {
     "mimic_loss": mimic_loss_cases,
     "ms_deform_attn": ms_deform_attn_cases,
     "flash_deform_attn": flash_deform_attn_cases,
+    "map_coordinates": map_coordinates_cases,
+    "affine_transform": affine_transform_cases,
 }
 
 #: op name → array arguments that may be None although they have no None default (the rest: the signature)
@@ -908,6 +957,7 @@ SCALAR_KINDS = {
     "pooled_size": "positive int", "sample_per_part": "positive int", "part_size": "part_size",
     "needs_input_grad": "needs", "method": "choice", "num_points": "positive int",
     "spatial_shapes": "levels", "level_start_index": "starts", "points_per_level": "points",
+    "order": "order", "cval": "real", "prefilter": "flag", "output_shape": "shape",
 }
 
 
@@ -969,6 +1019,14 @@ def scalar_mutations(name, value, kwargs):
             (list(value), "ok"), (np.array([N, C, H, W]), "ok"), (tuple(np.int16(v) for v in (N, C, H, W)), "ok")]
     if kind in ("levels", "starts", "points"):
         return level_mutations(kind, value, kwargs)
+    if kind == "order":  # ndimage's spline order: 0 or 1
+        return [(v, "refused") for v in (-1, 2, 3, 5, 1.0, "1", None, True, np.True_, [1], 2**63)] + [
+            (np.int64(value), "ok"), (np.int8(value), "ok")]
+    if kind == "shape":  # affine_transform's output_shape: one size per input axis
+        shape = tuple(int(v) for v in value)
+        return [(v, "refused") for v in (shape + (1,), shape[:-1], (-1,) * len(shape), (1.5,) * len(shape),
+                                         "ab", 3, (True,) * len(shape), (2**63,) * len(shape))] + [
+            (list(shape), "ok"), (tuple(np.int64(v) for v in shape), "ok"), (None, "related")]
     raise AssertionError(kind)
 
 
@@ -1269,6 +1327,11 @@ THREE_READERS = {
                                            {}),
     "flash_deform_attn": lambda x, g, dtype: ((g.reshape(1, 3, 1), x.reshape(1, 1, 1, 1), ((1, 1),), None,
                                                np.tile(np.array([0.5, 0.5, 0], dtype), (1, 3, 1, 1)), 1), {}),
+    # three points at index (0, 0) of a 1×1 image
+    "map_coordinates": lambda x, g, dtype: ((g, x.reshape(1, 1), np.zeros((2, 3), dtype)), {}),
+    # a 1×3 output whose every index the zero matrix maps to (0, 0)
+    "affine_transform": lambda x, g, dtype: ((g.reshape(1, 3), x.reshape(1, 1), np.zeros((2, 2), dtype),
+                                              np.zeros(2, dtype)), {"output_shape": (1, 3)}),
 }
 
 

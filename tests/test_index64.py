@@ -335,8 +335,30 @@ def case_flash_deform_attn(op, rng, dtype):
     return run
 
 
+def case_spec(op, rng, dtype):
+    """Every case of the op's spec on its own inputs: the forward and the backward (atomic and deterministic)."""
+    calls = []
+    for case in op.cases:
+        arrays = {name: np.asarray(a, dtype) for name, a in case.make(rng).items()}
+        grad = rng.standard_normal(np.shape(op.function(**arrays, **case.options))).astype(dtype)
+        calls.append((case, arrays, grad))
+
+    def run():
+        out = {}
+        for case, arrays, grad in calls:
+            out[f"{op.name} {case.label}"] = op.function(**arrays, **case.options)
+            for det in (False, True):
+                grads = op.backward(grad, **arrays, **case.options, deterministic=det)
+                for name, g in zip(grads._fields, grads):
+                    out[f"{op.name}_backward {name} det={det} {case.label}"] = g
+        return out
+    return run
+
+
 #: op name → case(spec, rng, dtype) → run; the cases of a family's ops together must launch every kernel of it
 CASES = {
+    "map_coordinates": case_spec,
+    "affine_transform": case_spec,
     "affine_grid": case_affine_grid,
     "grid_sample": case_grid_sample,
     "roi_align": case_roi_align,

@@ -55,6 +55,11 @@ EMPTY = {
                                 "points_per_level": None, "method": "default"}),
     "flash_deform_attn": lambda: ({"value": torch.randn(1, 7, 2, 3), "sampling_loc_attn": torch.zeros(1, 0, 2, 18)},
                                   {"spatial_shapes": [(2, 3), (1, 1)], "level_start_index": None, "num_points": 3}),
+    "map_coordinates": lambda: ({"input": torch.randn(4, 5), "coordinates": torch.zeros(2, 0, 3)},
+                                {"order": 1, "mode": "reflect", "cval": 0.0, "prefilter": True}),
+    "affine_transform": lambda: ({"input": torch.randn(4, 5), "matrix": torch.randn(2, 2), "offset": torch.zeros(2)},
+                                 {"output_shape": (0, 3), "order": 1, "mode": "constant", "cval": 0.5,
+                                  "prefilter": True}),
 }
 
 

@@ -4,11 +4,11 @@
 every op (deformcp.testing, deformcp.torch, deformcp.jax, the benchmarks, the tests) reads it. The modules
 follow the kernel families of kernels/*.cu.
 """
-from . import deform_conv, deform_ps_roi_pool, mimic_loss, ms_deform_attn, roi_align, spatial_transformer
+from . import deform_conv, deform_ps_roi_pool, mimic_loss, ms_deform_attn, ndimage, roi_align, spatial_transformer
 from ._spec import Case, OpSpec
 
 SPECS: dict[str, OpSpec] = {spec.name: spec for module in (spatial_transformer, roi_align, deform_conv,
-                                                            deform_ps_roi_pool, mimic_loss, ms_deform_attn)
+                                                            deform_ps_roi_pool, mimic_loss, ms_deform_attn, ndimage)
                             for spec in module.SPECS}
 
 __all__ = ["SPECS", "OpSpec", "Case"]

@@ -92,7 +92,7 @@ def _like_input(input, value):
 def _acc_coordinates(xp, coordinates, ndim: int):
     """coordinates (ndim, ...) as a C-contiguous (ndim, P) array in the compute dtype (the kernels' layout)."""
     acc = _kernels.compute_dtype(coordinates.dtype)
-    return xp.ascontiguousarray(coordinates.reshape(ndim, -1).astype(acc, copy=False))
+    return xp.ascontiguousarray(coordinates.reshape(ndim, math.prod(coordinates.shape[1:])).astype(acc, copy=False))
 
 
 def _sample_kernels(call, input, coordinates, cfg: NdimageConfig):

@@ -11,6 +11,7 @@ in a fixed order: deterministic), and the coordinate gradient uses the same taps
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -127,7 +128,8 @@ def _taps(coordinates: np.ndarray, shape: tuple, order: int, mode: str) -> _Taps
     dweight = []
     for a, ax in enumerate(axes):
         factors = weights[:a] + [spread(a, ax[4])] + weights[a + 1:]
-        dweight.append(np.broadcast_to(functools.reduce(np.multiply, factors), (P,) + (K,) * ndim).reshape(P, -1))
+        dweight.append(np.broadcast_to(functools.reduce(np.multiply, factors), (P,) + (K,) * ndim)
+                       .reshape(P, K ** ndim))
     size = int(np.prod(shape))
     index = np.broadcast_to(np.where(inside, index, size), (P,) + (K,) * ndim).reshape(P, K ** ndim)
     valid = functools.reduce(np.logical_and, [ax[0] for ax in axes])
@@ -142,7 +144,7 @@ def _with_cval(input: np.ndarray, cval: float, dtype) -> np.ndarray:
 def sample(input, coordinates, cfg):
     """input (shape), coordinates (ndim, *out) in any float dtype → (*out) in input's dtype."""
     dtype = compute_dtype(input.dtype)
-    c = coordinates.astype(dtype, copy=False).reshape(len(cfg.shape), -1)
+    c = coordinates.astype(dtype, copy=False).reshape(len(cfg.shape), math.prod(coordinates.shape[1:]))
     taps = _taps(c, cfg.shape, cfg.order, cfg.mode)
     values = _with_cval(input, cfg.cval, dtype)[taps.index]
     out = np.where(taps.valid, np.sum(taps.weight * values, axis=1), dtype.type(cfg.cval))
@@ -152,7 +154,7 @@ def sample(input, coordinates, cfg):
 def sample_backward(grad_output, input, coordinates, cfg, want_input: bool, want_coordinates: bool):
     """→ (grad_input in input's dtype or None, grad_coordinates (ndim, P) in the compute dtype or None)."""
     dtype = compute_dtype(input.dtype)
-    c = coordinates.astype(dtype, copy=False).reshape(len(cfg.shape), -1)
+    c = coordinates.astype(dtype, copy=False).reshape(len(cfg.shape), math.prod(coordinates.shape[1:]))
     taps = _taps(c, cfg.shape, cfg.order, cfg.mode)
     g = np.where(taps.valid, grad_output.astype(dtype, copy=False).ravel(), 0)
     grad_input = grad_coordinates = None
@@ -250,6 +252,6 @@ def affine_transform_backward(grad_output, input, matrix, offset, cfg, wanted):
     for axis, n in enumerate(cfg.out_shape):
         others = tuple(b + 1 for b in range(ndim) if b != axis)
         grad[:, axis] = np.sum(gc, axis=others) @ np.arange(n, dtype=np.float64)
-    grad[:, ndim] = np.sum(gc.reshape(ndim, -1), axis=1)
+    grad[:, ndim] = np.sum(gc.reshape(ndim, math.prod(gc.shape[1:])), axis=1)
     grad_matrix, grad_offset = transform_gradients(np, grad, matrix, offset)
     return grad_input, grad_matrix if want_matrix else None, grad_offset if want_offset else None
