@@ -232,8 +232,6 @@ def _check_affine_transform(call, input, matrix, offset, output_shape, order, mo
     _validate.floating("matrix", matrix, getattr(matrix, "ndim", 0), forms)
     if tuple(matrix.shape) not in ((n,), (n, n), (n, n + 1), (n + 1, n + 1)):
         raise ValueError(f"matrix: expected shape {forms} for {n}-D input, got {tuple(matrix.shape)}")
-    if call is not None and tuple(matrix.shape) == (n + 1, n + 1):
-        _check_bottom_row(call, matrix)
     _validate.floating("offset", offset, getattr(offset, "ndim", 0), f"() or ({n},)")
     if tuple(offset.shape) not in ((), (n,)):
         raise ValueError(f"offset: expected shape () or ({n},) for {n}-D input, got {tuple(offset.shape)}")
@@ -242,17 +240,6 @@ def _check_affine_transform(call, input, matrix, offset, output_shape, order, mo
     _validate.output_fits("output_shape", out_shape, input.dtype)
     order, mode, cval = _check_options(order, mode, cval, prefilter)
     return NdimageConfig(tuple(input.shape), out_shape, order, mode, cval)
-
-
-def _check_bottom_row(call, matrix) -> None:
-    """A homogeneous (n + 1, n + 1) matrix's bottom row must be [0, ..., 0, 1], as SciPy requires (read on the
-    host: one synchronisation)."""
-    n = matrix.shape[0] - 1
-    with call.device:
-        row = [float(v) for v in call.xp.asarray(matrix[n], dtype=_kernels.compute_dtype(matrix.dtype)).tolist()]
-    if row != [0.0] * n + [1.0]:
-        raise ValueError(f"matrix: expected the bottom row {[0] * n + [1]} of a homogeneous ({n + 1}, {n + 1}) "
-                         f"matrix, got {row}")
 
 
 def _affine_transform_output(cfg: NdimageConfig):
@@ -385,7 +372,8 @@ MAP_COORDINATES = OpSpec(
     check=_check_map_coordinates, output=_map_coordinates_output, reference=reference.map_coordinates,
     reference_backward=reference.map_coordinates_backward, kernels=_map_coordinates_kernels,
     kernels_backward=_map_coordinates_kernels_backward, function=map_coordinates, backward=map_coordinates_backward,
-    cases=tuple(Case(f"{ndim}d-order={order}-{mode}", _map_inputs(ndim), {"order": order, "mode": mode, "cval": 0.5})
+    cases=tuple(Case(f"{ndim}d-order={order}-{mode}", _map_inputs(ndim),
+                     {"order": order, "mode": mode, "cval": 0.5, "prefilter": True})
                 for ndim in (2, 3) for order in ORDERS for mode in MODES if mode != "grid-mirror"))
 
 AFFINE_TRANSFORM = OpSpec(
@@ -395,7 +383,7 @@ AFFINE_TRANSFORM = OpSpec(
     kernels_backward=_affine_transform_kernels_backward, function=affine_transform,
     backward=affine_transform_backward,
     cases=tuple(Case(f"{ndim}d-matrix{m}-offset{o}-order={order}-{mode}", _affine_inputs(ndim, m, o),
-                     {"order": order, "mode": mode, "cval": -0.5,
+                     {"order": order, "mode": mode, "cval": -0.5, "prefilter": True,
                       "output_shape": (6, 4) if ndim == 2 else (3, 4, 5)})
                 for ndim in (2, 3) for m, o, order, mode in (
                     ((ndim, ndim), (ndim,), 1, "constant"), ((ndim,), (ndim,), 1, "grid-constant"),

@@ -188,9 +188,17 @@ def map_coordinates_backward(grad_output, input, coordinates, cfg, wanted):
 def transform(xp, matrix, offset, ndim: int, dtype):
     """SciPy's forms of (matrix, offset) as one (ndim, ndim + 1) array [M | shift] in dtype (namespace xp): a
     diagonal (ndim,), a matrix (ndim, ndim) with offset () or (ndim,), or homogeneous (ndim, ndim + 1) and
-    (ndim + 1, ndim + 1), whose last column is the shift (offset ignored)."""
+    (ndim + 1, ndim + 1), whose last column is the shift (offset ignored). ValueError where a homogeneous
+    matrix's bottom row is not [0, …, 0, 1], as SciPy requires (read on the host: the one check on values, made
+    here, where every run starts, not in the argument checks, which deformcp.torch and deformcp.jax run on
+    stand-ins without values)."""
     matrix, offset = matrix.astype(dtype), offset.astype(dtype)
     if matrix.ndim == 2 and matrix.shape[1] == ndim + 1:
+        if matrix.shape[0] == ndim + 1:
+            row = [float(v) for v in matrix[ndim].tolist()]
+            if row != [0.0] * ndim + [1.0]:
+                raise ValueError(f"matrix: expected the bottom row {[0] * ndim + [1]} of a homogeneous "
+                                 f"({ndim + 1}, {ndim + 1}) matrix, got {row}")
         return xp.ascontiguousarray(matrix[:ndim])
     m = xp.diag(matrix) if matrix.ndim == 1 else matrix
     shift = xp.broadcast_to(offset, (ndim,))
