@@ -33,10 +33,16 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import sys
-from typing import Any, Callable, NamedTuple, Optional
+from types import TracebackType
+from typing import Any, Callable, Iterator, NamedTuple, Optional, TypeVar
 
 import array_api_compat as compat
 import numpy as np
+import numpy.typing as npt
+
+from ._types import Array, Imported
+
+_T = TypeVar("_T")
 
 #: How to install PyTorch's CPU build (PyPI's Linux wheels bring several GB of CUDA libraries), for install hints.
 TORCH_CPU_INSTALL = "pip install torch --index-url https://download.pytorch.org/whl/cpu"
@@ -48,7 +54,7 @@ _DLPACK_CPU, _DLPACK_CUDA, _DLPACK_CUDA_HOST, _DLPACK_CUDA_MANAGED = 1, 2, 3, 13
 
 
 @contextlib.contextmanager
-def backend(name: str):
+def backend(name: str) -> Iterator[str]:
     """Select the backend that runs CPU arrays inside a ``with`` block.
 
     ``"numpy"`` (the default) is the vectorised NumPy path; ``"host"`` runs the CUDA sources of
@@ -68,7 +74,7 @@ def backend(name: str):
 
 
 @contextlib.contextmanager
-def scoped(variable: contextvars.ContextVar, value):
+def scoped(variable: contextvars.ContextVar[_T], value: _T) -> Iterator[_T]:
     """Set a context variable for the duration of a ``with`` block (per thread and per task)."""
     token = variable.set(value)
     try:
@@ -87,12 +93,12 @@ class Call(NamedTuple):
 
     backend: str                  # "numpy", "host" or "cuda"
     xp: Any                       # numpy or cupy
-    arrays: tuple
-    export: Callable[[Any], Any]  # result array → the caller's framework
+    arrays: tuple[Optional[Imported], ...]
+    export: Callable[[Imported], Array]  # result array → the caller's framework
     device: Any                   # context manager making the arrays' device current
 
 
-def _describe(x) -> str:
+def _describe(x: object) -> str:
     return f"{type(x).__module__}.{type(x).__qualname__}"
 
 
@@ -105,7 +111,7 @@ _EXPECTED_ARRAY = ("expected an array (numpy.ndarray, cupy.ndarray, an array sup
 _NUMERIC_KINDS = "biufc"
 
 
-def _framework(x) -> Optional[str]:
+def _framework(x: object) -> Optional[str]:
     """The framework of an array that deformcp imports (NumPy, CuPy, or any array supporting DLPack); None for
     anything else."""
     if compat.is_numpy_array(x):
@@ -121,7 +127,7 @@ def _framework(x) -> Optional[str]:
     return None
 
 
-def _as_array(name: str, x):
+def _as_array(name: str, x: object) -> Any:
     """x itself if deformcp imports it (:func:`_framework`), else ``numpy.asarray(x)`` (lists, tuples, memoryviews,
     objects with ``__array__``, scalars) if that is numeric. TypeError naming the argument for a traced JAX value
     (the array functions run on concrete arrays: deformcp.jax traces) and for what NumPy cannot make a numeric
@@ -142,7 +148,7 @@ def _as_array(name: str, x):
     return array
 
 
-def _device(framework: str, x) -> tuple[str, int]:
+def _device(framework: str, x: Any) -> tuple[str, int]:
     if framework == "numpy":
         return ("cpu", 0)
     if framework == "cupy":
@@ -155,7 +161,7 @@ def _device(framework: str, x) -> tuple[str, int]:
     raise ValueError(f"unsupported DLPack device type {kind}: deformcp runs on the CPU and on CUDA devices")
 
 
-def _import(name: str, x, framework: str, device: str):
+def _import(name: str, x: Any, framework: str, device: str) -> Imported:
     if framework == "numpy":
         return native_byte_order(x)
     if framework == "cupy":
@@ -179,7 +185,7 @@ def _import(name: str, x, framework: str, device: str):
         raise TypeError(f"{name}: cannot import {_describe(x)} through DLPack: {error}") from error
 
 
-def native_byte_order(x: np.ndarray) -> np.ndarray:
+def native_byte_order(x: npt.NDArray[Any]) -> npt.NDArray[Any]:
     """x itself, or a copy in the machine's byte order when its dtype is byte-swapped (``'>f8'`` on a
     little-endian machine): every backend reads arrays in native order, so results come out native too."""
     if x.dtype.isnative:
@@ -187,39 +193,41 @@ def native_byte_order(x: np.ndarray) -> np.ndarray:
     return x.astype(x.dtype.newbyteorder("="))
 
 
-def _exporter(framework: str, template, to_bfloat16: bool = False) -> Callable[[Any], Any]:
+def _exporter(framework: str, template: Any, to_bfloat16: bool = False) -> Callable[[Imported], Array]:
     """result array → the caller's framework; with to_bfloat16, floating results are rounded to bfloat16."""
     if framework in ("numpy", "cupy"):
         return lambda result: result
     namespace = compat.array_namespace(template)
 
-    def export(result):
+    def export(result: Imported) -> Array:
         if result.dtype.name == "bfloat16":
             return _bfloat16_export(result, template, namespace)
-        exported = namespace.from_dlpack(result)
+        exported: Array = namespace.from_dlpack(result)
         if to_bfloat16 and result.dtype.kind == "f":
-            return namespace.astype(exported, template.dtype)
+            rounded: Array = namespace.astype(exported, template.dtype)
+            return rounded
         return exported
     return export
 
 
 # bfloat16 (see the module docstring): the only code that handles it
 
-def _is_bfloat16(x) -> bool:
+def _is_bfloat16(x: object) -> bool:
     """Whether x (an array of any framework) holds bfloat16: "torch.bfloat16", JAX's "bfloat16", ..."""
     return "bfloat16" in str(getattr(x, "dtype", ""))
 
 
-def _bfloat16_dtype(name: str) -> np.dtype:
+def _bfloat16_dtype(name: str) -> np.dtype[Any]:
     try:
         import ml_dtypes
     except ImportError:
         raise TypeError(f"{name}: a bfloat16 array needs ml_dtypes, which gives NumPy its bfloat16 dtype "
                         "(pip install ml_dtypes)") from None
-    return np.dtype(ml_dtypes.bfloat16)
+    bfloat16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
+    return bfloat16
 
 
-def _bfloat16_on_cuda(present: dict) -> bool:
+def _bfloat16_on_cuda(present: dict[str, Any]) -> bool:
     """Whether a call on a CUDA device is a bfloat16 call (run in float32: see the module docstring). TypeError
     when some of its floating arrays are bfloat16 and others are not."""
     dtypes = {name: str(x.dtype).rpartition(".")[2] for name, x in present.items() if "float" in str(x.dtype)}
@@ -231,37 +239,42 @@ def _bfloat16_on_cuda(present: dict) -> bool:
     return True
 
 
-def _bfloat16_import(name: str, x) -> np.ndarray:
+def _bfloat16_import(name: str, x: Any) -> npt.NDArray[Any]:
     """The bfloat16 DLPack array x on the CPU as a NumPy bfloat16 array: PyTorch's through an int16 view (the
     same memory), the others' through np.asarray (JAX's on the CPU: a view of its buffer)."""
     dtype = _bfloat16_dtype(name)
     if compat.is_torch_array(x):
         import torch
         return np.from_dlpack(x.view(torch.int16)).view(dtype)
+    imported: Optional[npt.NDArray[Any]]
     try:
         imported = np.asarray(x)
+        gave: object = imported.dtype
     except Exception as error:  # whatever the framework's __array__ raises
-        imported = error
-    if getattr(imported, "dtype", None) != dtype:
+        imported, gave = None, error
+    if imported is None or imported.dtype != dtype:
         raise TypeError(f"{name}: cannot import the bfloat16 {_describe(x)}: NumPy's DLPack has no bfloat16, "
-                        f"and np.asarray gave {getattr(imported, 'dtype', imported)!r}; cast it to float32")
+                        f"and np.asarray gave {gave!r}; cast it to float32")
     return imported
 
 
-def _bfloat16_export(result: np.ndarray, template, namespace):
+def _bfloat16_export(result: npt.NDArray[Any], template: Any, namespace: Any) -> Array:
     """A NumPy bfloat16 result in the framework of template: PyTorch's through an int16 view (the same memory),
     JAX's through jax.device_put (a view where 64-byte aligned, as JAX's from_dlpack), others' through
     namespace.asarray."""
     if compat.is_torch_array(template):
         import torch
-        return torch.from_dlpack(result.view(np.int16)).view(torch.bfloat16)
+        import torch.utils.dlpack
+        return torch.utils.dlpack.from_dlpack(result.view(np.int16)).view(torch.bfloat16)
     if compat.is_jax_array(template):
         import jax
-        return jax.device_put(result, next(iter(template.devices())))
-    return namespace.asarray(result)
+        placed: Array = jax.device_put(result, next(iter(template.devices())))
+        return placed
+    converted: Array = namespace.asarray(result)
+    return converted
 
 
-def prepare(**named) -> Call:
+def prepare(**named: object) -> Call:
     """Import the named arrays of one call (None values pass through) and choose its backend. Array-likes
     become NumPy arrays (:func:`_as_array`).
 
@@ -272,7 +285,8 @@ def prepare(**named) -> Call:
     if not given:
         raise TypeError(f"{next(iter(named))}: expected an array, got None")
     present = {name: _as_array(name, x) for name, x in given.items()}
-    frameworks = {name: _framework(x) for name, x in present.items()}
+    # _as_array gave x itself where it has a framework, else a NumPy array: never None here
+    frameworks = {name: _framework(x) or "numpy" for name, x in present.items()}
     if len(set(frameworks.values())) > 1:
         listing = ", ".join(f"{name} is {_describe(given[name])}" for name in frameworks)
         raise TypeError(f"all arrays of one call must come from one framework: {listing}")
@@ -296,11 +310,11 @@ class _CudaContext:
     are ordered after the work that made the inputs and before the work that uses the outputs. Re-entrant:
     an op enters it several times."""
 
-    def __init__(self, framework: str, device_id: int):
+    def __init__(self, framework: str, device_id: int) -> None:
         self.framework, self.device_id = framework, device_id
-        self._stacks = []
+        self._stacks: list[contextlib.ExitStack] = []
 
-    def __enter__(self):
+    def __enter__(self) -> _CudaContext:
         import cupy
 
         stack = contextlib.ExitStack()
@@ -312,5 +326,6 @@ class _CudaContext:
         self._stacks.append(stack)
         return self
 
-    def __exit__(self, *exc):
-        return self._stacks.pop().__exit__(*exc)
+    def __exit__(self, exc_type: Optional[type[BaseException]], exc: Optional[BaseException],
+                 traceback: Optional[TracebackType]) -> Optional[bool]:
+        return self._stacks.pop().__exit__(exc_type, exc, traceback)

@@ -19,10 +19,16 @@ import logging
 import math
 import os
 import time
+from typing import Any, Callable, ContextManager, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from . import _sources
+from ._types import Imported
+
+#: A compiled kernel: ``kernel(grid, block, args)``, a cupy.RawKernel or a :class:`deformcp._host.HostKernel`.
+Kernel = Callable[[tuple[int], tuple[int], tuple[object, ...]], None]
 
 #: NumPy dtype name → C type of the kernel template instantiation.
 C_TYPES = {"float32": "float", "float64": "double", "float16": "__half", "bfloat16": "__nv_bfloat16"}
@@ -36,7 +42,7 @@ POISON_OUTPUTS = contextvars.ContextVar("deformcp_poison_outputs", default=False
 log = logging.getLogger("deformcp.kernels")
 
 
-def empty(xp, shape, dtype):
+def empty(xp: Any, shape: Sequence[int], dtype: npt.DTypeLike) -> Imported:
     """An output array for a kernel to fill completely (NaN-filled while outputs are poisoned)."""
     out = xp.empty(shape, dtype)
     if POISON_OUTPUTS.get():
@@ -44,12 +50,12 @@ def empty(xp, shape, dtype):
     return out
 
 
-def dtype_name(dtype) -> str:
+def dtype_name(dtype: npt.DTypeLike) -> str:
     """"float32", ... for a dtype or a dtype name ("bfloat16" also without ml_dtypes installed)."""
     return dtype if isinstance(dtype, str) else np.dtype(dtype).name
 
 
-def compute_dtype(dtype) -> np.dtype:
+def compute_dtype(dtype: npt.DTypeLike) -> np.dtype[Any]:
     """The dtype arithmetic runs in for arrays of ``dtype``: float64 for float64, else float32 (float16 and
     bfloat16 are computed in float32). It is the kernels' ``acc_t<T>``: buffers that many terms are added
     into (scatter-added gradients, deform_conv2d's columns) are allocated in it and rounded to ``dtype`` once,
@@ -57,7 +63,7 @@ def compute_dtype(dtype) -> np.dtype:
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
-def c_type(dtype) -> str:
+def c_type(dtype: npt.DTypeLike) -> str:
     return C_TYPES[dtype_name(dtype)]
 
 
@@ -65,7 +71,7 @@ def index_type(index64: bool) -> str:
     return "long long" if index64 else "int"
 
 
-def name_expression(name: str, dtype, index64: bool) -> str:
+def name_expression(name: str, dtype: npt.DTypeLike, index64: bool) -> str:
     return f"{name}<{c_type(dtype)}, {index_type(index64)}>"
 
 
@@ -80,7 +86,7 @@ def needs_index64(*sizes: int) -> bool:
     return FORCE_INDEX64.get() or max(sizes, default=0) > INT32_MAX
 
 
-def force_index64():
+def force_index64() -> ContextManager[bool]:
     """Context manager: run every kernel's 64-bit index instantiation, whatever the sizes (for testing that
     it computes what the 32-bit one does)."""
     from ._dispatch import scoped
@@ -109,7 +115,7 @@ def _cupy_cache_entries() -> set[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_module(family: str, dtype: str, index64: bool, device_id: int):
+def _cuda_module(family: str, dtype: str, index64: bool, device_id: int) -> Any:  # a cupy.RawModule
     import cupy
 
     names = [name_expression(k, dtype, index64) for k in _sources.kernel_names(family)]
@@ -126,14 +132,15 @@ def _cuda_module(family: str, dtype: str, index64: bool, device_id: int):
     return module
 
 
-def get_function(backend: str, family: str, name: str, dtype, index64: bool):
+def get_function(backend: str, family: str, name: str, dtype: npt.DTypeLike, index64: bool) -> Kernel:
     """A compiled kernel, callable as ``fn(grid, block, args)`` like :class:`cupy.RawKernel`."""
     expression = name_expression(name, dtype, index64)
     if backend == "cuda":
         import cupy
 
         device_id = cupy.cuda.Device().id
-        return _cuda_module(family, dtype_name(dtype), index64, device_id).get_function(expression)
+        kernel: Kernel = _cuda_module(family, dtype_name(dtype), index64, device_id).get_function(expression)
+        return kernel
     if backend == "host":
         from . import _host
 
@@ -141,8 +148,9 @@ def get_function(backend: str, family: str, name: str, dtype, index64: bool):
     raise ValueError(f"backend: expected 'cuda' or 'host', got {backend!r}")
 
 
-def launch(backend: str, family: str, name: str, dtype, n: int, arrays, sizes, options=(), reals=(),
-           bounds=()) -> None:
+def launch(backend: str, family: str, name: str, dtype: npt.DTypeLike, n: int, arrays: Sequence[object],
+           sizes: Sequence[int], options: Sequence[int] = (), reals: Sequence[float] = (),
+           bounds: Sequence[int] = ()) -> None:
     """Run kernel ``name<dtype, I>`` of ``family`` over ``n`` work items; nothing when ``n == 0``.
 
     Every kernel takes its parameters in four runs: ``arrays`` (device arrays for "cuda", NumPy

@@ -13,6 +13,7 @@ import importlib.util
 import itertools
 import re
 import time
+from typing import Callable, Optional, Sequence
 
 from . import _kernels, _sources
 
@@ -115,7 +116,8 @@ def compile_family(family: str, dtype_name: str, index64: bool, arch: str) -> li
     return reports
 
 
-def check_all(architectures=ARCHITECTURES, progress=None) -> list[KernelReport]:
+def check_all(architectures: Sequence[str] = ARCHITECTURES,
+              progress: Optional[Callable[[int, int, str], object]] = None) -> list[KernelReport]:
     """Compile every family × dtype × index type × architecture; RuntimeError at the first failure.
 
     ``progress(n, total, label)``, where given, is called before each architecture × family ("deform_conv
@@ -130,7 +132,7 @@ def check_all(architectures=ARCHITECTURES, progress=None) -> list[KernelReport]:
     return reports
 
 
-def format_report(reports) -> str:
+def format_report(reports: Sequence[KernelReport]) -> str:
     """A plain text table of reports: family, kernel, arch, registers, spills (stores/loads), stack."""
     header = ("family", "kernel", "arch", "registers", "spills (B st/ld)", "stack (B)")
     rows = [header] + [

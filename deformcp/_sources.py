@@ -39,6 +39,7 @@ def subpackage(name: str) -> ModuleType:
     if qualified not in sys.modules and checkout is not None:
         spec = importlib.util.spec_from_file_location(qualified, checkout / "__init__.py",
                                                       submodule_search_locations=[str(checkout)])
+        assert spec is not None and spec.loader is not None  # a .py file's location always has both
         sys.modules[qualified] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(sys.modules[qualified])
     return importlib.import_module(qualified)

@@ -9,12 +9,13 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from typing import Optional
+from typing import Any, Optional, Sequence, Union, cast
 
 import array_api_compat as compat
 import numpy as np
 
 from . import _dispatch
+from ._types import Imported
 
 #: dtypes every backend accepts; float16 and bfloat16 are computed in float32 on the NumPy path.
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -22,11 +23,14 @@ FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 INT_MAX = 2**31 - 1
 
 
+#: Python ints, or tuples of them nested to any depth (an integer array read on the host).
+NestedInts = Union[int, tuple["NestedInts", ...]]
+
 #: dtype_name's answers by dtype: NumPy builds a dtype's name anew on every access (about 1.5 µs).
-_DTYPE_NAMES: dict = {}
+_DTYPE_NAMES: dict[object, str] = {}
 
 
-def dtype_name(dtype) -> str:
+def dtype_name(dtype: object) -> str:
     """"float32", ... for a NumPy, CuPy or JAX dtype, or a torch dtype (torch.float32)."""
     try:
         return _DTYPE_NAMES[dtype]
@@ -41,7 +45,7 @@ def dtype_name(dtype) -> str:
     return name
 
 
-def floating(name: str, x, ndim: int, layout: str):
+def floating(name: str, x: Imported, ndim: int, layout: str) -> Imported:
     """Check that x is a floating-point array of rank ndim; layout names the axes for messages."""
     if x is None:
         raise TypeError(f"{name}: expected an array {layout}, got None")
@@ -53,7 +57,7 @@ def floating(name: str, x, ndim: int, layout: str):
     return x
 
 
-def same_dtype(**arrays) -> None:
+def same_dtype(**arrays: Imported) -> None:
     present = {name: x for name, x in arrays.items() if x is not None}
     dtypes = {dtype_name(x.dtype) for x in present.values()}
     if len(dtypes) > 1:
@@ -61,7 +65,7 @@ def same_dtype(**arrays) -> None:
         raise TypeError(f"expected arrays of one dtype: {listing}")
 
 
-def shape(name: str, x, expected: tuple, layout: str) -> None:
+def shape(name: str, x: Imported, expected: tuple[Optional[int], ...], layout: str) -> None:
     """Check x.shape == expected (None entries match any size)."""
     actual = tuple(x.shape)
     if len(actual) != len(expected) or any(e is not None and e != a for e, a in zip(expected, actual)):
@@ -70,7 +74,7 @@ def shape(name: str, x, expected: tuple, layout: str) -> None:
         raise ValueError(f"{name}: expected shape {shown} for {layout}, got {actual}")
 
 
-def grad_output(grad_output, expected_shape: tuple, layout: str, **like) -> None:
+def grad_output(grad_output: Imported, expected_shape: tuple[int, ...], layout: str, **like: Imported) -> None:
     """Check a backward's grad_output: a floating-point array of expected_shape (layout names its axes) and of
     the dtype of the one array in ``like`` (named as given, e.g. ``input=input``)."""
     floating("grad_output", grad_output, len(expected_shape), layout)
@@ -78,39 +82,39 @@ def grad_output(grad_output, expected_shape: tuple, layout: str, **like) -> None
     same_dtype(grad_output=grad_output, **like)
 
 
-def choice(name: str, value, options) -> None:
+def choice(name: str, value: object, options: Sequence[str]) -> None:
     if not isinstance(value, str) or value not in options:
         raise ValueError(f"{name}: expected one of {tuple(options)}, got {value!r}")
 
 
-def flag(name: str, value) -> bool:
+def flag(name: str, value: object) -> bool:
     """A bool (Python or NumPy); an int, a str or None is a TypeError, as in torch (no truthiness)."""
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
     return bool(value)
 
 
-def _is_bool(value) -> bool:
+def _is_bool(value: object) -> bool:
     """A bool, NumPy bool or 0-d bool array/tensor: operator.index would take some of these for 0 and 1."""
     return isinstance(value, (bool, np.bool_)) or str(getattr(value, "dtype", "")).endswith("bool")
 
 
-def _index(value):
+def _index(value: Any) -> Optional[int]:
     """value as an int (a Python or NumPy integer, anything with __index__), never a bool; None if it is not one.
     A traced size (torch.SymInt, in a compiled graph) stays as it is, symbolic."""
     if _is_bool(value):
         return None
     if type(value).__name__ == "SymInt":
-        return value
+        return cast(int, value)  # a torch.SymInt stands for an int
     try:
         return operator.index(value)
     except TypeError:
         return None
 
 
-def _items(value):
+def _items(value: Any) -> tuple[Optional[tuple[int, ...]], Optional[int], object]:
     """The items of a tuple or list as ints; for the first that is not an int, (None, index, item)."""
-    items = []
+    items: list[int] = []
     for i, v in enumerate(value):
         number = _index(v)
         if number is None:
@@ -119,7 +123,7 @@ def _items(value):
     return tuple(items), None, None
 
 
-def sizes(name: str, value, count: int, maximum: int = INT_MAX) -> tuple[int, ...]:
+def sizes(name: str, value: object, count: int, maximum: int = INT_MAX) -> tuple[int, ...]:
     """A sequence of count integers in [0, maximum] (kernels take sizes as C ints); bools are not sizes."""
     try:
         items, bad, item = _items(value)
@@ -138,7 +142,7 @@ def sizes(name: str, value, count: int, maximum: int = INT_MAX) -> tuple[int, ..
     return items
 
 
-def pair(name: str, value, minimum: int = 1, maximum: int = INT_MAX) -> tuple[int, int]:
+def pair(name: str, value: object, minimum: int = 1, maximum: int = INT_MAX) -> tuple[int, int]:
     """An int, or a tuple or list of two, each in [minimum, maximum], as a pair; bools are not ints."""
     if isinstance(value, (tuple, list)):
         items, bad, item = _items(value)
@@ -160,7 +164,7 @@ def pair(name: str, value, minimum: int = 1, maximum: int = INT_MAX) -> tuple[in
     return items
 
 
-def needs_grad(value, fields: tuple[str, ...]) -> tuple[bool, ...]:
+def needs_grad(value: Any, fields: tuple[str, ...]) -> tuple[bool, ...]:
     """A needs_input_grad argument: one bool per differentiable input, in ``fields`` order."""
     try:
         items = tuple(value)
@@ -173,7 +177,7 @@ def needs_grad(value, fields: tuple[str, ...]) -> tuple[bool, ...]:
     return tuple(bool(v) for v in items)
 
 
-def real(name: str, value, positive: bool = False) -> float:
+def real(name: str, value: object, positive: bool = False) -> float:
     """A finite real number (positive if asked)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
@@ -186,7 +190,7 @@ def real(name: str, value, positive: bool = False) -> float:
     return number
 
 
-def integer(name: str, value, maximum: int = INT_MAX, minimum: Optional[int] = None) -> int:
+def integer(name: str, value: object, maximum: int = INT_MAX, minimum: Optional[int] = None) -> int:
     """An int in [minimum, maximum]; minimum None: of magnitude at most ``maximum`` (kernels take it as a C int).
     Bools are not ints."""
     number = _index(value)
@@ -203,12 +207,13 @@ def integer(name: str, value, maximum: int = INT_MAX, minimum: Optional[int] = N
     return number
 
 
-def host_integers(name: str, value, call):
+def host_integers(name: str, value: Any, call: Optional[_dispatch.Call]) -> Any:
     """Integers given as an integer array of any framework and device, or as a (nested) sequence of ints, as
     (nested) tuples of Python ints, read on the host: a GPU array costs one device→host copy, a sequence none.
-    In a traced call (``call`` None) a sequence's items may be symbolic sizes; bools and floats are refused."""
+    In a traced call (``call`` None) a sequence's items may be symbolic sizes; bools and floats are refused.
+    Typed Any: the nesting (a flat tuple, or rows of pairs) is what the caller asked for and checks."""
     if isinstance(value, (list, tuple)):
-        items = []
+        items: list[NestedInts] = []
         for i, item in enumerate(value):
             if isinstance(item, (list, tuple)) or hasattr(item, "__dlpack__"):
                 items.append(host_integers(f"{name}[{i}]", item, call))
@@ -234,11 +239,11 @@ def host_integers(name: str, value, call):
     return _python_ints(value.tolist())
 
 
-def _python_ints(items):
-    return tuple(_python_ints(i) for i in items) if isinstance(items, list) else items
+def _python_ints(items: object) -> NestedInts:
+    return tuple(_python_ints(i) for i in items) if isinstance(items, list) else cast(int, items)  # tolist's ints
 
 
-def output_fits(name: str, shape: tuple, dtype) -> None:
+def output_fits(name: str, shape: tuple[int, ...], dtype: Any) -> None:
     """Check that an output of this shape and dtype can exist (bytes within NumPy's limit); name is the
     argument that sets its size."""
     elements = math.prod(max(n, 1) for n in shape)  # NumPy refuses such a shape even with a zero in it
@@ -252,7 +257,7 @@ ROIS_LAYOUT = "(K, 5) [batch_index, x1, y1, x2, y2]"
 PER_IMAGE_LAYOUT = "(L, 4) [x1, y1, x2, y2]"
 
 
-def boxes_to_rois(name: str, boxes, input):
+def boxes_to_rois(name: str, boxes: Imported, input: Imported) -> Imported:
     """boxes as RoIs (K, 5) [batch_index, x1, y1, x2, y2]. An array is returned as it is; a list or tuple of
     per-image arrays (L, 4) [x1, y1, x2, y2] of input's dtype, at most one per image of input (N, C, H, W), is
     checked (named ``name[i]``) and concatenated in the arrays' own namespace (NumPy, CuPy, jax.numpy), image
@@ -273,7 +278,7 @@ def boxes_to_rois(name: str, boxes, input):
         xp.concat([xp.full((b.shape[0], 1), i, dtype=dtype, device=device), b], axis=1) for i, b in enumerate(boxes)])
 
 
-def prepare_boxes(name: str, **arrays) -> tuple:
+def prepare_boxes(name: str, **arrays: object) -> tuple[_dispatch.Call, tuple[Optional[Imported], ...]]:
     """Import the arrays of a RoI op's call (:func:`_dispatch.prepare`, in the order given), ``arrays[name]``
     being its boxes (:func:`boxes_to_rois`; a list's arrays are imported one by one, then concatenated);
     ``arrays`` must hold ``input``. Returns (call, the imported arrays in order, the RoIs (K, 5) at name's
@@ -282,7 +287,7 @@ def prepare_boxes(name: str, **arrays) -> tuple:
     if not isinstance(boxes, (list, tuple)):
         call = _dispatch.prepare(**arrays)
         return call, call.arrays
-    named = {}
+    named: dict[str, object] = {}
     for key, value in arrays.items():
         named.update({f"{name}[{i}]": b for i, b in enumerate(boxes)} if key == name else {key: value})
     call = _dispatch.prepare(**named)
@@ -292,7 +297,7 @@ def prepare_boxes(name: str, **arrays) -> tuple:
     return call, tuple(rois if key == name else imported[key] for key in arrays)
 
 
-def rois(name: str, call, rois, input) -> None:
+def rois(name: str, call: Optional[_dispatch.Call], rois: Imported, input: Imported) -> None:
     """RoIs (K, 5) over input (N, C, H, W): a non-empty image where there are RoIs, and batch indices
     (column 0) that are integers in [0, N) — checked on the device, one synchronisation; with call None (arrays
     that are shapes only, as in a traced graph), the shapes alone."""

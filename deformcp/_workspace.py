@@ -24,7 +24,7 @@ import functools
 import operator
 import os
 import pathlib
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -64,7 +64,7 @@ TRANSPOSE_BLOCK_BYTES = 256 << 10
 
 
 @contextlib.contextmanager
-def workspace_limit(nbytes: int):
+def workspace_limit(nbytes: int) -> Iterator[int]:
     """Limit the scratch memory of ops inside the ``with`` block to ``nbytes`` (default 512 MiB)."""
     try:
         nbytes = operator.index(nbytes)

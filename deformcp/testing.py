@@ -18,12 +18,16 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import itertools
-from typing import Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 
 from . import _dispatch, _kernels
+from ._types import Imported
 from .ops import SPECS, OpSpec
+
+_T = TypeVar("_T")
 
 #: Largest accepted ‖result − reference‖ / ‖reference‖ per dtype (the reference is float64 NumPy).
 TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}
@@ -43,7 +47,7 @@ class CheckResult(NamedTuple):
 
 
 @contextlib.contextmanager
-def poisoned_outputs():
+def poisoned_outputs() -> Iterator[None]:
     """Fill every kernel output with NaN before the kernel runs, so an element it fails to write shows."""
     with _dispatch.scoped(_kernels.POISON_OUTPUTS, True):
         yield
@@ -102,7 +106,7 @@ def dtypes(backend: str | None = None) -> tuple[str, ...]:
     return tuple(d for d in DTYPES if dtype_problem(d, backend) is None)
 
 
-def skipped(backends) -> list[str]:
+def skipped(backends: Sequence[str]) -> list[str]:
     """What :func:`check` over ``backends`` leaves out, one line each with why: the backends of
     :data:`BACKENDS` that are not in ``backends`` and cannot run here, and the dtypes ruled out on those run."""
     lines = [f"{b}: skipped ({backend_problem(b)})" for b in BACKENDS if b not in backends and backend_problem(b)]
@@ -110,24 +114,25 @@ def skipped(backends) -> list[str]:
                     for b in backends for d in DTYPES if dtype_problem(d, b)]
 
 
-def relative_error(actual, reference) -> float:
+def relative_error(actual: object, reference: object) -> float:
     """‖actual − reference‖ / ‖reference‖ in float64 (absolute where the reference is 0); inf on NaN."""
-    actual = np.asarray(to_numpy(actual), dtype=np.float64)
-    reference = np.asarray(reference, dtype=np.float64)
-    if actual.shape != reference.shape:
+    got = np.asarray(to_numpy(actual), dtype=np.float64)
+    want = np.asarray(reference, dtype=np.float64)
+    if got.shape != want.shape:
         return float("inf")
-    difference = np.linalg.norm((actual - reference).ravel())
+    difference = np.linalg.norm((got - want).ravel())
     if not np.isfinite(difference):
         return float("inf")
-    scale = np.linalg.norm(reference.ravel())
+    scale = np.linalg.norm(want.ravel())
     return float(difference / scale) if scale > 0 else float(difference)
 
 
-def to_numpy(a):
-    return a.get() if hasattr(a, "get") else np.asarray(a)
+def to_numpy(a: Any) -> npt.NDArray[Any]:
+    host: npt.NDArray[Any] = a.get() if hasattr(a, "get") else np.asarray(a)  # CuPy's .get(): a NumPy array
+    return host
 
 
-def to_backend(a: np.ndarray, backend: str, dtype: str):
+def to_backend(a: npt.NDArray[np.float64], backend: str, dtype: str) -> Imported:
     """A float64 NumPy array cast to dtype and moved to where backend runs."""
     a = a.astype(dtype)
     if backend == "cuda":
@@ -136,7 +141,7 @@ def to_backend(a: np.ndarray, backend: str, dtype: str):
     return a
 
 
-def run(backend: str, fn: Callable, *args, **kwargs):
+def run(backend: str, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
     """Call fn with the CPU backend set to backend ("numpy" or "host"; "cuda" follows the arrays)."""
     with _dispatch.backend("numpy" if backend == "cuda" else backend):
         return fn(*args, **kwargs)
@@ -161,7 +166,8 @@ def _check_one(spec: OpSpec, backend: str, dtype: str, rng: np.random.Generator)
     return CheckResult(spec.name, backend, dtype, forward_error, backward_error, TOLERANCE[dtype])
 
 
-def check(ops=None, backends=None, seed=None, progress=None) -> list[CheckResult]:
+def check(ops: Optional[Sequence[str]] = None, backends: Optional[Sequence[str]] = None, seed: Optional[int] = None,
+          progress: Optional[Callable[[int, int, str], object]] = None) -> list[CheckResult]:
     """Run the parity cases of the ops (all, or those named in ops) on backends (default: all available).
 
     ``progress(n, total, label)``, where given, is called before each op × backend ("grid_sample/host"),
@@ -180,7 +186,7 @@ def check(ops=None, backends=None, seed=None, progress=None) -> list[CheckResult
     return results
 
 
-def format_results(results) -> str:
+def format_results(results: Sequence[CheckResult]) -> str:
     rows = [("op", "backend", "dtype", "forward err", "backward err", "tolerance", "")]
     rows += [(r.op, r.backend, r.dtype, f"{r.forward_error:.2e}", f"{r.backward_error:.2e}",
               f"{r.tolerance:.0e}", "ok" if r.ok else "MISMATCH") for r in results]

@@ -101,7 +101,7 @@ def sampling_locations(offset1=None, offset2=None, point=(0, 0), dilation: float
     else:
         H, W = field2.shape[1:]
         py, px = (int(v) for v in p)
-        if (py, px) != tuple(p) or not (0 <= py < H and 0 <= px < W):
+        if (py, px) != tuple(float(v) for v in p) or not (0 <= py < H and 0 <= px < W):
             raise ValueError(f"point: expected integer pixel indices (y, x) inside the {H}×{W} offset map, "
                              f"got {tuple(point)}")
         layer2 = p + grid + field2[:, py, px].reshape(9, 2)
@@ -256,6 +256,7 @@ def main(argv: Optional[list] = None) -> int:
             offset2 = _load(args.offset2, "--offset2") if args.offset2 else None
             given = _field(offset1 if offset1 is not None else offset2, "--offset1" if offset1 is not None
                            else "--offset2")
+            assert given is not None  # one of them was given (else the built-in example above)
             H, W = given.shape[1:]
             if args.image is not None:
                 image = _load(args.image, "--image")

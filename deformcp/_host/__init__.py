@@ -40,6 +40,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -145,14 +146,15 @@ def _check_asan_runtime() -> None:
 class HostKernel:
     """One kernel instantiation, called as ``kernel(grid, block, args)`` like a cupy.RawKernel."""
 
-    def __init__(self, function, expression: str):
+    def __init__(self, function: Callable[..., None], expression: str) -> None:
         self._function = function
         self.name = expression
 
-    def __call__(self, grid, block, args) -> None:
+    def __call__(self, grid: Sequence[int], block: Sequence[int], args: Sequence[object]) -> None:
         grid3 = (ctypes.c_uint * 3)(*(tuple(grid) + (1, 1))[:3])
         block3 = (ctypes.c_uint * 3)(*(tuple(block) + (1, 1))[:3])
-        values = []  # each argument's bytes, kept alive for the call
+        # each argument's bytes, kept alive for the call
+        values: list[ctypes.c_void_p | ctypes.Array[ctypes.c_char]] = []
         for arg in args:
             if isinstance(arg, np.ndarray):
                 if not arg.flags.c_contiguous:
@@ -203,7 +205,7 @@ def _intact(library: pathlib.Path) -> bool:
         return False
 
 
-def _run(command: list[str]) -> subprocess.CompletedProcess:
+def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
     """Run the compiler; RuntimeError naming it when it cannot be started."""
     try:
         return subprocess.run(command, capture_output=True, text=True)
@@ -212,7 +214,7 @@ def _run(command: list[str]) -> subprocess.CompletedProcess:
                            f"(one program, a name on PATH or a path)") from error
 
 
-def _failure(stem: str, cxx: str, result: subprocess.CompletedProcess) -> str:
+def _failure(stem: str, cxx: str, result: subprocess.CompletedProcess[str]) -> str:
     status = (f"exited with status {result.returncode}" if result.returncode > 0
               else f"was killed by signal {-result.returncode}")
     said = (result.stderr.strip() + "\n" + result.stdout.strip()).strip()
@@ -269,6 +271,6 @@ def module(family: str, ctype: str, itype: str) -> HostModule:
 
 
 @functools.lru_cache(maxsize=None)
-def _module(family: str, ctype: str, itype: str, folder: str, build_flags: tuple) -> HostModule:
+def _module(family: str, ctype: str, itype: str, folder: str, build_flags: tuple[str, ...]) -> HostModule:
     del folder, build_flags  # part of the memo key only: a new cache or new flags build anew
     return HostModule(family, ctype, itype)

@@ -9,9 +9,10 @@ NumPy path: deformcp.reference.deform_conv.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 from .. import _kernels, _validate, _workspace
+from .._types import Array, ArrayLike
 from ..reference import deform_conv as reference
 from ._call import backward, forward
 from ._spec import Case, IntPair, OpSpec
@@ -22,11 +23,11 @@ FAMILY = "deform_conv"
 class DeformConv2dGrads(NamedTuple):
     """Gradients of :func:`deform_conv2d`; None where an input is absent or its gradient not asked for."""
 
-    input: Optional[object]
-    offset: Optional[object]
-    weight: Optional[object]
-    bias: Optional[object]
-    mask: Optional[object]
+    input: Optional[Array]
+    offset: Optional[Array]
+    weight: Optional[Array]
+    bias: Optional[Array]
+    mask: Optional[Array]
 
 
 class _Geometry(NamedTuple):
@@ -193,7 +194,7 @@ def _backward_kernels(call, grad_output, input, offset, weight, bias, mask, geo:
         n, P = n1 - n0, (r1 - r0) * Wo
         g_out = grad_output[n0:n1, :, r0:r1].reshape(n, geo.C_out, P).transpose(1, 0, 2).reshape(geo.C_out, -1)
         g_out = xp.ascontiguousarray(g_out, dtype)
-        if want_weight:
+        if grad_w is not None:  # want_weight
             columns = _kernel_columns(call, input, offset, mask, geo, chunk)
             for q in range(geo.groups):
                 grad_w[q * Cq_out:(q + 1) * Cq_out] += (g_out[q * Cq_out:(q + 1) * Cq_out]
@@ -213,7 +214,7 @@ def _backward_kernels(call, grad_output, input, offset, weight, bias, mask, geo:
             _launch(call, "deform_conv_col2im_coord", input.dtype, n * geo.offset_groups * geo.taps * P,
                     (input, offset, null_mask, grad_columns, _kernels.NULL if grad_offset is None else grad_offset,
                      _kernels.NULL if grad_mask is None else grad_mask), geo, chunk)
-    grad_weight = grad_w.reshape(weight.shape) if want_weight else None
+    grad_weight = None if grad_w is None else grad_w.reshape(weight.shape)
     grad_bias = grad_output.sum(axis=(0, 2, 3), dtype=dtype) if want_bias else None
     return tuple(None if g is None else g.astype(input.dtype, copy=False)
                  for g in (grad_input, grad_offset, grad_weight, grad_bias, grad_mask))
@@ -221,8 +222,9 @@ def _backward_kernels(call, grad_output, input, offset, weight, bias, mask, geo:
 
 # ------------------------------------------------------------------------------------------ public
 
-def deform_conv2d(input, offset, weight, bias=None, stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1,
-                  mask=None):
+def deform_conv2d(input: ArrayLike, offset: ArrayLike, weight: ArrayLike, bias: Optional[ArrayLike] = None,
+                  stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1,
+                  mask: Optional[ArrayLike] = None) -> Array:
     """Deformable convolution: ``y(p) = Σ_k w_k · x(p + p_k + Δp_k) · Δm_k`` (+ bias).
 
     v1 (Dai et al. 2017, https://arxiv.org/abs/1703.06211) without ``mask``; v2 (Zhu et al. 2019,
@@ -263,8 +265,11 @@ def deform_conv2d(input, offset, weight, bias=None, stride: IntPair = 1, padding
     return forward(DEFORM_CONV2D, locals())
 
 
-def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride=1, padding=0, dilation=1,
-                           mask=None, needs_input_grad=(True, True, True, True, True), deterministic=False):
+def deform_conv2d_backward(grad_output: ArrayLike, input: ArrayLike, offset: ArrayLike, weight: ArrayLike,
+                           bias: Optional[ArrayLike] = None, stride: IntPair = 1, padding: IntPair = 0,
+                           dilation: IntPair = 1, mask: Optional[ArrayLike] = None,
+                           needs_input_grad: Sequence[bool] = (True, True, True, True, True),
+                           deterministic: bool = False) -> DeformConv2dGrads:
     """Gradients of :func:`deform_conv2d` for input, offset, weight, bias and mask.
 
     Args:
@@ -290,7 +295,7 @@ def deform_conv2d_backward(grad_output, input, offset, weight, bias=None, stride
     makes, and so does the NumPy path's input gradient when an image is split into ranges of output rows:
     their last bits can depend on the limit.
     """
-    return backward(DEFORM_CONV2D, locals())
+    return DeformConv2dGrads(*backward(DEFORM_CONV2D, locals()))
 
 
 # ------------------------------------------------------------------------------------------- spec

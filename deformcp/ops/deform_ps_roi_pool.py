@@ -8,11 +8,12 @@ NumPy path: deformcp.reference.deform_ps_roi_pool.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
 from .. import _kernels, _validate
+from .._types import Array, ArrayLike
 from ..reference import deform_ps_roi_pool as reference
 from ._call import backward, forward
 from ._spec import Case, OpSpec
@@ -25,8 +26,8 @@ _OFFSET_LAYOUT = "(K, 2·num_classes, part_size, part_size)"
 class DeformPSRoIPoolGrads(NamedTuple):
     """Gradients of :func:`deform_ps_roi_pool` (rois get none)."""
 
-    input: Optional[object]
-    offset: Optional[object]
+    input: Optional[Array]
+    offset: Optional[Array]
 
 
 class _Config(NamedTuple):
@@ -147,9 +148,9 @@ def _launch_backward(call, grad_output, input, rois, offset, cfg: _Config, wante
 
 # ------------------------------------------------------------------------------------------ public
 
-def deform_ps_roi_pool(input, rois, offset, output_dim: int, group_size: int, pooled_size: int,
-                       part_size: Optional[int] = None, sample_per_part: int = 4, spatial_scale: float = 1.0,
-                       trans_std: float = 0.0, no_trans: bool = False):
+def deform_ps_roi_pool(input: ArrayLike, rois: ArrayLike, offset: Optional[ArrayLike], output_dim: int,
+                       group_size: int, pooled_size: int, part_size: Optional[int] = None, sample_per_part: int = 4,
+                       spatial_scale: float = 1.0, trans_std: float = 0.0, no_trans: bool = False) -> Array:
     """Deformable position-sensitive RoI pooling (Deformable ConvNets v1), as the original operator.
 
     Args:
@@ -202,9 +203,12 @@ def deform_ps_roi_pool(input, rois, offset, output_dim: int, group_size: int, po
     return forward(DEFORM_PS_ROI_POOL, locals())
 
 
-def deform_ps_roi_pool_backward(grad_output, input, rois, offset, output_dim, group_size, pooled_size,
-                                part_size=None, sample_per_part=4, spatial_scale=1.0, trans_std=0.0, no_trans=False,
-                                needs_input_grad=(True, True), deterministic=False):
+def deform_ps_roi_pool_backward(grad_output: ArrayLike, input: ArrayLike, rois: ArrayLike,
+                                offset: Optional[ArrayLike], output_dim: int, group_size: int, pooled_size: int,
+                                part_size: Optional[int] = None, sample_per_part: int = 4, spatial_scale: float = 1.0,
+                                trans_std: float = 0.0, no_trans: bool = False,
+                                needs_input_grad: Sequence[bool] = (True, True),
+                                deterministic: bool = False) -> DeformPSRoIPoolGrads:
     """Gradients of :func:`deform_ps_roi_pool` with respect to input and offset.
 
     Args:
@@ -229,7 +233,7 @@ def deform_ps_roi_pool_backward(grad_output, input, rois, offset, output_dim, gr
     between floor and ceil (zero at integer coordinates): deformcp's gradient matches finite differences.
     Samples crossing the image border (count changing) are not differentiable and contribute nothing.
     """
-    return backward(DEFORM_PS_ROI_POOL, locals())
+    return DeformPSRoIPoolGrads(*backward(DEFORM_PS_ROI_POOL, locals()))
 
 
 # ------------------------------------------------------------------------------------------- spec

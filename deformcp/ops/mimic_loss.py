@@ -8,9 +8,10 @@ NumPy path: deformcp.reference.mimic_loss.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 from .. import _kernels, _validate
+from .._types import Array, ArrayLike
 from ..reference import mimic_loss as reference
 from ._call import backward, forward
 from ._spec import Case, OpSpec
@@ -22,8 +23,8 @@ LAYOUT = "(K, D)"
 class MimicLossGrads(NamedTuple):
     """Gradients of :func:`mimic_loss`; a field is None where it was not asked for."""
 
-    f_a: Optional[object]
-    f_b: Optional[object]
+    f_a: Optional[Array]
+    f_b: Optional[Array]
 
 
 class MimicLossConfig(NamedTuple):
@@ -67,7 +68,7 @@ def _kernels_backward(call, grad_output, f_a, f_b, cfg: MimicLossConfig, wanted,
 
 # --------------------------------------------------------------------------------------------- the op
 
-def mimic_loss(f_a, f_b):
+def mimic_loss(f_a: ArrayLike, f_b: ArrayLike) -> Array:
     """Feature-mimicking loss of Deformable ConvNets v2: ``L = Σ_k [1 − cos(f_a[k], f_b[k])]``.
 
     Args:
@@ -103,7 +104,8 @@ def mimic_loss(f_a, f_b):
     return forward(MIMIC_LOSS, locals())
 
 
-def mimic_loss_backward(grad_output, f_a, f_b, needs_input_grad=(True, True)):
+def mimic_loss_backward(grad_output: ArrayLike, f_a: ArrayLike, f_b: ArrayLike,
+                        needs_input_grad: Sequence[bool] = (True, True)) -> MimicLossGrads:
     """Gradients of :func:`mimic_loss` with respect to f_a and f_b.
 
     Args:
@@ -126,7 +128,7 @@ def mimic_loss_backward(grad_output, f_a, f_b, needs_input_grad=(True, True)):
     [[ 0.         -0.70710678]
      [ 0.          0.        ]]
     """
-    return backward(MIMIC_LOSS, locals())
+    return MimicLossGrads(*backward(MIMIC_LOSS, locals()))
 
 
 # ------------------------------------------------------------------------------------------- spec

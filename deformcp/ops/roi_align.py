@@ -11,11 +11,12 @@ NumPy path: deformcp.reference.roi_align.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
 from .. import _kernels, _validate
+from .._types import Array, ArrayLike
 from ..reference import roi_align as reference
 from ._call import backward, forward
 from ._spec import Case, IntPair, OpSpec
@@ -29,7 +30,7 @@ MAX_SAMPLES_PER_AXIS = 1 << 16
 class RoIAlignGrads(NamedTuple):
     """Gradients of :func:`roi_align` / :func:`ps_roi_align` (boxes get none, as in torchvision)."""
 
-    input: Optional[object]
+    input: Optional[Array]
 
 
 # --------------------------------------------------------------------------------------- arguments
@@ -119,8 +120,8 @@ def _launch_backward(call, grad_output, input, rois, cfg: RoIAlignConfig, wanted
 
 # ------------------------------------------------------------------------------------------ public
 
-def roi_align(input, boxes, output_size: IntPair, spatial_scale: float = 1.0, sampling_ratio: int = -1,
-              aligned: bool = False, pool_mode: str = "avg"):
+def roi_align(input: ArrayLike, boxes: ArrayLike, output_size: IntPair, spatial_scale: float = 1.0,
+              sampling_ratio: int = -1, aligned: bool = False, pool_mode: str = "avg") -> Array:
     """Pool each box of ``input`` to a fixed ``output_size`` grid by bilinear sampling (RoIAlign).
 
     Args:
@@ -159,8 +160,9 @@ def roi_align(input, boxes, output_size: IntPair, spatial_scale: float = 1.0, sa
     """
     return forward(ROI_ALIGN, locals())
 
-def roi_align_backward(grad_output, input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
-                       aligned=False, pool_mode="avg", deterministic=False):
+def roi_align_backward(grad_output: ArrayLike, input: ArrayLike, boxes: ArrayLike, output_size: IntPair,
+                       spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False,
+                       pool_mode: str = "avg", deterministic: bool = False) -> RoIAlignGrads:
     """Gradient of :func:`roi_align` with respect to input.
 
     Args:
@@ -175,9 +177,10 @@ def roi_align_backward(grad_output, input, boxes, output_size, spatial_scale=1.0
     Returns:
         RoIAlignGrads: ``input`` (array[N, C, H, W]).
     """
-    return backward(ROI_ALIGN, locals())
+    return RoIAlignGrads(*backward(ROI_ALIGN, locals()))
 
-def ps_roi_align(input, boxes, output_size: IntPair, spatial_scale: float = 1.0, sampling_ratio: int = -1):
+def ps_roi_align(input: ArrayLike, boxes: ArrayLike, output_size: IntPair, spatial_scale: float = 1.0,
+                 sampling_ratio: int = -1) -> Array:
     """Position-sensitive RoIAlign (R-FCN's pooling with RoIAlign sampling), as torchvision.ops.ps_roi_align.
 
     Args:
@@ -200,11 +203,12 @@ def ps_roi_align(input, boxes, output_size: IntPair, spatial_scale: float = 1.0,
     """
     return forward(PS_ROI_ALIGN, locals())
 
-def ps_roi_align_backward(grad_output, input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1,
-                          deterministic=False):
+def ps_roi_align_backward(grad_output: ArrayLike, input: ArrayLike, boxes: ArrayLike, output_size: IntPair,
+                          spatial_scale: float = 1.0, sampling_ratio: int = -1,
+                          deterministic: bool = False) -> RoIAlignGrads:
     """Gradient of :func:`ps_roi_align` with respect to input; ``deterministic`` as in
     :func:`roi_align_backward`. Returns RoIAlignGrads(input)."""
-    return backward(PS_ROI_ALIGN, locals())
+    return RoIAlignGrads(*backward(PS_ROI_ALIGN, locals()))
 
 
 # ------------------------------------------------------------------------------- deformable RoI pooling
@@ -212,9 +216,9 @@ def ps_roi_align_backward(grad_output, input, boxes, output_size, spatial_scale=
 class DeformRoIPoolGrads(NamedTuple):
     """Gradients of :func:`deform_roi_pool`; None where an input is absent or not asked for."""
 
-    input: Optional[object]
-    offset: Optional[object]
-    mask: Optional[object]
+    input: Optional[Array]
+    offset: Optional[Array]
+    mask: Optional[Array]
 
 
 class DeformRoIPoolConfig(NamedTuple):
@@ -285,8 +289,9 @@ def _deform_launch_backward(call, grad_output, input, rois, offset, mask, cfg: D
     return None if grad_input is None else grad_input.astype(input.dtype, copy=False), grad_offset, grad_mask
 
 
-def deform_roi_pool(input, rois, offset=None, output_size: IntPair = 7, spatial_scale: float = 1.0,
-                    sampling_ratio: int = 0, gamma: float = 0.1, mask=None):
+def deform_roi_pool(input: ArrayLike, rois: ArrayLike, offset: Optional[ArrayLike] = None, output_size: IntPair = 7,
+                    spatial_scale: float = 1.0, sampling_ratio: int = 0, gamma: float = 0.1,
+                    mask: Optional[ArrayLike] = None) -> Array:
     """Deformable RoI pooling: RoIAlign whose bins move by learned offsets, ``y(k) = Σ_j x(p_kj + Δp_k)·Δm_k / n_k``.
 
     Args:
@@ -326,9 +331,11 @@ def deform_roi_pool(input, rois, offset=None, output_size: IntPair = 7, spatial_
     """
     return forward(DEFORM_ROI_POOL, locals())
 
-def deform_roi_pool_backward(grad_output, input, rois, offset=None, output_size=7, spatial_scale=1.0,
-                             sampling_ratio=0, gamma=0.1, mask=None, needs_input_grad=(True, True, True),
-                             deterministic=False):
+def deform_roi_pool_backward(grad_output: ArrayLike, input: ArrayLike, rois: ArrayLike,
+                             offset: Optional[ArrayLike] = None, output_size: IntPair = 7, spatial_scale: float = 1.0,
+                             sampling_ratio: int = 0, gamma: float = 0.1, mask: Optional[ArrayLike] = None,
+                             needs_input_grad: Sequence[bool] = (True, True, True),
+                             deterministic: bool = False) -> DeformRoIPoolGrads:
     """Gradients of :func:`deform_roi_pool` for input, offset and mask.
 
     Args:
@@ -347,7 +354,7 @@ def deform_roi_pool_backward(grad_output, input, rois, offset=None, output_size=
     image (y ≤ 0 or y ≥ H − 1) the sample does not move with the offset, so it contributes 0 (mmcv's
     kernel evaluates the bilinear slope at the clamped point instead).
     """
-    return backward(DEFORM_ROI_POOL, locals())
+    return DeformRoIPoolGrads(*backward(DEFORM_ROI_POOL, locals()))
 
 
 # ------------------------------------------------------------------------------------------- specs

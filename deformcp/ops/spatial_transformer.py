@@ -11,6 +11,7 @@ import math
 from typing import NamedTuple, Optional, Sequence
 
 from .. import _kernels, _validate
+from .._types import Array, ArrayLike
 from ..reference import spatial_transformer as reference
 from ._call import backward, forward
 from ._spec import Case, OpSpec
@@ -23,14 +24,14 @@ PADDING_MODES = ("zeros", "border", "reflection")
 class AffineGridGrads(NamedTuple):
     """Gradients of :func:`affine_grid`."""
 
-    theta: Optional[object]
+    theta: Optional[Array]
 
 
 class GridSampleGrads(NamedTuple):
     """Gradients of :func:`grid_sample`; a field is None where it was not asked for."""
 
-    input: Optional[object]
-    grid: Optional[object]
+    input: Optional[Array]
+    grid: Optional[Array]
 
 
 # ---------------------------------------------------------------------------------------- affine_grid
@@ -92,7 +93,7 @@ def _affine_grid_kernels_backward(call, grad_output, theta, cfg: AffineGridConfi
     return (grad_theta,)
 
 
-def affine_grid(theta, size: Sequence[int], align_corners: bool = False):
+def affine_grid(theta: ArrayLike, size: Sequence[int], align_corners: bool = False) -> Array:
     """Sampling grid of a batch of affine transforms: ``(x_s, y_s) = theta · (x_t, y_t, 1)``, or for volumes
     ``(x_s, y_s, z_s) = theta · (x_t, y_t, z_t, 1)``.
 
@@ -124,7 +125,8 @@ def affine_grid(theta, size: Sequence[int], align_corners: bool = False):
     return forward(AFFINE_GRID, locals())
 
 
-def affine_grid_backward(grad_output, theta, size, align_corners=False):
+def affine_grid_backward(grad_output: ArrayLike, theta: ArrayLike, size: Sequence[int],
+                         align_corners: bool = False) -> AffineGridGrads:
     """Gradient of :func:`affine_grid` with respect to theta.
 
     Args:
@@ -134,7 +136,7 @@ def affine_grid_backward(grad_output, theta, size, align_corners=False):
     Returns:
         AffineGridGrads: ``theta`` (theta's shape). Deterministic on every backend.
     """
-    return backward(AFFINE_GRID, locals())
+    return AffineGridGrads(*backward(AFFINE_GRID, locals()))
 
 
 # ---------------------------------------------------------------------------------------- grid_sample
@@ -142,8 +144,8 @@ def affine_grid_backward(grad_output, theta, size, align_corners=False):
 class GridSampleConfig(NamedTuple):
     N: int
     C: int
-    shape: tuple      # the input's spatial shape: (H, W), or (D, H, W) for volumes
-    out_shape: tuple  # the output's: (H_out, W_out) or (D_out, H_out, W_out)
+    shape: tuple[int, ...]      # the input's spatial shape: (H, W), or (D, H, W) for volumes
+    out_shape: tuple[int, ...]  # the output's: (H_out, W_out) or (D_out, H_out, W_out)
     mode: str
     padding_mode: str
     align_corners: bool
@@ -194,8 +196,8 @@ def _check_grid_sample(call, input, grid, mode, padding_mode, align_corners) -> 
                          f"got 'bicubic' with input shape {tuple(input.shape)}")
     _validate.choice("padding_mode", padding_mode, PADDING_MODES)
     align_corners = _validate.flag("align_corners", align_corners)
-    return GridSampleConfig(*input.shape[:2], tuple(input.shape[2:]), tuple(grid.shape[1:-1]), mode, padding_mode,
-                            align_corners)
+    N, C = input.shape[:2]
+    return GridSampleConfig(N, C, tuple(input.shape[2:]), tuple(grid.shape[1:-1]), mode, padding_mode, align_corners)
 
 
 def _grid_sample_output(cfg: GridSampleConfig):
@@ -235,7 +237,8 @@ def _grid_sample_kernels_backward(call, grad_output, input, grid, cfg: GridSampl
     return grad_input, grad_grid
 
 
-def grid_sample(input, grid, mode: str = "bilinear", padding_mode: str = "zeros", align_corners: bool = False):
+def grid_sample(input: ArrayLike, grid: ArrayLike, mode: str = "bilinear", padding_mode: str = "zeros",
+                align_corners: bool = False) -> Array:
     """Sample ``input`` at the normalised locations of ``grid``: ``V = Σ_nm U_nm k(x_s − m) k(y_s − n)``.
 
     Args:
@@ -276,8 +279,10 @@ def grid_sample(input, grid, mode: str = "bilinear", padding_mode: str = "zeros"
     return forward(GRID_SAMPLE, locals())
 
 
-def grid_sample_backward(grad_output, input, grid, mode="bilinear", padding_mode="zeros",
-                         align_corners=False, needs_input_grad=(True, True), deterministic=False):
+def grid_sample_backward(grad_output: ArrayLike, input: ArrayLike, grid: ArrayLike, mode: str = "bilinear",
+                         padding_mode: str = "zeros", align_corners: bool = False,
+                         needs_input_grad: Sequence[bool] = (True, True),
+                         deterministic: bool = False) -> GridSampleGrads:
     """Gradients of :func:`grid_sample` with respect to input and grid.
 
     Args:
@@ -296,7 +301,7 @@ def grid_sample_backward(grad_output, input, grid, mode="bilinear", padding_mode
         is taken from the right (the cell whose lower corner it is), as in PyTorch.
 
     """
-    return backward(GRID_SAMPLE, locals())
+    return GridSampleGrads(*backward(GRID_SAMPLE, locals()))
 
 
 # ------------------------------------------------------------------------------------------- specs
