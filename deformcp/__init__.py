@@ -2,7 +2,8 @@
 
 Ops (each ``<op>_backward`` returns a named tuple of gradients):
 
-- ``affine_grid``, ``grid_sample`` — Spatial Transformer Networks (torch.nn.functional's conventions)
+- ``affine_grid``, ``grid_sample`` — Spatial Transformer Networks (torch.nn.functional's conventions), images and
+  volumes; ``affine_sample`` — the two in one, without the grid
 - ``roi_align``, ``ps_roi_align`` — Mask R-CNN's RoIAlign and its position-sensitive form (torchvision; mmcv's
   max pooling)
 - ``deform_conv2d`` — Deformable ConvNets v1 and v2 (torchvision)
@@ -20,6 +21,7 @@ compiler. DLPack arrays (PyTorch, JAX, ...) come back in their own framework; ``
 """
 from ._dispatch import backend, current_backend
 from ._workspace import get_workspace_limit, workspace_limit
+from .ops.affine_sample import AffineSampleGrads, affine_sample, affine_sample_backward
 from .ops.deform_conv import DeformConv2dGrads, deform_conv2d, deform_conv2d_backward
 from .ops.deform_ps_roi_pool import DeformPSRoIPoolGrads, deform_ps_roi_pool, deform_ps_roi_pool_backward
 from .ops.mimic_loss import MimicLossGrads, mimic_loss, mimic_loss_backward
@@ -62,5 +64,6 @@ __all__ = [
     "flash_deform_attn", "flash_deform_attn_backward", "FlashDeformAttnGrads",
     "affine_grid", "affine_grid_backward", "AffineGridGrads",
     "grid_sample", "grid_sample_backward", "GridSampleGrads",
+    "affine_sample", "affine_sample_backward", "AffineSampleGrads",
     "roi_align", "roi_align_backward", "ps_roi_align", "ps_roi_align_backward", "RoIAlignGrads",
 ]

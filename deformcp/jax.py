@@ -88,7 +88,7 @@ from deformcp.ops import SPECS, OpSpec, _call
 
 __all__ = ["affine_grid", "grid_sample", "roi_align", "ps_roi_align", "deform_conv2d", "deform_roi_pool",
            "deform_ps_roi_pool", "mimic_loss", "ms_deform_attn", "flash_deform_attn", "map_coordinates",
-           "affine_transform"]
+           "affine_transform", "affine_sample"]
 
 _TRACER = getattr(jax.core, "Tracer", ())
 
@@ -266,6 +266,13 @@ def grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corner
     return _apply("grid_sample", locals())
 
 
+
+def affine_sample(input, theta, size=None, mode="bilinear", padding_mode="zeros", align_corners=False, *,
+                  deterministic=False):
+    """Differentiable :func:`deformcp.affine_sample`: input (N, C, H, W) or (N, C, D, H, W) sampled at
+    affine_grid(theta, size) without the grid (size static; None: the input's). Gradients: input and theta."""
+    return _apply("affine_sample", locals())
+
 def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, pool_mode="avg", *,
               deterministic=False):
     """Differentiable :func:`deformcp.roi_align`: input (N, C, H, W), boxes (K, 5) or a list of per-image
@@ -306,7 +313,7 @@ def mimic_loss(f_a, f_b):
 
 def map_coordinates(input, coordinates, order=1, mode="constant", cval=0.0, prefilter=True, *, deterministic=False):
     """Differentiable :func:`deformcp.ndimage.map_coordinates`: input (2-D or 3-D) at index coordinates
-    (ndim, *output_shape) → output_shape (options static). Gradients: input and coordinates."""
+    ``(ndim, *output_shape)`` → output_shape (options static). Gradients: input and coordinates."""
     return _apply("map_coordinates", locals())
 
 

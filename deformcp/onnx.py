@@ -32,6 +32,7 @@ options. The legacy TorchScript exporter (``dynamo=False``) is not supported.
 
 What each op becomes (opset: the least ``opset_version`` that the export accepts):
 
+- ``affine_sample`` → ``AffineGrid`` and ``GridSample`` (opset ≥ 20), as the two ops below.
 - ``grid_sample`` → ``GridSample`` (opset ≥ 16; volumes, 5-D input, from opset 20). mode "bilinear" → "bilinear"
   (opsets 16–19) or "linear" (opset ≥ 20, where ONNX renamed it), "bicubic" → "bicubic" or "cubic" (the same
   kernel, A = −0.75), "nearest" → "nearest"; padding_mode as is; align_corners → 0/1.
@@ -95,7 +96,7 @@ DEFAULT_OPSET = 20
 
 #: Per mapped op: (ONNX operator, least opset version that has it with the attributes used).
 MIN_OPSET = {"grid_sample": ("GridSample", 16), "affine_grid": ("AffineGrid", 20), "roi_align": ("RoiAlign", 16),
-             "deform_conv2d": ("DeformConv", 19)}
+             "deform_conv2d": ("DeformConv", 19), "affine_sample": ("AffineGrid and GridSample", 20)}
 
 #: The ops with no ONNX equivalent, and why.
 UNSUPPORTED = {
@@ -156,6 +157,15 @@ def _affine_grid(theta, size, align_corners: bool):
     return op.AffineGrid(theta, list(size), align_corners=int(align_corners))
 
 
+def _affine_sample(input, theta, size, mode: str, padding_mode: str, align_corners: bool):
+    """AffineGrid, then GridSample (ONNX has no fused sampler: the runtime holds the grid); size None: the input's
+    (static) shape."""
+    _opset("affine_sample")
+    if size is None:
+        size = [_static("affine_sample", "the input's shape (size=None)", d) for d in input.shape]
+    return _grid_sample(input, _affine_grid(theta, size, align_corners), mode, padding_mode, align_corners)
+
+
 def _one_pixel_axes(op, theta, spatial):
     """theta for ONNX's AffineGrid with align_corners=1, whose base grid has no agreed value on a 1-pixel axis
     (torch and deformcp put it at 0; onnxruntime at +1, ONNX's reference implementation at −1): theta's column
@@ -201,7 +211,8 @@ def _unsupported(name: str) -> Callable:
     return translation
 
 
-_FUNCTIONS = {"grid_sample": _grid_sample, "affine_grid": _affine_grid, "roi_align": _roi_align,
+_FUNCTIONS = {"grid_sample": _grid_sample, "affine_grid": _affine_grid, "affine_sample": _affine_sample,
+              "roi_align": _roi_align,
               "deform_conv2d": _deform_conv2d, **{name: _unsupported(name) for name in UNSUPPORTED}}
 
 #: torch.onnx.export's ``custom_translation_table`` for every deformcp op (``torch.ops.deformcp.<op>.default``).

@@ -75,7 +75,7 @@ from deformcp.ops._spec import IntPair, LevelShapes
 __all__ = [
     "affine_grid", "grid_sample", "roi_align", "ps_roi_align", "deform_conv2d", "deform_roi_pool",
     "deform_ps_roi_pool", "mimic_loss", "ms_deform_attn", "flash_deform_attn", "map_coordinates",
-    "affine_transform",
+    "affine_transform", "affine_sample",
     "DeformConv2d", "DeformConv2dPack", "ModulatedDeformConv2dPack", "RoIAlign", "PSRoIAlign",
     "DeformRoIPool", "DeformRoIPoolPack", "ModulatedDeformRoIPool", "ModulatedDeformRoIPoolPack",
     "SpatialTransformer", "MSDeformAttn",
@@ -469,6 +469,14 @@ def grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corner
     return _apply("grid_sample", locals())
 
 
+
+def affine_sample(input, theta, size=None, mode="bilinear", padding_mode="zeros", align_corners=None):
+    """Differentiable :func:`deformcp.affine_sample`: ``grid_sample(input, affine_grid(theta, size), ...)`` without
+    the grid, for images (theta (N, 2, 3)) and volumes (theta (N, 3, 4)); size None: the input's. align_corners None
+    means False. Gradients: input and theta."""
+    align_corners = _align_corners(align_corners)
+    return _apply("affine_sample", locals())
+
 def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, pool_mode="avg"):
     """Differentiable :func:`deformcp.roi_align`, as ``torchvision.ops.roi_align`` (plus mmcv's max pooling).
 
@@ -554,7 +562,7 @@ def deform_ps_roi_pool(input, rois, offset, output_dim, group_size, pooled_size,
 
 def map_coordinates(input, coordinates, order=1, mode="constant", cval=0.0, prefilter=True):
     """Differentiable :func:`deformcp.ndimage.map_coordinates` (scipy.ndimage's): input (2-D or 3-D) sampled at
-    index coordinates (ndim, *output_shape) → output_shape. Gradients: input and coordinates."""
+    index coordinates ``(ndim, *output_shape)`` → output_shape. Gradients: input and coordinates."""
     return _apply("map_coordinates", locals())
 
 

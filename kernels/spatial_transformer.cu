@@ -213,35 +213,105 @@ __global__ void affine_grid_backward(const T* grad_grid, T* grad_theta, I N, I H
   }
 }
 
+// ---- sampling at one normalised location: the sampler's work for a location read from a grid (grid_sample) or
+// made from theta (affine_sample)
+
+// out[c · out_plane] = plane c of the C planes at `in` (H × W each) sampled at the normalised location (gx, gy).
+template <typename T, typename A, typename I>
+__device__ __forceinline__ void sample_2d(const T* in, T* out, I C, I H, I W, I out_plane, A gx, A gy, int mode,
+                                          int padding, int align_corners) {
+  A unused;
+  const A x = mode_source_coordinate(gx, (long long)W, mode, padding, align_corners, &unused);
+  const A y = mode_source_coordinate(gy, (long long)H, mode, padding, align_corners, &unused);
+  const I in_plane = H * W;
+  if (mode == DEFORMCP_MODE_BILINEAR) {
+    bilinear_corners<A, I> corners;
+    const bool sampled = bilinear_setup(y, x, H, W, corners, true);
+    for (I c = 0; c < C; ++c)
+      out[c * out_plane] = store_as<T>(sampled ? bilinear_gather(in + c * in_plane, corners) : (A)0);
+  } else if (mode == DEFORMCP_MODE_BICUBIC) {
+    cubic_taps<A, I> taps;
+    const bool sampled = cubic_setup(y, x, H, W, padding, align_corners, taps);
+    for (I c = 0; c < C; ++c)
+      out[c * out_plane] = store_as<T>(sampled ? cubic_gather(in + c * in_plane, W, taps) : (A)0);
+  } else {
+    const I pixel = nearest_pixel(y, x, H, W);
+    for (I c = 0; c < C; ++c)
+      out[c * out_plane] = pixel >= 0 ? in[c * in_plane + pixel] : store_as<T>((A)0);
+  }
+}
+
+// Gradients of sample_2d for the output gradients gout[c · out_plane]: scatter-added with atomics into grad_in (C
+// planes in acc_t<T>; null: not wanted), and the derivatives with respect to (gx, gy) added to *dgx, *dgy (both
+// null: not wanted).
+template <typename T, typename A, typename I>
+__device__ __forceinline__ void sample_2d_backward(const T* gout, const T* in, A* grad_in, I C, I H, I W, I out_plane,
+                                                   A gx, A gy, int mode, int padding, int align_corners, A* dgx,
+                                                   A* dgy) {
+  A dx_dg, dy_dg;
+  const A x = mode_source_coordinate(gx, (long long)W, mode, padding, align_corners, &dx_dg);
+  const A y = mode_source_coordinate(gy, (long long)H, mode, padding, align_corners, &dy_dg);
+  const I in_plane = H * W;
+  A sx = 0, sy = 0;
+  if (mode == DEFORMCP_MODE_BILINEAR) {
+    bilinear_corners<A, I> corners;
+    if (bilinear_setup(y, x, H, W, corners, true)) {
+      for (I c = 0; c < C; ++c) {
+        const A g = load_acc(gout[c * out_plane]);
+        if (grad_in != nullptr) bilinear_scatter(grad_in + c * in_plane, corners, g);
+        if (dgx != nullptr) bilinear_coordinate_grad(in + c * in_plane, corners, g, &sy, &sx);
+      }
+    }
+  } else if (mode == DEFORMCP_MODE_BICUBIC) {
+    cubic_taps<A, I> taps;
+    if (cubic_setup(y, x, H, W, padding, align_corners, taps)) {
+      for (I c = 0; c < C; ++c) {
+        const A g = load_acc(gout[c * out_plane]);
+        if (grad_in != nullptr) cubic_scatter(grad_in + c * in_plane, W, taps, g);
+        if (dgx != nullptr) cubic_coordinate_grad(in + c * in_plane, W, taps, g, &sy, &sx);
+      }
+    }
+  } else if (grad_in != nullptr) {
+    const I pixel = nearest_pixel(y, x, H, W);
+    if (pixel >= 0)
+      for (I c = 0; c < C; ++c) atomic_add(grad_in + c * in_plane + pixel, load_acc(gout[c * out_plane]));
+  }
+  if (dgx != nullptr) {
+    *dgx += sx * dx_dg;
+    *dgy += sy * dy_dg;
+  }
+}
+
+// One plane's gradient of sample_2d at (gx, gy) for the output gradient g, added with plain stores (the
+// deterministic kernels, where one thread owns the plane).
+template <typename A, typename I>
+__device__ __forceinline__ void sample_2d_scatter(A* gin, I H, I W, A gx, A gy, A g, int mode, int padding,
+                                                  int align_corners) {
+  A unused;
+  const A x = mode_source_coordinate(gx, (long long)W, mode, padding, align_corners, &unused);
+  const A y = mode_source_coordinate(gy, (long long)H, mode, padding, align_corners, &unused);
+  if (mode == DEFORMCP_MODE_BILINEAR) {
+    bilinear_corners<A, I> corners;
+    if (bilinear_setup(y, x, H, W, corners, true)) bilinear_scatter(gin, corners, g, false);
+  } else if (mode == DEFORMCP_MODE_BICUBIC) {
+    cubic_taps<A, I> taps;
+    if (cubic_setup(y, x, H, W, padding, align_corners, taps)) cubic_scatter(gin, W, taps, g, false);
+  } else {
+    const I pixel = nearest_pixel(y, x, H, W);
+    if (pixel >= 0) gin[pixel] += g;
+  }
+}
+
 // output[n, c, ho, wo] = input[n, c] sampled at grid[n, ho, wo]; one thread per output location.
 template <typename T, typename I>
 __global__ void grid_sample_forward(const T* input, const T* grid, T* output, I N, I C, I H, I W, I Ho,
                                     I Wo, int mode, int padding, int align_corners) {
   typedef typename acc_type<T>::type A;
-  const I out_plane = Ho * Wo, in_plane = H * W;
+  const I out_plane = Ho * Wo;
   DEFORMCP_GRID_STRIDE_LOOP(I, p, N * out_plane) {
-    const I n = p / out_plane, hw = p % out_plane;
-    A unused;
-    const A x = mode_source_coordinate(load_acc(grid[2 * p]), (long long)W, mode, padding, align_corners, &unused);
-    const A y = mode_source_coordinate(load_acc(grid[2 * p + 1]), (long long)H, mode, padding, align_corners,
-                                       &unused);
-    const T* in = input + n * C * in_plane;
-    T* out = output + n * C * out_plane + hw;
-    if (mode == DEFORMCP_MODE_BILINEAR) {
-      bilinear_corners<A, I> corners;
-      const bool sampled = bilinear_setup(y, x, H, W, corners, true);
-      for (I c = 0; c < C; ++c)
-        out[c * out_plane] = store_as<T>(sampled ? bilinear_gather(in + c * in_plane, corners) : (A)0);
-    } else if (mode == DEFORMCP_MODE_BICUBIC) {
-      cubic_taps<A, I> taps;
-      const bool sampled = cubic_setup(y, x, H, W, padding, align_corners, taps);
-      for (I c = 0; c < C; ++c)
-        out[c * out_plane] = store_as<T>(sampled ? cubic_gather(in + c * in_plane, W, taps) : (A)0);
-    } else {
-      const I pixel = nearest_pixel(y, x, H, W);
-      for (I c = 0; c < C; ++c)
-        out[c * out_plane] = pixel >= 0 ? in[c * in_plane + pixel] : store_as<T>((A)0);
-    }
+    const I n = p / out_plane;
+    sample_2d(input + n * C * H * W, output + n * C * out_plane + p % out_plane, C, H, W, out_plane,
+              (A)load_acc(grid[2 * p]), (A)load_acc(grid[2 * p + 1]), mode, padding, align_corners);
   }
 }
 
@@ -254,41 +324,16 @@ __global__ void grid_sample_backward(const T* grad_output, const T* input, const
   typedef typename acc_type<T>::type A;
   const I out_plane = Ho * Wo, in_plane = H * W;
   DEFORMCP_GRID_STRIDE_LOOP(I, p, N * out_plane) {
-    const I n = p / out_plane, hw = p % out_plane;
-    A dx_dg, dy_dg;
-    const A x = mode_source_coordinate(load_acc(grid[2 * p]), (long long)W, mode, padding, align_corners, &dx_dg);
-    const A y = mode_source_coordinate(load_acc(grid[2 * p + 1]), (long long)H, mode, padding, align_corners,
-                                       &dy_dg);
-    const T* in = input + n * C * in_plane;
-    const T* gout = grad_output + n * C * out_plane + hw;
-    A gx = 0, gy = 0;
-    if (mode == DEFORMCP_MODE_BILINEAR) {
-      bilinear_corners<A, I> corners;
-      if (bilinear_setup(y, x, H, W, corners, true)) {
-        for (I c = 0; c < C; ++c) {
-          const A g = load_acc(gout[c * out_plane]);
-          if (grad_input != nullptr) bilinear_scatter(grad_input + (n * C + c) * in_plane, corners, g);
-          if (grad_grid != nullptr) bilinear_coordinate_grad(in + c * in_plane, corners, g, &gy, &gx);
-        }
-      }
-    } else if (mode == DEFORMCP_MODE_BICUBIC) {
-      cubic_taps<A, I> taps;
-      if (cubic_setup(y, x, H, W, padding, align_corners, taps)) {
-        for (I c = 0; c < C; ++c) {
-          const A g = load_acc(gout[c * out_plane]);
-          if (grad_input != nullptr) cubic_scatter(grad_input + (n * C + c) * in_plane, W, taps, g);
-          if (grad_grid != nullptr) cubic_coordinate_grad(in + c * in_plane, W, taps, g, &gy, &gx);
-        }
-      }
-    } else if (grad_input != nullptr) {
-      const I pixel = nearest_pixel(y, x, H, W);
-      if (pixel >= 0)
-        for (I c = 0; c < C; ++c)
-          atomic_add(grad_input + (n * C + c) * in_plane + pixel, load_acc(gout[c * out_plane]));
-    }
-    if (grad_grid != nullptr) {
-      grad_grid[2 * p] = store_as<T>(gx * dx_dg);
-      grad_grid[2 * p + 1] = store_as<T>(gy * dy_dg);
+    const I n = p / out_plane;
+    A dg[2] = {0, 0};
+    const bool want_grid = grad_grid != nullptr;
+    sample_2d_backward(grad_output + n * C * out_plane + p % out_plane, input + n * C * in_plane,
+                       grad_input == nullptr ? (A*)nullptr : grad_input + n * C * in_plane, C, H, W, out_plane,
+                       (A)load_acc(grid[2 * p]), (A)load_acc(grid[2 * p + 1]), mode, padding, align_corners,
+                       want_grid ? dg : (A*)nullptr, want_grid ? dg + 1 : (A*)nullptr);
+    if (want_grid) {
+      grad_grid[2 * p] = store_as<T>(dg[0]);
+      grad_grid[2 * p + 1] = store_as<T>(dg[1]);
     }
   }
 }
@@ -308,22 +353,8 @@ __global__ void grid_sample_backward_input_deterministic(const T* grad_output, c
     A* gin = grad_input + plane * H * W;
     for (I hw = 0; hw < out_plane; ++hw) {
       const I p = n * out_plane + hw;
-      A unused;
-      const A x = mode_source_coordinate(load_acc(grid[2 * p]), (long long)W, mode, padding, align_corners,
-                                         &unused);
-      const A y = mode_source_coordinate(load_acc(grid[2 * p + 1]), (long long)H, mode, padding, align_corners,
-                                         &unused);
-      const A g = load_acc(gout[hw]);
-      if (mode == DEFORMCP_MODE_BILINEAR) {
-        bilinear_corners<A, I> corners;
-        if (bilinear_setup(y, x, H, W, corners, true)) bilinear_scatter(gin, corners, g, false);
-      } else if (mode == DEFORMCP_MODE_BICUBIC) {
-        cubic_taps<A, I> taps;
-        if (cubic_setup(y, x, H, W, padding, align_corners, taps)) cubic_scatter(gin, W, taps, g, false);
-      } else {
-        const I pixel = nearest_pixel(y, x, H, W);
-        if (pixel >= 0) gin[pixel] += g;
-      }
+      sample_2d_scatter(gin, H, W, (A)load_acc(grid[2 * p]), (A)load_acc(grid[2 * p + 1]), (A)load_acc(gout[hw]),
+                        mode, padding, align_corners);
     }
   }
 }
@@ -408,13 +439,98 @@ __global__ void affine_grid_3d_backward(const T* grad_grid, T* grad_theta, I N, 
   }
 }
 
-// The sample's source coordinates (x, y, z) of grid point p, after the padding mode, and their derivatives.
-template <typename T, typename A, typename I>
-__device__ __forceinline__ void volume_source(const T* grid, I p, I D, I H, I W, int padding, int align_corners,
-                                              A* s, A* ds) {
+// The source coordinates (x, y, z) of the normalised location g (x, y, z), after the padding mode, and their
+// derivatives.
+template <typename A, typename I>
+__device__ __forceinline__ void volume_source(const A* g, I D, I H, I W, int padding, int align_corners, A* s, A* ds) {
   const I size[3] = {W, H, D};
   for (int a = 0; a < 3; ++a)
-    s[a] = grid_source_coordinate(load_acc(grid[3 * p + a]), (long long)size[a], padding, align_corners, ds + a);
+    s[a] = grid_source_coordinate(g[a], (long long)size[a], padding, align_corners, ds + a);
+}
+
+// out[c · out_volume] = volume c of the C volumes at `in` (D × H × W each) sampled at the normalised location g.
+template <typename T, typename A, typename I>
+__device__ __forceinline__ void sample_3d(const T* in, T* out, I C, I D, I H, I W, I out_volume, const A* g, int mode,
+                                          int padding, int align_corners) {
+  A s[3], unused[3];
+  volume_source(g, D, H, W, padding, align_corners, s, unused);
+  const I in_volume = D * H * W;
+  if (mode == DEFORMCP_MODE_BILINEAR) {
+    trilinear_corners<A, I> c;
+    const bool sampled = trilinear_setup(s[2], s[1], s[0], D, H, W, c);
+    for (I ch = 0; ch < C; ++ch) {
+      A v = 0;
+      for (int k = 0; sampled && k < 8; ++k)
+        if (c.inside[k]) v += c.weight[k] * (A)load_acc(in[ch * in_volume + c.index[k]]);
+      out[ch * out_volume] = store_as<T>(v);
+    }
+  } else {
+    const I voxel = nearest_voxel(s[2], s[1], s[0], D, H, W);
+    for (I ch = 0; ch < C; ++ch)
+      out[ch * out_volume] = voxel >= 0 ? in[ch * in_volume + voxel] : store_as<T>((A)0);
+  }
+}
+
+// Gradients of sample_3d for the output gradients gout[c · out_volume]: scatter-added with atomics into grad_in
+// (C volumes in acc_t<T>; null: not wanted), the derivatives with respect to g added to dg[0..2] (null: not wanted).
+template <typename T, typename A, typename I>
+__device__ __forceinline__ void sample_3d_backward(const T* gout, const T* in, A* grad_in, I C, I D, I H, I W,
+                                                   I out_volume, const A* g, int mode, int padding,
+                                                   int align_corners, A* dg) {
+  A s[3], ds[3];
+  volume_source(g, D, H, W, padding, align_corners, s, ds);
+  const I in_volume = D * H * W;
+  A gz = 0, gy = 0, gx = 0;
+  if (mode == DEFORMCP_MODE_BILINEAR) {
+    trilinear_corners<A, I> c;
+    if (trilinear_setup(s[2], s[1], s[0], D, H, W, c)) {
+      for (I ch = 0; ch < C; ++ch) {
+        const A go = load_acc(gout[ch * out_volume]);
+        for (int k = 0; k < 8; ++k) {
+          if (!c.inside[k]) continue;
+          if (grad_in != nullptr) atomic_add(grad_in + ch * in_volume + c.index[k], c.weight[k] * go);
+          if (dg != nullptr) {
+            const A v = (A)load_acc(in[ch * in_volume + c.index[k]]) * go;
+            gz += c.dweight_dz[k] * v;
+            gy += c.dweight_dy[k] * v;
+            gx += c.dweight_dx[k] * v;
+          }
+        }
+      }
+    }
+  } else if (grad_in != nullptr) {
+    const I voxel = nearest_voxel(s[2], s[1], s[0], D, H, W);
+    if (voxel >= 0)
+      for (I ch = 0; ch < C; ++ch) atomic_add(grad_in + ch * in_volume + voxel, load_acc(gout[ch * out_volume]));
+  }
+  if (dg != nullptr) {
+    dg[0] += gx * ds[0];
+    dg[1] += gy * ds[1];
+    dg[2] += gz * ds[2];
+  }
+}
+
+// One volume's gradient of sample_3d at g for the output gradient go, added with plain stores.
+template <typename A, typename I>
+__device__ __forceinline__ void sample_3d_scatter(A* gin, I D, I H, I W, const A* g, A go, int mode, int padding,
+                                                  int align_corners) {
+  A s[3], unused[3];
+  volume_source(g, D, H, W, padding, align_corners, s, unused);
+  if (mode == DEFORMCP_MODE_BILINEAR) {
+    trilinear_corners<A, I> c;
+    if (trilinear_setup(s[2], s[1], s[0], D, H, W, c))
+      for (int k = 0; k < 8; ++k)
+        if (c.inside[k]) gin[c.index[k]] += c.weight[k] * go;
+  } else {
+    const I voxel = nearest_voxel(s[2], s[1], s[0], D, H, W);
+    if (voxel >= 0) gin[voxel] += go;
+  }
+}
+
+// The normalised grid location g (x, y, z) of point p of a (N, Do, Ho, Wo, 3) grid.
+template <typename T, typename A, typename I>
+__device__ __forceinline__ void grid_location_3d(const T* grid, I p, A* g) {
+  for (int a = 0; a < 3; ++a) g[a] = load_acc(grid[3 * p + a]);
 }
 
 // output[n, c, do, ho, wo] = input[n, c] sampled at grid[n, do, ho, wo]; one thread per output location.
@@ -422,27 +538,13 @@ template <typename T, typename I>
 __global__ void grid_sample_3d_forward(const T* input, const T* grid, T* output, I N, I C, I D, I H, I W, I Do,
                                        I Ho, I Wo, int mode, int padding, int align_corners) {
   typedef typename acc_type<T>::type A;
-  const I out_volume = Do * Ho * Wo, in_volume = D * H * W;
+  const I out_volume = Do * Ho * Wo;
   DEFORMCP_GRID_STRIDE_LOOP(I, p, N * out_volume) {
     const I n = p / out_volume;
-    A s[3], unused[3];
-    volume_source(grid, p, D, H, W, padding, align_corners, s, unused);
-    const T* in = input + n * C * in_volume;
-    T* out = output + n * C * out_volume + p % out_volume;
-    if (mode == DEFORMCP_MODE_BILINEAR) {
-      trilinear_corners<A, I> c;
-      const bool sampled = trilinear_setup(s[2], s[1], s[0], D, H, W, c);
-      for (I ch = 0; ch < C; ++ch) {
-        A v = 0;
-        for (int k = 0; sampled && k < 8; ++k)
-          if (c.inside[k]) v += c.weight[k] * (A)load_acc(in[ch * in_volume + c.index[k]]);
-        out[ch * out_volume] = store_as<T>(v);
-      }
-    } else {
-      const I voxel = nearest_voxel(s[2], s[1], s[0], D, H, W);
-      for (I ch = 0; ch < C; ++ch)
-        out[ch * out_volume] = voxel >= 0 ? in[ch * in_volume + voxel] : store_as<T>((A)0);
-    }
+    A g[3];
+    grid_location_3d(grid, p, g);
+    sample_3d(input + n * C * D * H * W, output + n * C * out_volume + p % out_volume, C, D, H, W, out_volume, g,
+              mode, padding, align_corners);
   }
 }
 
@@ -456,39 +558,13 @@ __global__ void grid_sample_3d_backward(const T* grad_output, const T* input, co
   const I out_volume = Do * Ho * Wo, in_volume = D * H * W;
   DEFORMCP_GRID_STRIDE_LOOP(I, p, N * out_volume) {
     const I n = p / out_volume;
-    A s[3], ds[3];
-    volume_source(grid, p, D, H, W, padding, align_corners, s, ds);
-    const T* in = input + n * C * in_volume;
-    const T* gout = grad_output + n * C * out_volume + p % out_volume;
-    A gz = 0, gy = 0, gx = 0;
-    if (mode == DEFORMCP_MODE_BILINEAR) {
-      trilinear_corners<A, I> c;
-      if (trilinear_setup(s[2], s[1], s[0], D, H, W, c)) {
-        for (I ch = 0; ch < C; ++ch) {
-          const A g = load_acc(gout[ch * out_volume]);
-          for (int k = 0; k < 8; ++k) {
-            if (!c.inside[k]) continue;
-            if (grad_input != nullptr) atomic_add(grad_input + (n * C + ch) * in_volume + c.index[k], c.weight[k] * g);
-            if (grad_grid != nullptr) {
-              const A v = (A)load_acc(in[ch * in_volume + c.index[k]]) * g;
-              gz += c.dweight_dz[k] * v;
-              gy += c.dweight_dy[k] * v;
-              gx += c.dweight_dx[k] * v;
-            }
-          }
-        }
-      }
-    } else if (grad_input != nullptr) {
-      const I voxel = nearest_voxel(s[2], s[1], s[0], D, H, W);
-      if (voxel >= 0)
-        for (I ch = 0; ch < C; ++ch)
-          atomic_add(grad_input + (n * C + ch) * in_volume + voxel, load_acc(gout[ch * out_volume]));
-    }
-    if (grad_grid != nullptr) {
-      grad_grid[3 * p] = store_as<T>(gx * ds[0]);
-      grad_grid[3 * p + 1] = store_as<T>(gy * ds[1]);
-      grad_grid[3 * p + 2] = store_as<T>(gz * ds[2]);
-    }
+    A g[3], dg[3] = {0, 0, 0};
+    grid_location_3d(grid, p, g);
+    sample_3d_backward(grad_output + n * C * out_volume + p % out_volume, input + n * C * in_volume,
+                       grad_input == nullptr ? (A*)nullptr : grad_input + n * C * in_volume, C, D, H, W, out_volume,
+                       g, mode, padding, align_corners, grad_grid == nullptr ? (A*)nullptr : dg);
+    if (grad_grid != nullptr)
+      for (int a = 0; a < 3; ++a) grad_grid[3 * p + a] = store_as<T>(dg[a]);
   }
 }
 
@@ -505,18 +581,178 @@ __global__ void grid_sample_3d_backward_input_deterministic(const T* grad_output
     const T* gout = grad_output + volume * out_volume;
     A* gin = grad_input + volume * D * H * W;
     for (I o = 0; o < out_volume; ++o) {
-      A s[3], unused[3];
-      volume_source(grid, n * out_volume + o, D, H, W, padding, align_corners, s, unused);
-      const A g = load_acc(gout[o]);
-      if (mode == DEFORMCP_MODE_BILINEAR) {
-        trilinear_corners<A, I> c;
-        if (trilinear_setup(s[2], s[1], s[0], D, H, W, c))
-          for (int k = 0; k < 8; ++k)
-            if (c.inside[k]) gin[c.index[k]] += c.weight[k] * g;
-      } else {
-        const I voxel = nearest_voxel(s[2], s[1], s[0], D, H, W);
-        if (voxel >= 0) gin[voxel] += g;
-      }
+      A g[3];
+      grid_location_3d(grid, n * out_volume + o, g);
+      sample_3d_scatter(gin, D, H, W, g, (A)load_acc(gout[o]), mode, padding, align_corners);
     }
+  }
+}
+
+// ---- the fused affine sampler: grid_sample(input, affine_grid(theta, size)) with each location made from theta
+// where it is sampled (the grid is never stored). theta's gradient Σ_p dL/dg[p] · base[p] is reduced in two
+// steps of fixed order: each thread sums DEFORMCP_AFFINE_CHUNK consecutive output locations of one image into a
+// partial sum, then affine_sample_theta adds an image's partials in order: bitwise reproducible.
+#define DEFORMCP_AFFINE_CHUNK 64
+
+// The normalised location g = theta[n] · base (and base = (x, y, 1)) of output pixel (h, w) of an Ho × Wo grid,
+// computed as affine_grid_forward computes it.
+template <typename T, typename A, typename I>
+__device__ __forceinline__ void affine_location_2d(const T* theta, I n, I h, I w, I Ho, I Wo, int align_corners,
+                                                   A* g, A* base) {
+  base[0] = base_grid_coordinate<A>(w, Wo, align_corners);
+  base[1] = base_grid_coordinate<A>(h, Ho, align_corners);
+  base[2] = 1;
+  const T* t = theta + 6 * n;
+  for (int r = 0; r < 2; ++r)
+    g[r] = load_acc(t[3 * r]) * base[0] + load_acc(t[3 * r + 1]) * base[1] + load_acc(t[3 * r + 2]);
+}
+
+// The same for output voxel (d, h, w) of a Do × Ho × Wo grid: base = (x, y, z, 1), theta (N, 3, 4).
+template <typename T, typename A, typename I>
+__device__ __forceinline__ void affine_location_3d(const T* theta, I n, I d, I h, I w, I Do, I Ho, I Wo,
+                                                   int align_corners, A* g, A* base) {
+  base[0] = base_grid_coordinate<A>(w, Wo, align_corners);
+  base[1] = base_grid_coordinate<A>(h, Ho, align_corners);
+  base[2] = base_grid_coordinate<A>(d, Do, align_corners);
+  base[3] = 1;
+  const T* t = theta + 12 * n;
+  for (int r = 0; r < 3; ++r)
+    g[r] = load_acc(t[4 * r]) * base[0] + load_acc(t[4 * r + 1]) * base[1] + load_acc(t[4 * r + 2]) * base[2] +
+           load_acc(t[4 * r + 3]);
+}
+
+// output (N, C, Ho, Wo) = input (N, C, H, W) sampled at theta's grid; one thread per output location.
+template <typename T, typename I>
+__global__ void affine_sample_forward(const T* input, const T* theta, T* output, I N, I C, I H, I W, I Ho, I Wo,
+                                      int mode, int padding, int align_corners) {
+  typedef typename acc_type<T>::type A;
+  const I out_plane = Ho * Wo;
+  DEFORMCP_GRID_STRIDE_LOOP(I, p, N * out_plane) {
+    const I n = p / out_plane, hw = p % out_plane;
+    A g[2], base[3];
+    affine_location_2d(theta, n, hw / Wo, hw % Wo, Ho, Wo, align_corners, g, base);
+    sample_2d(input + n * C * H * W, output + n * C * out_plane + hw, C, H, W, out_plane, g[0], g[1], mode, padding,
+              align_corners);
+  }
+}
+
+// Gradients of affine_sample_forward, one thread per chunk of DEFORMCP_AFFINE_CHUNK output locations of one
+// image, in order: grad_input (acc_t<T>, zero-filled; scatter-added with atomics) and the chunk's sum of
+// dL/dg · base into partial[(n · chunks + chunk) · 6 + 3 · r + k] (acc_t<T>). Either may be null.
+template <typename T, typename I>
+__global__ void affine_sample_backward(const T* grad_output, const T* input, const T* theta, acc_t<T>* grad_input,
+                                       acc_t<T>* partial, I N, I C, I H, I W, I Ho, I Wo, int mode, int padding,
+                                       int align_corners) {
+  typedef typename acc_type<T>::type A;
+  const I out_plane = Ho * Wo, in_plane = H * W;
+  const I chunks = (out_plane + DEFORMCP_AFFINE_CHUNK - 1) / DEFORMCP_AFFINE_CHUNK;
+  DEFORMCP_GRID_STRIDE_LOOP(I, q, N * chunks) {
+    const I n = q / chunks, first = q % chunks * DEFORMCP_AFFINE_CHUNK;
+    const I last = first + DEFORMCP_AFFINE_CHUNK < out_plane ? first + DEFORMCP_AFFINE_CHUNK : out_plane;
+    A sum[6] = {0, 0, 0, 0, 0, 0};
+    for (I hw = first; hw < last; ++hw) {
+      A g[2], base[3], dg[2] = {0, 0};
+      affine_location_2d(theta, n, hw / Wo, hw % Wo, Ho, Wo, align_corners, g, base);
+      sample_2d_backward(grad_output + n * C * out_plane + hw, input + n * C * in_plane,
+                         grad_input == nullptr ? (A*)nullptr : grad_input + n * C * in_plane, C, H, W, out_plane,
+                         g[0], g[1], mode, padding, align_corners, partial == nullptr ? (A*)nullptr : dg,
+                         partial == nullptr ? (A*)nullptr : dg + 1);
+      for (int r = 0; r < 2; ++r)
+        for (int k = 0; k < 3; ++k) sum[3 * r + k] += dg[r] * base[k];
+    }
+    if (partial != nullptr)
+      for (int i = 0; i < 6; ++i) partial[6 * q + i] = sum[i];
+  }
+}
+
+// grad_input of affine_sample_forward, bitwise reproducible: one thread per input plane (n, c) visits every output
+// location of image n in order and adds with plain stores (grad_input in acc_t<T>, zero-filled).
+template <typename T, typename I>
+__global__ void affine_sample_backward_input_deterministic(const T* grad_output, const T* theta, acc_t<T>* grad_input,
+                                                           I N, I C, I H, I W, I Ho, I Wo, int mode, int padding,
+                                                           int align_corners) {
+  typedef typename acc_type<T>::type A;
+  const I out_plane = Ho * Wo;
+  DEFORMCP_GRID_STRIDE_LOOP(I, plane, N * C) {
+    const I n = plane / C;
+    const T* gout = grad_output + plane * out_plane;
+    A* gin = grad_input + plane * H * W;
+    for (I hw = 0; hw < out_plane; ++hw) {
+      A g[2], base[3];
+      affine_location_2d(theta, n, hw / Wo, hw % Wo, Ho, Wo, align_corners, g, base);
+      sample_2d_scatter(gin, H, W, g[0], g[1], (A)load_acc(gout[hw]), mode, padding, align_corners);
+    }
+  }
+}
+
+// output (N, C, Do, Ho, Wo) = input (N, C, D, H, W) sampled at theta's grid; one thread per output location.
+template <typename T, typename I>
+__global__ void affine_sample_3d_forward(const T* input, const T* theta, T* output, I N, I C, I D, I H, I W, I Do,
+                                         I Ho, I Wo, int mode, int padding, int align_corners) {
+  typedef typename acc_type<T>::type A;
+  const I out_volume = Do * Ho * Wo;
+  DEFORMCP_GRID_STRIDE_LOOP(I, p, N * out_volume) {
+    const I n = p / out_volume, o = p % out_volume;
+    A g[3], base[4];
+    affine_location_3d(theta, n, o / (Ho * Wo), o / Wo % Ho, o % Wo, Do, Ho, Wo, align_corners, g, base);
+    sample_3d(input + n * C * D * H * W, output + n * C * out_volume + o, C, D, H, W, out_volume, g, mode, padding,
+              align_corners);
+  }
+}
+
+// Gradients of affine_sample_3d_forward, as affine_sample_backward's: partial[(n · chunks + chunk) · 12 + 4 · r + k].
+template <typename T, typename I>
+__global__ void affine_sample_3d_backward(const T* grad_output, const T* input, const T* theta, acc_t<T>* grad_input,
+                                          acc_t<T>* partial, I N, I C, I D, I H, I W, I Do, I Ho, I Wo, int mode,
+                                          int padding, int align_corners) {
+  typedef typename acc_type<T>::type A;
+  const I out_volume = Do * Ho * Wo, in_volume = D * H * W;
+  const I chunks = (out_volume + DEFORMCP_AFFINE_CHUNK - 1) / DEFORMCP_AFFINE_CHUNK;
+  DEFORMCP_GRID_STRIDE_LOOP(I, q, N * chunks) {
+    const I n = q / chunks, first = q % chunks * DEFORMCP_AFFINE_CHUNK;
+    const I last = first + DEFORMCP_AFFINE_CHUNK < out_volume ? first + DEFORMCP_AFFINE_CHUNK : out_volume;
+    A sum[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+    for (I o = first; o < last; ++o) {
+      A g[3], base[4], dg[3] = {0, 0, 0};
+      affine_location_3d(theta, n, o / (Ho * Wo), o / Wo % Ho, o % Wo, Do, Ho, Wo, align_corners, g, base);
+      sample_3d_backward(grad_output + n * C * out_volume + o, input + n * C * in_volume,
+                         grad_input == nullptr ? (A*)nullptr : grad_input + n * C * in_volume, C, D, H, W, out_volume,
+                         g, mode, padding, align_corners, partial == nullptr ? (A*)nullptr : dg);
+      for (int r = 0; r < 3; ++r)
+        for (int k = 0; k < 4; ++k) sum[4 * r + k] += dg[r] * base[k];
+    }
+    if (partial != nullptr)
+      for (int i = 0; i < 12; ++i) partial[12 * q + i] = sum[i];
+  }
+}
+
+// grad_input of affine_sample_3d_forward, bitwise reproducible (one thread per input volume, plain stores).
+template <typename T, typename I>
+__global__ void affine_sample_3d_backward_input_deterministic(const T* grad_output, const T* theta,
+                                                              acc_t<T>* grad_input, I N, I C, I D, I H, I W, I Do,
+                                                              I Ho, I Wo, int mode, int padding, int align_corners) {
+  typedef typename acc_type<T>::type A;
+  const I out_volume = Do * Ho * Wo;
+  DEFORMCP_GRID_STRIDE_LOOP(I, volume, N * C) {
+    const I n = volume / C;
+    const T* gout = grad_output + volume * out_volume;
+    A* gin = grad_input + volume * D * H * W;
+    for (I o = 0; o < out_volume; ++o) {
+      A g[3], base[4];
+      affine_location_3d(theta, n, o / (Ho * Wo), o / Wo % Ho, o % Wo, Do, Ho, Wo, align_corners, g, base);
+      sample_3d_scatter(gin, D, H, W, g, (A)load_acc(gout[o]), mode, padding, align_corners);
+    }
+  }
+}
+
+// grad_theta[n, i] = Σ_chunk partial[(n · chunks + chunk) · size + i], in order (size: 6, or 12 for volumes).
+template <typename T, typename I>
+__global__ void affine_sample_theta(const acc_t<T>* partial, T* grad_theta, I N, I chunks, I size) {
+  typedef typename acc_type<T>::type A;
+  DEFORMCP_GRID_STRIDE_LOOP(I, q, N * size) {
+    const I n = q / size, i = q % size;
+    A sum = 0;
+    for (I chunk = 0; chunk < chunks; ++chunk) sum += partial[(n * chunks + chunk) * size + i];
+    grad_theta[q] = store_as<T>(sum);
   }
 }

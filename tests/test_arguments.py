@@ -52,6 +52,7 @@ def forward_calls(ns, a):
     return {
         "affine_grid": lambda **o: ns.affine_grid(a["theta"], **{"size": (1, 1, 4, 4), **o}),
         "grid_sample": lambda **o: ns.grid_sample(a["x"], a["grid"], **o),
+        "affine_sample": lambda **o: ns.affine_sample(a["x"], a["theta"], **{"size": (1, 1, 3, 3), **o}),
         "roi_align": lambda **o: ns.roi_align(a["x"], a["boxes"], **{"output_size": 2, **o}),
         "ps_roi_align": lambda **o: ns.ps_roi_align(a["x"], a["boxes"], **{"output_size": 2, **o}),
         "deform_conv2d": lambda **o: ns.deform_conv2d(a["x"], a["conv_offset"], a["weight"], **{**CONV, **o}),
@@ -72,6 +73,8 @@ def plain_calls():
         "affine_grid_backward": lambda **o: deformcp.affine_grid_backward(
             a["grid_out"], a["theta"], **{"size": (1, 1, 4, 4), "align_corners": False, **o}),
         "grid_sample_backward": lambda **o: deformcp.grid_sample_backward(a["sampled"], a["x"], a["grid"], **o),
+        "affine_sample_backward": lambda **o: deformcp.affine_sample_backward(
+            a["sampled"], a["x"], a["theta"], **{"size": (1, 1, 3, 3), **o}),
         "roi_align_backward": lambda **o: deformcp.roi_align_backward(a["pooled"], a["x"], a["boxes"],
                                                                       **{"output_size": 2, **o}),
         "ps_roi_align_backward": lambda **o: deformcp.ps_roi_align_backward(a["ps_pooled"], a["x"], a["boxes"],
@@ -118,16 +121,19 @@ DOORS = {"numpy": plain_calls(), "torch": forward_calls(dtorch, {k: torch.from_n
 FLAGS = {
     "numpy": {"affine_grid": ["align_corners"], "affine_grid_backward": ["align_corners"],
               "grid_sample": ["align_corners"], "grid_sample_backward": ["align_corners", "deterministic"],
+              "affine_sample": ["align_corners"], "affine_sample_backward": ["align_corners", "deterministic"],
               "roi_align": ["aligned"], "roi_align_backward": ["aligned", "deterministic"],
               "ps_roi_align_backward": ["deterministic"], "deform_conv2d_backward": ["deterministic"],
               "deform_roi_pool_backward": ["deterministic"], "deform_ps_roi_pool": ["no_trans"],
               "deform_ps_roi_pool_backward": ["no_trans", "deterministic"],
               "ms_deform_attn_backward": ["deterministic"], "flash_deform_attn_backward": ["deterministic"]},
-    "torch": {"affine_grid": ["align_corners"], "grid_sample": ["align_corners"], "roi_align": ["aligned"],
+    "torch": {"affine_grid": ["align_corners"], "grid_sample": ["align_corners"], "affine_sample": ["align_corners"],
+              "roi_align": ["aligned"],
               "deform_ps_roi_pool": ["no_trans"]},
     "torch module": {"RoIAlign": ["aligned"], "DeformConv2d": ["bias"], "DeformConv2dPack": ["bias"],
                      "SpatialTransformer": ["align_corners"]},
     "jax": {"affine_grid": ["align_corners"], "grid_sample": ["align_corners", "deterministic"],
+            "affine_sample": ["align_corners", "deterministic"],
             "roi_align": ["aligned", "deterministic"], "ps_roi_align": ["deterministic"],
             "deform_conv2d": ["deterministic"], "deform_roi_pool": ["deterministic"],
             "deform_ps_roi_pool": ["no_trans", "deterministic"], "ms_deform_attn": ["deterministic"],
@@ -137,7 +143,8 @@ FLAGS = {
 _ROI_INTS = {"output_size": "pair", "sampling_ratio": "int"}
 _CONV_PAIRS = {"stride": "pair", "padding": "pair", "dilation": "pair"}
 _DPS_INTS = {name: "int" for name in ("output_dim", "group_size", "pooled_size", "part_size", "sample_per_part")}
-_FUNCTION_INTS = {"affine_grid": {"size": "sizes"}, "roi_align": _ROI_INTS, "ps_roi_align": _ROI_INTS,
+_FUNCTION_INTS = {"affine_grid": {"size": "sizes"}, "affine_sample": {"size": "optional sizes"},
+                  "roi_align": _ROI_INTS, "ps_roi_align": _ROI_INTS,
                   "deform_conv2d": _CONV_PAIRS, "deform_roi_pool": _ROI_INTS, "deform_ps_roi_pool": _DPS_INTS,
                   "ms_deform_attn": {"spatial_shapes": "level shapes"},
                   "flash_deform_attn": {"spatial_shapes": "level shapes", "num_points": "int"}}
@@ -158,6 +165,7 @@ INTS = {
 }
 #: (door, op, argument) where None is allowed (and so not a bad value).
 NONE_ALLOWED = {("torch", "affine_grid", "align_corners"), ("torch", "grid_sample", "align_corners"),
+                ("torch", "affine_sample", "align_corners"),
                 ("torch module", "SpatialTransformer", "align_corners"),
                 ("torch module", "SpatialTransformer", "output_size"),
                 ("numpy", "deform_ps_roi_pool", "part_size"), ("numpy", "deform_ps_roi_pool_backward", "part_size"),
@@ -187,9 +195,11 @@ CONV_HUGE = [2**63, 2**64, -2**63]
 
 
 def bad_ints(door, op, argument, kind):
-    if kind == "sizes":  # affine_grid's size (N, C, H, W): H is the bad one
+    if kind in ("sizes", "optional sizes"):  # the output size (N, C, H, W): H is the bad one (affine_sample's may
+        # be None: the input's)
         return ([Bad(argument, (1, 1, v, 4), TypeError, repr(v)) for v in (True, 5.7, "3", None)]
-                + [Bad(argument, None, TypeError, "None"), Bad(argument, (True, 1, 4, 4), TypeError, "True")]
+                + [Bad(argument, None, TypeError, "None")] * (kind == "sizes")
+                + [Bad(argument, (True, 1, 4, 4), TypeError, "True")]
                 + [Bad(argument, (1, 1, v, 4), ValueError, str(v)) for v in HUGE])
     if kind == "level shapes":  # ms_deform_attn's (H_l, W_l) rows: W_0 is the bad one
         return ([Bad(argument, ((4, v), (2, 3)), TypeError, shown, f"{argument}[0]")

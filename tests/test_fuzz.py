@@ -516,6 +516,28 @@ def flash_deform_attn_cases(draw, dtype):
 
 
 @st.composite
+def affine_sample_cases(draw, dtype):
+    """Output sizes whose base grid is dyadic (align_corners: n − 1 a power of 2, else n), so that with a lattice
+    theta every sampling location is exact in every dtype, as grid_sample's lattice grids are."""
+    align = draw(st.booleans())
+    sizes = [1, 2, 3, 5] if align else [1, 2, 4]
+    N, C, H, W, Ho, Wo = (draw(between(1, 3)), draw(between(1, 3)), draw(between(1, 6)), draw(between(1, 6)),
+                          draw(st.sampled_from(sizes)), draw(st.sampled_from(sizes)))
+    empty = empty_one_of(draw, "N", "C", "Ho", "Wo")
+    N, C, Ho, Wo = (0 if empty == name else value for name, value in zip(("N", "C", "Ho", "Wo"), (N, C, Ho, Wo)))
+    mode = draw(st.sampled_from(["bilinear", "nearest"]))  # bicubic: as grid_sample's strategy (its cancelling
+    # coordinate gradients, exactly 0 where every tap reads one pixel, are not judged by relative error)
+    rng = np.random.default_rng(draw(SEEDS))
+    theta = lattice(np.eye(2, 3) + rng.uniform(-1.25, 1.25, (N, 2, 3)), draw(st.sampled_from([2, 3])))
+    options = {"size": (N, C, Ho, Wo), "mode": mode, "padding_mode": draw(st.sampled_from(["zeros", "border",
+                                                                                             "reflection"])),
+               "align_corners": align}
+    return Case({"input": rng.standard_normal((N, C, H, W)), "theta": theta}, options,
+                labels=(mode, options["padding_mode"], *(["empty"] if N * C * Ho * Wo == 0 else [])),
+                values=("input",))
+
+
+@st.composite
 def ndimage_input(draw):
     """(input, rng): a 2-D or 3-D image of 1..5 per axis (size-1 axes among them)."""
     rng = np.random.default_rng(draw(SEEDS))
@@ -525,7 +547,7 @@ def ndimage_input(draw):
 
 def ndimage_options(draw):
     """order, mode (every SciPy name), cval (a lattice value) and prefilter."""
-    return {"order": draw(st.sampled_from([0, 1])), "mode": draw(st.sampled_from(list(NDIMAGE_MODES))),
+    return {"order": draw(st.sampled_from([0, 1, 3])), "mode": draw(st.sampled_from(list(NDIMAGE_MODES))),
             "cval": draw(st.sampled_from([0.0, -0.75, 2.5])), "prefilter": draw(st.booleans())}
 
 
@@ -573,6 +595,7 @@ STRATEGIES = {
     "mimic_loss": mimic_loss_cases,
     "ms_deform_attn": ms_deform_attn_cases,
     "flash_deform_attn": flash_deform_attn_cases,
+    "affine_sample": affine_sample_cases,
     "map_coordinates": map_coordinates_cases,
     "affine_transform": affine_transform_cases,
 }
@@ -1010,17 +1033,19 @@ def scalar_mutations(name, value, kwargs):
         return [(v, "refused") for v in ((True,) * (n - 1), (True,) * (n + 1), (1,) * n, ("yes",) * n, (), "ab",
                                          (None,) * n, [[True]] * n)] + [
             (list(value), "ok"), (np.array(value, bool), "ok"), (tuple(np.bool_(v) for v in value), "ok")]
-    if kind == "size":
+    if kind == "size":  # affine_grid's output size; affine_sample's, where None means the input's
         N, C, H, W = (int(v) for v in value)
-        return [(v, "refused") for v in ((N, C, H), (N, C, H, W, 1), (N, C, -1, W), (N, C, H, 1.5), (N + 1, C, H, W),
-                                         None, "abcd", (N, C, H, None), 4, {}, (N, C, H, W * 1.0), (N, C, True, W),
+        optional = [(None, "valid")] if "input" in kwargs else [(None, "refused")]
+        return optional + [(v, "refused") for v in (
+                                         (N, C, H), (N, C, H, W, 1), (N, C, -1, W), (N, C, H, 1.5), (N + 1, C, H, W),
+                                         "abcd", (N, C, H, None), 4, {}, (N, C, H, W * 1.0), (N, C, True, W),
                                          (N, np.True_, H, W), (N, C, H, np.float64(W)), (N, C, H, str(W)),
                                          (N, C, 2**63, W))] + [
             (list(value), "ok"), (np.array([N, C, H, W]), "ok"), (tuple(np.int16(v) for v in (N, C, H, W)), "ok")]
     if kind in ("levels", "starts", "points"):
         return level_mutations(kind, value, kwargs)
-    if kind == "order":  # ndimage's spline order: 0 or 1
-        return [(v, "refused") for v in (-1, 2, 3, 5, 1.0, "1", None, True, np.True_, [1], 2**63)] + [
+    if kind == "order":  # ndimage's spline order: 0, 1 or 3
+        return [(v, "refused") for v in (-1, 2, 4, 5, 1.0, "1", None, True, np.True_, [1], 2**63)] + [
             (np.int64(value), "ok"), (np.int8(value), "ok")]
     if kind == "shape":  # affine_transform's output_shape: one size per input axis
         shape = tuple(int(v) for v in value)
@@ -1327,6 +1352,9 @@ THREE_READERS = {
                                            {}),
     "flash_deform_attn": lambda x, g, dtype: ((g.reshape(1, 3, 1), x.reshape(1, 1, 1, 1), ((1, 1),), None,
                                                np.tile(np.array([0.5, 0.5, 0], dtype), (1, 3, 1, 1)), 1), {}),
+    # a zero theta: every location at the centre of the 1×1 image (align_corners=False: pixel 0 exactly)
+    "affine_sample": lambda x, g, dtype: ((g.reshape(1, 1, 1, 3), x, np.zeros((1, 2, 3), dtype)),
+                                          {"size": (1, 1, 1, 3)}),
     # three points at index (0, 0) of a 1×1 image
     "map_coordinates": lambda x, g, dtype: ((g, x.reshape(1, 1), np.zeros((2, 3), dtype)), {}),
     # a 1×3 output whose every index the zero matrix maps to (0, 0)

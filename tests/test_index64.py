@@ -357,6 +357,7 @@ def case_spec(op, rng, dtype):
 
 #: op name → case(spec, rng, dtype) → run; the cases of a family's ops together must launch every kernel of it
 CASES = {
+    "affine_sample": case_spec,
     "map_coordinates": case_spec,
     "affine_transform": case_spec,
     "affine_grid": case_affine_grid,

@@ -138,6 +138,22 @@ def test_grid_sample(rng, tmp_path, mode, padding_mode, align_corners, opset_ver
 
 
 @needs_onnx
+@pytest.mark.parametrize("volume", [False, True])
+def test_affine_sample(rng, tmp_path, volume):
+    """affine_sample exports as AffineGrid then GridSample (opset 20), equal to eager; refused below opset 20."""
+    if volume:
+        theta, x, size = torch.eye(3, 4) + 0.3 * _tensor(rng.standard_normal((2, 3, 4))), (
+            _tensor(rng.standard_normal((2, 3, 4, 5, 6)))), (2, 3, 3, 4, 5)
+    else:
+        theta, x, size = torch.eye(2, 3) + 0.3 * _tensor(rng.standard_normal((2, 2, 3))), (
+            _tensor(rng.standard_normal((2, 3, 7, 9)))), None
+    model = Call(dtorch.affine_sample, size=size, mode="bilinear", padding_mode="reflection")
+    _export_and_run(model, (x, theta), "GridSample", tmp_path, 20)
+    with pytest.raises(donnx.UnsupportedExportError, match="affine_sample exports as ONNX AffineGrid and GridSample"):
+        donnx.export(model, (x, theta), str(tmp_path / "v16.onnx"), opset_version=16)
+
+
+@needs_onnx
 @pytest.mark.parametrize("align_corners", [False, True])
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
 def test_volumes(rng, tmp_path, mode, align_corners):

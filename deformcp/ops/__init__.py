@@ -4,10 +4,19 @@
 every op (deformcp.testing, deformcp.torch, deformcp.jax, the benchmarks, the tests) reads it. The modules
 follow the kernel families of kernels/*.cu.
 """
-from . import deform_conv, deform_ps_roi_pool, mimic_loss, ms_deform_attn, ndimage, roi_align, spatial_transformer
+from . import (
+               affine_sample,
+               deform_conv,
+               deform_ps_roi_pool,
+               mimic_loss,
+               ms_deform_attn,
+               ndimage,
+               roi_align,
+               spatial_transformer,
+)
 from ._spec import Case, OpSpec
 
-SPECS: dict[str, OpSpec] = {spec.name: spec for module in (spatial_transformer, roi_align, deform_conv,
+SPECS: dict[str, OpSpec] = {spec.name: spec for module in (spatial_transformer, affine_sample, roi_align, deform_conv,
                                                             deform_ps_roi_pool, mimic_loss, ms_deform_attn, ndimage)
                             for spec in module.SPECS}
 
