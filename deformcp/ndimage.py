@@ -2,9 +2,10 @@
 
 Same names, arguments, defaults and conventions as scipy.ndimage (index coordinates, first array axis first,
 2-D and 3-D input with no channel axis, the affine matrix mapping output indices to input indices, SciPy's modes
-"constant", "grid-constant", "nearest", "reflect" = "grid-mirror", "mirror", "wrap", "grid-wrap"), for orders 0
-and 1; results equal SciPy's on float64 input. Unlike SciPy, each has a backward (``<name>_backward``: the
-gradients of the input and of the coordinates, or of the matrix and offset), and runs on every deformcp backend
+"constant", "grid-constant", "nearest", "reflect" = "grid-mirror", "mirror", "wrap", "grid-wrap"), for orders 0,
+1 and 3 (the cubic B-spline, with SciPy's prefilter or without; the default order is 1, SciPy's 3); results equal
+SciPy's on float64 input. Unlike SciPy, each has a backward (``<name>_backward``: the gradients of the input and
+of the coordinates, or of the matrix and offset), and runs on every deformcp backend
 (the NumPy path, the host backend, CUDA) for NumPy, CuPy and DLPack arrays. A NaN or ±inf coordinate samples
 cval with gradient 0.
 
@@ -14,7 +15,9 @@ cval with gradient 0.
 >>> for mode in ("constant", "grid-constant", "reflect", "mirror", "wrap", "grid-wrap", "nearest"):
 ...     ours = deformcp.ndimage.map_coordinates(x, c, mode=mode, cval=2.0)
 ...     assert np.allclose(ours, scipy.ndimage.map_coordinates(x, c, order=1, mode=mode, cval=2.0), 0, 1e-15)
->>> g = deformcp.ndimage.map_coordinates_backward(np.ones(3), x, c, mode="grid-constant")
+>>> cubic = deformcp.ndimage.map_coordinates(x, c, order=3, mode="nearest")
+>>> assert np.allclose(cubic, scipy.ndimage.map_coordinates(x, c, order=3, mode="nearest"), 0, 1e-14)
+>>> g = deformcp.ndimage.map_coordinates_backward(np.ones(3), x, c, order=3, mode="grid-constant")
 >>> g.input.shape, g.coordinates.shape
 ((6, 7), (2, 3))
 """

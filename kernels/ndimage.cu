@@ -1,4 +1,4 @@
-// ndimage.cu — scipy.ndimage's map_coordinates and affine_transform (orders 0 and 1), forward and backward.
+// ndimage.cu — scipy.ndimage's map_coordinates and affine_transform (orders 0, 1 and 3), forward and backward.
 // Preceded by deformcp_common.cuh. Layouts (all C-contiguous): input (S0, S1) or (S0, S1, S2), first axis first;
 // coordinates (ndim, P) in the accumulation type, row a holding every point's index along axis a; output (P,);
 // an affine transform as an (ndim, ndim + 1) matrix [M | shift] in the accumulation type, mapping the output
@@ -7,9 +7,14 @@
 // SciPy's rules, per axis of length n (scipy/ndimage/src/ni_interpolation.c): a coordinate outside [0, n − 1]
 // is first mapped into the input by the mode (map_coordinate: mirror, reflect, wrap and grid-wrap fold it with
 // SciPy's own arithmetic); "constant" gives cval there, "nearest" and "grid-constant" leave it as it is. Order 0
-// reads the tap floor(c + 0.5), order 1 the taps floor(c) and floor(c) + 1 with weights 1 − t and t; a tap
-// outside [0, n − 1] is mapped by the mode (grid-constant: it reads cval). A NaN or ±inf coordinate gives
-// cval and gradient 0 (deformcp's rule; SciPy's result there depends on the mode).
+// reads the tap floor(c + 0.5), order 1 the taps floor(c) and floor(c) + 1 with weights 1 − t and t, order 3 the
+// taps floor(c) − 1 .. floor(c) + 2 with the cubic B-spline's weights; a tap outside [0, n − 1] is mapped by the
+// mode (constant and wrap: mirror; grid-constant: it reads cval). A NaN or ±inf coordinate gives cval and
+// gradient 0 (deformcp's rule; SciPy's result there depends on the mode).
+//
+// Order 3 with SciPy's prefilter reads the spline coefficients that ndimage_spline_filter computes in place along
+// each axis of the input (the caller pads "nearest" and "grid-constant" input first, as SciPy does, and shifts
+// the coordinates by the padding); the input gradient goes back through its transpose.
 
 #define NDIMAGE_CONSTANT 0
 #define NDIMAGE_NEAREST 1
@@ -69,18 +74,24 @@ __device__ __forceinline__ A ndimage_fold(A c, A n, int mode, A* slope) {
   return c - n * floor(c / n);  // grid-wrap
 }
 
-// Tap index i along an axis of length n mapped into [0, n − 1] by the mode; false where it reads cval
-// (grid-constant). Folded coordinates put taps at most one step outside, so one reflection suffices.
+// Tap index i along an axis of length n mapped into [0, n − 1] by the mode, as SciPy maps it (constant and wrap:
+// mirror); false where it reads cval (grid-constant).
 template <typename I>
 __device__ __forceinline__ bool ndimage_tap(I i, I n, int mode, I* index) {
   if (i >= 0 && i < n) { *index = i; return true; }
   if (mode == NDIMAGE_GRID_CONSTANT) { *index = 0; return false; }
   if (n <= 1) { *index = 0; return true; }
-  if (mode == NDIMAGE_NEAREST) i = i < 0 ? 0 : n - 1;
-  else if (mode == NDIMAGE_REFLECT) i = i < 0 ? -i - 1 : 2 * n - i - 1;
-  else if (mode == NDIMAGE_GRID_WRAP) i = i < 0 ? i + n : i - n;
-  else i = i < 0 ? -i : 2 * n - 2 - i;  // mirror; also constant and wrap, whose taps outside have weight 0
-  *index = i < 0 ? 0 : (i >= n ? n - 1 : i);  // only coordinates past 2^53 need this clamp
+  if (mode == NDIMAGE_NEAREST) { *index = i < 0 ? 0 : n - 1; return true; }
+  if (mode == NDIMAGE_GRID_WRAP) {
+    i %= n;
+    *index = i < 0 ? i + n : i;
+    return true;
+  }
+  const bool half = mode == NDIMAGE_REFLECT;  // reflect: d c b a | a b c d; mirror: d c b | a b c d
+  const I period = half ? 2 * n : 2 * n - 2;
+  i %= period;
+  if (i < 0) i += period;
+  *index = i >= n ? period - i - (half ? 1 : 0) : i;
   return true;
 }
 
@@ -88,9 +99,9 @@ __device__ __forceinline__ bool ndimage_tap(I i, I n, int mode, I* index) {
 // respect to the coordinate as given (the fold's slope included).
 template <typename A, typename I>
 struct ndimage_axis {
-  I offset[2];
-  bool inside[2];
-  A weight[2], dweight[2];
+  I offset[4];
+  bool inside[4];
+  A weight[4], dweight[4];
 };
 
 // Sets up axis taps for coordinate c; false where the sample is cval (constant mode outside [0, n − 1], a
@@ -103,27 +114,44 @@ __device__ __forceinline__ bool ndimage_axis_setup(A c, I n, I stride, int order
   if (mode == NDIMAGE_CONSTANT) {
     if (!(c >= (A)0 && c <= len - (A)1)) return false;
   } else if (mode == NDIMAGE_NEAREST || mode == NDIMAGE_GRID_CONSTANT) {
-    if (c < (A)-2 || c > len + (A)1) {  // every tap outside: the edge value, or cval
+    const A reach = (A)(order / 2 + 2);  // beyond it every tap is outside: the edge value, or cval
+    if (c < -reach || c > len - (A)1 + reach) {
       if (mode == NDIMAGE_GRID_CONSTANT) return false;
-      c = c < (A)0 ? (A)-2 : len + (A)1;
+      c = c < (A)0 ? -reach : len - (A)1 + reach;
       slope = 0;
     }
   } else {
     c = ndimage_fold(c, len, mode, &slope);
     c = c < (A)-1 ? (A)-1 : (c > len ? len : c);  // rounding of coordinates past 2^53
   }
-  const A start = order == 0 ? floor(c + (A)0.5) : floor(c);
-  const A t = c - start;
-  const A weight[2] = {order == 0 ? (A)1 : (A)1 - t, t};
-  const A dweight[2] = {order == 0 ? (A)0 : -slope, slope};
+  const A base = order == 0 ? floor(c + (A)0.5) : floor(c);
+  const A t = c - base;
+  if (order == 0) {
+    ax.weight[0] = 1;
+    ax.dweight[0] = 0;
+  } else if (order == 1) {
+    ax.weight[0] = (A)1 - t;
+    ax.weight[1] = t;
+    ax.dweight[0] = -slope;
+    ax.dweight[1] = slope;
+  } else {  // the cubic B-spline, SciPy's arithmetic (the last weight 1 − the others)
+    const A u = (A)1 - t;
+    ax.weight[0] = u * u * u / (A)6;
+    ax.weight[1] = (t * t * (t - (A)2) * (A)3 + (A)4) / (A)6;
+    ax.weight[2] = (u * u * (u - (A)2) * (A)3 + (A)4) / (A)6;
+    ax.weight[3] = (A)1 - ax.weight[0] - ax.weight[1] - ax.weight[2];
+    ax.dweight[0] = -u * u / (A)2 * slope;
+    ax.dweight[1] = t * ((A)1.5 * t - (A)2) * slope;
+    ax.dweight[2] = -u * ((A)1.5 * u - (A)2) * slope;
+    ax.dweight[3] = t * t / (A)2 * slope;
+  }
+  const I start = (I)base - (order == 3 ? 1 : 0);
   bool any = false;
   for (int k = 0; k <= order; ++k) {
     I index;
-    ax.inside[k] = ndimage_tap((I)start + k, n, mode, &index);
+    ax.inside[k] = ndimage_tap(start + k, n, mode, &index);
     any = any || ax.inside[k];
     ax.offset[k] = index * stride;
-    ax.weight[k] = weight[k];
-    ax.dweight[k] = dweight[k];
   }
   return any;
 }
@@ -141,9 +169,15 @@ __device__ __forceinline__ bool ndimage_point_setup(const A* coordinates, I p, I
   return ok;
 }
 
-// Tap k's per-axis choice along axis a: bit a of k for order 1, 0 for order 0.
+// Tap k's per-axis choice along axis a (axis 0's slowest): 0 for order 0, one bit of k for order 1, two for 3.
 __device__ __forceinline__ int ndimage_digit(int k, int a, int ndim, int order) {
-  return order == 0 ? 0 : (k >> (ndim - 1 - a)) & 1;
+  const int bits = order == 3 ? 2 : 1;
+  return order == 0 ? 0 : (k >> (bits * (ndim - 1 - a))) & ((1 << bits) - 1);
+}
+
+// The number of taps of a point: (order + 1)^ndim.
+__device__ __forceinline__ int ndimage_taps(int ndim, int order) {
+  return order == 0 ? 1 : 1 << ((order == 3 ? 2 : 1) * ndim);
 }
 
 // Tap k of a point (axis 0's choice slowest): its weight, the product of its axes' weights in axis order, and its
@@ -169,7 +203,7 @@ __global__ void ndimage_map_forward(const T* input, const typename acc_type<T>::
                                     I S0, I S1, I S2, int ndim, int order, int mode, double cval) {
   typedef typename acc_type<T>::type A;
   const I sizes[3] = {S0, S1, S2};
-  const int taps = order == 0 ? 1 : 1 << ndim;
+  const int taps = ndimage_taps(ndim, order);
   DEFORMCP_GRID_STRIDE_LOOP(I, p, P) {
     ndimage_axis<A, I> axes[3];
     if (!ndimage_point_setup(coordinates, p, P, sizes, ndim, order, mode, axes)) {
@@ -197,7 +231,7 @@ __device__ __forceinline__ void ndimage_point_backward(const T* input, const A* 
   ndimage_axis<A, I> axes[3];
   const bool ok = ndimage_point_setup(coordinates, p, P, sizes, ndim, order, mode, axes);
   A gc[3] = {0, 0, 0};
-  const int taps = order == 0 ? 1 : 1 << ndim;
+  const int taps = ndimage_taps(ndim, order);
   for (int k = 0; ok && k < taps; ++k) {
     A weight;
     I offset;
@@ -303,5 +337,103 @@ __global__ void ndimage_affine_partial_sums(const typename acc_type<T>::type* gr
       }
     }
     for (int k = 0; k < ndim * (ndim + 1); ++k) partials[j * ndim * (ndim + 1) + k] = sums[k];
+  }
+}
+
+// The cubic B-spline prefilter's boundary initialisations (SciPy's apply_filter per mode: whole-sample symmetric,
+// periodic, half-sample symmetric with SciPy's causal sum, which reads its partly accumulated first coefficient at
+// its last term); deformcp.reference.ndimage.FILTER_INIT gives each mode's.
+#define NDIMAGE_INIT_MIRROR 0
+#define NDIMAGE_INIT_WRAP 1
+#define NDIMAGE_INIT_REFLECT 2
+#define NDIMAGE_POLE -0.267949192431122706472553658494127633  // sqrt(3) − 2
+
+// A line of n ≥ 2 starts its causal pass from c_0 = α·Σ_{j ≤ n−2} z^j c_j + β·Σ_{j ≥ 1} z^(n−1−j) c_j + γ·c_(n−1)
+// + δ·c_0 and its anticausal pass from c_(n−1) = ρ·c_(n−1) + σ·c_(n−2) + τ·Σ_{j ≤ n−2} z^(j+1) c_j
+// (deformcp.reference.ndimage.filter_constants).
+template <typename A>
+struct ndimage_filter {
+  A alpha, beta, gamma, delta, rho, sigma, tau;
+};
+
+template <typename A, typename I>
+__device__ __forceinline__ ndimage_filter<A> ndimage_filter_setup(I n, int init) {
+  const A z = (A)NDIMAGE_POLE;
+  A zn1 = 1;  // z^(n − 1)
+  for (I i = 1; i < n; ++i) zn1 *= z;
+  const A zn = zn1 * z;
+  ndimage_filter<A> f;
+  f.gamma = f.delta = f.sigma = f.tau = 0;
+  if (init == NDIMAGE_INIT_MIRROR) {
+    const A d = (A)1 - zn1 * zn1;
+    f.alpha = (A)1 / d;
+    f.beta = zn1 / d;
+    f.rho = z / (z * z - (A)1);
+    f.sigma = z * z / (z * z - (A)1);
+  } else if (init == NDIMAGE_INIT_WRAP) {
+    const A d = (A)1 - zn;
+    f.alpha = 0;
+    f.beta = z / d;
+    f.delta = (A)1 / d;
+    f.rho = f.tau = z / (zn - (A)1);
+  } else {
+    const A e = z / ((A)1 - zn * zn), g = (A)1 + zn * zn1;
+    f.alpha = e * g;
+    f.beta = e * g * zn;
+    f.gamma = e * zn1;
+    f.delta = 1;
+    f.rho = z / (z - (A)1);
+  }
+  return f;
+}
+
+// The prefilter (transpose = 0) or its transpose (1) in place along one axis of c (C-contiguous, in the
+// accumulation type): line l of `lines` holds n ≥ 2 elements `stride` apart from (l / stride)·n·stride + l % stride.
+// The prefilter: gain, causal initialisation and pass, anticausal initialisation and pass; the transpose: the
+// transposed steps in reverse order. One thread per line.
+template <typename T, typename I>
+__global__ void ndimage_spline_filter(typename acc_type<T>::type* c, I lines, I n, I stride, int init,
+                                      int transpose) {
+  typedef typename acc_type<T>::type A;
+  const A z = (A)NDIMAGE_POLE;
+  const A gain = ((A)1 - z) * ((A)1 - (A)1 / z);
+  const ndimage_filter<A> f = ndimage_filter_setup<A>(n, init);
+  DEFORMCP_GRID_STRIDE_LOOP(I, l, lines) {
+    A* x = c + (l / stride) * n * stride + l % stride;
+    A zj;
+    if (!transpose) {
+      for (I i = 0; i < n; ++i) x[i * stride] *= gain;
+      A ascending = 0, descending = 0;
+      zj = 1;
+      for (I j = 0; j + 1 < n; ++j, zj *= z) ascending += zj * x[j * stride];
+      zj = 1;
+      for (I j = n - 1; j >= 1; --j, zj *= z) descending += zj * x[j * stride];
+      x[0] = f.alpha * ascending + f.beta * descending + f.gamma * x[(n - 1) * stride] + f.delta * x[0];
+      for (I i = 1; i < n; ++i) x[i * stride] += z * x[(i - 1) * stride];
+      A sum = 0;
+      zj = z;
+      for (I j = 0; j + 1 < n; ++j, zj *= z) sum += zj * x[j * stride];
+      x[(n - 1) * stride] = f.rho * x[(n - 1) * stride] + f.sigma * x[(n - 2) * stride] + f.tau * sum;
+      for (I i = n - 2; i >= 0; --i) x[i * stride] = z * (x[(i + 1) * stride] - x[i * stride]);
+      continue;
+    }
+    for (I i = 1; i < n; ++i) {  // the anticausal pass
+      x[i * stride] += z * x[(i - 1) * stride];
+      x[(i - 1) * stride] *= -z;
+    }
+    A t = x[(n - 1) * stride];  // its initialisation
+    x[(n - 1) * stride] = f.rho * t;
+    x[(n - 2) * stride] += f.sigma * t;
+    zj = z;
+    for (I j = 0; j + 1 < n; ++j, zj *= z) x[j * stride] += f.tau * zj * t;
+    for (I i = n - 2; i >= 0; --i) x[i * stride] += z * x[(i + 1) * stride];  // the causal pass
+    t = x[0];  // its initialisation
+    x[0] = f.delta * t;
+    zj = 1;
+    for (I j = 0; j + 1 < n; ++j, zj *= z) x[j * stride] += f.alpha * zj * t;
+    zj = 1;
+    for (I j = n - 1; j >= 1; --j, zj *= z) x[j * stride] += f.beta * zj * t;
+    x[(n - 1) * stride] += f.gamma * t;
+    for (I i = 0; i < n; ++i) x[i * stride] *= gain;
   }
 }

@@ -1,4 +1,4 @@
-"""scipy.ndimage's map_coordinates and affine_transform (orders 0 and 1, every SciPy mode), forward and backward.
+"""scipy.ndimage's map_coordinates and affine_transform (orders 0, 1 and 3, every SciPy mode), forward and backward.
 
 Conventions are SciPy's: index coordinates, first array axis first, 2-D and 3-D input with no channel or batch
 axis; affine_transform's matrix maps the output index to the input index. Kernels: kernels/ndimage.cu. NumPy path:
@@ -22,7 +22,9 @@ FAMILY = "ndimage"
 MODES = ("constant", "nearest", "reflect", "mirror", "wrap", "grid-constant", "grid-wrap", "grid-mirror")
 #: The kernels' mode codes (kernels/ndimage.cu's NDIMAGE_*), by canonical mode name.
 _MODE_CODES = {"constant": 0, "nearest": 1, "reflect": 2, "mirror": 3, "wrap": 4, "grid-constant": 5, "grid-wrap": 6}
-ORDERS = (0, 1)
+ORDERS = (0, 1, 3)
+#: The kernels' prefilter initialisations (kernels/ndimage.cu's NDIMAGE_INIT_*).
+_INIT_CODES = {"mirror": 0, "wrap": 1, "reflect": 2}
 INPUT_LAYOUT = "(d0, d1) or (d0, d1, d2), no channel axis"
 #: Points per thread of the affine gradient's deterministic reduction (kernels/ndimage.cu's partial sums).
 AFFINE_CHUNK = 4096
@@ -49,11 +51,22 @@ class NdimageConfig(NamedTuple):
     order: int
     mode: str          # canonical: "grid-mirror" is "reflect"
     cval: float
+    prefilter: bool
+
+    @property
+    def prefiltered(self) -> bool:
+        """Whether the taps read SciPy's spline coefficients of the input rather than the input."""
+        return self.order > 1 and self.prefilter
+
+    @property
+    def npad(self) -> int:
+        """How far SciPy pads the input on each side before its prefilter (and the coordinates shift)."""
+        return reference.PREPAD if self.prefiltered and self.mode in ("nearest", "grid-constant") else 0
 
     @property
     def sizes(self) -> tuple:
-        """The input sizes for the kernels, padded to three."""
-        return tuple(self.shape) + (1,) * (3 - len(self.shape))
+        """The sizes of the array the taps read (the padded coefficients where prefiltered), padded to three."""
+        return tuple(n + 2 * self.npad for n in self.shape) + (1,) * (3 - len(self.shape))
 
     @property
     def options(self) -> tuple:
@@ -71,10 +84,11 @@ def _check_input(input) -> None:
 def _check_options(order, mode, cval, prefilter) -> tuple:
     order = _validate.integer("order", order, minimum=0)
     if order not in ORDERS:
-        raise ValueError(f"order: expected 0 or 1 (SciPy's spline orders 2 to 5 are not implemented), got {order}")
+        raise ValueError(f"order: expected 0, 1 or 3 (SciPy's spline orders 2, 4 and 5 are not implemented), "
+                         f"got {order}")
     _validate.choice("mode", mode, MODES)
-    _validate.flag("prefilter", prefilter)  # no effect at orders 0 and 1, as in SciPy
-    return order, "reflect" if mode == "grid-mirror" else mode, _validate.real("cval", cval)
+    prefilter = _validate.flag("prefilter", prefilter)  # no effect at orders 0 and 1, as in SciPy
+    return order, "reflect" if mode == "grid-mirror" else mode, _validate.real("cval", cval), prefilter
 
 
 def _like_input(input, value):
@@ -95,14 +109,39 @@ def _acc_coordinates(xp, coordinates, ndim: int):
     return xp.ascontiguousarray(coordinates.reshape(ndim, math.prod(coordinates.shape[1:])).astype(acc, copy=False))
 
 
+def _filter_kernels(call, c, cfg: NdimageConfig, transpose: bool) -> None:
+    """SciPy's spline prefilter (or its transpose) in place along every axis of c (C-contiguous, compute dtype);
+    the transpose runs the axes in reverse order."""
+    init = _INIT_CODES[reference.FILTER_INIT[cfg.mode]]
+    for axis in (range(c.ndim - 1, -1, -1) if transpose else range(c.ndim)):
+        n = c.shape[axis]
+        if n > 1:  # SciPy leaves lines of one element as they are
+            lines = c.size // n
+            _kernels.launch(call.backend, FAMILY, "ndimage_spline_filter", c.dtype, lines, (c,),
+                            (lines, n, math.prod(c.shape[axis + 1:])), (init, int(transpose)))
+
+
+def _values_kernels(call, input, coordinates, cfg: NdimageConfig):
+    """(what the taps read, coordinates (ndim, P) into it): input and coordinates as given, or where cfg
+    prefilters, the spline coefficients of input padded by cfg.npad in the compute dtype and coordinates shifted."""
+    xp = call.xp
+    if not cfg.prefiltered:
+        return xp.ascontiguousarray(input), coordinates
+    acc = _kernels.compute_dtype(input.dtype)
+    values = xp.ascontiguousarray(reference.pad(xp, input.astype(acc), cfg.npad, cfg.mode, cfg.cval))
+    _filter_kernels(call, values, cfg, transpose=False)
+    return values, coordinates + cfg.npad if cfg.npad else coordinates
+
+
 def _sample_kernels(call, input, coordinates, cfg: NdimageConfig):
     """input sampled at coordinates (ndim, P) in the compute dtype → (*out_shape) in input's dtype."""
     xp = call.xp
     P = coordinates.shape[1]
-    out = _kernels.empty(xp, (P,), input.dtype)
-    _kernels.launch(call.backend, FAMILY, "ndimage_map_forward", input.dtype, P,
-                    (xp.ascontiguousarray(input), coordinates, out), (P, *cfg.sizes), cfg.options, (cfg.cval,))
-    return out.reshape(cfg.out_shape)
+    values, coordinates = _values_kernels(call, input, coordinates, cfg)
+    out = _kernels.empty(xp, (P,), values.dtype)
+    _kernels.launch(call.backend, FAMILY, "ndimage_map_forward", values.dtype, P, (values, coordinates, out),
+                    (P, *cfg.sizes), cfg.options, (cfg.cval,))
+    return out.reshape(cfg.out_shape).astype(input.dtype, copy=False)
 
 
 def _sample_kernels_backward(call, grad_output, input, coordinates, cfg: NdimageConfig, want_input,
@@ -111,20 +150,25 @@ def _sample_kernels_backward(call, grad_output, input, coordinates, cfg: Ndimage
     xp = call.xp
     P = coordinates.shape[1]
     acc = _kernels.compute_dtype(input.dtype)
-    input, grad_output = xp.ascontiguousarray(input), xp.ascontiguousarray(grad_output.reshape(-1))
-    grad_input = xp.zeros(input.shape, acc) if want_input else None  # summed in float32 for 16-bit input
+    values, coordinates = _values_kernels(call, input, coordinates, cfg)
+    grad_output = xp.ascontiguousarray(grad_output.reshape(-1).astype(values.dtype, copy=False))
+    grad_values = xp.zeros(values.shape, acc) if want_input else None  # summed in float32 for 16-bit input
     grad_coordinates = _kernels.empty(xp, (len(cfg.shape), P), acc) if want_coordinates else None
-    scattered = None if deterministic else grad_input
+    scattered = None if deterministic else grad_values
     if scattered is not None or grad_coordinates is not None:
-        _kernels.launch(call.backend, FAMILY, "ndimage_map_backward", input.dtype, P,
-                        (grad_output, input, coordinates, _kernels.NULL if scattered is None else scattered,
+        _kernels.launch(call.backend, FAMILY, "ndimage_map_backward", values.dtype, P,
+                        (grad_output, values, coordinates, _kernels.NULL if scattered is None else scattered,
                          _kernels.NULL if grad_coordinates is None else grad_coordinates),
                         (P, *cfg.sizes), cfg.options, (cfg.cval,))
-    if deterministic and grad_input is not None and P > 0:
-        _kernels.launch(call.backend, FAMILY, "ndimage_map_backward_input_deterministic", input.dtype, 1,
-                        (grad_output, input, coordinates, grad_input), (P, *cfg.sizes), cfg.options, (cfg.cval,))
-    if grad_input is not None:
-        grad_input = grad_input.astype(input.dtype, copy=False)
+    if deterministic and grad_values is not None and P > 0:
+        _kernels.launch(call.backend, FAMILY, "ndimage_map_backward_input_deterministic", values.dtype, 1,
+                        (grad_output, values, coordinates, grad_values), (P, *cfg.sizes), cfg.options, (cfg.cval,))
+    grad_input = None
+    if grad_values is not None:
+        if cfg.prefiltered:
+            _filter_kernels(call, grad_values, cfg, transpose=True)
+            grad_values = reference.pad_adjoint(xp, grad_values, cfg.npad, cfg.mode)
+        grad_input = xp.ascontiguousarray(grad_values.astype(input.dtype, copy=False))
     return grad_input, grad_coordinates
 
 
@@ -138,8 +182,8 @@ def _check_map_coordinates(call, input, coordinates, order, mode, cval, prefilte
         raise ValueError(f"coordinates: expected shape {layout} for input of shape {tuple(input.shape)}, "
                          f"got {tuple(coordinates.shape)}")
     _validate.same_dtype(input=input, coordinates=coordinates)
-    order, mode, cval = _check_options(order, mode, cval, prefilter)
-    return NdimageConfig(tuple(input.shape), tuple(coordinates.shape[1:]), order, mode, cval)
+    order, mode, cval, prefilter = _check_options(order, mode, cval, prefilter)
+    return NdimageConfig(tuple(input.shape), tuple(coordinates.shape[1:]), order, mode, cval, prefilter)
 
 
 def _map_coordinates_output(cfg: NdimageConfig):
@@ -163,7 +207,7 @@ def _map_coordinates_kernels_backward(call, grad_output, input, coordinates, cfg
 
 def map_coordinates(input, coordinates, order: int = 1, mode: str = "constant", cval: float = 0.0,
                     prefilter: bool = True):
-    """Sample ``input`` at index coordinates, as scipy.ndimage.map_coordinates (orders 0 and 1), differentiably.
+    """Sample ``input`` at index coordinates, as scipy.ndimage.map_coordinates (orders 0, 1, 3), differentiably.
 
     Args:
         input (array[d0, d1] or array[d0, d1, d2]): the image or volume; no channel or batch axis.
@@ -171,7 +215,8 @@ def map_coordinates(input, coordinates, order: int = 1, mode: str = "constant", 
             axis first: (row, column) for 2-D input); the output has shape ``coordinates.shape[1:]``. Same dtype
             as input; a Python list or number is taken in input's dtype.
         order (int): 0 reads the nearest element (``floor(c + 0.5)``, ties upwards), 1 interpolates linearly
-            along each axis. SciPy's spline orders 2 to 5 are refused (ValueError). Default: 1.
+            along each axis, 3 is the cubic B-spline (4 taps per axis). SciPy's spline orders 2, 4 and 5 are
+            refused (ValueError). Default: 1 (SciPy's is 3).
         mode (str): how coordinates and taps beyond the input are read, SciPy's meanings: "constant" (cval
             outside [0, n − 1] along any axis, no interpolation beyond the edge), "grid-constant" (taps outside
             read cval, so samples within one step of the edge blend with it), "nearest" (the edge element),
@@ -179,8 +224,10 @@ def map_coordinates(input, coordinates, order: int = 1, mode: str = "constant", 
             "grid-wrap" (period n), "wrap" (SciPy's period n − 1: the first and last elements coincide).
             Default: "constant".
         cval (float): the value of "constant" and "grid-constant" outside. Default: 0.0.
-        prefilter (bool): SciPy's spline prefilter, which only orders above 1 use; accepted and ignored.
-            Default: True.
+        prefilter (bool): at order 3, True samples the spline that interpolates input (SciPy's spline_filter
+            of order 3 in the same mode along each axis, "nearest" and "grid-constant" input first padded by 12
+            elements with the edge values or cval, as SciPy pads it); False takes input as the spline's
+            coefficients. No effect at orders 0 and 1. Default: True.
 
     Returns:
         array[...]: shape ``coordinates.shape[1:]``, input's dtype and framework.
@@ -216,7 +263,9 @@ def map_coordinates_backward(grad_output, input, coordinates, order=1, mode="con
         MapCoordinatesGrads: ``input`` (input's shape) and ``coordinates`` (coordinates' shape), None where not
         asked for. The coordinate gradient is 0 at order 0, at non-finite coordinates, where "constant" gives
         cval, and where "nearest" clamps; a fold of the mode (mirror, reflect) flips its sign. At an integer
-        coordinate the derivative is the one from the right.
+        coordinate the derivative is the one from the right. At order 3 with prefilter the input gradient goes
+        through the prefilter's transpose (the filter is linear; the padding's transpose adds the padded borders
+        back onto the edges).
     """
     coordinates = _like_input(input, coordinates)
     return backward(MAP_COORDINATES, locals())
@@ -238,8 +287,8 @@ def _check_affine_transform(call, input, matrix, offset, output_shape, order, mo
     _validate.same_dtype(input=input, matrix=matrix, offset=offset)
     out_shape = tuple(input.shape) if output_shape is None else _validate.sizes("output_shape", output_shape, n)
     _validate.output_fits("output_shape", out_shape, input.dtype)
-    order, mode, cval = _check_options(order, mode, cval, prefilter)
-    return NdimageConfig(tuple(input.shape), out_shape, order, mode, cval)
+    order, mode, cval, prefilter = _check_options(order, mode, cval, prefilter)
+    return NdimageConfig(tuple(input.shape), out_shape, order, mode, cval, prefilter)
 
 
 def _affine_transform_output(cfg: NdimageConfig):
@@ -283,7 +332,7 @@ def _affine_transform_kernels_backward(call, grad_output, input, matrix, offset,
 
 def affine_transform(input, matrix, offset=0.0, output_shape: Optional[Sequence[int]] = None, order: int = 1,
                      mode: str = "constant", cval: float = 0.0, prefilter: bool = True):
-    """Resample ``input`` under an affine map, as scipy.ndimage.affine_transform (orders 0 and 1), differentiably.
+    """Resample ``input`` under an affine map, as scipy.ndimage.affine_transform (orders 0, 1, 3), differentiably.
 
     The output element at index o reads input at ``matrix @ o + offset`` ("pull" resampling: the matrix maps
     output indices to input indices; give the inverse of a "push" transform).
@@ -297,7 +346,7 @@ def affine_transform(input, matrix, offset=0.0, output_shape: Optional[Sequence[
         offset (array[()] or array[ndim]): added to every input index (a scalar: the same on each axis). Same
             dtype as input; a Python number or list is taken in input's dtype. Default: 0.0.
         output_shape (sequence of ndim ints, optional): the output's shape. Default: input's shape.
-        order, mode, cval, prefilter: as :func:`map_coordinates` (orders 0 and 1; SciPy's modes).
+        order, mode, cval, prefilter: as :func:`map_coordinates` (orders 0, 1 and 3; SciPy's modes).
 
     Returns:
         array[output_shape]: input's dtype and framework.
@@ -367,27 +416,44 @@ def _affine_inputs(ndim, matrix_shape, offset_shape):
     return make
 
 
+def _map_cases():
+    """Every order and mode in 2-D and 3-D (order 3 with SciPy's prefilter), and order 3 on coefficients."""
+    for ndim in (2, 3):
+        for order in ORDERS:
+            for mode in (m for m in MODES if m != "grid-mirror"):
+                yield Case(f"{ndim}d-order={order}-{mode}", _map_inputs(ndim),
+                           {"order": order, "mode": mode, "cval": 0.5, "prefilter": True})
+        for mode in ("mirror", "grid-constant"):
+            yield Case(f"{ndim}d-order=3-{mode}-prefilter=False", _map_inputs(ndim),
+                       {"order": 3, "mode": mode, "cval": 0.5, "prefilter": False})
+
+
+def _affine_cases():
+    for ndim in (2, 3):
+        for m, o, order, mode, prefilter in (
+                ((ndim, ndim), (ndim,), 1, "constant", True), ((ndim,), (ndim,), 1, "grid-constant", True),
+                ((ndim, ndim + 1), (), 1, "mirror", True), ((ndim + 1, ndim + 1), (ndim,), 1, "grid-wrap", True),
+                ((ndim, ndim), (ndim,), 1, "wrap", True), ((ndim, ndim), (), 0, "reflect", True),
+                ((ndim, ndim), (ndim,), 3, "nearest", True), ((ndim,), (ndim,), 3, "reflect", True),
+                ((ndim, ndim + 1), (), 3, "grid-constant", True), ((ndim, ndim), (ndim,), 3, "wrap", False)):
+            yield Case(f"{ndim}d-matrix{m}-offset{o}-order={order}-{mode}" + ("" if prefilter else "-prefilter=False"),
+                       _affine_inputs(ndim, m, o),
+                       {"order": order, "mode": mode, "cval": -0.5, "prefilter": prefilter,
+                        "output_shape": (6, 4) if ndim == 2 else (3, 4, 5)})
+
+
 MAP_COORDINATES = OpSpec(
     name="map_coordinates", arrays=("input", "coordinates"), grads=MapCoordinatesGrads,
     check=_check_map_coordinates, output=_map_coordinates_output, reference=reference.map_coordinates,
     reference_backward=reference.map_coordinates_backward, kernels=_map_coordinates_kernels,
     kernels_backward=_map_coordinates_kernels_backward, function=map_coordinates, backward=map_coordinates_backward,
-    cases=tuple(Case(f"{ndim}d-order={order}-{mode}", _map_inputs(ndim),
-                     {"order": order, "mode": mode, "cval": 0.5, "prefilter": True})
-                for ndim in (2, 3) for order in ORDERS for mode in MODES if mode != "grid-mirror"))
+    cases=tuple(_map_cases()))
 
 AFFINE_TRANSFORM = OpSpec(
     name="affine_transform", arrays=("input", "matrix", "offset"), grads=AffineTransformGrads,
     check=_check_affine_transform, output=_affine_transform_output, reference=reference.affine_transform,
     reference_backward=reference.affine_transform_backward, kernels=_affine_transform_kernels,
     kernels_backward=_affine_transform_kernels_backward, function=affine_transform,
-    backward=affine_transform_backward,
-    cases=tuple(Case(f"{ndim}d-matrix{m}-offset{o}-order={order}-{mode}", _affine_inputs(ndim, m, o),
-                     {"order": order, "mode": mode, "cval": -0.5, "prefilter": True,
-                      "output_shape": (6, 4) if ndim == 2 else (3, 4, 5)})
-                for ndim in (2, 3) for m, o, order, mode in (
-                    ((ndim, ndim), (ndim,), 1, "constant"), ((ndim,), (ndim,), 1, "grid-constant"),
-                    ((ndim, ndim + 1), (), 1, "mirror"), ((ndim + 1, ndim + 1), (ndim,), 1, "grid-wrap"),
-                    ((ndim, ndim), (ndim,), 1, "wrap"), ((ndim, ndim), (), 0, "reflect"))))
+    backward=affine_transform_backward, cases=tuple(_affine_cases()))
 
 SPECS = (MAP_COORDINATES, AFFINE_TRANSFORM)

@@ -1,6 +1,11 @@
-"""The NumPy path of map_coordinates and affine_transform (scipy.ndimage's conventions, orders 0 and 1): the
+"""The NumPy path of map_coordinates and affine_transform (scipy.ndimage's conventions, orders 0, 1 and 3): the
 float64 reference of kernels/ndimage.cu, vectorised over the points. ``cfg`` is the op's checked configuration
 (deformcp.ops.ndimage).
+
+Order 3 with ``prefilter`` samples SciPy's cubic B-spline coefficients (:func:`spline_coefficients`: "nearest" and
+"grid-constant" input padded by :data:`PREPAD` first, then the recursive filter along each axis with the boundary
+initialisation SciPy gives the mode); its input gradient goes through the exact transpose of those steps
+(:func:`spline_coefficients_adjoint`).
 
 Each point's taps are planned per axis (:func:`_axis_taps`: SciPy's folding of the coordinate by the mode, the
 order's weights and their derivatives, the taps mapped into the input by the mode) and combined into flat
@@ -17,6 +22,16 @@ from typing import NamedTuple
 import numpy as np
 
 from .._kernels import compute_dtype
+
+#: The cubic B-spline prefilter's pole, sqrt(3) − 2.
+POLE = -0.267949192431122706472553658494127633
+#: SciPy pads "nearest" ("edge") and "grid-constant" (cval) input by this much on every side before its prefilter.
+PREPAD = 12
+#: The prefilter's boundary initialisation for each mode, as SciPy's: the whole-sample symmetric ("mirror"), the
+#: periodic ("wrap", period n) or the half-sample symmetric one ("reflect", with SciPy's causal initialisation,
+#: which reads its partly accumulated first coefficient at the last term: not exactly symmetric).
+FILTER_INIT = {"constant": "mirror", "mirror": "mirror", "wrap": "mirror", "grid-constant": "mirror",
+               "grid-wrap": "wrap", "reflect": "reflect", "nearest": "reflect"}
 
 
 class _Taps(NamedTuple):
@@ -63,21 +78,28 @@ def _fold(c: np.ndarray, n: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _tap_index(i: np.ndarray, n: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """Tap indices mapped into [0, n − 1] by the mode, and whether each is inside (False: grid-constant's cval)."""
+    """Tap indices mapped into [0, n − 1] as SciPy maps them (constant and wrap: mirror), and whether each is
+    inside (False: grid-constant's cval)."""
     inside = (i >= 0) & (i < n)
     if mode == "grid-constant":
         return np.where(inside, i, 0), inside
     if n <= 1:
         return np.zeros_like(i), np.ones_like(inside)
     if mode == "nearest":
-        j = np.clip(i, 0, n - 1)
-    elif mode == "reflect":
-        j = np.where(i < 0, -i - 1, np.where(i >= n, 2 * n - i - 1, i))
-    elif mode == "grid-wrap":
-        j = np.where(i < 0, i + n, np.where(i >= n, i - n, i))
-    else:  # mirror; also constant and wrap, whose taps outside have weight 0
-        j = np.where(i < 0, -i, np.where(i >= n, 2 * n - 2 - i, i))
-    return np.clip(j, 0, n - 1), np.ones_like(inside)
+        return np.clip(i, 0, n - 1), np.ones_like(inside)
+    if mode == "grid-wrap":
+        return i % n, np.ones_like(inside)
+    period = 2 * n if mode == "reflect" else 2 * n - 2  # reflect: d c b a | a b c d; mirror: d c b | a b c d
+    j = i % period
+    return np.where(j >= n, period - j - (mode == "reflect"), j), np.ones_like(inside)
+
+
+def _cubic(t: np.ndarray) -> tuple[list, list]:
+    """The cubic B-spline's four weights at t = c − floor(c) ∈ [0, 1) (SciPy's arithmetic, the last one 1 − the
+    others) and their derivatives in t."""
+    z = 1 - t
+    w0, w1, w2 = z * z * z / 6, (t * t * (t - 2) * 3 + 4) / 6, (z * z * (z - 2) * 3 + 4) / 6
+    return [w0, w1, w2, 1 - w0 - w1 - w2], [-z * z / 2, t * (1.5 * t - 2), -z * (1.5 * z - 2), t * t / 2]
 
 
 @np.errstate(invalid="ignore", over="ignore")
@@ -89,11 +111,12 @@ def _axis_taps(c: np.ndarray, n: int, order: int, mode: str):
     if mode == "constant":
         valid &= (c >= 0) & (c <= n - 1)
     elif mode in ("nearest", "grid-constant"):
-        far = (c < -2) | (c > n + 1)
+        reach = order // 2 + 2  # beyond it every tap is outside the input
+        far = (c < -reach) | (c > n - 1 + reach)
         if mode == "grid-constant":
             valid &= ~far
         else:
-            c = np.where(far, np.where(c < 0, -2, n + 1), c)
+            c = np.where(far, np.where(c < 0, -reach, n - 1 + reach), c)
             slope = np.where(far, 0, slope)
     else:
         c, slope = _fold(c, n, mode)
@@ -103,8 +126,12 @@ def _axis_taps(c: np.ndarray, n: int, order: int, mode: str):
     t = c - start
     if order == 0:
         weight, dweight = np.ones_like(c)[:, None], np.zeros_like(c)[:, None]
-    else:
+    elif order == 1:
         weight, dweight = np.stack([1 - t, t], axis=1), np.stack([-slope, slope], axis=1)
+    else:
+        start = start - 1
+        weights, derivatives = _cubic(t)
+        weight, dweight = np.stack(weights, axis=1), np.stack(derivatives, axis=1) * slope[:, None]
     index, inside = _tap_index(start.astype(np.int64)[:, None] + np.arange(order + 1), n, mode)
     if mode == "grid-constant":
         valid &= inside.any(axis=1)
@@ -141,30 +168,158 @@ def _with_cval(input: np.ndarray, cval: float, dtype) -> np.ndarray:
     return np.append(input.astype(dtype, copy=False).ravel(), dtype.type(cval))
 
 
+# ------------------------------------------------------------------------------------------ the spline prefilter
+
+def filter_constants(n: int, init: str) -> tuple:
+    """The boundary initialisations of the prefilter of a line of n ≥ 2 (kernels/ndimage.cu's
+    ndimage_filter_setup): the causal pass starts from c_0 = α·Σ_{j ≤ n−2} z^j c_j + β·Σ_{j ≥ 1} z^(n−1−j) c_j
+    + γ·c_(n−1) + δ·c_0, the anticausal one from c_(n−1) = ρ·c_(n−1) + σ·c_(n−2) + τ·Σ_{j ≤ n−2} z^(j+1) c_j;
+    → (α, β, γ, δ, ρ, σ, τ)."""
+    z = POLE
+    zn1, zn = z ** (n - 1), z ** n
+    if init == "mirror":
+        d = 1 - zn1 * zn1
+        return 1 / d, zn1 / d, 0.0, 0.0, z / (z * z - 1), z * z / (z * z - 1), 0.0
+    if init == "wrap":
+        d = 1 - zn
+        return 0.0, z / d, 0.0, 1 / d, z / (zn - 1), 0.0, z / (zn - 1)
+    e, f = z / (1 - zn * zn), 1 + zn * zn1  # reflect: SciPy's sum reads c_0 again at its last term
+    return e * f, e * f * zn, e * zn1, 1.0, z / (z - 1), 0.0, 0.0
+
+
+def _filter_weights(n: int, init: str, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(h, k) (n,): the causal pass starts from h @ c, the anticausal one from k @ c."""
+    alpha, beta, gamma, delta, rho, sigma, tau = filter_constants(n, init)
+    j = np.arange(n)
+    z = POLE
+    h = np.where(j <= n - 2, alpha * z ** j, 0) + np.where(j >= 1, beta * z ** (n - 1.0 - j), 0)
+    h[n - 1] += gamma
+    h[0] += delta
+    k = np.where(j <= n - 2, tau * z ** (j + 1.0), 0)
+    k[n - 1] += rho
+    k[n - 2] += sigma
+    return h.astype(dtype), k.astype(dtype)
+
+
+def _recursion(c: np.ndarray, reverse: bool = False) -> np.ndarray:
+    """y_i = c_i + z·y_(i−1) along axis 0 (reverse: y_i = c_i + z·y_(i+1))."""
+    from scipy.signal import lfilter
+    x = c[::-1] if reverse else c
+    y = lfilter([1.0], [1.0, -POLE], x, axis=0).astype(c.dtype, copy=False)
+    return y[::-1] if reverse else y
+
+
+def _filter_axis(c: np.ndarray, init: str, transpose: bool) -> np.ndarray:
+    """The prefilter (or its transpose) along axis 0 of c (n, L), n ≥ 2: gain, causal initialisation and pass,
+    anticausal initialisation and pass (SciPy's apply_filter; the transpose runs the transposed steps in reverse)."""
+    from scipy.signal import lfilter
+    z, n = POLE, c.shape[0]
+    h, k = _filter_weights(n, init, c.dtype)
+    gain = c.dtype.type((1 - z) * (1 - 1 / z))
+    if not transpose:
+        c = c * gain
+        c[0] = h @ c
+        c = _recursion(c)
+        c[n - 1] = k @ c
+        # c_i = z·(c_(i+1) − c_i) from i = n − 2 down: the reversed line filtered from its first element
+        r = c[::-1]
+        tail = lfilter([-z], [1.0, -z], r[1:], axis=0, zi=z * r[:1])[0].astype(c.dtype, copy=False)
+        return np.concatenate([r[:1], tail])[::-1]
+    y = _recursion(c)
+    c = np.concatenate([-z * y[:n - 1], y[n - 1:]]).astype(c.dtype, copy=False)
+    t, c[n - 1] = c[n - 1].copy(), 0
+    c = _recursion(c + k[:, None] * t, reverse=True)
+    t, c[0] = c[0].copy(), 0
+    return (c + h[:, None] * t) * gain
+
+
+def _filter(c: np.ndarray, mode: str, transpose: bool) -> np.ndarray:
+    """The prefilter along every axis of c (the transpose: the axes in reverse order); lines of one element are
+    left as they are, as SciPy leaves them."""
+    axes = range(c.ndim - 1, -1, -1) if transpose else range(c.ndim)
+    for axis in axes:
+        if c.shape[axis] > 1:
+            lines = np.moveaxis(c, axis, 0)
+            out = _filter_axis(lines.reshape(lines.shape[0], -1), FILTER_INIT[mode], transpose)
+            c = np.moveaxis(out.reshape(lines.shape), 0, axis)
+    return np.ascontiguousarray(c)
+
+
+def pad(xp, x, npad: int, mode: str, cval: float):
+    """x padded by npad on every side as SciPy pads before its prefilter: "nearest" by the edge values,
+    "grid-constant" by cval (namespace xp)."""
+    if npad == 0:
+        return x
+    if mode == "nearest":
+        return xp.pad(x, npad, mode="edge")
+    return xp.pad(x, npad, mode="constant", constant_values=cval)
+
+
+def pad_adjoint(xp, g, npad: int, mode: str):
+    """The transpose of :func:`pad`'s linear part: the border cropped, for "nearest" after adding each padded
+    slab onto the edge it copies (namespace xp)."""
+    if npad == 0:
+        return g
+    if mode == "nearest":
+        for axis in range(g.ndim):
+            g = xp.moveaxis(g, axis, 0)
+            inner = g[npad:-npad].copy()
+            inner[0] += xp.sum(g[:npad], axis=0)
+            inner[-1] += xp.sum(g[-npad:], axis=0)
+            g = xp.moveaxis(inner, 0, axis)
+        return g
+    return g[(slice(npad, -npad),) * g.ndim]
+
+
+def spline_coefficients(input: np.ndarray, cfg) -> np.ndarray:
+    """SciPy's cubic spline coefficients of input (shape) in its dtype: padded by cfg.npad, then filtered."""
+    return _filter(pad(np, input, cfg.npad, cfg.mode, cfg.cval), cfg.mode, transpose=False)
+
+
+def spline_coefficients_adjoint(grad: np.ndarray, cfg) -> np.ndarray:
+    """The transpose of :func:`spline_coefficients`' linear part: grad (padded shape) → (input's shape)."""
+    return np.ascontiguousarray(pad_adjoint(np, _filter(grad, cfg.mode, transpose=True), cfg.npad, cfg.mode))
+
+
+def _coefficients(input: np.ndarray, cfg, dtype) -> np.ndarray:
+    """What the taps read in dtype: the spline coefficients of input when cfg prefilters, else input."""
+    input = input.astype(dtype, copy=False)
+    return spline_coefficients(input, cfg) if cfg.prefiltered else input
+
+
+def _sampled(coordinates, cfg, dtype) -> np.ndarray:
+    """coordinates (ndim, ...) as (ndim, P) in dtype, shifted into the padded coefficients."""
+    c = coordinates.astype(dtype, copy=False).reshape(len(cfg.shape), math.prod(coordinates.shape[1:]))
+    return c + dtype.type(cfg.npad) if cfg.npad else c
+
+
 def sample(input, coordinates, cfg):
     """input (shape), coordinates (ndim, *out) in any float dtype → (*out) in input's dtype."""
     dtype = compute_dtype(input.dtype)
-    c = coordinates.astype(dtype, copy=False).reshape(len(cfg.shape), math.prod(coordinates.shape[1:]))
-    taps = _taps(c, cfg.shape, cfg.order, cfg.mode)
-    values = _with_cval(input, cfg.cval, dtype)[taps.index]
-    out = np.where(taps.valid, np.sum(taps.weight * values, axis=1), dtype.type(cfg.cval))
+    values = _coefficients(input, cfg, dtype)
+    taps = _taps(_sampled(coordinates, cfg, dtype), values.shape, cfg.order, cfg.mode)
+    gathered = _with_cval(values, cfg.cval, dtype)[taps.index]
+    out = np.where(taps.valid, np.sum(taps.weight * gathered, axis=1), dtype.type(cfg.cval))
     return out.reshape(coordinates.shape[1:]).astype(input.dtype)
 
 
 def sample_backward(grad_output, input, coordinates, cfg, want_input: bool, want_coordinates: bool):
     """→ (grad_input in input's dtype or None, grad_coordinates (ndim, P) in the compute dtype or None)."""
     dtype = compute_dtype(input.dtype)
-    c = coordinates.astype(dtype, copy=False).reshape(len(cfg.shape), math.prod(coordinates.shape[1:]))
-    taps = _taps(c, cfg.shape, cfg.order, cfg.mode)
+    values = _coefficients(input, cfg, dtype)
+    taps = _taps(_sampled(coordinates, cfg, dtype), values.shape, cfg.order, cfg.mode)
     g = np.where(taps.valid, grad_output.astype(dtype, copy=False).ravel(), 0)
     grad_input = grad_coordinates = None
     if want_input:
-        size = input.size
+        size = values.size
         gathered = np.bincount(taps.index.ravel(), (taps.weight * g[:, None]).ravel(), minlength=size + 1)
-        grad_input = gathered[:size].reshape(input.shape).astype(input.dtype)
+        grad_input = gathered[:size].reshape(values.shape).astype(dtype, copy=False)
+        if cfg.prefiltered:
+            grad_input = spline_coefficients_adjoint(grad_input, cfg)
+        grad_input = grad_input.astype(input.dtype)
     if want_coordinates:
-        values = _with_cval(input, cfg.cval, dtype)[taps.index] * g[:, None]
-        grad_coordinates = np.stack([np.sum(d * values, axis=1) for d in taps.dweight]).astype(dtype, copy=False)
+        tapped = _with_cval(values, cfg.cval, dtype)[taps.index] * g[:, None]
+        grad_coordinates = np.stack([np.sum(d * tapped, axis=1) for d in taps.dweight]).astype(dtype, copy=False)
     return grad_input, grad_coordinates
 
 
