@@ -68,7 +68,7 @@ try:
 except ImportError:  # optional
     ndimage = None
 
-OPS = ("affine_grid", "grid_sample")            # the ops of deformcp.ops.SPECS timed here
+OPS = ("affine_grid", "grid_sample", "affine_sample")  # the ops of deformcp.ops.SPECS timed here
 OPTIONS = {"mode": "bilinear", "padding_mode": "zeros", "align_corners": False}
 PHASES = ("forward", "backward", "forward+backward")
 GRADS = ("input", "theta")
@@ -165,6 +165,26 @@ class Deformcp(harness.DeformcpOp):
         """grad_theta with grid_sample differentiated at ``grid`` instead of at affine_grid(theta)."""
         with deformcp.backend(self.cpu_backend):
             return self._backward(np.asarray(grid, dtype=self.a["input"].dtype))[1]
+
+
+class DeformcpFused(harness.DeformcpOp):
+    """deformcp.affine_sample (the two steps in one, no grid) forward / backward through its spec, on one
+    backend; its grid (for the verification only) is affine_grid's."""
+
+    op, grads = "affine_sample", GRADS
+
+    def __init__(self, backend: str, problem: Problem, deterministic=False, move=None):
+        self.options = {"size": problem.shape, **OPTIONS}
+        super().__init__(backend, problem, deterministic, move)
+
+    def backward(self):
+        with deformcp.backend(self.cpu_backend):
+            return self._backward()
+
+    def intermediates(self) -> dict:
+        with deformcp.backend(self.cpu_backend):
+            return {"grid": deformcp.affine_grid(self.a["theta"], self.options["size"],
+                                                 align_corners=OPTIONS["align_corners"])}
 
 
 class Torch(harness.TorchOp):
@@ -369,6 +389,9 @@ def build(setup: harness.DeviceSetup, problem, args) -> dict:
     if isinstance(problem, Problem):
         impls = harness.deformcp_impls(setup, lambda backend, move: Deformcp(backend, problem, args.deterministic,
                                                                              move))
+        fused = harness.deformcp_impls(setup, lambda backend, move: DeformcpFused(backend, problem,
+                                                                                  args.deterministic, move))
+        impls.update({name.replace("deformcp", "deformcp fused"): impl for name, impl in fused.items()})
     else:
         make = DeformcpWarp if isinstance(problem, WarpProblem) else DeformcpGridSample
         impls = {"deformcp numpy": make("numpy", problem)}
