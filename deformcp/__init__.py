@@ -20,6 +20,8 @@ compiler. DLPack arrays (PyTorch, JAX, ...) come back in their own framework; ``
 ``deformcp.onnx`` exports deformcp.torch models to ONNX. Conventions: README.md and docs/conventions.md.
 """
 from ._dispatch import backend, current_backend
+from ._types import Array as Array  # noqa: F401  (the array types: deformcp._types; not in __all__)
+from ._types import ArrayLike as ArrayLike  # noqa: F401
 from ._workspace import get_workspace_limit, workspace_limit
 from .ops.affine_sample import AffineSampleGrads, affine_sample, affine_sample_backward
 from .ops.deform_conv import DeformConv2dGrads, deform_conv2d, deform_conv2d_backward

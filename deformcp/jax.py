@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
@@ -94,7 +94,7 @@ _TRACER = getattr(jax.core, "Tracer", ())
 
 # jax.pure_callback's vmap behaviour: "sequential" from JAX 0.4.34 on; before, vectorized=False (the default)
 # meant the same.
-_CALLBACK_OPTIONS = ({"vmap_method": "sequential"}
+_CALLBACK_OPTIONS: dict[str, Any] = ({"vmap_method": "sequential"}
                      if "vmap_method" in inspect.signature(jax.pure_callback).parameters else {})
 
 
@@ -252,90 +252,149 @@ def _boxes(input, boxes, name: str):
 
 # ---------------------------------------------------------------------------------------------- the ops
 
-def affine_grid(theta, size, align_corners=False):
-    """Differentiable :func:`deformcp.affine_grid`: the sampling grid (N, H, W, 2) of theta (N, 2, 3) for
-    the output size (N, C, H, W) (static), or (N, D, H, W, 3) of theta (N, 3, 4) for (N, C, D, H, W). Gradient:
-    theta."""
-    return _apply("affine_grid", locals())
+if TYPE_CHECKING:
+    # The signatures with their types, for type checkers. At run time the functions below carry no annotations
+    # (tests/test_jax.py holds their parameters equal to the deformcp functions' without annotations); JAX arrays
+    # or what jnp.asarray takes in (jax.typing.ArrayLike), jax.Array out.
+    from jax.typing import ArrayLike
+
+    from deformcp.ops._spec import IntPair, IntSequence, LevelShapes
+
+    #: RoIs (K, 5), or a list of per-image (L, 4) boxes.
+    Boxes = Union[ArrayLike, Sequence[ArrayLike]]
+
+    def affine_grid(theta: ArrayLike, size: Sequence[int], align_corners: bool = False) -> jax.Array: ...
+
+    def grid_sample(input: ArrayLike, grid: ArrayLike, mode: str = "bilinear", padding_mode: str = "zeros",
+                    align_corners: bool = False, *, deterministic: bool = False) -> jax.Array: ...
+
+    def affine_sample(input: ArrayLike, theta: ArrayLike, size: Optional[Sequence[int]] = None,
+                      mode: str = "bilinear", padding_mode: str = "zeros", align_corners: bool = False, *,
+                      deterministic: bool = False) -> jax.Array: ...
+
+    def roi_align(input: ArrayLike, boxes: Boxes, output_size: IntPair, spatial_scale: float = 1.0,
+                  sampling_ratio: int = -1, aligned: bool = False, pool_mode: str = "avg", *,
+                  deterministic: bool = False) -> jax.Array: ...
+
+    def ps_roi_align(input: ArrayLike, boxes: Boxes, output_size: IntPair, spatial_scale: float = 1.0,
+                     sampling_ratio: int = -1, *, deterministic: bool = False) -> jax.Array: ...
+
+    def deform_conv2d(input: ArrayLike, offset: ArrayLike, weight: ArrayLike, bias: Optional[ArrayLike] = None,
+                      stride: IntPair = 1, padding: IntPair = 0, dilation: IntPair = 1,
+                      mask: Optional[ArrayLike] = None, *, deterministic: bool = False) -> jax.Array: ...
+
+    def deform_roi_pool(input: ArrayLike, rois: Boxes, offset: Optional[ArrayLike] = None, output_size: IntPair = 7,
+                        spatial_scale: float = 1.0, sampling_ratio: int = 0, gamma: float = 0.1,
+                        mask: Optional[ArrayLike] = None, *, deterministic: bool = False) -> jax.Array: ...
+
+    def deform_ps_roi_pool(input: ArrayLike, rois: Boxes, offset: Optional[ArrayLike], output_dim: int,
+                           group_size: int, pooled_size: int, part_size: Optional[int] = None,
+                           sample_per_part: int = 4, spatial_scale: float = 1.0, trans_std: float = 0.0,
+                           no_trans: bool = False, *, deterministic: bool = False) -> jax.Array: ...
+
+    def mimic_loss(f_a: ArrayLike, f_b: ArrayLike) -> jax.Array: ...
+
+    def map_coordinates(input: ArrayLike, coordinates: ArrayLike, order: int = 1, mode: str = "constant",
+                        cval: float = 0.0, prefilter: bool = True, *, deterministic: bool = False) -> jax.Array: ...
+
+    def affine_transform(input: ArrayLike, matrix: ArrayLike, offset: ArrayLike = 0.0,
+                         output_shape: Optional[Sequence[int]] = None, order: int = 1, mode: str = "constant",
+                         cval: float = 0.0, prefilter: bool = True, *, deterministic: bool = False) -> jax.Array: ...
+
+    def ms_deform_attn(value: ArrayLike, spatial_shapes: LevelShapes, level_start_index: Optional[IntSequence],
+                       sampling_locations: ArrayLike, attention_weights: ArrayLike,
+                       points_per_level: Optional[IntSequence] = None, method: str = "default", *,
+                       deterministic: bool = False) -> jax.Array: ...
+
+    def flash_deform_attn(value: ArrayLike, spatial_shapes: LevelShapes, level_start_index: Optional[IntSequence],
+                          sampling_loc_attn: ArrayLike, num_points: int, *,
+                          deterministic: bool = False) -> jax.Array: ...
+else:
+
+    def affine_grid(theta, size, align_corners=False):
+        """Differentiable :func:`deformcp.affine_grid`: the sampling grid (N, H, W, 2) of theta (N, 2, 3) for
+        the output size (N, C, H, W) (static), or (N, D, H, W, 3) of theta (N, 3, 4) for (N, C, D, H, W). Gradient:
+        theta."""
+        return _apply("affine_grid", locals())
 
 
-def grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corners=False, *, deterministic=False):
-    """Differentiable :func:`deformcp.grid_sample`: input (N, C, H, W) sampled at grid (N, H_out, W_out, 2)
-    → (N, C, H_out, W_out), or a volume (N, C, D, H, W) at (N, D_out, H_out, W_out, 3) → (N, C, D_out, H_out,
-    W_out). Gradients: input and grid (0 for the grid with mode "nearest")."""
-    return _apply("grid_sample", locals())
+    def grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corners=False, *, deterministic=False):
+        """Differentiable :func:`deformcp.grid_sample`: input (N, C, H, W) sampled at grid (N, H_out, W_out, 2)
+        → (N, C, H_out, W_out), or a volume (N, C, D, H, W) at (N, D_out, H_out, W_out, 3) → (N, C, D_out, H_out,
+        W_out). Gradients: input and grid (0 for the grid with mode "nearest")."""
+        return _apply("grid_sample", locals())
 
 
+    def affine_sample(input, theta, size=None, mode="bilinear", padding_mode="zeros", align_corners=False, *,
+                      deterministic=False):
+        """Differentiable :func:`deformcp.affine_sample`: input (N, C, H, W) or (N, C, D, H, W) sampled at
+        affine_grid(theta, size) without the grid (size static; None: the input's). Gradients: input and theta."""
+        return _apply("affine_sample", locals())
 
-def affine_sample(input, theta, size=None, mode="bilinear", padding_mode="zeros", align_corners=False, *,
+    def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, pool_mode="avg", *,
                   deterministic=False):
-    """Differentiable :func:`deformcp.affine_sample`: input (N, C, H, W) or (N, C, D, H, W) sampled at
-    affine_grid(theta, size) without the grid (size static; None: the input's). Gradients: input and theta."""
-    return _apply("affine_sample", locals())
-
-def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, pool_mode="avg", *,
-              deterministic=False):
-    """Differentiable :func:`deformcp.roi_align`: input (N, C, H, W), boxes (K, 5) or a list of per-image
-    (L, 4) arrays → (K, C, PH, PW). Gradient: input (boxes get zero)."""
-    return _apply("roi_align", locals())
+        """Differentiable :func:`deformcp.roi_align`: input (N, C, H, W), boxes (K, 5) or a list of per-image
+        (L, 4) arrays → (K, C, PH, PW). Gradient: input (boxes get zero)."""
+        return _apply("roi_align", locals())
 
 
-def ps_roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, *, deterministic=False):
-    """Differentiable :func:`deformcp.ps_roi_align` → (K, C / (PH·PW), PH, PW). Gradient: input."""
-    return _apply("ps_roi_align", locals())
+    def ps_roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, *, deterministic=False):
+        """Differentiable :func:`deformcp.ps_roi_align` → (K, C / (PH·PW), PH, PW). Gradient: input."""
+        return _apply("ps_roi_align", locals())
 
 
-def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None, *,
-                  deterministic=False):
-    """Differentiable :func:`deformcp.deform_conv2d` (v1, or v2 with ``mask``) → (N, C_out, H_out, W_out).
-    Gradients: input, offset, weight, bias and mask (those given)."""
-    return _apply("deform_conv2d", locals())
+    def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None, *,
+                      deterministic=False):
+        """Differentiable :func:`deformcp.deform_conv2d` (v1, or v2 with ``mask``) → (N, C_out, H_out, W_out).
+        Gradients: input, offset, weight, bias and mask (those given)."""
+        return _apply("deform_conv2d", locals())
 
 
-def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, sampling_ratio=0, gamma=0.1,
-                    mask=None, *, deterministic=False):
-    """Differentiable :func:`deformcp.deform_roi_pool` → (K, C, PH, PW). Gradients: input, offset and mask
-    (those given); rois get zero."""
-    return _apply("deform_roi_pool", locals())
+    def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, sampling_ratio=0, gamma=0.1,
+                        mask=None, *, deterministic=False):
+        """Differentiable :func:`deformcp.deform_roi_pool` → (K, C, PH, PW). Gradients: input, offset and mask
+        (those given); rois get zero."""
+        return _apply("deform_roi_pool", locals())
 
 
-def deform_ps_roi_pool(input, rois, offset, output_dim, group_size, pooled_size, part_size=None, sample_per_part=4,
-                       spatial_scale=1.0, trans_std=0.0, no_trans=False, *, deterministic=False):
-    """Differentiable :func:`deformcp.deform_ps_roi_pool`: rois (K, 5) or a list of per-image (L, 4) arrays
-    → (K, output_dim, P, P). Gradients: input and offset (zero with ``no_trans``); rois get zero."""
-    return _apply("deform_ps_roi_pool", locals())
+    def deform_ps_roi_pool(input, rois, offset, output_dim, group_size, pooled_size, part_size=None, sample_per_part=4,
+                           spatial_scale=1.0, trans_std=0.0, no_trans=False, *, deterministic=False):
+        """Differentiable :func:`deformcp.deform_ps_roi_pool`: rois (K, 5) or a list of per-image (L, 4) arrays
+        → (K, output_dim, P, P). Gradients: input and offset (zero with ``no_trans``); rois get zero."""
+        return _apply("deform_ps_roi_pool", locals())
 
 
-def mimic_loss(f_a, f_b):
-    """Differentiable :func:`deformcp.mimic_loss`: f_a, f_b (K, D) → a 0-d loss. Gradients: f_a and f_b."""
-    return _apply("mimic_loss", locals())
+    def mimic_loss(f_a, f_b):
+        """Differentiable :func:`deformcp.mimic_loss`: f_a, f_b (K, D) → a 0-d loss. Gradients: f_a and f_b."""
+        return _apply("mimic_loss", locals())
 
 
-def map_coordinates(input, coordinates, order=1, mode="constant", cval=0.0, prefilter=True, *, deterministic=False):
-    """Differentiable :func:`deformcp.ndimage.map_coordinates`: input (2-D or 3-D) at index coordinates
-    ``(ndim, *output_shape)`` → output_shape (options static). Gradients: input and coordinates."""
-    return _apply("map_coordinates", locals())
+    def map_coordinates(input, coordinates, order=1, mode="constant", cval=0.0, prefilter=True, *, deterministic=False):
+        """Differentiable :func:`deformcp.ndimage.map_coordinates`: input (2-D or 3-D) at index coordinates
+        ``(ndim, *output_shape)`` → output_shape (options static). Gradients: input and coordinates."""
+        return _apply("map_coordinates", locals())
 
 
-def affine_transform(input, matrix, offset=0.0, output_shape=None, order=1, mode="constant", cval=0.0, prefilter=True,
-                     *, deterministic=False):
-    """Differentiable :func:`deformcp.ndimage.affine_transform`: input (2-D or 3-D), matrix and offset (SciPy's
-    forms; offset may be a number) → output_shape (options static). Gradients: input, matrix and offset."""
-    offset = jnp.asarray(offset, dtype=input.dtype)
-    return _apply("affine_transform", locals())
+    def affine_transform(input, matrix, offset=0.0, output_shape=None, order=1, mode="constant", cval=0.0,
+                         prefilter=True, *, deterministic=False):
+        """Differentiable :func:`deformcp.ndimage.affine_transform`: input (2-D or 3-D), matrix and offset (SciPy's
+        forms; offset may be a number) → output_shape (options static). Gradients: input, matrix and offset."""
+        offset = jnp.asarray(offset, dtype=input.dtype)
+        return _apply("affine_transform", locals())
 
 
-def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                   points_per_level=None, method="default", *, deterministic=False):
-    """Differentiable :func:`deformcp.ms_deform_attn`: value (N, S, M, D), sampling_locations (N, Lq, M, L, P, 2) or
-    (N, Lq, M, ΣP_l, 2), attention_weights (N, Lq, M, L, P) or (N, Lq, M, ΣP_l) → (N, Lq, M·D). spatial_shapes
-    ((H_l, W_l) per level), level_start_index, points_per_level and method are static (Python values, or concrete
-    integer arrays). Gradients: value, sampling_locations and attention_weights."""
-    return _apply("ms_deform_attn", locals())
+    def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                       points_per_level=None, method="default", *, deterministic=False):
+        """Differentiable :func:`deformcp.ms_deform_attn`: value (N, S, M, D), sampling_locations (N, Lq, M, L, P, 2) or
+        (N, Lq, M, ΣP_l, 2), attention_weights (N, Lq, M, L, P) or (N, Lq, M, ΣP_l) → (N, Lq, M·D). spatial_shapes
+        ((H_l, W_l) per level), level_start_index, points_per_level and method are static (Python values, or concrete
+        integer arrays). Gradients: value, sampling_locations and attention_weights."""
+        return _apply("ms_deform_attn", locals())
 
 
-def flash_deform_attn(value, spatial_shapes, level_start_index, sampling_loc_attn, num_points, *, deterministic=False):
-    """Differentiable :func:`deformcp.flash_deform_attn`: value (N, S, M, D), sampling_loc_attn (N, Lq, M, L·P·3)
-    → (N, Lq, M·D); spatial_shapes, level_start_index and num_points static. Gradients: value and
-    sampling_loc_attn (locations and logits)."""
-    return _apply("flash_deform_attn", locals())
+    def flash_deform_attn(value, spatial_shapes, level_start_index, sampling_loc_attn, num_points, *,
+                          deterministic=False):
+        """Differentiable :func:`deformcp.flash_deform_attn`: value (N, S, M, D), sampling_loc_attn (N, Lq, M, L·P·3)
+        → (N, Lq, M·D); spatial_shapes, level_start_index and num_points static. Gradients: value and
+        sampling_loc_attn (locations and logits)."""
+        return _apply("flash_deform_attn", locals())

@@ -69,7 +69,7 @@ onnxruntime. Dtypes: onnxruntime's CPU kernels for these operators take float32 
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 try:
     import torch
@@ -81,6 +81,7 @@ except ImportError as _error:  # pragma: no cover - exercised in a subprocess by
                       "and onnxruntime, which runs the exported models)") from _error
 try:
     import onnxscript
+    import onnxscript.evaluator
     from onnxscript import ir
 except ImportError as _error:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError("deformcp.onnx needs onnxscript (and onnx), which could not be imported "
@@ -221,7 +222,7 @@ TRANSLATIONS = {getattr(torch.ops.deformcp, name).default: function for name, fu
 
 # ------------------------------------------------------------------------------------------------ export
 
-def _unsupported_cause(error: BaseException):
+def _unsupported_cause(error: Optional[BaseException]):
     """The UnsupportedExportError among error's causes, if any."""
     seen = set()
     while error is not None and id(error) not in seen:

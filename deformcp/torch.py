@@ -50,7 +50,7 @@ import contextlib
 import functools
 import inspect
 import math
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union, cast
 
 import numpy as np
 
@@ -66,11 +66,15 @@ except ImportError as _error:  # pragma: no cover - exercised in a subprocess by
 
 import deformcp as _dc
 from deformcp import _validate
-from deformcp.ops import SPECS, _call
+from deformcp.ops import SPECS, OpSpec, _call
 from deformcp.ops import deform_conv as _deform_conv
 from deformcp.ops import roi_align as _roi_align
 from deformcp.ops import spatial_transformer as _spatial_transformer
-from deformcp.ops._spec import IntPair, LevelShapes
+from deformcp.ops._spec import IntPair, IntSequence, LevelShapes
+
+Tensor = torch.Tensor
+#: RoIs (K, 5), or a list of per-image (L, 4) boxes.
+Boxes = Union[Tensor, Sequence[Tensor]]
 
 __all__ = [
     "affine_grid", "grid_sample", "roi_align", "ps_roi_align", "deform_conv2d", "deform_roi_pool",
@@ -163,10 +167,11 @@ def _align_corners(value):
 
 #: The schema type of each kind of option annotation of the deformcp functions (deformcp.ops.OpSpec.option_types).
 _SCHEMA_TYPES = {bool: "bool", int: "int", float: "float", str: "str", IntPair: "int[]", Sequence[int]: "SymInt[]",
-                 Optional[int]: "int?", LevelShapes: "SymInt[]", Optional[Sequence[int]]: "SymInt[]?"}
+                 Optional[int]: "int?", LevelShapes: "SymInt[]", Optional[Sequence[int]]: "SymInt[]?",
+                 Optional[IntSequence]: "SymInt[]?"}
 
 #: The option kinds that also come as integer arrays (spatial_shapes, level_start_index, points_per_level).
-_INTEGER_ARRAYS = (LevelShapes, Optional[Sequence[int]])
+_INTEGER_ARRAYS = (LevelShapes, Optional[Sequence[int]], Optional[IntSequence])
 
 
 def _listed(kind, value):
@@ -200,7 +205,7 @@ def _schema_value(name: str, kind, value):
         return list(value)
     if kind is LevelShapes:
         return [size for row in _host_integers(name, value, pairs=True) for size in row]
-    if kind == Optional[Sequence[int]]:
+    if kind == Optional[Sequence[int]] or kind == Optional[IntSequence]:
         return None if value is None else list(_host_integers(name, value, pairs=False))
     if kind is IntPair:
         return list(_validate.pair(name, value, minimum=0, maximum=2**63 - 1))
@@ -294,7 +299,8 @@ def _register(library, spec):
     @torch.compiler.disable  # the kernels run deformcp's call path on real tensors: never traced
     def forward(*args):
         tensors, values = _split(spec, args)
-        return _call.run_forward(spec, {k: _plain(t) for k, t in tensors.items()}, values).contiguous()
+        out = cast(Tensor, _call.run_forward(spec, {k: _plain(t) for k, t in tensors.items()}, values))  # torch's
+        return out.contiguous()
 
     def forward_fake(*args):
         tensors, values = _split(spec, args)
@@ -306,7 +312,8 @@ def _register(library, spec):
         needs, deterministic = args[-2:]
         grads = _call.run_backward(spec, _plain(grad_output), {k: _plain(t) for k, t in tensors.items()}, values,
                                    tuple(needs), deterministic)
-        return [grad_output.new_empty(0) if g is None else g.contiguous() for g in grads]  # as the fake kernels say
+        # as the fake kernels say; the call path hands back torch's tensors
+        return [grad_output.new_empty(0) if g is None else cast(Tensor, g).contiguous() for g in grads]
 
     def backward_fake(grad_output, *args):
         tensors, _ = _split(spec, args)
@@ -386,8 +393,8 @@ def _vmap_by_loop(op):
 class _Entry(NamedTuple):
     """What the front door needs of an op, computed once (plain tuples: torch.compile reads them as constants)."""
 
-    op: object                      # torch.ops.deformcp.<name>
-    spec: object
+    op: Callable[..., Tensor]       # torch.ops.deformcp.<name>
+    spec: OpSpec
     arrays: tuple[str, ...]
     kinds: tuple[tuple[str, object], ...]  # (option, annotation) in signature order
 
@@ -414,7 +421,7 @@ def _autocast(tensors: dict, first: str) -> dict:
             for name, t in tensors.items()}
 
 
-def _apply(name: str, arguments: dict):
+def _apply(name: str, arguments: dict[str, Any]) -> Tensor:
     """Op ``name`` called with ``arguments`` (a function's locals()): per-image box lists become (K, 5) RoIs; the
     arguments are checked by deformcp's rules (named errors) before the op sees them."""
     entry = _OPS[name]
@@ -433,7 +440,7 @@ def _apply(name: str, arguments: dict):
 
 # ------------------------------------------------------------------------------------------- functions
 
-def affine_grid(theta, size, align_corners=None):
+def affine_grid(theta: Tensor, size: Sequence[int], align_corners: Optional[bool] = None) -> Tensor:
     """Differentiable :func:`deformcp.affine_grid`, as ``torch.nn.functional.affine_grid`` (2-D and 3-D).
 
     Args:
@@ -450,7 +457,8 @@ def affine_grid(theta, size, align_corners=None):
     return _apply("affine_grid", locals())
 
 
-def grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corners=None):
+def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mode: str = "zeros",
+                align_corners: Optional[bool] = None) -> Tensor:
     """Differentiable :func:`deformcp.grid_sample`, as ``torch.nn.functional.grid_sample`` (4-D and 5-D input).
 
     Args:
@@ -470,14 +478,16 @@ def grid_sample(input, grid, mode="bilinear", padding_mode="zeros", align_corner
 
 
 
-def affine_sample(input, theta, size=None, mode="bilinear", padding_mode="zeros", align_corners=None):
+def affine_sample(input: Tensor, theta: Tensor, size: Optional[Sequence[int]] = None, mode: str = "bilinear",
+                  padding_mode: str = "zeros", align_corners: Optional[bool] = None) -> Tensor:
     """Differentiable :func:`deformcp.affine_sample`: ``grid_sample(input, affine_grid(theta, size), ...)`` without
     the grid, for images (theta (N, 2, 3)) and volumes (theta (N, 3, 4)); size None: the input's. align_corners None
     means False. Gradients: input and theta."""
     align_corners = _align_corners(align_corners)
     return _apply("affine_sample", locals())
 
-def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, pool_mode="avg"):
+def roi_align(input: Tensor, boxes: Boxes, output_size: IntPair, spatial_scale: float = 1.0, sampling_ratio: int = -1,
+              aligned: bool = False, pool_mode: str = "avg") -> Tensor:
     """Differentiable :func:`deformcp.roi_align`, as ``torchvision.ops.roi_align`` (plus mmcv's max pooling).
 
     Args:
@@ -494,7 +504,8 @@ def roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1, a
     return _apply("roi_align", locals())
 
 
-def ps_roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1):
+def ps_roi_align(input: Tensor, boxes: Boxes, output_size: IntPair, spatial_scale: float = 1.0,
+                 sampling_ratio: int = -1) -> Tensor:
     """Differentiable :func:`deformcp.ps_roi_align`, as ``torchvision.ops.ps_roi_align``.
 
     Args:
@@ -508,7 +519,8 @@ def ps_roi_align(input, boxes, output_size, spatial_scale=1.0, sampling_ratio=-1
     return _apply("ps_roi_align", locals())
 
 
-def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilation=1, mask=None):
+def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntPair = 1,
+                  padding: IntPair = 0, dilation: IntPair = 1, mask: Optional[Tensor] = None) -> Tensor:
     """Differentiable :func:`deformcp.deform_conv2d`, as ``torchvision.ops.deform_conv2d`` (v2 with mask).
 
     Args:
@@ -525,8 +537,9 @@ def deform_conv2d(input, offset, weight, bias=None, stride=1, padding=0, dilatio
     return _apply("deform_conv2d", locals())
 
 
-def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, sampling_ratio=0, gamma=0.1,
-                    mask=None):
+def deform_roi_pool(input: Tensor, rois: Boxes, offset: Optional[Tensor] = None, output_size: IntPair = 7,
+                    spatial_scale: float = 1.0, sampling_ratio: int = 0, gamma: float = 0.1,
+                    mask: Optional[Tensor] = None) -> Tensor:
     """Differentiable :func:`deformcp.deform_roi_pool`, as ``mmcv.ops.deform_roi_pool`` (times ``mask``, as
     mmcv's modulated pooling).
 
@@ -543,8 +556,9 @@ def deform_roi_pool(input, rois, offset=None, output_size=7, spatial_scale=1.0, 
     return _apply("deform_roi_pool", locals())
 
 
-def deform_ps_roi_pool(input, rois, offset, output_dim, group_size, pooled_size, part_size=None, sample_per_part=4,
-                       spatial_scale=1.0, trans_std=0.0, no_trans=False):
+def deform_ps_roi_pool(input: Tensor, rois: Boxes, offset: Optional[Tensor], output_dim: int, group_size: int,
+                       pooled_size: int, part_size: Optional[int] = None, sample_per_part: int = 4,
+                       spatial_scale: float = 1.0, trans_std: float = 0.0, no_trans: bool = False) -> Tensor:
     """Differentiable :func:`deformcp.deform_ps_roi_pool` (DCNv1's deformable position-sensitive RoI pooling).
 
     Args:
@@ -560,14 +574,16 @@ def deform_ps_roi_pool(input, rois, offset, output_dim, group_size, pooled_size,
     return _apply("deform_ps_roi_pool", locals())
 
 
-def map_coordinates(input, coordinates, order=1, mode="constant", cval=0.0, prefilter=True):
+def map_coordinates(input: Tensor, coordinates: Tensor, order: int = 1, mode: str = "constant", cval: float = 0.0,
+                    prefilter: bool = True) -> Tensor:
     """Differentiable :func:`deformcp.ndimage.map_coordinates` (scipy.ndimage's): input (2-D or 3-D) sampled at
     index coordinates ``(ndim, *output_shape)`` → output_shape. Gradients: input and coordinates."""
     return _apply("map_coordinates", locals())
 
 
-def affine_transform(input, matrix, offset=0.0, output_shape=None, order=1, mode="constant", cval=0.0,
-                     prefilter=True):
+def affine_transform(input: Tensor, matrix: Tensor, offset: Union[Tensor, float, Sequence[float]] = 0.0,
+                     output_shape: Optional[Sequence[int]] = None, order: int = 1, mode: str = "constant",
+                     cval: float = 0.0, prefilter: bool = True) -> Tensor:
     """Differentiable :func:`deformcp.ndimage.affine_transform` (scipy.ndimage's): input (2-D or 3-D), matrix in
     any of SciPy's forms and offset (a tensor, or a number) mapping output to input indices. Gradients: input,
     matrix and offset (a number's: none)."""
@@ -576,7 +592,7 @@ def affine_transform(input, matrix, offset=0.0, output_shape=None, order=1, mode
     return _apply("affine_transform", locals())
 
 
-def mimic_loss(f_a, f_b):
+def mimic_loss(f_a: Tensor, f_b: Tensor) -> Tensor:
     """Differentiable :func:`deformcp.mimic_loss`: ``Σ_k [1 − cos(f_a[k], f_b[k])]`` (DCNv2 feature mimicking).
 
     Args:
@@ -588,8 +604,9 @@ def mimic_loss(f_a, f_b):
     return _apply("mimic_loss", locals())
 
 
-def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, im2col_step=None,
-                   *, points_per_level=None, method="default"):
+def ms_deform_attn(value: Tensor, spatial_shapes: LevelShapes, level_start_index: Optional[IntSequence],
+                   sampling_locations: Tensor, attention_weights: Tensor, im2col_step: Optional[int] = None, *,
+                   points_per_level: Optional[IntSequence] = None, method: str = "default") -> Tensor:
     """Differentiable :func:`deformcp.ms_deform_attn`, multi-scale deformable attention, called as Deformable DETR's
     ``MSDeformAttnFunction.apply(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
     im2col_step)``.
@@ -614,7 +631,8 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     return _apply("ms_deform_attn", locals())
 
 
-def flash_deform_attn(value, spatial_shapes, level_start_index, sampling_loc_attn, num_points, im2col_step=None):
+def flash_deform_attn(value: Tensor, spatial_shapes: LevelShapes, level_start_index: Optional[IntSequence],
+                      sampling_loc_attn: Tensor, num_points: int, im2col_step: Optional[int] = None) -> Tensor:
     """Differentiable :func:`deformcp.flash_deform_attn` (DCNv4's FlashDeformAttn: the softmax over each head's
     L·P logits inside the op).
 
@@ -639,7 +657,7 @@ for _function in ("affine_grid", "grid_sample", "roi_align", "ps_roi_align", "de
 
 # ---------------------------------------------------------------------------------------------- modules
 
-def _offset_groups(offset_groups, deform_groups, in_channels: int) -> Optional[int]:
+def _offset_groups(offset_groups: Optional[int], deform_groups: Optional[int], in_channels: int) -> Optional[int]:
     """The offset groups G of a deformable convolution module, given as offset_groups or by mmcv's name,
     deform_groups (not both), checked (a divisor of in_channels); None if neither is given."""
     if offset_groups is not None and deform_groups is not None:
@@ -671,8 +689,9 @@ class DeformConv2d(nn.Module):
         G·kh·kw, H_out, W_out] or None) → Tensor[N, C_out, H_out, W_out].
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 bias=True, offset_groups=None, *, deform_groups=None):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair = 1,
+                 padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1, bias: bool = True,
+                 offset_groups: Optional[int] = None, *, deform_groups: Optional[int] = None) -> None:
         super().__init__()
         in_channels = _validate.integer("in_channels", in_channels, minimum=1)
         out_channels = _validate.integer("out_channels", out_channels, minimum=1)
@@ -690,7 +709,7 @@ class DeformConv2d(nn.Module):
         self.groups = groups
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size))
         if bias:
-            self.bias = nn.Parameter(torch.empty(out_channels))
+            self.bias: Optional[nn.Parameter] = nn.Parameter(torch.empty(out_channels))
         else:
             self.register_parameter("bias", None)
         self.reset_parameters()
@@ -707,7 +726,7 @@ class DeformConv2d(nn.Module):
             self.bias = None  # a bias-free layer's state_dict (mmcv's DeformConv2d, DeformConv2dPack)
         super()._load_from_state_dict(state_dict, prefix, *args)
 
-    def forward(self, input, offset, mask=None):
+    def forward(self, input: Tensor, offset: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         taps = self.kernel_size[0] * self.kernel_size[1]
         if self.offset_groups is not None and not _tracing(offset) and offset.shape[1] != 2 * self.offset_groups * taps:
             raise ValueError(f"offset: expected 2·offset_groups·kh·kw = {2 * self.offset_groups * taps} channels "
@@ -744,8 +763,9 @@ class DeformConv2dPack(DeformConv2d):
 
     mask_channels_per_tap = 0
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 bias=True, offset_groups=None, *, deform_groups=None):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair = 1,
+                 padding: IntPair = 0, dilation: IntPair = 1, groups: int = 1, bias: bool = True,
+                 offset_groups: Optional[int] = None, *, deform_groups: Optional[int] = None) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          offset_groups, deform_groups=deform_groups)
         if self.offset_groups is None:
@@ -758,6 +778,7 @@ class DeformConv2dPack(DeformConv2d):
     def init_offset(self) -> None:
         """Zero the offset (and mask) branch: offsets 0 (and masks sigmoid(0) = 0.5), as DCNv1/v2."""
         nn.init.zeros_(self.conv_offset.weight)
+        assert self.conv_offset.bias is not None  # built with bias=True
         nn.init.zeros_(self.conv_offset.bias)
 
     def reset_parameters(self) -> None:
@@ -765,7 +786,7 @@ class DeformConv2dPack(DeformConv2d):
         if hasattr(self, "conv_offset"):
             self.init_offset()
 
-    def forward(self, input):
+    def forward(self, input: Tensor) -> Tensor:  # type: ignore[override]  # torchvision's Pack takes no offset
         return deform_conv2d(input, self.conv_offset(input), self.weight, self.bias, self.stride, self.padding,
                              self.dilation)
 
@@ -788,8 +809,9 @@ class ModulatedDeformConv2dPack(DeformConv2dPack):
 
     mask_channels_per_tap = 1
 
-    def forward(self, input):
+    def forward(self, input: Tensor) -> Tensor:  # type: ignore[override]  # as DeformConv2dPack's
         out = self.conv_offset(input)
+        assert self.offset_groups is not None  # DeformConv2dPack's default: 1
         split = 2 * self.offset_groups * self.kernel_size[0] * self.kernel_size[1]
         offset, mask = out[:, :split], torch.sigmoid(out[:, split:])
         return deform_conv2d(input, offset, self.weight, self.bias, self.stride, self.padding, self.dilation, mask)
@@ -802,7 +824,8 @@ class RoIAlign(nn.Module):
     Tensor[K, C, PH, PW].
     """
 
-    def __init__(self, output_size, spatial_scale=1.0, sampling_ratio=-1, aligned=False, pool_mode="avg"):
+    def __init__(self, output_size: IntPair, spatial_scale: float = 1.0, sampling_ratio: int = -1,
+                 aligned: bool = False, pool_mode: str = "avg") -> None:
         super().__init__()
         # raises here, not at the first forward
         _roi_align.parse_roi_options(output_size, spatial_scale, sampling_ratio, aligned, pool_mode)
@@ -812,7 +835,7 @@ class RoIAlign(nn.Module):
         self.aligned = aligned
         self.pool_mode = pool_mode
 
-    def forward(self, input, rois):
+    def forward(self, input: Tensor, rois: Boxes) -> Tensor:
         return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned,
                          self.pool_mode)
 
@@ -828,14 +851,14 @@ class PSRoIAlign(nn.Module):
     Tensor[L, 4]) → Tensor[K, C / (PH·PW), PH, PW].
     """
 
-    def __init__(self, output_size, spatial_scale=1.0, sampling_ratio=-1):
+    def __init__(self, output_size: IntPair, spatial_scale: float = 1.0, sampling_ratio: int = -1) -> None:
         super().__init__()
         _roi_align.parse_roi_options(output_size, spatial_scale, sampling_ratio, True, "avg")  # raises here
         self.output_size = output_size
         self.spatial_scale = spatial_scale
         self.sampling_ratio = sampling_ratio
 
-    def forward(self, input, rois):
+    def forward(self, input: Tensor, rois: Boxes) -> Tensor:
         return ps_roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio)
 
     def extra_repr(self) -> str:
@@ -843,7 +866,7 @@ class PSRoIAlign(nn.Module):
                 f"sampling_ratio={self.sampling_ratio}")
 
 
-def _offset_fc(in_features, hidden, out_features):
+def _offset_fc(in_features: int, hidden: int, out_features: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden),
                          nn.ReLU(inplace=True), nn.Linear(hidden, out_features))
 
@@ -866,8 +889,8 @@ class DeformRoIPool(nn.Module):
     Tensor[K, C, PH, PW].
     """
 
-    def __init__(self, output_size, output_channels, deform_fc_channels=1024, spatial_scale=1.0, sampling_ratio=0,
-                 gamma=0.1):
+    def __init__(self, output_size: IntPair, output_channels: int, deform_fc_channels: int = 1024,
+                 spatial_scale: float = 1.0, sampling_ratio: int = 0, gamma: float = 0.1) -> None:
         super().__init__()
         self.output_size = _roi_align.parse_roi_options(output_size, spatial_scale, sampling_ratio, True, "avg")[:2]
         _validate.real("gamma", gamma)
@@ -880,17 +903,20 @@ class DeformRoIPool(nn.Module):
         self.gamma = gamma
         bins = self.output_size[0] * self.output_size[1]
         self.offset_fc = _offset_fc(bins * output_channels, deform_fc_channels, 2 * bins)
-        nn.init.zeros_(self.offset_fc[-1].weight)
-        nn.init.zeros_(self.offset_fc[-1].bias)
+        last = self.offset_fc[-1]
+        assert isinstance(last, nn.Linear)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
-    def _pool(self, input, rois, offset=None, mask=None):
+    def _pool(self, input: Tensor, rois: Boxes, offset: Optional[Tensor] = None,
+              mask: Optional[Tensor] = None) -> Tensor:
         return deform_roi_pool(input, rois, offset, self.output_size, self.spatial_scale, self.sampling_ratio,
                                self.gamma, mask)
 
-    def _offset(self, pooled):
+    def _offset(self, pooled: Tensor) -> Tensor:
         return self.offset_fc(pooled.flatten(1)).view(-1, 2, *self.output_size)
 
-    def forward(self, input, rois):
+    def forward(self, input: Tensor, rois: Boxes) -> Tensor:
         pooled = self._pool(input, rois)
         return self._pool(input, rois, self._offset(pooled))
 
@@ -912,16 +938,17 @@ class ModulatedDeformRoIPool(DeformRoIPool):
     Tensor[K, C, PH, PW].
     """
 
-    def __init__(self, output_size, output_channels, deform_fc_channels=1024, spatial_scale=1.0, sampling_ratio=0,
-                 gamma=0.1):
+    def __init__(self, output_size: IntPair, output_channels: int, deform_fc_channels: int = 1024,
+                 spatial_scale: float = 1.0, sampling_ratio: int = 0, gamma: float = 0.1) -> None:
         super().__init__(output_size, output_channels, deform_fc_channels, spatial_scale, sampling_ratio, gamma)
         bins = self.output_size[0] * self.output_size[1]
+        mask_logits = nn.Linear(deform_fc_channels, bins)
         self.mask_fc = nn.Sequential(nn.Linear(bins * output_channels, deform_fc_channels), nn.ReLU(inplace=True),
-                                     nn.Linear(deform_fc_channels, bins), nn.Sigmoid())
-        nn.init.zeros_(self.mask_fc[2].weight)
-        nn.init.zeros_(self.mask_fc[2].bias)
+                                     mask_logits, nn.Sigmoid())
+        nn.init.zeros_(mask_logits.weight)
+        nn.init.zeros_(mask_logits.bias)
 
-    def forward(self, input, rois):
+    def forward(self, input: Tensor, rois: Boxes) -> Tensor:
         pooled = self._pool(input, rois)
         mask = self.mask_fc(pooled.flatten(1)).view(-1, 1, *self.output_size)
         return self._pool(input, rois, self._offset(pooled), mask)
@@ -953,8 +980,10 @@ class SpatialTransformer(nn.Module):
     Tensor[N, 2, 3].
     """
 
-    def __init__(self, in_channels, output_size=None, localization=None, localization_features=None,
-                 hidden_channels=16, mode="bilinear", padding_mode="zeros", align_corners=False):
+    def __init__(self, in_channels: int, output_size: Optional[IntPair] = None,
+                 localization: Optional[nn.Module] = None, localization_features: Optional[int] = None,
+                 hidden_channels: int = 16, mode: str = "bilinear", padding_mode: str = "zeros",
+                 align_corners: Optional[bool] = False) -> None:
         super().__init__()
         in_channels = _validate.integer("in_channels", in_channels, minimum=1)
         output_size = None if output_size is None else _validate.pair("output_size", output_size, minimum=0)
@@ -982,11 +1011,11 @@ class SpatialTransformer(nn.Module):
         with torch.no_grad():
             self.fc_loc.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]))
 
-    def theta(self, input):
+    def theta(self, input: Tensor) -> Tensor:
         """The predicted affine transforms, Tensor[N, 2, 3]."""
         return self.fc_loc(self.localization(input)).view(-1, 2, 3)
 
-    def forward(self, input):
+    def forward(self, input: Tensor) -> Tensor:
         N, C, H, W = input.shape
         size = (N, C) + (self.output_size or (H, W))
         grid = affine_grid(self.theta(input), size, self.align_corners)
@@ -1025,7 +1054,7 @@ class MSDeformAttn(nn.Module):
     (its values are 0) → Tensor[N, Lq, C].
     """
 
-    def __init__(self, d_model=256, n_levels=4, n_heads=8, n_points=4):
+    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4) -> None:
         super().__init__()
         d_model = _validate.integer("d_model", d_model, minimum=1)
         n_levels = _validate.integer("n_levels", n_levels, minimum=1)
@@ -1050,7 +1079,7 @@ class MSDeformAttn(nn.Module):
             nn.init.xavier_uniform_(linear.weight)
             nn.init.zeros_(linear.bias)
 
-    def _initial_offsets(self):
+    def _initial_offsets(self) -> Tensor:
         """Tensor[M, L, P, 2]: head m's direction (cos, sin)(2πm/M), scaled to max-norm 1, times p + 1 (computed in
         float32, as Deformable DETR does)."""
         angles = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
@@ -1059,8 +1088,8 @@ class MSDeformAttn(nn.Module):
         scale = torch.arange(1, self.n_points + 1, dtype=torch.float32)
         return (directions[:, None, None, :] * scale[None, None, :, None]).repeat(1, self.n_levels, 1, 1)
 
-    def forward(self, query, reference_points, input_flatten, input_spatial_shapes, input_level_start_index,
-                input_padding_mask=None):
+    def forward(self, query: Tensor, reference_points: Tensor, input_flatten: Tensor, input_spatial_shapes: LevelShapes,
+                input_level_start_index: Optional[IntSequence], input_padding_mask: Optional[Tensor] = None) -> Tensor:
         N, Lq, _ = query.shape
         S = input_flatten.shape[1]
         M, L, P = self.n_heads, self.n_levels, self.n_points

@@ -18,9 +18,10 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 
 from .. import _kernels, _validate
+from .._types import Array, ArrayLike
 from ..reference import ms_deform_attn as reference
 from ._call import backward, forward
-from ._spec import Case, LevelShapes, OpSpec
+from ._spec import Case, IntSequence, LevelShapes, OpSpec
 
 FAMILY = "ms_deform_attn"
 METHODS = ("default", "discrete")
@@ -29,16 +30,16 @@ METHODS = ("default", "discrete")
 class MSDeformAttnGrads(NamedTuple):
     """Gradients of :func:`ms_deform_attn`; a field is None where it was not asked for."""
 
-    value: Optional[object]
-    sampling_locations: Optional[object]
-    attention_weights: Optional[object]
+    value: Optional[Array]
+    sampling_locations: Optional[Array]
+    attention_weights: Optional[Array]
 
 
 class FlashDeformAttnGrads(NamedTuple):
     """Gradients of :func:`flash_deform_attn`; a field is None where it was not asked for."""
 
-    value: Optional[object]
-    sampling_loc_attn: Optional[object]
+    value: Optional[Array]
+    sampling_loc_attn: Optional[Array]
 
 
 class MSDeformAttnConfig(NamedTuple):
@@ -228,8 +229,8 @@ def _backward_kernels(call, grad_output, value, locations, weights, cfg: MSDefor
     return cast[0], grad_locations, cast[1]
 
 
-def _ms_kernels_backward(call, grad_output, value, sampling_locations, attention_weights, cfg, wanted,
-                         deterministic):
+def _ms_kernels_backward(call, grad_output, value, sampling_locations, attention_weights, cfg,
+                         wanted: tuple[bool, bool, bool], deterministic):
     grad_value, grad_locations, grad_weights = _backward_kernels(call, grad_output, value, sampling_locations,
                                                                  attention_weights, cfg, *wanted, deterministic)
     return grad_value, grad_locations, None if grad_weights is None else grad_weights.reshape(attention_weights.shape)
@@ -248,9 +249,9 @@ def _flash_kernels_backward(call, grad_output, value, sampling_loc_attn, cfg, wa
 
 # --------------------------------------------------------------------------------------------- functions
 
-def ms_deform_attn(value, spatial_shapes: LevelShapes, level_start_index: Optional[Sequence[int]],
-                   sampling_locations, attention_weights, points_per_level: Optional[Sequence[int]] = None,
-                   method: str = "default"):
+def ms_deform_attn(value: ArrayLike, spatial_shapes: LevelShapes, level_start_index: Optional[IntSequence],
+                   sampling_locations: ArrayLike, attention_weights: ArrayLike,
+                   points_per_level: Optional[IntSequence] = None, method: str = "default") -> Array:
     """Multi-scale deformable attention: ``out[n, q, m] = Σ_l Σ_p A[n, q, m, l, p] · V_l(x·W_l − 0.5,
     y·H_l − 0.5)[n, m]``, Deformable DETR's ``MSDeformAttnFunction``.
 
@@ -295,9 +296,11 @@ def ms_deform_attn(value, spatial_shapes: LevelShapes, level_start_index: Option
     return forward(MS_DEFORM_ATTN, locals())
 
 
-def ms_deform_attn_backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
-                            attention_weights, points_per_level=None, method="default",
-                            needs_input_grad=(True, True, True), deterministic=False):
+def ms_deform_attn_backward(grad_output: ArrayLike, value: ArrayLike, spatial_shapes: LevelShapes,
+                            level_start_index: Optional[IntSequence], sampling_locations: ArrayLike,
+                            attention_weights: ArrayLike, points_per_level: Optional[IntSequence] = None,
+                            method: str = "default", needs_input_grad: Sequence[bool] = (True, True, True),
+                            deterministic: bool = False) -> MSDeformAttnGrads:
     """Gradients of :func:`ms_deform_attn` with respect to value, sampling_locations and attention_weights.
 
     Args:
@@ -314,11 +317,11 @@ def ms_deform_attn_backward(grad_output, value, spatial_shapes, level_start_inde
         where not asked for. The location gradient is 0 with method "discrete" and at non-finite locations; at
         an integer pixel coordinate the bilinear weights' derivative is taken from the right, as in grid_sample.
     """
-    return backward(MS_DEFORM_ATTN, locals())
+    return MSDeformAttnGrads(*backward(MS_DEFORM_ATTN, locals()))
 
 
-def flash_deform_attn(value, spatial_shapes: LevelShapes, level_start_index: Optional[Sequence[int]],
-                      sampling_loc_attn, num_points: int):
+def flash_deform_attn(value: ArrayLike, spatial_shapes: LevelShapes, level_start_index: Optional[IntSequence],
+                      sampling_loc_attn: ArrayLike, num_points: int) -> Array:
     """DCNv4's FlashDeformAttn: :func:`ms_deform_attn` with locations and attention logits in one array, the
     softmax over each head's L·P points done inside the op.
 
@@ -334,8 +337,10 @@ def flash_deform_attn(value, spatial_shapes: LevelShapes, level_start_index: Opt
     return forward(FLASH_DEFORM_ATTN, locals())
 
 
-def flash_deform_attn_backward(grad_output, value, spatial_shapes, level_start_index, sampling_loc_attn,
-                               num_points, needs_input_grad=(True, True), deterministic=False):
+def flash_deform_attn_backward(grad_output: ArrayLike, value: ArrayLike, spatial_shapes: LevelShapes,
+                               level_start_index: Optional[IntSequence], sampling_loc_attn: ArrayLike, num_points: int,
+                               needs_input_grad: Sequence[bool] = (True, True),
+                               deterministic: bool = False) -> FlashDeformAttnGrads:
     """Gradients of :func:`flash_deform_attn` with respect to value and sampling_loc_attn (locations and logits).
 
     Args:
@@ -347,7 +352,7 @@ def flash_deform_attn_backward(grad_output, value, spatial_shapes, level_start_i
         FlashDeformAttnGrads: ``value`` (array[N, S, M, D]) and ``sampling_loc_attn`` (array[N, Lq, M, L·P·3]),
         None where not asked for.
     """
-    return backward(FLASH_DEFORM_ATTN, locals())
+    return FlashDeformAttnGrads(*backward(FLASH_DEFORM_ATTN, locals()))
 
 
 # ------------------------------------------------------------------------------------------------- specs
