@@ -142,6 +142,9 @@ def _static(name: str, what: str, value) -> int:
 
 def _grid_sample(input, grid, mode: str, padding_mode: str, align_corners: bool):
     op = _opset("grid_sample")
+    if len(input.shape) == 5 and mode == "bicubic":
+        raise UnsupportedExportError("deformcp.grid_sample of a volume with mode 'bicubic' (tricubic) cannot be "
+                                     "exported to ONNX: onnxruntime's GridSample takes cubic sampling in 4-D only")
     if len(input.shape) == 5 and op.version < 20:
         raise UnsupportedExportError("deformcp.grid_sample of a volume (5-D input) exports as ONNX GridSample, "
                                      f"which takes volumes from opset 20; the graph is being built at opset "

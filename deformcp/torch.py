@@ -466,7 +466,7 @@ def grid_sample(input: Tensor, grid: Tensor, mode: str = "bilinear", padding_mod
         grid (Tensor[N, H_out, W_out, 2] or Tensor[N, D_out, H_out, W_out, 3]): normalised (x, y) or (x, y, z)
             in [-1, 1].
         mode (str): "bilinear" (trilinear for volumes), "nearest" (the grid gets a zero gradient) or "bicubic"
-            (4-D input).
+            (tricubic for volumes, which torch lacks).
         padding_mode (str): "zeros", "border" or "reflection".
         align_corners (bool or None): None means False.
 

@@ -103,57 +103,62 @@ __device__ __forceinline__ I cubic_tap(A c, I size, int padding, int align_corne
   return c >= (A)0 && c <= (A)(size - 1) ? (I)c : (I)-1;
 }
 
-// The 4×4 taps of a bicubic sample: row[j] and column[i] (-1: reads 0), weights wy[j] · wx[i], and the weights'
-// derivatives with respect to y and x.
+// One axis of a bicubic sample: the pixels that its taps floor(s) - 1 … floor(s) + 2 read (-1: they read 0), their
+// weights, and the weights' derivatives with respect to s.
 template <typename A, typename I>
-struct cubic_taps {
-  I row[4], column[4];
-  A wy[4], wx[4], dwy[4], dwx[4];
+struct cubic_axis {
+  I tap[4];
+  A w[4], dw[4];
 };
 
-// Sets up the bicubic sample at the unpadded pixel coordinate (y, x); false where it reads 0 (a NaN coordinate,
-// or ±inf but with border padding, where a coordinate beyond the taps' reach reads the border pixels).
+// Sets up one axis at the unpadded pixel coordinate s over `size` pixels; false where the sample reads 0 (s NaN, or
+// ±inf but with border padding, where a coordinate beyond the taps' reach reads the border pixels).
 template <typename A, typename I>
-__device__ __forceinline__ bool cubic_setup(A y, A x, I H, I W, int padding, int align_corners,
-                                            cubic_taps<A, I>& c) {
-  if (padding == DEFORMCP_PADDING_BORDER) {  // NaN stays NaN
-    x = x < (A)-2 ? (A)-2 : (x > (A)(W + 1) ? (A)(W + 1) : x);
-    y = y < (A)-2 ? (A)-2 : (y > (A)(H + 1) ? (A)(H + 1) : y);
-  }
-  if (!(is_finite(x) && is_finite(y))) return false;
-  const A fx = floor(x), fy = floor(y);
-  cubic_weights(x - fx, c.wx, c.dwx);
-  cubic_weights(y - fy, c.wy, c.dwy);
-  for (int i = 0; i < 4; ++i) {
-    c.column[i] = cubic_tap(fx + (A)(i - 1), W, padding, align_corners);
-    c.row[i] = cubic_tap(fy + (A)(i - 1), H, padding, align_corners);
-  }
+__device__ __forceinline__ bool cubic_axis_setup(A s, I size, int padding, int align_corners, cubic_axis<A, I>& c) {
+  if (padding == DEFORMCP_PADDING_BORDER)  // NaN stays NaN
+    s = s < (A)-2 ? (A)-2 : (s > (A)(size + 1) ? (A)(size + 1) : s);
+  if (!is_finite(s)) return false;
+  const A f = floor(s);
+  cubic_weights(s - f, c.w, c.dw);
+  for (int i = 0; i < 4; ++i) c.tap[i] = cubic_tap(f + (A)(i - 1), size, padding, align_corners);
   return true;
 }
 
-// Σ_j wy[j] · Σ_i wx[i] · plane[row[j], column[i]] over the taps that read the plane (torch's order)
+// The 4×4 taps of a bicubic sample: (y.tap[j], x.tap[i]) with weight y.w[j] · x.w[i].
+template <typename A, typename I>
+struct cubic_taps {
+  cubic_axis<A, I> y, x;
+};
+
+template <typename A, typename I>
+__device__ __forceinline__ bool cubic_setup(A y, A x, I H, I W, int padding, int align_corners,
+                                            cubic_taps<A, I>& c) {
+  return cubic_axis_setup(x, W, padding, align_corners, c.x) && cubic_axis_setup(y, H, padding, align_corners, c.y);
+}
+
+// Σ_j wy[j] · Σ_i wx[i] · plane[row j, column i] over the taps that read the plane (torch's order)
 template <typename A, typename T, typename I>
 __device__ __forceinline__ A cubic_gather(const T* plane, I W, const cubic_taps<A, I>& c) {
   A v = 0;
   for (int j = 0; j < 4; ++j) {
     A along_row = 0;
     for (int i = 0; i < 4; ++i)
-      if (c.row[j] >= 0 && c.column[i] >= 0) along_row += c.wx[i] * (A)load_acc(plane[c.row[j] * W + c.column[i]]);
-    v += c.wy[j] * along_row;
+      if (c.y.tap[j] >= 0 && c.x.tap[i] >= 0) along_row += c.x.w[i] * (A)load_acc(plane[c.y.tap[j] * W + c.x.tap[i]]);
+    v += c.y.w[j] * along_row;
   }
   return v;
 }
 
-// plane[row[j], column[i]] += wx[i] · wy[j] · g for the taps that read the plane: atomically, or with a plain add
+// plane[row j, column i] += wx[i] · wy[j] · g for the taps that read the plane: atomically, or with a plain add
 // where the calling thread alone writes this plane
 template <typename A, typename I>
 __device__ __forceinline__ void cubic_scatter(A* plane, I W, const cubic_taps<A, I>& c, A g, bool atomic = true) {
   for (int j = 0; j < 4; ++j)
     for (int i = 0; i < 4; ++i) {
-      if (c.row[j] < 0 || c.column[i] < 0) continue;
-      A* at = plane + c.row[j] * W + c.column[i];
-      if (atomic) atomic_add(at, g * c.wx[i] * c.wy[j]);
-      else *at += g * c.wx[i] * c.wy[j];
+      if (c.y.tap[j] < 0 || c.x.tap[i] < 0) continue;
+      A* at = plane + c.y.tap[j] * W + c.x.tap[i];
+      if (atomic) atomic_add(at, g * c.x.w[i] * c.y.w[j]);
+      else *at += g * c.x.w[i] * c.y.w[j];
     }
 }
 
@@ -163,11 +168,68 @@ __device__ __forceinline__ void cubic_coordinate_grad(const T* plane, I W, const
                                                       A* gx) {
   for (int j = 0; j < 4; ++j)
     for (int i = 0; i < 4; ++i) {
-      if (c.row[j] < 0 || c.column[i] < 0) continue;
-      const A v = (A)load_acc(plane[c.row[j] * W + c.column[i]]) * g;
-      *gx += v * c.dwx[i] * c.wy[j];
-      *gy += v * c.wx[i] * c.dwy[j];
+      if (c.y.tap[j] < 0 || c.x.tap[i] < 0) continue;
+      const A v = (A)load_acc(plane[c.y.tap[j] * W + c.x.tap[i]]) * g;
+      *gx += v * c.x.dw[i] * c.y.w[j];
+      *gy += v * c.x.w[i] * c.y.dw[j];
     }
+}
+
+// The 4×4×4 taps of a tricubic sample (volumes): (z.tap[k], y.tap[j], x.tap[i]) with weight z.w[k] · y.w[j] · x.w[i].
+template <typename A, typename I>
+struct tricubic_taps {
+  cubic_axis<A, I> z, y, x;
+};
+
+template <typename A, typename I>
+__device__ __forceinline__ bool tricubic_setup(A z, A y, A x, I D, I H, I W, int padding, int align_corners,
+                                               tricubic_taps<A, I>& c) {
+  return cubic_axis_setup(x, W, padding, align_corners, c.x) && cubic_axis_setup(y, H, padding, align_corners, c.y)
+         && cubic_axis_setup(z, D, padding, align_corners, c.z);
+}
+
+// Σ_k wz[k] · Σ_j wy[j] · Σ_i wx[i] · volume[z k, y j, x i] over the taps that read the volume
+template <typename A, typename T, typename I>
+__device__ __forceinline__ A tricubic_gather(const T* volume, I H, I W, const tricubic_taps<A, I>& c) {
+  A v = 0;
+  for (int k = 0; k < 4; ++k) {
+    if (c.z.tap[k] < 0) continue;
+    A along_plane = 0;
+    for (int j = 0; j < 4; ++j) {
+      if (c.y.tap[j] < 0) continue;
+      A along_row = 0;
+      const T* row = volume + (c.z.tap[k] * H + c.y.tap[j]) * W;
+      for (int i = 0; i < 4; ++i)
+        if (c.x.tap[i] >= 0) along_row += c.x.w[i] * (A)load_acc(row[c.x.tap[i]]);
+      along_plane += c.y.w[j] * along_row;
+    }
+    v += c.z.w[k] * along_plane;
+  }
+  return v;
+}
+
+// The gradients of tricubic_gather for the output gradient g: volume += its weights · g (atomically, or with plain
+// adds; grad null: not wanted), and the derivatives with respect to (x, y, z) added to d[0..2] (null: not wanted).
+template <typename A, typename T, typename I>
+__device__ __forceinline__ void tricubic_backward(const T* volume, A* grad, I H, I W, const tricubic_taps<A, I>& c,
+                                                  A g, bool atomic, A* d) {
+  for (int k = 0; k < 4; ++k)
+    for (int j = 0; j < 4; ++j)
+      for (int i = 0; i < 4; ++i) {
+        if (c.z.tap[k] < 0 || c.y.tap[j] < 0 || c.x.tap[i] < 0) continue;
+        const I at = (c.z.tap[k] * H + c.y.tap[j]) * W + c.x.tap[i];
+        if (grad != nullptr) {
+          const A add = g * c.x.w[i] * c.y.w[j] * c.z.w[k];
+          if (atomic) atomic_add(grad + at, add);
+          else grad[at] += add;
+        }
+        if (d != nullptr) {
+          const A v = (A)load_acc(volume[at]) * g;
+          d[0] += v * c.x.dw[i] * c.y.w[j] * c.z.w[k];
+          d[1] += v * c.x.w[i] * c.y.dw[j] * c.z.w[k];
+          d[2] += v * c.x.w[i] * c.y.w[j] * c.z.dw[k];
+        }
+      }
 }
 
 // The pixel coordinate that `mode` samples for the normalised grid value g along an axis of `size` pixels: after
@@ -439,13 +501,13 @@ __global__ void affine_grid_3d_backward(const T* grad_grid, T* grad_theta, I N, 
   }
 }
 
-// The source coordinates (x, y, z) of the normalised location g (x, y, z), after the padding mode, and their
-// derivatives.
+// The source coordinates (x, y, z) that `mode` samples for the normalised location g (x, y, z) (after the padding
+// mode, but for tricubic sampling, which pads each tap), and their derivatives.
 template <typename A, typename I>
-__device__ __forceinline__ void volume_source(const A* g, I D, I H, I W, int padding, int align_corners, A* s, A* ds) {
+__device__ __forceinline__ void volume_source(const A* g, I D, I H, I W, int mode, int padding, int align_corners,
+                                              A* s, A* ds) {
   const I size[3] = {W, H, D};
-  for (int a = 0; a < 3; ++a)
-    s[a] = grid_source_coordinate(g[a], (long long)size[a], padding, align_corners, ds + a);
+  for (int a = 0; a < 3; ++a) s[a] = mode_source_coordinate(g[a], (long long)size[a], mode, padding, align_corners, ds + a);
 }
 
 // out[c · out_volume] = volume c of the C volumes at `in` (D × H × W each) sampled at the normalised location g.
@@ -453,7 +515,7 @@ template <typename T, typename A, typename I>
 __device__ __forceinline__ void sample_3d(const T* in, T* out, I C, I D, I H, I W, I out_volume, const A* g, int mode,
                                           int padding, int align_corners) {
   A s[3], unused[3];
-  volume_source(g, D, H, W, padding, align_corners, s, unused);
+  volume_source(g, D, H, W, mode, padding, align_corners, s, unused);
   const I in_volume = D * H * W;
   if (mode == DEFORMCP_MODE_BILINEAR) {
     trilinear_corners<A, I> c;
@@ -464,6 +526,11 @@ __device__ __forceinline__ void sample_3d(const T* in, T* out, I C, I D, I H, I 
         if (c.inside[k]) v += c.weight[k] * (A)load_acc(in[ch * in_volume + c.index[k]]);
       out[ch * out_volume] = store_as<T>(v);
     }
+  } else if (mode == DEFORMCP_MODE_BICUBIC) {
+    tricubic_taps<A, I> c;
+    const bool sampled = tricubic_setup(s[2], s[1], s[0], D, H, W, padding, align_corners, c);
+    for (I ch = 0; ch < C; ++ch)
+      out[ch * out_volume] = store_as<T>(sampled ? tricubic_gather(in + ch * in_volume, H, W, c) : (A)0);
   } else {
     const I voxel = nearest_voxel(s[2], s[1], s[0], D, H, W);
     for (I ch = 0; ch < C; ++ch)
@@ -478,7 +545,7 @@ __device__ __forceinline__ void sample_3d_backward(const T* gout, const T* in, A
                                                    I out_volume, const A* g, int mode, int padding,
                                                    int align_corners, A* dg) {
   A s[3], ds[3];
-  volume_source(g, D, H, W, padding, align_corners, s, ds);
+  volume_source(g, D, H, W, mode, padding, align_corners, s, ds);
   const I in_volume = D * H * W;
   A gz = 0, gy = 0, gx = 0;
   if (mode == DEFORMCP_MODE_BILINEAR) {
@@ -498,6 +565,15 @@ __device__ __forceinline__ void sample_3d_backward(const T* gout, const T* in, A
         }
       }
     }
+  } else if (mode == DEFORMCP_MODE_BICUBIC) {
+    tricubic_taps<A, I> c;
+    if (tricubic_setup(s[2], s[1], s[0], D, H, W, padding, align_corners, c)) {
+      A d[3] = {0, 0, 0};
+      for (I ch = 0; ch < C; ++ch)
+        tricubic_backward(in + ch * in_volume, grad_in == nullptr ? (A*)nullptr : grad_in + ch * in_volume, H, W, c,
+                          (A)load_acc(gout[ch * out_volume]), true, dg == nullptr ? (A*)nullptr : d);
+      gx = d[0], gy = d[1], gz = d[2];
+    }
   } else if (grad_in != nullptr) {
     const I voxel = nearest_voxel(s[2], s[1], s[0], D, H, W);
     if (voxel >= 0)
@@ -515,12 +591,16 @@ template <typename A, typename I>
 __device__ __forceinline__ void sample_3d_scatter(A* gin, I D, I H, I W, const A* g, A go, int mode, int padding,
                                                   int align_corners) {
   A s[3], unused[3];
-  volume_source(g, D, H, W, padding, align_corners, s, unused);
+  volume_source(g, D, H, W, mode, padding, align_corners, s, unused);
   if (mode == DEFORMCP_MODE_BILINEAR) {
     trilinear_corners<A, I> c;
     if (trilinear_setup(s[2], s[1], s[0], D, H, W, c))
       for (int k = 0; k < 8; ++k)
         if (c.inside[k]) gin[c.index[k]] += c.weight[k] * go;
+  } else if (mode == DEFORMCP_MODE_BICUBIC) {
+    tricubic_taps<A, I> c;
+    if (tricubic_setup(s[2], s[1], s[0], D, H, W, padding, align_corners, c))
+      tricubic_backward((const A*)nullptr, gin, H, W, c, go, false, (A*)nullptr);  // no derivatives: nothing read
   } else {
     const I voxel = nearest_voxel(s[2], s[1], s[0], D, H, W);
     if (voxel >= 0) gin[voxel] += go;

@@ -546,8 +546,10 @@ def ndimage_input(draw):
 
 
 def ndimage_options(draw):
-    """order, mode (every SciPy name), cval (a lattice value) and prefilter."""
-    return {"order": draw(st.sampled_from([0, 1, 3])), "mode": draw(st.sampled_from(list(NDIMAGE_MODES))),
+    """order, mode (every SciPy name), cval (a lattice value) and prefilter. Order 3 is left to tests/test_ndimage.py:
+    where its taps all read one value (a 1-element axis, "nearest" past an edge) its coordinate gradient is 0 only up
+    to rounding, which relative errors cannot judge (as grid_sample's bicubic)."""
+    return {"order": draw(st.sampled_from([0, 1])), "mode": draw(st.sampled_from(list(NDIMAGE_MODES))),
             "cval": draw(st.sampled_from([0.0, -0.75, 2.5])), "prefilter": draw(st.booleans())}
 
 

@@ -170,6 +170,8 @@ def test_volumes(rng, tmp_path, mode, align_corners):
     grid = _tensor(rng.uniform(-1.2, 1.2, (2, 3, 4, 5, 3)))
     with pytest.raises(donnx.UnsupportedExportError, match="volume .*from opset 20"):
         donnx.export(Call(dtorch.grid_sample, mode=mode), (x, grid), str(tmp_path / "v16.onnx"), opset_version=16)
+    with pytest.raises(donnx.UnsupportedExportError, match="volume with mode 'bicubic'"):
+        donnx.export(Call(dtorch.grid_sample, mode="bicubic"), (x, grid), str(tmp_path / "cubic.onnx"))
 
 
 @needs_onnx

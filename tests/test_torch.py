@@ -57,6 +57,10 @@ KINKED = {
                                              "samples leave a level, nearest's jumps (method discrete)"},
     "flash_deform_attn": {"sampling_loc_attn": "its sample coordinates: bilinear kinks at integer pixels and where "
                                                "samples leave a level"},
+    "affine_sample": {"theta": "its sample coordinates: bilinear kinks at integer pixels, clamping and reflection "
+                               "at the borders, nearest's jumps at half pixels"},
+    "affine_transform": {"matrix": "a homogeneous matrix's bottom row must stay [0, …, 0, 1]: gradcheck's "
+                                   "perturbations of it are refused (the finite differences: tests/test_ndimage.py)"},
 }
 
 

@@ -191,9 +191,6 @@ def _check_grid_sample(call, input, grid, mode, padding_mode, align_corners) -> 
         raise ValueError(f"input: expected non-empty spatial size in {layout}, got {tuple(input.shape)}")
     _validate.same_dtype(input=input, grid=grid)
     _validate.choice("mode", mode, MODES)
-    if volumetric and mode == "bicubic":
-        raise ValueError(f"mode: expected 'bilinear' or 'nearest' for volumes {layout} (bicubic sampling is 2-D), "
-                         f"got 'bicubic' with input shape {tuple(input.shape)}")
     _validate.choice("padding_mode", padding_mode, PADDING_MODES)
     align_corners = _validate.flag("align_corners", align_corners)
     N, C = input.shape[:2]
@@ -246,7 +243,8 @@ def grid_sample(input: ArrayLike, grid: ArrayLike, mode: str = "bilinear", paddi
         grid (array[N, H_out, W_out, 2]): sampling locations, last axis (x, y), normalised so that -1 and
             1 are the left/top and right/bottom of the image (see align_corners). Same dtype as input.
         mode (str): "bilinear" (k(d) = max(0, 1 − abs(d))), "nearest" (round half to even) or "bicubic"
-            (Keys' cubic convolution with A = −0.75 over the 4×4 pixels around the location, as torch).
+            (Keys' cubic convolution with A = −0.75 over the 4×4 pixels around the location, as torch; for
+            volumes tricubic, 4×4×4, which torch lacks).
             Default: "bilinear".
         padding_mode (str): what locations outside the image read. "zeros": 0 (bilinear corners and
             bicubic taps outside the image read 0); "border": the coordinate is clamped to the image;
@@ -339,6 +337,7 @@ GRID_SAMPLE = OpSpec(
     + tuple(Case(f"volume-{mode}-{padding}-align_corners={align}", _grid_sample_volume_inputs,
                  {"mode": mode, "padding_mode": padding, "align_corners": align})
             for mode, padding, align in (("bilinear", "zeros", False), ("bilinear", "border", True),
-                                         ("bilinear", "reflection", False), ("nearest", "reflection", True))))
+                                         ("bilinear", "reflection", False), ("nearest", "reflection", True),
+                                         ("bicubic", "zeros", True), ("bicubic", "reflection", False))))
 
 SPECS = (AFFINE_GRID, GRID_SAMPLE)

@@ -199,7 +199,7 @@ def plan(grid: np.ndarray, first_image: int, shape: tuple, mode: str, padding_mo
     g = grid.reshape(n * k, d).T.copy()  # C order: the ufuncs' inner loops then run along the points
     x, slope = _source_coordinate(g, size, "zeros" if mode == "bicubic" else padding_mode, align_corners)
     if mode == "bicubic":
-        return _cubic_plan(x, slope, size, _image_starts(first_image, n, k, shape), padding_mode, align_corners)
+        return _cubic_plan(x, slope, shape, _image_starts(first_image, n, k, shape), padding_mode, align_corners)
     np.clip(x, -PAD, size, out=x)
     np.copyto(x, -PAD, where=np.isnan(x))
     if mode == "nearest":
@@ -213,15 +213,16 @@ def plan(grid: np.ndarray, first_image: int, shape: tuple, mode: str, padding_mo
     corners = np.array(list(itertools.product((0, 1), repeat=d)))[:, ::-1] @ strides  # the last axis outermost
     index = _flat_index(i, first_image, n, shape) + corners[:, None]
     derivative = np.array([-1, 1], x.dtype)[None, :, None].repeat(d, axis=0)  # (1 − t, t) → (−1, 1)
-    return Plan(index, _tap_products(axis_weight), axis_weight, derivative, slope)
+    return Plan(index, _tap_combinations(axis_weight, np.multiply), axis_weight, derivative, slope)
 
 
-def _tap_products(axis_weight: np.ndarray) -> np.ndarray:
-    """(m^d, k) products of the d axes' (m, k) tap weights (d, m, k), the last axis's taps outermost."""
-    product = axis_weight[-1]
-    for weights in axis_weight[-2::-1]:
-        product = (product[:, None] * weights[None, :]).reshape(-1, product.shape[-1])
-    return product
+def _tap_combinations(per_axis: np.ndarray, combine) -> np.ndarray:
+    """(m^d, k): ``combine`` (np.multiply for weights, np.add for offsets, np.logical_and for masks) of the d axes'
+    (m, k) values per tap (d, m, k) over every combination of taps, the last axis's taps outermost."""
+    combined = per_axis[-1]
+    for values in per_axis[-2::-1]:
+        combined = combine(combined[:, None], values[None, :]).reshape(-1, combined.shape[-1])
+    return combined
 
 
 def _padded_strides(shape: tuple) -> np.ndarray:
@@ -243,27 +244,30 @@ def _cubic_weights(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @np.errstate(invalid="ignore")
-def _cubic_plan(x: np.ndarray, slope, size, starts: np.ndarray, padding_mode: str, align_corners: bool) -> Plan:
-    """The bicubic plan at pixel coordinates x (2, k) [x; y], not padded, of the padded images whose pixel (0, 0)
-    is at the flat indices starts (k,): the 4×4 taps floor(x) − 1 … floor(x) + 2 per axis, each padded by the
-    padding mode (torch's rule; the kernels' cubic_setup). A tap outside the image, and every tap of a sample at a
-    NaN coordinate (or ±inf but with border padding, where a coordinate beyond the taps' reach reads the border
-    pixels), reads a zero pixel of the padding."""
+def _cubic_plan(x: np.ndarray, slope, shape: tuple, starts: np.ndarray, padding_mode: str,
+                align_corners: bool) -> Plan:
+    """The bicubic (tricubic for volumes) plan at pixel coordinates x (d, k) [x; y; (z)], not padded, of the padded
+    images of spatial shape ``shape`` whose pixel (0, …, 0) is at the flat indices starts (k,): the taps
+    floor(x) − 1 … floor(x) + 2 per axis, each padded by the padding mode (torch's rule; the kernels'
+    cubic_axis_setup). A tap outside the image, and every tap of a sample at a NaN coordinate (or ±inf but with
+    border padding, where a coordinate beyond the taps' reach reads the border pixels), reads a zero pixel of the
+    padding."""
+    size = np.array(shape[::-1], x.dtype)[:, None]
     if padding_mode == "border":
         np.clip(x, -2, size + 1, out=x)  # NaN stays NaN
     sampled = np.isfinite(x).all(axis=0)
     x = np.where(sampled, x, 0)
     base = np.floor(x)
-    axis_weight, axis_derivative = (w.transpose(1, 0, 2) for w in _cubic_weights(x - base))  # (2, 4, k)
+    axis_weight, axis_derivative = (w.transpose(1, 0, 2) for w in _cubic_weights(x - base))  # (d, 4, k)
     taps, _ = _pad(base[:, None] + np.arange(-1, 3, dtype=x.dtype)[:, None], 0, size[:, :, None], padding_mode,
                    align_corners)
     inside = (taps >= 0) & (taps <= size[:, :, None] - 1)  # NaN: False
-    column, row = np.where(inside, taps, 0).astype(np.int64)
-    stride = size[0, 0].astype(np.int64) + 2 * PAD
-    index = (row[:, None] * stride + column[None, :]).reshape(16, -1) + starts
-    read = (inside[1][:, None] & inside[0][None, :]).reshape(16, -1) & sampled
-    np.copyto(index, starts - PAD * (stride + 1), where=~read)  # the padded image's first pixel: a zero
-    return Plan(index, _tap_products(axis_weight), axis_weight, axis_derivative, slope)
+    offsets = np.where(inside, taps, 0).astype(np.int64) * _padded_strides(shape)[:, None, None]
+    index = _tap_combinations(offsets, np.add) + starts
+    read = _tap_combinations(inside, np.logical_and) & sampled
+    first = starts - PAD * int(_padded_strides(shape).sum())  # the padded image's first pixel: a zero
+    np.copyto(index, first, where=~read)
+    return Plan(index, _tap_combinations(axis_weight, np.multiply), axis_weight, axis_derivative, slope)
 
 
 def _image_starts(first_image: int, n: int, k: int, shape: tuple) -> np.ndarray:
@@ -364,7 +368,7 @@ def _setup(input, grid, cfg) -> _Setup:
     grid = grid.reshape(N, int(np.prod(grid.shape[1:-1])), len(shape)).astype(dtype, copy=False)
     direct = cfg.mode == "nearest" or C <= DIRECT_MAX_CHANNELS
     P = grid.shape[1]
-    pixels = {"nearest": 1, "bilinear": 4, "bicubic": 16}[cfg.mode]  # read per sample and channel
+    pixels = {"nearest": 1, "bilinear": 2, "bicubic": 4}[cfg.mode] ** len(shape)  # read per sample and channel
     chunks = (point_chunks(N, P, 40 * max(4, pixels) + 3 * pixels * C * dtype.itemsize) if direct
               else [(n0, n1, 0, P) for n0, n1 in _workspace.image_chunks(N, C, 1, int(np.prod(shape)),
                                                                           dtype.itemsize)])
