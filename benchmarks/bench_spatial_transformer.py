@@ -19,6 +19,9 @@ Cases (--cases; --device cpu runs them all, --device cuda the STN case only):
   once), forward and forward+backward (input and grid gradients), against torch.
 - ``nearest``: grid_sample alone, 8×64×56×56, mode "nearest", forward, against torch.
 - ``bicubic``: grid_sample alone, 8×64×56×56, mode "bicubic", forward and forward+backward, against torch.
+- ``volume``, ``volume-large``: grid_sample of volumes (3-D warps, trilinear), 2×4×64×64×64 and 1×1×128×128×128,
+  at affine_grid's grid of a theta (N, 3, 4) near the identity, forward and forward+backward, against torch's 5-D
+  grid_sample.
 - ``warp``: an affine warp of one 2048×2048 float32 image (bilinear, zeros outside), deformcp's affine_grid +
   grid_sample against scipy.ndimage.affine_transform(order=1, mode="grid-constant") of the same warp: theta
   (normalised coordinates, x first) is converted to SciPy's matrix and offset (pixel indices, row first), and the
@@ -74,19 +77,22 @@ PHASES = ("forward", "backward", "forward+backward")
 GRADS = ("input", "theta")
 SHAPES = {"cpu": (8, 64, 56, 56), "cuda": (8, 64, 56, 56), "quick": (2, 3, 9, 11)}
 #: The cases, in the order they run (see the module's docstring).
-CASES = ("stn", "stn-mnist", "large-image", "nearest", "bicubic", "warp", "tiny")
+CASES = ("stn", "stn-mnist", "large-image", "nearest", "bicubic", "volume", "volume-large", "warp", "tiny")
 #: Each case's shape (N, C, H, W) by size: the device's, or --quick's.
 SIZES = {"stn-mnist": {"cpu": (32, 1, 28, 28), "quick": (4, 1, 7, 6)},
          "large-image": {"cpu": (1, 3, 1024, 1024), "quick": (1, 3, 17, 19)},
          "nearest": {"cpu": (8, 64, 56, 56), "quick": (2, 5, 9, 11)},
          "bicubic": {"cpu": (8, 64, 56, 56), "quick": (2, 5, 9, 11)},
          "warp": {"cpu": (1, 1, 2048, 2048), "quick": (1, 1, 23, 29)},
-         "tiny": {"cpu": (1, 4, 8, 8), "quick": (1, 4, 8, 8)}}
+         "tiny": {"cpu": (1, 4, 8, 8), "quick": (1, 4, 8, 8)},
+         "volume": {"cpu": (2, 4, 64, 64, 64), "quick": (2, 2, 5, 6, 7)},
+         "volume-large": {"cpu": (1, 1, 128, 128, 128), "quick": (1, 1, 6, 5, 4)}}
 #: The phases each case times.
 CASE_PHASES = {"stn": ("forward", "backward", "forward+backward"), "stn-mnist": ("forward+backward",),
                "large-image": ("forward", "forward+backward"), "nearest": ("forward",),
                "bicubic": ("forward", "forward+backward"), "warp": ("forward",),
-               "tiny": ("forward", "forward+backward")}
+               "tiny": ("forward", "forward+backward"), "volume": ("forward", "forward+backward"),
+               "volume-large": ("forward", "forward+backward")}
 #: max_ratio: the most deformcp numpy's time / the anchor's time may be; target: what the issue asks. Default sizes.
 TARGETS = tuple({"case": case, "impl": "deformcp numpy", "phase": phase, "max_ratio": ratio, "target": target}
                 for case, phase, ratio, target in (
@@ -96,6 +102,10 @@ TARGETS = tuple({"case": case, "impl": "deformcp numpy", "phase": phase, "max_ra
                     ("large-image", "forward", 1.0, "at least as fast as torch forward"),
                     ("large-image", "forward+backward", 1.0, "at least as fast as torch forward+backward"),
                     ("nearest", "forward", 1.0, "at least as fast as torch forward"),
+                    ("volume", "forward", 1.0, "at least as fast as torch forward"),
+                    ("volume", "forward+backward", 1.0, "at least as fast as torch forward+backward"),
+                    ("volume-large", "forward", 1.0, "at least as fast as torch forward"),
+                    ("volume-large", "forward+backward", 1.0, "at least as fast as torch forward+backward"),
                     ("warp", "forward", 1.0, "faster than scipy.ndimage.affine_transform(order=1)")))
 #: The tiny case's target: deformcp's median forward call, in seconds (not a ratio: torch's take a few µs).
 TINY_TARGET_S = 50e-6
@@ -220,22 +230,23 @@ class Torch(harness.TorchOp):
 
 # ---------------------------------------------------------------------------------- grid_sample alone
 
-def affine_theta(rng, N: int) -> np.ndarray:
-    """(N, 2, 3) float64: the identity plus N(0, 0.05²)."""
-    return np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]) + 0.05 * rng.standard_normal((N, 2, 3))
+def affine_theta(rng, N: int, d: int = 2) -> np.ndarray:
+    """(N, d, d + 1) float64: the identity plus N(0, 0.05²)."""
+    return np.eye(d, d + 1) + 0.05 * rng.standard_normal((N, d, d + 1))
 
 
 class GridSampleProblem(harness.ArrayCase):
-    """grid_sample's arrays, NumPy: input (N, C, H, W), grid (N, H, W, 2) (affine_grid of :func:`affine_theta`, or
-    uniform in [-1, 1) with ``uniform``), grad_output (N, C, H, W); ``options`` of grid_sample."""
+    """grid_sample's arrays, NumPy: input (N, C, *S), grid (N, *S, d) (affine_grid of :func:`affine_theta`, or
+    uniform in [-1, 1) with ``uniform``), grad_output (N, C, *S), S the image's (H, W) or the volume's (D, H, W);
+    ``options`` of grid_sample."""
 
     def __init__(self, case: str, shape, dtype, seed, mode: str = "bilinear", uniform: bool = False):
         rng = np.random.default_rng(seed)
         self.case, self.shape, self.uniform = case, tuple(shape), uniform
         self.options = {**OPTIONS, "mode": mode}
-        N, C, H, W = shape
-        grid = (rng.uniform(-1, 1, (N, H, W, 2)) if uniform else
-                deformcp.affine_grid(affine_theta(rng, N), shape, align_corners=OPTIONS["align_corners"]))
+        N, d = shape[0], len(shape) - 2
+        grid = (rng.uniform(-1, 1, (N, *shape[2:], d)) if uniform else
+                deformcp.affine_grid(affine_theta(rng, N, d), shape, align_corners=OPTIONS["align_corners"]))
         self.set_arrays({"input": rng.standard_normal(shape), "grid": grid, "grad_output": rng.standard_normal(shape)},
                         dtype)
 
