@@ -8,6 +8,8 @@ Cases (--cases), all on the CPU (SciPy's device):
 - ``affine-order1``: affine_transform of one 512×512 float32 image (sinusoids of 40–200 px periods), a rotation by
   10° about its centre, order 1, mode "constant" (--quick: 23×29).
 - ``affine-order3``: the same at order 3 with SciPy's prefilter (prefilter=True).
+- ``volume-order1``, ``volume-order3``: affine_transform of one 128³ float32 volume (sinusoids), rotated by 10°
+  about its centre in its last two axes, orders 1 and 3 (--quick: 7×6×5).
 - ``map-order1``: map_coordinates of a 64³ float32 volume (standard normal) at 10⁶ points uniform inside it,
   order 1, mode "constant" (--quick: 6×7×5 at 500 points).
 
@@ -39,37 +41,40 @@ except ImportError:  # optional
 
 OPS = ("affine_transform", "map_coordinates")   # the ops of deformcp.ops.SPECS timed here
 #: The cases, in the order they run (see the module's docstring), and their options.
-CASES = ("affine-order1", "affine-order3", "map-order1")
+CASES = ("affine-order1", "affine-order3", "volume-order1", "volume-order3", "map-order1")
 OPTIONS = {"affine-order1": {"order": 1, "mode": "constant"},
            "affine-order3": {"order": 3, "mode": "constant", "prefilter": True},
+           "volume-order1": {"order": 1, "mode": "constant"},
+           "volume-order3": {"order": 3, "mode": "constant", "prefilter": True},
            "map-order1": {"order": 1, "mode": "constant"}}
 #: Each case's size by run: the image's (H, W), or the volume's (D, H, W) and the number of points.
-SIZES = {"affine": {"cpu": (512, 512), "quick": (23, 29)},
+SIZES = {"affine": {"cpu": (512, 512), "quick": (23, 29)}, "volume": {"cpu": (128, 128, 128), "quick": (7, 6, 5)},
          "map": {"cpu": ((64, 64, 64), 10**6), "quick": ((6, 7, 5), 500)}}
 TOLERANCE = {"float32": 1e-4, "float64": 1e-10}
 
 
 class AffineProblem(harness.ArrayCase):
-    """affine_transform's arrays, NumPy: a smooth image input (H, W), the rotation's matrix (2, 2) and offset (2,),
-    grad_output (H, W)."""
+    """affine_transform's arrays, NumPy: a smooth input, an image (H, W) or a volume (D, H, W), the matrix (n, n) of a
+    rotation in its last two axes and its offset (n,) (about the centre), grad_output (the input's shape)."""
 
     def __init__(self, case: str, shape, dtype, seed):
         rng = np.random.default_rng(seed)
         self.case, self.shape, self.options = case, tuple(shape), OPTIONS[case]
-        H, W = shape
-        y, x = np.meshgrid(np.arange(H), np.arange(W), indexing="ij", sparse=True)
-        image = sum(np.sin(2 * np.pi * (x / rng.uniform(40, 200) + y / rng.uniform(40, 200) + rng.uniform()))
+        axes = np.meshgrid(*(np.arange(n) for n in shape), indexing="ij", sparse=True)
+        image = sum(np.sin(2 * np.pi * (sum(a / rng.uniform(40, 200) for a in axes) + rng.uniform()))
                     for _ in range(4))
         angle = np.deg2rad(10.0)
-        matrix = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        matrix = np.eye(len(shape))
+        matrix[-2:, -2:] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
         centre = (np.array(shape) - 1) / 2
         self.set_arrays({"input": image, "matrix": matrix, "offset": centre - matrix @ centre,
                          "grad_output": rng.standard_normal(shape)}, dtype)
 
     def describe(self) -> str:
         o = self.options
-        return (f"{self.case}: affine_transform of one {'×'.join(map(str, self.shape))} {self.dtype} image, a rotation "
-                f"by 10° about its centre, order {o['order']}, mode {o['mode']!r}"
+        what = "volume" if len(self.shape) == 3 else "image"
+        return (f"{self.case}: affine_transform of one {'×'.join(map(str, self.shape))} {self.dtype} {what}, a "
+                f"rotation by 10° about its centre, order {o['order']}, mode {o['mode']!r}"
                 + (", prefilter=True" if o.get("prefilter") else ""))
 
 
@@ -133,8 +138,8 @@ def problems(args) -> list:
     size = "quick" if args.quick else "cpu"
     made = []
     for case in (c for c in CASES if c in (args.cases or CASES)):
-        if case.startswith("affine"):
-            made.append(AffineProblem(case, SIZES["affine"][size], args.dtype, args.seed))
+        if case.startswith(("affine", "volume")):
+            made.append(AffineProblem(case, SIZES[case.split("-")[0]][size], args.dtype, args.seed))
         else:
             made.append(MapProblem(case, *SIZES["map"][size], args.dtype, args.seed))
     return made
