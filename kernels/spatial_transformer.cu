@@ -425,12 +425,14 @@ __global__ void grid_sample_backward_input_deterministic(const T* grad_output, c
 // output (N, C, Do, Ho, Wo). Trilinear samples follow the bilinear rule along each axis (set up on [-1, size)).
 
 // The eight corners of a trilinear sample, in torch's order: (z0, y0, x0), (z0, y0, x1), (z0, y1, x0), …, (z1, y1, x1)
-// (corner k: z0 + (k >> 2), y0 + (k >> 1 & 1), x0 + (k & 1)); the fields are 0 where the corner is outside.
+// (corner k: z0 + (k >> 2), y0 + (k >> 1 & 1), x0 + (k & 1)). A corner's weight is the product of its axes' weights
+// (trilinear_weight); the per-axis weights are kept rather than the eight products and their derivatives, which
+// would take three times the registers.
 template <typename A, typename I>
 struct trilinear_corners {
-  bool inside[8];
-  I index[8];  // (z · H + y) · W + x
-  A weight[8], dweight_dz[8], dweight_dy[8], dweight_dx[8];
+  bool inside[8];  // whether the corner lies in the volume (it reads 0 where it does not)
+  I index[8];      // (z · H + y) · W + x of each corner inside, else 0
+  A w[3][2];       // along z, y, x: the weight of the lower and of the upper corner
 };
 
 template <typename A, typename I>
@@ -438,21 +440,26 @@ __device__ __forceinline__ bool trilinear_setup(A z, A y, A x, I D, I H, I W, tr
   if (!(z >= (A)-1 && y >= (A)-1 && x >= (A)-1 && z < (A)D && y < (A)H && x < (A)W)) return false;
   const A fz = floor(z), fy = floor(y), fx = floor(x);
   const I z0 = (I)fz, y0 = (I)fy, x0 = (I)fx;
-  const A l[3] = {z - fz, y - fy, x - fx};     // upper corner's weight along z, y, x
+  const A l[3] = {z - fz, y - fy, x - fx};  // the upper corner's weight along z, y, x
+  for (int a = 0; a < 3; ++a) {
+    c.w[a][0] = (A)1 - l[a];
+    c.w[a][1] = l[a];
+  }
   for (int k = 0; k < 8; ++k) {
-    const int bit[3] = {k >> 2, k >> 1 & 1, k & 1};
-    const I cz = z0 + bit[0], cy = y0 + bit[1], cx = x0 + bit[2];
-    A w[3], dw[3];
-    for (int a = 0; a < 3; ++a) { w[a] = bit[a] ? l[a] : (A)1 - l[a]; dw[a] = bit[a] ? (A)1 : (A)-1; }
-    const bool inside = cz >= 0 && cz < D && cy >= 0 && cy < H && cx >= 0 && cx < W;
-    c.inside[k] = inside;
-    c.index[k] = inside ? (cz * H + cy) * W + cx : 0;
-    c.weight[k] = inside ? w[0] * w[1] * w[2] : (A)0;
-    c.dweight_dz[k] = inside ? dw[0] * w[1] * w[2] : (A)0;
-    c.dweight_dy[k] = inside ? w[0] * dw[1] * w[2] : (A)0;
-    c.dweight_dx[k] = inside ? w[0] * w[1] * dw[2] : (A)0;
+    const I cz = z0 + (k >> 2), cy = y0 + (k >> 1 & 1), cx = x0 + (k & 1);
+    c.inside[k] = cz >= 0 && cz < D && cy >= 0 && cy < H && cx >= 0 && cx < W;
+    c.index[k] = c.inside[k] ? (cz * H + cy) * W + cx : 0;
   }
   return true;
+}
+
+// Corner k's weight; with `axis` (0, 1, 2: z, y, x), its derivative with respect to that coordinate.
+template <typename A, typename I>
+__device__ __forceinline__ A trilinear_weight(const trilinear_corners<A, I>& c, int k, int axis = -1) {
+  const int bit[3] = {k >> 2, k >> 1 & 1, k & 1};
+  A w[3];
+  for (int a = 0; a < 3; ++a) w[a] = a == axis ? (bit[a] ? (A)1 : (A)-1) : c.w[a][bit[a]];
+  return w[0] * w[1] * w[2];
 }
 
 // Flat index (z · H + y) · W + x of the voxel nearest to (z, y, x) (ties to even), or -1 outside the volume.
@@ -523,7 +530,7 @@ __device__ __forceinline__ void sample_3d(const T* in, T* out, I C, I D, I H, I 
     for (I ch = 0; ch < C; ++ch) {
       A v = 0;
       for (int k = 0; sampled && k < 8; ++k)
-        if (c.inside[k]) v += c.weight[k] * (A)load_acc(in[ch * in_volume + c.index[k]]);
+        if (c.inside[k]) v += trilinear_weight(c, k) * (A)load_acc(in[ch * in_volume + c.index[k]]);
       out[ch * out_volume] = store_as<T>(v);
     }
   } else if (mode == DEFORMCP_MODE_BICUBIC) {
@@ -555,12 +562,12 @@ __device__ __forceinline__ void sample_3d_backward(const T* gout, const T* in, A
         const A go = load_acc(gout[ch * out_volume]);
         for (int k = 0; k < 8; ++k) {
           if (!c.inside[k]) continue;
-          if (grad_in != nullptr) atomic_add(grad_in + ch * in_volume + c.index[k], c.weight[k] * go);
+          if (grad_in != nullptr) atomic_add(grad_in + ch * in_volume + c.index[k], trilinear_weight(c, k) * go);
           if (dg != nullptr) {
             const A v = (A)load_acc(in[ch * in_volume + c.index[k]]) * go;
-            gz += c.dweight_dz[k] * v;
-            gy += c.dweight_dy[k] * v;
-            gx += c.dweight_dx[k] * v;
+            gz += trilinear_weight(c, k, 0) * v;
+            gy += trilinear_weight(c, k, 1) * v;
+            gx += trilinear_weight(c, k, 2) * v;
           }
         }
       }
@@ -596,7 +603,7 @@ __device__ __forceinline__ void sample_3d_scatter(A* gin, I D, I H, I W, const A
     trilinear_corners<A, I> c;
     if (trilinear_setup(s[2], s[1], s[0], D, H, W, c))
       for (int k = 0; k < 8; ++k)
-        if (c.inside[k]) gin[c.index[k]] += c.weight[k] * go;
+        if (c.inside[k]) gin[c.index[k]] += trilinear_weight(c, k) * go;
   } else if (mode == DEFORMCP_MODE_BICUBIC) {
     tricubic_taps<A, I> c;
     if (tricubic_setup(s[2], s[1], s[0], D, H, W, padding, align_corners, c))
@@ -791,18 +798,19 @@ __global__ void affine_sample_3d_backward(const T* grad_output, const T* input, 
   DEFORMCP_GRID_STRIDE_LOOP(I, q, N * chunks) {
     const I n = q / chunks, first = q % chunks * DEFORMCP_AFFINE_CHUNK;
     const I last = first + DEFORMCP_AFFINE_CHUNK < out_volume ? first + DEFORMCP_AFFINE_CHUNK : out_volume;
-    A sum[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+    // the chunk's sums stay in its own 12 entries of partial (in registers they would spill: 12 sums beside the
+    // tricubic taps)
+    A* sum = partial == nullptr ? (A*)nullptr : partial + 12 * q;
+    for (int i = 0; sum != nullptr && i < 12; ++i) sum[i] = 0;
     for (I o = first; o < last; ++o) {
       A g[3], base[4], dg[3] = {0, 0, 0};
       affine_location_3d(theta, n, o / (Ho * Wo), o / Wo % Ho, o % Wo, Do, Ho, Wo, align_corners, g, base);
       sample_3d_backward(grad_output + n * C * out_volume + o, input + n * C * in_volume,
                          grad_input == nullptr ? (A*)nullptr : grad_input + n * C * in_volume, C, D, H, W, out_volume,
-                         g, mode, padding, align_corners, partial == nullptr ? (A*)nullptr : dg);
-      for (int r = 0; r < 3; ++r)
+                         g, mode, padding, align_corners, sum == nullptr ? (A*)nullptr : dg);
+      for (int r = 0; sum != nullptr && r < 3; ++r)
         for (int k = 0; k < 4; ++k) sum[4 * r + k] += dg[r] * base[k];
     }
-    if (partial != nullptr)
-      for (int i = 0; i < 12; ++i) partial[12 * q + i] = sum[i];
   }
 }
 

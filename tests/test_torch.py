@@ -97,6 +97,25 @@ def case_grid_sample(rng, mode="bilinear", padding_mode="zeros", align_corners=F
     return "grid_sample", arrays, dict(mode=mode, padding_mode=padding_mode, align_corners=align_corners)
 
 
+def case_affine_sample(rng, mode="bilinear"):
+    """A translation by a fraction of a pixel in [0.2, 0.8] per axis (output size the input's): every sample sits that
+    far from its cell's edges, and small changes of theta keep it inside."""
+    N, C, H, W = 2, 2, 4, 5
+    shift = away_from_kinks(rng, (N, 2)) % 1  # pixels (x, y)
+    theta = np.zeros((N, 2, 3))
+    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    theta[:, :, 2] = 2 * shift / np.array([W, H])
+    return "affine_sample", {"input": rng.standard_normal((N, C, H, W)), "theta": theta}, dict(
+        size=None, mode=mode, padding_mode="zeros", align_corners=False)
+
+
+def case_affine_transform(rng):
+    """SciPy's affine_transform by the identity and an offset in [0.2, 0.8] per axis: samples away from the kinks."""
+    return "affine_transform", {"input": rng.standard_normal((4, 5)), "matrix": np.eye(2),
+                                "offset": away_from_kinks(rng, (2,)) % 1}, dict(
+        output_shape=None, order=1, mode="constant", cval=0.0, prefilter=True)
+
+
 def boxes(rng, N, H, W, K):
     x1, y1 = rng.uniform(-2, W - 2, K), rng.uniform(-2, H - 2, K)
     return np.stack([rng.integers(0, N, K), x1, y1, x1 + rng.uniform(0.5, W / 2, K),
@@ -189,6 +208,9 @@ SMOOTH_CASES = {
     "grid_sample-reflection-align_corners": lambda rng: case_grid_sample(rng, padding_mode="reflection",
                                                                          align_corners=True),
     "grid_sample-nearest": lambda rng: case_grid_sample(rng, mode="nearest"),
+    "affine_sample": lambda rng: case_affine_sample(rng),
+    "affine_sample-bicubic": lambda rng: case_affine_sample(rng, mode="bicubic"),
+    "affine_transform": lambda rng: case_affine_transform(rng),
     "deform_conv2d-v2": lambda rng: case_deform_conv2d(rng),
     "deform_conv2d-v1": lambda rng: case_deform_conv2d(rng, mask=False),
     "deform_conv2d-strided": lambda rng: case_deform_conv2d(rng, stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
