@@ -13,6 +13,7 @@ adds an image's chunks into its input gradient in order, so results do not depen
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import NamedTuple, Optional
 
@@ -209,9 +210,7 @@ def plan(grid: np.ndarray, first_image: int, shape: tuple, mode: str, padding_mo
     i = lower.astype(np.int64)
     upper = np.subtract(x, lower, out=x)  # the weight of the upper corner along each axis
     axis_weight = np.stack((1 - upper, upper), axis=1)
-    strides = _padded_strides(shape)
-    corners = np.array(list(itertools.product((0, 1), repeat=d)))[:, ::-1] @ strides  # the last axis outermost
-    index = _flat_index(i, first_image, n, shape) + corners[:, None]
+    index = _flat_index(i, first_image, n, shape) + _padded(shape).corners[:, None]
     derivative = np.array([-1, 1], x.dtype)[None, :, None].repeat(d, axis=0)  # (1 − t, t) → (−1, 1)
     return Plan(index, _tap_combinations(axis_weight, np.multiply), axis_weight, derivative, slope)
 
@@ -225,10 +224,22 @@ def _tap_combinations(per_axis: np.ndarray, combine) -> np.ndarray:
     return combined
 
 
-def _padded_strides(shape: tuple) -> np.ndarray:
-    """(d,) int64 flat strides of x, y, (z) in padded images of spatial shape ``shape`` (array order)."""
+class _Padded(NamedTuple):
+    """The flat layout of padded images of one spatial shape."""
+
+    strides: tuple       # of x, y, (z): ints
+    image: int           # pixels of one padded image
+    origin: int          # flat index of pixel (0, …, 0) in the first padded image
+    corners: np.ndarray  # (2^d,) int64 offsets of a bilinear sample's corners from its lower one, last axis outermost
+
+
+@functools.lru_cache(maxsize=64)
+def _padded(shape: tuple) -> _Padded:
+    """The layout of padded images of spatial shape ``shape`` (array order); cached: a call's fixed cost."""
     full = [s + 2 * PAD for s in shape[::-1]]  # x first
-    return np.cumprod([1] + full[:-1]).astype(np.int64)
+    strides = tuple(int(np.prod(full[:axis])) for axis in range(len(full)))
+    corners = np.array(list(itertools.product((0, 1), repeat=len(full))))[:, ::-1] @ np.array(strides)
+    return _Padded(strides, int(np.prod(full)), PAD * sum(strides), corners.astype(np.int64))
 
 
 def _cubic_weights(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -262,33 +273,31 @@ def _cubic_plan(x: np.ndarray, slope, shape: tuple, starts: np.ndarray, padding_
     taps, _ = _pad(base[:, None] + np.arange(-1, 3, dtype=x.dtype)[:, None], 0, size[:, :, None], padding_mode,
                    align_corners)
     inside = (taps >= 0) & (taps <= size[:, :, None] - 1)  # NaN: False
-    offsets = np.where(inside, taps, 0).astype(np.int64) * _padded_strides(shape)[:, None, None]
+    offsets = np.where(inside, taps, 0).astype(np.int64) * np.array(_padded(shape).strides)[:, None, None]
     index = _tap_combinations(offsets, np.add) + starts
     read = _tap_combinations(inside, np.logical_and) & sampled
-    first = starts - PAD * int(_padded_strides(shape).sum())  # the padded image's first pixel: a zero
+    first = starts - _padded(shape).origin  # the padded image's first pixel: a zero
     np.copyto(index, first, where=~read)
     return Plan(index, _tap_combinations(axis_weight, np.multiply), axis_weight, axis_derivative, slope)
 
 
 def _image_starts(first_image: int, n: int, k: int, shape: tuple) -> np.ndarray:
     """Flat indices (n·k,) of pixel (0, …, 0) of each point's padded image, k points of n images from first_image on."""
-    strides = _padded_strides(shape)
-    image = int(np.prod([s + 2 * PAD for s in shape]))
-    return np.repeat(first_image * image + PAD * int(strides.sum()) + np.arange(n) * image, k)
+    layout = _padded(shape)
+    return np.repeat(first_image * layout.image + layout.origin + np.arange(n) * layout.image, k)
 
 
 def _flat_index(i: np.ndarray, first_image: int, n: int, shape: tuple) -> np.ndarray:
     """Flat indices (n·k,) of the pixels i (d, n·k) [x; y; (z)] in n padded images from first_image on."""
-    strides = _padded_strides(shape)
-    index = i[0] * strides[0]
-    for axis in range(1, len(strides)):
-        index += i[axis] * strides[axis]
-    image = int(np.prod([s + 2 * PAD for s in shape]))
-    first = first_image * image + PAD * int(strides.sum())  # where pixel (0, …, 0) of the first image is
+    layout = _padded(shape)
+    index = i[0] * layout.strides[0] if layout.strides[0] != 1 else i[0].copy()
+    for axis in range(1, len(layout.strides)):
+        index += i[axis] * layout.strides[axis]
+    first = first_image * layout.image + layout.origin  # where pixel (0, …, 0) of the first image is
     if n == 1:
         index += first
         return index
-    index.reshape(n, -1)[...] += first + np.arange(n).reshape(n, 1) * image
+    index.reshape(n, -1)[...] += first + np.arange(n).reshape(n, 1) * layout.image
     return index
 
 
@@ -439,7 +448,7 @@ def _direct_backward(s: _Setup, known: dict, grad_output, input, grad_input, gra
     gradient of an image is added chunk by chunk in order: images run in parallel, each one's chunks in turn."""
     N, C, *shape = input.shape
     X = padded(input, s.dtype, channels_last=False) if grad_grid is not None else None
-    grad_X = np.zeros((C, N * int(np.prod([n + 2 * PAD for n in shape]))), s.dtype) if grad_input is not None else None
+    grad_X = np.zeros((C, N * _padded(tuple(shape)).image), s.dtype) if grad_input is not None else None
 
     def work(*chunk):
         n0, n1, p0, p1 = chunk
