@@ -114,7 +114,7 @@ _NUMERIC_KINDS = "biufc"
 def _framework(x: object) -> Optional[str]:
     """The framework of an array that deformcp imports (NumPy, CuPy, or any array supporting DLPack); None for
     anything else."""
-    if compat.is_numpy_array(x):
+    if type(x) is np.ndarray or compat.is_numpy_array(x):  # the first test: the common case's fast path
         return "numpy"
     if compat.is_cupy_array(x):
         return "cupy"
@@ -132,6 +132,8 @@ def _as_array(name: str, x: object) -> Any:
     objects with ``__array__``, scalars) if that is numeric. TypeError naming the argument for a traced JAX value
     (the array functions run on concrete arrays: deformcp.jax traces) and for what NumPy cannot make a numeric
     array of (strings, ragged sequences, objects)."""
+    if type(x) is np.ndarray:
+        return x
     jax = sys.modules.get("jax")  # None where it is not imported (or blocked)
     if jax is not None and isinstance(x, getattr(jax.core, "Tracer", ())):
         raise TypeError(f"{name}: a traced JAX value (inside jax.jit, grad or vmap); call the function of the same "
