@@ -514,7 +514,8 @@ template <typename A, typename I>
 __device__ __forceinline__ void volume_source(const A* g, I D, I H, I W, int mode, int padding, int align_corners,
                                               A* s, A* ds) {
   const I size[3] = {W, H, D};
-  for (int a = 0; a < 3; ++a) s[a] = mode_source_coordinate(g[a], (long long)size[a], mode, padding, align_corners, ds + a);
+  for (int a = 0; a < 3; ++a)
+    s[a] = mode_source_coordinate(g[a], (long long)size[a], mode, padding, align_corners, ds + a);
 }
 
 // out[c · out_volume] = volume c of the C volumes at `in` (D × H × W each) sampled at the normalised location g.
