@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -211,8 +212,16 @@ def plan(grid: np.ndarray, first_image: int, shape: tuple, mode: str, padding_mo
     upper = np.subtract(x, lower, out=x)  # the weight of the upper corner along each axis
     axis_weight = np.stack((1 - upper, upper), axis=1)
     index = _flat_index(i, first_image, n, shape) + _padded(shape).corners[:, None]
-    derivative = np.array([-1, 1], x.dtype)[None, :, None].repeat(d, axis=0)  # (1 − t, t) → (−1, 1)
-    return Plan(index, _tap_combinations(axis_weight, np.multiply), axis_weight, derivative, slope)
+    return Plan(index, _tap_combinations(axis_weight, np.multiply), axis_weight, _bilinear_derivative(d, x.dtype),
+                slope)
+
+
+@functools.lru_cache(maxsize=None)
+def _bilinear_derivative(d: int, dtype) -> np.ndarray:
+    """(d, 2, 1): the bilinear weights' derivatives along each of d axes, (1 − t, t) → (−1, 1) (read only)."""
+    derivative = np.array([-1, 1], dtype)[None, :, None].repeat(d, axis=0)
+    derivative.flags.writeable = False
+    return derivative
 
 
 def _tap_combinations(per_axis: np.ndarray, combine) -> np.ndarray:
@@ -374,13 +383,12 @@ class _Setup(NamedTuple):
 def _setup(input, grid, cfg) -> _Setup:
     N, C, *shape = input.shape
     dtype = compute_dtype(input.dtype)
-    grid = grid.reshape(N, int(np.prod(grid.shape[1:-1])), len(shape)).astype(dtype, copy=False)
+    grid = grid.reshape(N, math.prod(grid.shape[1:-1]), len(shape)).astype(dtype, copy=False)
     direct = cfg.mode == "nearest" or C <= DIRECT_MAX_CHANNELS
     P = grid.shape[1]
     pixels = {"nearest": 1, "bilinear": 2, "bicubic": 4}[cfg.mode] ** len(shape)  # read per sample and channel
     chunks = (point_chunks(N, P, 40 * max(4, pixels) + 3 * pixels * C * dtype.itemsize) if direct
-              else [(n0, n1, 0, P) for n0, n1 in _workspace.image_chunks(N, C, 1, int(np.prod(shape)),
-                                                                          dtype.itemsize)])
+              else [(n0, n1, 0, P) for n0, n1 in _workspace.image_chunks(N, C, 1, math.prod(shape), dtype.itemsize)])
     return _Setup(grid, dtype, direct, chunks, (tuple(shape), cfg.mode, cfg.padding_mode, cfg.align_corners))
 
 
