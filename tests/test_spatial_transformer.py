@@ -16,6 +16,14 @@ CONFIGS = list(itertools.product(MODES, PADDING_MODES, (False, True)))
 CONFIG_IDS = [f"{m}-{p}-{'align' if a else 'noalign'}" for m, p, a in CONFIGS]
 
 
+def assert_finite_differences(loss, arrays, grads, rng):
+    """Each gradient of loss(*arrays) along a random direction equals the central finite difference (float64)."""
+    for index, grad in enumerate(grads):
+        direction = rng.standard_normal(grad.shape)
+        numeric = directional_derivative(loss, arrays, index, direction)
+        assert np.sum(grad * direction) == pytest.approx(numeric, rel=1e-6, abs=1e-8)
+
+
 # ------------------------------------------------------------------------------------------ golden values
 
 U = np.array([[[[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]]])  # (1, 1, 2, 3)
@@ -223,10 +231,7 @@ def test_volume_finite_differences(rng, padding, align):
     def loss(x, grid):
         return np.sum(grad_output * deformcp.grid_sample(x, grid, "bilinear", padding, align))
 
-    for index, grad in enumerate(grads):
-        direction = rng.standard_normal(grad.shape)
-        numeric = directional_derivative(loss, (x, grid), index, direction)
-        assert np.sum(grad * direction) == pytest.approx(numeric, rel=1e-6, abs=1e-8)
+    assert_finite_differences(loss, (x, grid), grads, rng)
 
 
 @pytest.mark.parametrize("padding", PADDING_MODES)
@@ -252,10 +257,7 @@ def test_tricubic(any_backend, rng, padding, align):
     def loss(x, grid):
         return np.sum(grad_output * deformcp.grid_sample(x, grid, "bicubic", padding, align))
 
-    for index, grad in enumerate(grads):
-        direction = rng.standard_normal(grad.shape)
-        numeric = directional_derivative(loss, (x, grid), index, direction)
-        assert np.sum(grad * direction) == pytest.approx(numeric, rel=1e-6, abs=1e-8)
+    assert_finite_differences(loss, (x, grid), grads, rng)
 
 
 def test_volume_bad_input(rng):
@@ -301,10 +303,7 @@ def test_grid_sample_finite_differences(rng, mode, padding, align, trial):
     def loss(x, grid):
         return np.sum(grad_output * deformcp.grid_sample(x, grid, mode, padding, align))
 
-    for index, grad in enumerate(grads):
-        direction = rng.standard_normal(grad.shape)
-        numeric = directional_derivative(loss, (x, grid), index, direction)
-        assert np.sum(grad * direction) == pytest.approx(numeric, rel=1e-6, abs=1e-8)
+    assert_finite_differences(loss, (x, grid), grads, rng)
 
 
 @pytest.mark.parametrize("align", [False, True])
