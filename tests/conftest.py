@@ -15,8 +15,12 @@ SEED = int(os.environ.get("DEFORMCP_TEST_SEED") or np.random.SeedSequence().entr
 
 
 def pytest_report_header(config):
-    return [f"deformcp: random seed {SEED} (replay with DEFORMCP_TEST_SEED={SEED}); "
-            f"CUDA backend: {testing.gpu_available() or 'available'}"]
+    return [f"deformcp: CUDA backend: {testing.gpu_available() or 'available'}"]
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The seed, last (``pytest -q`` prints no header): a failure of this run replays with it."""
+    terminalreporter.write_line(f"deformcp: random seed {SEED} (replay with DEFORMCP_TEST_SEED={SEED})")
 
 
 @pytest.fixture

@@ -215,7 +215,8 @@ def test_boxes_as_a_list_of_per_image_arrays(rng):
 @pytest.fixture
 def asked(monkeypatch):
     """What deformcp.jax asks the backward for: (op, needs_input_grad, deterministic) per call of
-    deformcp.ops._call.run_backward (the one backward every VJP callback calls)."""
+    deformcp.ops._call.run_backward (the one backward every VJP callback calls). The callbacks run on JAX's
+    runtime thread, asynchronously: read it after jax.block_until_ready on the gradients."""
     calls = []
     original = _call.run_backward
 
@@ -234,19 +235,19 @@ def test_only_the_differentiated_inputs_get_gradients(rng, asked):
     loss, weights = functional(sample, rng)
     expected = deformcp.grid_sample_backward(weights, *sample.arrays, **sample.options).grid
     asked.clear()  # deformcp's own backward goes through run_backward too
-    grad_grid = jax.grad(loss, argnums=1)(*sample.jax_arrays)
+    grad_grid = jax.block_until_ready(jax.grad(loss, argnums=1)(*sample.jax_arrays))
     assert asked == [("grid_sample", (False, True), False)]
     np.testing.assert_array_equal(np.asarray(grad_grid), expected)
 
     conv = example("deform_conv2d", rng, "v2")
     assert "mask" in conv.names
     loss, _ = functional(conv, rng)
-    jax.jit(jax.grad(loss, argnums=conv.names.index("weight")))(*conv.jax_arrays)
+    jax.block_until_ready(jax.jit(jax.grad(loss, argnums=conv.names.index("weight")))(*conv.jax_arrays))
     assert asked[1:] == [("deform_conv2d", (False, False, True, False, False), False)]
 
     roi = example("roi_align", rng)
     loss, _ = functional(roi, rng)
-    grad_input, grad_boxes = jax.grad(loss, argnums=(0, 1))(*roi.jax_arrays)
+    grad_input, grad_boxes = jax.block_until_ready(jax.grad(loss, argnums=(0, 1))(*roi.jax_arrays))
     assert asked[2:] == [("roi_align", (True,), False)]
     assert not np.any(np.asarray(grad_boxes)) and grad_boxes.shape == roi.arrays[1].shape
     assert np.any(np.asarray(grad_input))
@@ -265,7 +266,7 @@ def test_the_gradient_of_one_argument_is_the_only_one_asked_for(name, rng, asked
 
     for index in inputs.diff:
         asked.clear()
-        jax.grad(loss, argnums=index)(*inputs.jax_arrays)
+        jax.block_until_ready(jax.grad(loss, argnums=index)(*inputs.jax_arrays))
         needs = tuple(field == inputs.names[index] for field in spec.differentiable)
         assert asked == [(name, needs, spec.deterministic)], inputs.names[index]
 
