@@ -246,6 +246,10 @@ NONFINITE = {
 def test_nonfinite_propagates(where, rng, case, dtype):
     a, b = NONFINITE[case]
     good_a, good_b = rng.standard_normal((2, 3))
+    while abs(good_a @ good_b) > 0.9 * np.linalg.norm(good_a) * np.linalg.norm(good_b):
+        # a nearly parallel pair's gradient is a difference of nearly equal terms: too ill-conditioned to
+        # hold float32 to float64 within the tolerance
+        good_a, good_b = rng.standard_normal((2, 3))
     f_a, f_b = np.array([good_a, a, [0, 0, 0]], dtype), np.array([good_b, b, [1, 2, 3]], dtype)
     assert np.isnan(float(call(where, mimic_loss, f_a, f_b)))
     grads = call(where, mimic_loss_backward, np.array(1.0, dtype), f_a, f_b)

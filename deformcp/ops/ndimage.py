@@ -11,6 +11,7 @@ import numbers
 from typing import NamedTuple, Optional, Sequence
 
 import array_api_compat as compat
+import numpy as np
 
 from .. import _dispatch, _kernels, _validate
 from ..reference import ndimage as reference
@@ -405,14 +406,27 @@ def _map_inputs(ndim):
     return make
 
 
-def _affine_inputs(ndim, matrix_shape, offset_shape):
-    """A scalar offset only where its gradient is 0 (order 0, or a homogeneous matrix): its gradient sums every
-    coordinate gradient and cancels, too ill-conditioned in float32 to compare two implementations."""
+def _affine_inputs(ndim, matrix_shape, offset_shape, out_shape):
+    """A random affine map of the output onto the input, reaching a step or two past its edges (its matrix gradient
+    sums every point's coordinate gradient: where most points fall outside, those sums cancel to a small fraction
+    of their terms, too ill-conditioned in float32 to compare two implementations). A scalar offset only where its
+    gradient is 0 (order 0, or a homogeneous matrix): its gradient sums every coordinate gradient, as ill-posed."""
     def make(rng):
-        matrix = rng.uniform(-1.2, 1.2, matrix_shape)
-        if len(matrix_shape) == 2 and matrix_shape[0] == ndim + 1:
-            matrix[-1] = [0] * ndim + [1]
-        return {"input": _image(rng, ndim), "matrix": matrix, "offset": rng.uniform(-2, 2, offset_shape)}
+        input = _image(rng, ndim)
+        reach = (np.array(input.shape) - 1) / (np.array(out_shape) - 1)
+        m = np.diag(reach * rng.uniform(0.7, 1.2, ndim) * rng.choice([-1, 1], ndim))
+        if len(matrix_shape) == 2:
+            m += rng.uniform(-0.3, 0.3, (ndim, ndim))
+        shift = (np.array(input.shape) - 1) / 2 - m @ ((np.array(out_shape) - 1) / 2) + rng.uniform(-1, 1, ndim)
+        if len(matrix_shape) == 1:
+            matrix, offset = np.diag(m), shift
+        elif matrix_shape == (ndim, ndim):
+            matrix, offset = m, np.asarray(np.mean(shift)) if offset_shape == () else shift
+        else:  # homogeneous: the offset is ignored
+            matrix, offset = np.concatenate([m, shift[:, None]], axis=1), rng.uniform(-2, 2, offset_shape)
+            if matrix_shape[0] == ndim + 1:
+                matrix = np.concatenate([matrix, [[0] * ndim + [1]]])
+        return {"input": input, "matrix": matrix, "offset": offset}
     return make
 
 
@@ -430,6 +444,7 @@ def _map_cases():
 
 def _affine_cases():
     for ndim in (2, 3):
+        out_shape = (6, 4) if ndim == 2 else (3, 4, 5)
         for m, o, order, mode, prefilter in (
                 ((ndim, ndim), (ndim,), 1, "constant", True), ((ndim,), (ndim,), 1, "grid-constant", True),
                 ((ndim, ndim + 1), (), 1, "mirror", True), ((ndim + 1, ndim + 1), (ndim,), 1, "grid-wrap", True),
@@ -437,9 +452,8 @@ def _affine_cases():
                 ((ndim, ndim), (ndim,), 3, "nearest", True), ((ndim,), (ndim,), 3, "reflect", True),
                 ((ndim, ndim + 1), (), 3, "grid-constant", True), ((ndim, ndim), (ndim,), 3, "wrap", False)):
             yield Case(f"{ndim}d-matrix{m}-offset{o}-order={order}-{mode}" + ("" if prefilter else "-prefilter=False"),
-                       _affine_inputs(ndim, m, o),
-                       {"order": order, "mode": mode, "cval": -0.5, "prefilter": prefilter,
-                        "output_shape": (6, 4) if ndim == 2 else (3, 4, 5)})
+                       _affine_inputs(ndim, m, o, out_shape),
+                       {"order": order, "mode": mode, "cval": -0.5, "prefilter": prefilter, "output_shape": out_shape})
 
 
 MAP_COORDINATES = OpSpec(
