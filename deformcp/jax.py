@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
@@ -92,9 +93,15 @@ __all__ = ["affine_grid", "grid_sample", "roi_align", "ps_roi_align", "deform_co
 
 _TRACER = getattr(jax.core, "Tracer", ())
 
-# jax.pure_callback's vmap behaviour: "sequential" from JAX 0.4.34 on; before, vectorized=False (the default)
-# meant the same.
-_CALLBACK_OPTIONS: dict[str, Any] = ({"vmap_method": "sequential"}
+_buffer_callback: Optional[Callable[..., Any]]
+try:  # JAX's buffers handed to a Python callback in place (JAX 0.7 on)
+    from jax.experimental.buffer_callback import buffer_callback as _buffer_callback
+except ImportError:  # older JAX: pure_callback, which hands the callback host copies
+    _buffer_callback = None
+
+# jax.pure_callback under jax.vmap: the mapped axes handed to the callback (unmapped operands get axes of size 1),
+# from JAX 0.4.34 on; before, a call per element (vectorized=False, the default)
+_CALLBACK_OPTIONS: dict[str, Any] = ({"vmap_method": "expand_dims"}
                      if "vmap_method" in inspect.signature(jax.pure_callback).parameters else {})
 
 
@@ -111,10 +118,24 @@ jax.tree_util.register_pytree_node(_Static, lambda s: ((), s.value), lambda valu
 
 
 class _Where(NamedTuple):
-    """Where the callbacks of one traced op run: "numpy", "host" or "cuda", and the workspace limit."""
+    """Where the callbacks of one traced op run: "numpy", "host" or "cuda", the workspace limit, and whether
+    they get JAX's buffers in place (buffer_callback) or host copies of them (pure_callback)."""
 
     backend: str
     workspace: int
+    in_place: bool
+
+
+class _Layout(NamedTuple):
+    """One traced call as its callback sees it: which operands are present (None: an absent optional array) and
+    their ranks (0 where absent), without the leading axes jax.vmap adds (the callback receives those)."""
+
+    present: tuple[bool, ...]
+    ranks: tuple[int, ...]
+
+
+def _layout(operands) -> _Layout:
+    return _Layout(tuple(a is not None for a in operands), tuple(0 if a is None else a.ndim for a in operands))
 
 
 @functools.lru_cache(maxsize=None)
@@ -128,27 +149,116 @@ def _cupy():
 
 
 def _where(arrays) -> _Where:
+    gpu = jax.default_backend() in ("gpu", "cuda")
     backend = _dc.current_backend()
-    if (jax.default_backend() in ("gpu", "cuda") and _cuda_ready()
-            and not any(a is not None and a.dtype.name == "bfloat16" for a in arrays)):
+    if gpu and _cuda_ready() and not any(a is not None and a.dtype.name == "bfloat16" for a in arrays):
         backend = "cuda"
-    return _Where(backend, _dc.get_workspace_limit())
+    # on a GPU JAX's buffers are device memory: handed over in place to the CUDA kernels only (CuPy has no bfloat16)
+    in_place = _buffer_callback is not None and (backend == "cuda" or not gpu)
+    return _Where(backend, _dc.get_workspace_limit(), in_place)
 
 
-def _on_host(where: _Where, call: Callable, arrays):
-    """call(arrays) on NumPy arrays (or on CuPy arrays for the CUDA route); results as NumPy arrays."""
+def _on_host(where: _Where, call: Callable, arrays) -> tuple:
+    """call(arrays) on NumPy arrays (or on CuPy arrays for the CUDA route); results as NumPy arrays (pure_callback)."""
     with _dc.workspace_limit(where.workspace):
         if where.backend == "cuda":
             cupy = _cupy()
-            result = call(tuple(None if a is None else cupy.asarray(np.asarray(a)) for a in arrays))
+            results = call(tuple(cupy.asarray(np.asarray(a)) for a in arrays))
             to_numpy = cupy.asnumpy
         else:
             with _dc.backend(where.backend):
-                result = call(tuple(None if a is None else np.asarray(a) for a in arrays))
+                results = call(tuple(np.asarray(a) for a in arrays))
             to_numpy = np.asarray
-    if isinstance(result, tuple):
-        return tuple(to_numpy(r) for r in result)
-    return to_numpy(result)
+    return tuple(to_numpy(r) for r in results)
+
+
+def _in_place(where: _Where, call: Callable, ctx, outs, buffers) -> None:
+    """call(arrays) on JAX's buffers where they are (NumPy arrays on the CPU; CuPy arrays on the GPU, run on XLA's
+    stream), its results written into the buffers ``outs`` (buffer_callback)."""
+    with _dc.workspace_limit(where.workspace):
+        if where.backend == "cuda":
+            cupy = _cupy()
+            arrays = tuple(cupy.asarray(b) for b in buffers)
+            with arrays[0].device, cupy.cuda.ExternalStream(ctx.stream):
+                for out, result in zip(outs, call(arrays)):
+                    cupy.asarray(out)[...] = result
+        else:
+            with _dc.backend(where.backend):
+                for out, result in zip(outs, call(tuple(np.asarray(b) for b in buffers))):
+                    np.asarray(out)[...] = result
+
+
+def _over_vmap(spec: OpSpec, static: dict, operands: list, ranks: tuple, run: Callable, batch: tuple[int, ...]):
+    """run(operands, static) → results, for operands with k ≥ 0 leading axes added by jax.vmap (each of the mapped
+    size, or 1 where an operand is not mapped: vmap_method "expand_dims") → results with those axes. One call where
+    exactly the operands at positions ``batch`` (those whose axis 0 is the op's batch N, as the results') are
+    mapped: the mapped axes fold into N (and into the option spec.batch_size); otherwise a call per element."""
+    present = [(i, a) for i, a in enumerate(operands) if a is not None]
+    k = present[0][1].ndim - ranks[present[0][0]]
+    if k == 0:
+        return run(operands, static)
+    lead = tuple(np.broadcast_shapes(*(a.shape[:k] for _, a in present)))
+    size = math.prod(lead)
+    if batch and {i for i, a in present if a.shape[:k] == lead} == {i for i, _ in present if i in batch}:
+        n = operands[batch[0]].shape[k]
+        folded = [None if a is None else a.reshape((size * n,) + a.shape[k + 1:]) if i in batch
+                  else a.reshape(a.shape[k:]) for i, a in enumerate(operands)]
+        if spec.batch_size is not None and static.get(spec.batch_size) is not None:
+            static = {**static, spec.batch_size: (size * n, *static[spec.batch_size][1:])}
+        return tuple(r.reshape(lead + (n,) + r.shape[1:]) for r in run(folded, static))
+    each = [run([None if a is None else a[tuple(min(j, s - 1) for j, s in zip(index, a.shape[:k]))]
+                 for a in operands], static) for index in np.ndindex(*lead)]
+    xp = np if isinstance(each[0][0], np.ndarray) else _cupy()
+    return tuple(xp.stack([results[r] for results in each]).reshape(lead + each[0][r].shape)
+                 for r in range(len(each[0])))
+
+
+def _callback(where: _Where, spec: OpSpec, static: dict, layout: _Layout, run: Callable, batch: tuple[int, ...]):
+    """The callable JAX calls for one op call: buffer_callback's (ctx, outs, *buffers), or pure_callback's
+    (*arrays) → results; the present operands in, run's results out (see _over_vmap)."""
+    def call(arrays):
+        present = iter(arrays)
+        operands = [next(present) if p else None for p in layout.present]
+        return _over_vmap(spec, static, operands, layout.ranks, run, batch)
+
+    if where.in_place:
+        return lambda ctx, outs, *buffers: _in_place(where, call, ctx, outs, buffers)
+    return lambda *arrays: _on_host(where, call, arrays)
+
+
+def _zero(arrays, dtype):
+    """A 0-d zero that varies, inside shard_map, over the mesh axes any of the arrays varies over."""
+    return sum((jnp.zeros_like(a, shape=(), dtype=dtype) for a in arrays if a is not None), jnp.zeros((), dtype))
+
+
+def _varying_as(result, arrays):
+    """result typed to vary over the mesh axes the arrays vary over inside shard_map: a callback's result varies
+    over none, so JAX would take it as the same on every device (adding the zero changes the type only)."""
+    if not isinstance(result, _TRACER) or not hasattr(jax, "typeof"):
+        return result
+    zero = _zero(arrays, result.dtype)
+    return result if jax.typeof(zero) == jax.typeof(jnp.zeros((), result.dtype)) else result + zero
+
+
+def _gradient_typed(name: str, field: str, gradient, array, g):
+    """The gradient of ``array`` typed as it (see _varying_as). Inside shard_map an array replicated over mesh axes
+    that the output varies over has per-device gradients that would need a sum over devices: refused."""
+    if isinstance(gradient, _TRACER) and hasattr(jax, "typeof"):
+        own, with_output = _zero((array,), gradient.dtype), _zero((array, g), gradient.dtype)
+        if jax.typeof(own) != jax.typeof(with_output):
+            raise NotImplementedError(
+                f"{name}: the gradient of {field}, which is replicated over mesh axes that the output varies over "
+                f"inside shard_map, would need a sum over devices: shard {field} as the output is, or differentiate "
+                f"outside shard_map (jax.jit on sharded arrays)")
+    return _varying_as(gradient, (array,))
+
+
+def _invoke(where: _Where, callback: Callable, structs: tuple, operands) -> tuple:
+    """The callback's results (structs: their shapes and dtypes) on the present operands."""
+    present = [a for a in operands if a is not None]
+    if where.in_place and _buffer_callback is not None:  # in place is chosen only where it exists
+        return _buffer_callback(callback, structs, vmap_method="expand_dims")(*present)
+    return jax.pure_callback(callback, structs, *present, **_CALLBACK_OPTIONS)
 
 
 def _static(name: str, value):
@@ -190,25 +300,34 @@ def _differentiable(name: str, static_items: tuple, where: _Where):
     static = {key: value for key, value, _ in static_items}
     deterministic = static.pop("deterministic", False)  # the backward's flag; the rest are the forward's options
     diff = tuple(array in spec.differentiable for array in spec.arrays)
+    batch = tuple(i for i, array in enumerate(spec.arrays) if array in spec.batch)
 
-    # The callbacks are made once (per set of wanted gradients for the backward): JAX compiles a callback per
-    # callable, so a new one at each call would compile again at every eager call (~10 ms each).
-    def forward(*a):
-        return _on_host(where, lambda arrays: _call.run_forward(spec, dict(zip(spec.arrays, arrays)), static), a)
+    # The callbacks are made once per layout (and set of wanted gradients for the backward): JAX compiles a
+    # callback per callable, so a new one at each call would compile again at every eager call (~10 ms each).
+    @functools.lru_cache(maxsize=None)
+    def forward(layout: _Layout):
+        def run(arrays, options):
+            return (_call.run_forward(spec, dict(zip(spec.arrays, arrays)), options),)
+
+        return _callback(where, spec, static, layout, run, batch)
 
     @functools.lru_cache(maxsize=None)
-    def backward(wanted: tuple):
+    def backward(wanted: tuple, layout: _Layout):
         needs = tuple(wanted[spec.arrays.index(field)] for field in spec.differentiable)
 
-        def gradients(a):
-            grads = _call.run_backward(spec, a[0], dict(zip(spec.arrays, a[1:])), static, needs, deterministic)
+        def run(operands, options):
+            grads = _call.run_backward(spec, operands[0], dict(zip(spec.arrays, operands[1:])), options, needs,
+                                       deterministic)
             return tuple(getattr(grads, array) for array, w in zip(spec.arrays, wanted) if w)
 
-        return lambda *a: _on_host(where, gradients, a)
+        # folded only where every gradient asked for is a batch array's (a shared array's would be summed)
+        folds = all(array in spec.batch for array, w in zip(spec.arrays, wanted) if w)
+        return _callback(where, spec, static, layout, run, (0, *(1 + i for i in batch)) if folds else ())
 
     @jax.custom_vjp
     def function(*arrays):
-        return jax.pure_callback(forward, _output_struct(spec, arrays, static), *arrays, **_CALLBACK_OPTIONS)
+        out = _invoke(where, forward(_layout(arrays)), (_output_struct(spec, arrays, static),), arrays)[0]
+        return _varying_as(out, arrays)
 
     def function_fwd(*primals):
         arrays = tuple(None if p is None else p.value for p in primals)
@@ -220,8 +339,9 @@ def _differentiable(name: str, static_items: tuple, where: _Where):
         if isinstance(g, SymbolicZero) or not any(wanted):
             return (None,) * len(arrays)
         structs = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a, w in zip(arrays, wanted) if w)
-        grads = iter(jax.pure_callback(backward(wanted), structs, g, *arrays, **_CALLBACK_OPTIONS))
-        return tuple(next(grads) if w else None for w in wanted)
+        grads = iter(_invoke(where, backward(wanted, _layout((g, *arrays))), structs, (g, *arrays)))
+        return tuple(_gradient_typed(name, field, next(grads), a, g) if w else None
+                     for field, a, w in zip(spec.arrays, arrays, wanted))
 
     function.defvjp(function_fwd, function_bwd, symbolic_zeros=True)
     return function

@@ -12,7 +12,9 @@ itself sits on a discontinuity are excluded from the finite differences by name 
 backward comparison. The CUDA route cannot run here; its plumbing is checked with a stand-in for
 CuPy.
 """
+import contextlib
 import inspect
+import os
 import subprocess
 import sys
 import types
@@ -271,16 +273,155 @@ def test_the_gradient_of_one_argument_is_the_only_one_asked_for(name, rng, asked
         assert asked == [(name, needs, spec.deterministic)], inputs.names[index]
 
 
-def test_vmap_runs_sequentially(rng):
+@pytest.fixture(params=["buffers", "copies"])
+def mechanism(request, monkeypatch):
+    """The callbacks get JAX's buffers in place (buffer_callback), or host copies (pure_callback: JAX without
+    buffer_callback)."""
+    if request.param == "buffers" and djax._buffer_callback is None:
+        pytest.skip("this JAX has no buffer_callback")
+    if request.param == "copies":
+        monkeypatch.setattr(djax, "_buffer_callback", None)
+    return request.param
+
+
+@pytest.fixture
+def runs(monkeypatch):
+    """The ops' forward and backward runs, as ("forward" or "backward", op) per call of _call.run_forward and
+    _call.run_backward (read after jax.block_until_ready: the callbacks run on JAX's runtime thread)."""
+    calls = []
+    forward, backward = _call.run_forward, _call.run_backward
+    monkeypatch.setattr(_call, "run_forward",
+                        lambda spec, *a: calls.append(("forward", spec.name)) or forward(spec, *a))
+    monkeypatch.setattr(_call, "run_backward",
+                        lambda spec, *a: calls.append(("backward", spec.name)) or backward(spec, *a))
+    return calls
+
+
+def test_operands_reach_deformcp_without_copies(rng, monkeypatch):
+    """On the CPU deformcp runs on JAX's own buffers (buffer_callback): the arrays the forward gets are the JAX
+    arrays' memory, eagerly and under jax.jit, and so are the backward's under jax.jit."""
+    if djax._buffer_callback is None:
+        pytest.skip("this JAX has no buffer_callback: its callbacks get copies")
+    seen = []
+    forward, backward = _call.run_forward, _call.run_backward
+
+    def addresses(arrays):
+        seen.append([a.__array_interface__["data"][0] for a in arrays.values()])
+
+    monkeypatch.setattr(_call, "run_forward", lambda spec, arrays, *a: addresses(arrays) or forward(spec, arrays, *a))
+    monkeypatch.setattr(_call, "run_backward",
+                        lambda spec, g, arrays, *a: addresses(arrays) or backward(spec, g, arrays, *a))
     sample = example("grid_sample", rng)
-    assert sample.arrays[0].shape[0] == 2
-    input, grid = (a[:, None] for a in sample.arrays)  # a vmapped axis of 2 over batches of 1
-    out = jax.vmap(sample.jax_fn)(input, grid)
-    expected_out = sample.numpy_fn(*sample.arrays)
-    np.testing.assert_array_equal(np.asarray(out)[:, 0], expected_out)
-    grads = jax.vmap(jax.grad(lambda i, g: jnp.sum(sample.jax_fn(i, g)), argnums=1))(input, grid)
-    expected = deformcp.grid_sample_backward(np.ones(expected_out.shape), *sample.arrays, **sample.options).grid
-    np.testing.assert_allclose(np.asarray(grads)[:, 0], expected, rtol=1e-13, atol=1e-13)
+    arrays = sample.jax_arrays
+    expected = [[a.unsafe_buffer_pointer() for a in arrays]]
+    jax.block_until_ready(sample.jax_fn(*arrays))
+    jax.block_until_ready(jax.jit(sample.jax_fn)(*arrays))
+    assert seen == expected * 2
+    seen.clear()
+    jax.block_until_ready(jax.jit(jax.grad(lambda *a: jnp.sum(sample.jax_fn(*a)), argnums=(0, 1)))(*arrays))
+    assert seen and all(s == expected[0] for s in seen)  # the backward (XLA drops the unused forward) in place
+
+
+FIRST_CASES = [(spec, spec.cases[0]) for spec in SPECS.values()]
+
+
+@pytest.mark.parametrize("spec, case", FIRST_CASES, ids=[spec.name for spec, _ in FIRST_CASES])
+def test_vmap_equals_a_loop_in_one_call(spec, case, rng, mechanism, runs):
+    """jax.vmap over 3 draws of a case equals the op on each. Where every array mapped is one of the op's batch
+    arrays (spec.batch) the op runs once, the vmapped axis folded into its batch, forward and backward (for
+    those arrays' gradients); otherwise once per element (deform_conv2d here: its weight is mapped too)."""
+    draws = [make(spec, case, rng) for _ in range(3)]
+    stacked = [np.stack(arrays) for arrays in zip(*(d.arrays for d in draws))]
+    expected = np.stack([d.numpy_fn(*d.arrays) for d in draws])
+    folds = bool(spec.batch) and set(draws[0].names) <= set(spec.batch)  # every array mapped is a batch array
+    runs.clear()
+    out = jax.block_until_ready(jax.vmap(draws[0].jax_fn)(*stacked))
+    assert runs == [("forward", spec.name)] * (1 if folds else 3)
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-13, atol=1e-13)
+
+    runs.clear()
+    names = draws[0].names
+    batch_only = [i for i in draws[0].diff if names[i] in spec.batch]
+    g = rng.standard_normal(expected.shape)
+    argnums = tuple(batch_only or draws[0].diff)  # the batch arrays' gradients alone where the op has them
+
+    def pullback(*arrays_and_g):
+        *arrays, cotangent = arrays_and_g
+
+        def of_differentiated(*differentiated):
+            return draws[0].jax_fn(*(differentiated[argnums.index(i)] if i in argnums else a
+                                     for i, a in enumerate(arrays)))
+
+        return jax.vjp(of_differentiated, *(arrays[i] for i in argnums))[1](cotangent)
+
+    grads = jax.block_until_ready(jax.vmap(pullback)(*stacked, g))
+    assert runs.count(("backward", spec.name)) == (1 if folds and batch_only else 3)
+    for b, d in enumerate(draws):
+        want = spec.backward(g[b], **dict(zip(names, d.arrays)), **d.options)
+        for i, got in zip(argnums, grads):
+            np.testing.assert_allclose(np.asarray(got)[b], getattr(want, names[i]), rtol=1e-12, atol=1e-12,
+                                       err_msg=names[i])
+
+
+def test_vmap_with_shared_weights_folds_unless_their_gradient_is_asked(rng, runs):
+    """deform_conv2d vmapped over images, offsets and masks with one weight and bias: one call, and one backward
+    for the image, offset and mask gradients; the weight's gradient per element is a call per element."""
+    conv = example("deform_conv2d", rng, "v2")
+    assert conv.names == ("input", "offset", "weight", "bias", "mask")
+    draws = [make(SPECS["deform_conv2d"], SPECS["deform_conv2d"].cases[1], rng) for _ in range(3)]
+    input, offset, mask = (np.stack([d.arrays[i] for d in draws]) for i in (0, 1, 4))
+    weight, bias = conv.arrays[2], conv.arrays[3]
+
+    def f(input, offset, mask, weight):
+        return djax.deform_conv2d(input, offset, weight, bias, mask=mask, **conv.options)
+
+    out = jax.block_until_ready(jax.vmap(f, in_axes=(0, 0, 0, None))(input, offset, mask, weight))
+    assert runs == [("forward", "deform_conv2d")]
+    for b in range(3):
+        np.testing.assert_allclose(np.asarray(out[b]), conv.spec.function(input[b], offset[b], weight, bias,
+                                                                           mask=mask[b], **conv.options),
+                                   rtol=1e-13, atol=1e-13)
+    runs.clear()
+    loss = lambda *a: jnp.sum(f(*a) ** 2)  # noqa: E731
+    jax.block_until_ready(jax.vmap(jax.grad(loss, argnums=(0, 1, 2)), in_axes=(0, 0, 0, None))(input, offset, mask,
+                                                                                                weight))
+    assert runs.count(("backward", "deform_conv2d")) == 1
+    runs.clear()
+    per_image = jax.block_until_ready(jax.vmap(jax.grad(loss, argnums=3), in_axes=(0, 0, 0, None))(
+        input, offset, mask, weight))
+    assert runs.count(("backward", "deform_conv2d")) == 3
+    for b in range(3):
+        expected = jax.grad(loss, argnums=3)(input[b], offset[b], mask[b], weight)
+        np.testing.assert_allclose(np.asarray(per_image[b]), np.asarray(expected), rtol=1e-13, atol=1e-13)
+
+
+def test_nested_vmap_folds_both_axes(rng, runs):
+    sample = example("grid_sample", rng)
+    input, grid = (np.stack([np.stack([a * (1 + i + 2 * j) for i in range(2)]) for j in range(3)])
+                   for a in sample.arrays)
+    out = jax.block_until_ready(jax.vmap(jax.vmap(sample.jax_fn))(input, grid))
+    assert runs == [("forward", "grid_sample")]
+    assert out.shape == (3, 2) + sample.numpy_fn(*sample.arrays).shape
+    np.testing.assert_allclose(np.asarray(out[2, 1]), sample.numpy_fn(input[2, 1], grid[2, 1]), rtol=1e-13,
+                               atol=1e-13)
+
+
+def test_vmap_of_affine_grid_folds_into_its_size(rng, runs):
+    theta = rng.standard_normal((4, 3, 2, 3))
+    out = jax.block_until_ready(jax.vmap(lambda t: djax.affine_grid(t, (3, 1, 5, 6)))(theta))
+    assert out.shape == (4, 3, 5, 6, 2) and runs == [("forward", "affine_grid")]
+    np.testing.assert_allclose(np.asarray(out[3]), deformcp.affine_grid(theta[3], (3, 1, 5, 6)), rtol=1e-13)
+
+
+def test_sharded_batches_equal_the_unsharded_call():
+    """On 2 host devices: grid_sample, deform_conv2d and their gradients on batches sharded over the devices,
+    under jax.jit (XLA gathers the operands for the callback) and inside shard_map (a call per device on its
+    shard), equal the unsharded calls; a weight replicated inside shard_map refuses its gradient by name."""
+    code = (REPO / "tests" / "data" / "jax_sharding.py").read_text()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "sharded: ok"
 
 
 def test_float32_stays_float32(rng):
@@ -340,33 +481,67 @@ def test_value_errors_come_from_the_callback(rng):
         jax.block_until_ready(djax.roi_align(input, boxes, 2))
 
 
-def test_cuda_route_plumbing(rng, monkeypatch):
-    """Where JAX runs on a GPU and CuPy sees one, the callbacks move the operands with CuPy and back. Here
-    a stand-in for CuPy (NumPy underneath) records the moves; the real route needs a GPU."""
+class _OnDevice(np.ndarray):
+    """A NumPy array standing in for a CuPy one: its ``device`` is a context (CuPy's: the array's GPU)."""
+
+    @property
+    def device(self):
+        return contextlib.nullcontext()
+
+
+def _fake_cupy(moved):
+    """A stand-in for CuPy (NumPy underneath) that records what moves: "in" per array made from an operand or a
+    result buffer, "out" per result copied back to the host, "stream" per use of XLA's stream."""
+    def asarray(a):
+        moved.append("in")
+        return np.asarray(a).view(_OnDevice)
+
+    def external_stream(pointer):
+        moved.append("stream")
+        return contextlib.nullcontext()
+
+    return types.SimpleNamespace(asarray=asarray, asnumpy=lambda a: moved.append("out") or np.asarray(a),
+                                 cuda=types.SimpleNamespace(ExternalStream=external_stream))
+
+
+@pytest.mark.parametrize("in_place", [True, False], ids=["buffers", "copies"])
+def test_cuda_route_plumbing(rng, monkeypatch, in_place):
+    """Where JAX runs on a GPU and CuPy sees one, the callbacks run deformcp's CUDA kernels on CuPy arrays: made
+    from JAX's device buffers where they are, on XLA's stream (buffer_callback), or, without it, copied from the
+    host and back (pure_callback). Here a stand-in for CuPy records the moves; the real route needs a GPU."""
     moved = []
-    fake = types.SimpleNamespace(asarray=lambda a: moved.append("in") or np.array(a),
-                                 asnumpy=lambda a: moved.append("out") or np.asarray(a))
-    monkeypatch.setattr(djax, "_cupy", lambda: fake)
+    monkeypatch.setattr(djax, "_cupy", lambda: _fake_cupy(moved))
     monkeypatch.setattr(djax, "_cuda_ready", lambda: True)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert djax._where((jnp.zeros(1, jnp.bfloat16),)).backend == "numpy"  # CuPy has no bfloat16
+    if in_place:  # XLA's CPU runtime has no stream to give
+        from jax.experimental.buffer_callback import ExecutionContext
+        monkeypatch.setattr(ExecutionContext, "stream", property(lambda ctx: 0))
+    else:
+        monkeypatch.setattr(djax, "_buffer_callback", None)
+    bf16 = djax._where((jnp.zeros(1, jnp.bfloat16),))
+    assert bf16.backend == "numpy" and not bf16.in_place  # CuPy has no bfloat16: host copies
     conv = example("deform_conv2d", rng, "v1")
     assert conv.names[:2] == ("input", "offset") and "mask" not in conv.names
-    assert djax._where(conv.jax_arrays).backend == "cuda"
+    assert djax._where(conv.jax_arrays) == djax._Where("cuda", deformcp.get_workspace_limit(), in_place)
     out = conv.jax_fn(*conv.arrays)
     np.testing.assert_array_equal(np.asarray(out), conv.numpy_fn(*conv.arrays))
-    assert moved == ["in"] * len(conv.arrays) + ["out"]  # the arrays given (mask is None: not moved)
+    # the arrays given (mask is None: not moved), then the result: written into its buffer, or copied back
+    assert moved == (["in"] * len(conv.arrays) + ["stream", "in"] if in_place
+                     else ["in"] * len(conv.arrays) + ["out"])
+    moved.clear()
     grads = jax.grad(lambda *a: jnp.sum(conv.jax_fn(*a)), argnums=(0, 1))(*conv.arrays)
     expected = deformcp.deform_conv2d_backward(np.ones(out.shape), *conv.arrays, **conv.options)
     np.testing.assert_allclose(np.asarray(grads[0]), expected.input, rtol=1e-13, atol=1e-13)
     np.testing.assert_allclose(np.asarray(grads[1]), expected.offset, rtol=1e-13, atol=1e-13)
-    assert moved.count("out") == 1 + 1 + 2  # forward, forward again under grad, two gradients
+    # forward again under grad, then the backward: grad_output and the arrays in, two gradients out
+    assert moved.count("out") == (0 if in_place else 1 + 2)
+    assert moved.count("stream") == (2 if in_place else 0)
 
 
 def test_backend_and_workspace_limit_are_captured_at_trace_time():
     with deformcp.backend("host"), deformcp.workspace_limit(1 << 20):
         where = djax._where(())
-    assert where == djax._Where("host", 1 << 20)
+    assert where == djax._Where("host", 1 << 20, djax._buffer_callback is not None)
 
 
 def test_import_without_jax_says_how_to_install():

@@ -51,6 +51,9 @@ class OpSpec(NamedTuple):
     backward: Callable[..., tuple[Optional[Array], ...]]  # the public backward, e.g. deformcp.grid_sample_backward
     cases: tuple[Case, ...]      # parity configurations (deformcp.testing.check, the tests)
     boxes: Optional[str] = None  # the array argument that also takes a list of per-image (L, 4) boxes
+    batch: tuple[str, ...] = ()  # the arrays whose axis 0 is the batch N, as the result's: a call on stacked
+    #                              batches folds into one call over the batch axis (deformcp.jax under jax.vmap)
+    batch_size: Optional[str] = None  # the option whose first entry is N (affine_grid's size), if any
 
     @property
     def differentiable(self) -> tuple[str, ...]:

@@ -169,7 +169,7 @@ AFFINE_SAMPLE = OpSpec(
     name="affine_sample", arrays=("input", "theta"), grads=AffineSampleGrads, check=_check_affine_sample,
     output=_output, reference=reference.affine_sample, reference_backward=reference.affine_sample_backward,
     kernels=_kernels_forward, kernels_backward=_kernels_backward, function=affine_sample,
-    backward=affine_sample_backward,
+    backward=affine_sample_backward, batch=("input", "theta"), batch_size="size",
     cases=tuple(Case(f"{'volume-' if volumetric else ''}{mode}-{padding}-align_corners={align}", _inputs(volumetric),
                      {"size": size, "mode": mode, "padding_mode": padding, "align_corners": align})
                 for volumetric, size, mode, padding, align in (

@@ -319,7 +319,7 @@ DEFORM_CONV2D = OpSpec(
     name="deform_conv2d", arrays=("input", "offset", "weight", "bias", "mask"), grads=DeformConv2dGrads,
     check=_check, output=_output, reference=reference.deform_conv2d,
     reference_backward=reference.deform_conv2d_backward, kernels=_forward_kernels, kernels_backward=_backward_kernels,
-    function=deform_conv2d, backward=deform_conv2d_backward,
+    function=deform_conv2d, backward=deform_conv2d_backward, batch=("input", "offset", "mask"),
     cases=(Case("v1", lambda rng: _conv_inputs(rng, modulated=False), _PARITY_OPTIONS),
            Case("v2", lambda rng: _conv_inputs(rng, modulated=True), _PARITY_OPTIONS)))
 

@@ -392,6 +392,7 @@ MS_DEFORM_ATTN = OpSpec(
     check=_check_ms_deform_attn, output=_output, reference=reference.ms_deform_attn,
     reference_backward=reference.ms_deform_attn_backward, kernels=_forward_kernels,
     kernels_backward=_ms_kernels_backward, function=ms_deform_attn, backward=ms_deform_attn_backward,
+    batch=("value", "sampling_locations", "attention_weights"),
     cases=(_ms_case("default", level_start_index=(0, 35, 36)),
            _ms_case("points_per_level", points_per_level=(3, 1, 2)),
            _ms_case("discrete", method="discrete"),
@@ -402,6 +403,7 @@ FLASH_DEFORM_ATTN = OpSpec(
     check=_check_flash_deform_attn, output=_output, reference=reference.flash_deform_attn,
     reference_backward=reference.flash_deform_attn_backward, kernels=_flash_kernels,
     kernels_backward=_flash_kernels_backward, function=flash_deform_attn, backward=flash_deform_attn_backward,
+    batch=("value", "sampling_loc_attn"),
     cases=(Case("P=2", _flash_inputs, {"spatial_shapes": _SHAPES, "level_start_index": None, "num_points": 2}),))
 
 SPECS = (MS_DEFORM_ATTN, FLASH_DEFORM_ATTN)

@@ -320,7 +320,7 @@ AFFINE_GRID = OpSpec(
     name="affine_grid", arrays=("theta",), grads=AffineGridGrads, check=_check_affine_grid,
     output=_affine_grid_output, reference=reference.affine_grid, reference_backward=reference.affine_grid_backward,
     kernels=_affine_grid_kernels, kernels_backward=_affine_grid_kernels_backward, function=affine_grid,
-    backward=affine_grid_backward,
+    backward=affine_grid_backward, batch=("theta",), batch_size="size",
     cases=tuple(Case(f"align_corners={o['align_corners']}", lambda rng: {"theta": rng.standard_normal((3, 2, 3))},
                      o) for o in _align_options(size=(3, 2, 5, 7)))
     + tuple(Case(f"volume-align_corners={o['align_corners']}", lambda rng: {"theta": rng.standard_normal((3, 3, 4))},
@@ -330,7 +330,7 @@ GRID_SAMPLE = OpSpec(
     name="grid_sample", arrays=("input", "grid"), grads=GridSampleGrads, check=_check_grid_sample,
     output=_grid_sample_output, reference=reference.grid_sample, reference_backward=reference.grid_sample_backward,
     kernels=_grid_sample_kernels, kernels_backward=_grid_sample_kernels_backward, function=grid_sample,
-    backward=grid_sample_backward,
+    backward=grid_sample_backward, batch=("input", "grid"),
     cases=tuple(Case(f"{mode}-{padding_mode}-align_corners={o['align_corners']}", _grid_sample_inputs, o)
                 for mode in MODES for padding_mode in PADDING_MODES
                 for o in _align_options(mode=mode, padding_mode=padding_mode))
