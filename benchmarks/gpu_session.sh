@@ -9,8 +9,9 @@
 #   echo /.whl/ >> .git/info/exclude && python -m pip download --no-deps -d .whl array-api-compat
 # then: run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
 # Budgets in seconds (environment), 540 in all for one 600-second call: CUDA_TEST_SECONDS (150), BENCH_SECONDS
-# (35 a benchmark; BENCH_MSDA_SECONDS, 60, for ms_deform_attn's 12 cases), BENCH_QUICK_SECONDS (60, the smoke
-# run), REST_SECONDS (60). To fit, each benchmark times BENCH_REPEAT (10) calls a row instead of its 30.
+# (35 a benchmark; BENCH_MSDA_SECONDS, 60, for ms_deform_attn's 12 cases; BENCH_JAX_SECONDS, 30, for
+# jax_vmap.py), BENCH_QUICK_SECONDS (60, the smoke run), REST_SECONDS (60). To fit, each benchmark times
+# BENCH_REPEAT (10) calls a row instead of its 30.
 # bench_ms_deform_attn also times Deformable DETR's CUDA extension where MultiScaleDeformableAttention imports (a
 # wheel of it built for the image's torch and CUDA can travel in .whl); otherwise its log says why it was skipped.
 set -uo pipefail
@@ -50,6 +51,11 @@ for bench in $benches; do
   echo "bench $bench: exit $?"
 done
 
+# deformcp.jax on JAX's GPU buffers: jax.vmap against the batched call, a loop and the host copies.
+timeout "${BENCH_JAX_SECONDS:-30}" python3 benchmarks/jax_vmap.py --repeat "${BENCH_REPEAT:-10}" \
+  --output "$results/jax_vmap" >"$results/bench-jax_vmap.log" 2>&1
+echo "bench jax_vmap: exit $?"
+
 # The rest of the suite (host backend, NumPy path, interop), spread over the machine's cores.
 workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 timeout "${REST_SECONDS:-60}" python3 -m pytest -q -p no:cacheprovider $workers -k "not cuda" -m "not sanitizer" tests \
@@ -57,7 +63,7 @@ timeout "${REST_SECONDS:-60}" python3 -m pytest -q -p no:cacheprovider $workers 
 echo "tests -k 'not cuda': exit $?; $(tail -n 1 "$results/tests-rest.log")"
 
 tar -czf "$archive/gpu-session.tar.gz" -C "$(dirname "$results")" gpu-session
-for bench in $benches; do
+for bench in $benches jax_vmap; do
   [ -f "$results/$bench.md" ] && grep -E '^\| |MISSED|met' "$results/$bench.md"
 done
 grep -E '^(FAILED|ERROR)' "$results"/tests-*.log | head -n 40

@@ -26,11 +26,13 @@ whose backward can scatter with atomics also take a keyword-only ``deterministic
 backward (see the deformcp ``*_backward`` functions).
 
 How it works. Each op is a ``jax.custom_vjp`` built from its spec (``deformcp.ops.SPECS``). Its primal is a
-``jax.pure_callback`` whose output ``ShapeDtypeStruct`` is computed from the input shapes at trace time; the
-callback converts the operands to NumPy and runs the op's forward (the call path of the deformcp function).
-Its VJP runs the op's backward (that of ``deformcp.*_backward``) through another ``pure_callback``, with
-``needs_input_grad`` set to the inputs JAX differentiates (``symbolic_zeros``), so ``jax.grad`` with respect to
-``grid`` alone never computes the input gradient.
+callback whose output ``ShapeDtypeStruct`` is computed from the input shapes at trace time; the callback runs
+the op's forward (the call path of the deformcp function) on JAX's buffers where they are
+(``jax.experimental.buffer_callback``: NumPy arrays on the CPU, CuPy arrays on the GPU, on XLA's stream) and
+writes the result into the buffer XLA gives it. Its VJP runs the op's backward (that of ``deformcp.*_backward``)
+the same way, with ``needs_input_grad`` set to the inputs JAX differentiates (``symbolic_zeros``), so
+``jax.grad`` with respect to ``grid`` alone never computes the input gradient. On a JAX without
+``buffer_callback`` (before 0.7) the callbacks are ``jax.pure_callback``'s, which hand them host copies.
 
 - Arguments. Array arguments are JAX arrays (or anything ``jnp.asarray`` takes; None where deformcp allows
   None). Everything else (sizes, output sizes, modes, flags, scales, strides, ``deterministic``) is static:
@@ -49,20 +51,29 @@ Its VJP runs the op's backward (that of ``deformcp.*_backward``) through another
   float64 requires ``jax.config.update("jax_enable_x64", True)`` (else JAX turns float64 into float32
   before deformcp sees it).
 - Transformations. ``jax.grad``/``jax.vjp``/``jax.value_and_grad`` and ``jax.jit`` work, also combined.
-  ``jax.vmap`` works but runs the callbacks sequentially, one batch element at a time (``vmap_method=
-  "sequential"``): correct, no faster than a Python loop. Forward mode (``jax.jvp``, ``jax.jacfwd``)
-  and second derivatives are not supported (a custom_vjp, and deformcp offers no double backward).
-- Backends. A callback runs on the host. CPU computations run deformcp's NumPy path, or its host backend
-  when the op is traced inside ``with deformcp.backend("host"):``; the backend and
-  ``deformcp.workspace_limit`` in force when an op is traced are used by its forward and backward callbacks
-  (``jax.jit`` caches them with the trace: ``jax.clear_caches()`` makes the next call retrace).
-  Where JAX's default backend is a GPU and CuPy sees a CUDA device, the callbacks route through deformcp's
-  CUDA kernels instead: the operands that JAX hands the callback are copied to the GPU with CuPy, the
-  kernels run, and the results are copied back: two host round trips per call, because a
-  ``pure_callback`` runs on the host (zero-copy would need an XLA FFI custom call). bfloat16 stays on the
-  CPU path (CuPy has no bfloat16 arrays). JAX preallocates most of the GPU's memory by default, so give
-  CuPy room (``XLA_PYTHON_CLIENT_PREALLOCATE=false`` or ``XLA_PYTHON_CLIENT_MEM_FRACTION``). The CUDA route
-  is not exercised by the test suite, which runs without a GPU (its plumbing is, with a stand-in for CuPy).
+  ``jax.vmap`` hands the callback the mapped axes: where every mapped array is one of the op's batch arrays
+  (``spec.batch``: grid_sample's input and grid, affine_grid's theta, deform_conv2d's input, offset and mask,
+  ms_deform_attn's three arrays, ...) the mapped axes fold into the op's batch axis, one call forward and one
+  backward (for those arrays' gradients); otherwise (boxes, mimic_loss, ndimage, a mapped weight, a weight's
+  gradient per element) the callback calls the op once per element. Forward mode (``jax.jvp``,
+  ``jax.jacfwd``) and second derivatives are not supported (a custom_vjp, and deformcp offers no double
+  backward).
+- Sharding. Under ``jax.jit`` on sharded arrays XLA gathers each callback's operands on one device and runs
+  it once. Inside ``shard_map`` (under ``jax.jit``) each device runs the op on its shard; results and gradients
+  vary over the mesh axes as their arrays do. An array replicated inside ``shard_map`` whose output varies
+  (deform_conv2d's weight with sharded images) gets no gradient there: its per-device gradients would need a
+  sum over the devices; the call raises a NotImplementedError that says so.
+- Backends. CPU computations run deformcp's NumPy path, or its host backend when the op is traced inside
+  ``with deformcp.backend("host"):``; the backend and ``deformcp.workspace_limit`` in force when an op is
+  traced are used by its forward and backward callbacks (``jax.jit`` caches them with the trace:
+  ``jax.clear_caches()`` makes the next call retrace). Where JAX's default backend is a GPU and CuPy sees a
+  CUDA device, the callbacks run deformcp's CUDA kernels on JAX's device buffers, on XLA's stream, with no
+  copy; bfloat16 (CuPy has none) and a JAX without ``buffer_callback`` go through the host instead: the
+  operands are copied to the host (and to the GPU with CuPy for the kernels) and back. JAX preallocates most
+  of the GPU's memory by default, so give CuPy room for the kernels' workspace
+  (``XLA_PYTHON_CLIENT_PREALLOCATE=false`` or ``XLA_PYTHON_CLIENT_MEM_FRACTION``). The CUDA route runs in
+  tests/test_jax.py's GPU test where a GPU is present; elsewhere its plumbing is checked with a stand-in for
+  CuPy.
 """
 from __future__ import annotations
 
