@@ -12,6 +12,7 @@ Ops (each ``<op>_backward`` returns a named tuple of gradients):
 - ``mimic_loss`` — DCNv2's feature-mimicking loss
 - ``ms_deform_attn``, ``flash_deform_attn`` — multi-scale deformable attention (Deformable DETR, RT-DETRv2's
   per-level points and nearest sampling; DCNv4's FlashDeformAttn with its softmax fused)
+- ``dcnv3``, ``dcnv4`` — InternImage's DCNv3 and FlashInternImage's DCNv4, channels-last
 
 NumPy arrays run on a vectorised NumPy path (the float64 reference), CuPy arrays on CUDA kernels compiled at run
 time by NVRTC, and ``with deformcp.backend("host"):`` runs the same CUDA sources on the CPU through the host C++
@@ -24,6 +25,7 @@ from ._types import Array as Array  # noqa: F401  (the array types: deformcp._ty
 from ._types import ArrayLike as ArrayLike  # noqa: F401
 from ._workspace import get_workspace_limit, workspace_limit
 from .ops.affine_sample import AffineSampleGrads, affine_sample, affine_sample_backward
+from .ops.dcn import DCNv3Grads, DCNv4Grads, dcnv3, dcnv3_backward, dcnv4, dcnv4_backward
 from .ops.deform_conv import DeformConv2dGrads, deform_conv2d, deform_conv2d_backward
 from .ops.deform_ps_roi_pool import DeformPSRoIPoolGrads, deform_ps_roi_pool, deform_ps_roi_pool_backward
 from .ops.mimic_loss import MimicLossGrads, mimic_loss, mimic_loss_backward
@@ -64,6 +66,7 @@ __all__ = [
     "mimic_loss", "mimic_loss_backward", "MimicLossGrads",
     "ms_deform_attn", "ms_deform_attn_backward", "MSDeformAttnGrads",
     "flash_deform_attn", "flash_deform_attn_backward", "FlashDeformAttnGrads",
+    "dcnv3", "dcnv3_backward", "DCNv3Grads", "dcnv4", "dcnv4_backward", "DCNv4Grads",
     "affine_grid", "affine_grid_backward", "AffineGridGrads",
     "grid_sample", "grid_sample_backward", "GridSampleGrads",
     "affine_sample", "affine_sample_backward", "AffineSampleGrads",

@@ -20,10 +20,11 @@ Import it explicitly (``import deformcp`` never imports JAX):
 45.0
 
 Functions: affine_grid, grid_sample, roi_align, ps_roi_align, deform_conv2d, deform_roi_pool,
-deform_ps_roi_pool, mimic_loss, ms_deform_attn and flash_deform_attn, with the names, argument order and
-defaults of the deformcp functions (see their docstrings and README.md for shapes and conventions). The ops
-whose backward can scatter with atomics also take a keyword-only ``deterministic=False``, handed to the
-backward (see the deformcp ``*_backward`` functions).
+deform_ps_roi_pool, mimic_loss, ms_deform_attn, flash_deform_attn, dcnv3 and dcnv4 (and deformcp.ndimage's
+map_coordinates and affine_transform), with the names, argument order and defaults of the deformcp functions
+(see their docstrings and README.md for shapes and conventions). The ops whose backward can scatter with atomics
+also take a keyword-only ``deterministic=False``, handed to the backward (see the deformcp ``*_backward``
+functions).
 
 How it works. Each op is a ``jax.custom_vjp`` built from its spec (``deformcp.ops.SPECS``). Its primal is a
 callback whose output ``ShapeDtypeStruct`` is computed from the input shapes at trace time; the callback runs
@@ -99,8 +100,8 @@ from deformcp import testing as _testing
 from deformcp.ops import SPECS, OpSpec, _call
 
 __all__ = ["affine_grid", "grid_sample", "roi_align", "ps_roi_align", "deform_conv2d", "deform_roi_pool",
-           "deform_ps_roi_pool", "mimic_loss", "ms_deform_attn", "flash_deform_attn", "map_coordinates",
-           "affine_transform", "affine_sample"]
+           "deform_ps_roi_pool", "mimic_loss", "ms_deform_attn", "flash_deform_attn", "dcnv3", "dcnv4",
+           "map_coordinates", "affine_transform", "affine_sample"]
 
 _TRACER = getattr(jax.core, "Tracer", ())
 
@@ -440,6 +441,16 @@ if TYPE_CHECKING:
     def flash_deform_attn(value: ArrayLike, spatial_shapes: LevelShapes, level_start_index: Optional[IntSequence],
                           sampling_loc_attn: ArrayLike, num_points: int, *,
                           deterministic: bool = False) -> jax.Array: ...
+
+    def dcnv3(input: ArrayLike, offset: ArrayLike, mask: ArrayLike, kernel_h: int, kernel_w: int, stride_h: int,
+              stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int,
+              group_channels: int, offset_scale: float, remove_center: bool = False, *,
+              deterministic: bool = False) -> jax.Array: ...
+
+    def dcnv4(input: ArrayLike, offset_mask: ArrayLike, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int,
+              pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int, group_channels: int,
+              offset_scale: float, remove_center: bool = False, softmax: bool = False, *,
+              deterministic: bool = False) -> jax.Array: ...
 else:
 
     def affine_grid(theta, size, align_corners=False):
@@ -529,3 +540,15 @@ else:
         → (N, Lq, M·D); spatial_shapes, level_start_index and num_points static. Gradients: value and
         sampling_loc_attn (locations and logits)."""
         return _apply("flash_deform_attn", locals())
+
+    def dcnv3(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+              group, group_channels, offset_scale, remove_center=False, *, deterministic=False):
+        """Differentiable :func:`deformcp.dcnv3`: input (N, H, W, G·Cg), offset (N, H_out, W_out, G·P·2) and mask
+        (N, H_out, W_out, G·P) → (N, H_out, W_out, G·Cg); the geometry static. Gradients: input, offset, mask."""
+        return _apply("dcnv3", locals())
+
+    def dcnv4(input, offset_mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+              group_channels, offset_scale, remove_center=False, softmax=False, *, deterministic=False):
+        """Differentiable :func:`deformcp.dcnv4`: input (N, H, W, G·Cg), offset_mask (N, H_out, W_out, P_pad) →
+        (N, H_out, W_out, G·Cg); the geometry and softmax static. Gradients: input, offset_mask."""
+        return _apply("dcnv4", locals())

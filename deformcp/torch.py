@@ -78,7 +78,7 @@ Boxes = Union[Tensor, Sequence[Tensor]]
 
 __all__ = [
     "affine_grid", "grid_sample", "roi_align", "ps_roi_align", "deform_conv2d", "deform_roi_pool",
-    "deform_ps_roi_pool", "mimic_loss", "ms_deform_attn", "flash_deform_attn", "map_coordinates",
+    "deform_ps_roi_pool", "mimic_loss", "ms_deform_attn", "flash_deform_attn", "dcnv3", "dcnv4", "map_coordinates",
     "affine_transform", "affine_sample",
     "DeformConv2d", "DeformConv2dPack", "ModulatedDeformConv2dPack", "RoIAlign", "PSRoIAlign",
     "DeformRoIPool", "DeformRoIPoolPack", "ModulatedDeformRoIPool", "ModulatedDeformRoIPoolPack",
@@ -649,9 +649,48 @@ def flash_deform_attn(value: Tensor, spatial_shapes: LevelShapes, level_start_in
     return _apply("flash_deform_attn", locals())
 
 
+def dcnv3(input: Tensor, offset: Tensor, mask: Tensor, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int,
+          pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int, group_channels: int,
+          offset_scale: float, im2col_step: Optional[int] = None, remove_center: bool = False) -> Tensor:
+    """Differentiable :func:`deformcp.dcnv3`, called as InternImage's ``DCNv3Function.apply(input, offset, mask,
+    kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
+    offset_scale, im2col_step, remove_center)``.
+
+    Args:
+        input (Tensor[N, H, W, G·Cg]), offset (Tensor[N, H_out, W_out, G·P·2]), mask (Tensor[N, H_out, W_out,
+            G·P]) and the geometry: as :func:`deformcp.dcnv3`.
+        im2col_step (any): accepted in InternImage's position and ignored (any batch size runs at once).
+
+    Returns:
+        Tensor[N, H_out, W_out, G·Cg]. Gradients: input, offset, mask.
+    """
+    del im2col_step
+    return _apply("dcnv3", locals())
+
+
+def dcnv4(input: Tensor, offset_mask: Tensor, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int, pad_h: int,
+          pad_w: int, dilation_h: int, dilation_w: int, group: int, group_channels: int, offset_scale: float,
+          im2col_step: Optional[int] = None, remove_center: bool = False, d_stride: Optional[int] = None,
+          block_thread: Optional[int] = None, softmax: bool = False) -> Tensor:
+    """Differentiable :func:`deformcp.dcnv4`, called as DCNv4's ``DCNv4Function.apply(input, offset_mask, kernel_h,
+    ..., offset_scale, im2col_step, remove_center, d_stride, block_thread, softmax)``.
+
+    Args:
+        input (Tensor[N, H, W, G·Cg]), offset_mask (Tensor[N, H_out, W_out, P_pad]), the geometry and softmax: as
+            :func:`deformcp.dcnv4`.
+        im2col_step, d_stride, block_thread (any): DCNv4's CUDA tuning, accepted in its positions and ignored.
+
+    Returns:
+        Tensor[N, H_out, W_out, G·Cg]. Gradients: input, offset_mask.
+    """
+    del im2col_step, d_stride, block_thread
+    return _apply("dcnv4", locals())
+
+
 # torch.fx.symbolic_trace records a call of each function as one node (its arguments may be Proxies).
 for _function in ("affine_grid", "grid_sample", "roi_align", "ps_roi_align", "deform_conv2d", "deform_roi_pool",
-                  "deform_ps_roi_pool", "mimic_loss", "ms_deform_attn", "flash_deform_attn"):
+                  "deform_ps_roi_pool", "mimic_loss", "ms_deform_attn", "flash_deform_attn", "dcnv3",
+                  "dcnv4"):
     torch.fx.wrap(_function)
 
 

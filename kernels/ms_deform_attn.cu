@@ -8,15 +8,19 @@
 //   locations[h·loc_stride + 2t + {0, 1}] and its weight at weights[h·w_stride + w_offset + t] — separate arrays
 //   (2T, T, 0) or flash_deform_attn's packed one (3T, 3T, 2T), where the weights are logits, soft-maxed over T
 //   (fused). Bilinear sampling at pixel (x·W_l − 0.5, y·H_l − 0.5), zeros outside (closed_below: grid_sample's
-//   derivative at exactly −1); nearest: pixel (⌊x·W_l + 0.5⌋, ⌊y·H_l + 0.5⌋) clamped per axis.
+//   derivative at exactly −1); nearest: pixel (⌊x·W_l + 0.5⌋, ⌊y·H_l + 0.5⌋) clamped per axis; pixel (DCNv3 and
+//   DCNv4, deformcp/ops/dcn.py): bilinear at the locations as given, in pixels, zeros outside the open
+//   (−1, H_l) × (−1, W_l), the location gradient in pixels.
 
 #define DEFORMCP_MSDA_BILINEAR 0
 #define DEFORMCP_MSDA_DISCRETE 1
+#define DEFORMCP_MSDA_PIXEL 2
 
 // The corners of point (x, y) over level (H, W) (indices within the level); false where it samples 0. Nearest
 // sampling fills corner 0 only, with weight 1 and no coordinate derivative.
 template <typename A, typename I>
 __device__ __forceinline__ bool msda_setup(A x, A y, I H, I W, int method, bilinear_corners<A, I>& c) {
+  if (method == DEFORMCP_MSDA_PIXEL) return bilinear_setup(y, x, H, W, c);
   if (method != DEFORMCP_MSDA_DISCRETE) return bilinear_setup(y * (A)H - (A)0.5, x * (A)W - (A)0.5, H, W, c, true);
   if (!(is_finite(x) && is_finite(y))) return false;
   A column = floor(x * (A)W + (A)0.5), row = floor(y * (A)H + (A)0.5);
@@ -188,10 +192,10 @@ __global__ void ms_deform_attn_backward_sampling(const T* grad_output, const T* 
     }
     if (grad_weights != nullptr) grad_weights[index] = dot;
     if (grad_locations != nullptr) {  // nearest sampling does not move with the location: 0, whatever a_t is
-      const bool moves = method != DEFORMCP_MSDA_DISCRETE;
+      const bool moves = method != DEFORMCP_MSDA_DISCRETE, pixels = method == DEFORMCP_MSDA_PIXEL;
       T* gloc = grad_locations + head * loc_stride + 2 * t;
-      gloc[0] = store_as<T>(moves ? a[t] * gx * (A)W : (A)0);
-      gloc[1] = store_as<T>(moves ? a[t] * gy * (A)H : (A)0);
+      gloc[0] = store_as<T>(moves ? a[t] * gx * (pixels ? (A)1 : (A)W) : (A)0);
+      gloc[1] = store_as<T>(moves ? a[t] * gy * (pixels ? (A)1 : (A)H) : (A)0);
     }
   }
 }

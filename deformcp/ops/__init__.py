@@ -6,6 +6,7 @@ follow the kernel families of kernels/*.cu.
 """
 from . import (
                affine_sample,
+               dcn,
                deform_conv,
                deform_ps_roi_pool,
                mimic_loss,
@@ -17,7 +18,8 @@ from . import (
 from ._spec import Case, OpSpec
 
 SPECS: dict[str, OpSpec] = {spec.name: spec for module in (spatial_transformer, affine_sample, roi_align, deform_conv,
-                                                            deform_ps_roi_pool, mimic_loss, ms_deform_attn, ndimage)
+                                                            deform_ps_roi_pool, mimic_loss, ms_deform_attn, dcn,
+                                                            ndimage)
                             for spec in module.SPECS}
 
 __all__ = ["SPECS", "OpSpec", "Case"]

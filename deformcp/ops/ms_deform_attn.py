@@ -25,6 +25,9 @@ from ._spec import Case, IntSequence, LevelShapes, OpSpec
 
 FAMILY = "ms_deform_attn"
 METHODS = ("default", "discrete")
+#: The kernels' sampling methods: the public ones, then "pixel" (DCNv3 and DCNv4: locations in pixels, zeros
+#: outside the open (−1, H) × (−1, W); set by deformcp.ops.dcn, not an option of ms_deform_attn).
+KERNEL_METHODS = (*METHODS, "pixel")
 
 
 class MSDeformAttnGrads(NamedTuple):
@@ -179,7 +182,7 @@ def _launch_arguments(xp, cfg: MSDeformAttnConfig) -> tuple:
     table = xp.asarray(np.array([(h, w, s, p) for (h, w), s, p in zip(cfg.shapes, cfg.starts, cfg.points)],
                                 np.int64))
     sizes = (cfg.N, cfg.S, cfg.M, cfg.D, cfg.Lq, len(cfg.shapes), cfg.T, *cfg.strides)
-    return table, sizes, (METHODS.index(cfg.method), cfg.fused)
+    return table, sizes, (KERNEL_METHODS.index(cfg.method), cfg.fused)
 
 
 def _forward_kernels(call, value, locations, weights, cfg: MSDeformAttnConfig):

@@ -58,9 +58,11 @@ def _plan(locations: np.ndarray, cfg) -> _Plan:
         rows = ((start + row * W + column) * M + head)[:, :, None]
         weight = finite[None].astype(locations.dtype)
         return _Plan(rows, weight, np.ones_like(weight), (finite,), (finite,))
-    # pixel coordinates; sampled where -1 <= y < H and -1 <= x < W (at exactly -1: torch's grid_sample)
-    y, x = y * Hf - 0.5, x * Wf - 0.5
-    sampled = (y >= -1) & (x >= -1) & (y < H) & (x < W)
+    if cfg.method == "pixel":  # DCNv3, DCNv4: pixel coordinates as given, sampled where -1 < y < H, -1 < x < W
+        sampled = (y > -1) & (x > -1) & (y < H) & (x < W)
+    else:  # pixel coordinates; sampled where -1 <= y < H and -1 <= x < W (at exactly -1: torch's grid_sample)
+        y, x = y * Hf - 0.5, x * Wf - 0.5
+        sampled = (y >= -1) & (x >= -1) & (y < H) & (x < W)
     y, x = np.where(sampled, y, 0), np.where(sampled, x, 0)
     fy, fx = np.floor(y), np.floor(x)
     ly, lx = y - fy, x - fx
@@ -189,7 +191,9 @@ def backward(grad_output, value, locations, weights, cfg, want_value, want_locat
     grad_weights = np.zeros((N, cfg.Lq, M, T), dtype) if want_weights else None
     bilinear = cfg.method != "discrete"
     H, W, _ = _point_levels(cfg)
-    Hf, Wf = H.astype(dtype), W.astype(dtype)  # pixels per unit of the normalised y and x
+    # pixels per unit of the normalised y and x (1 where the locations are in pixels)
+    Hf, Wf = (np.ones_like(H, dtype), np.ones_like(W, dtype)) if cfg.method == "pixel" else (H.astype(dtype),
+                                                                                          W.astype(dtype))
 
     def image(n):
         for q0, q1 in _query_ranges(cfg, _workspace.MSDA_BACKWARD_CHUNK_BYTES):
