@@ -50,7 +50,7 @@ def test_sphinx_build(tmp_path):
                             str(tmp_path)], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr
     for page in ("index", "api", "conventions", "frameworks", "benchmarks", "spatial_transformer", "roi_align",
-                 "deform_conv", "deform_roi_pool", "ms_deform_attn"):
+                 "deform_conv", "deform_roi_pool", "ms_deform_attn", "dcn"):
         assert (tmp_path / f"{page}.html").is_file(), page
     api = (tmp_path / "api.html").read_text()
     for name in deformcp.__all__:
