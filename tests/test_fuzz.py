@@ -515,6 +515,53 @@ def flash_deform_attn_cases(draw, dtype):
                 values=("value",))
 
 
+def dcn_geometry(draw):
+    """dcnv3 and dcnv4's options and sizes: kernels up to 3×3 (remove_center on odd square ones), strides, pads
+    and dilations per axis, groups; offset_scale 1 or 0.5, so that with offsets on a binary lattice every tap's
+    pixel coordinate is exact in every dtype. → (options, (N, H, W, H_out, W_out, P), labels)"""
+    kh, kw = draw(between(1, 3)), draw(between(1, 3))
+    remove_center = kh == kw and kh % 2 == 1 and kh > 1 and draw(st.booleans())
+    (sh, sw), (ph, pw), (dh, dw) = ((draw(between(1, 2)), draw(between(1, 2))), (draw(between(0, 2)),
+                                    draw(between(0, 2))), (draw(between(1, 2)), draw(between(1, 2))))
+    H = max(1, dh * (kh - 1) + 1 - 2 * ph + draw(between(0, 4)))
+    W = max(1, dw * (kw - 1) + 1 - 2 * pw + draw(between(0, 4)))
+    Ho, Wo = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    N = 0 if empty_one_of(draw, "N") else draw(between(1, 2))
+    options = {"kernel_h": kh, "kernel_w": kw, "stride_h": sh, "stride_w": sw, "pad_h": ph, "pad_w": pw,
+               "dilation_h": dh, "dilation_w": dw, "group": draw(between(1, 3)), "group_channels": draw(between(1, 3)),
+               "offset_scale": draw(st.sampled_from([1.0, 0.5])), "remove_center": remove_center}
+    labels = (f"kernel {kh}x{kw}", *(["remove_center"] if remove_center else []), *(["empty"] if N == 0 else []))
+    return options, (N, H, W, Ho, Wo, kh * kw - remove_center), labels
+
+
+@st.composite
+def dcnv3_cases(draw, dtype):
+    options, (N, H, W, Ho, Wo, P), labels = dcn_geometry(draw)
+    G, Cg = options["group"], options["group_channels"]
+    rng = np.random.default_rng(draw(SEEDS))
+    offset = lattice(draw(st.sampled_from([0.5, 2.0])) * rng.standard_normal((N, Ho, Wo, G * P * 2)),
+                     draw(st.sampled_from([1, 2])))
+    return Case({"input": rng.standard_normal((N, H, W, G * Cg)), "offset": offset,
+                 "mask": rng.uniform(-0.5, 1.5, (N, Ho, Wo, G * P))}, options, labels=labels,
+                values=("input", "mask"))
+
+
+@st.composite
+def dcnv4_cases(draw, dtype):
+    options, (N, H, W, Ho, Wo, P), labels = dcn_geometry(draw)
+    G, Cg = options["group"], options["group_channels"]
+    options["softmax"] = draw(st.booleans())
+    rng = np.random.default_rng(draw(SEEDS))
+    offsets = lattice(draw(st.sampled_from([0.5, 2.0])) * rng.standard_normal((N, Ho, Wo, G, 2 * P)),
+                      draw(st.sampled_from([1, 2])))
+    # the modulation need not be on the lattice (the softmax is smooth); the padding is never read
+    blocks = np.concatenate([offsets, rng.uniform(-0.5, 1.5, (N, Ho, Wo, G, P))], axis=-1)
+    padding = rng.standard_normal((N, Ho, Wo, draw(between(0, 3))))
+    return Case({"input": rng.standard_normal((N, H, W, G * Cg)),
+                 "offset_mask": np.concatenate([blocks.reshape(N, Ho, Wo, 3 * G * P), padding], axis=-1)},
+                options, labels=(*labels, f"softmax={options['softmax']}"), values=("input",))
+
+
 @st.composite
 def affine_sample_cases(draw, dtype):
     """Output sizes whose base grid is dyadic (align_corners: n − 1 a power of 2, else n), so that with a lattice
@@ -597,6 +644,8 @@ STRATEGIES = {
     "mimic_loss": mimic_loss_cases,
     "ms_deform_attn": ms_deform_attn_cases,
     "flash_deform_attn": flash_deform_attn_cases,
+    "dcnv3": dcnv3_cases,
+    "dcnv4": dcnv4_cases,
     "affine_sample": affine_sample_cases,
     "map_coordinates": map_coordinates_cases,
     "affine_transform": affine_transform_cases,
@@ -983,6 +1032,10 @@ SCALAR_KINDS = {
     "needs_input_grad": "needs", "method": "choice", "num_points": "positive int",
     "spatial_shapes": "levels", "level_start_index": "starts", "points_per_level": "points",
     "order": "order", "cval": "real", "prefilter": "flag", "output_shape": "shape",
+    "kernel_h": "positive int", "kernel_w": "positive int", "stride_h": "positive int", "stride_w": "positive int",
+    "dilation_h": "positive int", "dilation_w": "positive int", "pad_h": "int ≥ 0", "pad_w": "int ≥ 0",
+    "group": "positive int", "group_channels": "positive int", "offset_scale": "real", "remove_center": "flag",
+    "softmax": "flag",
 }
 
 
@@ -1026,6 +1079,9 @@ def scalar_mutations(name, value, kwargs):
         # beyond 2**31 - 1 (a C int) every count is refused, sample_per_part beyond 2**16
         huge = [2**31, 2**63, 10**30] + ([2**16 + 1] if name == "sample_per_part" else [])
         return [(v, "refused") for v in (0, -1, -100, 2.0, 1.5, "2", None, [2], True, np.True_, *huge)] + [
+            (np.int64(value), "ok"), (value + 1, "related")]  # value + 1: valid, or a mismatch named
+    if kind == "int ≥ 0":  # dcnv3 and dcnv4's pads
+        return [(v, "refused") for v in (-1, -100, 2.0, 1.5, "2", None, [2], True, np.True_, 2**31, 2**63)] + [
             (np.int64(value), "ok"), (value + 1, "related")]  # value + 1: valid, or a mismatch named
     if kind == "part_size":
         return [(v, "refused") for v in (0, -1, 2.0, "2", [2], True)] + [(None, "related")] + (
@@ -1333,6 +1389,9 @@ def deform_conv2d_three_readers(x, g, dtype):
     return (g.reshape(1, 1, 1, 3), x, offset, np.ones((1, 1, 1, 1), dtype)), {"padding": (0, 1)}
 
 
+DCN_ONE_PIXEL = {"kernel_h": 1, "kernel_w": 1, "stride_h": 1, "stride_w": 1, "pad_h": 0, "pad_w": 1, "dilation_h": 1,
+                 "dilation_w": 1, "group": 1, "group_channels": 1, "offset_scale": 1.0}
+
 #: op name → (x, g, dtype) → (args, kwargs) of a backward call in which three outputs read the one pixel of x
 #: with weight 1, their gradients g: one per op whose backward scatter-adds (spec.deterministic)
 THREE_READERS = {
@@ -1354,6 +1413,11 @@ THREE_READERS = {
                                            {}),
     "flash_deform_attn": lambda x, g, dtype: ((g.reshape(1, 3, 1), x.reshape(1, 1, 1, 1), ((1, 1),), None,
                                                np.tile(np.array([0.5, 0.5, 0], dtype), (1, 3, 1, 1)), 1), {}),
+    # a 1×1 kernel over the 1×1 image padded to 3 columns, the offsets (1, 0, −1) moving every tap to pixel 0
+    "dcnv3": lambda x, g, dtype: ((g.reshape(1, 1, 3, 1), x, np.array([[[[1, 0], [0, 0], [-1, 0]]]], dtype),
+                                   np.ones((1, 1, 3, 1), dtype)), DCN_ONE_PIXEL),
+    "dcnv4": lambda x, g, dtype: ((g.reshape(1, 1, 3, 1), x, np.array([[[[1, 0, 1], [0, 0, 1], [-1, 0, 1]]]],
+                                                                          dtype)), DCN_ONE_PIXEL),
     # a zero theta: every location at the centre of the 1×1 image (align_corners=False: pixel 0 exactly)
     "affine_sample": lambda x, g, dtype: ((g.reshape(1, 1, 1, 3), x, np.zeros((1, 2, 3), dtype)),
                                           {"size": (1, 1, 1, 3)}),

@@ -29,6 +29,8 @@ def _op_arguments(spec, tensors, options):
 
 
 #: Every op with an empty batch (no images, or no RoIs / rows): what opcheck must also handle.
+DCN_OPTIONS = {"kernel_h": 3, "kernel_w": 3, "stride_h": 1, "stride_w": 1, "pad_h": 1, "pad_w": 1, "dilation_h": 1,
+               "dilation_w": 1, "group": 2, "group_channels": 3, "offset_scale": 1.0, "remove_center": False}
 EMPTY = {
     "affine_grid": lambda: ({"theta": torch.zeros(0, 2, 3)}, {"size": (0, 1, 3, 4), "align_corners": False}),
     "grid_sample": lambda: ({"input": torch.zeros(0, 2, 3, 4), "grid": torch.zeros(0, 5, 6, 2)},
@@ -55,6 +57,10 @@ EMPTY = {
                                 "points_per_level": None, "method": "default"}),
     "flash_deform_attn": lambda: ({"value": torch.randn(1, 7, 2, 3), "sampling_loc_attn": torch.zeros(1, 0, 2, 18)},
                                   {"spatial_shapes": [(2, 3), (1, 1)], "level_start_index": None, "num_points": 3}),
+    "dcnv3": lambda: ({"input": torch.zeros(0, 4, 5, 6), "offset": torch.zeros(0, 4, 5, 36),
+                       "mask": torch.zeros(0, 4, 5, 18)}, DCN_OPTIONS),
+    "dcnv4": lambda: ({"input": torch.zeros(0, 4, 5, 6), "offset_mask": torch.zeros(0, 4, 5, 56)},
+                      {**DCN_OPTIONS, "softmax": False}),
     "affine_sample": lambda: ({"input": torch.zeros(0, 2, 3, 4), "theta": torch.zeros(0, 2, 3)},
                               {"size": (0, 2, 5, 6), "mode": "bilinear", "padding_mode": "zeros",
                                "align_corners": False}),

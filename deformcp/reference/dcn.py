@@ -76,7 +76,7 @@ def backward(xp, attention_backward: Callable, grad_output, input, pairs, mask, 
     heads = (cfg.N, cfg.Ho, cfg.Wo, cfg.G)
     grad_pairs = grad_mask = None
     if grad_locations is not None:
-        grad_locations = grad_locations.reshape(*heads, -1)
+        grad_locations = grad_locations.reshape(*heads, (3 if cfg.softmax else 2) * cfg.P)
         if want_offset:  # d(location)/d(offset) = offset_scale
             grad_pairs = (grad_locations[..., :2 * cfg.P] * cfg.offset_scale).reshape(*heads, cfg.P, 2)
         if cfg.softmax and want_mask:
