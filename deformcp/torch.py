@@ -82,7 +82,7 @@ __all__ = [
     "affine_transform", "affine_sample",
     "DeformConv2d", "DeformConv2dPack", "ModulatedDeformConv2dPack", "RoIAlign", "PSRoIAlign",
     "DeformRoIPool", "DeformRoIPoolPack", "ModulatedDeformRoIPool", "ModulatedDeformRoIPoolPack",
-    "SpatialTransformer", "MSDeformAttn",
+    "SpatialTransformer", "MSDeformAttn", "DCNv3", "DCNv4",
 ]
 
 
@@ -1158,3 +1158,270 @@ class MSDeformAttn(nn.Module):
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, n_levels={self.n_levels}, n_heads={self.n_heads}, n_points={self.n_points}"
+
+
+class _ChannelsLast(nn.Module):
+    """(N, C, H, W) → (N, H, W, C), a view (InternImage's ``to_channels_last``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.permute(0, 2, 3, 1)
+
+
+#: InternImage's act_layer names (ReLU and SiLU in place, as there).
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"ReLU": lambda: nn.ReLU(inplace=True),
+                                                     "SiLU": lambda: nn.SiLU(inplace=True), "GELU": nn.GELU}
+
+
+def _norm_to_channels_last(channels: int, norm_layer: str) -> nn.Sequential:
+    """InternImage's build_norm_layer(channels, norm_layer, 'channels_first', 'channels_last'): "LN" permutes, then
+    LayerNorm (eps 1e-6; keys ``1.weight``, ``1.bias``); "BN" is BatchNorm2d (keys ``0.*``), then permutes."""
+    if norm_layer == "LN":
+        return nn.Sequential(_ChannelsLast(), nn.LayerNorm(channels, eps=1e-6))
+    return nn.Sequential(nn.BatchNorm2d(channels), _ChannelsLast())
+
+
+class _DCNArguments(NamedTuple):
+    channels: int
+    kernel_size: int
+    stride: int
+    pad: int
+    dilation: int
+    group: int
+    offset_scale: float
+    remove_center: bool
+    dw_kernel_size: Optional[int]
+
+
+def _dcn_arguments(channels: object, kernel_size: object, stride: object, pad: object, dilation: object,
+                   group: object, offset_scale: object, remove_center: object,
+                   dw_kernel_size: object) -> _DCNArguments:
+    """The DCNv3 / DCNv4 modules' arguments, checked. The offsets are predicted at each input pixel, so the output
+    must have the input's size: stride 1 and 2·pad = dilation·(kernel_size − 1)."""
+    channels = _validate.integer("channels", channels, minimum=1)
+    kernel_size = _validate.integer("kernel_size", kernel_size, minimum=1)
+    stride = _validate.integer("stride", stride, minimum=1)
+    pad = _validate.integer("pad", pad, minimum=0)
+    dilation = _validate.integer("dilation", dilation, minimum=1)
+    group = _validate.integer("group", group, minimum=1)
+    scale = _validate.real("offset_scale", offset_scale)
+    remove_center = _validate.flag("remove_center", remove_center)
+    dw = None if dw_kernel_size is None else _validate.integer("dw_kernel_size", dw_kernel_size, minimum=1)
+    if channels % group != 0:
+        raise ValueError(f"channels: expected a multiple of group = {group}, got {channels}")
+    if remove_center and kernel_size % 2 == 0:
+        raise ValueError(f"remove_center: expected an odd kernel_size (a centre tap to remove), got kernel_size = "
+                         f"{kernel_size}")
+    same_size = "the offsets are predicted at each input pixel: the output must have the input's size"
+    if stride != 1:
+        raise ValueError(f"stride: expected 1 ({same_size}), got {stride}")
+    if dilation * (kernel_size - 1) % 2:
+        raise ValueError(f"kernel_size: expected dilation·(kernel_size − 1) even ({same_size}, with pad = "
+                         f"dilation·(kernel_size − 1) / 2), got kernel_size = {kernel_size}, dilation = {dilation}")
+    if dilation * (kernel_size - 1) != 2 * pad:
+        raise ValueError(f"pad: expected dilation·(kernel_size − 1) / 2 = {dilation * (kernel_size - 1) // 2} "
+                         f"({same_size}), got {pad}")
+    if dw is not None and dw % 2 == 0:
+        raise ValueError(f"dw_kernel_size: expected an odd int (its padding (k − 1) // 2 keeps the input's size), "
+                         f"got {dw}")
+    return _DCNArguments(channels, kernel_size, stride, pad, dilation, group, scale, remove_center, dw)
+
+
+def _center_feature_scale(module: nn.Module, channels: int, group: int) -> None:
+    """Register ``center_feature_scale_proj_weight`` (G, C) and ``center_feature_scale_proj_bias`` (G,), both 0
+    in float32, on the module (as DCNv3 and DCNv4 do)."""
+    module.center_feature_scale_proj_weight = nn.Parameter(torch.zeros(group, channels, dtype=torch.float))
+    module.center_feature_scale_proj_bias = nn.Parameter(torch.zeros(group, dtype=torch.float))
+
+
+def _blend(module: nn.Module, x: Tensor, x_proj: Tensor, query: Tensor, group_channels: int) -> Tensor:
+    """``x·(1 − s) + x_proj·s``, s = sigmoid(query·Wᵀ + b) (N, H, W, G) repeated over each group's Cg channels."""
+    weight, bias = module.center_feature_scale_proj_weight, module.center_feature_scale_proj_bias
+    scale = torch.sigmoid(nn.functional.linear(query, cast(Tensor, weight), cast(Tensor, bias)))
+    scale = scale[..., None].expand(*scale.shape, group_channels).flatten(-2)
+    return x * (1 - scale) + x_proj * scale
+
+
+class DCNv3(nn.Module):
+    """InternImage's DCNv3 module (Wang et al., https://arxiv.org/abs/2211.05778) with its parameters (names,
+    shapes, initialisation: its state_dicts load either way), running :func:`dcnv3`.
+
+    Channels-last. ``input_proj`` (Linear(C, C)) gives the values; ``dw_conv`` (depth-wise Conv2d(C, C,
+    dw_kernel_size, padding (dw_kernel_size − 1) // 2) → norm → activation, channels-last out) the features, from
+    which ``offset`` (Linear(C, G·P·2)) predicts the (Δx, Δy) of each group's P = kernel_size² (− 1 with
+    remove_center) taps and ``mask`` (Linear(C, G·P)) their logits, soft-maxed over each group's P taps;
+    :func:`dcnv3` samples the values; ``output_proj`` (Linear(C, C)) maps the result. With center_feature_scale
+    the result is first ``x·(1 − s) + input_proj(input)·s``, s = sigmoid(features·Wᵀ + b) per group (parameters
+    ``center_feature_scale_proj_weight`` (G, C) and ``center_feature_scale_proj_bias`` (G,), both 0).
+
+    Args:
+        channels (int): C, a multiple of group. Default: 64.
+        kernel_size (int): the square kernel's size. Default: 3.
+        dw_kernel_size (int or None): the depth-wise convolution's (odd) size; None: kernel_size. Default: None.
+        stride, pad, dilation (int): the kernel's geometry; the output has the input's size (stride 1,
+            2·pad = dilation·(kernel_size − 1)). Defaults: 1, 1, 1.
+        group (int): G, groups of Cg = C / G channels. Default: 4.
+        offset_scale (float): as :func:`deformcp.dcnv3`. Default: 1.0.
+        act_layer (str): "GELU", "ReLU" or "SiLU". Default: "GELU".
+        norm_layer (str): "LN" (LayerNorm, eps 1e-6) or "BN" (BatchNorm2d). Default: "LN".
+        center_feature_scale, remove_center (bool): Defaults: False.
+
+    Initialisation: ``offset`` and ``mask`` 0 (zero offsets, modulation 1/P); ``input_proj`` and ``output_proj``
+    Xavier-uniform weights, bias 0; ``dw_conv`` torch's defaults.
+
+    forward(input): Tensor[N, H, W, C] → Tensor[N, H, W, C].
+    """
+
+    def __init__(self, channels: int = 64, kernel_size: int = 3, dw_kernel_size: Optional[int] = None,
+                 stride: int = 1, pad: int = 1, dilation: int = 1, group: int = 4, offset_scale: float = 1.0,
+                 act_layer: str = "GELU", norm_layer: str = "LN", center_feature_scale: bool = False,
+                 remove_center: bool = False) -> None:
+        super().__init__()
+        a = _dcn_arguments(channels, kernel_size, stride, pad, dilation, group, offset_scale, remove_center,
+                           kernel_size if dw_kernel_size is None else dw_kernel_size)
+        _validate.choice("act_layer", act_layer, tuple(_ACTIVATIONS))
+        _validate.choice("norm_layer", norm_layer, ("LN", "BN"))
+        self.center_feature_scale = _validate.flag("center_feature_scale", center_feature_scale)
+        self.channels, self.kernel_size, self.dw_kernel_size = a.channels, a.kernel_size, cast(int, a.dw_kernel_size)
+        self.stride, self.pad, self.dilation, self.group = a.stride, a.pad, a.dilation, a.group
+        self.group_channels = a.channels // a.group
+        self.offset_scale, self.remove_center = a.offset_scale, a.remove_center
+        self.act_layer, self.norm_layer = act_layer, norm_layer
+        C, dw, P = a.channels, self.dw_kernel_size, a.kernel_size * a.kernel_size - a.remove_center
+        self.dw_conv = nn.Sequential(nn.Conv2d(C, C, dw, stride=1, padding=(dw - 1) // 2, groups=C),
+                                     _norm_to_channels_last(C, norm_layer), _ACTIVATIONS[act_layer]())
+        self.offset = nn.Linear(C, a.group * P * 2)
+        self.mask = nn.Linear(C, a.group * P)
+        self.input_proj = nn.Linear(C, C)
+        self.output_proj = nn.Linear(C, C)
+        self._reset_parameters()
+        if self.center_feature_scale:
+            _center_feature_scale(self, C, a.group)
+
+    def _reset_parameters(self) -> None:
+        for linear in (self.offset, self.mask):
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+        for linear in (self.input_proj, self.output_proj):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, input: Tensor) -> Tensor:
+        N, H, W, _ = input.shape
+        x = self.input_proj(input)
+        features = self.dw_conv(input.permute(0, 3, 1, 2))
+        offset = self.offset(features)
+        mask = torch.softmax(self.mask(features).reshape(N, H, W, self.group, -1), -1)
+        mask = mask.reshape(N, H, W, -1).to(x.dtype)
+        k, s, p, d = self.kernel_size, self.stride, self.pad, self.dilation
+        out = dcnv3(x, offset, mask, k, k, s, s, p, p, d, d, self.group, self.group_channels, self.offset_scale,
+                    remove_center=self.remove_center)
+        if self.center_feature_scale:
+            out = _blend(self, out, x, features, self.group_channels)
+        return self.output_proj(out)
+
+    def extra_repr(self) -> str:
+        s = (f"channels={self.channels}, kernel_size={self.kernel_size}, dw_kernel_size={self.dw_kernel_size}, "
+             f"stride={self.stride}, pad={self.pad}, dilation={self.dilation}, group={self.group}, "
+             f"offset_scale={self.offset_scale}")
+        s += ", center_feature_scale=True" if self.center_feature_scale else ""
+        return s + (", remove_center=True" if self.remove_center else "")
+
+
+class DCNv4(nn.Module):
+    """DCNv4's module (Xiong et al., https://arxiv.org/abs/2401.06197) with its parameters (names, shapes,
+    initialisation: its state_dicts load either way), running :func:`dcnv4` (``softmax=False``: the modulation
+    unbounded).
+
+    ``value_proj`` (Linear(C, C)) gives the values; ``offset_mask`` (Linear(C, ceil(3·G·P / 8)·8)) predicts, from
+    the input (or from ``offset_mask_dw``, a depth-wise Conv2d(C, C, dw_kernel_size) of it), each group's P
+    (Δx, Δy) pairs, then its P modulation scalars, P = kernel_size² (− 1 with remove_center), the groups padded to
+    a multiple of 8; :func:`dcnv4` samples the values; ``output_proj`` (Linear(C, C), bias if output_bias) maps the
+    result. without_pointwise drops value_proj and output_proj. With center_feature_scale the result is first
+    ``x·(1 − s) + values·s``, s = sigmoid(x·Wᵀ + b) per group of the sampled x itself (as DCNv4 does; DCNv3 takes
+    its features), parameters as :class:`DCNv3`'s.
+
+    Args:
+        channels (int): C, a multiple of group (any Cg; DCNv4's CUDA kernels want a multiple of 16). Default: 64.
+        kernel_size, stride, pad, dilation, group, offset_scale: as :class:`DCNv3`.
+        dw_kernel_size (int or None): the (odd) size of ``offset_mask_dw``; None: none. Default: None.
+        center_feature_scale, remove_center (bool): as :class:`DCNv3`. Defaults: False.
+        output_bias (bool): output_proj's bias. Default: True.
+        without_pointwise (bool): no value_proj and output_proj. Default: False.
+        **kwargs: accepted and ignored, as by DCNv4's module (its networks pass their blocks' options).
+
+    Initialisation: ``offset_mask`` 0; ``value_proj`` and ``output_proj`` Xavier-uniform weights, bias 0.
+
+    forward(input, shape=None): input Tensor[N, H·W, C] (row-major), shape (H, W) (None: a square image) →
+    Tensor[N, H·W, C].
+    """
+
+    def __init__(self, channels: int = 64, kernel_size: int = 3, stride: int = 1, pad: int = 1, dilation: int = 1,
+                 group: int = 4, offset_scale: float = 1.0, dw_kernel_size: Optional[int] = None,
+                 center_feature_scale: bool = False, remove_center: bool = False, output_bias: bool = True,
+                 without_pointwise: bool = False, **kwargs: Any) -> None:
+        super().__init__()
+        a = _dcn_arguments(channels, kernel_size, stride, pad, dilation, group, offset_scale, remove_center,
+                           dw_kernel_size)
+        self.center_feature_scale = _validate.flag("center_feature_scale", center_feature_scale)
+        output_bias = _validate.flag("output_bias", output_bias)
+        self.without_pointwise = _validate.flag("without_pointwise", without_pointwise)
+        self.channels, self.kernel_size, self.dw_kernel_size = a.channels, a.kernel_size, a.dw_kernel_size
+        self.stride, self.pad, self.dilation, self.group = a.stride, a.pad, a.dilation, a.group
+        self.group_channels = a.channels // a.group
+        self.offset_scale, self.remove_center = a.offset_scale, a.remove_center
+        self.K = a.group * (a.kernel_size * a.kernel_size - a.remove_center)
+        C = a.channels
+        if a.dw_kernel_size is not None:
+            dw = a.dw_kernel_size
+            self.offset_mask_dw = nn.Conv2d(C, C, dw, stride=1, padding=(dw - 1) // 2, groups=C)
+        self.offset_mask = nn.Linear(C, math.ceil(3 * self.K / 8) * 8)
+        if not self.without_pointwise:
+            self.value_proj = nn.Linear(C, C)
+            self.output_proj = nn.Linear(C, C, bias=output_bias)
+        self._reset_parameters()
+        if self.center_feature_scale:
+            _center_feature_scale(self, C, a.group)
+
+    def _reset_parameters(self) -> None:
+        nn.init.zeros_(self.offset_mask.weight)
+        nn.init.zeros_(self.offset_mask.bias)
+        if not self.without_pointwise:
+            nn.init.xavier_uniform_(self.value_proj.weight)
+            nn.init.zeros_(self.value_proj.bias)
+            nn.init.xavier_uniform_(self.output_proj.weight)
+            if self.output_proj.bias is not None:
+                nn.init.zeros_(self.output_proj.bias)
+
+    def forward(self, input: Tensor, shape: Optional[IntPair] = None) -> Tensor:
+        N, L, C = input.shape
+        if shape is None:
+            H = W = int(L ** 0.5)
+            if H * W != L:
+                raise ValueError(f"input: expected a square image (L = H·W with H = W) when shape is None, got shape "
+                                 f"{tuple(input.shape)}")
+        else:
+            H, W = _validate.pair("shape", shape)
+            if H * W != L:
+                raise ValueError(f"shape: expected (H, W) with H·W = L = {L} (input (N, L, C)), got {shape!r}")
+        x = input if self.without_pointwise else self.value_proj(input)
+        x = x.reshape(N, H, W, -1)
+        features = input
+        if self.dw_kernel_size is not None:
+            image = input.reshape(N, H, W, C).permute(0, 3, 1, 2)
+            features = self.offset_mask_dw(image).permute(0, 2, 3, 1).reshape(N, L, C)
+        offset_mask = self.offset_mask(features).reshape(N, H, W, -1)
+        k, s, p, d = self.kernel_size, self.stride, self.pad, self.dilation
+        out = dcnv4(x, offset_mask, k, k, s, s, p, p, d, d, self.group, self.group_channels, self.offset_scale,
+                    remove_center=self.remove_center)
+        if self.center_feature_scale:
+            out = _blend(self, out, x, out, self.group_channels)
+        out = out.reshape(N, L, -1)
+        return out if self.without_pointwise else self.output_proj(out)
+
+    def extra_repr(self) -> str:
+        s = (f"channels={self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, pad={self.pad}, "
+             f"dilation={self.dilation}, group={self.group}, offset_scale={self.offset_scale}")
+        s += f", dw_kernel_size={self.dw_kernel_size}" if self.dw_kernel_size is not None else ""
+        s += ", center_feature_scale=True" if self.center_feature_scale else ""
+        s += ", remove_center=True" if self.remove_center else ""
+        return s + (", without_pointwise=True" if self.without_pointwise else "")
