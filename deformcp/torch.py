@@ -657,8 +657,10 @@ def dcnv3(input: Tensor, offset: Tensor, mask: Tensor, kernel_h: int, kernel_w: 
     offset_scale, im2col_step, remove_center)``.
 
     Args:
-        input (Tensor[N, H, W, G·Cg]), offset (Tensor[N, H_out, W_out, G·P·2]), mask (Tensor[N, H_out, W_out,
-            G·P]) and the geometry: as :func:`deformcp.dcnv3`.
+        input (Tensor[N, H, W, G·Cg]): channels-last.
+        offset (Tensor[N, H_out, W_out, G·P·2]): per group, per tap, (Δx, Δy).
+        mask (Tensor[N, H_out, W_out, G·P]): used as given.
+        kernel_h, ..., offset_scale, remove_center: the geometry, as :func:`deformcp.dcnv3`.
         im2col_step (any): accepted in InternImage's position and ignored (any batch size runs at once).
 
     Returns:
@@ -676,8 +678,9 @@ def dcnv4(input: Tensor, offset_mask: Tensor, kernel_h: int, kernel_w: int, stri
     ..., offset_scale, im2col_step, remove_center, d_stride, block_thread, softmax)``.
 
     Args:
-        input (Tensor[N, H, W, G·Cg]), offset_mask (Tensor[N, H_out, W_out, P_pad]), the geometry and softmax: as
-            :func:`deformcp.dcnv4`.
+        input (Tensor[N, H, W, G·Cg]): channels-last.
+        offset_mask (Tensor[N, H_out, W_out, P_pad]): per group 2P offsets then P modulation values, then padding.
+        kernel_h, ..., offset_scale, remove_center, softmax: as :func:`deformcp.dcnv4`.
         im2col_step, d_stride, block_thread (any): DCNv4's CUDA tuning, accepted in its positions and ignored.
 
     Returns:

@@ -26,7 +26,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 TEST_FILES = ("tests/test_spatial_transformer.py", "tests/test_roi_align.py", "tests/test_deform_conv.py",
               "tests/test_deform_roi_pool.py", "tests/test_deform_ps_roi_pool.py", "tests/test_mimic_loss.py",
               "tests/test_adversarial.py", "tests/test_resources.py", "tests/test_byte_order.py",
-              "tests/test_ms_deform_attn.py", "tests/test_ndimage.py")
+              "tests/test_ms_deform_attn.py", "tests/test_dcn.py", "tests/test_ndimage.py")
 SANITIZERS = "address,undefined"
 FOUND = ("ERROR: AddressSanitizer", "runtime error:")
 
