@@ -35,7 +35,9 @@ def arrays():
         weight=rng.standard_normal((2, 4, 3, 3)).astype(f), conv_out=rng.standard_normal((1, 2, 6, 6)).astype(f),
         value=rng.standard_normal((1, 26, 2, 3)).astype(f), locations=rng.uniform(0, 1, (1, 3, 2, 2, 2, 2)).astype(f),
         attention=rng.uniform(0, 1, (1, 3, 2, 2, 2)).astype(f), loc_attn=rng.uniform(0, 1, (1, 3, 2, 12)).astype(f),
-        attn_out=rng.standard_normal((1, 3, 6)).astype(f))
+        attn_out=rng.standard_normal((1, 3, 6)).astype(f), dcn_x=rng.standard_normal((1, 4, 5, 4)).astype(f),
+        dcn_offset=np.zeros((1, 4, 5, 36), f), dcn_mask=rng.uniform(0, 1, (1, 4, 5, 18)).astype(f),
+        dcn_packed=rng.uniform(0, 1, (1, 4, 5, 56)).astype(f), dcn_out=rng.standard_normal((1, 4, 5, 4)).astype(f))
 
 
 A = arrays()
@@ -43,6 +45,8 @@ A = arrays()
 
 CONV = dict(stride=1, padding=1, dilation=1)
 LEVELS = dict(spatial_shapes=((4, 5), (2, 3)), level_start_index=None)  # S = 26 rows of value
+DCN = dict(kernel_h=3, kernel_w=3, stride_h=1, stride_w=1, pad_h=1, pad_w=1, dilation_h=1, dilation_w=1, group=2,
+           group_channels=2, offset_scale=1.0)
 DPS = dict(output_dim=1, group_size=2, pooled_size=2, part_size=2, sample_per_part=2, trans_std=0.1, no_trans=False)
 
 
@@ -62,6 +66,8 @@ def forward_calls(ns, a):
                                                         attention_weights=a["attention"], **{**LEVELS, **o}),
         "flash_deform_attn": lambda **o: ns.flash_deform_attn(a["value"], sampling_loc_attn=a["loc_attn"],
                                                               **{**LEVELS, "num_points": 2, **o}),
+        "dcnv3": lambda **o: ns.dcnv3(a["dcn_x"], a["dcn_offset"], a["dcn_mask"], **{**DCN, **o}),
+        "dcnv4": lambda **o: ns.dcnv4(a["dcn_x"], a["dcn_packed"], **{**DCN, **o}),
     }
 
 
@@ -92,6 +98,10 @@ def plain_calls():
             **{**LEVELS, **o}),
         "flash_deform_attn_backward": lambda **o: deformcp.flash_deform_attn_backward(
             a["attn_out"], a["value"], sampling_loc_attn=a["loc_attn"], **{**LEVELS, "num_points": 2, **o}),
+        "dcnv3_backward": lambda **o: deformcp.dcnv3_backward(a["dcn_out"], a["dcn_x"], a["dcn_offset"], a["dcn_mask"],
+                                                              **{**DCN, **o}),
+        "dcnv4_backward": lambda **o: deformcp.dcnv4_backward(a["dcn_out"], a["dcn_x"], a["dcn_packed"],
+                                                              **{**DCN, **o}),
     }
 
 
@@ -111,6 +121,8 @@ def module_calls():
         "SpatialTransformer": lambda **o: dtorch.SpatialTransformer(**{"in_channels": 3, **o}),
         "MSDeformAttn": lambda **o: dtorch.MSDeformAttn(**{"d_model": 8, "n_levels": 2, "n_heads": 2, "n_points": 2,
                                                            **o}),
+        "DCNv3": lambda **o: dtorch.DCNv3(**{"channels": 8, "group": 2, **o}),
+        "DCNv4": lambda **o: dtorch.DCNv4(**{"channels": 32, "group": 2, **o}),
     }
 
 
@@ -126,18 +138,22 @@ FLAGS = {
               "ps_roi_align_backward": ["deterministic"], "deform_conv2d_backward": ["deterministic"],
               "deform_roi_pool_backward": ["deterministic"], "deform_ps_roi_pool": ["no_trans"],
               "deform_ps_roi_pool_backward": ["no_trans", "deterministic"],
-              "ms_deform_attn_backward": ["deterministic"], "flash_deform_attn_backward": ["deterministic"]},
+              "ms_deform_attn_backward": ["deterministic"], "flash_deform_attn_backward": ["deterministic"],
+              "dcnv3": ["remove_center"], "dcnv3_backward": ["remove_center", "deterministic"],
+              "dcnv4": ["remove_center", "softmax"], "dcnv4_backward": ["remove_center", "softmax", "deterministic"]},
     "torch": {"affine_grid": ["align_corners"], "grid_sample": ["align_corners"], "affine_sample": ["align_corners"],
               "roi_align": ["aligned"],
-              "deform_ps_roi_pool": ["no_trans"]},
+              "deform_ps_roi_pool": ["no_trans"], "dcnv3": ["remove_center"], "dcnv4": ["remove_center", "softmax"]},
     "torch module": {"RoIAlign": ["aligned"], "DeformConv2d": ["bias"], "DeformConv2dPack": ["bias"],
-                     "SpatialTransformer": ["align_corners"]},
+                     "SpatialTransformer": ["align_corners"], "DCNv3": ["center_feature_scale", "remove_center"],
+                     "DCNv4": ["center_feature_scale", "remove_center", "output_bias", "without_pointwise"]},
     "jax": {"affine_grid": ["align_corners"], "grid_sample": ["align_corners", "deterministic"],
             "affine_sample": ["align_corners", "deterministic"],
             "roi_align": ["aligned", "deterministic"], "ps_roi_align": ["deterministic"],
             "deform_conv2d": ["deterministic"], "deform_roi_pool": ["deterministic"],
             "deform_ps_roi_pool": ["no_trans", "deterministic"], "ms_deform_attn": ["deterministic"],
-            "flash_deform_attn": ["deterministic"]},
+            "flash_deform_attn": ["deterministic"], "dcnv3": ["remove_center", "deterministic"],
+            "dcnv4": ["remove_center", "softmax", "deterministic"]},
 }
 # ints (positive unless listed in SIGNED) and ints-or-pairs
 _ROI_INTS = {"output_size": "pair", "sampling_ratio": "int"}
@@ -147,7 +163,10 @@ _FUNCTION_INTS = {"affine_grid": {"size": "sizes"}, "affine_sample": {"size": "o
                   "roi_align": _ROI_INTS, "ps_roi_align": _ROI_INTS,
                   "deform_conv2d": _CONV_PAIRS, "deform_roi_pool": _ROI_INTS, "deform_ps_roi_pool": _DPS_INTS,
                   "ms_deform_attn": {"spatial_shapes": "level shapes"},
-                  "flash_deform_attn": {"spatial_shapes": "level shapes", "num_points": "int"}}
+                  "flash_deform_attn": {"spatial_shapes": "level shapes", "num_points": "int"},
+                  **{op: {name: "int" for name in DCN if name != "offset_scale"} for op in ("dcnv3", "dcnv4")}}
+_DCN_MODULE_INTS = {name: "int" for name in ("channels", "kernel_size", "stride", "pad", "dilation", "group",
+                                             "dw_kernel_size")}
 INTS = {
     "numpy": {**_FUNCTION_INTS, **{f"{op}_backward": kinds for op, kinds in _FUNCTION_INTS.items()}},
     "torch": _FUNCTION_INTS,
@@ -160,7 +179,8 @@ INTS = {
                           "sampling_ratio": "int"},
         "ModulatedDeformRoIPool": {"output_size": "pair", "output_channels": "int", "deform_fc_channels": "int"},
         "SpatialTransformer": {"in_channels": "int", "output_size": "pair", "hidden_channels": "int"},
-        "MSDeformAttn": {name: "int" for name in ("d_model", "n_levels", "n_heads", "n_points")}},
+        "MSDeformAttn": {name: "int" for name in ("d_model", "n_levels", "n_heads", "n_points")},
+        "DCNv3": _DCN_MODULE_INTS, "DCNv4": _DCN_MODULE_INTS},
     "jax": _FUNCTION_INTS,
 }
 #: (door, op, argument) where None is allowed (and so not a bad value).
@@ -171,7 +191,8 @@ NONE_ALLOWED = {("torch", "affine_grid", "align_corners"), ("torch", "grid_sampl
                 ("numpy", "deform_ps_roi_pool", "part_size"), ("numpy", "deform_ps_roi_pool_backward", "part_size"),
                 ("torch", "deform_ps_roi_pool", "part_size"), ("jax", "deform_ps_roi_pool", "part_size"),
                 *(("torch module", module, groups) for module in ("DeformConv2d", "DeformConv2dPack")
-                  for groups in ("offset_groups", "deform_groups"))}
+                  for groups in ("offset_groups", "deform_groups")),
+                ("torch module", "DCNv3", "dw_kernel_size"), ("torch module", "DCNv4", "dw_kernel_size")}
 
 
 

@@ -262,7 +262,8 @@ def gradcheck(op, args, options, names, fast_mode=False):
 
 #: Parameters of a deformcp.torch function that the deformcp function does not have, accepted for drop-in use with
 #: the anchor's call and ignored: Deformable DETR's MSDeformAttnFunction.apply(..., im2col_step).
-EXTRA_PARAMETERS = {"ms_deform_attn": ["im2col_step"], "flash_deform_attn": ["im2col_step"]}
+EXTRA_PARAMETERS = {"ms_deform_attn": ["im2col_step"], "flash_deform_attn": ["im2col_step"], "dcnv3": ["im2col_step"],
+                    "dcnv4": ["im2col_step", "d_stride", "block_thread"]}
 
 
 def test_every_spec_has_a_torch_function():

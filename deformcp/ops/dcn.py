@@ -145,8 +145,9 @@ def _attention(call):
 
 
 def _attention_backward(call, deterministic):
-    def run(grad_output, value, locations, weights, cfg, *wanted):
-        return msda._backward_kernels(call, grad_output, value, locations, weights, cfg, *wanted, deterministic)
+    def run(grad_output, value, locations, weights, cfg, want_value, want_locations, want_weights):
+        return msda._backward_kernels(call, grad_output, value, locations, weights, cfg, want_value, want_locations,
+                                      want_weights, deterministic)
     return run
 
 
@@ -164,14 +165,16 @@ def _dcnv3_kernels_backward(call, grad_output, input, offset, mask, cfg, wanted,
 
 
 def _dcnv4_kernels(call, input, offset_mask, cfg):
-    return reference.forward(call.xp, _attention(call), input, *reference.split(offset_mask, cfg), cfg)
+    pairs, mask = reference.split(offset_mask, cfg)
+    return reference.forward(call.xp, _attention(call), input, pairs, mask, cfg)
 
 
 def _dcnv4_kernels_backward(call, grad_output, input, offset_mask, cfg, wanted, deterministic):
     want_input, want_offset_mask = wanted
+    pairs, mask = reference.split(offset_mask, cfg)
     grad_input, grad_pairs, grad_mask = reference.backward(
-        call.xp, _attention_backward(call, deterministic), grad_output, input, *reference.split(offset_mask, cfg),
-        cfg, want_input, want_offset_mask, want_offset_mask)
+        call.xp, _attention_backward(call, deterministic), grad_output, input, pairs, mask, cfg, want_input,
+        want_offset_mask, want_offset_mask)
     return grad_input, (reference.offset_mask_gradient(call.xp, grad_pairs, grad_mask, offset_mask, cfg)
                         if want_offset_mask else None)
 

@@ -80,6 +80,14 @@ flash = deformcp.flash_deform_attn(value, shapes, [0, 16], packed, num_points=2)
 fg: deformcp.FlashDeformAttnGrads = deformcp.flash_deform_attn_backward(ones(flash.shape), value, shapes, None,
                                                                          packed, 2)
 print(flash.shape, checked(fg.value), checked(fg.sampling_loc_attn))
+dx, d_off, d_mask = rng.random((1, 5, 6, 4)), rng.random((1, 5, 6, 2 * 9 * 2)), rng.random((1, 5, 6, 2 * 9))
+geometry = (3, 3, 1, 1, 1, 1, 1, 1, 2, 2, 1.0)
+v3 = deformcp.dcnv3(dx, d_off, d_mask, *geometry)
+v3g: deformcp.DCNv3Grads = deformcp.dcnv3_backward(ones(v3.shape), dx, d_off, d_mask, *geometry, remove_center=False)
+d_packed = rng.random((1, 5, 6, 56))
+v4 = deformcp.dcnv4(dx, d_packed, *geometry, softmax=True)
+v4g: deformcp.DCNv4Grads = deformcp.dcnv4_backward(ones(v4.shape), dx, d_packed, *geometry, softmax=True)
+print(v3.shape, checked(v3g.input), checked(v3g.offset), checked(v3g.mask), checked(v4g.offset_mask))
 
 # ------------------------------------------------------------------------------------------- torch
 t = torch.rand(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
@@ -96,6 +104,8 @@ print(dtorch.deform_conv2d(t, torch.zeros(2, 18, 8, 8).double(), torch.tensor(we
 print(dtorch.deform_roi_pool(t, t_boxes, output_size=3).shape,
       dtorch.deform_ps_roi_pool(torch.tensor(xp), t_boxes, None, 2, 3, 3, no_trans=True).shape)
 print(dtorch.mimic_loss(torch.rand(5, 7), torch.rand(5, 7)).item())
+print(dtorch.dcnv3(torch.tensor(dx), torch.tensor(d_off), torch.tensor(d_mask), *geometry, 256).shape,
+      dtorch.dcnv4(torch.tensor(dx), torch.tensor(d_packed), *geometry, softmax=False).shape)
 t_value = torch.tensor(value)
 print(dtorch.ms_deform_attn(t_value, torch.tensor(shapes), None, torch.tensor(locations), torch.tensor(weights)).shape,
       dtorch.flash_deform_attn(t_value, shapes, None, torch.tensor(packed), 2).shape)
@@ -109,7 +119,8 @@ layers: list[torch.nn.Module] = [  # every module, built
     dtorch.PSRoIAlign((2, 2)), dtorch.DeformRoIPool(2, 3, deform_fc_channels=8),
     dtorch.DeformRoIPoolPack(2, 3, deform_fc_channels=8), dtorch.ModulatedDeformRoIPool(2, 3, deform_fc_channels=8),
     dtorch.ModulatedDeformRoIPoolPack(2, 3, deform_fc_channels=8), dtorch.SpatialTransformer(3, output_size=(4, 4)),
-    dtorch.MSDeformAttn(d_model=8, n_levels=2, n_heads=2, n_points=2)]
+    dtorch.MSDeformAttn(d_model=8, n_levels=2, n_heads=2, n_points=2), dtorch.DCNv3(8, group=2),
+    dtorch.DCNv4(32, group=2)]
 offset_layer = dtorch.DeformConv2d(3, 4, 3, padding=1)
 print(offset_layer(t.float(), torch.zeros(2, 18, 8, 8)).shape,
       dtorch.ModulatedDeformConv2dPack(3, 4, 3, padding=1)(t.float()).shape)
@@ -136,6 +147,8 @@ j_value = jnp.asarray(value, dtype=jnp.float32)
 print(djax.ms_deform_attn(j_value, shapes, None, jnp.asarray(locations, dtype=jnp.float32),
                           jnp.asarray(weights, dtype=jnp.float32)).shape,
       djax.flash_deform_attn(j_value, shapes, None, jnp.asarray(packed, dtype=jnp.float32), 2).shape)
+print(djax.dcnv3(jnp.asarray(dx), jnp.asarray(d_off), jnp.asarray(d_mask), *geometry).shape,
+      djax.dcnv4(jnp.asarray(dx), jnp.asarray(d_packed), *geometry, deterministic=True).shape)
 j_image = jnp.ones((6, 7))
 print(djax.map_coordinates(j_image, jnp.ones((2, 3, 4))).shape,
       djax.affine_transform(j_image, jnp.eye(2), 0.5, output_shape=(4, 4)).shape)
