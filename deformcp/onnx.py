@@ -107,6 +107,8 @@ UNSUPPORTED = {
     "mimic_loss": "the feature-mimicking loss (a training loss) has no ONNX operator",
     "ms_deform_attn": "multi-scale deformable attention has no ONNX operator",
     "flash_deform_attn": "multi-scale deformable attention (DCNv4's FlashDeformAttn) has no ONNX operator",
+    "dcnv3": "InternImage's DCNv3 has no ONNX operator",
+    "dcnv4": "DCNv4 has no ONNX operator",
     "map_coordinates": "SciPy's map_coordinates has no ONNX operator (GridSample takes normalised grids)",
     "affine_transform": "SciPy's affine_transform has no ONNX operator",
 }

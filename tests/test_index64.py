@@ -335,6 +335,34 @@ def case_flash_deform_attn(op, rng, dtype):
     return run
 
 
+def case_dcn(op, rng, dtype):
+    """dcnv3, or dcnv4 without and with its softmax, on one 3×4 image of 2 groups of 2 channels with 3×3 taps (48
+    work items in the input gradient: its atomics run in one block), offsets with specials among them."""
+    N, H, W, G, Cg, P = 1, 3, 4, 2, 2, 9
+    geometry = dict(kernel_h=3, kernel_w=3, stride_h=1, stride_w=1, pad_h=1, pad_w=1, dilation_h=1, dilation_w=1,
+                    group=G, group_channels=Cg, offset_scale=1.0)
+    input = rng.standard_normal((N, H, W, G * Cg)).astype(dtype)
+    offsets = with_specials(rng.normal(0, 1.5, (N, H, W, G, 2 * P)), rng).astype(dtype)
+    mask = rng.uniform(-1, 1, (N, H, W, G, P)).astype(dtype)
+    grad = rng.standard_normal((N, H, W, G * Cg)).astype(dtype)
+    if op.name == "dcnv3":
+        calls = {"": ((input, offsets.reshape(N, H, W, -1), mask.reshape(N, H, W, -1)), {})}
+    else:
+        packed = np.concatenate([offsets, mask], axis=-1).reshape(N, H, W, -1)
+        calls = {f"softmax={softmax}": ((input, packed), {"softmax": softmax}) for softmax in (False, True)}
+
+    def run():
+        out = {}
+        for tag, (arrays, options) in calls.items():
+            out[f"{op.name} {tag}"] = op.function(*arrays, **geometry, **options)
+            for det in (False, True):
+                grads = op.backward(grad, *arrays, **geometry, **options, deterministic=det)
+                for name, g in zip(grads._fields, grads):
+                    out[f"{op.name}_backward {name} det={det} {tag}"] = g
+        return out
+    return run
+
+
 def case_spec(op, rng, dtype):
     """Every case of the op's spec on its own inputs: the forward and the backward (atomic and deterministic)."""
     calls = []
@@ -370,6 +398,8 @@ CASES = {
     "mimic_loss": case_mimic_loss,
     "ms_deform_attn": case_ms_deform_attn,
     "flash_deform_attn": case_flash_deform_attn,
+    "dcnv3": case_dcn,
+    "dcnv4": case_dcn,
 }
 
 

@@ -414,6 +414,8 @@ def test_opsets(rng, tmp_path, opset_version):
 def _unsupported_cases():
     x, rois = torch.randn(1, 8, 6, 6), torch.tensor([[0, 1.0, 1.0, 4.0, 4.0]])
     levels = [(2, 3), (1, 1)]  # (H_l, W_l): value has 7 rows
+    dcn = dict(kernel_h=3, kernel_w=3, stride_h=1, stride_w=1, pad_h=1, pad_w=1, dilation_h=1, dilation_w=1, group=2,
+               group_channels=2, offset_scale=1.0)
     return {
         "ps_roi_align": (Call(dtorch.ps_roi_align, output_size=2), (x, rois)),
         "deform_roi_pool": (Call(dtorch.deform_roi_pool, output_size=2), (x, rois, torch.zeros(1, 2, 2, 2))),
@@ -424,6 +426,9 @@ def _unsupported_cases():
                            (torch.randn(1, 7, 2, 3), torch.rand(1, 4, 2, 2, 2, 2), torch.rand(1, 4, 2, 2, 2))),
         "flash_deform_attn": (Call(lambda v, packed: dtorch.flash_deform_attn(v, levels, None, packed, 2)),
                               (torch.randn(1, 7, 2, 3), torch.rand(1, 4, 2, 12))),
+        "dcnv3": (Call(dtorch.dcnv3, **dcn),
+                  (torch.randn(1, 4, 5, 4), torch.zeros(1, 4, 5, 36), torch.rand(1, 4, 5, 18))),
+        "dcnv4": (Call(dtorch.dcnv4, **dcn), (torch.randn(1, 4, 5, 4), torch.rand(1, 4, 5, 56))),
         "map_coordinates": (Call(dtorch.map_coordinates), (torch.randn(5, 6), 4 * torch.rand(2, 3, 4))),
         "affine_transform": (Call(dtorch.affine_transform), (torch.randn(5, 6), torch.eye(2), torch.zeros(2))),
     }

@@ -300,9 +300,13 @@ def test_average_pooling_equals_the_per_sample_reference(rng, dtype, aligned):
     x = rng.standard_normal((N, C, H, W))
     sampling_ratio = int(rng.choice([-1, 0, 2]))
     per_image = [mixed_boxes(rng, N, H, W, 12, 0.5)[:, 1:], np.zeros((0, 4)), mixed_boxes(rng, N, H, W, 6, 0.5)[:, 1:]]
+    if dtype == "float32":  # off the half-pixel lattice: a sample exactly at −1 (RoIAlign's border, where the value
+        # jumps) would fall on either side of it in float32's arithmetic
+        per_image = [b + rng.uniform(-1e-3, 1e-3, b.shape) for b in per_image]
     rois = np.concatenate([np.concatenate([np.full((len(b), 1), i), b], axis=1) for i, b in enumerate(per_image)])
     kwargs = dict(output_size=(3, 2), spatial_scale=0.5, sampling_ratio=sampling_ratio, aligned=aligned)
     grad_output = rng.standard_normal((len(rois), C, 3, 2))
+    rois = rois.astype(dtype).astype(np.float64)  # the reference on the boxes as the dtype holds them
     S = module._bin_matrix(module._samples(rois, H, W, 3, 2, 0.5, sampling_ratio, aligned, np.dtype(np.float64)),
                            N * (H * W + 1))
     read = S.indices[S.indices < H * W]  # pixels of image 0 that some sample reads (a corner of weight 0 too)

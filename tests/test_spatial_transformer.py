@@ -462,6 +462,7 @@ def test_backward_plans_again_for_a_grid_changed_after_the_forward(rng, monkeypa
     x = rng.standard_normal((2, 3, 5, 6))
     grad_output = rng.standard_normal((2, 3, 4, 4))
     grid = rng.uniform(-1.2, 1.2, (2, 4, 4, 2))
+    grid[1, 2, 3] = rng.uniform(-0.5, 0, 2)  # the point changed below: inside the image before and after
     deformcp.grid_sample(x, grid)
     kept = deformcp.grid_sample_backward(grad_output, x, grid)
     grid[1, 2, 3, 0] += 0.5   # after the forward, in place

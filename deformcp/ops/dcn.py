@@ -26,6 +26,9 @@ from . import ms_deform_attn as msda
 from ._call import backward, forward
 from ._spec import Case, OpSpec
 
+#: The kernel family the ops run on: multi-scale deformable attention's.
+FAMILY = msda.FAMILY
+
 
 class DCNv3Grads(NamedTuple):
     """Gradients of :func:`dcnv3`; a field is None where it was not asked for."""
