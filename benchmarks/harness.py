@@ -59,7 +59,7 @@ if not __package__:  # python benchmarks/bench_<name>.py: time the checkout's de
 RESULTS_DIR = HERE / "results"
 #: The benchmarks (bench_<name>.py), in the order ``python -m deformcp bench`` runs them.
 BENCHMARKS = ("spatial_transformer", "roi_align", "deform_conv", "deform_roi_pool", "deform_ps_roi_pool",
-              "mimic_loss", "ms_deform_attn", "ndimage")
+              "mimic_loss", "ms_deform_attn", "dcn", "ndimage")
 #: Environment variables that slow NumPy's BLAS on some machines; benchmarks run with them unset.
 BLAS_OVERRIDES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 #: Thread-count variables recorded with the results.
