@@ -17,7 +17,7 @@ REJECTS = sorted(DATA.glob("reject_*.py"))
 MARK = re.compile(r"#\s*error:\s*\[([a-z-]+)\]")
 #: Public names whose module is not annotated yet (pyproject.toml's [tool.mypy] ignores its errors): calling them
 #: from the strict user script would be an untyped call. Remove a name here once its module is annotated.
-UNANNOTATED = {"deformcp.affine_sample", "deformcp.affine_sample_backward", "deformcp.AffineSampleGrads"}
+UNANNOTATED: set[str] = set()
 #: mypy's lines: "path:line: error: message  [code]"
 ERROR = re.compile(r"^(?P<path>[^:\n]+):(?P<line>\d+): error: .*\[(?P<code>[a-z-]+)\]$", re.M)
 

@@ -8,9 +8,13 @@ kernels in a fixed order). NumPy path: deformcp.reference.affine_sample.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
-from .. import _kernels, _validate
+import numpy as np
+import numpy.typing as npt
+
+from .. import _dispatch, _kernels, _validate
+from .._types import Array, ArrayLike, Imported
 from ..reference import affine_sample as reference
 from . import spatial_transformer
 from ._call import backward, forward
@@ -24,8 +28,8 @@ CHUNK = 64
 class AffineSampleGrads(NamedTuple):
     """Gradients of :func:`affine_sample`; a field is None where it was not asked for."""
 
-    input: Optional[object]
-    theta: Optional[object]
+    input: Optional[Array]
+    theta: Optional[Array]
 
 
 class AffineSampleConfig(NamedTuple):
@@ -41,7 +45,7 @@ class AffineSampleConfig(NamedTuple):
 class _Grid(NamedTuple):
     """The shape and dtype of the grid that affine_grid would make: what grid_sample's checks read."""
 
-    shape: tuple
+    shape: tuple[int, ...]
     dtype: object
 
     @property
@@ -49,7 +53,8 @@ class _Grid(NamedTuple):
         return len(self.shape)
 
 
-def _check_affine_sample(call, input, theta, size, mode, padding_mode, align_corners) -> AffineSampleConfig:
+def _check_affine_sample(call: _dispatch.Call, input: Imported, theta: Imported, size: Optional[Sequence[int]],
+                         mode: str, padding_mode: str, align_corners: bool) -> AffineSampleConfig:
     volumetric = len(getattr(input, "shape", ())) == 5
     layout = "(N, C, D, H, W)" if volumetric else "(N, C, H, W)"
     _validate.floating("input", input, 5 if volumetric else 4,
@@ -71,11 +76,11 @@ def _check_affine_sample(call, input, theta, size, mode, padding_mode, align_cor
     return AffineSampleConfig(grid, sample)
 
 
-def _output(cfg: AffineSampleConfig):
+def _output(cfg: AffineSampleConfig) -> tuple[tuple[int, ...], str]:
     return spatial_transformer._grid_sample_output(cfg.sample)
 
 
-def _kernels_forward(call, input, theta, cfg: AffineSampleConfig):
+def _kernels_forward(call: _dispatch.Call, input: Imported, theta: Imported, cfg: AffineSampleConfig) -> Imported:
     xp = call.xp
     input, theta = xp.ascontiguousarray(input), xp.ascontiguousarray(theta)
     out = _kernels.empty(xp, _output(cfg)[0], input.dtype)
@@ -84,7 +89,9 @@ def _kernels_forward(call, input, theta, cfg: AffineSampleConfig):
     return out
 
 
-def _kernels_backward(call, grad_output, input, theta, cfg: AffineSampleConfig, wanted, deterministic):
+def _kernels_backward(call: _dispatch.Call, grad_output: Imported, input: Imported, theta: Imported,
+                      cfg: AffineSampleConfig, wanted: tuple[bool, bool],
+                      deterministic: bool) -> tuple[Optional[Imported], Optional[Imported]]:
     xp = call.xp
     want_input, want_theta = wanted
     grad_output, input, theta = (xp.ascontiguousarray(a) for a in (grad_output, input, theta))
@@ -110,8 +117,8 @@ def _kernels_backward(call, grad_output, input, theta, cfg: AffineSampleConfig, 
     return None if grad_input is None else grad_input.astype(input.dtype, copy=False), grad_theta
 
 
-def affine_sample(input, theta, size: Optional[Sequence[int]] = None, mode: str = "bilinear",
-                  padding_mode: str = "zeros", align_corners: bool = False):
+def affine_sample(input: ArrayLike, theta: ArrayLike, size: Optional[Sequence[int]] = None, mode: str = "bilinear",
+                  padding_mode: str = "zeros", align_corners: bool = False) -> Array:
     """``grid_sample(input, affine_grid(theta, size), mode, padding_mode, align_corners)`` without the grid.
 
     Args:
@@ -138,8 +145,10 @@ def affine_sample(input, theta, size: Optional[Sequence[int]] = None, mode: str 
     return forward(AFFINE_SAMPLE, locals())
 
 
-def affine_sample_backward(grad_output, input, theta, size=None, mode="bilinear", padding_mode="zeros",
-                           align_corners=False, needs_input_grad=(True, True), deterministic=False):
+def affine_sample_backward(grad_output: ArrayLike, input: ArrayLike, theta: ArrayLike,
+                           size: Optional[Sequence[int]] = None, mode: str = "bilinear", padding_mode: str = "zeros",
+                           align_corners: bool = False, needs_input_grad: Sequence[bool] = (True, True),
+                           deterministic: bool = False) -> AffineSampleGrads:
     """Gradients of :func:`affine_sample` with respect to input and theta.
 
     Args:
@@ -152,11 +161,11 @@ def affine_sample_backward(grad_output, input, theta, size=None, mode="bilinear"
     Returns:
         AffineSampleGrads: ``input`` and ``theta`` (their shapes), None where not asked for.
     """
-    return backward(AFFINE_SAMPLE, locals())
+    return AffineSampleGrads(*backward(AFFINE_SAMPLE, locals()))
 
 
-def _inputs(volumetric: bool):
-    def make(rng):
+def _inputs(volumetric: bool) -> Callable[[np.random.Generator], dict[str, npt.NDArray[np.float64]]]:
+    def make(rng: np.random.Generator) -> dict[str, npt.NDArray[np.float64]]:
         if volumetric:
             theta = rng.standard_normal((2, 3, 4)) * 0.3 + [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]]
             return {"input": rng.standard_normal((2, 3, 4, 5, 6)), "theta": theta}

@@ -10,8 +10,11 @@ from __future__ import annotations
 import math
 from typing import NamedTuple, Optional, Sequence
 
-from .. import _kernels, _validate
-from .._types import Array, ArrayLike
+import numpy as np
+import numpy.typing as npt
+
+from .. import _dispatch, _kernels, _validate
+from .._types import Array, ArrayLike, Imported
 from ..reference import spatial_transformer as reference
 from ._call import backward, forward
 from ._spec import Case, OpSpec
@@ -45,7 +48,7 @@ class AffineGridConfig(NamedTuple):
     volumetric: bool  # theta (N, 3, 4), a grid (N, D, H, W, 3)
 
     @property
-    def sizes(self) -> tuple:
+    def sizes(self) -> tuple[int, ...]:
         return (self.N, self.D, self.H, self.W) if self.volumetric else (self.N, self.H, self.W)
 
     @property
@@ -54,7 +57,8 @@ class AffineGridConfig(NamedTuple):
         return "affine_grid_3d" if self.volumetric else "affine_grid"
 
 
-def _check_affine_grid(call, theta, size, align_corners) -> AffineGridConfig:
+def _check_affine_grid(call: _dispatch.Call, theta: Imported, size: Sequence[int], align_corners: bool
+                       ) -> AffineGridConfig:
     _validate.floating("theta", theta, 3, "(N, 2, 3) or, for volumes, (N, 3, 4)")
     volumetric = tuple(theta.shape[1:]) == (3, 4)
     if not volumetric and tuple(theta.shape[1:]) != (2, 3):
@@ -69,13 +73,13 @@ def _check_affine_grid(call, theta, size, align_corners) -> AffineGridConfig:
     return cfg
 
 
-def _affine_grid_output(cfg: AffineGridConfig):
+def _affine_grid_output(cfg: AffineGridConfig) -> tuple[tuple[int, ...], str]:
     if cfg.volumetric:
         return (cfg.N, cfg.D, cfg.H, cfg.W, 3), "(N, D, H, W, 3)"
     return (cfg.N, cfg.H, cfg.W, 2), "(N, H, W, 2)"
 
 
-def _affine_grid_kernels(call, theta, cfg: AffineGridConfig):
+def _affine_grid_kernels(call: _dispatch.Call, theta: Imported, cfg: AffineGridConfig) -> Imported:
     xp = call.xp
     theta = xp.ascontiguousarray(theta)
     out = _kernels.empty(xp, _affine_grid_output(cfg)[0], theta.dtype)
@@ -84,7 +88,8 @@ def _affine_grid_kernels(call, theta, cfg: AffineGridConfig):
     return out
 
 
-def _affine_grid_kernels_backward(call, grad_output, theta, cfg: AffineGridConfig, wanted, deterministic):
+def _affine_grid_kernels_backward(call: _dispatch.Call, grad_output: Imported, theta: Imported, cfg: AffineGridConfig,
+                                  wanted: tuple[bool], deterministic: bool) -> tuple[Imported]:
     xp = call.xp
     grad_output = xp.ascontiguousarray(grad_output)
     grad_theta = _kernels.empty(xp, theta.shape, theta.dtype)
@@ -151,7 +156,7 @@ class GridSampleConfig(NamedTuple):
     align_corners: bool
 
     @property
-    def sizes(self) -> tuple:
+    def sizes(self) -> tuple[int, ...]:
         return (self.N, self.C, *self.shape, *self.out_shape)
 
     @property
@@ -165,12 +170,13 @@ class GridSampleConfig(NamedTuple):
         return "grid_sample_3d" if len(self.shape) == 3 else "grid_sample"
 
     @property
-    def options(self) -> tuple:
+    def options(self) -> tuple[int, int, bool]:
         """The kernels' option arguments."""
         return (MODES.index(self.mode), PADDING_MODES.index(self.padding_mode), self.align_corners)
 
 
-def _check_grid_sample(call, input, grid, mode, padding_mode, align_corners) -> GridSampleConfig:
+def _check_grid_sample(call: _dispatch.Call, input: Imported, grid: Imported, mode: str, padding_mode: str,
+                       align_corners: bool) -> GridSampleConfig:
     volumetric = len(getattr(input, "shape", ())) == 5
     layout, grid_layout, axes = (("(N, C, D, H, W)", "(N, D_out, H_out, W_out, 3)", "(x, y, z)") if volumetric
                                  else ("(N, C, H, W)", "(N, H_out, W_out, 2)", "(x, y)"))
@@ -197,13 +203,13 @@ def _check_grid_sample(call, input, grid, mode, padding_mode, align_corners) -> 
     return GridSampleConfig(N, C, tuple(input.shape[2:]), tuple(grid.shape[1:-1]), mode, padding_mode, align_corners)
 
 
-def _grid_sample_output(cfg: GridSampleConfig):
+def _grid_sample_output(cfg: GridSampleConfig) -> tuple[tuple[int, ...], str]:
     if len(cfg.shape) == 3:
         return (cfg.N, cfg.C, *cfg.out_shape), "(N, C, D_out, H_out, W_out)"
     return (cfg.N, cfg.C, *cfg.out_shape), "(N, C, H_out, W_out)"
 
 
-def _grid_sample_kernels(call, input, grid, cfg: GridSampleConfig):
+def _grid_sample_kernels(call: _dispatch.Call, input: Imported, grid: Imported, cfg: GridSampleConfig) -> Imported:
     xp = call.xp
     input, grid = xp.ascontiguousarray(input), xp.ascontiguousarray(grid)
     out = _kernels.empty(xp, _grid_sample_output(cfg)[0], input.dtype)
@@ -212,7 +218,9 @@ def _grid_sample_kernels(call, input, grid, cfg: GridSampleConfig):
     return out
 
 
-def _grid_sample_kernels_backward(call, grad_output, input, grid, cfg: GridSampleConfig, wanted, deterministic):
+def _grid_sample_kernels_backward(call: _dispatch.Call, grad_output: Imported, input: Imported, grid: Imported,
+                                  cfg: GridSampleConfig, wanted: tuple[bool, bool],
+                                  deterministic: bool) -> tuple[Optional[Imported], Optional[Imported]]:
     xp = call.xp
     want_input, want_grid = wanted
     grad_output, input, grid = (xp.ascontiguousarray(a) for a in (grad_output, input, grid))
@@ -304,15 +312,15 @@ def grid_sample_backward(grad_output: ArrayLike, input: ArrayLike, grid: ArrayLi
 
 # ------------------------------------------------------------------------------------------- specs
 
-def _align_options(**fixed):
+def _align_options(**fixed: object) -> tuple[dict[str, object], ...]:
     return tuple(dict(fixed, align_corners=a) for a in (False, True))
 
 
-def _grid_sample_inputs(rng):
+def _grid_sample_inputs(rng: np.random.Generator) -> dict[str, npt.NDArray[np.float64]]:
     return {"input": rng.standard_normal((2, 3, 7, 9)), "grid": rng.uniform(-1.2, 1.2, (2, 5, 6, 2))}
 
 
-def _grid_sample_volume_inputs(rng):
+def _grid_sample_volume_inputs(rng: np.random.Generator) -> dict[str, npt.NDArray[np.float64]]:
     return {"input": rng.standard_normal((2, 3, 4, 5, 6)), "grid": rng.uniform(-1.2, 1.2, (2, 3, 4, 5, 3))}
 
 

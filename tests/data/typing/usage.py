@@ -39,6 +39,10 @@ with deformcp.backend("numpy"), deformcp.workspace_limit(1 << 26):
     gs: deformcp.GridSampleGrads = deformcp.grid_sample_backward(np.ones_like(y), x, grid,
                                                                  needs_input_grad=(True, False), deterministic=True)
     print(y.shape, y.ndim, y.dtype, checked(gs.input), gs.grid is None)
+    fused = deformcp.affine_sample(x, theta, (2, 3, 6, 5), mode="nearest", align_corners=True)
+    asg: deformcp.AffineSampleGrads = deformcp.affine_sample_backward(ones(fused.shape), x, theta, (2, 3, 6, 5),
+                                                                      needs_input_grad=(False, True))
+    print(fused.shape, asg.input is None, checked(asg.theta))
 
 boxes = np.array([[0, 1.0, 1.0, 6.0, 6.0], [1, 0.0, 0.0, 4.0, 7.0]])
 pooled = deformcp.roi_align(x, boxes, (2, 2), spatial_scale=1.0, sampling_ratio=2, aligned=True)
