@@ -6,6 +6,8 @@ import argparse
 import platform
 import shutil
 import sys
+from types import ModuleType
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -36,7 +38,7 @@ class Progress:
     def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.shown:
             self.stream.write("\r" + " " * self.shown + "\r")
             self.stream.flush()
@@ -99,7 +101,7 @@ def _nvrtc_version() -> str:
     return f"{major}.{minor}"
 
 
-def check(ops, backends, seed) -> int:
+def check(ops: Optional[Sequence[str]], backends: Optional[Sequence[str]], seed: Optional[int]) -> int:
     from deformcp import testing
 
     for backend in backends or ():
@@ -124,7 +126,7 @@ def check(ops, backends, seed) -> int:
     return 1 if failed else 0
 
 
-def benchmarks_harness():
+def benchmarks_harness() -> ModuleType:
     """``deformcp.benchmarks.harness``, from the benchmarks/ folder that :func:`deformcp._sources.folder` finds."""
     import importlib
 
@@ -134,7 +136,7 @@ def benchmarks_harness():
     return importlib.import_module("deformcp.benchmarks.harness")
 
 
-def bench(argv) -> int:
+def bench(argv: Sequence[str]) -> int:
     """python -m deformcp bench: the benchmarks' own command line (deformcp.benchmarks.harness.main)."""
     try:
         harness = benchmarks_harness()
@@ -144,10 +146,11 @@ def bench(argv) -> int:
         print("python -m deformcp bench: this deformcp has no benchmarks (deformcp.benchmarks); run it from a "
               "source checkout", file=sys.stderr)
         return 2
-    return harness.main(argv)
+    harness_main: Callable[[Sequence[str]], int] = harness.main  # a module found at run time: untyped
+    return harness_main(argv)
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deformcp", description=__doc__)
     parser.add_argument("--version", action="version", version=f"deformcp {deformcp.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)

@@ -15,11 +15,15 @@ and keep them on it, and leave them regular on the background.
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
+from numpy.typing import NDArray
+
+from deformcp._types import ArrayLike
 
 MISSING_MATPLOTLIB = "python -m deformcp viz needs matplotlib: pip install 'deformcp[viz]'"
 DEFAULT_OUTPUT = "deformcp_sampling.png"
@@ -41,20 +45,21 @@ def taps(dilation: float = 1) -> np.ndarray:
     return np.stack([i - 1, j - 1], axis=1).astype(np.float64) * dilation
 
 
-def _field(offset, name: str) -> Optional[np.ndarray]:
+def _field(offset: Optional[ArrayLike], name: str) -> Optional[NDArray[np.float64]]:
     """An offset array (1, 18, H, W) or (18, H, W) as a float64 (18, H, W) field, or None."""
     if offset is None:
         return None
     field = np.asarray(offset, dtype=np.float64)
+    shape = field.shape
     if field.ndim == 4 and field.shape[0] == 1:
         field = field[0]
     if field.ndim != 3 or field.shape[0] != 18:
         raise ValueError(f"{name}: expected deform_conv2d offsets of one image and one offset group for a 3×3 "
-                         f"kernel, (1, 18, H, W) or (18, H, W), got shape {tuple(np.shape(offset))}")
+                         f"kernel, (1, 18, H, W) or (18, H, W), got shape {shape}")
     return field
 
 
-def _interpolate(field: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+def _interpolate(field: NDArray[np.float64], y: NDArray[np.float64], x: NDArray[np.float64]) -> NDArray[np.float64]:
     """``field`` (C, H, W) bilinearly interpolated at (y, x), coordinates clamped into the map: (..., C)."""
     _, H, W = field.shape
     y = np.clip(y, 0.0, H - 1.0)
@@ -64,14 +69,15 @@ def _interpolate(field: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
     y1, x1 = np.minimum(y0 + 1, H - 1), np.minimum(x0 + 1, W - 1)
     ly, lx = (y - y0)[..., None], (x - x0)[..., None]
 
-    def at(yy, xx):
+    def at(yy: NDArray[np.int64], xx: NDArray[np.int64]) -> NDArray[np.float64]:
         return np.moveaxis(field[:, yy, xx], 0, -1)
 
     return ((1 - ly) * ((1 - lx) * at(y0, x0) + lx * at(y0, x1))
             + ly * ((1 - lx) * at(y1, x0) + lx * at(y1, x1)))
 
 
-def sampling_locations(offset1=None, offset2=None, point=(0, 0), dilation: float = 1) -> SamplingLocations:
+def sampling_locations(offset1: Optional[ArrayLike] = None, offset2: Optional[ArrayLike] = None,
+                       point: Sequence[float] = (0, 0), dilation: float = 1) -> SamplingLocations:
     """The sampling locations of output ``point`` (y, x) of two stacked 3×3 deformable convolutions.
 
     Args:
@@ -115,7 +121,8 @@ def sampling_locations(offset1=None, offset2=None, point=(0, 0), dilation: float
 
 # ---------------------------------------------------------------------------------------- built-in example
 
-def example(size=(72, 96), seed: int = 0):
+def example(size: tuple[int, int] = (72, 96), seed: int = 0
+            ) -> tuple[NDArray[np.float64], NDArray[np.float32], NDArray[np.float32], tuple[int, int]]:
     """The built-in example: (image (H, W) in [0, 1], offset1, offset2 (1, 18, H, W) float32, point (y, x)).
 
     The image is a bright ellipse on noise. On the object, both layers' offsets spread the 3×3 grid to the
@@ -131,7 +138,7 @@ def example(size=(72, 96), seed: int = 0):
     inside = 1.0 / (1.0 + np.exp(12.0 * (radius - 1.0)))             # soft indicator of the object
     image = np.clip(0.2 + 0.6 * inside + 0.08 * rng.standard_normal((H, W)), 0.0, 1.0)
 
-    def offsets(fraction):
+    def offsets(fraction: float) -> NDArray[np.float32]:
         field = np.empty((18, H, W))
         for k, (ry, rx) in enumerate(taps()):
             ty = yy + ry * (1.0 + (fraction * ay - 1.0) * inside)    # the tap, spread on the object
@@ -162,8 +169,8 @@ def _display(image: np.ndarray) -> tuple[np.ndarray, Optional[str]]:
     return np.nan_to_num(scaled), ("gray" if image.ndim == 2 else None)
 
 
-def render(image: np.ndarray, regular: SamplingLocations, deformable: SamplingLocations, output,
-           dpi: int = 150, title: Optional[str] = None) -> pathlib.Path:
+def render(image: np.ndarray, regular: SamplingLocations, deformable: SamplingLocations,
+           output: Union[str, os.PathLike[str]], dpi: int = 150, title: Optional[str] = None) -> pathlib.Path:
     """Draw ``regular`` | ``deformable`` over ``image`` side by side and save a PNG to ``output``.
 
     Uses matplotlib's object-oriented API on an Agg canvas (no pyplot, no global backend change); raises
@@ -213,7 +220,8 @@ def render(image: np.ndarray, regular: SamplingLocations, deformable: SamplingLo
 
 def _load(path: str, name: str) -> np.ndarray:
     try:
-        return np.load(path, allow_pickle=False)
+        array: NDArray[Any] = np.load(path, allow_pickle=False)  # untyped in NumPy's stubs
+        return array
     except Exception as e:
         raise ValueError(f"{name}: cannot read {path} as a .npy array ({type(e).__name__}: {e})") from None
 
@@ -237,13 +245,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         import matplotlib  # noqa: F401  (optional: the [viz] extra)
     except ImportError:
         print(MISSING_MATPLOTLIB, file=sys.stderr)
         return 2
+    offset1: Optional[NDArray[Any]]
+    offset2: Optional[NDArray[Any]]
     try:
         if args.offset1 is None and args.offset2 is None:
             if args.image is not None:
