@@ -19,9 +19,10 @@ import functools
 import math
 import os
 import sys
-from typing import Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
+import numpy.typing as npt
 import scipy.sparse
 import threadpoolctl
 
@@ -31,13 +32,16 @@ from .. import _workspace
 class Corners(NamedTuple):
     """Per sample point, shape (..., 4), corners in the order (y0, x0), (y0, x1), (y1, x0), (y1, x1)."""
 
-    index: np.ndarray       # y·W + x of each corner (int64); H·W (the image's zero row) where outside
-    weight: np.ndarray      # interpolation weight, 0 where the corner is outside
-    dweight_dy: Optional[np.ndarray]  # derivative of weight with respect to y (from the right at integers)
-    dweight_dx: Optional[np.ndarray]  # derivative of weight with respect to x; both None without derivatives
+    # y·W + x of each corner; H·W (the image's zero row) where outside (the name hides tuple.index, unused here)
+    index: npt.NDArray[np.int64]  # type: ignore[assignment]
+    weight: npt.NDArray[Any]      # interpolation weight, 0 where the corner is outside
+    dweight_dy: Optional[npt.NDArray[Any]]  # derivative of weight with respect to y (from the right at integers)
+    dweight_dx: Optional[npt.NDArray[Any]]  # derivative of weight with respect to x; both None without derivatives
 
 
-def corners(y: np.ndarray, x: np.ndarray, H, W, closed_below: bool = False, derivatives: bool = True) -> Corners:
+def corners(y: npt.NDArray[Any], x: npt.NDArray[Any], H: Union[int, npt.NDArray[np.integer[Any]]],
+            W: Union[int, npt.NDArray[np.integer[Any]]], closed_below: bool = False,
+            derivatives: bool = True) -> Corners:
     """Bilinear corners of the samples at (y, x) over an H×W image (H and W ints, or int arrays broadcasting
     against y's shape: a size per sample).
 
@@ -59,9 +63,10 @@ def corners(y: np.ndarray, x: np.ndarray, H, W, closed_below: bool = False, deri
     wy = np.where(in_y, np.stack([1 - ly, ly], axis=-1), 0)
     wx = np.where(in_x, np.stack([1 - lx, lx], axis=-1), 0)
 
-    def pairs(a, b):
+    def pairs(a: npt.NDArray[Any], b: npt.NDArray[Any]) -> npt.NDArray[Any]:
         """(…, 2) × (…, 2) → (…, 4): a[i] · b[j] in the corner order (i, j) = (0, 0), (0, 1), (1, 0), (1, 1)."""
-        return (a[..., :, None] * b[..., None, :]).reshape(*a.shape[:-1], 4)
+        products: npt.NDArray[Any] = a[..., :, None] * b[..., None, :]
+        return products.reshape(*a.shape[:-1], 4)
 
     base = y0 * W + x0
     inside = (in_y[..., :, None] & in_x[..., None, :]).reshape(*base.shape, 4)
@@ -90,7 +95,7 @@ def _blas(modules: int) -> threadpoolctl.ThreadpoolController:
     return threadpoolctl.ThreadpoolController().select(user_api="blas")
 
 
-def for_each_chunk(work: Callable[..., None], chunks) -> None:
+def for_each_chunk(work: Callable[..., object], chunks: Sequence[tuple[int, ...]]) -> None:
     """Call work(*chunk) for every chunk (e.g. a range (start, stop)), concurrently on the thread pool. While the
     pool works, BLAS libraries (OpenBLAS, MKL, ...) run one thread per call, so that the pool's threads and theirs
     do not oversubscribe the CPUs (a process-wide setting, restored afterwards)."""
@@ -104,7 +109,7 @@ def for_each_chunk(work: Callable[..., None], chunks) -> None:
             del done  # map re-raises a worker's exception here
 
 
-def pixels_last(images: np.ndarray, dtype) -> np.ndarray:
+def pixels_last(images: npt.NDArray[Any], dtype: npt.DTypeLike) -> npt.NDArray[Any]:
     """(n, C, H, W) → (n·(H·W + 1), C) in dtype: each image's pixels as rows, then a row of zeros."""
     n, C, H, W = images.shape
     X = np.empty((n, H * W + 1, C), dtype)
@@ -113,14 +118,15 @@ def pixels_last(images: np.ndarray, dtype) -> np.ndarray:
     return X.reshape(n * (H * W + 1), C)
 
 
-def to_channels_first(rows: np.ndarray, out: np.ndarray) -> None:
+def to_channels_first(rows: npt.NDArray[Any], out: npt.NDArray[Any]) -> None:
     """Write (n·P, C) rows, or (n·(P + 1), C) with each image's zero row, into out (n, C, ...)."""
     n, C = out.shape[:2]
     P = int(np.prod(out.shape[2:]))
     np.copyto(out.reshape(n, C, P), rows.reshape(n, rows.shape[0] // n, C)[:, :P].transpose(0, 2, 1))
 
 
-def sampling_matrix(rows: np.ndarray, values: np.ndarray, n_columns: int) -> scipy.sparse.csr_matrix:
+def sampling_matrix(rows: npt.NDArray[np.integer[Any]], values: npt.NDArray[Any],
+                    n_columns: int) -> scipy.sparse.csr_matrix:
     """CSR matrix whose row p holds ``values[p, k]`` at column ``rows[p, k]``, for every k.
 
     The leading axes of ``rows`` are flattened into the matrix rows. Duplicate entries add up.
@@ -130,7 +136,8 @@ def sampling_matrix(rows: np.ndarray, values: np.ndarray, n_columns: int) -> sci
     return sparse_rows(values.reshape(-1), rows.reshape(-1), np.arange(n_rows + 1) * per_row, n_columns)
 
 
-def sparse_rows(values: np.ndarray, columns: np.ndarray, indptr: np.ndarray, n_columns: int):
+def sparse_rows(values: npt.NDArray[Any], columns: npt.NDArray[np.integer[Any]], indptr: npt.NDArray[np.integer[Any]],
+                n_columns: int) -> scipy.sparse.csr_matrix:
     """CSR matrix from its three arrays (int32 indices where they fit), without scipy's copies and checks."""
     index_type = np.int32 if max(n_columns, len(columns)) < 2**31 else np.int64
     return scipy.sparse.csr_matrix((values, columns.astype(index_type), indptr.astype(index_type)),

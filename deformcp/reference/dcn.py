@@ -6,15 +6,29 @@ op's checked configuration, ``cfg.msda`` the attention's.
 """
 from __future__ import annotations
 
-from typing import Callable
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
+import numpy.typing as npt
 
 from .._kernels import compute_dtype
+from .._types import Imported
 from . import ms_deform_attn as msda
 
+if TYPE_CHECKING:
+    from ..ops.dcn import DCNConfig
+    from ..ops.ms_deform_attn import MSDeformAttnConfig
 
-def pixel_locations(xp, pairs, cfg, dtype):
+#: attention(value, locations, weights, cfg.msda) → output: the attention's NumPy path or its kernels
+Attention = Callable[[Imported, Imported, Optional[Imported], "MSDeformAttnConfig"], Imported]
+#: attention_backward(grad_output, value, locations, weights, cfg.msda, want_value, want_locations, want_weights)
+#: → (grad_value, grad_locations, grad_weights), None where not wanted
+AttentionBackward = Callable[[Imported, Imported, Imported, Optional[Imported], "MSDeformAttnConfig", bool, bool, bool],
+                             tuple[Optional[Imported], ...]]
+
+
+def pixel_locations(xp: ModuleType, pairs: Imported, cfg: DCNConfig, dtype: np.dtype[Any]) -> Imported:
     """pairs (N, H_out, W_out, G, P, 2) of (Δx, Δy) → the taps' pixel coordinates (N, H_out·W_out, G, P, 2) in
     dtype, with InternImage's arithmetic: x = (c_w − pad_w + w_out·s_w − c_w·scale) + (i·d_w + Δx)·scale,
     c_w = (d_w·(k_w − 1)) >> 1, y likewise; tap p = i·k_h + j (the kernel's width index i outer, its height index
@@ -34,14 +48,15 @@ def pixel_locations(xp, pairs, cfg, dtype):
     return xp.stack([x, y], axis=-1).reshape(cfg.N, cfg.Ho * cfg.Wo, cfg.G, cfg.P, 2)
 
 
-def split(offset_mask, cfg):
+def split(offset_mask: Imported, cfg: DCNConfig) -> tuple[Imported, Imported]:
     """DCNv4's offset_mask (N, H_out, W_out, P_pad) → its (Δx, Δy) pairs (N, H_out, W_out, G, P, 2) and modulation
     (N, H_out, W_out, G, P): per group 2P offsets then P mask values, groups back to back, padding after."""
     blocks = offset_mask[..., :cfg.G * 3 * cfg.P].reshape(cfg.N, cfg.Ho, cfg.Wo, cfg.G, 3 * cfg.P)
     return blocks[..., :2 * cfg.P].reshape(cfg.N, cfg.Ho, cfg.Wo, cfg.G, cfg.P, 2), blocks[..., 2 * cfg.P:]
 
 
-def _operands(xp, input, pairs, mask, cfg):
+def _operands(xp: ModuleType, input: Imported, pairs: Imported, mask: Imported,
+              cfg: DCNConfig) -> tuple[Imported, Imported, Optional[Imported]]:
     """The attention's arrays in the compute dtype: value (N, H·W, G, Cg), and the locations and the weights, or
     (softmax) the two packed per head as [2P locations, P logits]."""
     dtype = compute_dtype(input.dtype)
@@ -54,15 +69,17 @@ def _operands(xp, input, pairs, mask, cfg):
     return value, locations, weights
 
 
-def forward(xp, attention: Callable, input, pairs, mask, cfg):
+def forward(xp: ModuleType, attention: Attention, input: Imported, pairs: Imported, mask: Imported,
+            cfg: DCNConfig) -> Imported:
     """(N, H_out, W_out, G·Cg) in input's dtype: attention(value, locations, weights, cfg.msda) run on the operands
     of :func:`_operands`."""
     out = attention(*_operands(xp, input, pairs, mask, cfg), cfg.msda)
     return out.reshape(cfg.N, cfg.Ho, cfg.Wo, cfg.G * cfg.Cg).astype(input.dtype, copy=False)
 
 
-def backward(xp, attention_backward: Callable, grad_output, input, pairs, mask, cfg, want_input, want_offset,
-             want_mask):
+def backward(xp: ModuleType, attention_backward: AttentionBackward, grad_output: Imported, input: Imported,
+             pairs: Imported, mask: Imported, cfg: DCNConfig, want_input: bool, want_offset: bool,
+             want_mask: bool) -> tuple[Optional[Imported], ...]:
     """(grad_input, grad_pairs (N, H_out, W_out, G, P, 2), grad_mask (N, H_out, W_out, G, P)) in input's dtype,
     None where not wanted, from attention_backward(grad_output, value, locations, weights, cfg.msda, want_value,
     want_locations, want_weights) → (grad_value, grad_locations, grad_weights)."""
@@ -87,12 +104,16 @@ def backward(xp, attention_backward: Callable, grad_output, input, pairs, mask, 
     return tuple(None if g is None else g.astype(input.dtype, copy=False) for g in (grad_input, grad_pairs, grad_mask))
 
 
-def dcnv3(input, offset, mask, cfg):
+def dcnv3(input: npt.NDArray[Any], offset: npt.NDArray[Any], mask: npt.NDArray[Any],
+          cfg: DCNConfig) -> npt.NDArray[Any]:
     pairs = offset.reshape(cfg.N, cfg.Ho, cfg.Wo, cfg.G, cfg.P, 2)
-    return forward(np, msda.forward, input, pairs, mask, cfg)
+    out: npt.NDArray[Any] = forward(np, msda.forward, input, pairs, mask, cfg)  # NumPy arrays in, NumPy out
+    return out
 
 
-def dcnv3_backward(grad_output, input, offset, mask, cfg, wanted):
+def dcnv3_backward(grad_output: npt.NDArray[Any], input: npt.NDArray[Any], offset: npt.NDArray[Any],
+                   mask: npt.NDArray[Any], cfg: DCNConfig, wanted: tuple[bool, bool, bool]
+                   ) -> tuple[Optional[npt.NDArray[Any]], ...]:
     pairs = offset.reshape(cfg.N, cfg.Ho, cfg.Wo, cfg.G, cfg.P, 2)
     grad_input, grad_pairs, grad_mask = backward(np, msda.backward, grad_output, input, pairs, mask, cfg,
                                                  *wanted)
@@ -100,11 +121,13 @@ def dcnv3_backward(grad_output, input, offset, mask, cfg, wanted):
             None if grad_mask is None else grad_mask.reshape(mask.shape))
 
 
-def dcnv4(input, offset_mask, cfg):
-    return forward(np, msda.forward, input, *split(offset_mask, cfg), cfg)
+def dcnv4(input: npt.NDArray[Any], offset_mask: npt.NDArray[Any], cfg: DCNConfig) -> npt.NDArray[Any]:
+    out: npt.NDArray[Any] = forward(np, msda.forward, input, *split(offset_mask, cfg), cfg)
+    return out
 
 
-def offset_mask_gradient(xp, grad_pairs, grad_mask, offset_mask, cfg):
+def offset_mask_gradient(xp: ModuleType, grad_pairs: Optional[Imported], grad_mask: Optional[Imported],
+                         offset_mask: Imported, cfg: DCNConfig) -> Imported:
     """The gradient of offset_mask (its padding's 0) from those of its pairs and modulation (None: 0)."""
     grad = xp.zeros(offset_mask.shape, offset_mask.dtype)
     pairs, mask = split(grad, cfg)
@@ -115,7 +138,8 @@ def offset_mask_gradient(xp, grad_pairs, grad_mask, offset_mask, cfg):
     return grad
 
 
-def dcnv4_backward(grad_output, input, offset_mask, cfg, wanted):
+def dcnv4_backward(grad_output: npt.NDArray[Any], input: npt.NDArray[Any], offset_mask: npt.NDArray[Any],
+                   cfg: DCNConfig, wanted: tuple[bool, bool]) -> tuple[Optional[npt.NDArray[Any]], ...]:
     want_input, want_offset_mask = wanted
     grad_input, grad_pairs, grad_mask = backward(np, msda.backward, grad_output, input,
                                                  *split(offset_mask, cfg), cfg, want_input, want_offset_mask,
