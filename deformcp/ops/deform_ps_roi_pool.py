@@ -11,9 +11,10 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
-from .. import _kernels, _validate
-from .._types import Array, ArrayLike
+from .. import _dispatch, _kernels, _validate
+from .._types import Array, ArrayLike, Imported
 from ..reference import deform_ps_roi_pool as reference
 from ._call import backward, forward
 from ._spec import Case, OpSpec
@@ -51,7 +52,7 @@ class _Config(NamedTuple):
         return self.output_dim // self.num_classes
 
     @property
-    def sizes(self) -> tuple:
+    def sizes(self) -> tuple[int, ...]:
         """The kernels' size arguments after N: K, C, H, W, C_out, P, S, G, num_classes, spp."""
         return (self.K, self.C, self.H, self.W, self.output_dim, self.pooled_size, self.part_size,
                 self.group_size, self.num_classes, self.sample_per_part)
@@ -59,12 +60,13 @@ class _Config(NamedTuple):
 
 # --------------------------------------------------------------------------------------- arguments
 
-def _positive(name: str, value, maximum: int = _validate.INT_MAX) -> int:
+def _positive(name: str, value: object, maximum: int = _validate.INT_MAX) -> int:
     return _validate.integer(name, value, maximum, minimum=1)
 
 
-def _check(call, input, rois, offset, output_dim, group_size, pooled_size, part_size, sample_per_part,
-           spatial_scale, trans_std, no_trans) -> _Config:
+def _check(call: _dispatch.Call, input: Imported, rois: Imported, offset: Optional[Imported], output_dim: int,
+           group_size: int, pooled_size: int, part_size: Optional[int], sample_per_part: int, spatial_scale: float,
+           trans_std: float, no_trans: bool) -> _Config:
     _validate.floating("input", input, 4, "(N, C, H, W)")
     _validate.floating("rois", rois, 2, _validate.ROIS_LAYOUT)
     _validate.shape("rois", rois, (None, 5), _validate.ROIS_LAYOUT)
@@ -103,13 +105,14 @@ def _check(call, input, rois, offset, output_dim, group_size, pooled_size, part_
                    spatial_scale, trans_std, no_trans)
 
 
-def _output(cfg: _Config):
+def _output(cfg: _Config) -> tuple[tuple[int, ...], str]:
     return (cfg.K, cfg.output_dim, cfg.pooled_size, cfg.pooled_size), "(K, output_dim, P, P)"
 
 
 # ---------------------------------------------------------------------------------------- kernels
 
-def _launch_forward(call, input, rois, offset, cfg: _Config):
+def _launch_forward(call: _dispatch.Call, input: Imported, rois: Imported, offset: Optional[Imported],
+                    cfg: _Config) -> Imported:
     xp = call.xp
     input, rois = xp.ascontiguousarray(input), xp.ascontiguousarray(rois)
     offset = _kernels.NULL if cfg.no_trans else xp.ascontiguousarray(offset)
@@ -119,7 +122,9 @@ def _launch_forward(call, input, rois, offset, cfg: _Config):
     return out
 
 
-def _launch_backward(call, grad_output, input, rois, offset, cfg: _Config, wanted, deterministic):
+def _launch_backward(call: _dispatch.Call, grad_output: Imported, input: Imported, rois: Imported,
+                     offset: Optional[Imported], cfg: _Config, wanted: tuple[bool, bool],
+                     deterministic: bool) -> tuple[Optional[Imported], ...]:
     want_input, want_offset = wanted
     xp = call.xp
     grad_output, input, rois = (xp.ascontiguousarray(a) for a in (grad_output, input, rois))
@@ -127,10 +132,13 @@ def _launch_backward(call, grad_output, input, rois, offset, cfg: _Config, wante
     offset_kernel = want_offset and not cfg.no_trans and cfg.K > 0  # else the offset gradient is all zeros
     sums = _kernels.compute_dtype(input.dtype)  # scatter-added gradients are summed in float32 for 16-bit input
     grad_input = xp.zeros(input.shape, sums) if want_input else None
-    if deterministic and offset_kernel:  # the kernel writes every element
-        grad_offset = _kernels.empty(xp, offset.shape, offset.dtype)
-    else:
-        grad_offset = xp.zeros(offset.shape, sums) if want_offset else None
+    grad_offset = None
+    if want_offset:
+        assert offset is not None  # wanted: asked for and present
+        if deterministic and offset_kernel:  # the kernel writes every element
+            grad_offset = _kernels.empty(xp, offset.shape, offset.dtype)
+        else:
+            grad_offset = xp.zeros(offset.shape, sums)
     options, reals = (cfg.no_trans,), (cfg.spatial_scale, cfg.trans_std)
     if cfg.K and (want_input or offset_kernel) and not deterministic:
         _kernels.launch(call.backend, FAMILY, "deform_ps_roi_pool_backward", input.dtype, grad_output.size,
@@ -140,6 +148,7 @@ def _launch_backward(call, grad_output, input, rois, offset, cfg: _Config, wante
         _kernels.launch(call.backend, FAMILY, "deform_ps_roi_pool_backward_input", input.dtype, cfg.N * cfg.C,
                         (grad_output, input, rois, trans, grad_input), (cfg.N, *cfg.sizes), options, reals)
     if offset_kernel and deterministic:
+        assert grad_offset is not None  # allocated above: offset_kernel implies want_offset
         _kernels.launch(call.backend, FAMILY, "deform_ps_roi_pool_backward_offset", input.dtype,
                         grad_offset.size // 2, (grad_output, input, rois, trans, grad_offset), cfg.sizes, options,
                         reals)
@@ -238,7 +247,8 @@ def deform_ps_roi_pool_backward(grad_output: ArrayLike, input: ArrayLike, rois: 
 
 # ------------------------------------------------------------------------------------------- spec
 
-def _random_rois(rng, N, H, W, K, inside_left_top=False):
+def _random_rois(rng: np.random.Generator, N: int, H: int, W: int, K: int,
+                 inside_left_top: bool = False) -> npt.NDArray[np.float64]:
     """RoIs in image coordinates for spatial_scale 1/√5 (feature map 2.2× smaller): in, across and outside
     the image, some degenerate. With inside_left_top, x1, y1 ≥ 0: without offsets, a sample can then sit
     exactly on the left/top border only at −0.5 (exact in every precision), so that no count depends on
@@ -253,8 +263,8 @@ def _random_rois(rng, N, H, W, K, inside_left_top=False):
 CHECK_SCALE = 1 / 5 ** 0.5
 
 
-def _case(output_dim, G, P, S, spp, classes, no_trans) -> Case:
-    def make(rng):
+def _case(output_dim: int, G: int, P: int, S: int, spp: int, classes: int, no_trans: bool) -> Case:
+    def make(rng: np.random.Generator) -> dict[str, npt.NDArray[np.float64]]:
         N, H, W, K = 2, 9, 11, 10
         return {"input": rng.standard_normal((N, output_dim * G * G, H, W)),
                 "rois": _random_rois(rng, N, H, W, K, inside_left_top=no_trans),

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional, Sequence
 
-from .. import _kernels, _validate
-from .._types import Array, ArrayLike
+import numpy as np
+import numpy.typing as npt
+
+from .. import _dispatch, _kernels, _validate
+from .._types import Array, ArrayLike, Imported
 from ..reference import mimic_loss as reference
 from ._call import backward, forward
 from ._spec import Case, OpSpec
@@ -32,7 +35,7 @@ class MimicLossConfig(NamedTuple):
     D: int
 
 
-def _check(call, f_a, f_b) -> MimicLossConfig:
+def _check(call: _dispatch.Call, f_a: Imported, f_b: Imported) -> MimicLossConfig:
     _validate.floating("f_a", f_a, 2, LAYOUT)
     _validate.floating("f_b", f_b, 2, LAYOUT)
     _validate.shape("f_b", f_b, tuple(f_a.shape), f"{LAYOUT}, f_a's shape")
@@ -40,11 +43,11 @@ def _check(call, f_a, f_b) -> MimicLossConfig:
     return MimicLossConfig(*f_a.shape)
 
 
-def _output(cfg: MimicLossConfig):
+def _output(cfg: MimicLossConfig) -> tuple[tuple[int, ...], str]:
     return (), "() (the loss is a scalar)"
 
 
-def _kernels_forward(call, f_a, f_b, cfg: MimicLossConfig):
+def _kernels_forward(call: _dispatch.Call, f_a: Imported, f_b: Imported, cfg: MimicLossConfig) -> Imported:
     xp = call.xp
     f_a, f_b = xp.ascontiguousarray(f_a), xp.ascontiguousarray(f_b)
     losses = _kernels.empty(xp, (cfg.K,), _kernels.compute_dtype(f_a.dtype))
@@ -52,7 +55,8 @@ def _kernels_forward(call, f_a, f_b, cfg: MimicLossConfig):
     return xp.asarray(xp.sum(losses)).astype(f_a.dtype)
 
 
-def _kernels_backward(call, grad_output, f_a, f_b, cfg: MimicLossConfig, wanted, deterministic):
+def _kernels_backward(call: _dispatch.Call, grad_output: Imported, f_a: Imported, f_b: Imported, cfg: MimicLossConfig,
+                      wanted: tuple[bool, bool], deterministic: bool) -> tuple[Optional[Imported], Optional[Imported]]:
     xp = call.xp
     want_a, want_b = wanted
     f_a, f_b = xp.ascontiguousarray(f_a), xp.ascontiguousarray(f_b)
@@ -133,7 +137,7 @@ def mimic_loss_backward(grad_output: ArrayLike, f_a: ArrayLike, f_b: ArrayLike,
 
 # ------------------------------------------------------------------------------------------- spec
 
-def _check_inputs(rng):
+def _check_inputs(rng: np.random.Generator) -> dict[str, npt.NDArray[np.float64]]:
     """Random features with an all-zero row in each input (the zero-norm rule) and one row scaled far
     from 1 (the power-of-two scaling)."""
     f_a, f_b = rng.standard_normal((2, 9, 37))
