@@ -11,12 +11,13 @@ NumPy path: deformcp.reference.roi_align.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
-from .. import _kernels, _validate
-from .._types import Array, ArrayLike
+from .. import _dispatch, _kernels, _validate
+from .._types import Array, ArrayLike, Imported
 from ..reference import roi_align as reference
 from ._call import backward, forward
 from ._spec import Case, IntPair, OpSpec
@@ -35,7 +36,8 @@ class RoIAlignGrads(NamedTuple):
 
 # --------------------------------------------------------------------------------------- arguments
 
-def parse_roi_options(output_size, spatial_scale, sampling_ratio, aligned, pool_mode):
+def parse_roi_options(output_size: IntPair, spatial_scale: float, sampling_ratio: int, aligned: bool,
+                      pool_mode: str) -> tuple[int, int, float, int, bool]:
     """The RoIAlign ops' scalar arguments, checked: (PH, PW, spatial_scale, sampling_ratio, aligned)."""
     PH, PW = _validate.pair("output_size", output_size, minimum=1)
     spatial_scale = _validate.real("spatial_scale", spatial_scale, positive=True)
@@ -59,13 +61,14 @@ class RoIAlignConfig(NamedTuple):
     position_sensitive: bool
 
     @property
-    def options(self) -> tuple:
+    def options(self) -> tuple[int, bool, int, bool]:
         """The kernels' option arguments."""
         return (self.sampling_ratio, self.aligned, POOL_MODES.index(self.pool_mode), self.position_sensitive)
 
 
-def _check(call, input, rois, output_size, spatial_scale, sampling_ratio, aligned, pool_mode,
-           position_sensitive=False, boxes_name="boxes") -> RoIAlignConfig:
+def _check(call: _dispatch.Call, input: Imported, rois: Imported, output_size: IntPair, spatial_scale: float,
+           sampling_ratio: int, aligned: bool, pool_mode: str, position_sensitive: bool = False,
+           boxes_name: str = "boxes") -> RoIAlignConfig:
     """Check the arguments of a RoIAlign op."""
     _validate.floating("input", input, 4, "(N, C, H, W)")
     _validate.floating(boxes_name, rois, 2, _validate.ROIS_LAYOUT)
@@ -84,18 +87,19 @@ def _check(call, input, rois, output_size, spatial_scale, sampling_ratio, aligne
                           position_sensitive)
 
 
-def _check_ps(call, input, boxes, output_size, spatial_scale, sampling_ratio) -> RoIAlignConfig:
+def _check_ps(call: _dispatch.Call, input: Imported, boxes: Imported, output_size: IntPair, spatial_scale: float,
+              sampling_ratio: int) -> RoIAlignConfig:
     """ps_roi_align's arguments: RoIAlign's, always aligned, averaged and position-sensitive."""
     return _check(call, input, boxes, output_size, spatial_scale, sampling_ratio, True, "avg", True)
 
 
-def _output(cfg: RoIAlignConfig):
+def _output(cfg: RoIAlignConfig) -> tuple[tuple[int, ...], str]:
     return (cfg.K, cfg.C_out, cfg.PH, cfg.PW), "(K, C_out, PH, PW)"
 
 
 # ---------------------------------------------------------------------------------------- kernels
 
-def _launch_forward(call, input, rois, cfg: RoIAlignConfig):
+def _launch_forward(call: _dispatch.Call, input: Imported, rois: Imported, cfg: RoIAlignConfig) -> Imported:
     xp = call.xp
     N, C, H, W = input.shape
     input, rois = xp.ascontiguousarray(input), xp.ascontiguousarray(rois)
@@ -105,7 +109,8 @@ def _launch_forward(call, input, rois, cfg: RoIAlignConfig):
     return out
 
 
-def _launch_backward(call, grad_output, input, rois, cfg: RoIAlignConfig, wanted, deterministic):
+def _launch_backward(call: _dispatch.Call, grad_output: Imported, input: Imported, rois: Imported,
+                     cfg: RoIAlignConfig, wanted: tuple[bool], deterministic: bool) -> tuple[Imported]:
     xp = call.xp
     N, C, H, W = input.shape
     grad_output, input, rois = (xp.ascontiguousarray(a) for a in (grad_output, input, rois))
@@ -231,8 +236,9 @@ class DeformRoIPoolConfig(NamedTuple):
     gamma: float
 
 
-def _check_deform(call, input, rois, offset, mask, output_size, spatial_scale, sampling_ratio,
-                  gamma) -> DeformRoIPoolConfig:
+def _check_deform(call: _dispatch.Call, input: Imported, rois: Imported, offset: Optional[Imported],
+                  mask: Optional[Imported], output_size: IntPair, spatial_scale: float, sampling_ratio: int,
+                  gamma: float) -> DeformRoIPoolConfig:
     roi = _check(call, input, rois, output_size, spatial_scale, sampling_ratio, True, "avg", boxes_name="rois")
     K, PH, PW = roi.K, roi.PH, roi.PW
     for name, array, channels in (("offset", offset, 2), ("mask", mask, 1)):
@@ -245,11 +251,12 @@ def _check_deform(call, input, rois, offset, mask, output_size, spatial_scale, s
     return DeformRoIPoolConfig(K, roi.C, PH, PW, roi.spatial_scale, roi.sampling_ratio, gamma)
 
 
-def _deform_output(cfg: DeformRoIPoolConfig):
+def _deform_output(cfg: DeformRoIPoolConfig) -> tuple[tuple[int, ...], str]:
     return (cfg.K, cfg.C, cfg.PH, cfg.PW), "(K, C, PH, PW)"
 
 
-def _deform_launch_forward(call, input, rois, offset, mask, cfg: DeformRoIPoolConfig):
+def _deform_launch_forward(call: _dispatch.Call, input: Imported, rois: Imported, offset: Optional[Imported],
+                           mask: Optional[Imported], cfg: DeformRoIPoolConfig) -> Imported:
     xp = call.xp
     N, C, H, W = input.shape
     input, rois = xp.ascontiguousarray(input), xp.ascontiguousarray(rois)
@@ -262,8 +269,10 @@ def _deform_launch_forward(call, input, rois, offset, mask, cfg: DeformRoIPoolCo
     return out
 
 
-def _deform_launch_backward(call, grad_output, input, rois, offset, mask, cfg: DeformRoIPoolConfig, wanted,
-                            deterministic):
+def _deform_launch_backward(call: _dispatch.Call, grad_output: Imported, input: Imported, rois: Imported,
+                            offset: Optional[Imported], mask: Optional[Imported], cfg: DeformRoIPoolConfig,
+                            wanted: tuple[bool, bool, bool], deterministic: bool
+                            ) -> tuple[Optional[Imported], Optional[Imported], Optional[Imported]]:
     want_input, want_offset, want_mask = wanted
     xp = call.xp
     N, C, H, W = input.shape
@@ -359,7 +368,7 @@ def deform_roi_pool_backward(grad_output: ArrayLike, input: ArrayLike, rois: Arr
 
 # ------------------------------------------------------------------------------------------- specs
 
-def _random_boxes(rng, N, H, W, K):
+def _random_boxes(rng: np.random.Generator, N: int, H: int, W: int, K: int) -> npt.NDArray[np.float64]:
     """Boxes in, across and outside the image, some degenerate; image coordinates for spatial_scale 0.5."""
     x1, y1 = rng.uniform(-8, 2 * W, K), rng.uniform(-8, 2 * H, K)
     w, h = rng.uniform(0, W, K), rng.uniform(0, H, K)
@@ -367,12 +376,12 @@ def _random_boxes(rng, N, H, W, K):
     return np.stack([rng.integers(0, N, K), x1, y1, x1 + w, y1 + h], axis=1).astype(np.float64)
 
 
-def _roi_inputs(channels):
+def _roi_inputs(channels: int) -> Callable[[np.random.Generator], dict[str, npt.NDArray[np.float64]]]:
     return lambda rng: {"input": rng.standard_normal((2, channels, 9, 11)), "boxes": _random_boxes(rng, 2, 9, 11, 12)}
 
 
-def _pool_inputs(offset, modulated):
-    def make(rng):
+def _pool_inputs(offset: bool, modulated: bool) -> Callable[[np.random.Generator], dict[str, npt.NDArray[np.float64]]]:
+    def make(rng: np.random.Generator) -> dict[str, npt.NDArray[np.float64]]:
         K = 10
         arrays = {"input": rng.standard_normal((2, 5, 9, 11)), "rois": _random_boxes(rng, 2, 9, 11, K)}
         if offset:
