@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional, Sequence
 
-from .. import _kernels, _validate, _workspace
-from .._types import Array, ArrayLike
+import numpy as np
+import numpy.typing as npt
+
+from .. import _dispatch, _kernels, _validate, _workspace
+from .._types import Array, ArrayLike, Imported
 from ..reference import deform_conv as reference
 from ._call import backward, forward
 from ._spec import Case, IntPair, OpSpec
@@ -42,21 +45,21 @@ class _Geometry(NamedTuple):
     kw: int
     Ho: int
     Wo: int
-    stride: tuple
-    padding: tuple
-    dilation: tuple
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
 
     @property
     def taps(self) -> int:
         return self.kh * self.kw
 
     @property
-    def sizes(self) -> tuple:
+    def sizes(self) -> tuple[int, ...]:
         """The kernels' DEFORM_CONV_SIZES up to Wo, before the chunk (n0, n_chunk, p0, p_count)."""
         return (self.N, self.C, self.H, self.W, self.offset_groups, self.kh, self.kw, self.Ho, self.Wo)
 
     @property
-    def tap_extents(self) -> tuple:
+    def tap_extents(self) -> tuple[int, ...]:
         """Bounds on the magnitude of what the kernels compute from the tap position (ho·s_h − p_h + i·d_h and
         its partial sums; x likewise): their index type must hold these too."""
         return tuple((out - 1) * s + p + (k - 1) * d for out, k, s, p, d in zip(
@@ -67,14 +70,15 @@ class _Geometry(NamedTuple):
 INDEX_MAX = 2**63 - 1
 
 
-def parse_conv_arguments(stride, padding, dilation) -> tuple[tuple[int, int], ...]:
+def parse_conv_arguments(stride: IntPair, padding: IntPair, dilation: IntPair) -> tuple[tuple[int, int], ...]:
     """(stride, padding, dilation) as pairs of ints, checked: stride and dilation ≥ 1, padding ≥ 0, each at most
     INDEX_MAX (the function and deformcp.torch's DeformConv2d share these rules)."""
     return (_validate.pair("stride", stride, 1, INDEX_MAX), _validate.pair("padding", padding, 0, INDEX_MAX),
             _validate.pair("dilation", dilation, 1, INDEX_MAX))
 
 
-def _check(call, input, offset, weight, bias, mask, stride, padding, dilation) -> _Geometry:
+def _check(call: _dispatch.Call, input: Imported, offset: Imported, weight: Imported, bias: Optional[Imported],
+           mask: Optional[Imported], stride: IntPair, padding: IntPair, dilation: IntPair) -> _Geometry:
     _validate.floating("input", input, 4, "(N, C, H, W)")
     _validate.floating("weight", weight, 4, "(C_out, C / groups, kh, kw)")
     _validate.floating("offset", offset, 4, "(N, 2·G·kh·kw, H_out, W_out)")
@@ -120,25 +124,27 @@ def _check(call, input, offset, weight, bias, mask, stride, padding, dilation) -
     return geo
 
 
-def _output(geo: _Geometry):
+def _output(geo: _Geometry) -> tuple[tuple[int, ...], str]:
     return (geo.N, geo.C_out, geo.Ho, geo.Wo), "(N, C_out, H_out, W_out)"
 
 
 # ---------------------------------------------------------------------------------------- kernels
 
-def _chunk_sizes(geo: _Geometry, n0: int, n1: int, r0: int, r1: int) -> tuple:
+def _chunk_sizes(geo: _Geometry, n0: int, n1: int, r0: int, r1: int) -> tuple[int, ...]:
     """The kernels' DEFORM_CONV_SIZES for images [n0, n1), output rows [r0, r1) of each."""
     return (*geo.sizes, n0, n1 - n0, r0 * geo.Wo, (r1 - r0) * geo.Wo, *geo.stride, *geo.padding, *geo.dilation)
 
 
-def _launch(call, name, dtype, n, arrays, geo: _Geometry, chunk, options=()):
+def _launch(call: _dispatch.Call, name: str, dtype: npt.DTypeLike, n: int, arrays: Sequence[object], geo: _Geometry,
+            chunk: tuple[int, int, int, int], options: Sequence[int] = ()) -> None:
     """Launch a deform_conv kernel over a chunk (n0, n1, r0, r1), with an index type that holds the tap
     coordinates too."""
     _kernels.launch(call.backend, FAMILY, name, dtype, n, arrays, _chunk_sizes(geo, *chunk), options,
                     bounds=geo.tap_extents)
 
 
-def _kernel_columns(call, input, offset, mask, geo: _Geometry, chunk):
+def _kernel_columns(call: _dispatch.Call, input: Imported, offset: Imported, mask: Optional[Imported], geo: _Geometry,
+                    chunk: tuple[int, int, int, int]) -> Imported:
     """The sampled columns (C·kh·kw, n·rows·W_out) of a chunk (n0, n1, r0, r1), in the compute dtype."""
     n0, n1, r0, r1 = chunk
     n_columns = (n1 - n0) * (r1 - r0) * geo.Wo
@@ -148,7 +154,8 @@ def _kernel_columns(call, input, offset, mask, geo: _Geometry, chunk):
     return columns
 
 
-def _forward_kernels(call, input, offset, weight, bias, mask, geo: _Geometry):
+def _forward_kernels(call: _dispatch.Call, input: Imported, offset: Imported, weight: Imported,
+                     bias: Optional[Imported], mask: Optional[Imported], geo: _Geometry) -> Imported:
     """Columns, GEMMs and bias in the compute dtype (float32 for 16-bit input), rounded once at the end."""
     xp = call.xp
     input, offset = (xp.ascontiguousarray(a) for a in (input, offset))
@@ -172,7 +179,10 @@ def _forward_kernels(call, input, offset, weight, bias, mask, geo: _Geometry):
     return out.astype(input.dtype, copy=False)
 
 
-def _backward_kernels(call, grad_output, input, offset, weight, bias, mask, geo: _Geometry, wanted, deterministic):
+def _backward_kernels(call: _dispatch.Call, grad_output: Imported, input: Imported, offset: Imported, weight: Imported,
+                      bias: Optional[Imported], mask: Optional[Imported], geo: _Geometry,
+                      wanted: tuple[bool, bool, bool, bool, bool], deterministic: bool
+                      ) -> tuple[Optional[Imported], ...]:
     """Columns, their gradient, the GEMMs and the input, weight and bias gradients' sums in the compute dtype
     (float32 for 16-bit input), rounded once at the end. The weight gradient adds up over the chunks; the
     deterministic input gradient adds each pixel's terms in the unchunked order whatever the chunks."""
@@ -186,7 +196,10 @@ def _backward_kernels(call, grad_output, input, offset, weight, bias, mask, geo:
     w = weight.reshape(geo.C_out, -1).astype(dtype, copy=False)
     grad_input = xp.zeros(input.shape, dtype) if want_input else None
     grad_offset = _kernels.empty(xp, offset.shape, offset.dtype) if want_offset else None
-    grad_mask = _kernels.empty(xp, mask.shape, mask.dtype) if want_mask else None
+    grad_mask = None
+    if want_mask:
+        assert mask is not None  # wanted: asked for and present
+        grad_mask = _kernels.empty(xp, mask.shape, mask.dtype)
     grad_w = xp.zeros(w.shape, dtype) if want_weight else None
     per_row = (2 * geo.C * geo.taps + geo.C_out) * Wo * dtype.itemsize  # columns, their gradient, grad_output's
     for chunk in _workspace.chunks(N, geo.Ho, per_row, "deform_conv2d_backward"):
@@ -300,7 +313,7 @@ def deform_conv2d_backward(grad_output: ArrayLike, input: ArrayLike, offset: Arr
 
 # ------------------------------------------------------------------------------------------- spec
 
-def _conv_inputs(rng, modulated):
+def _conv_inputs(rng: np.random.Generator, modulated: bool) -> dict[str, npt.NDArray[np.float64]]:
     """The irregular configuration: kernel 3×2, stride 2×1, padding 1×0, dilation 2×1, groups 2, offset
     groups 3, offsets of a few pixels."""
     N, C, H, W, C_out, G, kh, kw = 2, 6, 9, 8, 4, 3, 3, 2
