@@ -12,13 +12,18 @@ so every result is deterministic.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Sequence
 
 import numpy as np
+import numpy.typing as npt
+import scipy.sparse
 
 from .. import _workspace
 from .._kernels import compute_dtype
 from . import _bilinear
+
+if TYPE_CHECKING:
+    from ..ops.ms_deform_attn import MSDeformAttnConfig
 
 
 class _Plan(NamedTuple):
@@ -26,23 +31,25 @@ class _Plan(NamedTuple):
     of the point's level, (i, j) = (0, 0), (0, 1), (1, 0), (1, 1) for bilinear sampling, (0, 0) alone for
     nearest; its weight is wy[i] · wx[j]."""
 
-    rows: np.ndarray  # (B, M, corners, T): each corner's row of V (clamped into the level)
-    wy: np.ndarray    # (2 or 1, B, M, T): weight of the point's row y_i (0 outside, or not sampled)
-    wx: np.ndarray    # (2 or 1, B, M, T): weight of the point's column x_j
-    in_y: tuple       # (B, M, T) bool each: whether row y_i is read (inside the level, the point sampled)
-    in_x: tuple       # (B, M, T) bool each: whether column x_j is inside the level
+    rows: npt.NDArray[np.integer[Any]]  # (B, M, corners, T): each corner's row of V (clamped into the level)
+    wy: npt.NDArray[Any]  # (2 or 1, B, M, T): weight of the point's row y_i (0 outside, or not sampled)
+    wx: npt.NDArray[Any]  # (2 or 1, B, M, T): weight of the point's column x_j
+    # (B, M, T) bool each: whether row y_i is read (inside the level, the point sampled)
+    in_y: tuple[npt.NDArray[np.bool_], ...]
+    in_x: tuple[npt.NDArray[np.bool_], ...]  # (B, M, T) bool each: whether column x_j is inside the level
 
 
-def _point_levels(cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _point_levels(cfg: MSDeformAttnConfig
+                  ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """(H, W, start) of each point's level, (T,) int64 each."""
-    def per_point(values):
+    def per_point(values: Sequence[int]) -> npt.NDArray[np.int64]:
         return np.repeat(np.array(values, np.int64), cfg.points)
 
     return per_point([h for h, _ in cfg.shapes]), per_point([w for _, w in cfg.shapes]), per_point(cfg.starts)
 
 
 @np.errstate(invalid="ignore", over="ignore")  # NaN and ±inf locations are valid input
-def _plan(locations: np.ndarray, cfg) -> _Plan:
+def _plan(locations: npt.NDArray[Any], cfg: MSDeformAttnConfig) -> _Plan:
     """The plan of locations (B, M, T, 2), every level at once."""
     B, M, T = locations.shape[:3]
     H, W, start = _point_levels(cfg)
@@ -81,31 +88,35 @@ def _plan(locations: np.ndarray, cfg) -> _Plan:
     return _Plan(rows, wy, wx, in_y, in_x)
 
 
-def _split(locations, weights, cfg, dtype):
+def _split(locations: npt.NDArray[Any], weights: Optional[npt.NDArray[Any]], cfg: MSDeformAttnConfig,
+           dtype: np.dtype[Any]) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
     """(locations (N, Lq, M, T, 2), weights or logits (N, Lq, M, T)) in dtype: flash_deform_attn's packed array
     split, the others reshaped."""
     heads = (cfg.N, cfg.Lq, cfg.M)
     if cfg.fused:
         packed = locations.reshape(*heads, 3 * cfg.T).astype(dtype, copy=False)
         return packed[..., :2 * cfg.T].reshape(*heads, cfg.T, 2), packed[..., 2 * cfg.T:]
+    assert weights is not None  # separate arrays (ms_deform_attn): only the packed one comes without weights
     return (locations.reshape(*heads, cfg.T, 2).astype(dtype, copy=False),
             weights.reshape(*heads, cfg.T).astype(dtype, copy=False))
 
 
 @np.errstate(invalid="ignore", over="ignore")
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def _softmax(logits: npt.NDArray[Any]) -> npt.NDArray[Any]:
     """Softmax over the last axis (a NaN or +inf logit gives NaN for its whole head, −inf weight 0)."""
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
+    softmax: npt.NDArray[Any] = shifted / shifted.sum(axis=-1, keepdims=True)
+    return softmax
 
 
-def _query_ranges(cfg, chunk_bytes: int) -> list[tuple[int, int]]:
+def _query_ranges(cfg: MSDeformAttnConfig, chunk_bytes: int) -> list[tuple[int, int]]:
     """Ranges of one image's Lq queries, each about chunk_bytes of plan (about 32 bytes a corner)."""
     per_query = max(1, cfg.M * cfg.T * 4 * 32)  # T = 0 (no points): one range
     return _workspace.ranges(cfg.Lq, max(1, chunk_bytes // per_query))
 
 
-def _matrix(plan: _Plan, weights: np.ndarray, rows: np.ndarray, n_columns: int):
+def _matrix(plan: _Plan, weights: npt.NDArray[Any], rows: npt.NDArray[np.integer[Any]],
+            n_columns: int) -> scipy.sparse.csr_matrix:
     """The chunk's sampling matrix (weights (B, M, T): the attention weights): a row per (query, head), its corners'
     weights at the columns ``rows`` (B, M, k, T): the plan's, or those with the corners not read moved to a column
     of their own (:func:`_read`)."""
@@ -117,15 +128,15 @@ def _matrix(plan: _Plan, weights: np.ndarray, rows: np.ndarray, n_columns: int):
     return _bilinear.sampling_matrix(rows.reshape(B * M, k * T), values.reshape(B * M, k * T), n_columns)
 
 
-def _read(plan: _Plan) -> np.ndarray:
+def _read(plan: _Plan) -> npt.NDArray[np.bool_]:
     """(B, M, k, T) bool: whether each corner is read (inside its level, its point sampled)."""
-    inside = np.empty(plan.rows.shape, bool)
+    inside: npt.NDArray[np.bool_] = np.empty(plan.rows.shape, bool)
     for c in range(inside.shape[2]):
         np.logical_and(plan.in_y[c // 2], plan.in_x[c % 2], out=inside[:, :, c])
     return inside
 
 
-def _corner_dots(V, rows, G):
+def _corner_dots(V: npt.NDArray[Any], rows: npt.NDArray[np.integer[Any]], G: npt.NDArray[Any]) -> npt.NDArray[Any]:
     """dots (B, M, k, T): row rows[b, m, c, t] of V (an image's) dotted with G[b·M + m]. Gathered in blocks of
     about MSDA_GATHER_BYTES into one reused buffer, so that the corner values stay in cache."""
     shape = rows.shape
@@ -140,12 +151,13 @@ def _corner_dots(V, rows, G):
     return dots.reshape(shape)
 
 
-def _images(value, cfg, dtype) -> np.ndarray:
+def _images(value: npt.NDArray[Any], cfg: MSDeformAttnConfig, dtype: np.dtype[Any]) -> npt.NDArray[Any]:
     """value (N, S, M, D) as N matrices V (S·M, D) in dtype (a view where it already is one)."""
     return np.ascontiguousarray(value, dtype).reshape(cfg.N, cfg.S * cfg.M, cfg.D)
 
 
-def forward(value, locations, weights, cfg):
+def forward(value: npt.NDArray[Any], locations: npt.NDArray[Any], weights: Optional[npt.NDArray[Any]],
+            cfg: MSDeformAttnConfig) -> npt.NDArray[Any]:
     """(N, Lq, M·D) from value and either locations (…, T, 2) and weights (…, T), or the packed array."""
     dtype = compute_dtype(value.dtype)
     V = _images(value, cfg, dtype)
@@ -154,7 +166,7 @@ def forward(value, locations, weights, cfg):
         weights = _softmax(weights)
     out = np.empty((cfg.N, cfg.Lq, cfg.M * cfg.D), dtype)
 
-    def work(n, q0, q1):
+    def work(n: int, q0: int, q1: int) -> None:
         plan = _plan(locations[n, q0:q1], cfg)
         a = weights[n, q0:q1]
         chunk = (_matrix(plan, a, plan.rows, V.shape[1]) @ V[n]).reshape(q1 - q0, cfg.M, cfg.D)
@@ -172,7 +184,9 @@ def forward(value, locations, weights, cfg):
     return out.astype(value.dtype, copy=False)
 
 
-def backward(grad_output, value, locations, weights, cfg, want_value, want_locations, want_weights):
+def backward(grad_output: npt.NDArray[Any], value: npt.NDArray[Any], locations: npt.NDArray[Any],
+             weights: Optional[npt.NDArray[Any]], cfg: MSDeformAttnConfig, want_value: bool, want_locations: bool,
+             want_weights: bool) -> tuple[Optional[npt.NDArray[Any]], ...]:
     """(grad_value, grad_locations, grad_weights), None where not wanted; for flash_deform_attn grad_locations
     is the packed array's gradient (locations and logits) and grad_weights None."""
     N, M, D, T = cfg.N, cfg.M, cfg.D, cfg.T
@@ -195,13 +209,14 @@ def backward(grad_output, value, locations, weights, cfg, want_value, want_locat
     Hf, Wf = (np.ones_like(H, dtype), np.ones_like(W, dtype)) if cfg.method == "pixel" else (H.astype(dtype),
                                                                                           W.astype(dtype))
 
-    def image(n):
+    def image(n: int) -> None:
         for q0, q1 in _query_ranges(cfg, _workspace.MSDA_BACKWARD_CHUNK_BYTES):
             plan = _plan(locations[n, q0:q1], cfg)
             a = weights[n, q0:q1]
             G_chunk = G[n, q0 * M:q1 * M]
             read = _read(plan)
-            if want_value:  # chunk after chunk, in order: deterministic; corners not read add to a column dropped
+            # chunk after chunk, in order: deterministic; corners not read add to a column dropped
+            if grad_V is not None:
                 A = _matrix(plan, a, np.where(read, plan.rows, V.shape[1]), V.shape[1] + 1)
                 grad_V[n] += (A.T @ G_chunk)[:-1]
             if not (want_locations or want_weights):
@@ -209,20 +224,22 @@ def backward(grad_output, value, locations, weights, cfg, want_value, want_locat
             # (B, M, k, T): corner (i, j) at k = 2·i + j, 0 where it is not read
             v = np.where(read, _corner_dots(V[n], plan.rows, G_chunk), 0)
             if not bilinear:  # nearest: the location gradient is 0
-                if want_weights:
+                if grad_weights is not None:
                     grad_weights[n, q0:q1] = plan.wy[0] * v[:, :, 0]
                 continue
             (wy0, wy1), (wx0, wx1), (v00, v01, v10, v11) = plan.wy, plan.wx, v.transpose(2, 0, 1, 3)
-            if want_weights:
+            if grad_weights is not None:
                 grad_weights[n, q0:q1] = wy0 * (wx0 * v00 + wx1 * v01) + wy1 * (wx0 * v10 + wx1 * v11)
-            if want_locations:  # a corner's weight changes by ±(the other axis' weight) a pixel; 0 where not read
+            # a corner's weight changes by ±(the other axis' weight) a pixel; 0 where not read
+            if grad_locations is not None:
                 grad_locations[n, q0:q1, ..., 0] = (wy0 * (v01 - v00) + wy1 * (v11 - v10)) * a * Wf
                 grad_locations[n, q0:q1, ..., 1] = (wx0 * (v10 - v00) + wx1 * (v11 - v01)) * a * Hf
 
     if want_value or want_locations or want_weights:
         _bilinear.for_each_chunk(image, [(n,) for n in range(N)])
     grad_value = None if grad_V is None else grad_V.reshape(value.shape)
-    if cfg.fused and want_locations:
+    if grad_packed is not None:  # flash_deform_attn's, wanted
+        assert grad_weights is not None  # wanted with the locations'
         # softmax backward: dL/dlogit = a ⊙ (g − Σ a·g)
         grad_packed[..., 2 * T:] = weights * (grad_weights - (weights * grad_weights).sum(axis=-1, keepdims=True))
         grad_locations, grad_weights = grad_packed, None
@@ -230,13 +247,17 @@ def backward(grad_output, value, locations, weights, cfg, want_value, want_locat
                  for g in (grad_value, grad_locations, grad_weights))
 
 
-def ms_deform_attn(value, sampling_locations, attention_weights, cfg):
+def ms_deform_attn(value: npt.NDArray[Any], sampling_locations: npt.NDArray[Any], attention_weights: npt.NDArray[Any],
+                   cfg: MSDeformAttnConfig) -> npt.NDArray[Any]:
     """value (N, S, M, D), sampling_locations (N, Lq, M, L, P, 2) or (N, Lq, M, ΣP, 2), attention_weights
     shaped as the locations without their last axis → (N, Lq, M·D)."""
     return forward(value, sampling_locations, attention_weights, cfg)
 
 
-def ms_deform_attn_backward(grad_output, value, sampling_locations, attention_weights, cfg, wanted):
+def ms_deform_attn_backward(grad_output: npt.NDArray[Any], value: npt.NDArray[Any],
+                            sampling_locations: npt.NDArray[Any], attention_weights: npt.NDArray[Any],
+                            cfg: MSDeformAttnConfig, wanted: tuple[bool, bool, bool]
+                            ) -> tuple[Optional[npt.NDArray[Any]], ...]:
     """(grad_value, grad_sampling_locations, grad_attention_weights), None where not wanted."""
     grad_value, grad_locations, grad_weights = backward(grad_output, value, sampling_locations, attention_weights,
                                                         cfg, *wanted)
@@ -244,12 +265,15 @@ def ms_deform_attn_backward(grad_output, value, sampling_locations, attention_we
             None if grad_weights is None else grad_weights.reshape(attention_weights.shape))
 
 
-def flash_deform_attn(value, sampling_loc_attn, cfg):
+def flash_deform_attn(value: npt.NDArray[Any], sampling_loc_attn: npt.NDArray[Any],
+                      cfg: MSDeformAttnConfig) -> npt.NDArray[Any]:
     """value (N, S, M, D), sampling_loc_attn (N, Lq, M, L·P·3) → (N, Lq, M·D)."""
     return forward(value, sampling_loc_attn, None, cfg)
 
 
-def flash_deform_attn_backward(grad_output, value, sampling_loc_attn, cfg, wanted):
+def flash_deform_attn_backward(grad_output: npt.NDArray[Any], value: npt.NDArray[Any],
+                               sampling_loc_attn: npt.NDArray[Any], cfg: MSDeformAttnConfig,
+                               wanted: tuple[bool, bool]) -> tuple[Optional[npt.NDArray[Any]], ...]:
     """(grad_value, grad_sampling_loc_attn), None where not wanted."""
     want_value, want_packed = wanted
     grad_value, grad_packed, _ = backward(grad_output, value, sampling_loc_attn, None, cfg, want_value, want_packed,
