@@ -13,12 +13,14 @@ NumPy path: deformcp.reference.ms_deform_attn.
 from __future__ import annotations
 
 import itertools
-from typing import NamedTuple, Optional, Sequence
+from types import ModuleType
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
-from .. import _kernels, _validate
-from .._types import Array, ArrayLike
+from .. import _dispatch, _kernels, _validate
+from .._types import Array, ArrayLike, Imported
 from ..reference import ms_deform_attn as reference
 from ._call import backward, forward
 from ._spec import Case, IntSequence, LevelShapes, OpSpec
@@ -54,9 +56,9 @@ class MSDeformAttnConfig(NamedTuple):
     M: int
     D: int
     Lq: int
-    shapes: tuple   # (H_l, W_l) per level
-    starts: tuple   # first row of each level in value's S axis
-    points: tuple   # P_l per level
+    shapes: tuple[tuple[int, int], ...]  # (H_l, W_l) per level
+    starts: tuple[int, ...]              # first row of each level in value's S axis
+    points: tuple[int, ...]              # P_l per level
     method: str
     fused: bool
 
@@ -74,7 +76,8 @@ class MSDeformAttnConfig(NamedTuple):
 
 # ---------------------------------------------------------------------------------------------- checks
 
-def _levels(call, value, spatial_shapes, level_start_index) -> tuple[tuple, tuple]:
+def _levels(call: _dispatch.Call, value: Imported, spatial_shapes: LevelShapes, level_start_index: Optional[IntSequence]
+            ) -> tuple[tuple[tuple[int, int], ...], tuple[int, ...]]:
     """(shapes, starts) of the levels, checked against value (N, S, M, D): S = ΣH_l·W_l."""
     shapes = _validate.host_integers("spatial_shapes", spatial_shapes, call)
     if (not isinstance(shapes, tuple) or not shapes
@@ -99,22 +102,24 @@ def _levels(call, value, spatial_shapes, level_start_index) -> tuple[tuple, tupl
     return shapes, starts
 
 
-def _value(value):
+def _value(value: Imported) -> None:
     _validate.floating("value", value, 4, "(N, S, M, D)")
     if value.shape[2] == 0 or value.shape[3] == 0:
         raise ValueError(f"value: expected M ≥ 1 heads and D ≥ 1 channels in (N, S, M, D), "
                          f"got shape {tuple(value.shape)}")
 
 
-def _batch_and_heads(name: str, x, value, layout: str) -> None:
+def _batch_and_heads(name: str, x: Imported, value: Imported, layout: str) -> None:
     for axis, what in ((0, "batch size N"), (2, "number of heads M")):
         if x.shape[axis] != value.shape[axis]:
             raise ValueError(f"{name}: expected {what} = {value.shape[axis]} (value's) in {layout}, "
                              f"got shape {tuple(x.shape)}")
 
 
-def _check_ms_deform_attn(call, value, sampling_locations, attention_weights, spatial_shapes, level_start_index,
-                          points_per_level, method) -> MSDeformAttnConfig:
+def _check_ms_deform_attn(call: _dispatch.Call, value: Imported, sampling_locations: Imported,
+                          attention_weights: Imported, spatial_shapes: LevelShapes,
+                          level_start_index: Optional[IntSequence], points_per_level: Optional[IntSequence],
+                          method: str) -> MSDeformAttnConfig:
     _value(value)
     shapes, starts = _levels(call, value, spatial_shapes, level_start_index)
     L = len(shapes)
@@ -147,8 +152,9 @@ def _check_ms_deform_attn(call, value, sampling_locations, attention_weights, sp
     return _config(value, sampling_locations, shapes, starts, points, method, fused=False)
 
 
-def _check_flash_deform_attn(call, value, sampling_loc_attn, spatial_shapes, level_start_index,
-                             num_points) -> MSDeformAttnConfig:
+def _check_flash_deform_attn(call: _dispatch.Call, value: Imported, sampling_loc_attn: Imported,
+                             spatial_shapes: LevelShapes, level_start_index: Optional[IntSequence],
+                             num_points: int) -> MSDeformAttnConfig:
     _value(value)
     shapes, starts = _levels(call, value, spatial_shapes, level_start_index)
     P = _validate.integer("num_points", num_points, minimum=1)
@@ -163,20 +169,21 @@ def _check_flash_deform_attn(call, value, sampling_loc_attn, spatial_shapes, lev
     return _config(value, sampling_loc_attn, shapes, starts, (P,) * len(shapes), "default", fused=True)
 
 
-def _config(value, locations, shapes, starts, points, method, fused) -> MSDeformAttnConfig:
+def _config(value: Imported, locations: Imported, shapes: tuple[tuple[int, int], ...], starts: tuple[int, ...],
+            points: Sequence[int], method: str, fused: bool) -> MSDeformAttnConfig:
     N, S, M, D = value.shape
     Lq = locations.shape[1]
     _validate.output_fits("sampling_locations", (N, Lq, M * D), value.dtype)
     return MSDeformAttnConfig(N, S, M, D, Lq, shapes, starts, tuple(points), method, fused)
 
 
-def _output(cfg: MSDeformAttnConfig):
+def _output(cfg: MSDeformAttnConfig) -> tuple[tuple[int, ...], str]:
     return (cfg.N, cfg.Lq, cfg.M * cfg.D), "(N, Lq, M·D)"
 
 
 # ------------------------------------------------------------------------------------------ kernel glue
 
-def _launch_arguments(xp, cfg: MSDeformAttnConfig) -> tuple:
+def _launch_arguments(xp: ModuleType, cfg: MSDeformAttnConfig) -> tuple[Imported, tuple[int, ...], tuple[int, bool]]:
     """(level table, sizes, options) of every kernel of the family. The table has one row (H_l, W_l, start_l,
     P_l) per level, int64, on the arrays' device."""
     table = xp.asarray(np.array([(h, w, s, p) for (h, w), s, p in zip(cfg.shapes, cfg.starts, cfg.points)],
@@ -185,7 +192,8 @@ def _launch_arguments(xp, cfg: MSDeformAttnConfig) -> tuple:
     return table, sizes, (KERNEL_METHODS.index(cfg.method), cfg.fused)
 
 
-def _forward_kernels(call, value, locations, weights, cfg: MSDeformAttnConfig):
+def _forward_kernels(call: _dispatch.Call, value: Imported, locations: Imported, weights: Optional[Imported],
+                     cfg: MSDeformAttnConfig) -> Imported:
     xp = call.xp
     value, locations = xp.ascontiguousarray(value), xp.ascontiguousarray(locations)
     weights = locations if cfg.fused else xp.ascontiguousarray(weights)
@@ -196,8 +204,10 @@ def _forward_kernels(call, value, locations, weights, cfg: MSDeformAttnConfig):
     return out
 
 
-def _backward_kernels(call, grad_output, value, locations, weights, cfg: MSDeformAttnConfig, want_value,
-                      want_locations, want_weights, deterministic):
+def _backward_kernels(call: _dispatch.Call, grad_output: Imported, value: Imported, locations: Imported,
+                      weights: Optional[Imported], cfg: MSDeformAttnConfig, want_value: bool, want_locations: bool,
+                      want_weights: bool, deterministic: bool
+                      ) -> tuple[Optional[Imported], Optional[Imported], Optional[Imported]]:
     """(grad_value, grad_locations, grad_weights) — for flash_deform_attn grad_locations is the gradient of the
     packed array, logits included, and grad_weights None."""
     xp = call.xp
@@ -207,10 +217,10 @@ def _backward_kernels(call, grad_output, value, locations, weights, cfg: MSDefor
     table, sizes, options = _launch_arguments(xp, cfg)
     heads = cfg.N * cfg.Lq * cfg.M
 
-    def launch(name, n, *arrays):
+    def launch(name: str, n: int, *arrays: object) -> None:
         _kernels.launch(call.backend, FAMILY, name, value.dtype, n, (*arrays,), sizes, options)
 
-    def pointer(a):
+    def pointer(a: Optional[Imported]) -> object:
         return _kernels.NULL if a is None else a
 
     grad_value = xp.zeros(value.shape, acc) if want_value else None
@@ -232,18 +242,22 @@ def _backward_kernels(call, grad_output, value, locations, weights, cfg: MSDefor
     return cast[0], grad_locations, cast[1]
 
 
-def _ms_kernels_backward(call, grad_output, value, sampling_locations, attention_weights, cfg,
-                         wanted: tuple[bool, bool, bool], deterministic):
+def _ms_kernels_backward(call: _dispatch.Call, grad_output: Imported, value: Imported, sampling_locations: Imported,
+                         attention_weights: Imported, cfg: MSDeformAttnConfig, wanted: tuple[bool, bool, bool],
+                         deterministic: bool) -> tuple[Optional[Imported], Optional[Imported], Optional[Imported]]:
     grad_value, grad_locations, grad_weights = _backward_kernels(call, grad_output, value, sampling_locations,
                                                                  attention_weights, cfg, *wanted, deterministic)
     return grad_value, grad_locations, None if grad_weights is None else grad_weights.reshape(attention_weights.shape)
 
 
-def _flash_kernels(call, value, sampling_loc_attn, cfg):
+def _flash_kernels(call: _dispatch.Call, value: Imported, sampling_loc_attn: Imported,
+                   cfg: MSDeformAttnConfig) -> Imported:
     return _forward_kernels(call, value, sampling_loc_attn, None, cfg)
 
 
-def _flash_kernels_backward(call, grad_output, value, sampling_loc_attn, cfg, wanted, deterministic):
+def _flash_kernels_backward(call: _dispatch.Call, grad_output: Imported, value: Imported, sampling_loc_attn: Imported,
+                            cfg: MSDeformAttnConfig, wanted: tuple[bool, bool],
+                            deterministic: bool) -> tuple[Optional[Imported], Optional[Imported]]:
     want_value, want_packed = wanted
     grad_value, grad_packed, _ = _backward_kernels(call, grad_output, value, sampling_loc_attn, None, cfg,
                                                    want_value, want_packed, want_packed, deterministic)
@@ -364,12 +378,13 @@ def flash_deform_attn_backward(grad_output: ArrayLike, value: ArrayLike, spatial
 _SHAPES = ((5, 7), (1, 1), (4, 3))
 
 
-def _case_value(rng, N=2, M=2, D=3):
+def _case_value(rng: np.random.Generator, N: int = 2, M: int = 2, D: int = 3) -> npt.NDArray[np.float64]:
     return rng.standard_normal((N, sum(h * w for h, w in _SHAPES), M, D))
 
 
-def _ms_inputs(points_per_level=None):
-    def make(rng):
+def _ms_inputs(points_per_level: Optional[tuple[int, ...]] = None
+               ) -> Callable[[np.random.Generator], dict[str, npt.NDArray[np.float64]]]:
+    def make(rng: np.random.Generator) -> dict[str, npt.NDArray[np.float64]]:
         N, Lq, M, L = 2, 4, 2, len(_SHAPES)
         points = (N, Lq, M, sum(points_per_level)) if points_per_level else (N, Lq, M, L, 2)
         return {"value": _case_value(rng, N, M), "sampling_locations": rng.uniform(-0.15, 1.15, points + (2,)),
@@ -377,14 +392,15 @@ def _ms_inputs(points_per_level=None):
     return make
 
 
-def _flash_inputs(rng):
+def _flash_inputs(rng: np.random.Generator) -> dict[str, npt.NDArray[np.float64]]:
     N, Lq, M, L, P = 2, 4, 2, len(_SHAPES), 2
     locations = rng.uniform(-0.15, 1.15, (N, Lq, M, 2 * L * P))
     logits = 2 * rng.standard_normal((N, Lq, M, L * P))
     return {"value": _case_value(rng, N, M), "sampling_loc_attn": np.concatenate([locations, logits], axis=-1)}
 
 
-def _ms_case(label, points_per_level=None, method="default", level_start_index=None):
+def _ms_case(label: str, points_per_level: Optional[tuple[int, ...]] = None, method: str = "default",
+             level_start_index: Optional[tuple[int, ...]] = None) -> Case:
     return Case(label, _ms_inputs(points_per_level),
                 {"spatial_shapes": _SHAPES, "level_start_index": level_start_index,
                  "points_per_level": points_per_level, "method": method})
