@@ -69,7 +69,8 @@ onnxruntime. Dtypes: onnxruntime's CPU kernels for these operators take float32 
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import os
+from typing import Any, Callable, NoReturn, Optional, Sequence, TypeAlias, Union, cast
 
 try:
     import torch
@@ -118,6 +119,11 @@ class UnsupportedExportError(NotImplementedError):
     """A deformcp op, or one of its modes, that has no ONNX equivalent (or none at the requested opset)."""
 
 
+#: A graph value as the dynamo exporter hands it to a translation (an onnxscript ir.Value whose shape the exporter
+#: has set; ir.Value's shape is Optional) and as onnxscript's ops return it (typed Any there).
+_Value: TypeAlias = Any
+
+
 def _opset(name: str) -> onnxscript.values.Opset:
     """The ONNX opset of the model being built (the exporter's), checked to have op ``name``'s operator."""
     recorder = onnxscript.evaluator.default()
@@ -133,7 +139,7 @@ def _opset(name: str) -> onnxscript.values.Opset:
     return onnxscript.values.Opset("", version)
 
 
-def _static(name: str, what: str, value) -> int:
+def _static(name: str, what: str, value: object) -> int:
     if not isinstance(value, int):
         raise UnsupportedExportError(f"deformcp.{name}: {what} must be static for ONNX export, got the dynamic "
                                      f"dimension {value}")
@@ -142,7 +148,7 @@ def _static(name: str, what: str, value) -> int:
 
 # ------------------------------------------------------------------------------------------ translations
 
-def _grid_sample(input, grid, mode: str, padding_mode: str, align_corners: bool):
+def _grid_sample(input: _Value, grid: _Value, mode: str, padding_mode: str, align_corners: bool) -> _Value:
     op = _opset("grid_sample")
     if len(input.shape) == 5 and mode == "bicubic":
         raise UnsupportedExportError("deformcp.grid_sample of a volume with mode 'bicubic' (tricubic) cannot be "
@@ -156,14 +162,15 @@ def _grid_sample(input, grid, mode: str, padding_mode: str, align_corners: bool)
     return op.GridSample(input, grid, mode=mode, padding_mode=padding_mode, align_corners=int(align_corners))
 
 
-def _affine_grid(theta, size, align_corners: bool):
+def _affine_grid(theta: _Value, size: Sequence[object], align_corners: bool) -> _Value:
     op = _opset("affine_grid")
     if align_corners:
         theta = _one_pixel_axes(op, theta, size[2:][::-1])
     return op.AffineGrid(theta, list(size), align_corners=int(align_corners))
 
 
-def _affine_sample(input, theta, size, mode: str, padding_mode: str, align_corners: bool):
+def _affine_sample(input: _Value, theta: _Value, size: Optional[Sequence[object]], mode: str, padding_mode: str,
+                   align_corners: bool) -> _Value:
     """AffineGrid, then GridSample (ONNX has no fused sampler: the runtime holds the grid); size None: the input's
     (static) shape."""
     _opset("affine_sample")
@@ -172,7 +179,7 @@ def _affine_sample(input, theta, size, mode: str, padding_mode: str, align_corne
     return _grid_sample(input, _affine_grid(theta, size, align_corners), mode, padding_mode, align_corners)
 
 
-def _one_pixel_axes(op, theta, spatial):
+def _one_pixel_axes(op: onnxscript.values.Opset, theta: _Value, spatial: Sequence[object]) -> _Value:
     """theta for ONNX's AffineGrid with align_corners=1, whose base grid has no agreed value on a 1-pixel axis
     (torch and deformcp put it at 0; onnxruntime at +1, ONNX's reference implementation at −1): theta's column
     for each such axis (spatial: the sizes W, H, (D)) is zeroed, which makes the grid independent of that value,
@@ -181,8 +188,8 @@ def _one_pixel_axes(op, theta, spatial):
     return theta if all(keep) else op.Mul(theta, [float(k) for k in keep] + [1.0])
 
 
-def _roi_align(input, boxes, output_size, spatial_scale: float, sampling_ratio: int, aligned: bool,
-               pool_mode: str):
+def _roi_align(input: _Value, boxes: _Value, output_size: Sequence[int], spatial_scale: float, sampling_ratio: int,
+               aligned: bool, pool_mode: str) -> _Value:
     op = _opset("roi_align")
     if pool_mode != "avg":
         raise UnsupportedExportError(
@@ -198,7 +205,8 @@ def _roi_align(input, boxes, output_size, spatial_scale: float, sampling_ratio: 
                        spatial_scale=float(spatial_scale))
 
 
-def _deform_conv2d(input, offset, weight, bias, mask, stride, padding, dilation):
+def _deform_conv2d(input: _Value, offset: _Value, weight: _Value, bias: Optional[_Value], mask: Optional[_Value],
+                   stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> _Value:
     name = "deform_conv2d"
     op = _opset(name)
     kh, kw = (_static(name, "the kernel size", d) for d in weight.shape[2:])
@@ -210,26 +218,27 @@ def _deform_conv2d(input, offset, weight, bias, mask, stride, padding, dilation)
                          group=groups, offset_group=offset_groups)
 
 
-def _unsupported(name: str) -> Callable:
-    def translation(*args, **kwargs):
+def _unsupported(name: str) -> Callable[..., NoReturn]:
+    def translation(*args: object, **kwargs: object) -> NoReturn:
         raise UnsupportedExportError(f"deformcp.{name} cannot be exported to ONNX: {UNSUPPORTED[name]}")
     translation.__name__ = translation.__qualname__ = f"{name}_unsupported"
     return translation
 
 
-_FUNCTIONS = {"grid_sample": _grid_sample, "affine_grid": _affine_grid, "affine_sample": _affine_sample,
-              "roi_align": _roi_align,
-              "deform_conv2d": _deform_conv2d, **{name: _unsupported(name) for name in UNSUPPORTED}}
+_FUNCTIONS: dict[str, Callable[..., _Value]] = {
+    "grid_sample": _grid_sample, "affine_grid": _affine_grid, "affine_sample": _affine_sample, "roi_align": _roi_align,
+    "deform_conv2d": _deform_conv2d, **{name: _unsupported(name) for name in UNSUPPORTED}}
 
 #: torch.onnx.export's ``custom_translation_table`` for every deformcp op (``torch.ops.deformcp.<op>.default``).
-TRANSLATIONS = {getattr(torch.ops.deformcp, name).default: function for name, function in _FUNCTIONS.items()}
+TRANSLATIONS: dict[Callable[..., Any], Callable[..., _Value]] = {
+    getattr(torch.ops.deformcp, name).default: function for name, function in _FUNCTIONS.items()}
 
 
 # ------------------------------------------------------------------------------------------------ export
 
-def _unsupported_cause(error: Optional[BaseException]):
+def _unsupported_cause(error: Optional[BaseException]) -> Optional[UnsupportedExportError]:
     """The UnsupportedExportError among error's causes, if any."""
-    seen = set()
+    seen: set[int] = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, UnsupportedExportError):
             return error
@@ -238,8 +247,10 @@ def _unsupported_cause(error: Optional[BaseException]):
     return None
 
 
-def export(model, args=(), f=None, *, opset_version: int = DEFAULT_OPSET, custom_translation_table=None,
-           **kwargs):
+def export(model: Union[torch.nn.Module, torch.export.ExportedProgram], args: tuple[Any, ...] = (),
+           f: Union[str, os.PathLike[str], None] = None, *, opset_version: int = DEFAULT_OPSET,
+           custom_translation_table: Optional[dict[Callable[..., Any], Callable[..., Any]]] = None,
+           **kwargs: Any) -> torch.onnx.ONNXProgram:
     """``torch.onnx.export(model, args, f, dynamo=True, opset_version=opset_version,
     custom_translation_table=TRANSLATIONS | custom_translation_table, **kwargs)``: the ONNXProgram.
 
@@ -260,8 +271,9 @@ def export(model, args=(), f=None, *, opset_version: int = DEFAULT_OPSET, custom
                          f"coordinate_transformation_mode), got {opset_version!r}")
     table = {**TRANSLATIONS, **(custom_translation_table or {})}
     try:
-        return torch.onnx.export(model, args, f, dynamo=True, opset_version=opset_version,
-                                 custom_translation_table=table, **kwargs)
+        program = torch.onnx.export(model, args, f, dynamo=True, opset_version=opset_version,
+                                    custom_translation_table=table, **kwargs)
+        return cast(torch.onnx.ONNXProgram, program)  # None only from the legacy exporter (dynamo=False)
     except Exception as error:
         cause = _unsupported_cause(error)
         if cause is None:
