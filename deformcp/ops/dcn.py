@@ -15,12 +15,13 @@ over one level with the locations in pixels, so both run on its NumPy path and k
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
-from .. import _validate
-from .._types import Array, ArrayLike
+from .. import _dispatch, _validate
+from .._types import Array, ArrayLike, Imported
 from ..reference import dcn as reference
 from . import ms_deform_attn as msda
 from ._call import backward, forward
@@ -72,8 +73,9 @@ class DCNConfig(NamedTuple):
 
 # ---------------------------------------------------------------------------------------------- checks
 
-def _check_common(input, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
-                  group_channels, offset_scale, remove_center, softmax) -> DCNConfig:
+def _check_common(input: Imported, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int, pad_h: int, pad_w: int,
+                  dilation_h: int, dilation_w: int, group: int, group_channels: int, offset_scale: float,
+                  remove_center: bool, softmax: bool) -> DCNConfig:
     layout = "(N, H, W, G·Cg)"
     _validate.floating("input", input, 4, layout)
     kh, kw = (_validate.integer(name, value, minimum=1) for name, value in (("kernel_h", kernel_h),
@@ -107,14 +109,16 @@ def _check_common(input, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, d
                      attention)
 
 
-def _per_pixel(name: str, x, cfg: DCNConfig, size: int, what: str) -> None:
+def _per_pixel(name: str, x: Imported, cfg: DCNConfig, size: int, what: str) -> None:
     layout = f"(N, H_out, W_out, {what})"
     _validate.floating(name, x, 4, layout)
     _validate.shape(name, x, (cfg.N, cfg.Ho, cfg.Wo, size), layout)
 
 
-def _check_dcnv3(call, input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
-                 dilation_w, group, group_channels, offset_scale, remove_center) -> DCNConfig:
+def _check_dcnv3(call: _dispatch.Call, input: Imported, offset: Imported, mask: Imported, kernel_h: int,
+                 kernel_w: int, stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int,
+                 dilation_w: int, group: int, group_channels: int, offset_scale: float,
+                 remove_center: bool) -> DCNConfig:
     cfg = _check_common(input, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
                         group_channels, offset_scale, remove_center, False)
     _per_pixel("offset", offset, cfg, cfg.G * cfg.P * 2, "G·P·2")
@@ -123,8 +127,9 @@ def _check_dcnv3(call, input, offset, mask, kernel_h, kernel_w, stride_h, stride
     return cfg
 
 
-def _check_dcnv4(call, input, offset_mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
-                 dilation_w, group, group_channels, offset_scale, remove_center, softmax) -> DCNConfig:
+def _check_dcnv4(call: _dispatch.Call, input: Imported, offset_mask: Imported, kernel_h: int, kernel_w: int,
+                 stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int,
+                 group_channels: int, offset_scale: float, remove_center: bool, softmax: bool) -> DCNConfig:
     cfg = _check_common(input, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
                         group_channels, offset_scale, remove_center, _validate.flag("softmax", softmax))
     layout = "(N, H_out, W_out, P_pad)"
@@ -137,29 +142,33 @@ def _check_dcnv4(call, input, offset_mask, kernel_h, kernel_w, stride_h, stride_
     return cfg
 
 
-def _output(cfg: DCNConfig):
+def _output(cfg: DCNConfig) -> tuple[tuple[int, ...], str]:
     return (cfg.N, cfg.Ho, cfg.Wo, cfg.G * cfg.Cg), "(N, H_out, W_out, G·Cg)"
 
 
 # ------------------------------------------------------------------------------------------ kernel glue
 
-def _attention(call):
+def _attention(call: _dispatch.Call) -> reference.Attention:
     return functools.partial(msda._forward_kernels, call)
 
 
-def _attention_backward(call, deterministic):
-    def run(grad_output, value, locations, weights, cfg, want_value, want_locations, want_weights):
+def _attention_backward(call: _dispatch.Call, deterministic: bool) -> reference.AttentionBackward:
+    def run(grad_output: Imported, value: Imported, locations: Imported, weights: Optional[Imported],
+            cfg: msda.MSDeformAttnConfig, want_value: bool, want_locations: bool,
+            want_weights: bool) -> tuple[Optional[Imported], ...]:
         return msda._backward_kernels(call, grad_output, value, locations, weights, cfg, want_value, want_locations,
                                       want_weights, deterministic)
     return run
 
 
-def _dcnv3_kernels(call, input, offset, mask, cfg):
+def _dcnv3_kernels(call: _dispatch.Call, input: Imported, offset: Imported, mask: Imported, cfg: DCNConfig) -> Imported:
     pairs = offset.reshape(cfg.N, cfg.Ho, cfg.Wo, cfg.G, cfg.P, 2)
     return reference.forward(call.xp, _attention(call), input, pairs, mask, cfg)
 
 
-def _dcnv3_kernels_backward(call, grad_output, input, offset, mask, cfg, wanted, deterministic):
+def _dcnv3_kernels_backward(call: _dispatch.Call, grad_output: Imported, input: Imported, offset: Imported,
+                            mask: Imported, cfg: DCNConfig, wanted: tuple[bool, bool, bool],
+                            deterministic: bool) -> tuple[Optional[Imported], ...]:
     pairs = offset.reshape(cfg.N, cfg.Ho, cfg.Wo, cfg.G, cfg.P, 2)
     grad_input, grad_pairs, grad_mask = reference.backward(call.xp, _attention_backward(call, deterministic),
                                                            grad_output, input, pairs, mask, cfg, *wanted)
@@ -167,12 +176,14 @@ def _dcnv3_kernels_backward(call, grad_output, input, offset, mask, cfg, wanted,
             None if grad_mask is None else grad_mask.reshape(mask.shape))
 
 
-def _dcnv4_kernels(call, input, offset_mask, cfg):
+def _dcnv4_kernels(call: _dispatch.Call, input: Imported, offset_mask: Imported, cfg: DCNConfig) -> Imported:
     pairs, mask = reference.split(offset_mask, cfg)
     return reference.forward(call.xp, _attention(call), input, pairs, mask, cfg)
 
 
-def _dcnv4_kernels_backward(call, grad_output, input, offset_mask, cfg, wanted, deterministic):
+def _dcnv4_kernels_backward(call: _dispatch.Call, grad_output: Imported, input: Imported, offset_mask: Imported,
+                            cfg: DCNConfig, wanted: tuple[bool, bool],
+                            deterministic: bool) -> tuple[Optional[Imported], Optional[Imported]]:
     want_input, want_offset_mask = wanted
     pairs, mask = reference.split(offset_mask, cfg)
     grad_input, grad_pairs, grad_mask = reference.backward(
@@ -282,7 +293,7 @@ def dcnv4_backward(grad_output: ArrayLike, input: ArrayLike, offset_mask: ArrayL
 
 #: Parity geometries: a plain 3×3; a non-square kernel with stride, dilation and pad_h ≠ pad_w and a scale; the
 #: centre removed.
-_GEOMETRIES = {
+_GEOMETRIES: dict[str, dict[str, Any]] = {
     "3x3": dict(kernel_h=3, kernel_w=3, stride_h=1, stride_w=1, pad_h=1, pad_w=1, dilation_h=1, dilation_w=1,
                 offset_scale=1.0, remove_center=False),
     "2x3-stride(2,1)-pad(1,2)-dilation(1,2)-scale0.5": dict(kernel_h=2, kernel_w=3, stride_h=2, stride_w=1, pad_h=1,
@@ -294,7 +305,7 @@ _GEOMETRIES = {
 _N, _H, _W, _G, _CG = 2, 5, 6, 2, 3
 
 
-def _sizes(geometry: dict) -> tuple[int, int, int]:
+def _sizes(geometry: dict[str, Any]) -> tuple[int, int, int]:
     """(H_out, W_out, P) of a parity geometry."""
     g = geometry
     Ho = (_H + 2 * g["pad_h"] - (g["dilation_h"] * (g["kernel_h"] - 1) + 1)) // g["stride_h"] + 1
@@ -302,21 +313,22 @@ def _sizes(geometry: dict) -> tuple[int, int, int]:
     return Ho, Wo, g["kernel_h"] * g["kernel_w"] - g["remove_center"]
 
 
-def _dcnv3_inputs(geometry: dict):
+def _dcnv3_inputs(geometry: dict[str, Any]) -> Callable[[np.random.Generator], dict[str, npt.NDArray[np.float64]]]:
     """Offsets of up to a few pixels (taps inside, across and outside the borders), modulation of both signs."""
     Ho, Wo, P = _sizes(geometry)
 
-    def make(rng):
+    def make(rng: np.random.Generator) -> dict[str, npt.NDArray[np.float64]]:
         return {"input": rng.standard_normal((_N, _H, _W, _G * _CG)),
                 "offset": rng.normal(0, 1.5, (_N, Ho, Wo, _G * P * 2)),
                 "mask": rng.uniform(-1, 1, (_N, Ho, Wo, _G * P))}
     return make
 
 
-def _dcnv4_inputs(geometry: dict, padding: int):
+def _dcnv4_inputs(geometry: dict[str, Any],
+                  padding: int) -> Callable[[np.random.Generator], dict[str, npt.NDArray[np.float64]]]:
     Ho, Wo, P = _sizes(geometry)
 
-    def make(rng):
+    def make(rng: np.random.Generator) -> dict[str, npt.NDArray[np.float64]]:
         blocks = np.concatenate([rng.normal(0, 1.5, (_N, Ho, Wo, _G, 2 * P)), rng.uniform(-1, 1, (_N, Ho, Wo, _G, P))],
                                 axis=-1).reshape(_N, Ho, Wo, 3 * _G * P)
         pad = rng.standard_normal((_N, Ho, Wo, padding))   # never read: its values must not matter
