@@ -34,6 +34,8 @@ def affine_sample_backward(grad_output: npt.NDArray[Any], input: npt.NDArray[Any
     g, x, t = _computed(grad_output, input, theta)
     grid = spatial_transformer.affine_grid(t, cfg.grid)
     grad_input, grad_grid = spatial_transformer.grid_sample_backward(g, x, grid, cfg.sample, (want_input, want_theta))
-    grad_theta = spatial_transformer.affine_grid_backward(grad_grid, t, cfg.grid, (True,))[0] if want_theta else None
+    grad_theta = None
+    if grad_grid is not None:  # want_theta: grid_sample_backward's grid gradient is there exactly when wanted
+        grad_theta = spatial_transformer.affine_grid_backward(grad_grid, t, cfg.grid, (True,))[0]
     return (None if grad_input is None else grad_input.astype(input.dtype, copy=False),
             None if grad_theta is None else grad_theta.astype(theta.dtype, copy=False))
