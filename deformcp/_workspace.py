@@ -53,6 +53,8 @@ MSDA_CHUNK_BYTES = 4 << 20
 MSDA_BACKWARD_CHUNK_BYTES = 16 << 20
 #: ms_deform_attn, flash_deform_attn backward: bytes of corner values gathered at once (kept in cache).
 MSDA_GATHER_BYTES = 256 << 10
+#: map_coordinates, affine_transform: bytes of one chunk of points' taps (indices, weights, gathered values).
+NDIMAGE_CHUNK_BYTES = 4 << 20
 #: ps_roi_align: tasks its bin positions are split into (:func:`even_ranges`).
 BIN_GROUPS = 4
 #: deform_conv2d: bytes of one block's columns (output rows or whole images sampled and multiplied at once).

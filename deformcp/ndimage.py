@@ -1,13 +1,13 @@
 """SciPy-style calls for scientific code: scipy.ndimage's map_coordinates and affine_transform, differentiable.
 
-Same names, arguments, defaults and conventions as scipy.ndimage (index coordinates, first array axis first,
-2-D and 3-D input with no channel axis, the affine matrix mapping output indices to input indices, SciPy's modes
-"constant", "grid-constant", "nearest", "reflect" = "grid-mirror", "mirror", "wrap", "grid-wrap"), for orders 0,
-1 and 3 (the cubic B-spline, with SciPy's prefilter or without; the default order is 1, SciPy's 3); results equal
-SciPy's on float64 input. Unlike SciPy, each has a backward (``<name>_backward``: the gradients of the input and
-of the coordinates, or of the matrix and offset), and runs on every deformcp backend
-(the NumPy path, the host backend, CUDA) for NumPy, CuPy and DLPack arrays. A NaN or ±inf coordinate samples
-cval with gradient 0.
+Same names, arguments, defaults and conventions as scipy.ndimage (index coordinates, first array axis first, 2-D and
+3-D sampling, the affine matrix mapping output indices to input indices, SciPy's modes "constant", "grid-constant",
+"nearest", "reflect" = "grid-mirror", "mirror", "wrap", "grid-wrap"), for orders 0, 1 and 3 (the cubic B-spline,
+with SciPy's prefilter or without; the default order is 1, SciPy's 3); results equal SciPy's on float64 input. Input
+axes before the 2 or 3 that the coordinates or the matrix index are batch axes (channels, frames): every image is
+sampled at the same points in one call. Unlike SciPy, each has a backward (``<name>_backward``: the gradients of the
+input and of the coordinates, or of the matrix and offset), and runs on every deformcp backend (the NumPy path, the
+host backend, CUDA) for NumPy, CuPy and DLPack arrays. A NaN or ±inf coordinate samples cval with gradient 0.
 
 >>> import numpy as np, scipy.ndimage, deformcp.ndimage
 >>> x = np.random.default_rng(0).random((6, 7))

@@ -1,6 +1,7 @@
 // ndimage.cu — scipy.ndimage's map_coordinates and affine_transform (orders 0, 1 and 3), forward and backward.
-// Preceded by deformcp_common.cuh. Layouts (all C-contiguous): input (S0, S1) or (S0, S1, S2), first axis first;
-// coordinates (ndim, P) in the accumulation type, row a holding every point's index along axis a; output (P,);
+// Preceded by deformcp_common.cuh. Layouts (all C-contiguous): input (B, S0, S1) or (B, S0, S1, S2), B images
+// sampled at the same points, first spatial axis first; coordinates (ndim, P) in the accumulation type, row a
+// holding every point's index along axis a; output (B, P);
 // an affine transform as an (ndim, ndim + 1) matrix [M | shift] in the accumulation type, mapping the output
 // index o to the input index M·o + shift (the output of O0 × O1 [× O2] points, in C order).
 //
@@ -197,56 +198,68 @@ __device__ __forceinline__ bool ndimage_combine(const ndimage_axis<A, I>* axes, 
   return inside;
 }
 
-// out[p] = the sample of input at coordinates[:, p]; one thread per point.
+// out[b, p] = the sample of image b of input at coordinates[:, p]; one thread per point, its taps set up once for
+// the B images.
 template <typename T, typename I>
-__global__ void ndimage_map_forward(const T* input, const typename acc_type<T>::type* coordinates, T* out, I P,
+__global__ void ndimage_map_forward(const T* input, const typename acc_type<T>::type* coordinates, T* out, I P, I B,
                                     I S0, I S1, I S2, int ndim, int order, int mode, double cval) {
   typedef typename acc_type<T>::type A;
   const I sizes[3] = {S0, S1, S2};
+  const I volume = S0 * S1 * S2;
   const int taps = ndimage_taps(ndim, order);
   DEFORMCP_GRID_STRIDE_LOOP(I, p, P) {
     ndimage_axis<A, I> axes[3];
-    if (!ndimage_point_setup(coordinates, p, P, sizes, ndim, order, mode, axes)) {
-      out[p] = store_as<T>((A)cval);
-      continue;
+    const bool ok = ndimage_point_setup(coordinates, p, P, sizes, ndim, order, mode, axes);
+    for (I b = 0; b < B; ++b) {
+      A value = (A)cval;
+      if (ok) {
+        const T* image = input + b * volume;
+        value = 0;
+        for (int k = 0; k < taps; ++k) {
+          A weight;
+          I offset;
+          const bool inside = ndimage_combine(axes, k, ndim, order, &weight, &offset);
+          value += weight * (inside ? load_acc(image[offset]) : (A)cval);
+        }
+      }
+      out[b * P + p] = store_as<T>(value);
     }
-    A value = 0;
-    for (int k = 0; k < taps; ++k) {
-      A weight;
-      I offset;
-      const bool inside = ndimage_combine(axes, k, ndim, order, &weight, &offset);
-      value += weight * (inside ? load_acc(input[offset]) : (A)cval);
-    }
-    out[p] = store_as<T>(value);
   }
 }
 
-// The gradients of one point: its taps' weights times g added into grad_input (atomically, or with plain adds
-// where the calling thread alone writes grad_input), and its coordinate gradient written to grad_coordinates.
-// Either output may be null.
+// The gradients of one point over the B images: each tap's weight times grad_output[b, p] added into image b of
+// grad_input (atomically, or with plain adds where the calling thread alone writes grad_input), and its coordinate
+// gradient (summed over the images in order) written to grad_coordinates. Either output may be null.
 template <typename A, typename T, typename I>
-__device__ __forceinline__ void ndimage_point_backward(const T* input, const A* coordinates, A g, I p, I P,
-                                                       const I* sizes, int ndim, int order, int mode, A cval,
-                                                       A* grad_input, A* grad_coordinates, bool atomic) {
+__device__ __forceinline__ void ndimage_point_backward(const T* grad_output, const T* input, const A* coordinates,
+                                                       I p, I P, I B, const I* sizes, int ndim, int order, int mode,
+                                                       A cval, A* grad_input, A* grad_coordinates, bool atomic) {
   ndimage_axis<A, I> axes[3];
   const bool ok = ndimage_point_setup(coordinates, p, P, sizes, ndim, order, mode, axes);
+  const I volume = sizes[0] * sizes[1] * sizes[2];
+  const bool wants_coordinates = grad_coordinates != nullptr && order > 0;
   A gc[3] = {0, 0, 0};
   const int taps = ndimage_taps(ndim, order);
   for (int k = 0; ok && k < taps; ++k) {
     A weight;
     I offset;
     const bool inside = ndimage_combine(axes, k, ndim, order, &weight, &offset);
-    if (grad_input != nullptr && inside) {
-      if (atomic) atomic_add(grad_input + offset, weight * g);
-      else grad_input[offset] += weight * g;
+    A v = 0;  // Σ_b value · g over the images
+    for (I b = 0; b < B; ++b) {
+      const A g = load_acc(grad_output[b * P + p]);
+      if (grad_input != nullptr && inside) {
+        A* target = grad_input + b * volume + offset;
+        if (atomic) atomic_add(target, weight * g);
+        else *target += weight * g;
+      }
+      if (wants_coordinates) v += (inside ? load_acc(input[b * volume + offset]) : cval) * g;
     }
-    if (grad_coordinates != nullptr && order > 0) {
-      const A v = (inside ? load_acc(input[offset]) : cval) * g;
+    if (wants_coordinates) {
       for (int a = 0; a < ndim; ++a) {
         A d = v;
-        for (int b = 0; b < ndim; ++b) {
-          const int j = ndimage_digit(k, b, ndim, order);
-          d *= b == a ? axes[b].dweight[j] : axes[b].weight[j];
+        for (int c = 0; c < ndim; ++c) {
+          const int j = ndimage_digit(k, c, ndim, order);
+          d *= c == a ? axes[c].dweight[j] : axes[c].weight[j];
         }
         gc[a] += d;
       }
@@ -256,35 +269,35 @@ __device__ __forceinline__ void ndimage_point_backward(const T* input, const A* 
     for (int a = 0; a < ndim; ++a) grad_coordinates[a * P + p] = gc[a];
 }
 
-// grad_input (float or double, zeroed, may be null) += Σ_p weights · grad_output[p] by atomics, and
-// grad_coordinates (ndim, P) (may be null); one thread per point.
+// grad_input (B, S0, S1[, S2]) (float or double, zeroed, may be null) += Σ_p weights · grad_output[b, p] by
+// atomics, and grad_coordinates (ndim, P) (may be null); one thread per point.
 template <typename T, typename I>
 __global__ void ndimage_map_backward(const T* grad_output, const T* input,
                                      const typename acc_type<T>::type* coordinates,
                                      typename acc_type<T>::type* grad_input,
-                                     typename acc_type<T>::type* grad_coordinates, I P, I S0, I S1, I S2, int ndim,
-                                     int order, int mode, double cval) {
+                                     typename acc_type<T>::type* grad_coordinates, I P, I B, I S0, I S1, I S2,
+                                     int ndim, int order, int mode, double cval) {
   typedef typename acc_type<T>::type A;
   const I sizes[3] = {S0, S1, S2};
   DEFORMCP_GRID_STRIDE_LOOP(I, p, P) {
-    ndimage_point_backward(input, coordinates, load_acc(grad_output[p]), p, P, sizes, ndim, order, mode, (A)cval,
-                           grad_input, grad_coordinates, true);
+    ndimage_point_backward(grad_output, input, coordinates, p, P, B, sizes, ndim, order, mode, (A)cval, grad_input,
+                           grad_coordinates, true);
   }
 }
 
-// grad_input (zeroed) += Σ_p weights · grad_output[p], the points added in order by one thread: bitwise the
+// grad_input (zeroed) += Σ_p weights · grad_output[b, p], the points added in order by one thread: bitwise the
 // same run to run. Launched over one work item.
 template <typename T, typename I>
 __global__ void ndimage_map_backward_input_deterministic(const T* grad_output, const T* input,
                                                          const typename acc_type<T>::type* coordinates,
-                                                         typename acc_type<T>::type* grad_input, I P, I S0, I S1,
-                                                         I S2, int ndim, int order, int mode, double cval) {
+                                                         typename acc_type<T>::type* grad_input, I P, I B, I S0,
+                                                         I S1, I S2, int ndim, int order, int mode, double cval) {
   typedef typename acc_type<T>::type A;
   const I sizes[3] = {S0, S1, S2};
   DEFORMCP_GRID_STRIDE_LOOP(I, item, (I)1) {
     for (I p = 0; p < P; ++p)
-      ndimage_point_backward(input, coordinates, load_acc(grad_output[p]), p, P, sizes, ndim, order, mode,
-                             (A)cval, grad_input, (A*)nullptr, false);
+      ndimage_point_backward(grad_output, input, coordinates, p, P, B, sizes, ndim, order, mode, (A)cval,
+                             grad_input, (A*)nullptr, false);
   }
 }
 

@@ -10,7 +10,7 @@ import pytest
 import scipy.ndimage
 
 import deformcp.ndimage as dn
-from deformcp import testing
+from deformcp import _workspace, testing
 from deformcp.ops import ndimage as ops
 from deformcp.reference import ndimage as reference
 from deformcp.reference.ndimage import affine_coordinates, transform
@@ -120,6 +120,107 @@ def test_non_finite_coordinates_give_cval_and_no_gradient(any_backend, rng, orde
     np.testing.assert_allclose(testing.to_numpy(grads.input), expected, rtol=1e-13, atol=1e-15)
 
 
+# ------------------------------------------------------------------------------------ batched over leading axes
+
+@pytest.mark.parametrize("order, prefilter", ORDERS, ids=ORDER_IDS)
+@pytest.mark.parametrize("batch, shape", [((3,), (5, 7)), ((2, 2), (6, 4)), ((2,), (4, 3, 5)), ((0,), (5, 7))],
+                         ids=["3x2d", "2x2x2d", "2x3d", "0x2d"])
+def test_batch_axes_sample_every_image_alike(any_backend, rng, batch, shape, order, prefilter):
+    """Input axes before the sampled ones are a batch: each image equals SciPy on it alone, with the same
+    coordinates or matrix; the input gradient is each image's, the coordinate, matrix and offset gradients the sums
+    of the images' (float64, every backend)."""
+    ndim = len(shape)
+    x = rng.standard_normal(batch + shape)
+    count = int(np.prod(batch))
+    images = x.reshape((count,) + shape)
+    c = _coordinates(rng, shape, "random", 30).reshape(ndim, 5, 6)
+    options = {"order": order, "mode": "nearest" if order == 3 else "grid-constant", "cval": 0.5,
+               "prefilter": prefilter}
+    out = testing.to_numpy(testing.run(any_backend, dn.map_coordinates, to_backend(x, any_backend),
+                                       to_backend(c, any_backend), **options))
+    assert out.shape == batch + (5, 6)
+    expected = [_scipy_map(image, c, **options) for image in images]
+    np.testing.assert_allclose(out.reshape(count, 5, 6), np.reshape(expected, (count, 5, 6)), rtol=1e-13, atol=1e-13)
+    g = rng.standard_normal(out.shape)
+    grads = testing.run(any_backend, dn.map_coordinates_backward, to_backend(g, any_backend),
+                        to_backend(x, any_backend), to_backend(c, any_backend), **options)
+    alone = [dn.map_coordinates_backward(gi, image, c, **options) for gi, image in zip(g.reshape(count, 5, 6), images)]
+    np.testing.assert_allclose(testing.to_numpy(grads.input), np.reshape([a.input for a in alone], x.shape),
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(testing.to_numpy(grads.coordinates), sum((a.coordinates for a in alone),
+                                                                        np.zeros_like(c)), rtol=1e-12, atol=1e-12)
+    m = np.eye(ndim) * 0.8 + rng.uniform(-0.1, 0.1, (ndim, ndim))
+    offset = rng.uniform(-1, 1, ndim)
+    out_shape = tuple(n + 1 for n in shape)
+    for given in (out_shape, batch + out_shape):  # the sampled axes' sizes, or SciPy's whole shape
+        warped = testing.to_numpy(testing.run(any_backend, dn.affine_transform, to_backend(x, any_backend),
+                                              to_backend(m, any_backend), to_backend(offset, any_backend),
+                                              output_shape=given, **options))
+        expected = [scipy.ndimage.affine_transform(image, m, offset, out_shape, **options) for image in images]
+        np.testing.assert_allclose(warped, np.reshape(expected, batch + out_shape), rtol=1e-13, atol=1e-13)
+    g = rng.standard_normal(batch + out_shape)
+    grads = testing.run(any_backend, dn.affine_transform_backward, to_backend(g, any_backend),
+                        to_backend(x, any_backend), to_backend(m, any_backend), to_backend(offset, any_backend),
+                        output_shape=out_shape, **options)
+    alone = [dn.affine_transform_backward(gi, image, m, offset, out_shape, **options)
+             for gi, image in zip(g.reshape((count,) + out_shape), images)]
+    np.testing.assert_allclose(testing.to_numpy(grads.input), np.reshape([a.input for a in alone], x.shape),
+                               rtol=1e-12, atol=1e-12)
+    for name in ("matrix", "offset"):
+        total = sum((getattr(a, name) for a in alone), np.zeros(m.shape if name == "matrix" else ndim))
+        np.testing.assert_allclose(testing.to_numpy(getattr(grads, name)), total, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("order", [1, 3])
+@pytest.mark.parametrize("kind", ["affine", "scattered"])
+def test_numpy_path_chunks_give_the_same_results(monkeypatch, rng, order, kind):
+    """The NumPy path's points in many small chunks (the input gradient added chunk by chunk over the compact span
+    of an affine warp's taps, or point by point where random points scatter) equals one chunk, batched, forward
+    and backward."""
+    x = rng.standard_normal((2, 12, 9, 7))
+    if kind == "affine":
+        c = affine_coordinates(transform(np, np.eye(3) * 0.9, np.full(3, 0.4), 3, np.float64), (12, 9, 7))
+    else:
+        c = _coordinates(rng, (12, 9, 7), "random", 500)
+    g = rng.standard_normal((2, *c.shape[1:]))
+    options = {"order": order, "mode": "mirror"}
+    whole = (dn.map_coordinates(x, c, **options), dn.map_coordinates_backward(g, x, c, **options))
+    monkeypatch.setattr(_workspace, "NDIMAGE_CHUNK_BYTES", 20_000)
+    assert len(reference._point_ranges(c[0].size, 2, ops.NdimageConfig((12, 9, 7), c.shape[1:], order, "mirror",
+                                                                         0.0, True, (2,)))) > 10
+    chunked = (dn.map_coordinates(x, c, **options), dn.map_coordinates_backward(g, x, c, **options))
+    np.testing.assert_array_equal(chunked[0], whole[0])
+    np.testing.assert_array_equal(chunked[1].coordinates, whole[1].coordinates)
+    np.testing.assert_allclose(chunked[1].input, whole[1].input, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("span", [50, 10**6])
+def test_add_at_adds_repeated_indices(rng, span):
+    """The NumPy path's scatter-add, over a compact span (a bincount) and a wide one (numpy.add.at)."""
+    index = rng.integers(0, span, 300)
+    index[:20] = index[20]  # repeats
+    weights = rng.standard_normal(300)
+    target, expected = np.ones(span + 5), np.ones(span + 5)
+    reference._add_at(target, index, weights)
+    np.add.at(expected, index, weights)
+    np.testing.assert_allclose(target, expected, rtol=1e-14, atol=1e-14)
+
+
+def test_a_square_matrix_reads_as_scipy_reads_it(rng):
+    """A square matrix maps that many trailing axes (SciPy's (n, n)), unless it is (n + 1, n + 1) for all of
+    input's n axes (SciPy's homogeneous form): a (3, 3) matrix on (2, H, W) input is a 3-D linear map, on (H, W)
+    a homogeneous 2-D one."""
+    x = rng.standard_normal((2, 6, 5))
+    m = np.array([[1.0, 0.1, 0.0], [0.0, 0.9, 0.2], [0.0, 0.0, 1.0]])
+    np.testing.assert_allclose(dn.affine_transform(x, m), scipy.ndimage.affine_transform(x, m, order=1),
+                               rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(dn.affine_transform(x[0], m), scipy.ndimage.affine_transform(x[0], m, order=1),
+                               rtol=1e-13, atol=1e-13)
+    batched = dn.affine_transform(x, m[:2])  # (2, 3): homogeneous 2-D, each image alike
+    np.testing.assert_allclose(batched, [scipy.ndimage.affine_transform(image, m, order=1) for image in x],
+                               rtol=1e-13, atol=1e-13)
+
+
 # --------------------------------------------------------------------------------------- the spline prefilter
 
 def _config(shape, mode, cval=0.0):
@@ -130,13 +231,14 @@ def _config(shape, mode, cval=0.0):
 @pytest.mark.parametrize("shape", [(1, 7), (2, 5), (3, 4), (9, 12), (2, 1, 3), (3, 13, 8)])
 def test_prefilter_matches_scipy_spline_filter(rng, shape, mode):
     """The coefficients equal scipy.ndimage.spline_filter of order 3 in the mode, on the input padded as SciPy pads
-    it ("nearest": 12 edge values, "grid-constant": 12 cvals)."""
-    x = rng.standard_normal(shape)
+    it ("nearest": 12 edge values, "grid-constant": 12 cvals); each image of a batch (the leading axis) alike."""
+    x = rng.standard_normal((2, *shape))
     cfg = _config(shape, mode, cval=0.75)
-    padded = {"nearest": np.pad(x, 12, mode="edge"),
-              "grid-constant": np.pad(x, 12, constant_values=0.75)}.get(mode, x)
-    np.testing.assert_allclose(reference.spline_coefficients(x, cfg),
-                               scipy.ndimage.spline_filter(padded, 3, mode=mode), rtol=1e-13, atol=1e-14)
+    coefficients = reference.spline_coefficients(x, cfg)
+    for image, c in zip(x, coefficients):
+        padded = {"nearest": np.pad(image, 12, mode="edge"),
+                  "grid-constant": np.pad(image, 12, constant_values=0.75)}.get(mode, image)
+        np.testing.assert_allclose(c, scipy.ndimage.spline_filter(padded, 3, mode=mode), rtol=1e-13, atol=1e-14)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -145,7 +247,7 @@ def test_prefilter_transpose_by_the_dot_product_test(rng, shape, mode):
     """<A x, y> = <x, Aᵀ y> for the prefilter A (padding included; SciPy's "reflect" initialisation makes A
     asymmetric, so Aᵀ is not A)."""
     cfg = _config(shape, mode)
-    x = rng.standard_normal(shape)
+    x = rng.standard_normal((2, *shape))  # a batch of two images
     ax = reference.spline_coefficients(x, cfg)
     y = rng.standard_normal(ax.shape)
     aty = reference.spline_coefficients_adjoint(y, cfg)
@@ -335,18 +437,25 @@ C = np.zeros((2, 3))
     (lambda: dn.map_coordinates(X, C, mode="edge"), ValueError, ["mode", "grid-wrap", "'edge'"]),
     (lambda: dn.map_coordinates(X, C, cval=float("nan")), ValueError, ["cval", "finite", "nan"]),
     (lambda: dn.map_coordinates(X, C, prefilter=1), TypeError, ["prefilter", "bool", "1"]),
-    (lambda: dn.map_coordinates(np.zeros((2, 3, 4, 5)), C), ValueError, ["input", "2-D or 3-D", "(2, 3, 4, 5)"]),
+    (lambda: dn.map_coordinates(np.zeros(5), C), ValueError, ["input", "at least 2 axes", "(5,)"]),
+    (lambda: dn.map_coordinates(np.zeros((2, 3, 4, 5)), np.zeros((4, 3))), ValueError,
+     ["coordinates", "2 or 3", "(4, 3)"]),
     (lambda: dn.map_coordinates(np.zeros((0, 5)), C), ValueError, ["input", "non-empty", "(0, 5)"]),
+    (lambda: dn.map_coordinates(np.zeros((3, 0, 5)), C), ValueError, ["input", "non-empty", "(3, 0, 5)"]),
     (lambda: dn.map_coordinates(X.astype(int), C), TypeError, ["input", "floating", "int64"]),
-    (lambda: dn.map_coordinates(X, np.zeros((3, 4))), ValueError, ["coordinates", "(2, ...)", "(3, 4)"]),
-    (lambda: dn.map_coordinates(X, np.zeros(())), ValueError, ["coordinates", "(2, ...)", "()"]),
+    (lambda: dn.map_coordinates(X, np.zeros((3, 4))), ValueError,
+     ["coordinates", "(ndim, ...)", "2 or 3", "(4, 5)", "(3, 4)"]),
+    (lambda: dn.map_coordinates(X, np.zeros(())), ValueError, ["coordinates", "(ndim, ...)", "()"]),
     (lambda: dn.map_coordinates(X, C.astype(np.float32)), TypeError, ["input is float64", "coordinates is float32"]),
     (lambda: dn.map_coordinates_backward(np.zeros(4), X, C), ValueError, ["grad_output", "(3,)", "(4,)"]),
-    (lambda: dn.affine_transform(X, np.eye(3)[:2, :2].ravel()), ValueError, ["matrix", "(2, 3)", "(4,)"]),
+    (lambda: dn.affine_transform(X, np.eye(3)[:2, :2].ravel()), ValueError, ["matrix", "(n, n + 1)", "(4, 5)", "(4,)"]),
     (lambda: dn.affine_transform(X, np.ones((3, 3))), ValueError, ["matrix", "bottom row", "[0, 0, 1]"]),
     (lambda: dn.affine_transform(X, np.eye(2), np.zeros(3)), ValueError, ["offset", "() or (2,)", "(3,)"]),
     (lambda: dn.affine_transform(X, np.eye(2), output_shape=(3,)), ValueError, ["output_shape", "2 integers"]),
     (lambda: dn.affine_transform(X, np.eye(2), output_shape=(3, 2.0)), TypeError, ["output_shape", "2.0"]),
+    (lambda: dn.affine_transform(np.zeros((2, 4, 5)), np.eye(2), output_shape=(3, 4, 5)), ValueError,
+     ["output_shape", "batch", "(2,)", "(3, 4, 5)"]),
+    (lambda: dn.affine_transform(np.zeros((2, 3, 4, 5)), np.eye(4)), ValueError, ["matrix", "(n, n)", "(4, 4)"]),
     (lambda: dn.affine_transform(X, np.eye(2, dtype=np.float32)), TypeError, ["matrix is float32"]),
     (lambda: dn.affine_transform(X, "eye"), TypeError, ["matrix"]),
     (lambda: dn.affine_transform_backward(np.zeros((4, 4)), X, np.eye(2)), ValueError, ["grad_output", "(4, 5)"]),

@@ -1,7 +1,8 @@
 """scipy.ndimage's map_coordinates and affine_transform (orders 0, 1 and 3, every SciPy mode), forward and backward.
 
-Conventions are SciPy's: index coordinates, first array axis first, 2-D and 3-D input with no channel or batch
-axis; affine_transform's matrix maps the output index to the input index. Kernels: kernels/ndimage.cu. NumPy path:
+Conventions are SciPy's: index coordinates, first array axis first, 2-D and 3-D input; affine_transform's matrix
+maps the output index to the input index. Input axes before the 2 or 3 that the coordinates (or the matrix) index
+are batch axes: every image of the batch is sampled at the same points. Kernels: kernels/ndimage.cu. NumPy path:
 deformcp.reference.ndimage. The public module is deformcp.ndimage.
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ _MODE_CODES = {"constant": 0, "nearest": 1, "reflect": 2, "mirror": 3, "wrap": 4
 ORDERS = (0, 1, 3)
 #: The kernels' prefilter initialisations (kernels/ndimage.cu's NDIMAGE_INIT_*).
 _INIT_CODES = {"mirror": 0, "wrap": 1, "reflect": 2}
-INPUT_LAYOUT = "(d0, d1) or (d0, d1, d2), no channel axis"
+INPUT_LAYOUT = "(..., d0, d1) or (..., d0, d1, d2): batch axes, then the 2 or 3 sampled axes"
 #: Points per thread of the affine gradient's deterministic reduction (kernels/ndimage.cu's partial sums).
 AFFINE_CHUNK = 4096
 
@@ -47,12 +48,18 @@ class AffineTransformGrads(NamedTuple):
 
 
 class NdimageConfig(NamedTuple):
-    shape: tuple       # the input's sizes (d0, d1[, d2])
-    out_shape: tuple   # the output's
+    shape: tuple       # the sampled axes' sizes (d0, d1[, d2])
+    out_shape: tuple   # the output's, after the batch axes
     order: int
     mode: str          # canonical: "grid-mirror" is "reflect"
     cval: float
     prefilter: bool
+    batch: tuple = ()  # the input's leading (batch) axes, sampled alike
+
+    @property
+    def images(self) -> int:
+        """The number of images sampled alike (1 without batch axes)."""
+        return math.prod(self.batch)
 
     @property
     def prefiltered(self) -> bool:
@@ -76,10 +83,20 @@ class NdimageConfig(NamedTuple):
 
 def _check_input(input) -> None:
     _validate.floating("input", input, getattr(input, "ndim", 0), INPUT_LAYOUT)
-    if input.ndim not in (2, 3):
-        raise ValueError(f"input: expected a 2-D or 3-D array {INPUT_LAYOUT}, got shape {tuple(input.shape)}")
-    if any(n == 0 for n in input.shape):
-        raise ValueError(f"input: expected non-empty axes in {INPUT_LAYOUT}, got shape {tuple(input.shape)}")
+    if input.ndim < 2:
+        raise ValueError(f"input: expected at least 2 axes {INPUT_LAYOUT}, got shape {tuple(input.shape)}")
+
+
+def _check_sampled_axes(input, ndim: int, source: str) -> tuple:
+    """input's batch axes, given the ndim (2 or 3) sampled axes that ``source`` says it has; the sampled axes
+    must not be empty."""
+    if ndim not in (2, 3) or ndim > input.ndim:
+        raise ValueError(f"{source}: expected 2 or 3 sampled axes, at most input's {input.ndim}, got {ndim}")
+    spatial = tuple(input.shape[input.ndim - ndim:])
+    if any(n == 0 for n in spatial):
+        raise ValueError(f"input: expected non-empty sampled axes (the last {ndim}) in {INPUT_LAYOUT}, got shape "
+                         f"{tuple(input.shape)}")
+    return tuple(input.shape[:input.ndim - ndim])
 
 
 def _check_options(order, mode, cval, prefilter) -> tuple:
@@ -111,10 +128,10 @@ def _acc_coordinates(xp, coordinates, ndim: int):
 
 
 def _filter_kernels(call, c, cfg: NdimageConfig, transpose: bool) -> None:
-    """SciPy's spline prefilter (or its transpose) in place along every axis of c (C-contiguous, compute dtype);
-    the transpose runs the axes in reverse order."""
+    """SciPy's spline prefilter (or its transpose) in place along every sampled axis of c (B, *sampled axes)
+    (C-contiguous, compute dtype); the transpose runs the axes in reverse order."""
     init = _INIT_CODES[reference.FILTER_INIT[cfg.mode]]
-    for axis in (range(c.ndim - 1, -1, -1) if transpose else range(c.ndim)):
+    for axis in (range(c.ndim - 1, 0, -1) if transpose else range(1, c.ndim)):
         n = c.shape[axis]
         if n > 1:  # SciPy leaves lines of one element as they are
             lines = c.size // n
@@ -123,9 +140,11 @@ def _filter_kernels(call, c, cfg: NdimageConfig, transpose: bool) -> None:
 
 
 def _values_kernels(call, input, coordinates, cfg: NdimageConfig):
-    """(what the taps read, coordinates (ndim, P) into it): input and coordinates as given, or where cfg
-    prefilters, the spline coefficients of input padded by cfg.npad in the compute dtype and coordinates shifted."""
+    """(what the taps read (B, *sampled axes), coordinates (ndim, P) into it): input and coordinates as given, or
+    where cfg prefilters, the spline coefficients of input padded by cfg.npad in the compute dtype and coordinates
+    shifted."""
     xp = call.xp
+    input = input.reshape((cfg.images, *cfg.shape))
     if not cfg.prefiltered:
         return xp.ascontiguousarray(input), coordinates
     acc = _kernels.compute_dtype(input.dtype)
@@ -135,14 +154,14 @@ def _values_kernels(call, input, coordinates, cfg: NdimageConfig):
 
 
 def _sample_kernels(call, input, coordinates, cfg: NdimageConfig):
-    """input sampled at coordinates (ndim, P) in the compute dtype → (*out_shape) in input's dtype."""
+    """input sampled at coordinates (ndim, P) in the compute dtype → (*batch, *out_shape) in input's dtype."""
     xp = call.xp
     P = coordinates.shape[1]
     values, coordinates = _values_kernels(call, input, coordinates, cfg)
-    out = _kernels.empty(xp, (P,), values.dtype)
+    out = _kernels.empty(xp, (cfg.images, P), values.dtype)
     _kernels.launch(call.backend, FAMILY, "ndimage_map_forward", values.dtype, P, (values, coordinates, out),
-                    (P, *cfg.sizes), cfg.options, (cfg.cval,))
-    return out.reshape(cfg.out_shape).astype(input.dtype, copy=False)
+                    (P, cfg.images, *cfg.sizes), cfg.options, (cfg.cval,))
+    return out.reshape(cfg.batch + cfg.out_shape).astype(input.dtype, copy=False)
 
 
 def _sample_kernels_backward(call, grad_output, input, coordinates, cfg: NdimageConfig, want_input,
@@ -160,16 +179,17 @@ def _sample_kernels_backward(call, grad_output, input, coordinates, cfg: Ndimage
         _kernels.launch(call.backend, FAMILY, "ndimage_map_backward", values.dtype, P,
                         (grad_output, values, coordinates, _kernels.NULL if scattered is None else scattered,
                          _kernels.NULL if grad_coordinates is None else grad_coordinates),
-                        (P, *cfg.sizes), cfg.options, (cfg.cval,))
+                        (P, cfg.images, *cfg.sizes), cfg.options, (cfg.cval,))
     if deterministic and grad_values is not None and P > 0:
         _kernels.launch(call.backend, FAMILY, "ndimage_map_backward_input_deterministic", values.dtype, 1,
-                        (grad_output, values, coordinates, grad_values), (P, *cfg.sizes), cfg.options, (cfg.cval,))
+                        (grad_output, values, coordinates, grad_values), (P, cfg.images, *cfg.sizes), cfg.options,
+                        (cfg.cval,))
     grad_input = None
     if grad_values is not None:
         if cfg.prefiltered:
             _filter_kernels(call, grad_values, cfg, transpose=True)
             grad_values = reference.pad_adjoint(xp, grad_values, cfg.npad, cfg.mode)
-        grad_input = xp.ascontiguousarray(grad_values.astype(input.dtype, copy=False))
+        grad_input = xp.ascontiguousarray(grad_values.astype(input.dtype, copy=False)).reshape(input.shape)
     return grad_input, grad_coordinates
 
 
@@ -177,18 +197,21 @@ def _sample_kernels_backward(call, grad_output, input, coordinates, cfg: Ndimage
 
 def _check_map_coordinates(call, input, coordinates, order, mode, cval, prefilter) -> NdimageConfig:
     _check_input(input)
-    layout = f"({input.ndim}, ...): one row of indices per input axis"
+    layout = "(ndim, ...): one row of indices per sampled axis, the last ndim = 2 or 3 of input's"
     _validate.floating("coordinates", coordinates, getattr(coordinates, "ndim", 0), layout)
-    if coordinates.ndim == 0 or coordinates.shape[0] != input.ndim:
+    if coordinates.ndim == 0 or coordinates.shape[0] not in (2, 3) or coordinates.shape[0] > input.ndim:
         raise ValueError(f"coordinates: expected shape {layout} for input of shape {tuple(input.shape)}, "
                          f"got {tuple(coordinates.shape)}")
+    ndim = coordinates.shape[0]
+    batch = _check_sampled_axes(input, ndim, "coordinates.shape[0]")
     _validate.same_dtype(input=input, coordinates=coordinates)
     order, mode, cval, prefilter = _check_options(order, mode, cval, prefilter)
-    return NdimageConfig(tuple(input.shape), tuple(coordinates.shape[1:]), order, mode, cval, prefilter)
+    return NdimageConfig(tuple(input.shape[len(batch):]), tuple(coordinates.shape[1:]), order, mode, cval, prefilter,
+                         batch)
 
 
 def _map_coordinates_output(cfg: NdimageConfig):
-    return cfg.out_shape, "coordinates.shape[1:]"
+    return cfg.batch + cfg.out_shape, "input.shape[:-ndim] + coordinates.shape[1:]"
 
 
 def _map_coordinates_kernels(call, input, coordinates, cfg: NdimageConfig):
@@ -211,10 +234,12 @@ def map_coordinates(input, coordinates, order: int = 1, mode: str = "constant", 
     """Sample ``input`` at index coordinates, as scipy.ndimage.map_coordinates (orders 0, 1, 3), differentiably.
 
     Args:
-        input (array[d0, d1] or array[d0, d1, d2]): the image or volume; no channel or batch axis.
-        coordinates (array[ndim, ...]): row a holds the index along input axis a of every output point (first
-            axis first: (row, column) for 2-D input); the output has shape ``coordinates.shape[1:]``. Same dtype
-            as input; a Python list or number is taken in input's dtype.
+        input (array[..., d0, d1] or array[..., d0, d1, d2]): the image or volume, after any number of batch axes
+            (channels, frames, ...), each of whose images is sampled at the same coordinates.
+        coordinates (array[ndim, ...]): row a holds the index along sampled axis a of every output point (first
+            axis first: (row, column) for images); ndim = 2 or 3 says how many of input's last axes are sampled,
+            the others being batch axes (ndim = input.ndim: SciPy's call). Same dtype as input; a Python list or
+            number is taken in input's dtype.
         order (int): 0 reads the nearest element (``floor(c + 0.5)``, ties upwards), 1 interpolates linearly
             along each axis, 3 is the cubic B-spline (4 taps per axis). SciPy's spline orders 2, 4 and 5 are
             refused (ValueError). Default: 1 (SciPy's is 3).
@@ -231,7 +256,7 @@ def map_coordinates(input, coordinates, order: int = 1, mode: str = "constant", 
             coefficients. No effect at orders 0 and 1. Default: True.
 
     Returns:
-        array[...]: shape ``coordinates.shape[1:]``, input's dtype and framework.
+        array[...]: shape ``input.shape[:-ndim] + coordinates.shape[1:]``, input's dtype and framework.
 
     A NaN or ±inf coordinate gives cval (and gradient 0) in every mode — deformcp's rule; SciPy's result there
     depends on the mode. Coordinates beyond about 2^53 are folded as precisely as floating point allows.
@@ -253,7 +278,7 @@ def map_coordinates_backward(grad_output, input, coordinates, order=1, mode="con
     """Gradients of :func:`map_coordinates` with respect to input and coordinates.
 
     Args:
-        grad_output (array[...]): gradient of the loss with respect to the output, shape ``coordinates.shape[1:]``.
+        grad_output (array[...]): gradient of the loss with respect to the output (the output's shape).
         input, coordinates, order, mode, cval, prefilter: as given to :func:`map_coordinates`.
         needs_input_grad (pair of bool): which of (input, coordinates) to differentiate. Default: both.
         deterministic (bool): on the host and CUDA backends, False scatter-adds the input gradient with atomics
@@ -261,12 +286,12 @@ def map_coordinates_backward(grad_output, input, coordinates, order=1, mode="con
             bitwise identical run to run, and slow on a GPU. The NumPy path is always deterministic. Default: False.
 
     Returns:
-        MapCoordinatesGrads: ``input`` (input's shape) and ``coordinates`` (coordinates' shape), None where not
-        asked for. The coordinate gradient is 0 at order 0, at non-finite coordinates, where "constant" gives
-        cval, and where "nearest" clamps; a fold of the mode (mirror, reflect) flips its sign. At an integer
-        coordinate the derivative is the one from the right. At order 3 with prefilter the input gradient goes
-        through the prefilter's transpose (the filter is linear; the padding's transpose adds the padded borders
-        back onto the edges).
+        MapCoordinatesGrads: ``input`` (input's shape) and ``coordinates`` (coordinates' shape, summed over the
+        batch), None where not asked for. The coordinate gradient is 0 at order 0, at non-finite coordinates,
+        where "constant" gives cval, and where "nearest" clamps; a fold of the mode (mirror, reflect) flips its
+        sign. At an integer coordinate the derivative is the one from the right. At order 3 with prefilter the
+        input gradient goes through the prefilter's transpose (the filter is linear; the padding's transpose
+        adds the padded borders back onto the edges).
     """
     coordinates = _like_input(input, coordinates)
     return backward(MAP_COORDINATES, locals())
@@ -277,23 +302,53 @@ def map_coordinates_backward(grad_output, input, coordinates, order=1, mode="con
 def _check_affine_transform(call, input, matrix, offset, output_shape, order, mode, cval,
                             prefilter) -> NdimageConfig:
     _check_input(input)
-    n = input.ndim
-    forms = f"({n},) diagonal, ({n}, {n}), ({n}, {n + 1}) or ({n + 1}, {n + 1}) homogeneous"
+    forms = ("(n,) diagonal, (n, n), (n, n + 1) or (n + 1, n + 1) homogeneous for n = 2 or 3 sampled axes, "
+             "the last n of input's (a square matrix is (n, n) unless n + 1 is input.ndim, as in SciPy)")
     _validate.floating("matrix", matrix, getattr(matrix, "ndim", 0), forms)
-    if tuple(matrix.shape) not in ((n,), (n, n), (n, n + 1), (n + 1, n + 1)):
-        raise ValueError(f"matrix: expected shape {forms} for {n}-D input, got {tuple(matrix.shape)}")
+    n = _sampled_axes(matrix.shape, input.ndim)
+    if n is None:
+        raise ValueError(f"matrix: expected shape {forms}, for input of shape {tuple(input.shape)}; got "
+                         f"{tuple(matrix.shape)}")
+    batch = _check_sampled_axes(input, n, "matrix")
     _validate.floating("offset", offset, getattr(offset, "ndim", 0), f"() or ({n},)")
     if tuple(offset.shape) not in ((), (n,)):
-        raise ValueError(f"offset: expected shape () or ({n},) for {n}-D input, got {tuple(offset.shape)}")
+        raise ValueError(f"offset: expected shape () or ({n},) for a matrix of {n} sampled axes, got "
+                         f"{tuple(offset.shape)}")
     _validate.same_dtype(input=input, matrix=matrix, offset=offset)
-    out_shape = tuple(input.shape) if output_shape is None else _validate.sizes("output_shape", output_shape, n)
-    _validate.output_fits("output_shape", out_shape, input.dtype)
+    spatial = tuple(input.shape[len(batch):])
+    if output_shape is None:
+        out_shape = spatial
+    else:  # the sampled axes' sizes, or SciPy's whole shape (the batch axes' sizes first)
+        whole = len(batch) + n
+        count = whole if batch and hasattr(output_shape, "__len__") and len(output_shape) == whole else n
+        out_shape = _validate.sizes("output_shape", output_shape, count)
+        if count != n:
+            if out_shape[:len(batch)] != batch:
+                raise ValueError(f"output_shape: expected the batch axes' sizes {batch} before the {n} sampled "
+                                 f"axes' (or the {n} alone), got {out_shape}")
+            out_shape = out_shape[len(batch):]
+    _validate.output_fits("output_shape", batch + out_shape, input.dtype)
     order, mode, cval, prefilter = _check_options(order, mode, cval, prefilter)
-    return NdimageConfig(tuple(input.shape), out_shape, order, mode, cval, prefilter)
+    return NdimageConfig(spatial, out_shape, order, mode, cval, prefilter, batch)
+
+
+def _sampled_axes(matrix_shape: tuple, input_ndim: int) -> Optional[int]:
+    """How many trailing input axes a matrix of this shape maps (SciPy's forms; a square matrix is linear unless
+    it is homogeneous for every input axis, SciPy's reading), or None where no form fits."""
+    shape = tuple(matrix_shape)
+    if len(shape) == 1:
+        n = shape[0]
+    elif len(shape) == 2 and shape[1] == shape[0] + 1:
+        n = shape[0]
+    elif len(shape) == 2 and shape[0] == shape[1]:
+        n = shape[0] - 1 if shape[0] == input_ndim + 1 else shape[0]
+    else:
+        return None
+    return n if n in (2, 3) and n <= input_ndim else None
 
 
 def _affine_transform_output(cfg: NdimageConfig):
-    return cfg.out_shape, "output_shape (input's shape by default)"
+    return cfg.batch + cfg.out_shape, "input's batch axes + output_shape (the sampled axes' sizes by default)"
 
 
 def _affine_coordinates_kernels(call, matrix, offset, cfg: NdimageConfig):
@@ -339,18 +394,23 @@ def affine_transform(input, matrix, offset=0.0, output_shape: Optional[Sequence[
     output indices to input indices; give the inverse of a "push" transform).
 
     Args:
-        input (array[d0, d1] or array[d0, d1, d2]): the image or volume; no channel or batch axis.
-        matrix (array): SciPy's forms, for ndim = input.ndim: (ndim, ndim) the linear map; (ndim,) its diagonal;
-            (ndim + 1, ndim + 1) (bottom row [0, ..., 0, 1], else ValueError) or (ndim, ndim + 1) homogeneous,
-            whose last column is the offset (offset is then ignored). Same dtype as input; a Python list is taken in
-            input's dtype.
+        input (array[..., d0, d1] or array[..., d0, d1, d2]): the image or volume, after any number of batch axes,
+            each of whose images is resampled alike.
+        matrix (array): SciPy's forms, for the ndim = 2 or 3 sampled axes (input's last; the others are batch
+            axes): (ndim, ndim) the linear map; (ndim,) its diagonal; (ndim, ndim + 1) or (ndim + 1, ndim + 1)
+            (bottom row [0, ..., 0, 1], else ValueError) homogeneous, whose last column is the offset (offset is
+            then ignored). A square matrix reads as SciPy reads it: (ndim + 1, ndim + 1) homogeneous only where
+            ndim = input.ndim, else (n, n) linear over the last n axes. Same dtype as input; a Python list is taken
+            in input's dtype.
         offset (array[()] or array[ndim]): added to every input index (a scalar: the same on each axis). Same
             dtype as input; a Python number or list is taken in input's dtype. Default: 0.0.
-        output_shape (sequence of ndim ints, optional): the output's shape. Default: input's shape.
+        output_shape (sequence of ints, optional): the sampled axes' output sizes (ndim ints), or SciPy's whole
+            output shape (input's batch sizes, then those). Default: input's shape.
         order, mode, cval, prefilter: as :func:`map_coordinates` (orders 0, 1 and 3; SciPy's modes).
 
     Returns:
-        array[output_shape]: input's dtype and framework.
+        array[..., *output_shape]: input's batch axes, then the sampled axes' output sizes; input's dtype and
+        framework.
 
     The coordinates are summed as SciPy sums them (``Σ_l o_l · matrix[h, l]``, then the offset); a diagonal
     matrix is applied as the full matrix would be, where SciPy's separable path may round differently in the
@@ -373,7 +433,7 @@ def affine_transform_backward(grad_output, input, matrix, offset=0.0, output_sha
     """Gradients of :func:`affine_transform` with respect to input, matrix and offset.
 
     Args:
-        grad_output (array[output_shape]): gradient of the loss with respect to the output.
+        grad_output (array[..., *output_shape]): gradient of the loss with respect to the output.
         input, matrix, offset, output_shape, order, mode, cval, prefilter: as given to :func:`affine_transform`.
         needs_input_grad (triple of bool): which of (input, matrix, offset) to differentiate. Default: all.
         deterministic (bool): as :func:`map_coordinates_backward` (the input gradient's order of addition).
@@ -382,7 +442,8 @@ def affine_transform_backward(grad_output, input, matrix, offset=0.0, output_sha
     Returns:
         AffineTransformGrads: ``input``, ``matrix`` and ``offset``, each of the shape it was given in (a diagonal
         matrix gets the diagonal of the gradient, a scalar offset the sum over the axes, a homogeneous matrix 0 in
-        its last row, and offset 0 where a homogeneous matrix ignores it); None where not asked for. The matrix
+        its last row, and offset 0 where a homogeneous matrix ignores it; matrix and offset summed over the
+        batch); None where not asked for. The matrix
         and offset gradients are the coordinate gradients (as :func:`map_coordinates_backward`) reduced over the
         output in one deterministic reduction in float64: fixed chunks of points summed in order, then the chunks.
     """
@@ -392,32 +453,33 @@ def affine_transform_backward(grad_output, input, matrix, offset=0.0, output_sha
 
 # ------------------------------------------------------------------------------------------- specs
 
-def _image(rng, ndim):
-    return rng.standard_normal((5, 6) if ndim == 2 else (4, 5, 3))
+def _image(rng, ndim, batch=()):
+    return rng.standard_normal(batch + ((5, 6) if ndim == 2 else (4, 5, 3)))
 
 
-def _map_inputs(ndim):
+def _map_inputs(ndim, batch=()):
     """Coordinates from 1.5 to 4.5 steps before the input to as far past it (non-finite ones: tests/test_ndimage.py)."""
     def make(rng):
-        input = _image(rng, ndim)
+        input = _image(rng, ndim, batch)
         coordinates = rng.uniform(-1.5, 1.5, (ndim, 7, 3)) * (1 + 2 * rng.random((ndim, 1, 1))) \
-            + rng.uniform(0, 1, (ndim, 7, 3)) * (max(input.shape) - 1)
+            + rng.uniform(0, 1, (ndim, 7, 3)) * (max(input.shape[len(batch):]) - 1)
         return {"input": input, "coordinates": coordinates}
     return make
 
 
-def _affine_inputs(ndim, matrix_shape, offset_shape, out_shape):
+def _affine_inputs(ndim, matrix_shape, offset_shape, out_shape, batch=()):
     """A random affine map of the output onto the input, reaching a step or two past its edges (its matrix gradient
     sums every point's coordinate gradient: where most points fall outside, those sums cancel to a small fraction
     of their terms, too ill-conditioned in float32 to compare two implementations). A scalar offset only where its
     gradient is 0 (order 0, or a homogeneous matrix): its gradient sums every coordinate gradient, as ill-posed."""
     def make(rng):
-        input = _image(rng, ndim)
-        reach = (np.array(input.shape) - 1) / (np.array(out_shape) - 1)
+        input = _image(rng, ndim, batch)
+        spatial = np.array(input.shape[len(batch):])
+        reach = (spatial - 1) / (np.array(out_shape) - 1)
         m = np.diag(reach * rng.uniform(0.7, 1.2, ndim) * rng.choice([-1, 1], ndim))
         if len(matrix_shape) == 2:
             m += rng.uniform(-0.3, 0.3, (ndim, ndim))
-        shift = (np.array(input.shape) - 1) / 2 - m @ ((np.array(out_shape) - 1) / 2) + rng.uniform(-1, 1, ndim)
+        shift = (spatial - 1) / 2 - m @ ((np.array(out_shape) - 1) / 2) + rng.uniform(-1, 1, ndim)
         if len(matrix_shape) == 1:
             matrix, offset = np.diag(m), shift
         elif matrix_shape == (ndim, ndim):
@@ -440,6 +502,10 @@ def _map_cases():
         for mode in ("mirror", "grid-constant"):
             yield Case(f"{ndim}d-order=3-{mode}-prefilter=False", _map_inputs(ndim),
                        {"order": 3, "mode": mode, "cval": 0.5, "prefilter": False})
+        for batch, order, mode in (((3,), 1, "reflect"), ((2, 1), 3, "nearest"), ((2,), 3, "wrap"),
+                                   ((2,), 0, "constant")):  # images sampled alike; "nearest" pads before its prefilter
+            yield Case(f"{ndim}d-batch{batch}-order={order}-{mode}", _map_inputs(ndim, batch),
+                       {"order": order, "mode": mode, "cval": 0.5, "prefilter": True})
 
 
 def _affine_cases():
@@ -454,6 +520,10 @@ def _affine_cases():
             yield Case(f"{ndim}d-matrix{m}-offset{o}-order={order}-{mode}" + ("" if prefilter else "-prefilter=False"),
                        _affine_inputs(ndim, m, o, out_shape),
                        {"order": order, "mode": mode, "cval": -0.5, "prefilter": prefilter, "output_shape": out_shape})
+        for m, order, mode in (((ndim, ndim + 1), 1, "grid-constant"), ((ndim, ndim), 3, "grid-constant")):
+            make = _affine_inputs(ndim, m, (ndim,), out_shape, batch=(2,))
+            yield Case(f"{ndim}d-batch(2,)-matrix{m}-order={order}-{mode}", make,
+                       {"order": order, "mode": mode, "cval": -0.5, "prefilter": True, "output_shape": out_shape})
 
 
 MAP_COORDINATES = OpSpec(

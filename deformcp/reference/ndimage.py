@@ -9,9 +9,10 @@ initialisation SciPy gives the mode); its input gradient goes through the exact 
 
 Each point's taps are planned per axis (:func:`_axis_taps`: SciPy's folding of the coordinate by the mode, the
 order's weights and their derivatives, the taps mapped into the input by the mode) and combined into flat
-indices into the input followed by one cval element, which grid-constant taps outside the input read. The forward
-gathers, the input gradient is a ``numpy.bincount`` of the weighted output gradient over those indices (a gather
-in a fixed order: deterministic), and the coordinate gradient uses the same taps with the weights' derivatives.
+indices into an image followed by one cval element, which grid-constant taps outside the input read. The images of
+a batch (the input's leading axes) share the taps. The forward gathers, the input gradient is a ``numpy.bincount``
+of the weighted output gradient over those indices (a gather in a fixed order: deterministic), and the coordinate
+gradient uses the same taps with the weights' derivatives, summed over the images in order.
 """
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .. import _workspace
 from .._kernels import compute_dtype
+from . import _bilinear
 
 #: The cubic B-spline prefilter's pole, sqrt(3) − 2.
 POLE = -0.267949192431122706472553658494127633
@@ -163,9 +166,11 @@ def _taps(coordinates: np.ndarray, shape: tuple, order: int, mode: str) -> _Taps
     return _Taps(valid, index, np.broadcast_to(weight, (P,) + (K,) * ndim).reshape(P, K ** ndim), dweight)
 
 
-def _with_cval(input: np.ndarray, cval: float, dtype) -> np.ndarray:
-    """input flattened in dtype, then one cval element (what grid-constant taps outside read)."""
-    return np.append(input.astype(dtype, copy=False).ravel(), dtype.type(cval))
+def _with_cval(values: np.ndarray, cval: float, dtype) -> np.ndarray:
+    """values (B, *sampled axes) as (B, volume + 1) in dtype: each image flattened, then one cval element (what
+    grid-constant taps outside read)."""
+    flat = values.astype(dtype, copy=False).reshape(values.shape[0], math.prod(values.shape[1:]))
+    return np.concatenate([flat, np.full((flat.shape[0], 1), cval, dtype)], axis=1)
 
 
 # ------------------------------------------------------------------------------------------ the spline prefilter
@@ -234,9 +239,9 @@ def _filter_axis(c: np.ndarray, init: str, transpose: bool) -> np.ndarray:
 
 
 def _filter(c: np.ndarray, mode: str, transpose: bool) -> np.ndarray:
-    """The prefilter along every axis of c (the transpose: the axes in reverse order); lines of one element are
-    left as they are, as SciPy leaves them."""
-    axes = range(c.ndim - 1, -1, -1) if transpose else range(c.ndim)
+    """The prefilter along every sampled axis of c (B, *sampled axes) (the transpose: the axes in reverse order);
+    lines of one element are left as they are, as SciPy leaves them."""
+    axes = range(c.ndim - 1, 0, -1) if transpose else range(1, c.ndim)
     for axis in axes:
         if c.shape[axis] > 1:
             lines = np.moveaxis(c, axis, 0)
@@ -246,13 +251,14 @@ def _filter(c: np.ndarray, mode: str, transpose: bool) -> np.ndarray:
 
 
 def pad(xp, x, npad: int, mode: str, cval: float):
-    """x padded by npad on every side as SciPy pads before its prefilter: "nearest" by the edge values,
-    "grid-constant" by cval (namespace xp)."""
+    """x (B, *sampled axes) padded by npad on both sides of each sampled axis as SciPy pads before its prefilter:
+    "nearest" by the edge values, "grid-constant" by cval (namespace xp)."""
     if npad == 0:
         return x
+    widths = [(0, 0)] + [(npad, npad)] * (x.ndim - 1)
     if mode == "nearest":
-        return xp.pad(x, npad, mode="edge")
-    return xp.pad(x, npad, mode="constant", constant_values=cval)
+        return xp.pad(x, widths, mode="edge")
+    return xp.pad(x, widths, mode="constant", constant_values=cval)
 
 
 def pad_adjoint(xp, g, npad: int, mode: str):
@@ -261,29 +267,30 @@ def pad_adjoint(xp, g, npad: int, mode: str):
     if npad == 0:
         return g
     if mode == "nearest":
-        for axis in range(g.ndim):
+        for axis in range(1, g.ndim):
             g = xp.moveaxis(g, axis, 0)
             inner = g[npad:-npad].copy()
             inner[0] += xp.sum(g[:npad], axis=0)
             inner[-1] += xp.sum(g[-npad:], axis=0)
             g = xp.moveaxis(inner, 0, axis)
         return g
-    return g[(slice(npad, -npad),) * g.ndim]
+    return g[(slice(None),) + (slice(npad, -npad),) * (g.ndim - 1)]
 
 
 def spline_coefficients(input: np.ndarray, cfg) -> np.ndarray:
-    """SciPy's cubic spline coefficients of input (shape) in its dtype: padded by cfg.npad, then filtered."""
+    """SciPy's cubic spline coefficients of input (B, *shape) in its dtype: padded by cfg.npad, then filtered."""
     return _filter(pad(np, input, cfg.npad, cfg.mode, cfg.cval), cfg.mode, transpose=False)
 
 
 def spline_coefficients_adjoint(grad: np.ndarray, cfg) -> np.ndarray:
-    """The transpose of :func:`spline_coefficients`' linear part: grad (padded shape) → (input's shape)."""
+    """The transpose of :func:`spline_coefficients`' linear part: grad (B, *padded shape) → (B, *shape)."""
     return np.ascontiguousarray(pad_adjoint(np, _filter(grad, cfg.mode, transpose=True), cfg.npad, cfg.mode))
 
 
 def _coefficients(input: np.ndarray, cfg, dtype) -> np.ndarray:
-    """What the taps read in dtype: the spline coefficients of input when cfg prefilters, else input."""
-    input = input.astype(dtype, copy=False)
+    """What the taps read in dtype, (B, *sampled axes): the spline coefficients of input when cfg prefilters, else
+    input."""
+    input = input.astype(dtype, copy=False).reshape((cfg.images, *cfg.shape))
     return spline_coefficients(input, cfg) if cfg.prefiltered else input
 
 
@@ -293,33 +300,71 @@ def _sampled(coordinates, cfg, dtype) -> np.ndarray:
     return c + dtype.type(cfg.npad) if cfg.npad else c
 
 
+def _point_ranges(P: int, images: int, cfg) -> list[tuple[int, int]]:
+    """Chunks of the P points whose taps (index, weight, derivatives, a value per image) take about
+    NDIMAGE_CHUNK_BYTES."""
+    per_point = (cfg.order + 1) ** len(cfg.shape) * 8 * (3 + len(cfg.shape) + images)
+    return _workspace.ranges(P, max(1, _workspace.NDIMAGE_CHUNK_BYTES // per_point))
+
+
 def sample(input, coordinates, cfg):
-    """input (shape), coordinates (ndim, *out) in any float dtype → (*out) in input's dtype."""
+    """input (*batch, *shape), coordinates (ndim, *out) in any float dtype → (*batch, *out) in input's dtype. The
+    points in chunks on the thread pool."""
     dtype = compute_dtype(input.dtype)
     values = _coefficients(input, cfg, dtype)
-    taps = _taps(_sampled(coordinates, cfg, dtype), values.shape, cfg.order, cfg.mode)
-    gathered = _with_cval(values, cfg.cval, dtype)[taps.index]
-    out = np.where(taps.valid, np.sum(taps.weight * gathered, axis=1), dtype.type(cfg.cval))
-    return out.reshape(coordinates.shape[1:]).astype(input.dtype)
+    images = _with_cval(values, cfg.cval, dtype)  # (B, volume + 1)
+    c = _sampled(coordinates, cfg, dtype)
+    out = np.empty((len(images), c.shape[1]), dtype)
+
+    def work(p0, p1):
+        taps = _taps(c[:, p0:p1], values.shape[1:], cfg.order, cfg.mode)
+        gathered = images[:, taps.index]  # (B, points, T)
+        out[:, p0:p1] = np.where(taps.valid, np.sum(taps.weight * gathered, axis=2), dtype.type(cfg.cval))
+
+    _bilinear.for_each_chunk(work, _point_ranges(c.shape[1], len(images), cfg))
+    return out.reshape(cfg.batch + tuple(coordinates.shape[1:])).astype(input.dtype)
+
+
+def _add_at(target: np.ndarray, index: np.ndarray, weights: np.ndarray) -> None:
+    """target[index] += weights, repeated indices added in order: a bincount over the span the indices cover
+    where it is compact, else numpy.add.at."""
+    if index.size == 0:
+        return
+    low, high = int(index.min()), int(index.max())
+    if high - low < 8 * index.size:
+        target[low:high + 1] += np.bincount(index - low, weights, minlength=high - low + 1)
+    else:
+        np.add.at(target, index, weights)
 
 
 def sample_backward(grad_output, input, coordinates, cfg, want_input: bool, want_coordinates: bool):
     """→ (grad_input in input's dtype or None, grad_coordinates (ndim, P) in the compute dtype or None)."""
     dtype = compute_dtype(input.dtype)
     values = _coefficients(input, cfg, dtype)
-    taps = _taps(_sampled(coordinates, cfg, dtype), values.shape, cfg.order, cfg.mode)
-    g = np.where(taps.valid, grad_output.astype(dtype, copy=False).ravel(), 0)
-    grad_input = grad_coordinates = None
-    if want_input:
-        size = values.size
-        gathered = np.bincount(taps.index.ravel(), (taps.weight * g[:, None]).ravel(), minlength=size + 1)
-        grad_input = gathered[:size].reshape(values.shape).astype(dtype, copy=False)
+    images = _with_cval(values, cfg.cval, dtype)  # (B, volume + 1)
+    B, size = images.shape[0], images.shape[1] - 1
+    c = _sampled(coordinates, cfg, dtype)
+    G = grad_output.astype(dtype, copy=False).reshape(B, c.shape[1])
+    # image b's element i at b·(size + 1) + i; the chunks added in order: deterministic
+    grad_flat = np.zeros(B * (size + 1), dtype) if want_input else None
+    grad_coordinates = np.empty(c.shape, dtype) if want_coordinates else None
+    for p0, p1 in _point_ranges(c.shape[1], B, cfg):
+        taps = _taps(c[:, p0:p1], values.shape[1:], cfg.order, cfg.mode)
+        g = np.where(taps.valid, G[:, p0:p1], 0)  # (B, points)
+        if grad_flat is not None:
+            index = taps.index + (size + 1) * np.arange(B).reshape(B, 1, 1)
+            _add_at(grad_flat, index.ravel(), (taps.weight * g[:, :, None]).ravel())
+        if grad_coordinates is not None:
+            tapped = np.zeros(taps.index.shape, dtype)  # (points, T): Σ_b value · g, the images in order
+            for b in range(B):
+                tapped += images[b][taps.index] * g[b][:, None]
+            grad_coordinates[:, p0:p1] = [np.sum(d * tapped, axis=1) for d in taps.dweight]
+    grad_input = None
+    if grad_flat is not None:
+        grad_input = grad_flat.reshape(B, size + 1)[:, :size].reshape(values.shape)
         if cfg.prefiltered:
             grad_input = spline_coefficients_adjoint(grad_input, cfg)
-        grad_input = grad_input.astype(input.dtype)
-    if want_coordinates:
-        tapped = _with_cval(values, cfg.cval, dtype)[taps.index] * g[:, None]
-        grad_coordinates = np.stack([np.sum(d * tapped, axis=1) for d in taps.dweight]).astype(dtype, copy=False)
+        grad_input = grad_input.astype(input.dtype).reshape(input.shape)
     return grad_input, grad_coordinates
 
 
