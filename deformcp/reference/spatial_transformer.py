@@ -16,13 +16,19 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from typing import NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, TypeAlias, Union, overload
 
 import numpy as np
+import numpy.typing as npt
 
 from .. import _workspace
 from .._kernels import compute_dtype
 from . import _bilinear
+
+if TYPE_CHECKING:
+    import scipy.sparse
+
+    from ..ops.spatial_transformer import AffineGridConfig, GridSampleConfig
 
 #: Channels up to which grid_sample's NumPy path samples bilinearly by the direct gather, above which by the
 #: sparse matrix. Measured on the 2-core AMD EPYC VM, one thread, float32, CPU time of direct ÷ sparse, forward /
@@ -40,17 +46,21 @@ POINT_CHUNK_BYTES = 4 << 20
 #: most 8 MiB, with a copy of the grid): a backward on a bitwise-equal grid and the same options (autograd's, after
 #: its forward) reads them instead of planning again.
 PLAN_CACHE_POINTS = 1 << 16
-_last_plans: tuple = ((), None, {})  # ((options, direct), grid copy, {chunk: Plan})
+#: A chunk of grid_sample's points (n0, n1, p0, p1), as the workers get it (*chunk): images [n0, n1), points
+#: [p0, p1) of each.
+_Chunk: TypeAlias = tuple[int, ...]
+# ((options, direct), grid copy, {chunk: Plan})
+_last_plans: tuple[tuple[object, ...], Optional[npt.NDArray[Any]], dict[_Chunk, Plan]] = ((), None, {})
 
 
-def _base_axis(n: int, align_corners: bool, dtype) -> np.ndarray:
+def _base_axis(n: int, align_corners: bool, dtype: np.dtype[Any]) -> npt.NDArray[Any]:
     """(n,) normalised coordinates of the pixels along one axis of affine_grid's base grid."""
     if n <= 1:
         return np.zeros(n, dtype)
     return (2 * np.arange(n, dtype=dtype) - (n - 1)) / (n - 1 if align_corners else n)
 
 
-def affine_grid(theta, cfg):
+def affine_grid(theta: npt.NDArray[Any], cfg: AffineGridConfig) -> npt.NDArray[Any]:
     """theta (N, 2, 3) → grid (N, H, W, 2): (θ_r0 · x + θ_r1 · y) + θ_r2, in the kernels' order. The terms are
     made per column and per row, and added as complex numbers x + iy, which NumPy adds part by part: one
     broadcast sum writes the (x, y) pairs. Volumes: :func:`_affine_grid_3d`."""
@@ -64,22 +74,23 @@ def affine_grid(theta, cfg):
     pair = np.dtype(np.complex64 if dtype == np.float32 else np.complex128)
     x = np.multiply(_base_axis(W, cfg.align_corners, dtype)[:, None], t[:, None, :, 0], order="C").view(pair)
     y = np.multiply(_base_axis(H, cfg.align_corners, dtype)[:, None], t[:, None, :, 1], order="C").view(pair)
-    grid = np.add(x[:, None, :, 0], y, order="C")  # (N, 1, W) + (N, H, 1)
+    grid: npt.NDArray[Any] = np.add(x[:, None, :, 0], y, order="C")  # (N, 1, W) + (N, H, 1)
     grid += np.ascontiguousarray(t[:, :, 2]).view(pair)[:, :, None]
     return grid.view(dtype).reshape(N, H, W, 2).astype(theta.dtype, copy=False)
 
 
-def _affine_grid_3d(theta, cfg):
+def _affine_grid_3d(theta: npt.NDArray[Any], cfg: AffineGridConfig) -> npt.NDArray[Any]:
     """theta (N, 3, 4) → grid (N, D, H, W, 3): ((θ_r0 · x + θ_r1 · y) + θ_r2 · z) + θ_r3, in the kernels' order."""
     dtype = compute_dtype(theta.dtype)
     t = theta.astype(dtype, copy=False)
     x, y, z = (_base_axis(n, cfg.align_corners, dtype)[:, None] * t[:, None, :, axis]  # (N, n, 3)
                for axis, n in enumerate((cfg.W, cfg.H, cfg.D)))
-    grid = x[:, None, None] + y[:, None, :, None] + z[:, :, None, None] + t[:, None, None, None, :, 3]
+    grid: npt.NDArray[Any] = x[:, None, None] + y[:, None, :, None] + z[:, :, None, None] + t[:, None, None, None, :, 3]
     return grid.astype(theta.dtype, copy=False)
 
 
-def affine_grid_backward(grad_output, theta, cfg, wanted):
+def affine_grid_backward(grad_output: npt.NDArray[Any], theta: npt.NDArray[Any], cfg: AffineGridConfig,
+                         wanted: tuple[bool]) -> tuple[npt.NDArray[Any]]:
     """grad_output (N, H, W, 2) → (grad_theta (N, 2, 3),): Σ over the grid of grad_output · (x, y, 1). One product
     sums over the rows, weighted by 1 and by y, then the columns are summed, weighted by x and by 1. Volumes:
     grad_output (N, D, H, W, 3) → (N, 3, 4), Σ of grad_output · (x, y, z, 1)."""
@@ -103,7 +114,8 @@ def affine_grid_backward(grad_output, theta, cfg, wanted):
 
 # ---------------------------------------------------------------------------------------- grid_sample
 
-def _source_coordinate(g, size, padding_mode: str, align_corners: bool):
+def _source_coordinate(g: npt.NDArray[Any], size: npt.NDArray[Any], padding_mode: str, align_corners: bool
+                       ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
     """Pixel coordinates sampled for normalised grid values g (2, k), rows x and y, overwritten, over an image of
     ``size`` (2, 1) [[W], [H]] in g's dtype, and their derivatives with respect to g, (2, 1) or (2, k) (the kernels'
     grid_source_coordinate)."""
@@ -121,7 +133,14 @@ def _source_coordinate(g, size, padding_mode: str, align_corners: bool):
     return _pad(x, d, size, padding_mode, align_corners)
 
 
-def _pad(x, d, size, padding_mode: str, align_corners: bool):
+@overload
+def _pad(x: npt.NDArray[Any], d: npt.NDArray[Any], size: npt.NDArray[Any], padding_mode: str, align_corners: bool
+         ) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]: ...
+@overload
+def _pad(x: npt.NDArray[Any], d: float, size: npt.NDArray[Any], padding_mode: str, align_corners: bool
+         ) -> tuple[npt.NDArray[Any], Union[npt.NDArray[Any], float]]: ...
+def _pad(x: npt.NDArray[Any], d: Union[npt.NDArray[Any], float], size: npt.NDArray[Any], padding_mode: str,
+         align_corners: bool) -> tuple[npt.NDArray[Any], Union[npt.NDArray[Any], float]]:
     """Pixel coordinates x over an image of ``size`` pixels (broadcasting) after the padding mode (reflected, then
     clamped), and d times the padding's derivative (the kernels' grid_source_coordinate, cubic_tap)."""
     if padding_mode == "reflection":
@@ -137,9 +156,9 @@ def _pad(x, d, size, padding_mode: str, align_corners: bool):
         one_pixel = span == 0  # align_corners over a 1-pixel axis: always that pixel
         x, d = np.where(one_pixel, 0, x), np.where(one_pixel, 0, d)
     if padding_mode != "zeros":
-        low, high = x <= 0, x >= size - 1
-        x = np.where(low, 0, np.where(high, size - 1, x)).astype(x.dtype)
-        d = np.where(low | high, 0, d).astype(x.dtype)
+        below, above = x <= 0, x >= size - 1
+        x = np.where(below, 0, np.where(above, size - 1, x)).astype(x.dtype)
+        d = np.where(below | above, 0, d).astype(x.dtype)
     return x, d
 
 
@@ -148,7 +167,7 @@ def _pad(x, d, size, padding_mode: str, align_corners: bool):
 PAD = 2
 
 
-def padded(images: np.ndarray, dtype, channels_last: bool) -> np.ndarray:
+def padded(images: npt.NDArray[Any], dtype: np.dtype[Any], channels_last: bool) -> npt.NDArray[Any]:
     """(n, C, *S) images (S: (H, W), or (D, H, W) for volumes) in dtype with PAD zero pixels on every side, each
     image's Π(S + 2·PAD) pixels flat: (C, n·Π(S + 2·PAD)), or with channels_last (n·Π(S + 2·PAD), C)."""
     n, C, *S = images.shape
@@ -162,7 +181,7 @@ def padded(images: np.ndarray, dtype, channels_last: bool) -> np.ndarray:
     return X.reshape(C, -1)
 
 
-def interior(X: np.ndarray, out: np.ndarray, channels_last: bool) -> None:
+def interior(X: npt.NDArray[Any], out: npt.NDArray[Any], channels_last: bool) -> None:
     """Write :func:`padded` images X without their borders into out (n, C, *S)."""
     n, C, *S = out.shape
     inner, full = tuple(slice(PAD, s + PAD) for s in S), tuple(s + 2 * PAD for s in S)
@@ -175,19 +194,21 @@ def interior(X: np.ndarray, out: np.ndarray, channels_last: bool) -> None:
 class Plan(NamedTuple):
     """Where the k samples of a chunk read in :func:`padded` images, and with what weights."""
 
-    index: np.ndarray                      # (q, k) flat indices of the pixels each sample reads: q = m^d taps over
-                                           # d axes, the last coordinate's outermost (bilinear: m = 2, the corners
-                                           # (y0, x0), (y0, x1), (y1, x0), (y1, x1), (z0, y0, x0), … for volumes;
-                                           # bicubic: m = 4), or the nearest pixel (q = 1)
-    weight: Optional[np.ndarray]           # (q, k) weights of the taps; None: nearest, weight 1
-    axis_weight: Optional[np.ndarray]      # (d, m, k) [x; y; (z)] × tap weights, whose products are weight
-    axis_derivative: Optional[np.ndarray]  # (d, m, k) or (d, m, 1): their derivatives wrt the pixel coordinates
-    slope: np.ndarray                      # (d, 1) or (d, k) derivatives of the pixel coordinates (x; y; (z)) wrt
-                                           # the grid
+    # (q, k) flat indices of the pixels each sample reads: q = m^d taps over d axes, the last coordinate's outermost
+    # (bilinear: m = 2, the corners (y0, x0), (y0, x1), (y1, x0), (y1, x1), (z0, y0, x0), … for volumes; bicubic:
+    # m = 4), or the nearest pixel (q = 1). The name hides tuple.index, unused here.
+    index: npt.NDArray[Any]  # type: ignore[assignment]
+    weight: Optional[npt.NDArray[Any]]           # (q, k) weights of the taps; None: nearest, weight 1
+    axis_weight: Optional[npt.NDArray[Any]]      # (d, m, k) [x; y; (z)] × tap weights, whose products are weight
+    axis_derivative: Optional[npt.NDArray[Any]]  # (d, m, k) or (d, m, 1): their derivatives wrt the pixel
+                                                 # coordinates
+    slope: npt.NDArray[Any]                      # (d, 1) or (d, k) derivatives of the pixel coordinates (x; y; (z))
+                                                 # wrt the grid
 
 
 @np.errstate(invalid="ignore")  # NaN and ±inf grid values are valid input
-def plan(grid: np.ndarray, first_image: int, shape: tuple, mode: str, padding_mode: str, align_corners: bool) -> Plan:
+def plan(grid: npt.NDArray[Any], first_image: int, shape: tuple[int, ...], mode: str, padding_mode: str,
+         align_corners: bool) -> Plan:
     """The plan of grid (n, k, d), the points of images first_image … first_image + n − 1 of the padded images of
     spatial shape ``shape`` ((H, W), or (D, H, W) for volumes, d = 3).
 
@@ -217,17 +238,17 @@ def plan(grid: np.ndarray, first_image: int, shape: tuple, mode: str, padding_mo
 
 
 @functools.lru_cache(maxsize=None)
-def _bilinear_derivative(d: int, dtype) -> np.ndarray:
+def _bilinear_derivative(d: int, dtype: np.dtype[Any]) -> npt.NDArray[Any]:
     """(d, 2, 1): the bilinear weights' derivatives along each of d axes, (1 − t, t) → (−1, 1) (read only)."""
     derivative = np.array([-1, 1], dtype)[None, :, None].repeat(d, axis=0)
     derivative.flags.writeable = False
     return derivative
 
 
-def _tap_combinations(per_axis: np.ndarray, combine) -> np.ndarray:
+def _tap_combinations(per_axis: npt.NDArray[Any], combine: np.ufunc) -> npt.NDArray[Any]:
     """(m^d, k): ``combine`` (np.multiply for weights, np.add for offsets, np.logical_and for masks) of the d axes'
     (m, k) values per tap (d, m, k) over every combination of taps, the last axis's taps outermost."""
-    combined = per_axis[-1]
+    combined: npt.NDArray[Any] = per_axis[-1]
     for values in per_axis[-2::-1]:
         combined = combine(combined[:, None], values[None, :]).reshape(-1, combined.shape[-1])
     return combined
@@ -236,14 +257,15 @@ def _tap_combinations(per_axis: np.ndarray, combine) -> np.ndarray:
 class _Padded(NamedTuple):
     """The flat layout of padded images of one spatial shape."""
 
-    strides: tuple       # of x, y, (z): ints
-    image: int           # pixels of one padded image
-    origin: int          # flat index of pixel (0, …, 0) in the first padded image
-    corners: np.ndarray  # (2^d,) int64 offsets of a bilinear sample's corners from its lower one, last axis outermost
+    strides: tuple[int, ...]   # of x, y, (z)
+    image: int                 # pixels of one padded image
+    origin: int                # flat index of pixel (0, …, 0) in the first padded image
+    corners: npt.NDArray[Any]  # (2^d,) int64 offsets of a bilinear sample's corners from its lower one, last axis
+                               # outermost
 
 
 @functools.lru_cache(maxsize=64)
-def _padded(shape: tuple) -> _Padded:
+def _padded(shape: tuple[int, ...]) -> _Padded:
     """The layout of padded images of spatial shape ``shape`` (array order); cached: a call's fixed cost."""
     full = [s + 2 * PAD for s in shape[::-1]]  # x first
     strides = tuple(int(np.prod(full[:axis])) for axis in range(len(full)))
@@ -251,7 +273,7 @@ def _padded(shape: tuple) -> _Padded:
     return _Padded(strides, int(np.prod(full)), PAD * sum(strides), corners.astype(np.int64))
 
 
-def _cubic_weights(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _cubic_weights(t: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
     """Keys' cubic convolution weights (A = −0.75, as torch) of the taps floor(x) − 1 … floor(x) + 2 at
     t = x − floor(x) (any shape), and their derivatives with respect to t: two arrays (4, *t.shape)."""
     a, d0, d1, d2 = -0.75, t + 1, t, 1 - t
@@ -264,8 +286,8 @@ def _cubic_weights(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @np.errstate(invalid="ignore")
-def _cubic_plan(x: np.ndarray, slope, shape: tuple, starts: np.ndarray, padding_mode: str,
-                align_corners: bool) -> Plan:
+def _cubic_plan(x: npt.NDArray[Any], slope: npt.NDArray[Any], shape: tuple[int, ...], starts: npt.NDArray[Any],
+                padding_mode: str, align_corners: bool) -> Plan:
     """The bicubic (tricubic for volumes) plan at pixel coordinates x (d, k) [x; y; (z)], not padded, of the padded
     images of spatial shape ``shape`` whose pixel (0, …, 0) is at the flat indices starts (k,): the taps
     floor(x) − 1 … floor(x) + 2 per axis, each padded by the padding mode (torch's rule; the kernels'
@@ -290,16 +312,16 @@ def _cubic_plan(x: np.ndarray, slope, shape: tuple, starts: np.ndarray, padding_
     return Plan(index, _tap_combinations(axis_weight, np.multiply), axis_weight, axis_derivative, slope)
 
 
-def _image_starts(first_image: int, n: int, k: int, shape: tuple) -> np.ndarray:
+def _image_starts(first_image: int, n: int, k: int, shape: tuple[int, ...]) -> npt.NDArray[Any]:
     """Flat indices (n·k,) of pixel (0, …, 0) of each point's padded image, k points of n images from first_image on."""
     layout = _padded(shape)
     return np.repeat(first_image * layout.image + layout.origin + np.arange(n) * layout.image, k)
 
 
-def _flat_index(i: np.ndarray, first_image: int, n: int, shape: tuple) -> np.ndarray:
+def _flat_index(i: npt.NDArray[Any], first_image: int, n: int, shape: tuple[int, ...]) -> npt.NDArray[Any]:
     """Flat indices (n·k,) of the pixels i (d, n·k) [x; y; (z)] in n padded images from first_image on."""
     layout = _padded(shape)
-    index = i[0] * layout.strides[0] if layout.strides[0] != 1 else i[0].copy()
+    index: npt.NDArray[Any] = i[0] * layout.strides[0] if layout.strides[0] != 1 else i[0].copy()
     for axis in range(1, len(layout.strides)):
         index += i[axis] * layout.strides[axis]
     first = first_image * layout.image + layout.origin  # where pixel (0, …, 0) of the first image is
@@ -310,20 +332,21 @@ def _flat_index(i: np.ndarray, first_image: int, n: int, shape: tuple) -> np.nda
     return index
 
 
-def gather(X: np.ndarray, plan: Plan) -> np.ndarray:
+def gather(X: npt.NDArray[Any], plan: Plan) -> npt.NDArray[Any]:
     """The values (C, q, k) that the samples read from the padded images X (C, ·)."""
     return X.take(plan.index, axis=1, mode="wrap")  # "wrap" skips the bounds check: the plan's are inside
 
 
-def sample(X: np.ndarray, plan: Plan) -> np.ndarray:
+def sample(X: npt.NDArray[Any], plan: Plan) -> npt.NDArray[Any]:
     """The samples (C, k) of the padded images X (C, ·)."""
     values = gather(X, plan)
     if plan.weight is None:
         return values[:, 0]
-    return (values * plan.weight).sum(axis=1)  # the corners added in order, as S @ X does
+    samples: npt.NDArray[Any] = (values * plan.weight).sum(axis=1)  # the corners added in order, as S @ X does
+    return samples
 
 
-def scatter(grad_X: np.ndarray, plan: Plan, G: np.ndarray) -> None:
+def scatter(grad_X: npt.NDArray[Any], plan: Plan, G: npt.NDArray[Any]) -> None:
     """Add the samples' gradients G (C, k) into the padded images' gradient grad_X (C, ·), in order."""
     values = G[:, None] if plan.weight is None else G[:, None] * plan.weight  # (C, q, k)
     index = plan.index.reshape(-1)
@@ -331,10 +354,11 @@ def scatter(grad_X: np.ndarray, plan: Plan, G: np.ndarray) -> None:
         np.add.at(grad, index, value.reshape(-1))
 
 
-def grid_gradient(dots: np.ndarray, plan: Plan, out: np.ndarray) -> None:
+def grid_gradient(dots: npt.NDArray[Any], plan: Plan, out: npt.NDArray[Any]) -> None:
     """Write the grid's gradient into out (k, d), from each tap's values dotted with the output gradient,
     dots (m^d, k): a tap's weight's derivative along an axis is that axis's weight's derivative times the other
     axes' weights."""
+    assert plan.axis_weight is not None and plan.axis_derivative is not None  # not a nearest plan
     d, m = plan.axis_weight.shape[:2]
     taps = dots.reshape((m,) * d + (-1,))  # the last coordinate's taps outermost
     for axis in range(d):
@@ -345,8 +369,9 @@ def grid_gradient(dots: np.ndarray, plan: Plan, out: np.ndarray) -> None:
         np.multiply(summed, plan.slope[axis], out=out[:, axis])
 
 
-def sampling_matrix(plan: Plan, n_columns: int):
+def sampling_matrix(plan: Plan, n_columns: int) -> scipy.sparse.csr_matrix:
     """A bilinear plan as a CSR matrix over the rows of channels-last padded images (the sparse formulation)."""
+    assert plan.weight is not None  # not a nearest plan: those are sampled directly
     return _bilinear.sampling_matrix(plan.index.T, plan.weight.T, n_columns)
 
 
@@ -362,13 +387,15 @@ def point_chunks(N: int, P: int, per_point: int) -> list[tuple[int, int, int, in
 class _Setup(NamedTuple):
     """What both passes of grid_sample's NumPy path start from."""
 
-    grid: np.ndarray  # (N, P, d) in the compute dtype
-    dtype: np.dtype   # the compute dtype
-    direct: bool      # the direct gather (nearest, few channels), else the sparse matrix
-    chunks: list      # (n0, n1, p0, p1): images [n0, n1), points [p0, p1) of each (all of them: sparse)
-    options: tuple    # the images' spatial shape, mode, padding_mode, align_corners for plan()
+    grid: npt.NDArray[Any]  # (N, P, d) in the compute dtype
+    dtype: np.dtype[Any]    # the compute dtype
+    direct: bool            # the direct gather (nearest, few channels), else the sparse matrix
+    # (n0, n1, p0, p1): images [n0, n1), points [p0, p1) of each (all of them: sparse)
+    chunks: list[tuple[int, int, int, int]]
+    # the images' spatial shape, mode, padding_mode, align_corners for plan()
+    options: tuple[tuple[int, ...], str, str, bool]
 
-    def plan(self, chunk, known: dict, keep: Optional[dict] = None) -> Plan:
+    def plan(self, chunk: _Chunk, known: dict[_Chunk, Plan], keep: Optional[dict[_Chunk, Plan]] = None) -> Plan:
         """The plan of a chunk: known[chunk] where there is one, else made now, and put in keep where given and the
         grid has at most PLAN_CACHE_POINTS points."""
         found = known.get(chunk)
@@ -380,7 +407,7 @@ class _Setup(NamedTuple):
         return found
 
 
-def _setup(input, grid, cfg) -> _Setup:
+def _setup(input: npt.NDArray[Any], grid: npt.NDArray[Any], cfg: GridSampleConfig) -> _Setup:
     N, C, *shape = input.shape
     dtype = compute_dtype(input.dtype)
     grid = grid.reshape(N, math.prod(grid.shape[1:-1]), len(shape)).astype(dtype, copy=False)
@@ -392,7 +419,7 @@ def _setup(input, grid, cfg) -> _Setup:
     return _Setup(grid, dtype, direct, chunks, (tuple(shape), cfg.mode, cfg.padding_mode, cfg.align_corners))
 
 
-def _known_plans(s: _Setup) -> dict:
+def _known_plans(s: _Setup) -> dict[_Chunk, Plan]:
     """The last forward's plans where its options and grid are s's, bit for bit; else none."""
     options, grid, plans = _last_plans
     if options != (s.options, s.direct) or grid is None or grid.shape != s.grid.shape or grid.dtype != s.grid.dtype:
@@ -401,14 +428,14 @@ def _known_plans(s: _Setup) -> dict:
     return plans if np.array_equal(grid.view(bits), s.grid.view(bits)) else {}
 
 
-def _keep_plans(s: _Setup, plans: dict) -> None:
+def _keep_plans(s: _Setup, plans: dict[_Chunk, Plan]) -> None:
     """Keep a forward's plans (all of its chunks', or none) for the next backward."""
     global _last_plans
     if len(plans) == len(s.chunks):
         _last_plans = ((s.options, s.direct), s.grid.copy(), plans)
 
 
-def grid_sample(input, grid, cfg):
+def grid_sample(input: npt.NDArray[Any], grid: npt.NDArray[Any], cfg: GridSampleConfig) -> npt.NDArray[Any]:
     """input (N, C, *S) sampled at grid (N, *S_out, d) → (N, C, *S_out); S: (H, W), or (D, H, W) with d = 3."""
     N, C = input.shape[:2]
     out_shape = (N, C, *grid.shape[1:-1])
@@ -416,16 +443,16 @@ def grid_sample(input, grid, cfg):
     out = np.empty((N, C, s.grid.shape[1]), s.dtype)
     if out.size == 0:
         return out.reshape(out_shape).astype(input.dtype)
-    plans = {}  # kept for the next backward
+    plans: dict[_Chunk, Plan] = {}  # kept for the next backward
     if s.direct:
         X = padded(input, s.dtype, channels_last=False)
 
-        def work(*chunk):
+        def work(*chunk: int) -> None:
             n0, n1, p0, p1 = chunk
             samples = sample(X, s.plan(chunk, {}, plans))
             out[n0:n1, :, p0:p1] = samples.reshape(C, n1 - n0, p1 - p0).transpose(1, 0, 2)
     else:
-        def work(*chunk):
+        def work(*chunk: int) -> None:
             X = padded(input[chunk[0]:chunk[1]], s.dtype, channels_last=True)
             S = sampling_matrix(s.plan(chunk, {}, plans), X.shape[0])
             _bilinear.to_channels_first(S @ X, out[chunk[0]:chunk[1]])
@@ -435,7 +462,8 @@ def grid_sample(input, grid, cfg):
     return out.reshape(out_shape).astype(input.dtype, copy=False)
 
 
-def grid_sample_backward(grad_output, input, grid, cfg, wanted):
+def grid_sample_backward(grad_output: npt.NDArray[Any], input: npt.NDArray[Any], grid: npt.NDArray[Any],
+                         cfg: GridSampleConfig, wanted: tuple[bool, bool]) -> tuple[Optional[npt.NDArray[Any]], ...]:
     """(grad_input, grad_grid), None where not wanted."""
     want_input, want_grid = wanted
     N, C = input.shape[:2]
@@ -451,38 +479,40 @@ def grid_sample_backward(grad_output, input, grid, cfg, wanted):
                  for g, shape in ((grad_input, input.shape), (grad_grid, grid.shape)))
 
 
-def _direct_backward(s: _Setup, known: dict, grad_output, input, grad_input, grad_grid) -> None:
+def _direct_backward(s: _Setup, known: dict[_Chunk, Plan], grad_output: npt.NDArray[Any], input: npt.NDArray[Any],
+                     grad_input: Optional[npt.NDArray[Any]], grad_grid: Optional[npt.NDArray[Any]]) -> None:
     """The direct formulation's gradients, written into grad_input and grad_grid (None: not wanted). The input
     gradient of an image is added chunk by chunk in order: images run in parallel, each one's chunks in turn."""
     N, C, *shape = input.shape
     X = padded(input, s.dtype, channels_last=False) if grad_grid is not None else None
     grad_X = np.zeros((C, N * _padded(tuple(shape)).image), s.dtype) if grad_input is not None else None
 
-    def work(*chunk):
+    def work(*chunk: int) -> None:
         n0, n1, p0, p1 = chunk
         p = s.plan(chunk, known)
         G = grad_output[n0:n1, :, p0:p1].transpose(1, 0, 2).reshape(C, -1).astype(s.dtype, copy=False)
         if grad_X is not None:
             scatter(grad_X, p, G)
-        if X is not None:
+        if X is not None and grad_grid is not None:
             dots = (gather(X, p) * G[:, None]).sum(axis=0)
             grid_gradient(dots, p, grad_grid[n0:n1, p0:p1].reshape(-1, len(shape)))
 
-    def same_images(*chunks):
+    def same_images(*chunks: _Chunk) -> None:
         for chunk in chunks:
             work(*chunk)
 
     groups = [tuple(group) for _, group in itertools.groupby(s.chunks, lambda chunk: chunk[:2])]
     _bilinear.for_each_chunk(same_images, groups)
-    if grad_input is not None:
+    if grad_input is not None and grad_X is not None:
         interior(grad_X, grad_input, channels_last=False)
 
 
-def _sparse_backward(s: _Setup, known: dict, grad_output, input, grad_input, grad_grid) -> None:
+def _sparse_backward(s: _Setup, known: dict[_Chunk, Plan], grad_output: npt.NDArray[Any], input: npt.NDArray[Any],
+                     grad_input: Optional[npt.NDArray[Any]], grad_grid: Optional[npt.NDArray[Any]]) -> None:
     """The sparse formulation's gradients, written into grad_input and grad_grid (None: not wanted)."""
     C = input.shape[1]
 
-    def work(*chunk):
+    def work(*chunk: int) -> None:
         a, b = chunk[:2]
         p = s.plan(chunk, known)
         G = grad_output[a:b].transpose(0, 2, 1).reshape(-1, C).astype(s.dtype, copy=False)
