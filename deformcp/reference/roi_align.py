@@ -8,13 +8,18 @@ touched pixel instead of 4 corners per sample — the per-sample matrix (:func:`
 deformable RoI pooling) with its duplicates summed, built from per-axis samples only."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 import numpy as np
+import numpy.typing as npt
+import scipy.sparse
 
 from .. import _workspace
 from .._kernels import compute_dtype
 from . import _bilinear
+
+if TYPE_CHECKING:
+    from ..ops.roi_align import DeformRoIPoolConfig, RoIAlignConfig
 
 #: A bin's samples along an axis are visited up to this index (the kernels' SAMPLE_INDEX_MAX, 2**62).
 SAMPLE_INDEX_MAX = float(2**62)
@@ -25,18 +30,21 @@ class _Samples(NamedTuple):
     rows of _bilinear.pixels_last(input) and weights, the bin it belongs to, and what max pooling and the
     coordinate gradients need."""
 
-    rows: np.ndarray            # (S, 4) int64
-    weights: np.ndarray         # (S, 4)
-    dweight_dy: np.ndarray      # (S, 4): ∂weights/∂y, 0 where roi_sample clamps y (kernels' roi_sample_coordinate_grad)
-    dweight_dx: np.ndarray      # (S, 4)
-    per_bin: np.ndarray         # (R,) samples computed per bin, R = K·PH·PW
-    count: np.ndarray           # (R,) divisor of the average
-    order: np.ndarray           # (S,) position iy·samples_x + ix of each sample within its bin
-    zero_order: np.ndarray      # (R,) position of the bin's first skipped (zero) sample; -1 if none
-    finite: np.ndarray          # (R,) False for bins with a NaN or ±inf coordinate or shift
+    rows: npt.NDArray[np.int64]          # (S, 4)
+    weights: npt.NDArray[Any]            # (S, 4)
+    # (S, 4): ∂weights/∂y, 0 where roi_sample clamps y (kernels' roi_sample_coordinate_grad)
+    dweight_dy: npt.NDArray[Any]
+    dweight_dx: npt.NDArray[Any]         # (S, 4)
+    per_bin: npt.NDArray[np.int64]       # (R,) samples computed per bin, R = K·PH·PW
+    # (R,) divisor of the average (the kernels' name; it hides tuple.count, unused here)
+    count: npt.NDArray[Any]  # type: ignore[assignment]
+    order: npt.NDArray[np.float64]       # (S,) position iy·samples_x + ix of each sample within its bin
+    zero_order: npt.NDArray[np.float64]  # (R,) position of the bin's first skipped (zero) sample; -1 if none
+    finite: npt.NDArray[np.bool_]        # (R,) False for bins with a NaN or ±inf coordinate or shift
 
 
-def _span(start, step, n, size):
+def _span(start: npt.NDArray[Any], step: npt.NDArray[Any], n: npt.NDArray[Any],
+          size: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """The kernels' sample_span, vectorised: [first, end) of the samples that can land in [-1, size]."""
     hi = np.where(n >= 1, n, 0)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -54,20 +62,21 @@ def _span(start, step, n, size):
 class _RoIGrid(NamedTuple):
     """The kernels' roi_grid for every RoI, (K,) arrays."""
 
-    start_y: np.ndarray
-    start_x: np.ndarray
-    roi_h: np.ndarray
-    roi_w: np.ndarray
-    bin_h: np.ndarray
-    bin_w: np.ndarray
-    samples_y: np.ndarray
-    samples_x: np.ndarray
-    count: np.ndarray
-    finite: np.ndarray
+    start_y: npt.NDArray[Any]
+    start_x: npt.NDArray[Any]
+    roi_h: npt.NDArray[Any]
+    roi_w: npt.NDArray[Any]
+    bin_h: npt.NDArray[Any]
+    bin_w: npt.NDArray[Any]
+    samples_y: npt.NDArray[Any]
+    samples_x: npt.NDArray[Any]
+    count: npt.NDArray[Any]  # type: ignore[assignment]  # the kernels' name; it hides tuple.count, unused here
+    finite: npt.NDArray[np.bool_]
 
 
 @np.errstate(invalid="ignore", over="ignore")  # non-finite and overflowing boxes are masked by `finite`
-def _geometry(rois, PH, PW, spatial_scale, sampling_ratio, aligned, dtype) -> _RoIGrid:
+def _geometry(rois: npt.NDArray[Any], PH: int, PW: int, spatial_scale: float, sampling_ratio: int, aligned: bool,
+              dtype: np.dtype[Any]) -> _RoIGrid:
     scale = dtype.type(spatial_scale)
     offset = dtype.type(0.5 if aligned else 0)
     start_x = rois[:, 1] * scale - offset
@@ -85,7 +94,8 @@ def _geometry(rois, PH, PW, spatial_scale, sampling_ratio, aligned, dtype) -> _R
 
 
 @np.errstate(invalid="ignore", over="ignore", divide="ignore")  # non-finite RoIs and empty bins are masked out
-def _samples(rois, H, W, PH, PW, spatial_scale, sampling_ratio, aligned, dtype, shift=None) -> _Samples:
+def _samples(rois: npt.NDArray[Any], H: int, W: int, PH: int, PW: int, spatial_scale: float, sampling_ratio: int,
+             aligned: bool, dtype: np.dtype[Any], shift: Optional[npt.NDArray[Any]] = None) -> _Samples:
     """Samples of every bin; ``shift`` (K, 2, PH, PW) moves bin (ph, pw)'s start by (Δx, Δy) pixels
     (deformable RoI pooling)."""
     K = len(rois)
@@ -120,6 +130,7 @@ def _samples(rois, H, W, PH, PW, spatial_scale, sampling_ratio, aligned, dtype, 
     x = np.where(x <= 0, 0, np.where(x >= W - 1, W - 1, x)).astype(dtype)
     corners = _bilinear.corners(np.where(valid, y, -2), np.where(valid, x, -2), H, W)
     image = rois[k, 0].astype(np.int64)
+    assert corners.dweight_dy is not None and corners.dweight_dx is not None  # computed: derivatives=True
     # skipped samples of a bin are zeros; the first of them in (iy, ix) order (kernels' zero_order)
     sy, sx = np.broadcast_to(g.samples_y[per_roi], shape), np.broadcast_to(g.samples_x[per_roi], shape)
     zero_order = np.select(
@@ -133,7 +144,8 @@ def _samples(rois, H, W, PH, PW, spatial_scale, sampling_ratio, aligned, dtype, 
                     finite=finite.reshape(-1))
 
 
-def _roi_chunks(rois, H, W, PH, PW, spatial_scale, sampling_ratio, aligned, dtype, separable=False):
+def _roi_chunks(rois: npt.NDArray[Any], H: int, W: int, PH: int, PW: int, spatial_scale: float, sampling_ratio: int,
+                aligned: bool, dtype: np.dtype[Any], separable: bool = False) -> list[tuple[int, int]]:
     """Ranges of RoIs whose samples number about _workspace.ROI_SAMPLES_PER_CHUNK (a RoI is never split); with
     ``separable``, whose :func:`_average_matrix` entries number about ENTRIES_PER_SAMPLE times that."""
     if not len(rois):
@@ -156,14 +168,14 @@ ENTRIES_PER_SAMPLE = 4
 
 
 @np.errstate(invalid="ignore", over="ignore", divide="ignore")  # non-finite RoIs and empty bins are masked out
-def _bin_starts(g: _RoIGrid, PH, PW, dtype):
+def _bin_starts(g: _RoIGrid, PH: int, PW: int, dtype: np.dtype[Any]) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
     """(y_start (K, PH), x_start (K, PW)): where each bin starts, as in _samples."""
     return (g.start_y[:, None] + np.arange(PH, dtype=dtype) * g.bin_h[:, None],
             g.start_x[:, None] + np.arange(PW, dtype=dtype) * g.bin_w[:, None])
 
 
 @np.errstate(invalid="ignore", over="ignore", divide="ignore")
-def _separable_cost(g: _RoIGrid, H, W, PH, PW, dtype):
+def _separable_cost(g: _RoIGrid, H: int, W: int, PH: int, PW: int, dtype: np.dtype[Any]) -> npt.NDArray[np.float64]:
     """Per RoI, a bound on the entries of its :func:`_average_matrix` rows and on its per-axis samples."""
     total = np.zeros(len(g.finite))
     touched = []
@@ -176,11 +188,14 @@ def _separable_cost(g: _RoIGrid, H, W, PH, PW, dtype):
         pixels = np.minimum(2 * count, np.ceil(np.maximum(count - 1, 0) * np.abs(step)) + 2)
         touched.append(np.where(count > 0, pixels, 0).sum(axis=1))
         total += count.sum(axis=1)
-    return total + touched[0] * touched[1]
+    cost: npt.NDArray[np.float64] = total + touched[0] * touched[1]
+    return cost
 
 
 @np.errstate(invalid="ignore", over="ignore", divide="ignore")  # non-finite RoIs are masked by `finite`
-def _axis_weights(start, bin_size, samples, finite, size, dtype):
+def _axis_weights(start: npt.NDArray[Any], bin_size: npt.NDArray[Any], samples: npt.NDArray[Any],
+                  finite: npt.NDArray[np.bool_], size: int,
+                  dtype: np.dtype[Any]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[Any]]:
     """One axis of the separable average: for bins start (K, P) of RoIs with bin_size, samples (K,), the sum
     over each bin's samples along the axis of their bilinear weights in RoIAlign's read (zero outside
     [−1, size], clamped into the image inside). Returns (indptr (K·P + 1,), pixel, weight): bin b touches
@@ -206,14 +221,16 @@ def _axis_weights(start, bin_size, samples, finite, size, dtype):
     return indptr, keys % size, weight
 
 
-def _ragged_arange(starts, lengths):
+def _ragged_arange(starts: npt.NDArray[np.integer[Any]],
+                   lengths: npt.NDArray[np.integer[Any]]) -> npt.NDArray[np.int64]:
     """Concatenated ranges [starts[i], starts[i] + lengths[i])."""
     offsets = np.cumsum(lengths) - lengths
     return np.repeat(starts - offsets, lengths) + np.arange(lengths.sum())
 
 
 @np.errstate(invalid="ignore", over="ignore", divide="ignore")  # non-finite RoIs are masked by `finite`
-def _average_matrix(rois, H, W, PH, PW, spatial_scale, sampling_ratio, aligned, dtype, n_columns):
+def _average_matrix(rois: npt.NDArray[Any], H: int, W: int, PH: int, PW: int, spatial_scale: float, sampling_ratio: int,
+                    aligned: bool, dtype: np.dtype[Any], n_columns: int) -> scipy.sparse.csr_matrix:
     """CSR matrix of the average pooling of rois (K, 5), rows = bins (k, ph, pw), columns = rows of
     _bilinear.pixels_last(input): entry (r, c) of bin (k, ph, pw) is a_y[r]·a_x[c] / count (:func:`_axis_weights`).
     Equal to :func:`_bin_matrix` of :func:`_samples` with its duplicate entries summed."""
@@ -238,14 +255,14 @@ def _average_matrix(rois, H, W, PH, PW, spatial_scale, sampling_ratio, aligned, 
     return _bilinear.sparse_rows(values, np.repeat(base, n_columns_of) + column[x], indptr, n_columns)
 
 
-def _bin_matrix(s: _Samples, n_columns: int):
+def _bin_matrix(s: _Samples, n_columns: int) -> scipy.sparse.csr_matrix:
     """CSR matrix of the average: row r = Σ over bin r's samples of their corner weights / count."""
     weights = s.weights / s.count[np.repeat(np.arange(len(s.per_bin)), s.per_bin)][:, None]
     indptr = np.concatenate([[0], np.cumsum(4 * s.per_bin)])
     return _bilinear.sparse_rows(weights.reshape(-1), s.rows.reshape(-1), indptr, n_columns)
 
 
-def _max_winners(values, s: _Samples):
+def _max_winners(values: npt.NDArray[Any], s: _Samples) -> tuple[npt.NDArray[Any], npt.NDArray[np.int64]]:
     """Max pooling over each bin's samples: (pooled (R, c), winning sample (R, c) or -1 for none)."""
     R, c = len(s.per_bin), values.shape[1]
     pooled = np.zeros((R, c), values.dtype)
@@ -266,7 +283,7 @@ def _max_winners(values, s: _Samples):
     return np.where(zero_wins, 0, pooled), np.where(zero_wins | ~s.finite[:, None], -1, winner)
 
 
-def roi_align(input, rois, cfg):
+def roi_align(input: npt.NDArray[Any], rois: npt.NDArray[Any], cfg: RoIAlignConfig) -> npt.NDArray[Any]:
     """RoIAlign (or, with cfg.position_sensitive, PS-RoIAlign) of input over rois (K, 5) → (K, C_out, PH, PW)."""
     PH, PW, spatial_scale, sampling_ratio, aligned = cfg.PH, cfg.PW, cfg.spatial_scale, cfg.sampling_ratio, cfg.aligned
     pool_mode, position_sensitive = cfg.pool_mode, cfg.position_sensitive
@@ -288,15 +305,15 @@ def roi_align(input, rois, cfg):
                                       n_columns)
         if position_sensitive:  # bin b = (ph, pw) reads input channels c·PH·PW + b
 
-            def work(b0, b1):
+            def work_bins(b0: int, b1: int) -> None:
                 for b in range(b0, b1):
                     out[k0:k1, :, b // PW, b % PW] = (S[np.arange(b, (k1 - k0) * bins, bins)]
                                                       @ _bilinear.pixels_last(input[:, b::bins], dtype))
 
-            _bilinear.for_each_chunk(work, _workspace.even_ranges(bins, _workspace.BIN_GROUPS))
+            _bilinear.for_each_chunk(work_bins, _workspace.even_ranges(bins, _workspace.BIN_GROUPS))
             continue
 
-        def work(c0, c1):
+        def work(c0: int, c1: int) -> None:
             values = S @ _bilinear.pixels_last(input[:, c0:c1], dtype)
             if pool_mode == "max":
                 values = _max_winners(values, s)[0]
@@ -306,7 +323,8 @@ def roi_align(input, rois, cfg):
     return out.astype(input.dtype, copy=False)
 
 
-def roi_align_backward(grad_output, input, rois, cfg, wanted):
+def roi_align_backward(grad_output: npt.NDArray[Any], input: npt.NDArray[Any], rois: npt.NDArray[Any],
+                       cfg: RoIAlignConfig, wanted: tuple[bool]) -> tuple[npt.NDArray[Any]]:
     """(grad_input,)."""
     PH, PW, spatial_scale, sampling_ratio, aligned = cfg.PH, cfg.PW, cfg.spatial_scale, cfg.sampling_ratio, cfg.aligned
     pool_mode, position_sensitive = cfg.pool_mode, cfg.position_sensitive
@@ -318,7 +336,8 @@ def roi_align_backward(grad_output, input, rois, cfg, wanted):
     grad = np.zeros((N, C, H, W), dtype)
     grad_output = grad_output.astype(dtype, copy=False)
 
-    def add_rows(rows, channels):  # rows (N·(H·W + 1), c) of a gradient, into grad[:, channels]
+    # rows (N·(H·W + 1), c) of a gradient, into grad[:, channels]
+    def add_rows(rows: npt.NDArray[Any], channels: slice) -> None:
         c = rows.shape[1]
         grad[:, channels] += rows.reshape(N, H * W + 1, c)[:, :H * W].transpose(0, 2, 1).reshape(N, c, H, W)
 
@@ -332,23 +351,23 @@ def roi_align_backward(grad_output, input, rois, cfg, wanted):
             s = _samples(rois[k0:k1], *geometry)
         if position_sensitive:
 
-            def work(b0, b1):
+            def work_bins(b0: int, b1: int) -> None:
                 for b in range(b0, b1):
                     add_rows(S[np.arange(b, (k1 - k0) * bins, bins)].T @ g[:, :, b // PW, b % PW],
                              slice(b, None, bins))
 
-            _bilinear.for_each_chunk(work, _workspace.even_ranges(bins, _workspace.BIN_GROUPS))
+            _bilinear.for_each_chunk(work_bins, _workspace.even_ranges(bins, _workspace.BIN_GROUPS))
             continue
         G = g.transpose(0, 2, 3, 1).reshape((k1 - k0) * bins, C)
         if average:
 
-            def work(c0, c1):
+            def work(c0: int, c1: int) -> None:
                 add_rows(S.T @ np.ascontiguousarray(G[:, c0:c1]), slice(c0, c1))
         else:
             S = _bilinear.sparse_rows(s.weights.reshape(-1), s.rows.reshape(-1),
                                       np.arange(0, 4 * len(s.rows) + 1, 4), n_columns)
 
-            def work(c0, c1):
+            def work(c0: int, c1: int) -> None:
                 c = c1 - c0
                 winner = _max_winners(S @ _bilinear.pixels_last(input[:, c0:c1], dtype), s)[1]
                 has = winner >= 0
@@ -363,14 +382,17 @@ def roi_align_backward(grad_output, input, rois, cfg, wanted):
     return (grad.astype(input.dtype, copy=False),)
 
 
-def _shift(rois, offset, PH, PW, spatial_scale, sampling_ratio, gamma, dtype):
+def _shift(rois: npt.NDArray[Any], offset: npt.NDArray[Any], PH: int, PW: int, spatial_scale: float,
+           sampling_ratio: int, gamma: float, dtype: np.dtype[Any]) -> npt.NDArray[Any]:
     """Pixel shift (K, 2, PH, PW) of every bin's start: γ · RoI size · offset (channel 0 = x)."""
     g = _geometry(rois, PH, PW, spatial_scale, sampling_ratio, True, dtype)
     scale = np.stack([g.roi_w, g.roi_h], axis=1)[:, :, None, None]
-    return dtype.type(gamma) * scale * offset.astype(dtype)
+    shift: npt.NDArray[Any] = dtype.type(gamma) * scale * offset.astype(dtype)
+    return shift
 
 
-def deform_roi_pool(input, rois, offset, mask, cfg):
+def deform_roi_pool(input: npt.NDArray[Any], rois: npt.NDArray[Any], offset: Optional[npt.NDArray[Any]],
+                    mask: Optional[npt.NDArray[Any]], cfg: DeformRoIPoolConfig) -> npt.NDArray[Any]:
     """Deformable (modulated) RoI pooling → (K, C, PH, PW)."""
     PH, PW, spatial_scale, sampling_ratio, gamma = cfg.PH, cfg.PW, cfg.spatial_scale, cfg.sampling_ratio, cfg.gamma
     N, C, H, W = input.shape
@@ -379,15 +401,16 @@ def deform_roi_pool(input, rois, offset, mask, cfg):
     out = np.zeros((len(rois), C, PH, PW), dtype)
     n_columns = N * (H * W + 1)
     geometry = (H, W, PH, PW, spatial_scale, sampling_ratio, True, dtype)
-    plain = offset is None or not np.any(offset)  # aligned RoIAlign (mmcv initialises the offsets to 0)
-    for k0, k1 in _roi_chunks(rois, *geometry, separable=plain):
-        if plain:
+    if offset is not None and not np.any(offset):
+        offset = None  # aligned RoIAlign (mmcv initialises the offsets to 0)
+    for k0, k1 in _roi_chunks(rois, *geometry, separable=offset is None):
+        if offset is None:
             S = _average_matrix(rois[k0:k1], *geometry, n_columns)
         else:
             shift = _shift(rois[k0:k1], offset[k0:k1], PH, PW, spatial_scale, sampling_ratio, gamma, dtype)
             S = _bin_matrix(_samples(rois[k0:k1], *geometry, shift), n_columns)
 
-        def work(c0, c1):
+        def work(c0: int, c1: int) -> None:
             values = S @ _bilinear.pixels_last(input[:, c0:c1], dtype)
             out[k0:k1, c0:c1] = values.reshape(k1 - k0, PH, PW, c1 - c0).transpose(0, 3, 1, 2)
 
@@ -397,7 +420,10 @@ def deform_roi_pool(input, rois, offset, mask, cfg):
     return out.astype(input.dtype, copy=False)
 
 
-def deform_roi_pool_backward(grad_output, input, rois, offset, mask, cfg, wanted):
+def deform_roi_pool_backward(grad_output: npt.NDArray[Any], input: npt.NDArray[Any], rois: npt.NDArray[Any],
+                             offset: Optional[npt.NDArray[Any]], mask: Optional[npt.NDArray[Any]],
+                             cfg: DeformRoIPoolConfig, wanted: tuple[bool, bool, bool]
+                             ) -> tuple[Optional[npt.NDArray[Any]], ...]:
     """(grad_input, grad_offset, grad_mask), None where not wanted."""
     PH, PW, spatial_scale, sampling_ratio, gamma = cfg.PH, cfg.PW, cfg.spatial_scale, cfg.sampling_ratio, cfg.gamma
     want_input, want_offset, want_mask = wanted
@@ -421,9 +447,9 @@ def deform_roi_pool_backward(grad_output, input, rois, offset, mask, cfg, wanted
         blocks = _workspace.channel_blocks(C, n_columns, dtype.itemsize)
         partial = np.zeros((len(blocks), 3, (k1 - k0) * bins), dtype)  # per block: Σ_c for x, y, mask
 
-        def work(c0, c1):
+        def work(c0: int, c1: int) -> None:
             block = blocks.index((c0, c1))
-            if want_input:
+            if grad_input is not None:
                 rows = S.T @ np.ascontiguousarray(G[:, c0:c1])
                 grad_input[:, c0:c1] += rows.reshape(N, H * W + 1, c1 - c0)[:, :H * W].transpose(0, 2, 1).reshape(
                     N, c1 - c0, H, W)
@@ -437,12 +463,12 @@ def deform_roi_pool_backward(grad_output, input, rois, offset, mask, cfg, wanted
 
         _bilinear.for_each_chunk(work, blocks)
         total = partial.sum(axis=0).reshape(3, k1 - k0, PH, PW)  # blocks summed in a fixed order
-        if want_offset and offset is not None:
+        if grad_offset is not None and offset is not None:
             g = _geometry(rois[k0:k1], PH, PW, spatial_scale, sampling_ratio, True, dtype)
             finite = s.finite.reshape(-1, PH, PW)
             with np.errstate(invalid="ignore"):  # non-finite boxes: masked to 0 below
                 grad_offset[k0:k1, 0] = np.where(finite, gamma * g.roi_w[:, None, None] * total[0], 0)
                 grad_offset[k0:k1, 1] = np.where(finite, gamma * g.roi_h[:, None, None] * total[1], 0)
-        if want_mask:
+        if grad_mask is not None:
             grad_mask[k0:k1, 0] = total[2]
     return tuple(None if g is None else g.astype(input.dtype, copy=False) for g in (grad_input, grad_offset, grad_mask))
