@@ -81,14 +81,16 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Sequence, Union
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, Optional, TypeAlias, TypeVar, Union, cast
 
 import numpy as np
+from numpy.typing import NDArray
 
 try:
     import jax
     import jax.numpy as jnp
-    from jax.custom_derivatives import SymbolicZero
+    from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 except ImportError as _error:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError(f"deformcp.jax needs JAX, which could not be imported ({_error}); install it with "
                       "pip install 'deformcp[jax]' (or pip install jax), or use deformcp's array functions "
@@ -97,13 +99,14 @@ except ImportError as _error:  # pragma: no cover - exercised in a subprocess by
 import deformcp as _dc
 from deformcp import _validate
 from deformcp import testing as _testing
+from deformcp._types import Imported
 from deformcp.ops import SPECS, OpSpec, _call
 
 __all__ = ["affine_grid", "grid_sample", "roi_align", "ps_roi_align", "deform_conv2d", "deform_roi_pool",
            "deform_ps_roi_pool", "mimic_loss", "ms_deform_attn", "flash_deform_attn", "dcnv3", "dcnv4",
            "map_coordinates", "affine_transform", "affine_sample"]
 
-_TRACER = getattr(jax.core, "Tracer", ())
+_TRACER: Union[type, tuple[type, ...]] = getattr(jax.core, "Tracer", ())
 
 _buffer_callback: Optional[Callable[..., Any]]
 try:  # JAX's buffers handed to a Python callback in place (JAX 0.7 on)
@@ -119,10 +122,13 @@ _CALLBACK_OPTIONS: dict[str, Any] = ({"vmap_method": "expand_dims"}
 
 # --------------------------------------------------------------------------------------------- plumbing
 
-class _Static:
+_T = TypeVar("_T", bound=Hashable)
+
+
+class _Static(Generic[_T]):
     """A leafless pytree node carrying a hashable Python value (e.g. through custom_vjp residuals)."""
 
-    def __init__(self, value):
+    def __init__(self, value: _T) -> None:
         self.value = value
 
 
@@ -138,6 +144,14 @@ class _Where(NamedTuple):
     in_place: bool
 
 
+#: What a callback does with the arrays JAX hands it (NumPy or CuPy arrays, the present operands) → results.
+_Call: TypeAlias = Callable[[Sequence[Imported]], tuple[Imported, ...]]
+#: run(operands, static options) → results, on arrays as a callback holds them (None: absent); see _over_vmap.
+_Run: TypeAlias = Callable[[Sequence[Optional[Imported]], dict[str, Any]], tuple[Imported, ...]]
+#: A custom_vjp's residuals: the arrays (None: absent) and which of them JAX differentiates.
+_Residuals: TypeAlias = tuple[tuple[Optional[jax.Array], ...], _Static[tuple[bool, ...]]]
+
+
 class _Layout(NamedTuple):
     """One traced call as its callback sees it: which operands are present (None: an absent optional array) and
     their ranks (0 where absent), without the leading axes jax.vmap adds (the callback receives those)."""
@@ -146,7 +160,7 @@ class _Layout(NamedTuple):
     ranks: tuple[int, ...]
 
 
-def _layout(operands) -> _Layout:
+def _layout(operands: Sequence[Optional[jax.Array]]) -> _Layout:
     return _Layout(tuple(a is not None for a in operands), tuple(0 if a is None else a.ndim for a in operands))
 
 
@@ -155,12 +169,12 @@ def _cuda_ready() -> bool:
     return _testing.gpu_available() is None
 
 
-def _cupy():
+def _cupy() -> Any:  # the cupy module (untyped)
     import cupy
     return cupy
 
 
-def _where(arrays) -> _Where:
+def _where(arrays: Sequence[Optional[jax.Array]]) -> _Where:
     gpu = jax.default_backend() in ("gpu", "cuda")
     backend = _dc.current_backend()
     if gpu and _cuda_ready() and not any(a is not None and a.dtype.name == "bfloat16" for a in arrays):
@@ -170,7 +184,7 @@ def _where(arrays) -> _Where:
     return _Where(backend, _dc.get_workspace_limit(), in_place)
 
 
-def _on_host(where: _Where, call: Callable, arrays) -> tuple:
+def _on_host(where: _Where, call: _Call, arrays: Sequence[NDArray[Any]]) -> tuple[NDArray[Any], ...]:
     """call(arrays) on NumPy arrays (or on CuPy arrays for the CUDA route); results as NumPy arrays (pure_callback)."""
     with _dc.workspace_limit(where.workspace):
         if where.backend == "cuda":
@@ -184,7 +198,7 @@ def _on_host(where: _Where, call: Callable, arrays) -> tuple:
     return tuple(to_numpy(r) for r in results)
 
 
-def _in_place(where: _Where, call: Callable, ctx, outs, buffers) -> None:
+def _in_place(where: _Where, call: _Call, ctx: Any, outs: Sequence[Any], buffers: Sequence[Any]) -> None:
     """call(arrays) on JAX's buffers where they are (NumPy arrays on the CPU; CuPy arrays on the GPU, run on XLA's
     stream), its results written into the buffers ``outs`` (buffer_callback)."""
     with _dc.workspace_limit(where.workspace):
@@ -200,19 +214,22 @@ def _in_place(where: _Where, call: Callable, ctx, outs, buffers) -> None:
                     np.asarray(out)[...] = result
 
 
-def _over_vmap(spec: OpSpec, static: dict, operands: list, ranks: tuple, run: Callable, batch: tuple[int, ...]):
+def _over_vmap(spec: OpSpec, static: dict[str, Any], operands: list[Optional[Imported]], ranks: tuple[int, ...],
+               run: _Run, batch: tuple[int, ...]) -> tuple[Imported, ...]:
     """run(operands, static) → results, for operands with k ≥ 0 leading axes added by jax.vmap (each of the mapped
     size, or 1 where an operand is not mapped: vmap_method "expand_dims") → results with those axes. One call where
     exactly the operands at positions ``batch`` (those whose axis 0 is the op's batch N, as the results') are
     mapped: the mapped axes fold into N (and into the option spec.batch_size); otherwise a call per element."""
-    present = [(i, a) for i, a in enumerate(operands) if a is not None]
+    present: list[tuple[int, Imported]] = [(i, a) for i, a in enumerate(operands) if a is not None]
     k = present[0][1].ndim - ranks[present[0][0]]
     if k == 0:
         return run(operands, static)
     lead = tuple(np.broadcast_shapes(*(a.shape[:k] for _, a in present)))
     size = math.prod(lead)
     if batch and {i for i, a in present if a.shape[:k] == lead} == {i for i, _ in present if i in batch}:
-        n = operands[batch[0]].shape[k]
+        first = operands[batch[0]]
+        assert first is not None  # the op's first array (or the backward's grad_output): always present
+        n = first.shape[k]
         folded = [None if a is None else a.reshape((size * n,) + a.shape[k + 1:]) if i in batch
                   else a.reshape(a.shape[k:]) for i, a in enumerate(operands)]
         if spec.batch_size is not None and static.get(spec.batch_size) is not None:
@@ -225,10 +242,11 @@ def _over_vmap(spec: OpSpec, static: dict, operands: list, ranks: tuple, run: Ca
                  for r in range(len(each[0])))
 
 
-def _callback(where: _Where, spec: OpSpec, static: dict, layout: _Layout, run: Callable, batch: tuple[int, ...]):
+def _callback(where: _Where, spec: OpSpec, static: dict[str, Any], layout: _Layout, run: _Run,
+              batch: tuple[int, ...]) -> Callable[..., object]:
     """The callable JAX calls for one op call: buffer_callback's (ctx, outs, *buffers), or pure_callback's
     (*arrays) → results; the present operands in, run's results out (see _over_vmap)."""
-    def call(arrays):
+    def call(arrays: Sequence[Imported]) -> tuple[Imported, ...]:
         present = iter(arrays)
         operands = [next(present) if p else None for p in layout.present]
         return _over_vmap(spec, static, operands, layout.ranks, run, batch)
@@ -238,12 +256,12 @@ def _callback(where: _Where, spec: OpSpec, static: dict, layout: _Layout, run: C
     return lambda *arrays: _on_host(where, call, arrays)
 
 
-def _zero(arrays, dtype):
+def _zero(arrays: Iterable[Optional[jax.Array]], dtype: np.dtype[Any]) -> jax.Array:
     """A 0-d zero that varies, inside shard_map, over the mesh axes any of the arrays varies over."""
     return sum((jnp.zeros_like(a, shape=(), dtype=dtype) for a in arrays if a is not None), jnp.zeros((), dtype))
 
 
-def _varying_as(result, arrays):
+def _varying_as(result: jax.Array, arrays: Iterable[Optional[jax.Array]]) -> jax.Array:
     """result typed to vary over the mesh axes the arrays vary over inside shard_map: a callback's result varies
     over none, so JAX would take it as the same on every device (adding the zero changes the type only)."""
     if not isinstance(result, _TRACER) or not hasattr(jax, "typeof"):
@@ -252,7 +270,7 @@ def _varying_as(result, arrays):
     return result if jax.typeof(zero) == jax.typeof(jnp.zeros((), result.dtype)) else result + zero
 
 
-def _gradient_typed(name: str, field: str, gradient, array, g):
+def _gradient_typed(name: str, field: str, gradient: jax.Array, array: Optional[jax.Array], g: jax.Array) -> jax.Array:
     """The gradient of ``array`` typed as it (see _varying_as). Inside shard_map an array replicated over mesh axes
     that the output varies over has per-device gradients that would need a sum over devices: refused."""
     if isinstance(gradient, _TRACER) and hasattr(jax, "typeof"):
@@ -265,15 +283,19 @@ def _gradient_typed(name: str, field: str, gradient, array, g):
     return _varying_as(gradient, (array,))
 
 
-def _invoke(where: _Where, callback: Callable, structs: tuple, operands) -> tuple:
+def _invoke(where: _Where, callback: Callable[..., object], structs: tuple[jax.ShapeDtypeStruct, ...],
+            operands: Sequence[Optional[jax.Array]]) -> tuple[jax.Array, ...]:
     """The callback's results (structs: their shapes and dtypes) on the present operands."""
     present = [a for a in operands if a is not None]
+    results: tuple[jax.Array, ...]  # as structs (both callbacks' results are untyped)
     if where.in_place and _buffer_callback is not None:  # in place is chosen only where it exists
-        return _buffer_callback(callback, structs, vmap_method="expand_dims")(*present)
-    return jax.pure_callback(callback, structs, *present, **_CALLBACK_OPTIONS)
+        results = _buffer_callback(callback, structs, vmap_method="expand_dims")(*present)
+    else:
+        results = jax.pure_callback(callback, structs, *present, **_CALLBACK_OPTIONS)
+    return results
 
 
-def _static(name: str, value):
+def _static(name: str, value: object) -> Hashable:
     """A static argument as a hashable Python value (lists become tuples, NumPy scalars Python scalars)."""
     if isinstance(value, (list, tuple)):
         return tuple(_static(name, v) for v in value)
@@ -291,21 +313,24 @@ def _static(name: str, value):
     return value
 
 
-def _stand_in(a):
+def _stand_in(a: Optional[jax.Array]) -> Optional[NDArray[Any]]:
     """A NumPy array of a's shape and dtype that takes no memory (one zero, broadcast with zero strides)."""
     return None if a is None else np.broadcast_to(np.zeros((), a.dtype), tuple(a.shape))
 
 
-def _output_struct(spec: OpSpec, arrays, options: dict) -> jax.ShapeDtypeStruct:
+def _output_struct(spec: OpSpec, arrays: Sequence[Optional[jax.Array]], options: dict[str, Any]
+                   ) -> jax.ShapeDtypeStruct:
     """The output's shape and dtype: the deformcp forward's own argument checks, run at trace time on stand-ins
     of the arrays (their shapes and dtypes, no data), so bad arguments raise deformcp's errors here."""
     with _dc.backend("numpy"):
         shape = _call.output_shape(spec, dict(zip(spec.arrays, map(_stand_in, arrays))), options)
-    return jax.ShapeDtypeStruct(tuple(shape), arrays[0].dtype)
+    assert arrays[0] is not None  # every op's first array is required: the checks above refuse None
+    return jax.ShapeDtypeStruct(tuple(shape), arrays[0].dtype)  # type: ignore[no-untyped-call]  # unannotated in JAX
 
 
 @functools.lru_cache(maxsize=None)
-def _differentiable(name: str, static_items: tuple, where: _Where):
+def _differentiable(name: str, static_items: tuple[tuple[str, Hashable, str], ...], where: _Where
+                    ) -> jax.custom_vjp[jax.Array]:
     """The custom_vjp function of op ``name`` for one set of static arguments ((name, value, repr) triples)
     and one backend."""
     spec = SPECS[name]
@@ -317,17 +342,17 @@ def _differentiable(name: str, static_items: tuple, where: _Where):
     # The callbacks are made once per layout (and set of wanted gradients for the backward): JAX compiles a
     # callback per callable, so a new one at each call would compile again at every eager call (~10 ms each).
     @functools.lru_cache(maxsize=None)
-    def forward(layout: _Layout):
-        def run(arrays, options):
+    def forward(layout: _Layout) -> Callable[..., object]:
+        def run(arrays: Sequence[Optional[Imported]], options: dict[str, Any]) -> tuple[Imported, ...]:
             return (_call.run_forward(spec, dict(zip(spec.arrays, arrays)), options),)
 
         return _callback(where, spec, static, layout, run, batch)
 
     @functools.lru_cache(maxsize=None)
-    def backward(wanted: tuple, layout: _Layout):
+    def backward(wanted: tuple[bool, ...], layout: _Layout) -> Callable[..., object]:
         needs = tuple(wanted[spec.arrays.index(field)] for field in spec.differentiable)
 
-        def run(operands, options):
+        def run(operands: Sequence[Optional[Imported]], options: dict[str, Any]) -> tuple[Imported, ...]:
             grads = _call.run_backward(spec, operands[0], dict(zip(spec.arrays, operands[1:])), options, needs,
                                        deterministic)
             return tuple(getattr(grads, array) for array, w in zip(spec.arrays, wanted) if w)
@@ -337,20 +362,22 @@ def _differentiable(name: str, static_items: tuple, where: _Where):
         return _callback(where, spec, static, layout, run, (0, *(1 + i for i in batch)) if folds else ())
 
     @jax.custom_vjp
-    def function(*arrays):
+    def function(*arrays: Optional[jax.Array]) -> jax.Array:
         out = _invoke(where, forward(_layout(arrays)), (_output_struct(spec, arrays, static),), arrays)[0]
         return _varying_as(out, arrays)
 
-    def function_fwd(*primals):
+    def function_fwd(*primals: Optional[CustomVJPPrimal]) -> tuple[jax.Array, _Residuals]:
         arrays = tuple(None if p is None else p.value for p in primals)
         wanted = tuple(d and p is not None and p.perturbed for d, p in zip(diff, primals))
         return function(*arrays), (arrays, _Static(wanted))
 
-    def function_bwd(residuals, g):
+    def function_bwd(residuals: _Residuals, g: Union[jax.Array, SymbolicZero]) -> tuple[Optional[jax.Array], ...]:
         arrays, wanted = residuals[0], residuals[1].value
         if isinstance(g, SymbolicZero) or not any(wanted):
             return (None,) * len(arrays)
-        structs = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a, w in zip(arrays, wanted) if w)
+        # an array is wanted only where it is present (function_fwd); ShapeDtypeStruct is unannotated in JAX
+        differentiated = [cast(jax.Array, a) for a, w in zip(arrays, wanted) if w]
+        structs = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in differentiated)  # type: ignore[no-untyped-call]
         grads = iter(_invoke(where, backward(wanted, _layout((g, *arrays))), structs, (g, *arrays)))
         return tuple(_gradient_typed(name, field, next(grads), a, g) if w else None
                      for field, a, w in zip(spec.arrays, arrays, wanted))
@@ -359,7 +386,7 @@ def _differentiable(name: str, static_items: tuple, where: _Where):
     return function
 
 
-def _apply(name: str, arguments: dict):
+def _apply(name: str, arguments: dict[str, Any]) -> jax.Array:
     """Op ``name`` called with ``arguments`` (a function's locals()): arrays as JAX arrays, per-image box lists as
     (K, 5) RoIs, every other argument static."""
     spec = SPECS[name]
@@ -374,7 +401,7 @@ def _apply(name: str, arguments: dict):
     return _differentiable(name, key, _where(arrays))(*arrays)
 
 
-def _boxes(input, boxes, name: str):
+def _boxes(input: ArrayLike, boxes: object, name: str) -> object:
     """A list of per-image (L, 4) boxes as one (K, 5) array [batch_index, x1, y1, x2, y2], by deformcp's own
     conversion and checks (_validate.boxes_to_rois, in jax.numpy: traceable); anything else is returned as it is."""
     if not isinstance(boxes, (list, tuple)):
