@@ -18,13 +18,18 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, TypeAlias
 
 import numpy as np
+import numpy.typing as npt
 
 from .. import _workspace
 from .._kernels import compute_dtype
+from .._types import Imported
 from . import _bilinear
+
+if TYPE_CHECKING:
+    from ..ops.ndimage import NdimageConfig
 
 #: The cubic B-spline prefilter's pole, sqrt(3) − 2.
 POLE = -0.267949192431122706472553658494127633
@@ -40,13 +45,22 @@ FILTER_INIT = {"constant": "mirror", "mirror": "mirror", "wrap": "mirror", "grid
 class _Taps(NamedTuple):
     """The taps of every point, shape (P, T) with T = (order + 1)^ndim, in the kernels' order (axis 0 slowest)."""
 
-    valid: np.ndarray      # (P,) False where the sample is cval
-    index: np.ndarray      # flat input index of each tap; input.size (the cval element) where it reads cval
-    weight: np.ndarray     # product of the axes' weights
-    dweight: list          # per axis: the weight with that axis' factor replaced by its derivative
+    valid: npt.NDArray[np.bool_]  # (P,) False where the sample is cval
+    # flat input index of each tap; input.size (the cval element) where it reads cval. The name hides tuple.index,
+    # unused here.
+    index: npt.NDArray[np.int64]  # type: ignore[assignment]
+    weight: npt.NDArray[Any]      # product of the axes' weights
+    dweight: list[npt.NDArray[Any]]  # per axis: the weight with that axis' factor replaced by its derivative
 
 
-def _fold(c: np.ndarray, n: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+#: One axis' taps (:func:`_axis_taps`): valid (P,), tap indices, inside, weights and their derivatives (P, K).
+_AxisTaps: TypeAlias = tuple[npt.NDArray[np.bool_], npt.NDArray[np.int64], npt.NDArray[np.bool_], npt.NDArray[Any],
+                             npt.NDArray[Any]]
+#: The gradients of a backward, None where not asked for.
+_Gradients: TypeAlias = tuple[Optional[npt.NDArray[Any]], Optional[npt.NDArray[Any]]]
+
+
+def _fold(c: npt.NDArray[Any], n: int, mode: str) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
     """SciPy's map_coordinate for the folding modes (mirror, reflect, wrap, grid-wrap): coordinates outside
     [0, n − 1] folded back, and dc'/dc (±1; 0 where n is 1)."""
     neg, pos = c < 0, c > n - 1
@@ -80,7 +94,7 @@ def _fold(c: np.ndarray, n: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
     return np.where(neg, neg_c, np.where(pos, pos_c, c)), np.where(neg, neg_s, np.where(pos, pos_s, one))
 
 
-def _tap_index(i: np.ndarray, n: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+def _tap_index(i: npt.NDArray[Any], n: int, mode: str) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
     """Tap indices mapped into [0, n − 1] as SciPy maps them (constant and wrap: mirror), and whether each is
     inside (False: grid-constant's cval)."""
     inside = (i >= 0) & (i < n)
@@ -97,7 +111,7 @@ def _tap_index(i: np.ndarray, n: int, mode: str) -> tuple[np.ndarray, np.ndarray
     return np.where(j >= n, period - j - (mode == "reflect"), j), np.ones_like(inside)
 
 
-def _cubic(t: np.ndarray) -> tuple[list, list]:
+def _cubic(t: npt.NDArray[Any]) -> tuple[list[npt.NDArray[Any]], list[npt.NDArray[Any]]]:
     """The cubic B-spline's four weights at t = c − floor(c) ∈ [0, 1) (SciPy's arithmetic, the last one 1 − the
     others) and their derivatives in t."""
     z = 1 - t
@@ -106,7 +120,7 @@ def _cubic(t: np.ndarray) -> tuple[list, list]:
 
 
 @np.errstate(invalid="ignore", over="ignore")
-def _axis_taps(c: np.ndarray, n: int, order: int, mode: str):
+def _axis_taps(c: npt.NDArray[Any], n: int, order: int, mode: str) -> _AxisTaps:
     """One axis: (valid (P,), tap indices (P, K), inside (P, K), weights (P, K), their derivatives (P, K)),
     K = order + 1; the kernels' ndimage_axis_setup."""
     valid = np.isfinite(c)
@@ -141,14 +155,15 @@ def _axis_taps(c: np.ndarray, n: int, order: int, mode: str):
     return valid, index, inside, weight, dweight
 
 
-def _taps(coordinates: np.ndarray, shape: tuple, order: int, mode: str) -> _Taps:
+def _taps(coordinates: npt.NDArray[Any], shape: tuple[int, ...], order: int, mode: str) -> _Taps:
     """coordinates (ndim, P) in the compute dtype → every point's taps over an input of ``shape``."""
     ndim, P = coordinates.shape
     K = order + 1
     axes = [_axis_taps(coordinates[a], n, order, mode) for a, n in enumerate(shape)]
     strides = np.cumprod((1,) + tuple(shape[:0:-1]))[::-1]
 
-    def spread(a, x):  # (P, K) of axis a → (P, 1, .., K, .., 1), K at position 1 + a
+    def spread(a: int, x: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        # (P, K) of axis a → (P, 1, .., K, .., 1), K at position 1 + a
         return x.reshape((P,) + (1,) * a + (K,) + (1,) * (ndim - 1 - a))
 
     index = sum(spread(a, ax[1] * strides[a]) for a, ax in enumerate(axes))
@@ -166,7 +181,7 @@ def _taps(coordinates: np.ndarray, shape: tuple, order: int, mode: str) -> _Taps
     return _Taps(valid, index, np.broadcast_to(weight, (P,) + (K,) * ndim).reshape(P, K ** ndim), dweight)
 
 
-def _with_cval(values: np.ndarray, cval: float, dtype) -> np.ndarray:
+def _with_cval(values: npt.NDArray[Any], cval: float, dtype: np.dtype[Any]) -> npt.NDArray[Any]:
     """values (B, *sampled axes) as (B, volume + 1) in dtype: each image flattened, then one cval element (what
     grid-constant taps outside read)."""
     flat = values.astype(dtype, copy=False).reshape(values.shape[0], math.prod(values.shape[1:]))
@@ -175,7 +190,7 @@ def _with_cval(values: np.ndarray, cval: float, dtype) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------ the spline prefilter
 
-def filter_constants(n: int, init: str) -> tuple:
+def filter_constants(n: int, init: str) -> tuple[float, float, float, float, float, float, float]:
     """The boundary initialisations of the prefilter of a line of n ≥ 2 (kernels/ndimage.cu's
     ndimage_filter_setup): the causal pass starts from c_0 = α·Σ_{j ≤ n−2} z^j c_j + β·Σ_{j ≥ 1} z^(n−1−j) c_j
     + γ·c_(n−1) + δ·c_0, the anticausal one from c_(n−1) = ρ·c_(n−1) + σ·c_(n−2) + τ·Σ_{j ≤ n−2} z^(j+1) c_j;
@@ -192,7 +207,7 @@ def filter_constants(n: int, init: str) -> tuple:
     return e * f, e * f * zn, e * zn1, 1.0, z / (z - 1), 0.0, 0.0
 
 
-def _filter_weights(n: int, init: str, dtype) -> tuple[np.ndarray, np.ndarray]:
+def _filter_weights(n: int, init: str, dtype: np.dtype[Any]) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
     """(h, k) (n,): the causal pass starts from h @ c, the anticausal one from k @ c."""
     alpha, beta, gamma, delta, rho, sigma, tau = filter_constants(n, init)
     j = np.arange(n)
@@ -206,15 +221,15 @@ def _filter_weights(n: int, init: str, dtype) -> tuple[np.ndarray, np.ndarray]:
     return h.astype(dtype), k.astype(dtype)
 
 
-def _recursion(c: np.ndarray, reverse: bool = False) -> np.ndarray:
+def _recursion(c: npt.NDArray[Any], reverse: bool = False) -> npt.NDArray[Any]:
     """y_i = c_i + z·y_(i−1) along axis 0 (reverse: y_i = c_i + z·y_(i+1))."""
     from scipy.signal import lfilter
     x = c[::-1] if reverse else c
-    y = lfilter([1.0], [1.0, -POLE], x, axis=0).astype(c.dtype, copy=False)
+    y: npt.NDArray[Any] = lfilter([1.0], [1.0, -POLE], x, axis=0).astype(c.dtype, copy=False)
     return y[::-1] if reverse else y
 
 
-def _filter_axis(c: np.ndarray, init: str, transpose: bool) -> np.ndarray:
+def _filter_axis(c: npt.NDArray[Any], init: str, transpose: bool) -> npt.NDArray[Any]:
     """The prefilter (or its transpose) along axis 0 of c (n, L), n ≥ 2: gain, causal initialisation and pass,
     anticausal initialisation and pass (SciPy's apply_filter; the transpose runs the transposed steps in reverse)."""
     from scipy.signal import lfilter
@@ -235,10 +250,11 @@ def _filter_axis(c: np.ndarray, init: str, transpose: bool) -> np.ndarray:
     t, c[n - 1] = c[n - 1].copy(), 0
     c = _recursion(c + k[:, None] * t, reverse=True)
     t, c[0] = c[0].copy(), 0
-    return (c + h[:, None] * t) * gain
+    out: npt.NDArray[Any] = (c + h[:, None] * t) * gain
+    return out
 
 
-def _filter(c: np.ndarray, mode: str, transpose: bool) -> np.ndarray:
+def _filter(c: npt.NDArray[Any], mode: str, transpose: bool) -> npt.NDArray[Any]:
     """The prefilter along every sampled axis of c (B, *sampled axes) (the transpose: the axes in reverse order);
     lines of one element are left as they are, as SciPy leaves them."""
     axes = range(c.ndim - 1, 0, -1) if transpose else range(1, c.ndim)
@@ -250,7 +266,7 @@ def _filter(c: np.ndarray, mode: str, transpose: bool) -> np.ndarray:
     return np.ascontiguousarray(c)
 
 
-def pad(xp, x, npad: int, mode: str, cval: float):
+def pad(xp: Any, x: Imported, npad: int, mode: str, cval: float) -> Imported:
     """x (B, *sampled axes) padded by npad on both sides of each sampled axis as SciPy pads before its prefilter:
     "nearest" by the edge values, "grid-constant" by cval (namespace xp)."""
     if npad == 0:
@@ -261,7 +277,7 @@ def pad(xp, x, npad: int, mode: str, cval: float):
     return xp.pad(x, widths, mode="constant", constant_values=cval)
 
 
-def pad_adjoint(xp, g, npad: int, mode: str):
+def pad_adjoint(xp: Any, g: Imported, npad: int, mode: str) -> Imported:
     """The transpose of :func:`pad`'s linear part: the border cropped, for "nearest" after adding each padded
     slab onto the edge it copies (namespace xp)."""
     if npad == 0:
@@ -277,37 +293,37 @@ def pad_adjoint(xp, g, npad: int, mode: str):
     return g[(slice(None),) + (slice(npad, -npad),) * (g.ndim - 1)]
 
 
-def spline_coefficients(input: np.ndarray, cfg) -> np.ndarray:
+def spline_coefficients(input: npt.NDArray[Any], cfg: NdimageConfig) -> npt.NDArray[Any]:
     """SciPy's cubic spline coefficients of input (B, *shape) in its dtype: padded by cfg.npad, then filtered."""
     return _filter(pad(np, input, cfg.npad, cfg.mode, cfg.cval), cfg.mode, transpose=False)
 
 
-def spline_coefficients_adjoint(grad: np.ndarray, cfg) -> np.ndarray:
+def spline_coefficients_adjoint(grad: npt.NDArray[Any], cfg: NdimageConfig) -> npt.NDArray[Any]:
     """The transpose of :func:`spline_coefficients`' linear part: grad (B, *padded shape) → (B, *shape)."""
     return np.ascontiguousarray(pad_adjoint(np, _filter(grad, cfg.mode, transpose=True), cfg.npad, cfg.mode))
 
 
-def _coefficients(input: np.ndarray, cfg, dtype) -> np.ndarray:
+def _coefficients(input: npt.NDArray[Any], cfg: NdimageConfig, dtype: np.dtype[Any]) -> npt.NDArray[Any]:
     """What the taps read in dtype, (B, *sampled axes): the spline coefficients of input when cfg prefilters, else
     input."""
     input = input.astype(dtype, copy=False).reshape((cfg.images, *cfg.shape))
     return spline_coefficients(input, cfg) if cfg.prefiltered else input
 
 
-def _sampled(coordinates, cfg, dtype) -> np.ndarray:
+def _sampled(coordinates: npt.NDArray[Any], cfg: NdimageConfig, dtype: np.dtype[Any]) -> npt.NDArray[Any]:
     """coordinates (ndim, ...) as (ndim, P) in dtype, shifted into the padded coefficients."""
     c = coordinates.astype(dtype, copy=False).reshape(len(cfg.shape), math.prod(coordinates.shape[1:]))
     return c + dtype.type(cfg.npad) if cfg.npad else c
 
 
-def _point_ranges(P: int, images: int, cfg) -> list[tuple[int, int]]:
+def _point_ranges(P: int, images: int, cfg: NdimageConfig) -> list[tuple[int, int]]:
     """Chunks of the P points whose taps (index, weight, derivatives, a value per image) take about
     NDIMAGE_CHUNK_BYTES."""
     per_point = (cfg.order + 1) ** len(cfg.shape) * 8 * (3 + len(cfg.shape) + images)
     return _workspace.ranges(P, max(1, _workspace.NDIMAGE_CHUNK_BYTES // per_point))
 
 
-def sample(input, coordinates, cfg):
+def sample(input: npt.NDArray[Any], coordinates: npt.NDArray[Any], cfg: NdimageConfig) -> npt.NDArray[Any]:
     """input (*batch, *shape), coordinates (ndim, *out) in any float dtype → (*batch, *out) in input's dtype. The
     points in chunks on the thread pool."""
     dtype = compute_dtype(input.dtype)
@@ -316,7 +332,7 @@ def sample(input, coordinates, cfg):
     c = _sampled(coordinates, cfg, dtype)
     out = np.empty((len(images), c.shape[1]), dtype)
 
-    def work(p0, p1):
+    def work(p0: int, p1: int) -> None:
         taps = _taps(c[:, p0:p1], values.shape[1:], cfg.order, cfg.mode)
         gathered = images[:, taps.index]  # (B, points, T)
         out[:, p0:p1] = np.where(taps.valid, np.sum(taps.weight * gathered, axis=2), dtype.type(cfg.cval))
@@ -325,7 +341,7 @@ def sample(input, coordinates, cfg):
     return out.reshape(cfg.batch + tuple(coordinates.shape[1:])).astype(input.dtype)
 
 
-def _add_at(target: np.ndarray, index: np.ndarray, weights: np.ndarray) -> None:
+def _add_at(target: npt.NDArray[Any], index: npt.NDArray[Any], weights: npt.NDArray[Any]) -> None:
     """target[index] += weights, repeated indices added in order: a bincount over the span the indices cover
     where it is compact, else numpy.add.at."""
     if index.size == 0:
@@ -337,7 +353,8 @@ def _add_at(target: np.ndarray, index: np.ndarray, weights: np.ndarray) -> None:
         np.add.at(target, index, weights)
 
 
-def sample_backward(grad_output, input, coordinates, cfg, want_input: bool, want_coordinates: bool):
+def sample_backward(grad_output: npt.NDArray[Any], input: npt.NDArray[Any], coordinates: npt.NDArray[Any],
+                    cfg: NdimageConfig, want_input: bool, want_coordinates: bool) -> _Gradients:
     """→ (grad_input in input's dtype or None, grad_coordinates (ndim, P) in the compute dtype or None)."""
     dtype = compute_dtype(input.dtype)
     values = _coefficients(input, cfg, dtype)
@@ -370,11 +387,12 @@ def sample_backward(grad_output, input, coordinates, cfg, want_input: bool, want
 
 # ----------------------------------------------------------------------------------------- map_coordinates
 
-def map_coordinates(input, coordinates, cfg):
+def map_coordinates(input: npt.NDArray[Any], coordinates: npt.NDArray[Any], cfg: NdimageConfig) -> npt.NDArray[Any]:
     return sample(input, coordinates, cfg)
 
 
-def map_coordinates_backward(grad_output, input, coordinates, cfg, wanted):
+def map_coordinates_backward(grad_output: npt.NDArray[Any], input: npt.NDArray[Any], coordinates: npt.NDArray[Any],
+                             cfg: NdimageConfig, wanted: tuple[bool, bool]) -> _Gradients:
     want_input, want_coordinates = wanted
     grad_input, grad_coordinates = sample_backward(grad_output, input, coordinates, cfg, want_input,
                                                    want_coordinates)
@@ -385,7 +403,7 @@ def map_coordinates_backward(grad_output, input, coordinates, cfg, wanted):
 
 # ----------------------------------------------------------------------------------------- affine_transform
 
-def transform(xp, matrix, offset, ndim: int, dtype):
+def transform(xp: Any, matrix: Imported, offset: Imported, ndim: int, dtype: np.dtype[Any]) -> Imported:
     """SciPy's forms of (matrix, offset) as one (ndim, ndim + 1) array [M | shift] in dtype (namespace xp): a
     diagonal (ndim,), a matrix (ndim, ndim) with offset () or (ndim,), or homogeneous (ndim, ndim + 1) and
     (ndim + 1, ndim + 1), whose last column is the shift (offset ignored). ValueError where a homogeneous
@@ -405,7 +423,7 @@ def transform(xp, matrix, offset, ndim: int, dtype):
     return xp.ascontiguousarray(xp.concatenate([m, shift[:, None]], axis=1))
 
 
-def transform_gradients(xp, grad, matrix, offset):
+def transform_gradients(xp: Any, grad: Imported, matrix: Imported, offset: Imported) -> tuple[Imported, Imported]:
     """The gradient of [M | shift] (ndim, ndim + 1) as the gradients of matrix and offset in their forms and
     dtypes (offset's is 0 where a homogeneous matrix ignores it)."""
     ndim = grad.shape[0]
@@ -420,14 +438,14 @@ def transform_gradients(xp, grad, matrix, offset):
     return grad_matrix.astype(matrix.dtype), grad_offset.astype(offset.dtype)
 
 
-def _output_index(axis: int, out_shape: tuple, dtype) -> np.ndarray:
+def _output_index(axis: int, out_shape: tuple[int, ...], dtype: np.dtype[Any]) -> npt.NDArray[Any]:
     """The output index along one axis, shaped to broadcast over out_shape."""
     shape = [1] * len(out_shape)
     shape[axis] = out_shape[axis]
     return np.arange(out_shape[axis], dtype=dtype).reshape(shape)
 
 
-def affine_coordinates(t: np.ndarray, out_shape: tuple) -> np.ndarray:
+def affine_coordinates(t: npt.NDArray[Any], out_shape: tuple[int, ...]) -> npt.NDArray[Any]:
     """[M | shift] (ndim, ndim + 1) → coordinates (ndim, *out_shape): Σ_l o_l · M[h, l] + shift[h], summed in
     SciPy's order (the kernels' ndimage_affine_coordinates)."""
     ndim = len(out_shape)
@@ -441,12 +459,16 @@ def affine_coordinates(t: np.ndarray, out_shape: tuple) -> np.ndarray:
     return np.stack(rows)
 
 
-def affine_transform(input, matrix, offset, cfg):
+def affine_transform(input: npt.NDArray[Any], matrix: npt.NDArray[Any], offset: npt.NDArray[Any],
+                     cfg: NdimageConfig) -> npt.NDArray[Any]:
     t = transform(np, matrix, offset, len(cfg.shape), compute_dtype(input.dtype))
     return sample(input, affine_coordinates(t, cfg.out_shape), cfg)
 
 
-def affine_transform_backward(grad_output, input, matrix, offset, cfg, wanted):
+def affine_transform_backward(grad_output: npt.NDArray[Any], input: npt.NDArray[Any], matrix: npt.NDArray[Any],
+                              offset: npt.NDArray[Any], cfg: NdimageConfig, wanted: tuple[bool, bool, bool]
+                              ) -> tuple[Optional[npt.NDArray[Any]], Optional[npt.NDArray[Any]],
+                                         Optional[npt.NDArray[Any]]]:
     want_input, want_matrix, want_offset = wanted
     dtype = compute_dtype(input.dtype)
     ndim = len(cfg.shape)
