@@ -95,7 +95,7 @@ def _blas(modules: int) -> threadpoolctl.ThreadpoolController:
     return threadpoolctl.ThreadpoolController().select(user_api="blas")
 
 
-def for_each_chunk(work: Callable[..., object], chunks: Sequence[tuple[int, ...]]) -> None:
+def for_each_chunk(work: Callable[..., object], chunks: Sequence[tuple[object, ...]]) -> None:
     """Call work(*chunk) for every chunk (e.g. a range (start, stop)), concurrently on the thread pool. While the
     pool works, BLAS libraries (OpenBLAS, MKL, ...) run one thread per call, so that the pool's threads and theirs
     do not oversubscribe the CPUs (a process-wide setting, restored afterwards)."""
