@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Optional, Sequence, TypeAlias, cast
 
 import array_api_compat as compat
 import numpy as np
+import numpy.typing as npt
 
 from .. import _dispatch, _kernels, _validate
+from .._types import Array, ArrayLike, Imported
 from ..reference import ndimage as reference
 from ._call import backward, forward
 from ._spec import Case, OpSpec
@@ -35,26 +37,26 @@ AFFINE_CHUNK = 4096
 class MapCoordinatesGrads(NamedTuple):
     """Gradients of :func:`map_coordinates`; a field is None where it was not asked for."""
 
-    input: Optional[object]
-    coordinates: Optional[object]
+    input: Optional[Array]
+    coordinates: Optional[Array]
 
 
 class AffineTransformGrads(NamedTuple):
     """Gradients of :func:`affine_transform`; a field is None where it was not asked for."""
 
-    input: Optional[object]
-    matrix: Optional[object]
-    offset: Optional[object]
+    input: Optional[Array]
+    matrix: Optional[Array]
+    offset: Optional[Array]
 
 
 class NdimageConfig(NamedTuple):
-    shape: tuple       # the sampled axes' sizes (d0, d1[, d2])
-    out_shape: tuple   # the output's, after the batch axes
+    shape: tuple[int, ...]      # the sampled axes' sizes (d0, d1[, d2])
+    out_shape: tuple[int, ...]  # the output's, after the batch axes
     order: int
-    mode: str          # canonical: "grid-mirror" is "reflect"
+    mode: str                   # canonical: "grid-mirror" is "reflect"
     cval: float
     prefilter: bool
-    batch: tuple = ()  # the input's leading (batch) axes, sampled alike
+    batch: tuple[int, ...] = ()  # the input's leading (batch) axes, sampled alike
 
     @property
     def images(self) -> int:
@@ -72,22 +74,22 @@ class NdimageConfig(NamedTuple):
         return reference.PREPAD if self.prefiltered and self.mode in ("nearest", "grid-constant") else 0
 
     @property
-    def sizes(self) -> tuple:
+    def sizes(self) -> tuple[int, ...]:
         """The sizes of the array the taps read (the padded coefficients where prefiltered), padded to three."""
         return tuple(n + 2 * self.npad for n in self.shape) + (1,) * (3 - len(self.shape))
 
     @property
-    def options(self) -> tuple:
+    def options(self) -> tuple[int, int, int]:
         return (len(self.shape), self.order, _MODE_CODES[self.mode])
 
 
-def _check_input(input) -> None:
+def _check_input(input: Imported) -> None:
     _validate.floating("input", input, getattr(input, "ndim", 0), INPUT_LAYOUT)
     if input.ndim < 2:
         raise ValueError(f"input: expected at least 2 axes {INPUT_LAYOUT}, got shape {tuple(input.shape)}")
 
 
-def _check_sampled_axes(input, ndim: int, source: str) -> tuple:
+def _check_sampled_axes(input: Imported, ndim: int, source: str) -> tuple[int, ...]:
     """input's batch axes, given the ndim (2 or 3) sampled axes that ``source`` says it has; the sampled axes
     must not be empty."""
     if ndim not in (2, 3) or ndim > input.ndim:
@@ -99,7 +101,7 @@ def _check_sampled_axes(input, ndim: int, source: str) -> tuple:
     return tuple(input.shape[:input.ndim - ndim])
 
 
-def _check_options(order, mode, cval, prefilter) -> tuple:
+def _check_options(order: int, mode: str, cval: float, prefilter: bool) -> tuple[int, str, float, bool]:
     order = _validate.integer("order", order, minimum=0)
     if order not in ORDERS:
         raise ValueError(f"order: expected 0, 1 or 3 (SciPy's spline orders 2, 4 and 5 are not implemented), "
@@ -109,25 +111,28 @@ def _check_options(order, mode, cval, prefilter) -> tuple:
     return order, "reflect" if mode == "grid-mirror" else mode, _validate.real("cval", cval), prefilter
 
 
-def _like_input(input, value):
+def _like_input(input: ArrayLike, value: ArrayLike) -> ArrayLike:
     """A number or (nested) sequence of numbers given for an array (SciPy's offset=0.0, a matrix as lists) as an
     array of input's framework, device and dtype; anything else as given (checked with the arrays)."""
+    array = cast(Array, input)  # read only where _framework recognises input as an array
     if _dispatch._framework(input) is None or not isinstance(value, (numbers.Real, list, tuple)) \
-            or isinstance(value, bool) or _validate.dtype_name(input.dtype) not in _validate.FLOAT_DTYPES:
+            or isinstance(value, bool) or _validate.dtype_name(array.dtype) not in _validate.FLOAT_DTYPES:
         return value
     try:
-        return compat.array_namespace(input).asarray(value, dtype=input.dtype, device=compat.device(input))
+        converted: Array = compat.array_namespace(array).asarray(value, dtype=array.dtype,
+                                                                 device=compat.device(array))
+        return converted
     except (TypeError, ValueError):  # ragged or not numbers: the array checks name it
         return value
 
 
-def _acc_coordinates(xp, coordinates, ndim: int):
+def _acc_coordinates(xp: Any, coordinates: Imported, ndim: int) -> Imported:
     """coordinates (ndim, ...) as a C-contiguous (ndim, P) array in the compute dtype (the kernels' layout)."""
     acc = _kernels.compute_dtype(coordinates.dtype)
     return xp.ascontiguousarray(coordinates.reshape(ndim, math.prod(coordinates.shape[1:])).astype(acc, copy=False))
 
 
-def _filter_kernels(call, c, cfg: NdimageConfig, transpose: bool) -> None:
+def _filter_kernels(call: _dispatch.Call, c: Imported, cfg: NdimageConfig, transpose: bool) -> None:
     """SciPy's spline prefilter (or its transpose) in place along every sampled axis of c (B, *sampled axes)
     (C-contiguous, compute dtype); the transpose runs the axes in reverse order."""
     init = _INIT_CODES[reference.FILTER_INIT[cfg.mode]]
@@ -139,7 +144,8 @@ def _filter_kernels(call, c, cfg: NdimageConfig, transpose: bool) -> None:
                             (lines, n, math.prod(c.shape[axis + 1:])), (init, int(transpose)))
 
 
-def _values_kernels(call, input, coordinates, cfg: NdimageConfig):
+def _values_kernels(call: _dispatch.Call, input: Imported, coordinates: Imported, cfg: NdimageConfig
+                    ) -> tuple[Imported, Imported]:
     """(what the taps read (B, *sampled axes), coordinates (ndim, P) into it): input and coordinates as given, or
     where cfg prefilters, the spline coefficients of input padded by cfg.npad in the compute dtype and coordinates
     shifted."""
@@ -153,7 +159,7 @@ def _values_kernels(call, input, coordinates, cfg: NdimageConfig):
     return values, coordinates + cfg.npad if cfg.npad else coordinates
 
 
-def _sample_kernels(call, input, coordinates, cfg: NdimageConfig):
+def _sample_kernels(call: _dispatch.Call, input: Imported, coordinates: Imported, cfg: NdimageConfig) -> Imported:
     """input sampled at coordinates (ndim, P) in the compute dtype → (*batch, *out_shape) in input's dtype."""
     xp = call.xp
     P = coordinates.shape[1]
@@ -164,8 +170,9 @@ def _sample_kernels(call, input, coordinates, cfg: NdimageConfig):
     return out.reshape(cfg.batch + cfg.out_shape).astype(input.dtype, copy=False)
 
 
-def _sample_kernels_backward(call, grad_output, input, coordinates, cfg: NdimageConfig, want_input,
-                             want_coordinates, deterministic):
+def _sample_kernels_backward(call: _dispatch.Call, grad_output: Imported, input: Imported, coordinates: Imported,
+                             cfg: NdimageConfig, want_input: bool, want_coordinates: bool, deterministic: bool
+                             ) -> tuple[Optional[Imported], Optional[Imported]]:
     """→ (grad_input in input's dtype or None, grad_coordinates (ndim, P) in the compute dtype or None)."""
     xp = call.xp
     P = coordinates.shape[1]
@@ -195,7 +202,8 @@ def _sample_kernels_backward(call, grad_output, input, coordinates, cfg: Ndimage
 
 # ------------------------------------------------------------------------------------------ map_coordinates
 
-def _check_map_coordinates(call, input, coordinates, order, mode, cval, prefilter) -> NdimageConfig:
+def _check_map_coordinates(call: _dispatch.Call, input: Imported, coordinates: Imported, order: int, mode: str,
+                           cval: float, prefilter: bool) -> NdimageConfig:
     _check_input(input)
     layout = "(ndim, ...): one row of indices per sampled axis, the last ndim = 2 or 3 of input's"
     _validate.floating("coordinates", coordinates, getattr(coordinates, "ndim", 0), layout)
@@ -210,16 +218,18 @@ def _check_map_coordinates(call, input, coordinates, order, mode, cval, prefilte
                          batch)
 
 
-def _map_coordinates_output(cfg: NdimageConfig):
+def _map_coordinates_output(cfg: NdimageConfig) -> tuple[tuple[int, ...], str]:
     return cfg.batch + cfg.out_shape, "input.shape[:-ndim] + coordinates.shape[1:]"
 
 
-def _map_coordinates_kernels(call, input, coordinates, cfg: NdimageConfig):
+def _map_coordinates_kernels(call: _dispatch.Call, input: Imported, coordinates: Imported,
+                             cfg: NdimageConfig) -> Imported:
     return _sample_kernels(call, input, _acc_coordinates(call.xp, coordinates, len(cfg.shape)), cfg)
 
 
-def _map_coordinates_kernels_backward(call, grad_output, input, coordinates, cfg: NdimageConfig, wanted,
-                                      deterministic):
+def _map_coordinates_kernels_backward(call: _dispatch.Call, grad_output: Imported, input: Imported,
+                                      coordinates: Imported, cfg: NdimageConfig, wanted: tuple[bool, bool],
+                                      deterministic: bool) -> tuple[Optional[Imported], Optional[Imported]]:
     want_input, want_coordinates = wanted
     grad_input, grad_coordinates = _sample_kernels_backward(
         call, grad_output, input, _acc_coordinates(call.xp, coordinates, len(cfg.shape)), cfg, want_input,
@@ -229,8 +239,8 @@ def _map_coordinates_kernels_backward(call, grad_output, input, coordinates, cfg
     return grad_input, grad_coordinates
 
 
-def map_coordinates(input, coordinates, order: int = 1, mode: str = "constant", cval: float = 0.0,
-                    prefilter: bool = True):
+def map_coordinates(input: ArrayLike, coordinates: ArrayLike, order: int = 1, mode: str = "constant",
+                    cval: float = 0.0, prefilter: bool = True) -> Array:
     """Sample ``input`` at index coordinates, as scipy.ndimage.map_coordinates (orders 0, 1, 3), differentiably.
 
     Args:
@@ -273,8 +283,10 @@ def map_coordinates(input, coordinates, order: int = 1, mode: str = "constant", 
     return forward(MAP_COORDINATES, locals())
 
 
-def map_coordinates_backward(grad_output, input, coordinates, order=1, mode="constant", cval=0.0, prefilter=True,
-                             needs_input_grad=(True, True), deterministic=False):
+def map_coordinates_backward(grad_output: ArrayLike, input: ArrayLike, coordinates: ArrayLike, order: int = 1,
+                             mode: str = "constant", cval: float = 0.0, prefilter: bool = True,
+                             needs_input_grad: Sequence[bool] = (True, True),
+                             deterministic: bool = False) -> MapCoordinatesGrads:
     """Gradients of :func:`map_coordinates` with respect to input and coordinates.
 
     Args:
@@ -294,13 +306,14 @@ def map_coordinates_backward(grad_output, input, coordinates, order=1, mode="con
         adds the padded borders back onto the edges).
     """
     coordinates = _like_input(input, coordinates)
-    return backward(MAP_COORDINATES, locals())
+    return MapCoordinatesGrads(*backward(MAP_COORDINATES, locals()))
 
 
 # ----------------------------------------------------------------------------------------- affine_transform
 
-def _check_affine_transform(call, input, matrix, offset, output_shape, order, mode, cval,
-                            prefilter) -> NdimageConfig:
+def _check_affine_transform(call: _dispatch.Call, input: Imported, matrix: Imported, offset: Imported,
+                            output_shape: Optional[Sequence[int]], order: int, mode: str, cval: float,
+                            prefilter: bool) -> NdimageConfig:
     _check_input(input)
     forms = ("(n,) diagonal, (n, n), (n, n + 1) or (n + 1, n + 1) homogeneous for n = 2 or 3 sampled axes, "
              "the last n of input's (a square matrix is (n, n) unless n + 1 is input.ndim, as in SciPy)")
@@ -332,7 +345,7 @@ def _check_affine_transform(call, input, matrix, offset, output_shape, order, mo
     return NdimageConfig(spatial, out_shape, order, mode, cval, prefilter, batch)
 
 
-def _sampled_axes(matrix_shape: tuple, input_ndim: int) -> Optional[int]:
+def _sampled_axes(matrix_shape: Sequence[int], input_ndim: int) -> Optional[int]:
     """How many trailing input axes a matrix of this shape maps (SciPy's forms; a square matrix is linear unless
     it is homogeneous for every input axis, SciPy's reading), or None where no form fits."""
     shape = tuple(matrix_shape)
@@ -347,11 +360,12 @@ def _sampled_axes(matrix_shape: tuple, input_ndim: int) -> Optional[int]:
     return n if n in (2, 3) and n <= input_ndim else None
 
 
-def _affine_transform_output(cfg: NdimageConfig):
+def _affine_transform_output(cfg: NdimageConfig) -> tuple[tuple[int, ...], str]:
     return cfg.batch + cfg.out_shape, "input's batch axes + output_shape (the sampled axes' sizes by default)"
 
 
-def _affine_coordinates_kernels(call, matrix, offset, cfg: NdimageConfig):
+def _affine_coordinates_kernels(call: _dispatch.Call, matrix: Imported, offset: Imported,
+                                cfg: NdimageConfig) -> Imported:
     """The sampled coordinates (ndim, P) in the compute dtype, and [M | shift] (kernels/ndimage.cu)."""
     xp = call.xp
     ndim, P = len(cfg.shape), math.prod(cfg.out_shape)
@@ -363,12 +377,15 @@ def _affine_coordinates_kernels(call, matrix, offset, cfg: NdimageConfig):
     return coordinates
 
 
-def _affine_transform_kernels(call, input, matrix, offset, cfg: NdimageConfig):
+def _affine_transform_kernels(call: _dispatch.Call, input: Imported, matrix: Imported, offset: Imported,
+                              cfg: NdimageConfig) -> Imported:
     return _sample_kernels(call, input, _affine_coordinates_kernels(call, matrix, offset, cfg), cfg)
 
 
-def _affine_transform_kernels_backward(call, grad_output, input, matrix, offset, cfg: NdimageConfig, wanted,
-                                       deterministic):
+def _affine_transform_kernels_backward(call: _dispatch.Call, grad_output: Imported, input: Imported,
+                                       matrix: Imported, offset: Imported, cfg: NdimageConfig,
+                                       wanted: tuple[bool, bool, bool], deterministic: bool
+                                       ) -> tuple[Optional[Imported], Optional[Imported], Optional[Imported]]:
     xp = call.xp
     want_input, want_matrix, want_offset = wanted
     coordinates = _affine_coordinates_kernels(call, matrix, offset, cfg)
@@ -386,8 +403,9 @@ def _affine_transform_kernels_backward(call, grad_output, input, matrix, offset,
     return grad_input, grad_matrix if want_matrix else None, grad_offset if want_offset else None
 
 
-def affine_transform(input, matrix, offset=0.0, output_shape: Optional[Sequence[int]] = None, order: int = 1,
-                     mode: str = "constant", cval: float = 0.0, prefilter: bool = True):
+def affine_transform(input: ArrayLike, matrix: ArrayLike, offset: ArrayLike = 0.0,
+                     output_shape: Optional[Sequence[int]] = None, order: int = 1, mode: str = "constant",
+                     cval: float = 0.0, prefilter: bool = True) -> Array:
     """Resample ``input`` under an affine map, as scipy.ndimage.affine_transform (orders 0, 1, 3), differentiably.
 
     The output element at index o reads input at ``matrix @ o + offset`` ("pull" resampling: the matrix maps
@@ -428,8 +446,11 @@ def affine_transform(input, matrix, offset=0.0, output_shape: Optional[Sequence[
     return forward(AFFINE_TRANSFORM, locals())
 
 
-def affine_transform_backward(grad_output, input, matrix, offset=0.0, output_shape=None, order=1, mode="constant",
-                              cval=0.0, prefilter=True, needs_input_grad=(True, True, True), deterministic=False):
+def affine_transform_backward(grad_output: ArrayLike, input: ArrayLike, matrix: ArrayLike, offset: ArrayLike = 0.0,
+                              output_shape: Optional[Sequence[int]] = None, order: int = 1, mode: str = "constant",
+                              cval: float = 0.0, prefilter: bool = True,
+                              needs_input_grad: Sequence[bool] = (True, True, True),
+                              deterministic: bool = False) -> AffineTransformGrads:
     """Gradients of :func:`affine_transform` with respect to input, matrix and offset.
 
     Args:
@@ -448,18 +469,22 @@ def affine_transform_backward(grad_output, input, matrix, offset=0.0, output_sha
         output in one deterministic reduction in float64: fixed chunks of points summed in order, then the chunks.
     """
     matrix, offset = _like_input(input, matrix), _like_input(input, offset)
-    return backward(AFFINE_TRANSFORM, locals())
+    return AffineTransformGrads(*backward(AFFINE_TRANSFORM, locals()))
 
 
 # ------------------------------------------------------------------------------------------- specs
 
-def _image(rng, ndim, batch=()):
+#: A case's inputs from a random generator (Case.make).
+_MakeInputs: TypeAlias = Callable[[np.random.Generator], dict[str, npt.NDArray[np.float64]]]
+
+
+def _image(rng: np.random.Generator, ndim: int, batch: tuple[int, ...] = ()) -> npt.NDArray[np.float64]:
     return rng.standard_normal(batch + ((5, 6) if ndim == 2 else (4, 5, 3)))
 
 
-def _map_inputs(ndim, batch=()):
+def _map_inputs(ndim: int, batch: tuple[int, ...] = ()) -> _MakeInputs:
     """Coordinates from 1.5 to 4.5 steps before the input to as far past it (non-finite ones: tests/test_ndimage.py)."""
-    def make(rng):
+    def make(rng: np.random.Generator) -> dict[str, npt.NDArray[np.float64]]:
         input = _image(rng, ndim, batch)
         coordinates = rng.uniform(-1.5, 1.5, (ndim, 7, 3)) * (1 + 2 * rng.random((ndim, 1, 1))) \
             + rng.uniform(0, 1, (ndim, 7, 3)) * (max(input.shape[len(batch):]) - 1)
@@ -467,12 +492,13 @@ def _map_inputs(ndim, batch=()):
     return make
 
 
-def _affine_inputs(ndim, matrix_shape, offset_shape, out_shape, batch=()):
+def _affine_inputs(ndim: int, matrix_shape: tuple[int, ...], offset_shape: tuple[int, ...],
+                   out_shape: tuple[int, ...], batch: tuple[int, ...] = ()) -> _MakeInputs:
     """A random affine map of the output onto the input, reaching a step or two past its edges (its matrix gradient
     sums every point's coordinate gradient: where most points fall outside, those sums cancel to a small fraction
     of their terms, too ill-conditioned in float32 to compare two implementations). A scalar offset only where its
     gradient is 0 (order 0, or a homogeneous matrix): its gradient sums every coordinate gradient, as ill-posed."""
-    def make(rng):
+    def make(rng: np.random.Generator) -> dict[str, npt.NDArray[np.float64]]:
         input = _image(rng, ndim, batch)
         spatial = np.array(input.shape[len(batch):])
         reach = (spatial - 1) / (np.array(out_shape) - 1)
@@ -492,7 +518,7 @@ def _affine_inputs(ndim, matrix_shape, offset_shape, out_shape, batch=()):
     return make
 
 
-def _map_cases():
+def _map_cases() -> Iterator[Case]:
     """Every order and mode in 2-D and 3-D (order 3 with SciPy's prefilter), and order 3 on coefficients."""
     for ndim in (2, 3):
         for order in ORDERS:
@@ -508,7 +534,7 @@ def _map_cases():
                        {"order": order, "mode": mode, "cval": 0.5, "prefilter": True})
 
 
-def _affine_cases():
+def _affine_cases() -> Iterator[Case]:
     for ndim in (2, 3):
         out_shape = (6, 4) if ndim == 2 else (3, 4, 5)
         for m, o, order, mode, prefilter in (
