@@ -50,9 +50,10 @@ import contextlib
 import functools
 import inspect
 import math
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union, cast
+from typing import Any, Callable, Iterator, NamedTuple, NoReturn, Optional, Sequence, TypeAlias, Union, cast
 
 import numpy as np
+from numpy.typing import NDArray
 
 try:
     import torch
@@ -88,21 +89,28 @@ __all__ = [
 
 # --------------------------------------------------------------------------------------------- plumbing
 
-def _plain(t):
+#: An autograd context (torch.autograd.Function's, or a torch.library op's): torch's own attributes and those that
+#: _save and _remember set on it.
+_Context: TypeAlias = Any
+#: A backward's result: one gradient (or None) per argument of the forward.
+_Gradients: TypeAlias = tuple[Optional[Tensor], ...]
+
+
+def _plain(t: object) -> object:
     """t without autograd history (None and non-tensors kept), ready for deformcp's DLPack import."""
     if not isinstance(t, torch.Tensor):
         return t
     return t.detach().resolve_conj().resolve_neg()
 
 
-def _remember(ctx):
+def _remember(ctx: _Context) -> None:
     """Record the deformcp settings of the forward, so that the backward runs under the same ones."""
     ctx.deformcp_backend = _dc.current_backend()
     ctx.deformcp_workspace = _dc.get_workspace_limit()
 
 
 @contextlib.contextmanager
-def _as_in_forward(ctx):
+def _as_in_forward(ctx: _Context) -> Iterator[None]:
     with _dc.backend(ctx.deformcp_backend), _dc.workspace_limit(ctx.deformcp_workspace):
         yield
 
@@ -119,21 +127,21 @@ class _DoubleBackwardError(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(name, count, *tensors):
+    def forward(name: str, count: int, *tensors: Tensor) -> tuple[Tensor, ...]:
         return tuple(g.view_as(g) for g in tensors[:count])
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx: _Context, inputs: tuple[Any, ...], output: object) -> None:
         ctx.name = inputs[0]
 
     @staticmethod
-    def backward(ctx, *_):
+    def backward(ctx: _Context, *_: object) -> NoReturn:
         raise RuntimeError(f"deformcp.torch.{ctx.name}: double backward is not supported (its backward is "
                            "not differentiable); the gradient computed with create_graph=True cannot be "
                            "differentiated again")
 
 
-def _first_order(backward):
+def _first_order(backward: Callable[..., _Gradients]) -> Callable[..., _Gradients]:
     """Decorate a Function's backward: run it without building a graph, and, under create_graph=True,
     attach the gradients to the op's inputs and grad_output through a node whose backward raises a clear
     error (like torch.autograd.function.once_differentiable, but also where grad_output does not require
@@ -141,7 +149,7 @@ def _first_order(backward):
     respect to the op's inputs would find no path (torch's "appears to not have been used in the graph",
     or a silent None with allow_unused=True) and second-order terms through this op would be dropped."""
     @functools.wraps(backward)
-    def wrapper(ctx, *grad_outputs):
+    def wrapper(ctx: _Context, *grad_outputs: Optional[Tensor]) -> _Gradients:
         with torch.no_grad():
             grads = backward(ctx, *grad_outputs)
         if not torch.is_grad_enabled():
@@ -150,15 +158,16 @@ def _first_order(backward):
         sources = [t for t in (*ctx.saved_tensors, *grad_outputs) if isinstance(t, torch.Tensor) and t.requires_grad]
         if not present:
             return grads
-        marked = _DoubleBackwardError.apply(ctx.spec.name, len(present), *(grads[i] for i in present), *sources)
-        grads = list(grads)
+        marked = _DoubleBackwardError.apply(  # type: ignore[no-untyped-call]  # unannotated in torch
+            ctx.spec.name, len(present), *(grads[i] for i in present), *sources)
+        attached = list(grads)
         for i, g in zip(present, marked):
-            grads[i] = g
-        return tuple(grads)
+            attached[i] = g
+        return tuple(attached)
     return wrapper
 
 
-def _align_corners(value):
+def _align_corners(value: object) -> bool:
     """torch's align_corners: None means False (without torch's warning); anything else must be a bool."""
     return False if value is None else _validate.flag("align_corners", value)
 
@@ -166,15 +175,16 @@ def _align_corners(value):
 # ------------------------------------------------------------------------------- the ops, in torch.library
 
 #: The schema type of each kind of option annotation of the deformcp functions (deformcp.ops.OpSpec.option_types).
-_SCHEMA_TYPES = {bool: "bool", int: "int", float: "float", str: "str", IntPair: "int[]", Sequence[int]: "SymInt[]",
-                 Optional[int]: "int?", LevelShapes: "SymInt[]", Optional[Sequence[int]]: "SymInt[]?",
-                 Optional[IntSequence]: "SymInt[]?"}
+_SCHEMA_TYPES: dict[object, str] = {
+    bool: "bool", int: "int", float: "float", str: "str", IntPair: "int[]", Sequence[int]: "SymInt[]",
+    Optional[int]: "int?", LevelShapes: "SymInt[]", Optional[Sequence[int]]: "SymInt[]?",
+    Optional[IntSequence]: "SymInt[]?"}
 
 #: The option kinds that also come as integer arrays (spatial_shapes, level_start_index, points_per_level).
 _INTEGER_ARRAYS = (LevelShapes, Optional[Sequence[int]], Optional[IntSequence])
 
 
-def _listed(kind, value):
+def _listed(kind: object, value: Any) -> Any:
     """An option of a kind in _INTEGER_ARRAYS given as an array of any framework (a tensor, a NumPy array) as
     (nested) Python lists: its one read on the host (a CUDA tensor: one device→host copy). Anything else as
     given; in a traced graph, reading a tensor's values breaks the graph (give Python ints there)."""
@@ -183,10 +193,10 @@ def _listed(kind, value):
     return value
 
 
-def _host_integers(name: str, value, pairs: bool) -> tuple:
+def _host_integers(name: str, value: object, pairs: bool) -> tuple[Any, ...]:
     """A flat sequence of ints, or of (H, W) int pairs, as (nested) tuples by deformcp's rules (no bools or floats;
     symbolic sizes kept), else an error naming ``name``: what a schema int list can hold."""
-    items = _validate.host_integers(name, value, None)
+    items: tuple[Any, ...] = _validate.host_integers(name, value, None)
     rows = items if pairs else (items,)
     if any(not isinstance(row, tuple) or any(isinstance(i, tuple) for i in row) or (pairs and len(row) != 2)
            for row in rows):
@@ -195,7 +205,7 @@ def _host_integers(name: str, value, pairs: bool) -> tuple:
     return items
 
 
-def _schema_value(name: str, kind, value):
+def _schema_value(name: str, kind: object, value: Any) -> object:
     """An option as its schema type (an int pair as a list of two ints, NumPy scalars as Python's, level shapes
     as one flat list (H_0, W_0, H_1, ...), integer arrays as lists), its type checked by deformcp's rules, also in a
     traced call (where the arrays' checks run in the fake kernel), so that the schema never coerces it (an int
@@ -218,7 +228,7 @@ def _schema_value(name: str, kind, value):
     return value
 
 
-def _array_schema(spec) -> str:
+def _array_schema(spec: OpSpec) -> str:
     defaults = inspect.signature(spec.function).parameters
     return ", ".join(f"Tensor{'?' if defaults[name].default is None else ''} {name}" for name in spec.arrays)
 
@@ -227,11 +237,11 @@ def _array_schema(spec) -> str:
 _KINDS = {name: tuple(spec.option_types.items()) for name, spec in SPECS.items()}
 
 
-def _option_schema(spec) -> str:
+def _option_schema(spec: OpSpec) -> str:
     return "".join(f", {_SCHEMA_TYPES[kind]} {name}" for name, kind in _KINDS[spec.name])
 
 
-def _from_schema(name: str, kind, value):
+def _from_schema(name: str, kind: object, value: Any) -> object:
     """An option as the op's schema holds it, back in deformcp's form: level shapes' flat list as (H, W) pairs."""
     if kind is not LevelShapes:
         return value
@@ -240,7 +250,7 @@ def _from_schema(name: str, kind, value):
     return tuple(zip(value[0::2], value[1::2]))
 
 
-def _split(spec, args) -> tuple[dict, dict]:
+def _split(spec: OpSpec, args: Sequence[Any]) -> tuple[dict[str, Optional[Tensor]], dict[str, object]]:
     """An op's positional arguments (arrays, then options in their schema form) as (arrays by name, options by
     name in deformcp's form)."""
     n = len(spec.arrays)
@@ -255,14 +265,14 @@ def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
     return np.dtype(name)
 
 
-def _stand_in(t):
+def _stand_in(t: Optional[Tensor]) -> Optional[NDArray[Any]]:
     """A NumPy array of t's shape and dtype that takes no memory (deformcp's checks read shapes and dtypes)."""
     if t is None:
         return None
     return np.broadcast_to(np.zeros((), _numpy_dtype(t.dtype)), tuple(int(s) for s in t.shape))
 
 
-def _output_shape(spec, arrays: dict, options: dict) -> tuple:
+def _output_shape(spec: OpSpec, arrays: dict[str, Optional[Tensor]], options: dict[str, object]) -> tuple[int, ...]:
     """The op's output shape by deformcp's own checks on stand-ins of the tensors (its errors, no data read)."""
     with _dc.backend("numpy"):
         return _call.output_shape(spec, {k: _stand_in(v) for k, v in arrays.items()}, options)
@@ -271,7 +281,7 @@ def _output_shape(spec, arrays: dict, options: dict) -> tuple:
 class _Traced(NamedTuple):
     """A traced tensor as deformcp's checks see it: its shape (symbolic sizes stay symbolic) and dtype."""
 
-    shape: tuple
+    shape: tuple[Union[int, torch.SymInt], ...]
     dtype: np.dtype
 
     @property
@@ -279,7 +289,8 @@ class _Traced(NamedTuple):
         return len(self.shape)
 
 
-def _traced_output_shape(spec, tensors: dict, values: dict) -> tuple:
+def _traced_output_shape(spec: OpSpec, tensors: dict[str, Optional[Tensor]], values: dict[str, object]
+                         ) -> tuple[int, ...]:
     """The op's output shape in a traced graph: deformcp's checks on the tensors' shapes, which may be symbolic
     (torch.compile with dynamic shapes, torch.export's dynamic_shapes): a check becomes a guard, no size is fixed
     unless a check needs its value."""
@@ -287,27 +298,30 @@ def _traced_output_shape(spec, tensors: dict, values: dict) -> tuple:
     return spec.output(spec.check(None, *shapes, **values))[0]
 
 
-def _register(library, spec):
+def _register(library: torch.library.Library, spec: OpSpec) -> Callable[..., Tensor]:
     """deformcp::<op> and deformcp::<op>_backward: CPU and CUDA kernels (deformcp's call path), fake kernels
     (shapes from deformcp's checks), the autograd formula and a vmap rule."""
     name, arrays, options = spec.name, _array_schema(spec), _option_schema(spec)
-    library.define(f"{name}({arrays}{options}) -> Tensor")
-    library.define(f"{name}_backward(Tensor grad_output, {arrays}{options}, bool[] needs_input_grad, "
+    # Library's methods and torch.compiler.disable are unannotated in torch
+    library.define(f"{name}({arrays}{options}) -> Tensor")  # type: ignore[no-untyped-call]
+    library.define(f"{name}_backward(Tensor grad_output, {arrays}{options}, bool[] needs_input_grad, "  # type: ignore[no-untyped-call]
                    f"bool deterministic) -> Tensor[]")
-    forward_op = getattr(torch.ops.deformcp, name)
+    forward_op: Callable[..., Tensor] = getattr(torch.ops.deformcp, name)
 
-    @torch.compiler.disable  # the kernels run deformcp's call path on real tensors: never traced
-    def forward(*args):
+    # the kernels run deformcp's call path on real tensors: never traced
+    @torch.compiler.disable  # type: ignore[untyped-decorator]
+    def forward(*args: Any) -> Tensor:
         tensors, values = _split(spec, args)
         out = cast(Tensor, _call.run_forward(spec, {k: _plain(t) for k, t in tensors.items()}, values))  # torch's
         return out.contiguous()
 
-    def forward_fake(*args):
+    def forward_fake(*args: Any) -> Tensor:
         tensors, values = _split(spec, args)
-        return tensors[spec.arrays[0]].new_empty(_traced_output_shape(spec, tensors, values))
+        first = cast(Tensor, tensors[spec.arrays[0]])  # the first array is required (Tensor, not Tensor?)
+        return first.new_empty(_traced_output_shape(spec, tensors, values))
 
-    @torch.compiler.disable
-    def backward(grad_output, *args):
+    @torch.compiler.disable  # type: ignore[untyped-decorator]
+    def backward(grad_output: Tensor, *args: Any) -> list[Tensor]:
         tensors, values = _split(spec, args)
         needs, deterministic = args[-2:]
         grads = _call.run_backward(spec, _plain(grad_output), {k: _plain(t) for k, t in tensors.items()}, values,
@@ -315,16 +329,15 @@ def _register(library, spec):
         # as the fake kernels say; the call path hands back torch's tensors
         return [grad_output.new_empty(0) if g is None else cast(Tensor, g).contiguous() for g in grads]
 
-    def backward_fake(grad_output, *args):
+    def backward_fake(grad_output: Tensor, *args: Any) -> list[Tensor]:
         tensors, _ = _split(spec, args)
         needs = args[-2]
-        return [tensors[field].new_empty(tensors[field].shape) if need and tensors[field] is not None
-                else grad_output.new_empty(0)
-                for field, need in zip(spec.differentiable, needs)]
+        wanted = [tensors[field] if need else None for field, need in zip(spec.differentiable, needs)]
+        return [grad_output.new_empty(0) if t is None else t.new_empty(t.shape) for t in wanted]
 
     for qualname, kernel, fake in ((name, forward, forward_fake), (f"{name}_backward", backward, backward_fake)):
-        library.impl(qualname, kernel, "CPU")
-        library.impl(qualname, kernel, "CUDA")
+        library.impl(qualname, kernel, "CPU")  # type: ignore[no-untyped-call]
+        library.impl(qualname, kernel, "CUDA")  # type: ignore[no-untyped-call]
         torch.library.register_fake(f"deformcp::{qualname}", fake, lib=library)
         torch.library.register_vmap(f"deformcp::{qualname}", _vmap_by_loop(getattr(torch.ops.deformcp, qualname)),
                                     lib=library)
@@ -333,7 +346,7 @@ def _register(library, spec):
     return forward_op
 
 
-def _save(ctx, spec, args):
+def _save(ctx: _Context, spec: OpSpec, args: Sequence[Any]) -> None:
     """The autograd context of op ``spec`` called with ``args`` (arrays, then options)."""
     tensors = _split(spec, args)[0]
     ctx.spec, ctx.options = spec, tuple(args[len(spec.arrays):])  # in their schema form, for the backward op
@@ -342,7 +355,7 @@ def _save(ctx, spec, args):
 
 
 @_first_order
-def _gradients(ctx, grad):
+def _gradients(ctx: _Context, grad: Tensor) -> _Gradients:
     """The gradients of the op's arguments (arrays, then None for each option), by its backward op."""
     spec = ctx.spec
     tensors = dict(zip(spec.arrays, ctx.saved_tensors))
@@ -363,23 +376,25 @@ class _Function(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(name, *args):
-        return getattr(torch.ops.deformcp, name)(*args)
+    def forward(name: str, *args: Any) -> Tensor:
+        out: Tensor = getattr(torch.ops.deformcp, name)(*args)
+        return out
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def setup_context(ctx: _Context, inputs: tuple[Any, ...], output: object) -> None:
         _save(ctx, SPECS[inputs[0]], inputs[1:])
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: _Context, grad: Tensor) -> _Gradients:
         return (None, *_gradients(ctx, grad))
 
 
-def _vmap_by_loop(op):
+def _vmap_by_loop(op: Callable[..., Any]) -> Callable[..., tuple[Any, Any]]:
     """A vmap rule that runs op once per batch element and stacks the results (correct for every op; the
     batch is not folded into the op's own batch dimension)."""
-    def rule(info, in_dims, *args):
-        def element(i):
+    def rule(info: Any, in_dims: tuple[Optional[int], ...], *args: Any
+             ) -> tuple[Union[Tensor, list[Tensor]], Union[int, list[int]]]:
+        def element(i: int) -> Any:
             return op(*(a.select(d, i) if isinstance(a, torch.Tensor) and d is not None else a
                         for a, d in zip(args, in_dims)))
 
@@ -399,18 +414,18 @@ class _Entry(NamedTuple):
     kinds: tuple[tuple[str, object], ...]  # (option, annotation) in signature order
 
 
-_LIBRARY = torch.library.Library("deformcp", "DEF")
+_LIBRARY = torch.library.Library("deformcp", "DEF")  # type: ignore[no-untyped-call]  # unannotated in torch
 _OPS = {name: _Entry(_register(_LIBRARY, spec), spec, spec.arrays, _KINDS[name])
         for name, spec in SPECS.items()}
 
 
-def _tracing(*tensors) -> bool:
+def _tracing(*tensors: object) -> bool:
     """Whether the call is being traced (torch.compile / export, torch.fx): deformcp's argument checks then run
     in the ops' fake kernels, on the traced shapes."""
     return torch.compiler.is_compiling() or any(isinstance(t, torch.fx.Proxy) for t in tensors)
 
 
-def _autocast(tensors: dict, first: str) -> dict:
+def _autocast(tensors: dict[str, Optional[Tensor]], first: str) -> dict[str, Optional[Tensor]]:
     """Under torch.autocast (on the first array's device type): every floating-point array in the first array's
     dtype (the input's: offsets, masks, grids, boxes and weights follow it), so the op runs in that dtype (16-bit
     dtypes sum in float32, as always). Elsewhere the arrays are as given (mixed dtypes are an error)."""
@@ -434,8 +449,9 @@ def _apply(name: str, arguments: dict[str, Any]) -> Tensor:
     if not _tracing(*tensors.values()):
         _output_shape(entry.spec, tensors, options)
     args = (*tensors.values(), *(_schema_value(option, kind, options[option]) for option, kind in entry.kinds))
-    # compiled graphs call the op itself (AOTAutograd differentiates it by its registered formula)
-    return entry.op(*args) if torch.compiler.is_compiling() else _Function.apply(name, *args)
+    # compiled graphs call the op itself (AOTAutograd differentiates it by its registered formula); Function.apply
+    # is unannotated in torch
+    return entry.op(*args) if torch.compiler.is_compiling() else _Function.apply(name, *args)  # type: ignore[no-untyped-call]
 
 
 # ------------------------------------------------------------------------------------------- functions
@@ -763,7 +779,7 @@ class DeformConv2d(nn.Module):
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args):
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         if self.bias is not None and prefix + "weight" in state_dict and prefix + "bias" not in state_dict:
             self.bias = None  # a bias-free layer's state_dict (mmcv's DeformConv2d, DeformConv2dPack)
         super()._load_from_state_dict(state_dict, prefix, *args)
@@ -956,7 +972,8 @@ class DeformRoIPool(nn.Module):
                                self.gamma, mask)
 
     def _offset(self, pooled: Tensor) -> Tensor:
-        return self.offset_fc(pooled.flatten(1)).view(-1, 2, *self.output_size)
+        offset: Tensor = self.offset_fc(pooled.flatten(1))  # a Module's call is untyped in torch
+        return offset.view(-1, 2, *self.output_size)
 
     def forward(self, input: Tensor, rois: Boxes) -> Tensor:
         pooled = self._pool(input, rois)
@@ -1055,7 +1072,8 @@ class SpatialTransformer(nn.Module):
 
     def theta(self, input: Tensor) -> Tensor:
         """The predicted affine transforms, Tensor[N, 2, 3]."""
-        return self.fc_loc(self.localization(input)).view(-1, 2, 3)
+        theta: Tensor = self.fc_loc(self.localization(input))  # a Module's call is untyped in torch
+        return theta.view(-1, 2, 3)
 
     def forward(self, input: Tensor) -> Tensor:
         N, C, H, W = input.shape
@@ -1143,9 +1161,10 @@ class MSDeformAttn(nn.Module):
         weights = torch.softmax(self.attention_weights(query).view(N, Lq, M, L * P), -1).view(N, Lq, M, L, P)
         locations = self._locations(reference_points, offsets, input_spatial_shapes)
         out = ms_deform_attn(value, input_spatial_shapes, input_level_start_index, locations, weights)
-        return self.output_proj(out)
+        projected: Tensor = self.output_proj(out)  # a Module's call is untyped in torch
+        return projected
 
-    def _locations(self, reference_points, offsets, spatial_shapes):
+    def _locations(self, reference_points: Tensor, offsets: Tensor, spatial_shapes: LevelShapes) -> Tensor:
         """Tensor[N, Lq, M, L, P, 2]: the sampling locations of offsets (Tensor[N, Lq, M, L, P, 2]) around
         reference_points (Tensor[N, Lq, L, 2 or 4])."""
         N, Lq, M, L = offsets.shape[:4]
@@ -1320,7 +1339,8 @@ class DCNv3(nn.Module):
                     remove_center=self.remove_center)
         if self.center_feature_scale:
             out = _blend(self, out, x, features, self.group_channels)
-        return self.output_proj(out)
+        projected: Tensor = self.output_proj(out)  # a Module's call is untyped in torch
+        return projected
 
     def extra_repr(self) -> str:
         s = (f"channels={self.channels}, kernel_size={self.kernel_size}, dw_kernel_size={self.dw_kernel_size}, "
