@@ -5,7 +5,8 @@ The sparse bilinear formulation, reading value in place: one image's value (S, M
 a row per (pixel, head). A chunk of one image's queries has one sampling matrix with a row per (query, head),
 holding its points' bilinear corner weights times their attention weights (one corner, weight 1, for nearest
 sampling) at the corners' rows of V — all levels at once; a corner outside its level is clamped into it with
-weight 0 — so the forward is ``A @ V`` and the value gradient ``A.T @ G``. Weights and locations get their
+weight 0 — so the forward is ``A @ V`` (A converted to CSC first: the product then reads V's rows in order,
+about twice as fast once V is out of L2) and the value gradient ``A.T @ G``. Weights and locations get their
 gradients from each corner's value dotted with the output gradient. Chunks run on the thread pool: in the
 forward all at once, in the backward one image at a time each, adding to the image's value gradient in order,
 so every result is deterministic.
@@ -169,7 +170,7 @@ def forward(value: npt.NDArray[Any], locations: npt.NDArray[Any], weights: Optio
     def work(n: int, q0: int, q1: int) -> None:
         plan = _plan(locations[n, q0:q1], cfg)
         a = weights[n, q0:q1]
-        chunk = (_matrix(plan, a, plan.rows, V.shape[1]) @ V[n]).reshape(q1 - q0, cfg.M, cfg.D)
+        chunk = (_matrix(plan, a, plan.rows, V.shape[1]).tocsc() @ V[n]).reshape(q1 - q0, cfg.M, cfg.D)
         if not np.isfinite(chunk).all():
             # perhaps a NaN or inf in V met with weight 0 at a corner that is not read: read a zero row there instead,
             # but in heads with a non-finite attention weight, which are not finite either way (weight · 0 is NaN)
