@@ -26,12 +26,13 @@ map_coordinates and affine_transform), with the names, argument order and defaul
 also take a keyword-only ``deterministic=False``, handed to the backward (see the deformcp ``*_backward``
 functions).
 
-How it works. Each op is a ``jax.custom_vjp`` built from its spec (``deformcp.ops.SPECS``). Its primal is a
+How it works. Each op is a ``jax.custom_jvp`` built from its spec (``deformcp.ops.SPECS``). Its primal is a
 callback whose output ``ShapeDtypeStruct`` is computed from the input shapes at trace time; the callback runs
 the op's forward (the call path of the deformcp function) on JAX's buffers where they are
 (``jax.experimental.buffer_callback``: NumPy arrays on the CPU, CuPy arrays on the GPU, on XLA's stream) and
-writes the result into the buffer XLA gives it. Its VJP runs the op's backward (that of ``deformcp.*_backward``)
-the same way, with ``needs_input_grad`` set to the inputs JAX differentiates (``symbolic_zeros``), so
+writes the result into the buffer XLA gives it. Its tangent is a primitive (``deformcp_tangent``), linear in the
+tangents, whose transpose runs the op's backward (that of ``deformcp.*_backward``) the same way, with
+``needs_input_grad`` set to the inputs JAX differentiates, so ``jax.grad`` never evaluates the tangent and
 ``jax.grad`` with respect to ``grid`` alone never computes the input gradient. On a JAX without
 ``buffer_callback`` (before 0.7) the callbacks are ``jax.pure_callback``'s, which hand them host copies.
 
@@ -51,14 +52,18 @@ the same way, with ``needs_input_grad`` set to the inputs JAX differentiates (``
 - Dtypes. float32, float64, float16 and bfloat16, as in deformcp; results have the input's dtype.
   float64 requires ``jax.config.update("jax_enable_x64", True)`` (else JAX turns float64 into float32
   before deformcp sees it).
-- Transformations. ``jax.grad``/``jax.vjp``/``jax.value_and_grad`` and ``jax.jit`` work, also combined.
-  ``jax.vmap`` hands the callback the mapped axes: where every mapped array is one of the op's batch arrays
+- Transformations. ``jax.grad``/``jax.vjp``/``jax.value_and_grad``/``jax.jacrev`` and ``jax.jit`` work, also
+  combined. ``jax.vmap`` hands the callback the mapped axes: where every mapped array is one of the op's batch arrays
   (``spec.batch``: grid_sample's input and grid, affine_grid's theta, deform_conv2d's input, offset and mask,
   ms_deform_attn's three arrays, ...) the mapped axes fold into the op's batch axis, one call forward and one
   backward (for those arrays' gradients); otherwise (boxes, mimic_loss, ndimage, a mapped weight, a weight's
-  gradient per element) the callback calls the op once per element. Forward mode (``jax.jvp``,
-  ``jax.jacfwd``) and second derivatives are not supported (a custom_vjp, and deformcp offers no double
-  backward).
+  gradient per element) the callback calls the op once per element.
+- Forward mode and second derivatives. affine_grid, grid_sample (bilinear and nearest) and affine_sample also
+  work under ``jax.jvp``, ``jax.jacfwd``, ``jax.linearize`` and ``jax.hessian`` (any nesting): the tangent, and
+  the derivative of the backward, are JAX's derivatives of the op written in jax.numpy (deformcp._jax_reference,
+  held equal to the kernels' forward and backward by the tests), run by XLA; values and reverse-mode gradients
+  still come from deformcp's kernels. The other ops (and bicubic sampling) raise a NotImplementedError naming
+  the op there: their tangents would need kernels of their own.
 - Sharding. Under ``jax.jit`` on sharded arrays XLA gathers each callback's operands on one device and runs
   it once. Inside ``shard_map`` (under ``jax.jit``) each device runs the op on its shard; results and gradients
   vary over the mesh axes as their arrays do. An array replicated inside ``shard_map`` whose output varies
@@ -82,7 +87,7 @@ import functools
 import inspect
 import math
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Generic, NamedTuple, Optional, TypeAlias, TypeVar, Union, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, TypeAlias, TypeVar, Union, cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -90,13 +95,15 @@ from numpy.typing import NDArray
 try:
     import jax
     import jax.numpy as jnp
-    from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
+    from jax.interpreters import ad, batching, mlir
+    from jax.sharding import PartitionSpec
 except ImportError as _error:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError(f"deformcp.jax needs JAX, which could not be imported ({_error}); install it with "
                       "pip install 'deformcp[jax]' (or pip install jax), or use deformcp's array functions "
                       "(import deformcp), which work without it") from _error
 
 import deformcp as _dc
+from deformcp import _jax_reference as _reference
 from deformcp import _validate
 from deformcp import testing as _testing
 from deformcp._types import Imported
@@ -107,6 +114,11 @@ __all__ = ["affine_grid", "grid_sample", "roi_align", "ps_roi_align", "deform_co
            "map_coordinates", "affine_transform", "affine_sample"]
 
 _TRACER: Union[type, tuple[type, ...]] = getattr(jax.core, "Tracer", ())
+
+try:  # the extension API's home from JAX 0.4.36 on
+    from jax.extend.core import Primitive
+except ImportError:  # pragma: no cover - older JAX
+    from jax.core import Primitive  # type: ignore[attr-defined,no-redef]
 
 _buffer_callback: Optional[Callable[..., Any]]
 try:  # JAX's buffers handed to a Python callback in place (JAX 0.7 on)
@@ -122,17 +134,7 @@ _CALLBACK_OPTIONS: dict[str, Any] = ({"vmap_method": "expand_dims"}
 
 # --------------------------------------------------------------------------------------------- plumbing
 
-_T = TypeVar("_T", bound=Hashable)
-
-
-class _Static(Generic[_T]):
-    """A leafless pytree node carrying a hashable Python value (e.g. through custom_vjp residuals)."""
-
-    def __init__(self, value: _T) -> None:
-        self.value = value
-
-
-jax.tree_util.register_pytree_node(_Static, lambda s: ((), s.value), lambda value, _: _Static(value))
+_A = TypeVar("_A")
 
 
 class _Where(NamedTuple):
@@ -148,16 +150,18 @@ class _Where(NamedTuple):
 _Call: TypeAlias = Callable[[Sequence[Imported]], tuple[Imported, ...]]
 #: run(operands, static options) → results, on arrays as a callback holds them (None: absent); see _over_vmap.
 _Run: TypeAlias = Callable[[Sequence[Optional[Imported]], dict[str, Any]], tuple[Imported, ...]]
-#: A custom_vjp's residuals: the arrays (None: absent) and which of them JAX differentiates.
-_Residuals: TypeAlias = tuple[tuple[Optional[jax.Array], ...], _Static[tuple[bool, ...]]]
-
-
 class _Layout(NamedTuple):
     """One traced call as its callback sees it: which operands are present (None: an absent optional array) and
     their ranks (0 where absent), without the leading axes jax.vmap adds (the callback receives those)."""
 
     present: tuple[bool, ...]
     ranks: tuple[int, ...]
+
+
+def _with_absent(present: Sequence[bool], arrays: Iterable[_A]) -> list[Optional[_A]]:
+    """The present arrays in order, with None at the absent positions."""
+    given = iter(arrays)
+    return [next(given) if p else None for p in present]
 
 
 def _layout(operands: Sequence[Optional[jax.Array]]) -> _Layout:
@@ -247,9 +251,7 @@ def _callback(where: _Where, spec: OpSpec, static: dict[str, Any], layout: _Layo
     """The callable JAX calls for one op call: buffer_callback's (ctx, outs, *buffers), or pure_callback's
     (*arrays) → results; the present operands in, run's results out (see _over_vmap)."""
     def call(arrays: Sequence[Imported]) -> tuple[Imported, ...]:
-        present = iter(arrays)
-        operands = [next(present) if p else None for p in layout.present]
-        return _over_vmap(spec, static, operands, layout.ranks, run, batch)
+        return _over_vmap(spec, static, _with_absent(layout.present, arrays), layout.ranks, run, batch)
 
     if where.in_place:
         return lambda ctx, outs, *buffers: _in_place(where, call, ctx, outs, buffers)
@@ -328,61 +330,230 @@ def _output_struct(spec: OpSpec, arrays: Sequence[Optional[jax.Array]], options:
     return jax.ShapeDtypeStruct(tuple(shape), arrays[0].dtype)  # type: ignore[no-untyped-call]  # unannotated in JAX
 
 
+class _Op(NamedTuple):
+    """One op with one set of static arguments ((name, value, repr) triples, deterministic included) and the place
+    its callbacks run: the hashable key of its function, callbacks and tangent primitive."""
+
+    name: str
+    static_items: tuple[tuple[str, Hashable, str], ...]
+    where: _Where
+
+    @property
+    def spec(self) -> OpSpec:
+        return SPECS[self.name]
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The forward's options (deterministic, the backward's flag, left out)."""
+        return {key: value for key, value, _ in self.static_items if key != "deterministic"}
+
+    @property
+    def deterministic(self) -> bool:
+        return bool(dict((key, value) for key, value, _ in self.static_items).get("deterministic", False))
+
+
+def _batch_positions(spec: OpSpec) -> tuple[int, ...]:
+    return tuple(i for i, array in enumerate(spec.arrays) if array in spec.batch)
+
+
+# The callbacks are made once per op, layout (and set of wanted gradients for the backward): JAX compiles a callback
+# per callable, so a new one at each call would compile again at every eager call (~10 ms each).
 @functools.lru_cache(maxsize=None)
-def _differentiable(name: str, static_items: tuple[tuple[str, Hashable, str], ...], where: _Where
-                    ) -> jax.custom_vjp[jax.Array]:
-    """The custom_vjp function of op ``name`` for one set of static arguments ((name, value, repr) triples)
-    and one backend."""
-    spec = SPECS[name]
-    static = {key: value for key, value, _ in static_items}
-    deterministic = static.pop("deterministic", False)  # the backward's flag; the rest are the forward's options
-    diff = tuple(array in spec.differentiable for array in spec.arrays)
-    batch = tuple(i for i, array in enumerate(spec.arrays) if array in spec.batch)
+def _forward_callback(op: _Op, layout: _Layout) -> Callable[..., object]:
+    spec = op.spec
 
-    # The callbacks are made once per layout (and set of wanted gradients for the backward): JAX compiles a
-    # callback per callable, so a new one at each call would compile again at every eager call (~10 ms each).
-    @functools.lru_cache(maxsize=None)
-    def forward(layout: _Layout) -> Callable[..., object]:
-        def run(arrays: Sequence[Optional[Imported]], options: dict[str, Any]) -> tuple[Imported, ...]:
-            return (_call.run_forward(spec, dict(zip(spec.arrays, arrays)), options),)
+    def run(arrays: Sequence[Optional[Imported]], options: dict[str, Any]) -> tuple[Imported, ...]:
+        return (_call.run_forward(spec, dict(zip(spec.arrays, arrays)), options),)
 
-        return _callback(where, spec, static, layout, run, batch)
+    return _callback(op.where, spec, op.options, layout, run, _batch_positions(spec))
 
-    @functools.lru_cache(maxsize=None)
-    def backward(wanted: tuple[bool, ...], layout: _Layout) -> Callable[..., object]:
-        needs = tuple(wanted[spec.arrays.index(field)] for field in spec.differentiable)
 
-        def run(operands: Sequence[Optional[Imported]], options: dict[str, Any]) -> tuple[Imported, ...]:
-            grads = _call.run_backward(spec, operands[0], dict(zip(spec.arrays, operands[1:])), options, needs,
-                                       deterministic)
-            return tuple(getattr(grads, array) for array, w in zip(spec.arrays, wanted) if w)
+@functools.lru_cache(maxsize=None)
+def _backward_callback(op: _Op, wanted: tuple[bool, ...], layout: _Layout) -> Callable[..., object]:
+    spec = op.spec
+    needs = tuple(wanted[spec.arrays.index(field)] for field in spec.differentiable)
 
-        # folded only where every gradient asked for is a batch array's (a shared array's would be summed)
-        folds = all(array in spec.batch for array, w in zip(spec.arrays, wanted) if w)
-        return _callback(where, spec, static, layout, run, (0, *(1 + i for i in batch)) if folds else ())
+    def run(operands: Sequence[Optional[Imported]], options: dict[str, Any]) -> tuple[Imported, ...]:
+        grads = _call.run_backward(spec, operands[0], dict(zip(spec.arrays, operands[1:])), options, needs,
+                                   op.deterministic)
+        return tuple(getattr(grads, array) for array, w in zip(spec.arrays, wanted) if w)
 
-    @jax.custom_vjp
-    def function(*arrays: Optional[jax.Array]) -> jax.Array:
-        out = _invoke(where, forward(_layout(arrays)), (_output_struct(spec, arrays, static),), arrays)[0]
-        return _varying_as(out, arrays)
+    # folded only where every gradient asked for is a batch array's (a shared array's would be summed)
+    folds = all(array in spec.batch for array, w in zip(spec.arrays, wanted) if w)
+    return _callback(op.where, spec, op.options, layout, run, (0, *(1 + i for i in _batch_positions(spec)))
+                     if folds else ())
 
-    def function_fwd(*primals: Optional[CustomVJPPrimal]) -> tuple[jax.Array, _Residuals]:
-        arrays = tuple(None if p is None else p.value for p in primals)
-        wanted = tuple(d and p is not None and p.perturbed for d, p in zip(diff, primals))
-        return function(*arrays), (arrays, _Static(wanted))
 
-    def function_bwd(residuals: _Residuals, g: Union[jax.Array, SymbolicZero]) -> tuple[Optional[jax.Array], ...]:
-        arrays, wanted = residuals[0], residuals[1].value
-        if isinstance(g, SymbolicZero) or not any(wanted):
-            return (None,) * len(arrays)
-        # an array is wanted only where it is present (function_fwd); ShapeDtypeStruct is unannotated in JAX
+def _reference_function(op: _Op) -> Callable[..., jax.Array]:
+    """The op in jax.numpy (deformcp._jax_reference) with its options, taking the arrays in the spec's order."""
+    if op.name not in _reference.FUNCTIONS:
+        raise NotImplementedError(
+            f"deformcp.jax.{op.name}: forward-mode differentiation (jax.jvp, jax.jacfwd, jax.hessian) is not "
+            f"supported: deformcp.jax differentiates {', '.join(sorted(_reference.FUNCTIONS))} in forward mode and "
+            f"twice, {op.name} in reverse mode (jax.grad, jax.vjp, jax.jacrev) once")
+    function, options = _reference.FUNCTIONS[op.name], op.options
+    return lambda *arrays: function(**dict(zip(op.spec.arrays, arrays)), **options)
+
+
+def _over_leading_axes(function: Callable[..., Any], lead: int) -> Callable[..., Any]:
+    """function mapped over ``lead`` leading axes of every argument (the tangent primitive's vmapped axes)."""
+    for _ in range(lead):
+        function = jax.vmap(function)
+    return function
+
+
+@functools.lru_cache(maxsize=None)
+def _gradients(op: _Op, wanted: tuple[bool, ...], present: tuple[bool, ...]) -> jax.custom_jvp[Any]:
+    """(g, *present arrays) → the gradients of the wanted arrays (wanted: over spec.arrays, each present), by the
+    op's backward; differentiable again (jax.hessian) through the op's jax.numpy form where it has one."""
+    spec = op.spec
+
+    @jax.custom_jvp
+    def gradients(g: jax.Array, *present_arrays: jax.Array) -> tuple[jax.Array, ...]:
+        arrays = _with_absent(present, present_arrays)
+        # a wanted array is present; ShapeDtypeStruct is unannotated in JAX
         differentiated = [cast(jax.Array, a) for a, w in zip(arrays, wanted) if w]
         structs = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in differentiated)  # type: ignore[no-untyped-call]
-        grads = iter(_invoke(where, backward(wanted, _layout((g, *arrays))), structs, (g, *arrays)))
-        return tuple(_gradient_typed(name, field, next(grads), a, g) if w else None
-                     for field, a, w in zip(spec.arrays, arrays, wanted))
+        grads = _invoke(op.where, _backward_callback(op, wanted, _layout((g, *arrays))), structs, (g, *arrays))
+        return tuple(_gradient_typed(op.name, field, grad, a, g)
+                     for grad, (field, a) in zip(grads, [(f, a) for f, a, w in zip(spec.arrays, arrays, wanted) if w]))
 
-    function.defvjp(function_fwd, function_bwd, symbolic_zeros=True)
+    @gradients.defjvp
+    def gradients_jvp(primals: tuple[jax.Array, ...], tangents: tuple[jax.Array, ...]
+                      ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+        reference = _reference_function(op)
+
+        def through_reference(g: jax.Array, *present_arrays: jax.Array) -> tuple[jax.Array, ...]:
+            arrays = _with_absent(present, present_arrays)
+            positions = [i for i, w in enumerate(wanted) if w]
+            return tuple(jax.vjp(_of_some(reference, arrays, positions), *[arrays[i] for i in positions])[1](g))
+
+        return gradients(*primals), jax.jvp(through_reference, primals, tangents)[1]
+
+    return gradients
+
+
+def _of_some(function: Callable[..., jax.Array], arrays: Sequence[Optional[jax.Array]], positions: Sequence[int]
+             ) -> Callable[..., jax.Array]:
+    """function(*arrays) as a function of the arrays at positions alone, the others held."""
+    def of_some(*chosen: jax.Array) -> jax.Array:
+        full = list(arrays)
+        for i, a in zip(positions, chosen):
+            full[i] = a
+        return function(*full)
+
+    return of_some
+
+
+def _tangent_operands(operands: Sequence[Any], present: tuple[bool, ...], tangent_of: tuple[int, ...]
+                      ) -> tuple[list[Optional[Any]], list[Optional[Any]]]:
+    """The tangent primitive's operands (the present arrays, then the tangents of those at tangent_of) as two lists
+    over spec.arrays: arrays (None: absent) and tangents (None: none, zero)."""
+    arrays = _with_absent(present, operands[:sum(present)])
+    tangents: list[Optional[Any]] = [None] * len(arrays)
+    for i, t in zip(tangent_of, operands[sum(present):]):
+        tangents[i] = t
+    return arrays, tangents
+
+
+def _tangent_impl(*operands: jax.Array, op: _Op, present: tuple[bool, ...], tangent_of: tuple[int, ...],
+                  lead: int) -> jax.Array:
+    """The tangent: JAX's forward-mode derivative of the op's jax.numpy form."""
+    reference = _reference_function(op)
+
+    def tangent(*operands: jax.Array) -> jax.Array:
+        arrays, tangents = _tangent_operands(operands, present, tangent_of)
+        tangent: jax.Array = jax.jvp(_of_some(reference, arrays, tangent_of), [arrays[i] for i in tangent_of],
+                                     [tangents[i] for i in tangent_of])[1]
+        return tangent
+
+    return cast(jax.Array, _over_leading_axes(tangent, lead)(*operands))
+
+
+def _tangent_abstract_eval(*avals: Any, op: _Op, present: tuple[bool, ...], tangent_of: tuple[int, ...],
+                           lead: int) -> Any:
+    arrays, _ = _tangent_operands(avals, present, tangent_of)
+    unmapped = [None if a is None else jax.ShapeDtypeStruct(a.shape[lead:], a.dtype)  # type: ignore[no-untyped-call]
+                for a in arrays]
+    struct = _output_struct(op.spec, cast(list[Optional[jax.Array]], unmapped), op.options)  # reads shape, dtype
+    shape = tuple(avals[0].shape[:lead]) + tuple(struct.shape)
+    # inside shard_map it varies over the mesh axes its operands vary over (those of the widest: their union where
+    # they nest, as they do where the batch is sharded)
+    widest = max(avals, key=lambda a: len(_varying_axes(a)))
+    if not hasattr(widest, "sharding"):  # an older JAX's abstract values have none
+        return widest.update(shape=shape, dtype=struct.dtype)
+    return widest.update(shape=shape, dtype=struct.dtype, sharding=widest.sharding.update(
+        spec=PartitionSpec()))  # type: ignore[no-untyped-call]  # unannotated in JAX
+
+
+def _varying_axes(aval: Any) -> frozenset[str]:
+    """The mesh axes an abstract value varies over inside shard_map (JAX 0.10: manual_axis_type; before: vma)."""
+    kind = getattr(aval, "manual_axis_type", None)
+    return frozenset(kind.varying if kind is not None else getattr(aval, "vma", frozenset()))
+
+
+def _tangent_transpose(g: Any, *operands: Any, op: _Op, present: tuple[bool, ...], tangent_of: tuple[int, ...],
+                       lead: int) -> Sequence[Optional[jax.Array]]:
+    """The tangent's transpose: the op's backward, for the tangents JAX differentiates."""
+    n = sum(present)
+    wanted_at = [i for i, t in zip(tangent_of, operands[n:]) if ad.is_undefined_primal(t)]  # type: ignore[no-untyped-call]
+    if isinstance(g, ad.Zero) or not wanted_at:
+        return [None for _ in operands]
+    wanted = tuple(i in wanted_at for i in range(len(present)))
+    grads = dict(zip(wanted_at, _over_leading_axes(_gradients(op, wanted, present), lead)(g, *operands[:n])))
+    return [None] * n + [grads.get(i) for i in tangent_of]
+
+
+def _tangent_jvp(primals: Sequence[jax.Array], tangents: Sequence[Any], **params: Any
+                 ) -> tuple[jax.Array, jax.Array]:
+    tangents = [ad.instantiate_zeros(t) for t in tangents]  # type: ignore[no-untyped-call]
+    return cast(tuple[jax.Array, jax.Array], jax.jvp(functools.partial(_tangent_impl, **params), tuple(primals),
+                                                     tuple(tangents)))
+
+
+def _tangent_batch(operands: Sequence[jax.Array], dims: Sequence[Optional[int]], *, lead: int, **params: Any
+                   ) -> tuple[jax.Array, int]:
+    """Under jax.vmap: the mapped axis first in every operand (the others broadcast to it), one more leading axis."""
+    size = next(a.shape[d] for a, d in zip(operands, dims) if d is not None)
+    moved = [jnp.broadcast_to(a, (size, *a.shape)) if d is None else jnp.moveaxis(a, d, 0)
+             for a, d in zip(operands, dims)]
+    return _tangent_p.bind(*moved, lead=lead + 1, **params), 0  # type: ignore[no-untyped-call]
+
+
+#: An op's tangent, linear in the tangents of its differentiable arrays: JAX transposes it into the op's backward
+#: (reverse mode: jax.grad never computes it) and evaluates it only in forward mode.
+_tangent_p = Primitive("deformcp_tangent")
+_tangent_p.def_impl(_tangent_impl)  # type: ignore[no-untyped-call]  # the Primitive API is unannotated
+_tangent_p.def_abstract_eval(_tangent_abstract_eval)  # type: ignore[no-untyped-call]
+mlir.register_lowering(_tangent_p, mlir.lower_fun(_tangent_impl, multiple_results=False))
+ad.primitive_jvps[_tangent_p] = _tangent_jvp
+ad.primitive_transposes[_tangent_p] = _tangent_transpose
+batching.primitive_batchers[_tangent_p] = _tangent_batch
+
+
+@functools.lru_cache(maxsize=None)
+def _differentiable(op: _Op) -> jax.custom_jvp[jax.Array]:
+    """The op as a JAX function: its forward computes the value; its tangent (a primitive) transposes into its
+    backward."""
+    spec = op.spec
+    differentiable = tuple(array in spec.differentiable for array in spec.arrays)
+
+    @jax.custom_jvp
+    def function(*arrays: Optional[jax.Array]) -> jax.Array:
+        out = _invoke(op.where, _forward_callback(op, _layout(arrays)), (_output_struct(spec, arrays, op.options),),
+                      arrays)[0]
+        return _varying_as(out, arrays)
+
+    @function.defjvp
+    def function_jvp(primals: tuple[Optional[jax.Array], ...], tangents: tuple[Optional[jax.Array], ...]
+                     ) -> tuple[jax.Array, jax.Array]:
+        present = tuple(a is not None for a in primals)
+        tangent_of = tuple(i for i, (a, d) in enumerate(zip(primals, differentiable)) if a is not None and d)
+        operands = [a for a in primals if a is not None] + [tangents[i] for i in tangent_of]
+        tangent = _tangent_p.bind(*operands, op=op, present=present, tangent_of=tangent_of,  # type: ignore[no-untyped-call]
+                                  lead=0)
+        return function(*primals), tangent
+
     return function
 
 
@@ -398,7 +569,7 @@ def _apply(name: str, arguments: dict[str, Any]) -> jax.Array:
         _validate.flag("deterministic", dict(items)["deterministic"])
     # The cache key tells True from 1 and 2 from 2.0 (equal and alike in hash), which deformcp tells apart.
     key = tuple((k, v, repr(v)) for k, v in items)
-    return _differentiable(name, key, _where(arrays))(*arrays)
+    return _differentiable(_Op(name, key, _where(arrays)))(*arrays)
 
 
 def _boxes(input: ArrayLike, boxes: object, name: str) -> object:

@@ -1,4 +1,5 @@
-"""deformcp.jax: every op through jax.custom_vjp + jax.pure_callback, on JAX's CPU backend, in float64.
+"""deformcp.jax: every op through its jax.custom_jvp, callbacks and tangent primitive, on JAX's CPU backend, in
+float64.
 
 The per-op tests run over the spec table (deformcp.ops.SPECS): every op and every parity case of its spec
 (``spec.cases``), so an op added to the table is covered here without editing this file. For each case:
@@ -10,9 +11,12 @@ sampling at integer coordinates, max pooling, samples crossing a border): a diff
 one is detected (central differences at two steps disagree) and the step is halved; cases whose point
 itself sits on a discontinuity are excluded from the finite differences by name (FD_EXCLUDED), and keep the
 backward comparison. The CUDA route cannot run here; its plumbing is checked with a stand-in for
-CuPy.
+CuPy. Forward mode (the ops with a jax.numpy form): their forms equal the ops and their backward, jax.jvp is the
+transpose of deformcp's backward, jax.hessian through affine_grid + grid_sample matches finite differences of the
+gradient, and every other op refuses forward mode by name.
 """
 import contextlib
+import functools
 import inspect
 import os
 import subprocess
@@ -672,3 +676,119 @@ def test_an_empty_list_of_boxes_gives_an_empty_result(op, rng):
     assert out.shape == expected.shape == ((0, 1, 2, 2) if op == "ps_roi_align" else (0, 4, 2, 2))
     grad = jax.grad(lambda x: jnp.sum(getattr(djax, op)(x, [], output_size=2)))(input)
     np.testing.assert_array_equal(np.asarray(grad), np.zeros_like(input))
+
+
+# ----------------------------------------------------------------------------------------------- forward mode
+
+from deformcp import _jax_reference  # noqa: E402
+
+FORWARD_CASES = [(spec, case) for spec, case in CASES
+                 if spec.name in _jax_reference.FUNCTIONS and case.options.get("mode") != "bicubic"]
+FORWARD_IDS = [case_id(spec, case) for spec, case in FORWARD_CASES]
+
+
+@pytest.fixture(params=FORWARD_CASES, ids=FORWARD_IDS)
+def forward_case(request, rng):
+    return make(*request.param, rng)
+
+
+def with_non_finite(inputs, rng):
+    """The case's arrays with NaN, ±inf and the exact borders ±1 among the grid's values (grid_sample)."""
+    arrays = [a.copy() for a in inputs.arrays]
+    if "grid" in inputs.names:
+        grid = arrays[inputs.names.index("grid")].reshape(-1)
+        grid[rng.choice(grid.size, 5, replace=False)] = [np.nan, np.inf, -np.inf, -1.0, 1.0]
+    return arrays
+
+
+def test_jax_numpy_forms_equal_the_ops_and_their_backward(forward_case, rng):
+    """deformcp._jax_reference (what forward mode differentiates) gives deformcp's forward and, through jax.vjp,
+    deformcp's backward: the same conventions, NaN and ±inf grid values included."""
+    arrays = with_non_finite(forward_case, rng)
+    form = functools.partial(_jax_reference.FUNCTIONS[forward_case.spec.name], **forward_case.options)
+    named = lambda *a: form(**dict(zip(forward_case.names, a)))  # noqa: E731
+    out = forward_case.numpy_fn(*arrays)
+    np.testing.assert_allclose(np.asarray(named(*map(jnp.asarray, arrays))), out, rtol=1e-12, atol=1e-12)
+    g = rng.standard_normal(out.shape)
+    grads = jax.vjp(named, *map(jnp.asarray, arrays))[1](jnp.asarray(g))
+    expected = forward_case.spec.backward(g, **dict(zip(forward_case.names, arrays)), **forward_case.options)
+    for name, grad in zip(forward_case.names, grads):
+        np.testing.assert_allclose(np.asarray(grad), getattr(expected, name), rtol=1e-11, atol=1e-11, err_msg=name)
+
+
+def test_jvp_is_the_transpose_of_deformcps_backward(forward_case, rng):
+    """⟨g, J·t⟩ from jax.jvp equals ⟨Jᵀ·g, t⟩ from deformcp's backward, for random tangents of every array at
+    once; the primal output is deformcp's forward; eager and jitted."""
+    arrays = forward_case.jax_arrays
+    tangents = tuple(jnp.asarray(rng.standard_normal(a.shape)) for a in arrays)
+    out, tangent = jax.jvp(forward_case.jax_fn, arrays, tangents)
+    jitted = jax.jit(lambda a, t: jax.jvp(forward_case.jax_fn, a, t)[1])(arrays, tangents)
+    np.testing.assert_allclose(np.asarray(out), forward_case.numpy_fn(*forward_case.arrays), rtol=1e-13, atol=1e-13)
+    g = rng.standard_normal(out.shape)
+    grads = forward_case.spec.backward(g, **dict(zip(forward_case.names, forward_case.arrays)),
+                                       **forward_case.options)
+    expected = sum(float(np.vdot(getattr(grads, name), t)) for name, t in zip(forward_case.names, tangents))
+    for result in (tangent, jitted):
+        assert float(np.vdot(g, result)) == pytest.approx(expected, rel=1e-10, abs=1e-10)
+
+
+def test_jacfwd_equals_jacrev(rng):
+    inputs = example("grid_sample", rng)
+    input, grid = (a[:1, :1] for a in inputs.jax_arrays)
+    f = lambda x, g: djax.grid_sample(x, g, align_corners=True)  # noqa: E731
+    for argnum in (0, 1):
+        np.testing.assert_allclose(np.asarray(jax.jacfwd(f, argnums=argnum)(input, grid)),
+                                   np.asarray(jax.jacrev(f, argnums=argnum)(input, grid)), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("volumetric", [False, True])
+def test_hessian_through_affine_grid_and_grid_sample(volumetric, rng):
+    """jax.hessian of a loss through affine_grid + grid_sample with respect to theta (eager, jitted, and through
+    affine_sample) equals the central differences of its gradient (reverse mode: deformcp's kernels)."""
+    shape = (2, 2, 4, 5, 6) if volumetric else (2, 3, 6, 7)
+    x = jnp.asarray(rng.standard_normal(shape))
+    theta = jnp.asarray(rng.standard_normal((2, 3, 4) if volumetric else (2, 2, 3)) * 0.6)
+
+    def loss(theta):
+        return jnp.sum(jnp.sin(djax.grid_sample(x, djax.affine_grid(theta, shape), padding_mode="border")) ** 2)
+
+    hessian = np.asarray(jax.hessian(loss)(theta)).reshape(theta.size, theta.size)
+    gradient, step = jax.jit(jax.grad(loss)), 1e-6
+    differences = np.stack([np.asarray(gradient(theta + step * e) - gradient(theta - step * e)).ravel() / (2 * step)
+                            for e in np.eye(theta.size).reshape(theta.size, *theta.shape)])
+    np.testing.assert_allclose(hessian, differences, rtol=1e-5, atol=1e-5 * np.abs(hessian).max())
+    assert np.abs(hessian - hessian.T).max() <= 1e-10 * np.abs(hessian).max()
+    np.testing.assert_allclose(np.asarray(jax.jit(jax.hessian(loss))(theta)).reshape(hessian.shape), hessian,
+                               rtol=1e-12, atol=1e-12)
+    fused = lambda t: jnp.sum(jnp.sin(djax.affine_sample(x, t, padding_mode="border")) ** 2)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(jax.hessian(fused)(theta)).reshape(hessian.shape), hessian, rtol=1e-10,
+                               atol=1e-10 * np.abs(hessian).max())
+
+
+def test_vmap_of_jvp_equals_a_loop(rng):
+    input, grid = example("grid_sample", rng).jax_arrays
+    tangent = jnp.asarray(rng.standard_normal(grid.shape))
+    one = lambda x, g, t: jax.jvp(lambda g: djax.grid_sample(x[None], g[None]), (g,), (t,))[1][0]  # noqa: E731
+    mapped = jax.vmap(one)(input, grid, tangent)
+    for n in range(input.shape[0]):
+        np.testing.assert_allclose(np.asarray(mapped[n]), np.asarray(one(input[n], grid[n], tangent[n])),
+                                   rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", sorted(set(SPECS) - set(_jax_reference.FUNCTIONS)) + ["grid_sample-bicubic"])
+def test_forward_mode_elsewhere_is_refused_by_name(name, rng):
+    """jax.jvp, jax.jacfwd and jax.hessian of the ops without a jax.numpy form raise a NotImplementedError naming
+    the op (eager and jitted); jax.grad of them still works."""
+    op, _, mode = name.partition("-")
+    inputs = example(op, rng, next((c.label for c in SPECS[op].cases if c.options.get("mode") == mode), None)
+                     if mode else None)
+    arrays, at = inputs.jax_arrays, inputs.diff[0]
+
+    def of_one(a):
+        return jnp.sum(inputs.jax_fn(*arrays[:at], a, *arrays[at + 1:]))
+
+    for transform in (lambda a: jax.jvp(of_one, (a,), (a,)), jax.jit(lambda a: jax.jvp(of_one, (a,), (a,))),
+                      jax.hessian(of_one)):
+        with pytest.raises(NotImplementedError, match=rf"deformcp\.jax\.{op}: forward-mode"):
+            transform(arrays[at])
+    assert jax.grad(of_one)(arrays[at]).shape == arrays[at].shape
